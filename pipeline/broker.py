@@ -1,0 +1,434 @@
+"""A local single-node Apache Kafka broker (KRaft) run from the official jars.
+
+The jars come from Maven Central through ``docker/kafka/pom.xml`` and are cached per
+user, so only the first start downloads. Everything the broker writes (config, data,
+logs, pid) lives under ``<run_dir>/kafka``; ``broker.json`` there tells the rest of the
+pipeline where the broker listens. With ``KAFKA_BOOTSTRAP_SERVERS`` set none of this runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.config import REPO_ROOT, Settings, cache_dir, ensure_writable_dir
+from pipeline.errors import PipelineError
+
+POM = REPO_ROOT / "docker" / "kafka" / "pom.xml"
+SERVER_TEMPLATE = REPO_ROOT / "docker" / "kafka" / "server.properties"
+DEFAULT_PORT = 9092
+DEFAULT_CONTROLLER_PORT = 9093
+# Sized for a 2-core machine: a small heap, few GC and compiler threads.
+DEFAULT_HEAP_OPTS = "-Xms256m -Xmx768m"
+JVM_OPTS = [
+    "-XX:+UseG1GC",
+    "-XX:MaxGCPauseMillis=20",
+    "-XX:ParallelGCThreads=2",
+    "-XX:ConcGCThreads=1",
+    "-XX:CICompilerCount=2",
+    "-XX:+ExitOnOutOfMemoryError",
+    "-Djava.awt.headless=true",
+]
+START_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class BrokerState:
+    """What ``broker.json`` records about a running local broker."""
+
+    pid: int
+    bootstrap_servers: str
+    port: int
+    controller_port: int
+    kafka_version: str
+    started_at: float
+
+
+# --------------------------------------------------------------------------- jars
+
+
+def require_tool(name: str, purpose: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise PipelineError(
+            f"'{name}' is not installed; it is needed {purpose}. Install Java 17+ and Maven "
+            "(e.g. `apt-get install openjdk-17-jre-headless maven`), or set "
+            "KAFKA_BOOTSTRAP_SERVERS to use an existing Kafka cluster"
+        )
+    return path
+
+
+def java_major_version(java: str) -> int:
+    out = subprocess.run([java, "-version"], capture_output=True, text=True, check=False)
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
+    if not match:
+        raise PipelineError(f"cannot tell the version of {java}: {out.stderr.strip()[:200]}")
+    major = int(match.group(1))
+    return int(match.group(2)) if major == 1 and match.group(2) else major
+
+
+def kafka_version() -> str:
+    match = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", POM.read_text())
+    if not match:
+        raise PipelineError(f"{POM} does not declare <kafka.version>")
+    return match.group(1)
+
+
+def kafka_libs(quiet: bool = True) -> Path:
+    """Return the directory of Kafka jars, resolving them with Maven on first use.
+
+    The cache key is a hash of the pom, so changing the Kafka version re-resolves while
+    an unchanged pom never runs Maven again.
+    """
+    digest = hashlib.sha256(POM.read_bytes()).hexdigest()[:12]
+    libs = cache_dir() / f"kafka-{kafka_version()}-{digest}" / "libs"
+    stamp = libs.parent / "complete"
+    if stamp.exists():
+        return libs
+    mvn = require_tool("mvn", "once, to download the Apache Kafka jars from Maven Central")
+    ensure_writable_dir(libs.parent)
+    tmp = libs.parent / "libs.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [
+        mvn, "-B", "-q", "-f", str(POM), "dependency:copy-dependencies",
+        f"-DoutputDirectory={tmp}", "-DincludeScope=runtime",
+    ]
+    if not quiet:
+        print(f"downloading Apache Kafka {kafka_version()} jars with Maven into {libs} ...")
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0 or not any(tmp.glob("kafka_2.13-*.jar")):
+        tail = (result.stdout + result.stderr).strip().splitlines()[-5:]
+        raise PipelineError(
+            "Maven could not fetch the Kafka jars from Maven Central "
+            f"(`{' '.join(cmd)}` exited {result.returncode}): {' | '.join(tail)}"
+        )
+    shutil.rmtree(libs, ignore_errors=True)
+    tmp.rename(libs)
+    stamp.write_text(kafka_version())
+    return libs
+
+
+def java_command(libs: Path, main: str, *args: str, heap: str = "-Xmx256m",
+                 log_config: Path | None = None) -> list[str]:
+    """A ``java`` command line running ``main`` from the Kafka jars."""
+    java = require_tool("java", "to run the Apache Kafka broker")
+    cmd = [java, *heap.split(), *JVM_OPTS]
+    if log_config is not None:
+        cmd.append(f"-Dlog4j2.configurationFile={log_config}")
+    return [*cmd, "-cp", f"{libs}/*", main, *args]
+
+
+# --------------------------------------------------------------------------- ports
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _answers(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- broker
+
+
+class LocalBroker:
+    """One Kafka node (broker + controller) whose files all live in ``<run_dir>/kafka``."""
+
+    def __init__(self, run_dir: Path, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.home = Path(run_dir) / "kafka"
+        self.data_dir = self.home / "data"
+        self.log_dir = self.home / "logs"
+        self.config_file = self.home / "server.properties"
+        self.log_config = self.home / "log4j2.properties"
+        self.tools_log_config = self.home / "log4j2-tools.properties"
+        self.state_file = self.home / "broker.json"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "LocalBroker":
+        return cls(settings.run_dir)
+
+    # -- state
+
+    def state(self) -> BrokerState | None:
+        """The recorded state if its process is still our broker, else None."""
+        try:
+            state = BrokerState(**json.loads(self.state_file.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        return state if self._is_our_process(state.pid) else None
+
+    def _is_our_process(self, pid: int) -> bool:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return b"kafka.Kafka" in cmdline and str(self.config_file).encode() in cmdline
+
+    def is_ready(self, timeout: float = 3.0) -> bool:
+        state = self.state()
+        return state is not None and broker_answers(state.bootstrap_servers, timeout)
+
+    # -- start
+
+    def start(self, port: int = DEFAULT_PORT, controller_port: int = DEFAULT_CONTROLLER_PORT,
+              timeout: float = START_TIMEOUT_S, quiet: bool = True) -> BrokerState:
+        """Start the broker, or return the running one; raise PipelineError on any failure."""
+        running = self.state()
+        if running is not None:
+            if not broker_answers(running.bootstrap_servers, timeout=timeout):
+                raise PipelineError(
+                    f"a broker process (pid {running.pid}) is running from {self.home} but "
+                    f"does not answer on {running.bootstrap_servers}: see "
+                    f"{self.log_dir / 'server.log'}, then `pipeline broker stop`"
+                )
+            return running
+        ensure_writable_dir(self.home)
+        port = port or free_port(self.host)
+        controller_port = controller_port or free_port(self.host)
+        for wanted in (port, controller_port):
+            if not port_is_free(wanted, self.host):
+                raise PipelineError(
+                    f"port {wanted} on {self.host} is already in use by another process: stop "
+                    "it, or start the broker on other ports (`pipeline broker start --port N "
+                    "--controller-port M`), or set KAFKA_BOOTSTRAP_SERVERS to use that cluster"
+                )
+        java = require_tool("java", "to run the Apache Kafka broker")
+        if java_major_version(java) < 17:
+            raise PipelineError(f"{java} is older than Java 17, which Kafka 4 needs: install Java 17+")
+        libs = kafka_libs(quiet=quiet)
+        self._write_configs(port, controller_port)
+        if not (self.data_dir / "meta.properties").exists():
+            self._format(libs)
+        return self._launch(libs, port, controller_port, timeout)
+
+    def _write_configs(self, port: int, controller_port: int) -> None:
+        ensure_writable_dir(self.log_dir)
+        values = {
+            "host": self.host,
+            "port": port,
+            "controller_port": controller_port,
+            "data_dir": self.data_dir,
+        }
+        self.config_file.write_text(SERVER_TEMPLATE.read_text().format(**values))
+        self.log_config.write_text(_log4j_properties(self.log_dir / "server.log", "INFO"))
+        self.tools_log_config.write_text(_log4j_properties(self.log_dir / "tools.log", "WARN"))
+
+    def _format(self, libs: Path) -> None:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cmd = java_command(libs, "kafka.tools.StorageTool", "format", "--cluster-id", cluster_id,
+                           "--config", str(self.config_file), log_config=self.tools_log_config)
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise PipelineError(
+                f"formatting Kafka storage in {self.data_dir} failed: "
+                f"{(result.stderr or result.stdout).strip()[-300:]}"
+            )
+
+    def _launch(self, libs: Path, port: int, controller_port: int, timeout: float) -> BrokerState:
+        heap = os.environ.get("KAFKA_HEAP_OPTS", DEFAULT_HEAP_OPTS)
+        cmd = java_command(libs, "kafka.Kafka", str(self.config_file), heap=heap,
+                           log_config=self.log_config)
+        stdout = open(self.log_dir / "stdout.log", "ab")
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout,
+                                    stderr=subprocess.STDOUT, start_new_session=True, cwd=self.home)
+        finally:
+            stdout.close()
+        bootstrap = f"{self.host}:{port}"
+        state = BrokerState(pid=proc.pid, bootstrap_servers=bootstrap, port=port,
+                            controller_port=controller_port, kafka_version=kafka_version(),
+                            started_at=time.time())
+        self.state_file.write_text(json.dumps(asdict(state), indent=2))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self.state_file.unlink(missing_ok=True)
+                raise PipelineError(
+                    f"the Kafka broker exited with code {proc.returncode} while starting: "
+                    f"{self._log_tail()} (full log: {self.log_dir / 'server.log'})"
+                )
+            if _answers(self.host, port) and broker_answers(bootstrap, timeout=2.0):
+                return state
+            time.sleep(0.25)
+        self.stop()
+        raise PipelineError(
+            f"the Kafka broker did not answer on {bootstrap} within {timeout:.0f}s and was "
+            f"stopped: {self._log_tail()} (full log: {self.log_dir / 'server.log'})"
+        )
+
+    def _log_tail(self, lines: int = 3) -> str:
+        for name in ("server.log", "stdout.log"):
+            path = self.log_dir / name
+            if path.exists():
+                text = path.read_text(errors="replace").strip().splitlines()
+                errors = [line for line in text if " ERROR " in line or "Exception" in line]
+                return " | ".join((errors or text)[-lines:])[-600:]
+        return "no log written"
+
+    # -- stop
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> bool:
+        """Stop the broker gracefully (SIGTERM, then SIGKILL). True if one was running."""
+        state = self.state()
+        if state is None:
+            self.state_file.unlink(missing_ok=True)
+            return False
+        _terminate(state.pid, timeout)
+        self.state_file.unlink(missing_ok=True)
+        return True
+
+    # -- tools
+
+    def run_tool(self, main: str, *args: str, timeout: float = 60.0) -> str:
+        """Run one of Kafka's own command-line tools against this installation."""
+        cmd = java_command(kafka_libs(), main, *args, log_config=self.tools_log_config
+                           if self.tools_log_config.exists() else None)
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        if result.returncode != 0:
+            raise PipelineError(f"{main} failed: {(result.stderr or result.stdout).strip()[-300:]}")
+        return result.stdout
+
+
+def _terminate(pid: int, timeout: float) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return
+        time.sleep(0.1)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    while _alive(pid):
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        # Reap it if it is our child, so it does not linger as a zombie.
+        if os.waitpid(pid, os.WNOHANG) != (0, 0):
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _log4j_properties(log_file: Path, level: str) -> str:
+    return "\n".join([
+        "status = warn",
+        "appender.file.type = RollingFile",
+        "appender.file.name = file",
+        f"appender.file.fileName = {log_file}",
+        f"appender.file.filePattern = {log_file}.%i",
+        "appender.file.layout.type = PatternLayout",
+        "appender.file.layout.pattern = [%d] %p %m (%c)%n",
+        "appender.file.policies.type = Policies",
+        "appender.file.policies.size.type = SizeBasedTriggeringPolicy",
+        "appender.file.policies.size.size = 50MB",
+        "appender.file.strategy.type = DefaultRolloverStrategy",
+        "appender.file.strategy.max = 3",
+        f"rootLogger.level = {level}",
+        "rootLogger.appenderRef.file.ref = file",
+        "logger.kafka.name = kafka",
+        f"logger.kafka.level = {level}",
+        "",
+    ])
+
+
+# --------------------------------------------------------------------------- lookup
+
+
+def broker_answers(bootstrap: str, timeout: float = 3.0) -> bool:
+    """True if a Kafka cluster at ``bootstrap`` returns metadata within ``timeout``."""
+    from confluent_kafka.admin import AdminClient  # local: keeps `pipeline --help` fast
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0,
+                         "logger": _SILENT_LOGGER})
+    try:
+        admin.list_topics(timeout=timeout)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not answering"
+        return False
+
+
+class _SilentLogger:
+    """Swallows librdkafka's own log lines while we probe; errors surface as exceptions."""
+
+    def log(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __getattr__(self, name: str):  # debug/info/warning/error/...
+        return self.log
+
+
+_SILENT_LOGGER = _SilentLogger()
+
+
+def bootstrap_servers(settings: Settings) -> str:
+    """Where Kafka is: KAFKA_BOOTSTRAP_SERVERS, else the local broker of the run dir."""
+    if settings.bootstrap_servers:
+        return settings.bootstrap_servers
+    state = LocalBroker.from_settings(settings).state()
+    if state is None:
+        raise PipelineError(
+            f"no Kafka broker is running for run directory {settings.run_dir}: start one with "
+            "`make broker` (or `pipeline broker start`), or set KAFKA_BOOTSTRAP_SERVERS"
+        )
+    return state.bootstrap_servers
+
+
+def reported_version(settings: Settings) -> dict[str, str]:
+    """The features the cluster reports through the Admin API (DescribeFeatures).
+
+    ``metadata.version`` (e.g. ``4.1-IV1``) names the Apache Kafka release line the
+    cluster runs; it is asked of the broker with Kafka's own FeatureCommand.
+    """
+    bootstrap = bootstrap_servers(settings)
+    out = LocalBroker.from_settings(settings).run_tool(
+        "org.apache.kafka.tools.FeatureCommand", "--bootstrap-server", bootstrap, "describe")
+    features = {}
+    for line in out.splitlines():
+        match = re.match(r"Feature:\s*(\S+).*FinalizedVersionLevel:\s*(\S+)", line)
+        if match:
+            features[match.group(1)] = match.group(2)
+    if "metadata.version" not in features:
+        raise PipelineError(f"the cluster at {bootstrap} did not report metadata.version: {out[:300]}")
+    return features

@@ -1,0 +1,118 @@
+"""Kafka client factories: the one place that decides producer, consumer and admin settings.
+
+Producers are idempotent with ``acks=all`` and track every delivery report, so a failed
+delivery is never silent. Consumers never auto-commit: the runtime commits what it has
+fully handled.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import AdminClient
+
+from pipeline.errors import DeliveryFailed, PipelineError
+
+log = logging.getLogger(__name__)
+_client_log = logging.getLogger("librdkafka")
+
+
+def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "compression.type": "lz4",
+        "logger": _client_log,
+    }
+    config.update(overrides)
+    return config
+
+
+def consumer_config(bootstrap: str, group_id: str, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+        "session.timeout.ms": 10000,
+        "heartbeat.interval.ms": 1000,
+        "logger": _client_log,
+    }
+    config.update(overrides)
+    return config
+
+
+def make_admin(bootstrap: str) -> AdminClient:
+    return AdminClient({"bootstrap.servers": bootstrap, "logger": _client_log})
+
+
+def check_reachable(admin: AdminClient, bootstrap: str, timeout: float = 10.0):
+    """Cluster metadata, or one clear error when nothing answers at ``bootstrap``."""
+    try:
+        return admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise PipelineError(
+            f"Kafka at {bootstrap} does not answer ({exc.args[0].str()}): start the broker with "
+            "`make broker` or fix KAFKA_BOOTSTRAP_SERVERS"
+        ) from None
+
+
+class DeliveryTracker:
+    """Counts delivery reports; ``raise_if_failed`` turns any failure into an exception."""
+
+    def __init__(self) -> None:
+        self.delivered = 0
+        self.failed = 0
+        self.last_error: str | None = None
+
+    def __call__(self, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            self.delivered += 1
+            return
+        self.failed += 1
+        self.last_error = f"{msg.topic()}[{msg.partition()}]: {err.str()}"
+        log.error("delivery failed: %s", self.last_error)
+
+    def raise_if_failed(self) -> None:
+        if self.failed:
+            failed, error = self.failed, self.last_error
+            self.failed, self.last_error = 0, None
+            raise DeliveryFailed(f"{failed} record(s) were not delivered; last error: {error}")
+
+
+class ReliableProducer:
+    """An idempotent producer whose ``flush`` fails loudly if anything was not delivered."""
+
+    def __init__(self, bootstrap: str, **overrides: Any) -> None:
+        self.tracker = DeliveryTracker()
+        self._producer = Producer(producer_config(bootstrap, **overrides))
+
+    @property
+    def raw(self) -> Producer:
+        return self._producer
+
+    def produce(self, topic: str, value: bytes | None, key: bytes | str | None = None,
+                headers: list[tuple[str, bytes]] | None = None, timestamp: int = 0) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, headers=headers,
+                                       timestamp=timestamp, on_delivery=self.tracker)
+                return
+            except BufferError:
+                # The local queue is full: serve delivery reports until there is room.
+                self._producer.poll(0.05)
+
+    def poll(self, timeout: float = 0) -> int:
+        return self._producer.poll(timeout)
+
+    def flush(self, timeout: float = 60.0) -> None:
+        remaining = self._producer.flush(timeout)
+        if remaining:
+            raise DeliveryFailed(f"{remaining} record(s) still undelivered after {timeout:.0f}s")
+        self.tracker.raise_if_failed()

@@ -1,0 +1,336 @@
+"""The consumer-group runtime every group in ``consumers/`` runs on.
+
+A group is configuration: a group id, the topics it reads, a decoder and a handler.
+The runtime owns the Kafka side of the loop:
+
+1. consume a batch;
+2. decode each record and hand it to the handler; a record that cannot be decoded or
+   that the handler raises on goes to the dead-letter topic with its original bytes,
+   and the batch goes on;
+3. produce every output, then make it durable (flush, or commit the transaction);
+4. commit the consumed offsets, only now that the whole batch is handled.
+
+So a crash anywhere re-delivers at most the uncommitted batch, never loses one. With a
+``transactional_id`` the outputs and the input offsets commit atomically (exactly once
+for read_committed readers). On SIGTERM/SIGINT the current batch is finished and
+committed, the handler flushes, and the consumer leaves the group before exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from pipeline.deadletter import STAGE_DECODE, STAGE_HANDLE, dead_letter_headers
+from pipeline.errors import PipelineError
+from pipeline.kafka import ReliableProducer, check_reachable, consumer_config, make_admin
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One consumed record after decoding; ``value`` is whatever the decoder returned."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: Any
+    timestamp_ms: int
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One record a handler wants produced; ``value`` is already encoded."""
+
+    topic: str
+    value: bytes | None
+    key: bytes | str | None = None
+    headers: list[tuple[str, bytes]] | None = None
+    timestamp_ms: int = 0
+
+
+class Handler:
+    """A group's logic. Override ``handle``; the other hooks are optional.
+
+    Handlers see decoded records and return outputs; they never touch the consumer or
+    the producer, so the same logic runs under tests and replays.
+    """
+
+    def handle(self, record: Record) -> Iterable[Output]:
+        raise NotImplementedError
+
+    def end_batch(self) -> Iterable[Output]:
+        """Called after each batch, before it is made durable: emit periodic output here."""
+        return ()
+
+    def on_assign(self, partitions: list[TopicPartition]) -> None:
+        """Partitions this instance now owns (e.g. restore state for them)."""
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> Iterable[Output]:
+        """Partitions this instance loses: flush their state; outputs are made durable."""
+        return ()
+
+    def close(self) -> Iterable[Output]:
+        """Clean shutdown: final outputs, made durable before the consumer closes."""
+        return ()
+
+
+Decoder = Callable[[Message], Any]
+
+
+def raw_value(msg: Message) -> bytes | None:
+    """The identity decoder: the record's value bytes."""
+    return msg.value()
+
+
+@dataclass
+class GroupConfig:
+    group_id: str
+    topics: Sequence[str]
+    handler: Callable[[], Handler]
+    dead_letter_topic: str
+    decoder: Decoder = raw_value
+    batch_size: int = 500
+    poll_timeout_s: float = 0.2
+    transactional_id: str | None = None
+    consumer_overrides: Mapping[str, Any] = field(default_factory=dict)
+    producer_overrides: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GroupStats:
+    records: int = 0
+    outputs: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+    commits: int = 0
+    last_error: str | None = None
+
+
+class GroupRunner:
+    """Runs one instance of a consumer group until stopped."""
+
+    def __init__(self, config: GroupConfig, bootstrap: str) -> None:
+        self.config = config
+        self.bootstrap = bootstrap
+        self.stats = GroupStats()
+        self._stop = threading.Event()
+        self._handler = config.handler()
+        self._next_offsets: dict[tuple[str, int], int] = {}
+        self._consumer: Consumer | None = None
+        self._producer: ReliableProducer | None = None
+        self._in_transaction = False
+        self._closing = False
+
+    # -- lifecycle
+
+    def stop(self) -> None:
+        """Ask the loop to finish its batch, commit and exit (safe from signal handlers)."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.stop())
+
+    def run(self, *, idle_timeout_s: float | None = None, max_records: int | None = None,
+            ) -> GroupStats:
+        """Consume until stopped (or idle for ``idle_timeout_s``, or ``max_records`` seen)."""
+        self._check_topics()
+        cfg = self.config
+        overrides = dict(cfg.producer_overrides)
+        if cfg.transactional_id:
+            overrides["transactional.id"] = cfg.transactional_id
+        self._producer = ReliableProducer(self.bootstrap, **overrides)
+        if cfg.transactional_id:
+            self._producer.raw.init_transactions(30)
+        self._consumer = Consumer(consumer_config(self.bootstrap, cfg.group_id,
+                                                  **cfg.consumer_overrides))
+        self._consumer.subscribe(list(cfg.topics), on_assign=self._on_assign,
+                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
+        log.info("group %s consuming %s", cfg.group_id, ", ".join(cfg.topics))
+        last_data = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                msgs = self._consumer.consume(cfg.batch_size, cfg.poll_timeout_s)
+                if msgs:
+                    last_data = time.monotonic()
+                    self._handle_batch(msgs)
+                elif idle_timeout_s is not None and time.monotonic() - last_data > idle_timeout_s:
+                    break
+                if max_records is not None and self.stats.records >= max_records:
+                    break
+            self._shutdown()
+        except BaseException as exc:
+            self.stats.last_error = f"{type(exc).__name__}: {exc}"
+            self._abort()
+            raise
+        return self.stats
+
+    # -- the batch
+
+    def _handle_batch(self, msgs: list[Message]) -> None:
+        self._begin()
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                self._on_consume_error(err)
+                continue
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            self._next_offsets[(topic, partition)] = offset + 1
+            self.stats.records += 1
+            try:
+                value = self.config.decoder(msg)
+            except Exception as exc:  # noqa: BLE001 - any decode failure is a dead letter
+                self._dead_letter(msg, exc, STAGE_DECODE)
+                continue
+            record = Record(topic, partition, offset, msg.key(), value,
+                            msg.timestamp()[1], tuple(msg.headers() or ()))
+            try:
+                outputs = list(self._handler.handle(record) or ())
+            except Exception as exc:  # noqa: BLE001 - the handler's bug must not stop the group
+                self._dead_letter(msg, exc, STAGE_HANDLE)
+                continue
+            self._produce(outputs)
+        self._produce(self._handler.end_batch())
+        self._commit()
+        self.stats.batches += 1
+
+    def _on_consume_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._PARTITION_EOF:
+            return
+        if err.fatal() or err.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART,
+                                         KafkaError.TOPIC_AUTHORIZATION_FAILED):
+            raise PipelineError(f"group {self.config.group_id}: {err.str()}")
+        log.warning("group %s: consume error: %s", self.config.group_id, err.str())
+
+    def _dead_letter(self, msg: Message, exc: BaseException, stage: str) -> None:
+        self.stats.dead_letters += 1
+        self.stats.last_error = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}: {exc}"
+        log.warning("group %s: dead-lettering %s (%s: %s)", self.config.group_id,
+                    f"{msg.topic()}[{msg.partition()}]@{msg.offset()}", type(exc).__name__, exc)
+        headers = dead_letter_headers(
+            source_topic=msg.topic(), source_partition=msg.partition(), source_offset=msg.offset(),
+            owner=self.config.group_id, stage=stage, error=exc,
+            original_headers=list(msg.headers() or ()))
+        self._produce([Output(self.config.dead_letter_topic, msg.value(), msg.key(), headers,
+                              msg.timestamp()[1])])
+
+    def _produce(self, outputs: Iterable[Output]) -> None:
+        assert self._producer is not None
+        for out in outputs:
+            self._producer.produce(out.topic, out.value, out.key, out.headers, out.timestamp_ms)
+            self.stats.outputs += 1
+        self._producer.poll(0)
+
+    # -- durability
+
+    def _begin(self) -> None:
+        if self.config.transactional_id and not self._in_transaction:
+            self._producer.raw.begin_transaction()  # type: ignore[union-attr]
+            self._in_transaction = True
+
+    def _pending_offsets(self) -> list[TopicPartition]:
+        return [TopicPartition(t, p, o) for (t, p), o in self._next_offsets.items()]
+
+    def _commit(self) -> None:
+        """Make outputs durable, then commit the consumed offsets."""
+        assert self._producer is not None and self._consumer is not None
+        offsets = self._pending_offsets()
+        if self.config.transactional_id:
+            if not self._in_transaction:
+                return
+            if offsets:
+                self._producer.raw.send_offsets_to_transaction(
+                    offsets, self._consumer.consumer_group_metadata(), 30)
+            self._producer.raw.commit_transaction(60)
+            self._in_transaction = False
+            self._producer.tracker.raise_if_failed()
+        else:
+            self._producer.flush()
+            if offsets:
+                try:
+                    self._consumer.commit(offsets=offsets, asynchronous=False)
+                except KafkaException as exc:
+                    # Lost the partitions in a rebalance: their new owner re-reads from the
+                    # last commit, so nothing is lost (outputs may repeat: at-least-once).
+                    log.warning("group %s: commit failed: %s", self.config.group_id, exc)
+                    self.stats.last_error = str(exc)
+        if offsets:
+            self.stats.commits += 1
+        self._next_offsets.clear()
+
+    def _abort(self) -> None:
+        """Best effort after an error: abort an open transaction; never commit."""
+        try:
+            if self._in_transaction and self._producer is not None:
+                self._producer.raw.abort_transaction(10)
+        except KafkaException:
+            pass
+        if self._consumer is not None:
+            try:
+                self._consumer.close()
+            except RuntimeError:
+                pass
+
+    def _shutdown(self) -> None:
+        assert self._consumer is not None
+        self._commit()
+        assigned = self._consumer.assignment()
+        if assigned:
+            self._begin()
+            self._produce(self._handler.on_revoke(assigned))
+            self._commit()
+        self._begin()
+        self._produce(self._handler.close())
+        self._commit()
+        self._closing = True  # close() revokes again: the state is already flushed
+        self._consumer.close()
+        log.info("group %s stopped: %d records, %d outputs, %d dead letters", self.config.group_id,
+                 self.stats.records, self.stats.outputs, self.stats.dead_letters)
+
+    # -- rebalances (called from inside consume())
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("group %s assigned %s", self.config.group_id, _fmt(partitions))
+        self._handler.on_assign(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._closing:
+            return
+        log.info("group %s revoked %s", self.config.group_id, _fmt(partitions))
+        # Every consumed record was handled and committed before consume() was called
+        # again, so only the handler's own state needs flushing.
+        self._begin()
+        self._produce(self._handler.on_revoke(partitions))
+        self._commit()
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.warning("group %s lost %s (session timed out)", self.config.group_id, _fmt(partitions))
+        for tp in partitions:
+            self._next_offsets.pop((tp.topic, tp.partition), None)
+
+    # -- start-up checks
+
+    def _check_topics(self) -> None:
+        admin = make_admin(self.bootstrap)
+        existing = check_reachable(admin, self.bootstrap).topics
+        missing = [t for t in [*self.config.topics, self.config.dead_letter_topic]
+                   if t not in existing]
+        if missing:
+            raise PipelineError(
+                f"group {self.config.group_id}: topic(s) {', '.join(missing)} do not exist: "
+                "create the namespace's topics with `pipeline topics --create --namespace NS`"
+            )
+
+
+def _fmt(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"
