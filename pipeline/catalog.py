@@ -83,8 +83,9 @@ class TopicSpec:
 MARKET_PARTITIONS = 6
 
 TOPICS: tuple[TopicSpec, ...] = (
-    TopicSpec("raw.frames", MARKET_PARTITIONS, "symbol (or connection id for frames of no symbol)",
-              "every WebSocket frame exactly as received, so anything can be re-derived",
+    TopicSpec("raw.frames", MARKET_PARTITIONS, "symbol",
+              "every WebSocket frame exactly as received, so anything can be re-derived "
+              "(frames of no symbol, e.g. heartbeats, are keyed by connection id)",
               retention_ms=3 * DAY_MS),
     TopicSpec("md.l2", MARKET_PARTITIONS, "symbol",
               "L2 book changes, one record per exchange frame; snapshots flagged"),
