@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 NAMESPACE ?= live
 PYTEST_ARGS ?=
 
-.PHONY: install broker up down test clean
+.PHONY: install broker registry up down test bench clean
 
 install: $(STAMP)
 
@@ -22,12 +22,18 @@ $(STAMP): pyproject.toml
 broker: install
 	$(BIN)/pipeline broker start
 
-# Until the supervisor lands, `make up` runs the broker and creates the topic catalog.
-up: broker
+registry: broker
+	$(BIN)/pipeline registry start
+
+# Until the supervisor lands, `make up` runs the broker and the schema registry, creates
+# the namespace's topics and registers their schemas.
+up: registry
 	$(BIN)/pipeline topics --create --namespace $(NAMESPACE)
+	$(BIN)/pipeline schemas register --namespace $(NAMESPACE)
 	$(BIN)/pipeline topics --namespace $(NAMESPACE)
 
 down: install
+	$(BIN)/pipeline registry stop
 	$(BIN)/pipeline broker stop
 
 # The tests start their own broker on free ports (run/test) and stop it afterwards,

@@ -9,21 +9,19 @@ pipeline where the broker listens. With ``KAFKA_BOOTSTRAP_SERVERS`` set none of 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.config import REPO_ROOT, Settings, cache_dir, ensure_writable_dir
+from pipeline.config import REPO_ROOT, Settings, ensure_writable_dir
 from pipeline.errors import PipelineError
+from pipeline.services import (answers, find_java, free_port, log_tail, maven_artifacts,
+                               require_free_port, require_tool, runs_command, spawn, terminate)
 
 POM = REPO_ROOT / "docker" / "kafka" / "pom.xml"
 SERVER_TEMPLATE = REPO_ROOT / "docker" / "kafka" / "server.properties"
@@ -59,26 +57,6 @@ class BrokerState:
 # --------------------------------------------------------------------------- jars
 
 
-def require_tool(name: str, purpose: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise PipelineError(
-            f"'{name}' is not installed; it is needed {purpose}. Install Java 17+ and Maven "
-            "(e.g. `apt-get install openjdk-17-jre-headless maven`), or set "
-            "KAFKA_BOOTSTRAP_SERVERS to use an existing Kafka cluster"
-        )
-    return path
-
-
-def java_major_version(java: str) -> int:
-    out = subprocess.run([java, "-version"], capture_output=True, text=True, check=False)
-    match = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
-    if not match:
-        raise PipelineError(f"cannot tell the version of {java}: {out.stderr.strip()[:200]}")
-    major = int(match.group(1))
-    return int(match.group(2)) if major == 1 and match.group(2) else major
-
-
 def kafka_version() -> str:
     match = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", POM.read_text())
     if not match:
@@ -87,74 +65,21 @@ def kafka_version() -> str:
 
 
 def kafka_libs(quiet: bool = True) -> Path:
-    """Return the directory of Kafka jars, resolving them with Maven on first use.
-
-    The cache key is a hash of the pom, so changing the Kafka version re-resolves while
-    an unchanged pom never runs Maven again.
-    """
-    digest = hashlib.sha256(POM.read_bytes()).hexdigest()[:12]
-    libs = cache_dir() / f"kafka-{kafka_version()}-{digest}" / "libs"
-    stamp = libs.parent / "complete"
-    if stamp.exists():
-        return libs
-    mvn = require_tool("mvn", "once, to download the Apache Kafka jars from Maven Central")
-    ensure_writable_dir(libs.parent)
-    tmp = libs.parent / "libs.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [
-        mvn, "-B", "-q", "-f", str(POM), "dependency:copy-dependencies",
-        f"-DoutputDirectory={tmp}", "-DincludeScope=runtime",
-    ]
-    if not quiet:
-        print(f"downloading Apache Kafka {kafka_version()} jars with Maven into {libs} ...")
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if result.returncode != 0 or not any(tmp.glob("kafka_2.13-*.jar")):
-        tail = (result.stdout + result.stderr).strip().splitlines()[-5:]
-        raise PipelineError(
-            "Maven could not fetch the Kafka jars from Maven Central "
-            f"(`{' '.join(cmd)}` exited {result.returncode}): {' | '.join(tail)}"
-        )
-    shutil.rmtree(libs, ignore_errors=True)
-    tmp.rename(libs)
-    stamp.write_text(kafka_version())
+    """The directory of Kafka jars, resolved with Maven on first use and cached."""
+    libs = maven_artifacts(POM, f"the Apache Kafka {kafka_version()} jars", quiet)
+    if not any(libs.glob("kafka_2.13-*.jar")):
+        raise PipelineError(f"{libs} holds no kafka_2.13 jar: delete {libs.parent} and retry")
     return libs
 
 
 def java_command(libs: Path, main: str, *args: str, heap: str = "-Xmx256m",
                  log_config: Path | None = None) -> list[str]:
     """A ``java`` command line running ``main`` from the Kafka jars."""
-    java = require_tool("java", "to run the Apache Kafka broker")
+    java = find_java(17, "to run Apache Kafka 4")
     cmd = [java, *heap.split(), *JVM_OPTS]
     if log_config is not None:
         cmd.append(f"-Dlog4j2.configurationFile={log_config}")
     return [*cmd, "-cp", f"{libs}/*", main, *args]
-
-
-# --------------------------------------------------------------------------- ports
-
-
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def _answers(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------- broker
@@ -188,11 +113,7 @@ class LocalBroker:
         return state if self._is_our_process(state.pid) else None
 
     def _is_our_process(self, pid: int) -> bool:
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            return False
-        return b"kafka.Kafka" in cmdline and str(self.config_file).encode() in cmdline
+        return runs_command(pid, "kafka.Kafka", str(self.config_file))
 
     def is_ready(self, timeout: float = 3.0) -> bool:
         state = self.state()
@@ -216,15 +137,12 @@ class LocalBroker:
         port = port or free_port(self.host)
         controller_port = controller_port or free_port(self.host)
         for wanted in (port, controller_port):
-            if not port_is_free(wanted, self.host):
-                raise PipelineError(
-                    f"port {wanted} on {self.host} is already in use by another process: stop "
-                    "it, or start the broker on other ports (`pipeline broker start --port N "
-                    "--controller-port M`), or set KAFKA_BOOTSTRAP_SERVERS to use that cluster"
-                )
-        java = require_tool("java", "to run the Apache Kafka broker")
-        if java_major_version(java) < 17:
-            raise PipelineError(f"{java} is older than Java 17, which Kafka 4 needs: install Java 17+")
+            require_free_port(wanted, self.host, "Kafka broker",
+                              "start the broker on other ports (`pipeline broker start --port N "
+                              "--controller-port M`), or set KAFKA_BOOTSTRAP_SERVERS to use "
+                              "that cluster")
+        require_tool("java", "to run the Apache Kafka broker")
+        find_java(17, "to run Apache Kafka 4")
         libs = kafka_libs(quiet=quiet)
         self._write_configs(port, controller_port)
         if not (self.data_dir / "meta.properties").exists():
@@ -258,12 +176,7 @@ class LocalBroker:
         heap = os.environ.get("KAFKA_HEAP_OPTS", DEFAULT_HEAP_OPTS)
         cmd = java_command(libs, "kafka.Kafka", str(self.config_file), heap=heap,
                            log_config=self.log_config)
-        stdout = open(self.log_dir / "stdout.log", "ab")
-        try:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout,
-                                    stderr=subprocess.STDOUT, start_new_session=True, cwd=self.home)
-        finally:
-            stdout.close()
+        proc = spawn(cmd, self.log_dir / "stdout.log", self.home)
         bootstrap = f"{self.host}:{port}"
         state = BrokerState(pid=proc.pid, bootstrap_servers=bootstrap, port=port,
                             controller_port=controller_port, kafka_version=kafka_version(),
@@ -277,7 +190,7 @@ class LocalBroker:
                     f"the Kafka broker exited with code {proc.returncode} while starting: "
                     f"{self._log_tail()} (full log: {self.log_dir / 'server.log'})"
                 )
-            if _answers(self.host, port) and broker_answers(bootstrap, timeout=2.0):
+            if answers(self.host, port) and broker_answers(bootstrap, timeout=2.0):
                 return state
             time.sleep(0.25)
         self.stop()
@@ -286,14 +199,8 @@ class LocalBroker:
             f"stopped: {self._log_tail()} (full log: {self.log_dir / 'server.log'})"
         )
 
-    def _log_tail(self, lines: int = 3) -> str:
-        for name in ("server.log", "stdout.log"):
-            path = self.log_dir / name
-            if path.exists():
-                text = path.read_text(errors="replace").strip().splitlines()
-                errors = [line for line in text if " ERROR " in line or "Exception" in line]
-                return " | ".join((errors or text)[-lines:])[-600:]
-        return "no log written"
+    def _log_tail(self) -> str:
+        return log_tail(self.log_dir / "server.log", self.log_dir / "stdout.log")
 
     # -- stop
 
@@ -303,7 +210,7 @@ class LocalBroker:
         if state is None:
             self.state_file.unlink(missing_ok=True)
             return False
-        _terminate(state.pid, timeout)
+        terminate(state.pid, timeout)
         self.state_file.unlink(missing_ok=True)
         return True
 
@@ -317,38 +224,6 @@ class LocalBroker:
         if result.returncode != 0:
             raise PipelineError(f"{main} failed: {(result.stderr or result.stdout).strip()[-300:]}")
         return result.stdout
-
-
-def _terminate(pid: int, timeout: float) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            return
-        time.sleep(0.1)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    while _alive(pid):
-        time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        # Reap it if it is our child, so it does not linger as a zombie.
-        if os.waitpid(pid, os.WNOHANG) != (0, 0):
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _log4j_properties(log_file: Path, level: str) -> str:

@@ -65,6 +65,7 @@ class TopicSpec:
     partitions: int
     key: str
     description: str
+    value_schema: str | None  # record type in schemas/<name>.avsc; None: raw bytes
     cleanup_policy: str = "delete"
     retention_ms: int | None = 7 * DAY_MS
     replication: int | None = None
@@ -86,31 +87,40 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("raw.frames", MARKET_PARTITIONS, "symbol",
               "every WebSocket frame exactly as received, so anything can be re-derived "
               "(frames of no symbol, e.g. heartbeats, are keyed by connection id)",
-              retention_ms=3 * DAY_MS),
+              value_schema="RawFrame", retention_ms=3 * DAY_MS),
     TopicSpec("md.l2", MARKET_PARTITIONS, "symbol",
-              "L2 book changes, one record per exchange frame; snapshots flagged"),
-    TopicSpec("md.trades", MARKET_PARTITIONS, "symbol", "trades as printed by the exchange"),
+              "L2 book changes, one record per exchange frame; snapshots flagged",
+              value_schema="L2Update"),
+    TopicSpec("md.trades", MARKET_PARTITIONS, "symbol",
+              "trades as printed by the exchange",
+              value_schema="Trade"),
     TopicSpec("book.snapshots", MARKET_PARTITIONS, "symbol",
-              "latest depth-N book per symbol", cleanup_policy="compact", retention_ms=None),
+              "latest depth-N book per symbol",
+              value_schema="BookSnapshot", cleanup_policy="compact", retention_ms=None),
     TopicSpec("book.health", MARKET_PARTITIONS, "symbol",
-              "crossed books, changes before a snapshot, resnapshots"),
+              "crossed books, changes before a snapshot, resnapshots",
+              value_schema="BookHealthEvent"),
     TopicSpec("book.checkpoints", MARKET_PARTITIONS, "symbol",
               "orderbook group's book checkpoints with their source offsets",
-              cleanup_policy="compact", retention_ms=None),
-    TopicSpec("bars", MARKET_PARTITIONS, "symbol", "closed OHLCV bars (all intervals)",
-              retention_ms=-1),
+              value_schema="BookCheckpoint", cleanup_policy="compact", retention_ms=None),
+    TopicSpec("bars", MARKET_PARTITIONS, "symbol",
+              "closed OHLCV bars (all intervals)",
+              value_schema="Bar", retention_ms=-1),
     TopicSpec("bars.late", MARKET_PARTITIONS, "symbol",
-              "trades that arrived after their bar closed, kept instead of changing it"),
+              "trades that arrived after their bar closed, kept instead of changing it",
+              value_schema="Trade"),
     TopicSpec("orders.requests", MARKET_PARTITIONS, "symbol",
-              "signed order requests from strategies", retention_ms=30 * DAY_MS),
+              "signed order requests from strategies",
+              value_schema="OrderRequest", retention_ms=30 * DAY_MS),
     TopicSpec("orders.events", MARKET_PARTITIONS, "client_order_id",
-              "order lifecycle events from execution", retention_ms=-1),
+              "order lifecycle events from execution",
+              value_schema="OrderEvent", retention_ms=-1),
     TopicSpec("orders.seen", MARKET_PARTITIONS, "client_order_id",
               "client_order_ids execution has acted on (at-most-once across restarts)",
-              cleanup_policy="compact", retention_ms=None),
+              value_schema="SeenOrder", cleanup_policy="compact", retention_ms=None),
     TopicSpec("dlq", 1, "the failed record's original key",
               "dead letters: original bytes; source topic/partition/offset and error in headers",
-              retention_ms=30 * DAY_MS),
+              value_schema=None, retention_ms=30 * DAY_MS),
 )
 
 _BY_NAME = {topic.name: topic for topic in TOPICS}

@@ -18,6 +18,12 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Gemini market data and trading on Apache Kafka.")
 broker_app = typer.Typer(no_args_is_help=True, help="The local Apache Kafka broker (KRaft).")
 app.add_typer(broker_app, name="broker")
+registry_app = typer.Typer(no_args_is_help=True,
+                           help="The local schema registry (Apicurio Registry, KafkaSQL storage).")
+app.add_typer(registry_app, name="registry")
+schemas_app = typer.Typer(no_args_is_help=True,
+                          help="Avro schemas in schemas/ and the schema registry.")
+app.add_typer(schemas_app, name="schemas")
 
 console = Console(soft_wrap=True)
 RunDirOption = typer.Option(None, "--run-dir", envvar="PIPELINE_RUN_DIR",
@@ -81,6 +87,51 @@ def broker_status(run_dir: Optional[Path] = RunDirOption) -> None:
                   f"metadata.version {features['metadata.version']}")
 
 
+@registry_app.command("start")
+def registry_start(run_dir: Optional[Path] = RunDirOption,
+                   port: int = typer.Option(8081, help="HTTP port (0 picks a free one).")) -> None:
+    """Start the registry on the pipeline's Kafka (a second start is harmless)."""
+    from pipeline.broker import bootstrap_servers
+    from pipeline.registry_server import LocalRegistry
+
+    settings = _settings(run_dir)
+    if settings.schema_registry_url:
+        console.print(f"SCHEMA_REGISTRY_URL is set: using {settings.schema_registry_url}, "
+                      "starting nothing")
+        return
+    registry = LocalRegistry.from_settings(settings)
+    already = registry.state()
+    state = registry.start(bootstrap_servers(settings), port=port, quiet=False)
+    verb = "already running" if already else "started"
+    console.print(f"Apicurio Registry {state.version} {verb} at {state.url} (pid {state.pid}, "
+                  f"schemas stored in Kafka at {state.bootstrap_servers}, log {registry.log_file})")
+
+
+@registry_app.command("stop")
+def registry_stop(run_dir: Optional[Path] = RunDirOption) -> None:
+    """Stop the local registry; its schemas stay in Kafka."""
+    from pipeline.registry_server import LocalRegistry
+
+    settings = _settings(run_dir)
+    if settings.schema_registry_url:
+        console.print("SCHEMA_REGISTRY_URL is set: nothing was started, nothing to stop")
+        return
+    stopped = LocalRegistry.from_settings(settings).stop()
+    console.print("schema registry stopped" if stopped else "no schema registry was running")
+
+
+@registry_app.command("status")
+def registry_status(run_dir: Optional[Path] = RunDirOption) -> None:
+    """Where the registry is and whether it answers."""
+    from pipeline.registry_server import ccompat_answers, registry_url
+
+    url = registry_url(_settings(run_dir))
+    if not ccompat_answers(url):
+        raise PipelineError(f"the schema registry at {url} does not answer")
+    console.print(f"schema registry at {url} answers; "
+                  f"{len(_registry(run_dir).subjects())} subject(s)")
+
+
 @app.command("topics")
 def topics(
     run_dir: Optional[Path] = RunDirOption,
@@ -118,6 +169,71 @@ def topics(
         console.print(f"no pipeline topics{hint} yet: `pipeline topics --create -n NAMESPACE`")
         return
     console.print(table)
+
+
+NamespaceOption = typer.Option("live", "--namespace", "-n", envvar="PIPELINE_NAMESPACE",
+                               help="Namespace whose topics' subjects to work on.")
+
+
+def _registry(run_dir: Optional[Path]):
+    from pipeline.registry import SchemaRegistry
+    from pipeline.registry_server import registry_url
+
+    return SchemaRegistry(registry_url(_settings(run_dir)))
+
+
+@schemas_app.command("register")
+def schemas_register(run_dir: Optional[Path] = RunDirOption, namespace: str = NamespaceOption,
+                     level: str = typer.Option("BACKWARD", help="Compatibility level for new "
+                                                                "subjects.")) -> None:
+    """Register every topic's schema under <topic>-value (idempotent)."""
+    from pipeline.catalog import Namespace
+    from pipeline.schemas import register_namespace
+
+    done = register_namespace(_registry(run_dir), Namespace(namespace), level.upper())
+    table = Table(title=f"registered in namespace {namespace}")
+    for column in ("subject", "record", "id", "version"):
+        table.add_column(column, no_wrap=column == "subject")
+    for reg in done:
+        table.add_row(reg.subject, reg.record, str(reg.schema_id), str(reg.version))
+    console.print(table)
+
+
+@schemas_app.command("list")
+def schemas_list(run_dir: Optional[Path] = RunDirOption) -> None:
+    """Subjects in the registry with their versions, latest id and compatibility level."""
+    registry = _registry(run_dir)
+    table = Table(title=f"subjects in {registry.url}")
+    for column in ("subject", "versions", "latest id", "compatibility"):
+        table.add_column(column, no_wrap=column == "subject")
+    for subject in sorted(registry.subjects()):
+        latest = registry.latest(subject)
+        table.add_row(subject, " ".join(map(str, registry.versions(subject))),
+                      str(latest[1]) if latest else "-", registry.compatibility(subject))
+    console.print(table)
+
+
+@schemas_app.command("check")
+def schemas_check(run_dir: Optional[Path] = RunDirOption, namespace: str = NamespaceOption,
+                  directory: Path = typer.Option(None, "--dir", help="Schema folder to check "
+                                                 "[default: schemas/].")) -> None:
+    """Are the repo's .avsc files compatible with what the registry holds? Exit 1 if not."""
+    from pipeline.catalog import Namespace
+    from pipeline.schemas import SCHEMA_DIR, check_namespace
+
+    results = check_namespace(_registry(run_dir), Namespace(namespace), directory or SCHEMA_DIR)
+    bad = 0
+    for result in results:
+        mark = {"incompatible": "[red]✗[/]", "compatible": "[green]✓[/]"}.get(result.status, "·")
+        console.print(f"{mark} {result.subject} ({result.record}): {result.status}")
+        for problem in result.problems:
+            console.print(f"    [red]{problem}[/]", highlight=False)
+        for warning in result.warnings:
+            console.print(f"    [yellow]warning:[/] {warning}", highlight=False)
+        bad += result.status == "incompatible"
+    if bad:
+        raise PipelineError(f"{bad} schema(s) incompatible with the registry at "
+                            f"{_registry(run_dir).url}")
 
 
 @app.command("version")

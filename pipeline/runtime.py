@@ -84,12 +84,12 @@ class Handler:
         return ()
 
 
-Decoder = Callable[[Message], Any]
+Decoder = Callable[[bytes | None], Any]  # value bytes -> value; raises on bad input
 
 
-def raw_value(msg: Message) -> bytes | None:
+def raw_value(value: bytes | None) -> bytes | None:
     """The identity decoder: the record's value bytes."""
-    return msg.value()
+    return value
 
 
 @dataclass
@@ -188,7 +188,7 @@ class GroupRunner:
             self._next_offsets[(topic, partition)] = offset + 1
             self.stats.records += 1
             try:
-                value = self.config.decoder(msg)
+                value = self.config.decoder(msg.value())
             except Exception as exc:  # noqa: BLE001 - any decode failure is a dead letter
                 self._dead_letter(msg, exc, STAGE_DECODE)
                 continue

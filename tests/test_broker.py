@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.broker import LocalBroker, _alive, kafka_libs, reported_version
+from pipeline.broker import LocalBroker, kafka_libs, reported_version
+from pipeline.services import alive as _alive
 from pipeline.catalog import Namespace, ensure_topics
 from pipeline.config import REPO_ROOT, Settings
 from pipeline.errors import DeliveryFailed, PipelineError

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 from pipeline.config import REPO_ROOT
 from pipeline.deadletter import STAGE_DECODE, STAGE_HANDLE, parse_dead_letter
 from pipeline.errors import PipelineError
-from pipeline.runtime import GroupConfig, GroupRunner, Handler, Output, Record
+from pipeline.runtime import GroupConfig, GroupRunner, Handler, Record
 from tests.support.kafka_io import committed, produce_json, produce_raw, read_all
 
 pytestmark = pytest.mark.broker
@@ -111,7 +110,7 @@ def test_keyed_records_come_back_complete_and_in_order_per_key(kafka, relay_topi
     seen: list[Record] = []
     config = GroupConfig(group_id="collect", topics=[relay_topics["md.l2"]],
                          dead_letter_topic=relay_topics["dlq"], handler=lambda: Collect(seen),
-                         decoder=lambda m: json.loads(m.value()))
+                         decoder=json.loads)
     stats = GroupRunner(config, kafka).run(max_records=3000, idle_timeout_s=20)
     assert stats.records == 3000 and stats.dead_letters == 0
     per_key = defaultdict(list)

@@ -16,8 +16,8 @@ import time
 from pipeline.runtime import GroupConfig, GroupRunner, Handler, Output, Record
 
 
-def json_value(msg) -> dict:
-    return json.loads(msg.value())
+def json_value(value: bytes) -> dict:
+    return json.loads(value)
 
 
 class Relay(Handler):

@@ -1,0 +1,1 @@
+"""Gemini's formats: market-data frames, captures of them, and (later) REST signing."""

@@ -1,0 +1,176 @@
+"""A local schema registry: Apicurio Registry 3 with KafkaSQL storage.
+
+The distribution comes from Maven Central through ``docker/registry/pom.xml`` and is
+cached per user. Registered schemas live in a Kafka topic (``_apicurio-kafkasql-journal``),
+so they and their ids survive restarts, as with Confluent's registry and its
+``_schemas`` topic. The pipeline talks to it only through the Confluent-compatible API at
+``/apis/ccompat/v7``. With ``SCHEMA_REGISTRY_URL`` set none of this runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import requests
+
+from pipeline.config import REPO_ROOT, Settings, ensure_writable_dir
+from pipeline.errors import PipelineError
+from pipeline.services import (find_java, free_port, log_tail, maven_artifacts, require_free_port,
+                               runs_command, spawn, terminate)
+
+POM = REPO_ROOT / "docker" / "registry" / "pom.xml"
+DEFAULT_PORT = 8081
+JOURNAL_TOPIC = "_apicurio-kafkasql-journal"
+SNAPSHOTS_TOPIC = "_apicurio-kafkasql-snapshots"
+CCOMPAT_PATH = "/apis/ccompat/v7"
+MIN_JAVA = 21
+START_TIMEOUT_S = 180.0
+JVM_OPTS = ["-Xms128m", "-Xmx512m", "-XX:+UseG1GC", "-XX:ParallelGCThreads=2",
+            "-XX:ConcGCThreads=1", "-XX:CICompilerCount=2", "-XX:+ExitOnOutOfMemoryError"]
+
+
+@dataclass(frozen=True)
+class RegistryState:
+    pid: int
+    url: str  # the Confluent-compatible API base
+    port: int
+    management_port: int
+    bootstrap_servers: str
+    version: str
+    started_at: float
+
+
+def apicurio_version() -> str:
+    match = re.search(r"<apicurio\.version>([^<]+)</apicurio\.version>", POM.read_text())
+    if not match:
+        raise PipelineError(f"{POM} does not declare <apicurio.version>")
+    return match.group(1)
+
+
+def apicurio_dist(quiet: bool = True) -> Path:
+    """The unpacked Quarkus application (``quarkus-run.jar`` and its libs)."""
+    artifacts = maven_artifacts(POM, f"Apicurio Registry {apicurio_version()}", quiet)
+    dist = artifacts.parent / "dist"
+    if (dist / "quarkus-run.jar").exists():
+        return dist
+    tarballs = sorted(artifacts.glob("apicurio-registry-app-*-all.tar.gz"))
+    if not tarballs:
+        raise PipelineError(f"no Apicurio distribution in {artifacts}: delete "
+                            f"{artifacts.parent} and retry")
+    partial = artifacts.parent / "dist.partial"
+    with tarfile.open(tarballs[-1]) as tar:
+        tar.extractall(partial, filter="data")
+    partial.rename(dist)
+    return dist
+
+
+def ccompat_answers(url: str, timeout: float = 3.0) -> bool:
+    try:
+        return requests.get(f"{url}/subjects", timeout=timeout).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+class LocalRegistry:
+    """One Apicurio Registry process whose files live in ``<run_dir>/registry``."""
+
+    def __init__(self, run_dir: Path, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.home = Path(run_dir) / "registry"
+        self.log_file = self.home / "registry.log"
+        self.state_file = self.home / "registry.json"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "LocalRegistry":
+        return cls(settings.run_dir)
+
+    def state(self) -> RegistryState | None:
+        try:
+            state = RegistryState(**json.loads(self.state_file.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        return state if runs_command(state.pid, "quarkus-run.jar", self._marker()) else None
+
+    def _marker(self) -> str:
+        return f"-Dpipeline.registry.home={self.home}"
+
+    def start(self, bootstrap: str, port: int = DEFAULT_PORT, management_port: int = 0,
+              timeout: float = START_TIMEOUT_S, quiet: bool = True) -> RegistryState:
+        """Start the registry on ``bootstrap``'s Kafka, or return the running one."""
+        running = self.state()
+        if running is not None:
+            if running.bootstrap_servers != bootstrap:
+                raise PipelineError(
+                    f"the registry running from {self.home} (pid {running.pid}) stores its "
+                    f"schemas in Kafka at {running.bootstrap_servers}, not {bootstrap}: stop it "
+                    "first with `pipeline registry stop`")
+            if not ccompat_answers(running.url, timeout=10):
+                raise PipelineError(f"a registry process (pid {running.pid}) runs from "
+                                    f"{self.home} but does not answer at {running.url}: see "
+                                    f"{self.log_file}, then `pipeline registry stop`")
+            return running
+        ensure_writable_dir(self.home)
+        port = port or free_port(self.host)
+        management_port = management_port or free_port(self.host)
+        for wanted in (port, management_port):
+            require_free_port(wanted, self.host, "schema registry",
+                              "start it on other ports (`pipeline registry start --port N`), or "
+                              "set SCHEMA_REGISTRY_URL to use a running registry")
+        java = find_java(MIN_JAVA, f"to run Apicurio Registry {apicurio_version()}")
+        dist = apicurio_dist(quiet)
+        cmd = [java, *JVM_OPTS, self._marker(),
+               f"-Dquarkus.http.host={self.host}", f"-Dquarkus.http.port={port}",
+               f"-Dquarkus.management.host={self.host}",
+               f"-Dquarkus.management.port={management_port}",
+               "-Dapicurio.storage.kind=kafkasql",
+               f"-Dapicurio.kafkasql.bootstrap.servers={bootstrap}",
+               f"-Dapicurio.kafkasql.topic={JOURNAL_TOPIC}",
+               f"-Dapicurio.kafkasql.snapshots.topic={SNAPSHOTS_TOPIC}",
+               "-Dquarkus.http.access-log.enabled=false",
+               "-Dquarkus.otel.sdk.disabled=true",
+               "-jar", str(dist / "quarkus-run.jar")]
+        proc = spawn(cmd, self.log_file, self.home)
+        url = f"http://{self.host}:{port}{CCOMPAT_PATH}"
+        state = RegistryState(pid=proc.pid, url=url, port=port, management_port=management_port,
+                              bootstrap_servers=bootstrap, version=apicurio_version(),
+                              started_at=time.time())
+        self.state_file.write_text(json.dumps(asdict(state), indent=2))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self.state_file.unlink(missing_ok=True)
+                raise PipelineError(f"the schema registry exited with code {proc.returncode} "
+                                    f"while starting: {log_tail(self.log_file)} "
+                                    f"(full log: {self.log_file})")
+            if ccompat_answers(url, timeout=2):
+                return state
+            time.sleep(0.5)
+        self.stop()
+        raise PipelineError(f"the schema registry did not answer at {url} within {timeout:.0f}s "
+                            f"and was stopped: {log_tail(self.log_file)} (log: {self.log_file})")
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        state = self.state()
+        if state is None:
+            self.state_file.unlink(missing_ok=True)
+            return False
+        terminate(state.pid, timeout)
+        self.state_file.unlink(missing_ok=True)
+        return True
+
+
+def registry_url(settings: Settings) -> str:
+    """Where the registry is: SCHEMA_REGISTRY_URL, else the local one of the run dir."""
+    if settings.schema_registry_url:
+        return settings.schema_registry_url.rstrip("/")
+    state = LocalRegistry.from_settings(settings).state()
+    if state is None:
+        raise PipelineError(
+            f"no schema registry is running for run directory {settings.run_dir}: start one "
+            "with `make up` (or `pipeline registry start`), or set SCHEMA_REGISTRY_URL")
+    return state.url
