@@ -41,5 +41,10 @@ down: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Benchmarks start their own broker and registry under run/bench; EVENTS sizes them.
+EVENTS ?= 200000
+bench: install
+	$(BIN)/python -m bench --events $(EVENTS)
+
 clean: down
 	rm -rf run

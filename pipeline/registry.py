@@ -36,7 +36,7 @@ class UnknownSchemaId(RegistryError):
 def parse_plain(schema: dict) -> Any:
     """fastavro-parse ``schema`` with logical types stripped: timestamps stay epoch integers
     (exact, and no datetime built per record). The registered JSON keeps them."""
-    return fastavro.parse_schema(_strip_logical(schema), _write_hint=False)
+    return fastavro.parse_schema(_strip_logical(schema))
 
 
 def _strip_logical(node: Any) -> Any:

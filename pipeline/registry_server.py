@@ -3,7 +3,8 @@
 The distribution comes from Maven Central through ``docker/registry/pom.xml`` and is
 cached per user. Registered schemas live in a Kafka topic (``_apicurio-kafkasql-journal``),
 so they and their ids survive restarts, as with Confluent's registry and its
-``_schemas`` topic. The pipeline talks to it only through the Confluent-compatible API at
+``_schemas`` topic. It needs Java 21+ (Apicurio 3.3 is built for it); ``find_java`` looks in
+JAVA_HOME, PATH and /usr/lib/jvm. The pipeline talks to it only through the Confluent-compatible API at
 ``/apis/ccompat/v7``. With ``SCHEMA_REGISTRY_URL`` set none of this runs.
 """
 
@@ -27,6 +28,7 @@ POM = REPO_ROOT / "docker" / "registry" / "pom.xml"
 DEFAULT_PORT = 8081
 JOURNAL_TOPIC = "_apicurio-kafkasql-journal"
 SNAPSHOTS_TOPIC = "_apicurio-kafkasql-snapshots"
+EVENTS_TOPIC = "_apicurio-registry-events"
 CCOMPAT_PATH = "/apis/ccompat/v7"
 MIN_JAVA = 21
 START_TIMEOUT_S = 180.0
@@ -131,6 +133,11 @@ class LocalRegistry:
                f"-Dapicurio.kafkasql.bootstrap.servers={bootstrap}",
                f"-Dapicurio.kafkasql.topic={JOURNAL_TOPIC}",
                f"-Dapicurio.kafkasql.snapshots.topic={SNAPSHOTS_TOPIC}",
+               f"-Dapicurio.events.kafka.topic={EVENTS_TOPIC}",
+               # Confluent's default; Apicurio enforces nothing until a rule is set.
+               "-Dapicurio.rules.global.compatibility=BACKWARD",
+               # ids are content ids, as in Confluent's registry (not Apicurio's global ids)
+               "-Dapicurio.ccompat.legacy-id-mode.enabled=false",
                "-Dquarkus.http.access-log.enabled=false",
                "-Dquarkus.otel.sdk.disabled=true",
                "-jar", str(dist / "quarkus-run.jar")]

@@ -20,7 +20,7 @@ from fastavro import schemaless_reader, schemaless_writer
 
 from pipeline import schemas
 from pipeline.errors import PipelineError
-from pipeline.registry import SchemaRegistry, subject_for
+from pipeline.registry import SchemaRegistry, parse_plain, subject_for
 
 MAGIC = 0
 HEADER = struct.Struct(">bI")
@@ -31,14 +31,18 @@ class SerdeError(PipelineError):
 
 
 class Encoder:
-    """Encodes dicts of one record type for one topic."""
+    """Encodes dicts of one record type for one topic.
 
-    def __init__(self, registry: SchemaRegistry, topic: str, record: str | None = None) -> None:
+    The schema is the topic's record type from ``schemas/`` unless one is given (e.g. a
+    newer version under test).
+    """
+
+    def __init__(self, registry: SchemaRegistry, topic: str, schema: dict | None = None) -> None:
         self.topic = topic
-        self.record = record or schemas.schema_for_topic(topic)
-        raw = schemas.load(self.record)
+        raw = schema if schema is not None else schemas.load(schemas.schema_for_topic(topic))
+        self.record = schemas.full_name_of(raw)
         self.schema_id = registry.register(subject_for(topic), raw)
-        self._parsed = schemas.parsed(self.record)
+        self._parsed = parse_plain(raw)
         self._header = HEADER.pack(MAGIC, self.schema_id)
 
     def __call__(self, value: dict) -> bytes:
@@ -54,15 +58,15 @@ class Encoder:
 class Decoder:
     """Decodes Confluent-framed Avro from any topic into dicts.
 
-    ``readers`` are the record types this consumer was built against (default: every
-    schema in ``schemas/``); data written with another version of one of them is resolved
-    into the reader's version. A writer record with no matching reader is decoded as written.
+    ``readers`` are the schemas this consumer was built against (default: every schema in
+    ``schemas/``); data written with another version of one of them is resolved into the
+    reader's version. A writer record with no matching reader is decoded as written.
     """
 
-    def __init__(self, registry: SchemaRegistry, readers: Iterable[str] | None = None) -> None:
+    def __init__(self, registry: SchemaRegistry, readers: Iterable[dict] | None = None) -> None:
         self.registry = registry
-        names = list(readers) if readers is not None else schemas.names()
-        self._readers = {schemas.full_name(n): (schemas.load(n), schemas.parsed(n)) for n in names}
+        found = list(readers) if readers is not None else [schemas.load(n) for n in schemas.names()]
+        self._readers = {schemas.full_name_of(raw): (raw, parse_plain(raw)) for raw in found}
         # schema id -> (writer parsed, reader parsed or None when writer == reader)
         self._plans: dict[int, tuple[Any, Any]] = {}
 
@@ -103,13 +107,13 @@ class Serde:
 
     def __init__(self, registry: SchemaRegistry) -> None:
         self.registry = registry
-        self._encoders: dict[tuple[str, str | None], Encoder] = {}
+        self._encoders: dict[str, Encoder] = {}
 
-    def encoder(self, topic: str, record: str | None = None) -> Encoder:
-        key = (topic, record)
-        if key not in self._encoders:
-            self._encoders[key] = Encoder(self.registry, topic, record)
-        return self._encoders[key]
+    def encoder(self, topic: str) -> Encoder:
+        """The encoder of a catalog topic (registers its schema on first use)."""
+        if topic not in self._encoders:
+            self._encoders[topic] = Encoder(self.registry, topic)
+        return self._encoders[topic]
 
-    def decoder(self, readers: Iterable[str] | None = None) -> Decoder:
+    def decoder(self, readers: Iterable[dict] | None = None) -> Decoder:
         return Decoder(self.registry, readers)

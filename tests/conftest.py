@@ -16,6 +16,7 @@ import pytest
 from pipeline.broker import LocalBroker
 from pipeline.catalog import Namespace, ensure_topics
 from pipeline.config import REPO_ROOT
+from pipeline.registry_server import LocalRegistry
 
 TEST_RUN_DIR = REPO_ROOT / "run" / "test"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -36,6 +37,41 @@ def kafka() -> str:
         yield state.bootstrap_servers
     finally:
         broker.stop()
+
+
+class RegistryHandle:
+    """The session's registry; ``restart`` brings it back on the same port."""
+
+    def __init__(self, kafka: str) -> None:
+        self.kafka = kafka
+        self.external = os.environ.get("SCHEMA_REGISTRY_URL")
+        self._local = LocalRegistry(TEST_RUN_DIR)
+        self.url = self.external or self._start(port=0)
+
+    def _start(self, port: int) -> str:
+        self.state = self._local.start(self.kafka, port=port, quiet=False)
+        return self.state.url
+
+    def restart(self) -> None:
+        if self.external:
+            pytest.skip("cannot restart an external registry (SCHEMA_REGISTRY_URL)")
+        port = self.state.port
+        self._local.stop()
+        self.url = self._start(port=port)
+
+    def stop(self) -> None:
+        if not self.external:
+            self._local.stop()
+
+
+@pytest.fixture(scope="session")
+def registry(kafka: str):
+    """A real schema registry (Apicurio, KafkaSQL storage on the session's broker)."""
+    handle = RegistryHandle(kafka)
+    try:
+        yield handle
+    finally:
+        handle.stop()
 
 
 @pytest.fixture

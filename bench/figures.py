@@ -1,0 +1,76 @@
+"""A benchmark figure and how a run prints and saves them."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    value: float
+    unit: str
+    events: int
+    baseline: str
+    baseline_value: float
+    target: str = ""
+
+    @property
+    def ratio(self) -> float:
+        """value / baseline, so > 1 means faster when the unit is a rate."""
+        return self.value / self.baseline_value if self.baseline_value else float("nan")
+
+
+def best_rate(fn, events: int, repeats: int = 3) -> float:
+    """Events per second of the fastest of ``repeats`` runs of ``fn()``."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return events / best
+
+
+def machine() -> dict:
+    import confluent_kafka
+    import fastavro
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from pipeline.broker import kafka_version
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "kafka": kafka_version(), "confluent_kafka": confluent_kafka.__version__,
+            "librdkafka": confluent_kafka.libversion()[0], "fastavro": fastavro.__version__}
+
+
+def report(figures: list[Figure], out_dir: Path) -> Path:
+    table = Table(title="benchmarks (higher is faster; ratio = figure / baseline)")
+    for column in ("figure", "value", "unit", "events", "baseline", "baseline value", "ratio",
+                   "target"):
+        table.add_column(column, justify="right" if "value" in column or column in
+                         ("events", "ratio") else "left")
+    for f in figures:
+        table.add_row(f.name, f"{f.value:,.0f}", f.unit, f"{f.events:,}", f.baseline,
+                      f"{f.baseline_value:,.0f}", f"{f.ratio:.2f}", f.target)
+    Console(soft_wrap=True).print(table)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / time.strftime("bench-%Y%m%dT%H%M%S.json")
+    path.write_text(json.dumps({"machine": machine(), "time": time.time(),
+                                "figures": [asdict(f) | {"ratio": f.ratio} for f in figures]},
+                               indent=2))
+    return path

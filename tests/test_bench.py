@@ -1,0 +1,29 @@
+"""The benchmark harness keeps working (tiny sizes; no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.config import REPO_ROOT
+
+
+@pytest.mark.broker
+def test_the_bench_harness_runs_and_writes_its_figures(kafka, registry):
+    results = REPO_ROOT / "run" / "bench" / "results"
+    before = set(results.glob("*.json")) if results.exists() else set()
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka, "SCHEMA_REGISTRY_URL": registry.url}
+    done = subprocess.run([sys.executable, "-m", "bench", "--events", "300"], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (new,) = set(results.glob("*.json")) - before
+    data = json.loads(new.read_text())
+    assert data["machine"]["cores"] >= 1 and data["machine"]["kafka"].startswith("4.")
+    names = {f["name"] for f in data["figures"]}
+    assert {"serde encode L2Update", "serde decode L2Update"} <= names
+    for figure in data["figures"]:
+        assert figure["events"] == 300 and figure["value"] > 0 and figure["baseline_value"] > 0
