@@ -18,7 +18,8 @@ from pipeline.catalog import Namespace, ensure_topics
 from pipeline.config import REPO_ROOT
 from pipeline.registry_server import LocalRegistry
 
-TEST_RUN_DIR = REPO_ROOT / "run" / "test"
+# PIPELINE_TEST_RUN_DIR lets two test sessions run side by side, each with its own broker.
+TEST_RUN_DIR = Path(os.environ.get("PIPELINE_TEST_RUN_DIR") or REPO_ROOT / "run" / "test")
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
