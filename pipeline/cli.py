@@ -236,6 +236,84 @@ def schemas_check(run_dir: Optional[Path] = RunDirOption, namespace: str = Names
                             f"{_registry(run_dir).url}")
 
 
+produce_app = typer.Typer(no_args_is_help=True, help="Producers that write into Kafka.")
+app.add_typer(produce_app, name="produce")
+
+
+@produce_app.command("gemini")
+def produce_gemini(
+    run_dir: Optional[Path] = RunDirOption,
+    namespace: str = typer.Option(None, "--namespace", "-n", envvar="PIPELINE_NAMESPACE",
+                                  help="Topic namespace [default: live for Gemini, sim for "
+                                       "any other URL]."),
+    url: str = typer.Option("wss://api.gemini.com", help="Gemini, or the local venue "
+                                                         "(e.g. ws://127.0.0.1:8090)."),
+    symbols: str = typer.Option("BTCUSD,ETHUSD", help="Comma-separated Gemini symbols."),
+    protocol: str = typer.Option("v2", help="v2 (one connection, l2) or v1 (one per symbol)."),
+    heartbeat_timeout: float = typer.Option(10.0, help="Seconds without a message that count "
+                                                       "as a disconnect."),
+) -> None:
+    """Stream Gemini market data into Kafka until SIGTERM/Ctrl-C."""
+    from pipeline.broker import bootstrap_servers
+    from pipeline.catalog import Namespace, ensure_topics
+    from pipeline.registry import SchemaRegistry
+    from pipeline.registry_server import registry_url
+    from pipeline.serde import Serde
+    from producers.gemini_ws import FeedConfig, run_producer
+
+    settings = _settings(run_dir)
+    is_gemini = "gemini.com" in url
+    ns = Namespace(namespace or ("live" if is_gemini else "sim"))
+    if ns.is_live and not is_gemini:
+        raise PipelineError(f"namespace {ns} is for Gemini's own data; {url} is not Gemini: "
+                            "use a sim namespace")
+    if protocol not in ("v1", "v2"):
+        raise PipelineError(f"unknown protocol {protocol!r}: v1 or v2")
+    bootstrap = bootstrap_servers(settings)
+    ensure_topics(bootstrap, ns, ["raw.frames", "md.l2", "md.trades", "dlq"])
+    serde = Serde(SchemaRegistry(registry_url(settings)))
+    config = FeedConfig(base_url=url.rstrip("/"), protocol=protocol,
+                        symbols=[s.strip().upper() for s in symbols.split(",") if s.strip()],
+                        heartbeat_timeout_s=heartbeat_timeout)
+    setup_logging("INFO")
+    stats = run_producer(config, bootstrap, serde, ns,
+                         status_file=settings.run_dir / "status" / "producer-gemini.json")
+    console.print(f"stopped: {stats.frames} frames, {stats.records} records, "
+                  f"{stats.dead_letters} dead letters, {stats.reconnects} reconnects")
+
+
+@app.command("venue")
+def venue(
+    port: int = typer.Option(8090, help="Port on 127.0.0.1 (0 picks a free one)."),
+    capture: Optional[Path] = typer.Option(None, help="Replay this recorded capture."),
+    symbols: str = typer.Option("BTCUSD,ETHUSD", help="Generate books for these symbols "
+                                                      "(when no capture is given)."),
+    speed: Optional[float] = typer.Option(None, help="Replay speed: 1 = as recorded; "
+                                                     "default as fast as possible."),
+    rate: float = typer.Option(200.0, help="Generator events per second (0 = maximum)."),
+    seed: int = typer.Option(1, help="Generator seed: same seed, same market."),
+    heartbeat: float = typer.Option(5.0, help="Seconds between heartbeats."),
+    loop: bool = typer.Option(False, help="Replay the capture again when it ends."),
+    keys_file: Optional[Path] = typer.Option(None, "--keys", help="JSON {api_key: secret} "
+                                             "accepted by the REST side."),
+) -> None:
+    """Run the local Gemini-compatible venue (WebSocket market data + REST) in the foreground."""
+    import json as _json
+
+    from pipeline.venue.server import VenueConfig, serve_forever
+
+    if capture is not None and not capture.exists():
+        raise PipelineError(f"capture {capture} does not exist")
+    keys = _json.loads(keys_file.read_text()) if keys_file else {}
+    config = VenueConfig(port=port, capture=capture, speed=speed, rate=rate or None, seed=seed,
+                         heartbeat_s=heartbeat, loop=loop, api_keys=keys,
+                         symbols=[s.strip().upper() for s in symbols.split(",") if s.strip()])
+    setup_logging("INFO")
+    source = f"replaying {capture}" if capture else f"generating {config.symbols}"
+    console.print(f"Gemini venue on ws://127.0.0.1:{port} ({source}); Ctrl-C stops it")
+    serve_forever(config)
+
+
 @app.command("version")
 def version() -> None:
     """Versions of the pipeline, the Kafka jars it runs and the client library."""

@@ -68,7 +68,8 @@ class DeliveryTracker:
 
     def __init__(self) -> None:
         self.delivered = 0
-        self.failed = 0
+        self.failed = 0  # since the last raise_if_failed
+        self.failed_total = 0
         self.last_error: str | None = None
 
     def __call__(self, err: KafkaError | None, msg: Message) -> None:
@@ -76,6 +77,7 @@ class DeliveryTracker:
             self.delivered += 1
             return
         self.failed += 1
+        self.failed_total += 1
         self.last_error = f"{msg.topic()}[{msg.partition()}]: {err.str()}"
         log.error("delivery failed: %s", self.last_error)
 

@@ -22,6 +22,10 @@ class FrameError(ValueError):
     """A frame that is not valid Gemini market data; the message says what is wrong."""
 
 
+class SequenceGap(Exception):
+    """A v1 feed skipped a ``socket_sequence``: frames were lost, the book is unreliable."""
+
+
 @dataclass(frozen=True, slots=True)
 class Normalized:
     topic: str  # catalog name: "md.l2" or "md.trades"
@@ -114,3 +118,89 @@ class V2Normalizer:
             "exchange_ts_ms": timestamp, "received_ts_us": received_us,
             "connection_id": self.connection_id, "sequence": self.sequence,
             "from_snapshot": from_snapshot})
+
+
+class V1Normalizer:
+    """Normalizes the frames of one v1 connection (``/v1/marketdata/{symbol}``).
+
+    v1 numbers every message with ``socket_sequence`` from 0; a gap raises
+    :class:`SequenceGap` so the caller resubscribes. The first ``update`` (its changes
+    have reason ``initial``) is the snapshot.
+    """
+
+    def __init__(self, connection_id: str, symbol: str) -> None:
+        self.connection_id = connection_id
+        self.symbol = symbol.upper()
+        self.sequence = -1
+        self._snapshot_seen = False
+
+    def normalize_text(self, text: str, received_us: int) -> list[Normalized]:
+        try:
+            frame = json.loads(text)
+        except ValueError as exc:
+            raise FrameError(f"not JSON: {exc}") from None
+        return self.normalize(frame, received_us)
+
+    def normalize(self, frame: Any, received_us: int) -> list[Normalized]:
+        if not isinstance(frame, dict):
+            raise FrameError(f"expected a JSON object, got {type(frame).__name__}")
+        sequence = frame.get("socket_sequence")
+        if not isinstance(sequence, int):
+            raise FrameError(f"{self.symbol}: frame without an integer socket_sequence")
+        if sequence != self.sequence + 1:
+            expected, self.sequence = self.sequence + 1, sequence
+            raise SequenceGap(f"{self.symbol}: socket_sequence {sequence} after "
+                              f"{expected - 1} on connection {self.connection_id}")
+        self.sequence = sequence
+        kind = frame.get("type")
+        if kind == "heartbeat":
+            return []
+        if kind != "update":
+            raise FrameError(f"{self.symbol}: unknown frame type {kind!r}")
+        events = frame.get("events")
+        if not isinstance(events, list):
+            raise FrameError(f"{self.symbol}: update without an events list")
+        timestamp_ms = frame.get("timestampms")
+        event_id = frame.get("eventId")
+        changes, trades, initial = [], [], False
+        for i, event in enumerate(events):
+            etype = event.get("type") if isinstance(event, dict) else None
+            if etype == "change":
+                side = _BOOK_SIDES.get(event.get("side"))
+                if side is None:
+                    raise FrameError(f"{self.symbol}: event {i} has unknown side {event.get('side')!r}")
+                changes.append({"side": side,
+                                "price": _decimal(event.get("price"), f"{self.symbol}: event {i} price"),
+                                "quantity": _decimal(event.get("remaining"),
+                                                     f"{self.symbol}: event {i} remaining")})
+                initial = initial or event.get("reason") == "initial"
+            elif etype == "trade":
+                tid = event.get("tid")
+                if not isinstance(tid, int) or not isinstance(timestamp_ms, int):
+                    raise FrameError(f"{self.symbol}: trade event {i} without tid/timestampms")
+                maker = event.get("makerSide")
+                trades.append(Normalized("md.trades", self.symbol, {
+                    "symbol": self.symbol, "trade_id": tid,
+                    "price": _decimal(event.get("price"), f"{self.symbol}: trade {i} price"),
+                    "quantity": _decimal(event.get("amount"), f"{self.symbol}: trade {i} amount"),
+                    # the maker rested on one side, so the taker came from the other
+                    "taker_side": {"bid": "SELL", "ask": "BUY"}.get(maker, "UNKNOWN"),
+                    "exchange_ts_ms": timestamp_ms, "received_ts_us": received_us,
+                    "connection_id": self.connection_id, "sequence": sequence,
+                    "from_snapshot": False}))
+            elif etype in ("auction_open", "auction_indicative", "auction_result", "block_trade"):
+                continue  # auctions carry no book change
+            else:
+                raise FrameError(f"{self.symbol}: event {i} of unknown type {etype!r}")
+        out = []
+        if changes or not self._snapshot_seen:
+            snapshot = not self._snapshot_seen
+            if snapshot and not initial and changes:
+                raise FrameError(f"{self.symbol}: first update is not the initial book")
+            self._snapshot_seen = True
+            out.append(Normalized("md.l2", self.symbol, {
+                "symbol": self.symbol, "snapshot": snapshot, "changes": changes,
+                "exchange_ts_ms": timestamp_ms if isinstance(timestamp_ms, int) else None,
+                "received_ts_us": received_us, "connection_id": self.connection_id,
+                "sequence": sequence, "event_id": event_id if isinstance(event_id, int) else None}))
+        return out + trades

@@ -1,0 +1,229 @@
+"""The Gemini WebSocket producer: market data frames into Kafka.
+
+One connection for all symbols (v2, ``l2``) or one per symbol (v1). Every frame is kept
+on the raw topic; valid frames become ``L2Update``/``Trade`` records keyed by symbol;
+anything else goes to the dead-letter topic with its text. A disconnect, a heartbeat
+timeout or a v1 ``socket_sequence`` gap ends the connection; the producer reconnects
+with capped exponential backoff and jitter, and the new connection's first book is
+flagged as a snapshot, so consumers reset rather than merge into a stale book.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import signal
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import websocket
+
+from pipeline.catalog import Namespace
+from pipeline.deadletter import STAGE_INGEST, dead_letter_headers
+from pipeline.gemini.marketdata import FrameError, SequenceGap, V1Normalizer, V2Normalizer
+from pipeline.kafka import ReliableProducer
+from pipeline.serde import Serde
+
+log = logging.getLogger(__name__)
+
+GEMINI_WS = "wss://api.gemini.com"
+SANDBOX_WS = "wss://api.sandbox.gemini.com"
+
+
+@dataclass
+class FeedConfig:
+    base_url: str = GEMINI_WS  # scheme://host[:port], the paths are Gemini's
+    symbols: list[str] = field(default_factory=lambda: ["BTCUSD", "ETHUSD"])
+    protocol: str = "v2"  # "v2" (one connection, l2) or "v1" (one connection per symbol)
+    heartbeat_timeout_s: float = 10.0  # Gemini sends heartbeats every 5 s
+    connect_timeout_s: float = 10.0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    progress_interval_s: float = 10.0
+
+
+@dataclass
+class FeedStats:
+    frames: int = 0
+    records: int = 0
+    dead_letters: int = 0
+    connections: int = 0
+    reconnects: int = 0
+    heartbeat_timeouts: int = 0
+    sequence_gaps: int = 0
+    delivery_failures: int = 0
+    last_message_at: float = 0.0
+    last_error: str | None = None
+
+    def snapshot(self) -> dict:
+        age = time.time() - self.last_message_at if self.last_message_at else None
+        return {**asdict(self), "last_message_age_s": age}
+
+
+class Disconnected(Exception):
+    """The connection ended; the feed reconnects."""
+
+
+class IngestSink:
+    """Frames of any connection to Kafka records: raw frame, normalized records, dead letters."""
+
+    def __init__(self, producer: ReliableProducer, serde: Serde, namespace: Namespace,
+                 stats: FeedStats, owner: str = "producer:gemini") -> None:
+        self.producer, self.stats, self.owner = producer, stats, owner
+        self.topics = {name: namespace.topic(name)
+                       for name in ("raw.frames", "md.l2", "md.trades", "dlq")}
+        self.encode = {name: serde.encoder(self.topics[name])
+                       for name in ("raw.frames", "md.l2", "md.trades")}
+
+    def frame(self, text: str, received_us: int, normalizer: V1Normalizer | V2Normalizer,
+              url: str, index: int) -> None:
+        """Publish one received frame. Raises SequenceGap (the caller resubscribes)."""
+        self.stats.frames += 1
+        self.stats.last_message_at = received_us / 1e6
+        conn = normalizer.connection_id
+        try:
+            records = normalizer.normalize_text(text, received_us)
+        except SequenceGap:
+            self._raw(text, received_us, conn, url, index, conn)  # kept, then resubscribe
+            raise
+        except FrameError as exc:
+            self.stats.dead_letters += 1
+            self.stats.last_error = str(exc)
+            log.warning("dead-lettering frame %d of %s: %s", index, conn, exc)
+            self.producer.produce(self.topics["dlq"], text.encode(), conn, dead_letter_headers(
+                source_topic=url, source_partition=-1, source_offset=index, owner=self.owner,
+                stage=STAGE_INGEST, error=exc, original_headers=[("connection_id", conn.encode())]))
+            records = []
+        self._raw(text, received_us, conn, url, index, records[0].key if records else conn)
+        for record in records:
+            self.producer.produce(self.topics[record.topic], self.encode[record.topic](record.value),
+                                  record.key, timestamp=received_us // 1000)
+        self.stats.records += len(records)
+        self.producer.poll(0)
+
+    def _raw(self, text: str, received_us: int, conn: str, url: str, index: int, key: str) -> None:
+        self.producer.produce(self.topics["raw.frames"], self.encode["raw.frames"]({
+            "url": url, "connection_id": conn, "sequence": index, "received_ts_us": received_us,
+            "text": text}), key, timestamp=received_us // 1000)
+
+
+class GeminiFeed:
+    """Keeps one WebSocket connection alive and feeds its frames to the sink."""
+
+    def __init__(self, config: FeedConfig, sink: IngestSink, symbol: str | None = None) -> None:
+        self.config, self.sink, self.symbol = config, sink, symbol
+        if config.protocol == "v2":
+            self.url = f"{config.base_url}/v2/marketdata"
+        else:
+            self.url = f"{config.base_url}/v1/marketdata/{symbol}?heartbeat=true"
+
+    def run(self, stop: threading.Event) -> None:
+        stats, attempt = self.sink.stats, 0
+        while not stop.is_set():
+            received_any = False
+            try:
+                received_any = self._session(stop)
+            except (Disconnected, SequenceGap, OSError, websocket.WebSocketException) as exc:
+                if stop.is_set():
+                    break
+                stats.reconnects += 1
+                stats.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("%s: %s; reconnecting", self.url, stats.last_error)
+                received_any = received_any or getattr(exc, "received_any", False)
+            if received_any:
+                attempt = 0  # a working connection resets the backoff
+            delay = min(self.config.backoff_max_s, self.config.backoff_initial_s * 2 ** attempt)
+            attempt += 1
+            stop.wait(delay * random.uniform(0.5, 1.0))
+
+    def _session(self, stop: threading.Event) -> bool:
+        ws = websocket.create_connection(self.url, timeout=self.config.connect_timeout_s,
+                                         enable_multithread=True)
+        conn_id = uuid.uuid4().hex[:12]
+        self.sink.stats.connections += 1
+        normalizer: V1Normalizer | V2Normalizer
+        if self.config.protocol == "v2":
+            normalizer = V2Normalizer(conn_id)
+            ws.send(json.dumps({"type": "subscribe", "subscriptions": [
+                {"name": "l2", "symbols": [s.upper() for s in self.config.symbols]}]}))
+        else:
+            normalizer = V1Normalizer(conn_id, self.symbol or "")
+        log.info("connected to %s (connection %s)", self.url, conn_id)
+        ws.settimeout(0.25)  # short, so stop requests and heartbeat timeouts are noticed
+        last, index = time.monotonic(), 0
+        try:
+            while not stop.is_set():
+                try:
+                    opcode, data = ws.recv_data()
+                except websocket.WebSocketTimeoutException:
+                    if time.monotonic() - last > self.config.heartbeat_timeout_s:
+                        self.sink.stats.heartbeat_timeouts += 1
+                        raise _ended(Disconnected(f"no message for "
+                                                  f"{self.config.heartbeat_timeout_s:g} s "
+                                                  "(heartbeat timeout)"), index)
+                    continue
+                except (websocket.WebSocketConnectionClosedException, OSError) as exc:
+                    raise _ended(Disconnected(f"connection lost: {exc}"), index)
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    raise _ended(Disconnected("closed by the server"), index)
+                if opcode not in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
+                    continue
+                last = time.monotonic()
+                text = data.decode("utf-8", errors="replace")
+                try:
+                    self.sink.frame(text, time.time_ns() // 1000, normalizer, self.url, index)
+                except SequenceGap as gap:
+                    self.sink.stats.sequence_gaps += 1
+                    raise _ended(gap, index + 1)
+                index += 1
+        finally:
+            ws.close(timeout=1)
+        return index > 0
+
+
+def _ended(exc: Exception, frames: int) -> Exception:
+    exc.received_any = frames > 0  # type: ignore[attr-defined]
+    return exc
+
+
+def run_producer(config: FeedConfig, bootstrap: str, serde: Serde, namespace: Namespace,
+                 status_file: Path | None = None, stop: threading.Event | None = None) -> FeedStats:
+    """Run the feeds until SIGTERM/SIGINT (or ``stop``), then flush everything produced."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    stats = FeedStats()
+    producer = ReliableProducer(bootstrap)
+    sink = IngestSink(producer, serde, namespace, stats)
+    feeds = ([GeminiFeed(config, sink)] if config.protocol == "v2"
+             else [GeminiFeed(config, sink, s.upper()) for s in config.symbols])
+    threads = [threading.Thread(target=feed.run, args=(stop,), name=f"feed-{i}", daemon=True)
+               for i, feed in enumerate(feeds)]
+    for thread in threads:
+        thread.start()
+    last_frames, last_at = 0, time.monotonic()
+    while not stop.wait(config.progress_interval_s):
+        now = time.monotonic()
+        stats.delivery_failures = producer.tracker.failed_total
+        rate = (stats.frames - last_frames) / (now - last_at)
+        last_frames, last_at = stats.frames, now
+        report = stats.snapshot() | {"frames_per_s": rate}
+        log.info("frames %d (%.0f/s), records %d, dead letters %d, reconnects %d, "
+                 "last message %.1fs ago, delivery failures %d", stats.frames, rate,
+                 stats.records, stats.dead_letters, stats.reconnects,
+                 report["last_message_age_s"] or 0, stats.delivery_failures)
+        if status_file is not None:
+            status_file.parent.mkdir(parents=True, exist_ok=True)
+            status_file.write_text(json.dumps(report))
+    for thread in threads:
+        thread.join(10)
+    producer.flush()  # raises DeliveryFailed if anything was not acknowledged
+    stats.delivery_failures = producer.tracker.failed_total
+    log.info("producer stopped: %d frames, %d records, %d dead letters", stats.frames,
+             stats.records, stats.dead_letters)
+    return stats
