@@ -1,0 +1,42 @@
+"""A deliberately naive reference book, for comparing what reached Kafka with the source."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+from pipeline.gemini.capture import received_frames
+
+Books = dict[str, dict[str, dict[Decimal, Decimal]]]  # symbol -> side -> price -> qty
+
+
+def apply(books: Books, symbol: str, side: str, price: str, quantity: str) -> None:
+    levels = books.setdefault(symbol, {"BID": {}, "ASK": {}})[side]
+    if Decimal(quantity) == 0:
+        levels.pop(Decimal(price), None)
+    else:
+        levels[Decimal(price)] = Decimal(quantity)
+
+
+def books_from_records(l2_records: list[dict]) -> Books:
+    """Apply L2Update records in order; a snapshot replaces the symbol's book."""
+    books: Books = {}
+    for record in l2_records:
+        if record["snapshot"]:
+            books[record["symbol"]] = {"BID": {}, "ASK": {}}
+        for change in record["changes"]:
+            apply(books, record["symbol"], change["side"], change["price"], change["quantity"])
+    return books
+
+
+def books_from_capture(path: Path) -> Books:
+    """Apply the capture's raw v2 frames directly."""
+    books: Books = {}
+    for frame in received_frames(path):
+        data = json.loads(frame.text)
+        if data["type"] != "l2_updates":
+            continue
+        for side, price, quantity in data["changes"]:
+            apply(books, data["symbol"], "BID" if side == "buy" else "ASK", price, quantity)
+    return books
