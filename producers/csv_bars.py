@@ -1,0 +1,393 @@
+"""Load historical OHLCV bars from a CSV file into the ``<namespace>.bars`` topic.
+
+Two layouts are read:
+
+* ``seed``: header ``Date,Symbol,Open,High,Low,Close,Volume``, dates like
+  ``2019-07-08 00:00:00`` in UTC, newest first (``../shared/data/BTCUSD_GEMINI_1h.csv``);
+* ``cryptodatadownload``: a banner line (``https://www.CryptoDataDownload.com``), then a
+  header like ``Unix Timestamp,Date,Symbol,Open,High,Low,Close,Volume BTC,Volume USD``.
+  Times come from the unix column (seconds or milliseconds, told apart per row by
+  magnitude), because its ``Date`` column has changed format over the years.
+
+Prices and volumes are published as the exact text in the file (only surrounding
+whitespace trimmed). A value that is not a plain decimal (``[-]digits[.digits]``, see
+schemas/README.md) rejects its row instead of being rewritten: rewriting would mean
+guessing what the file meant. Every rejected row is reported with its line number and a
+reason and never published; the rows around it still are.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Callable, Iterator
+
+from pipeline.catalog import Namespace, ensure_topics
+from pipeline.errors import PipelineError
+from pipeline.kafka import ReliableProducer
+from pipeline.registry import SchemaRegistry
+from pipeline.serde import Encoder
+
+INTERVALS_MS: dict[str, int] = {
+    "1m": 60_000, "5m": 300_000, "15m": 900_000,
+    "1h": 3_600_000, "4h": 14_400_000, "1d": 86_400_000,
+}
+SEED, CRYPTODATADOWNLOAD = "seed", "cryptodatadownload"
+SEED_HEADER = "Date,Symbol,Open,High,Low,Close,Volume"
+CDD_HEADER = "Unix Timestamp,Date,Symbol,Open,High,Low,Close,Volume <BASE>,Volume <QUOTE>"
+
+_PLAIN_DECIMAL = re.compile(r"^-?\d+(\.\d+)?$")
+_EXPONENT = re.compile(r"^-?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+_UNIX_COLUMNS = ("unix timestamp", "unix")
+_PRICES = ("open", "high", "low", "close")
+_FIELDS = _PRICES + ("volume",)
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MS = timedelta(milliseconds=1)
+# Unix times below 1e11 are seconds (1e11 s is the year 5138, 1e11 ms is 1973).
+_SECONDS_BELOW = 10**11
+_MILLIS_BELOW = 10**14
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """A row that was not loaded: its line in the file (1-based) and why."""
+
+    line: int
+    reason: str
+
+
+@dataclass
+class ParsedCsv:
+    """A parsed file: the valid bars in ascending ``start_ms`` order, and every rejected row."""
+
+    path: Path
+    format: str  # SEED or CRYPTODATADOWNLOAD
+    symbol: str
+    interval: str
+    rows: int  # data rows read (banner, header and blank lines not counted)
+    bars: list[dict] = field(default_factory=list)
+    problems: list[RowProblem] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What a load did; ``published`` counts records the brokers acknowledged."""
+
+    path: Path
+    topic: str
+    format: str
+    symbol: str
+    interval: str
+    rows_read: int
+    published: int
+    problems: tuple[RowProblem, ...]
+    first_start_ms: int | None
+    last_start_ms: int | None
+    parse_seconds: float
+    publish_seconds: float
+
+    @property
+    def skipped(self) -> int:
+        return len(self.problems)
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """Where each field sits in a row, and how to read its time."""
+
+    format: str
+    count: int
+    time: int
+    time_is_unix: bool
+    symbol: int
+    prices: tuple[int, int, int, int]
+    volumes: tuple[tuple[str, int], ...]  # (currency or "", index) of each volume column
+
+
+class _RowError(Exception):
+    """One row's first problem; becomes a :class:`RowProblem`."""
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_ohlcv_csv(path: str | Path, symbol: str | None = None,
+                    interval: str | None = None) -> ParsedCsv:
+    """Read and validate an OHLCV file; no Kafka involved.
+
+    ``symbol`` is the symbol every row must carry (default: the one most rows carry).
+    ``interval`` is the bar length (default: the most common gap between consecutive
+    valid rows); rows not aligned to it in UTC are rejected, so bars never overlap.
+    """
+    path = Path(path)
+    if interval is not None and interval not in INTERVALS_MS:
+        raise PipelineError(f"unknown interval {interval!r}: use one of {', '.join(INTERVALS_MS)}")
+    rows = _read_rows(path)
+    columns, data = _header(path, rows)
+    if not data:
+        raise PipelineError(f"{path}: no data rows after the header")
+    expected = _file_symbol(columns, data, symbol)
+    volume = _volume_column(path, columns, expected)
+
+    problems: list[RowProblem] = []
+    candidates: list[tuple[int, int, tuple[str, ...]]] = []  # (line, start_ms, ohlcv)
+    seen: dict[int, int] = {}  # start_ms -> line of the row kept
+    for line, cells in data:
+        try:
+            start_ms, ohlcv = _row(columns, cells, expected, volume)
+        except _RowError as exc:
+            problems.append(RowProblem(line, str(exc)))
+            continue
+        if start_ms in seen:
+            problems.append(RowProblem(line, f"duplicate timestamp {_utc(start_ms)}: "
+                                             f"line {seen[start_ms]} has the same time"))
+            continue
+        seen[start_ms] = line
+        candidates.append((line, start_ms, ohlcv))
+
+    name = interval or _infer_interval(path, candidates, problems)
+    step = INTERVALS_MS[name]
+    bars = []
+    for line, start_ms, (o, h, low, c, v) in sorted(candidates, key=lambda cand: cand[1]):
+        if start_ms % step:
+            problems.append(RowProblem(line, f"time {_utc(start_ms)} is not aligned to the "
+                                             f"{name} interval"))
+            continue
+        bars.append({"symbol": expected, "interval": name, "start_ms": start_ms,
+                     "end_ms": start_ms + step, "open": o, "high": h, "low": low, "close": c,
+                     "volume": v, "trade_count": None, "vwap": None, "buy_volume": None,
+                     "sell_volume": None, "filled": False, "source": path.name})
+    problems.sort(key=lambda p: p.line)
+    return ParsedCsv(path, columns.format, expected, name, len(data), bars, problems)
+
+
+def _read_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """Every non-blank row with the file line it ends on."""
+    if not path.exists():
+        raise PipelineError(f"{path}: no such file")
+    if not path.is_file():
+        raise PipelineError(f"{path}: not a file")
+    try:
+        # utf-8-sig: spreadsheet exports often start with a byte-order mark.
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path}: not a UTF-8 text file ({exc.reason} at byte "
+                            f"{exc.start})") from None
+    except csv.Error as exc:
+        raise PipelineError(f"{path}: not a readable CSV file ({exc})") from None
+    if not rows:
+        raise PipelineError(f"{path}: the file is empty")
+    return rows
+
+
+def _header(path: Path, rows: list[tuple[int, list[str]]]
+            ) -> tuple[_Columns, list[tuple[int, list[str]]]]:
+    """The column layout and the data rows; the first line may be a one-cell banner."""
+    columns = _columns(rows[0][1])
+    start = 1
+    if columns is None and len(rows) > 1 and sum(1 for c in rows[0][1] if c.strip()) == 1:
+        columns, start = _columns(rows[1][1], banner=True), 2
+    if columns is None:
+        line, cells = rows[start - 1]
+        raise PipelineError(
+            f"{path}: unknown header on line {line} ({','.join(cells)[:120]!r}): expected "
+            f"{SEED_HEADER!r} or a banner line then {CDD_HEADER!r}")
+    return columns, rows[start:]
+
+
+def _columns(cells: list[str], banner: bool = False) -> _Columns | None:
+    names = [c.strip().lower() for c in cells]
+    index = {name: i for i, name in enumerate(names)}
+    unix = next((index[n] for n in _UNIX_COLUMNS if n in index), None)
+    volumes = tuple((n[len("volume"):].strip().upper(), i) for i, n in enumerate(names)
+                    if n == "volume" or n.startswith("volume "))
+    needed = ("symbol",) + _PRICES + (() if unix is not None else ("date",))
+    if not volumes or any(n not in index for n in needed):
+        return None
+    fmt = CRYPTODATADOWNLOAD if banner or unix is not None else SEED
+    return _Columns(fmt, len(cells), unix if unix is not None else index["date"],
+                    unix is not None, index["symbol"],
+                    tuple(index[n] for n in _PRICES), volumes)  # type: ignore[arg-type]
+
+
+def _normal_symbol(text: str) -> str:
+    """Gemini writes symbols upper-case with no separator (``BTCUSD``), also in keys."""
+    return text.strip().upper().replace("/", "").replace("-", "")
+
+
+def _file_symbol(columns: _Columns, data: list[tuple[int, list[str]]],
+                 symbol: str | None) -> str:
+    if symbol:
+        return _normal_symbol(symbol)
+    counts = Counter(_normal_symbol(cells[columns.symbol]) for _, cells in data
+                     if len(cells) > columns.symbol)
+    return counts.most_common(1)[0][0] if counts else ""
+
+
+def _volume_column(path: Path, columns: _Columns, symbol: str) -> int:
+    """The base-currency volume: ``Volume BTC`` for BTCUSD, not ``Volume USD``."""
+    if len(columns.volumes) == 1:
+        return columns.volumes[0][1]
+    base = [i for cur, i in columns.volumes if cur and symbol.startswith(cur)]
+    if len(base) != 1:
+        not_quote = [i for cur, i in columns.volumes if cur and not symbol.endswith(cur)]
+        base = not_quote if len(not_quote) == 1 else []
+    if not base:
+        names = ", ".join(f"Volume {cur}".strip() for cur, _ in columns.volumes)
+        raise PipelineError(f"{path}: cannot tell which of {names} is the base-currency "
+                            f"volume of {symbol or 'the symbol'}")
+    return base[0]
+
+
+def _row(columns: _Columns, cells: list[str], symbol: str,
+         volume: int) -> tuple[int, tuple[str, ...]]:
+    """(start_ms, (open, high, low, close, volume)) of a valid row, else :class:`_RowError`."""
+    if len(cells) != columns.count:
+        raise _RowError(f"expected {columns.count} fields, got {len(cells)}")
+    start_ms = (_unix_ms(cells[columns.time]) if columns.time_is_unix
+                else _date_ms(cells[columns.time]))
+    row_symbol = _normal_symbol(cells[columns.symbol])
+    if row_symbol != symbol:
+        raise _RowError(f"symbol {row_symbol!r} is not the file's symbol {symbol!r}")
+    texts = tuple(cells[i].strip() for i in columns.prices + (volume,))
+    o, h, low, c, v = (_decimal(name, text) for name, text in zip(_FIELDS, texts))
+    for name, text, value in zip(_FIELDS, texts, (o, h, low, c)):
+        if value <= 0:
+            raise _RowError(f"{name} {text} is not positive")
+    if v < 0:
+        raise _RowError(f"volume {texts[4]} is negative")
+    if h < low:
+        raise _RowError(f"high {texts[1]} is below low {texts[2]}")
+    for name, text, value in (("open", texts[0], o), ("close", texts[3], c)):
+        if not low <= value <= h:
+            raise _RowError(f"{name} {text} is outside [low {texts[2]}, high {texts[1]}]")
+    return start_ms, texts
+
+
+def _decimal(name: str, text: str) -> Decimal:
+    """The value of a plain decimal string; the string itself is what gets published."""
+    if _PLAIN_DECIMAL.match(text):
+        return Decimal(text)
+    if "," in text:
+        raise _RowError(f"{name} {text!r} has a thousands separator")
+    if _EXPONENT.match(text):
+        raise _RowError(f"{name} {text!r} has an exponent")
+    raise _RowError(f"{name} {text!r} is not a decimal number")
+
+
+def _unix_ms(text: str) -> int:
+    text = text.strip()
+    if not text.isdigit():
+        raise _RowError(f"unix timestamp {text!r} is not an integer")
+    value = int(text)
+    if value < _SECONDS_BELOW:
+        return value * 1000
+    if value < _MILLIS_BELOW:
+        return value
+    raise _RowError(f"unix timestamp {text} is neither seconds nor milliseconds")
+
+
+def _date_ms(text: str) -> int:
+    """Epoch ms of an ISO date-time; one without a UTC offset is taken as UTC."""
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise _RowError(f"date {text.strip()!r} is not a date-time like "
+                        "2019-07-08 00:00:00") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return (when - _EPOCH) // _MS
+
+
+def _infer_interval(path: Path, candidates: list[tuple[int, int, tuple[str, ...]]],
+                    problems: list[RowProblem]) -> str:
+    """The most common gap between consecutive valid rows, which must be a known interval."""
+    starts = sorted(start for _, start, _ in candidates)
+    gaps = Counter(b - a for a, b in zip(starts, starts[1:]))
+    if not gaps:
+        why = (f"; {len(problems)} row(s) rejected, first: line {problems[0].line}: "
+               f"{problems[0].reason}") if problems else ""
+        raise PipelineError(f"{path}: fewer than two valid rows, cannot infer the bar interval "
+                            f"(give it explicitly){why}")
+    gap = gaps.most_common(1)[0][0]
+    for name, ms in INTERVALS_MS.items():
+        if ms == gap:
+            return name
+    raise PipelineError(f"{path}: rows are mostly {gap / 1000:g} s apart, which is not one of "
+                        f"{', '.join(INTERVALS_MS)}; give the interval explicitly")
+
+
+def _utc(ms: int) -> str:
+    return (_EPOCH + ms * _MS).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+# --------------------------------------------------------------------------- publishing
+
+
+def load_csv_bars(path: str | Path, bootstrap: str, registry_url: str, namespace: Namespace,
+                  interval: str | None = None, progress: bool | None = None,
+                  symbol: str | None = None) -> LoadReport:
+    """Parse ``path`` and publish its valid bars to ``<namespace>.bars``, oldest first.
+
+    Records are keyed by symbol (so one symbol's bars stay ordered in one partition),
+    carry ``start_ms`` as their Kafka timestamp, and are flushed before returning: any
+    record the brokers did not acknowledge raises :class:`~pipeline.errors.DeliveryFailed`.
+    Loading the same file twice publishes its bars twice.
+    """
+    began = time.monotonic()
+    parsed = parse_ohlcv_csv(path, symbol=symbol, interval=interval)
+    parsed_at = time.monotonic()
+
+    ensure_topics(bootstrap, namespace, ["bars"])
+    topic = namespace.topic("bars")
+    encode = Encoder(SchemaRegistry(registry_url), topic)
+    producer = ReliableProducer(bootstrap)
+    with _progress(bool(progress), len(parsed.bars), f"{parsed.path.name} → {topic}") as advance:
+        for i, bar in enumerate(parsed.bars, 1):
+            producer.produce(topic, encode(bar), key=bar["symbol"], timestamp=bar["start_ms"])
+            if i % 1000 == 0:
+                producer.poll(0)
+                advance(1000)
+        producer.flush()
+        advance(len(parsed.bars) % 1000)
+
+    bars = parsed.bars
+    return LoadReport(
+        path=parsed.path, topic=topic, format=parsed.format, symbol=parsed.symbol,
+        interval=parsed.interval, rows_read=parsed.rows, published=producer.tracker.delivered,
+        problems=tuple(parsed.problems),
+        first_start_ms=bars[0]["start_ms"] if bars else None,
+        last_start_ms=bars[-1]["start_ms"] if bars else None,
+        parse_seconds=parsed_at - began, publish_seconds=time.monotonic() - parsed_at)
+
+
+@contextmanager
+def _progress(show: bool, total: int, description: str) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar (count, bars/s, ETA) on stderr when ``show``; else a no-op."""
+    if not show:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeRemainingColumn)
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                  console=Console(stderr=True)) as bar:
+        task = bar.add_task(description, total=total, rate="")
+
+        def advance(n: int) -> None:
+            bar.advance(task, n)
+            speed = bar.tasks[0].speed
+            bar.update(task, rate=f"{speed:,.0f} bars/s" if speed else "")
+
+        yield advance
