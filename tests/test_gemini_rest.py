@@ -88,14 +88,22 @@ class Venue:
     def _run(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(10)
 
-    def move_book(self, symbol: str, side: str, levels: list[tuple[str, str]]) -> list:
-        """Replace one side of the book and tell the exchange, on the server's loop."""
+    def on_loop(self, function, *args):
+        """Run ``function`` on the server's loop, so it never races a request."""
 
-        async def move():
-            self.book.books[symbol][side] = levels
+        async def call():
+            return function(*args)
+
+        return self._run(call())
+
+    def move_book(self, symbol: str, side: str, levels: list[tuple[str, str]]) -> list:
+        """Replace one side of the book and tell the exchange, as a market feed would."""
+
+        def move():
+            self.book.books.setdefault(symbol, {})[side] = levels
             return self.exchange.on_book_update(symbol)
 
-        return self._run(move())
+        return self.on_loop(move)
 
     def close(self) -> None:
         self._run(self.runner.cleanup())
@@ -596,3 +604,18 @@ def test_two_processes_sharing_the_file_never_reuse_a_nonce(tmp_path, frozen) ->
         assert every == list(range(1, 2 * count + 1))
     assert int(Path(path).read_text()) == every[-1]
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_symbols_that_appear_later_get_starting_balances(venue, client) -> None:
+    assert "ETH" in balances(client) and "SOL" not in balances(client)
+    venue.move_book("SOLUSD", "ask", [("31", "5")])
+    assert balances(client)["SOL"] == (D(10), D(10))
+    assert balances(client)["USD"] == (D(1_000_000), D(1_000_000))
+
+
+def test_configured_starting_balances() -> None:
+    exchange = Exchange(starting_book(), initial_balances={"usd": D(100)})
+    assert [(b.currency, b.amount) for b in exchange.balances(KEY)] == [("USD", D(100))]
+    with pytest.raises(ExchangeError) as refused:
+        exchange.new_order(KEY, "BTCUSD", "1", "30000", "buy")
+    assert refused.value.reason == "InsufficientFunds"

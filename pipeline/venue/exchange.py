@@ -173,21 +173,24 @@ class Exchange:
     # -- accounts --------------------------------------------------------------------
 
     def _account(self, api_key: str) -> dict[str, Decimal]:
+        """The key's balances, opened on first use with the starting balances.
+
+        With the default balances, a currency of a symbol that appears later (the book
+        fills up after the account was opened) is added then: it was never touched.
+        """
         account = self._balances.get(api_key)
         if account is None:
-            account = self._balances[api_key] = self._starting_balances()
+            account = self._balances[api_key] = {}
+            if self.initial_balances is not None:
+                account.update((c.upper(), Decimal(v)) for c, v in self.initial_balances.items())
+        if self.initial_balances is None:
+            account.setdefault("USD", DEFAULT_FIAT)
+            for symbol in self.book.symbols():
+                for currency in split_symbol(symbol):
+                    if currency not in account:
+                        fiat = currency in LONG_QUOTES
+                        account[currency] = DEFAULT_FIAT if fiat else DEFAULT_COIN
         return account
-
-    def _starting_balances(self) -> dict[str, Decimal]:
-        if self.initial_balances is not None:
-            return {c.upper(): Decimal(v) for c, v in self.initial_balances.items()}
-        balances = {"USD": DEFAULT_FIAT}
-        for symbol in self.book.symbols():
-            for currency in split_symbol(symbol):
-                if currency not in balances:
-                    fiat = currency in LONG_QUOTES
-                    balances[currency] = DEFAULT_FIAT if fiat else DEFAULT_COIN
-        return balances
 
     def _held(self, api_key: str, currency: str) -> Decimal:
         held = ZERO
