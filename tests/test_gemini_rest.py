@@ -507,7 +507,7 @@ def test_symbol_currencies() -> None:
     assert split_symbol("GUSDUSD") == ("GUSD", "USD")
 
 
-def test_cross_pair_uses_the_base_currency_as_quote(client) -> None:
+def test_cross_pair_is_paid_in_its_quote_currency(client) -> None:
     order = client.new_order("ethbtc", "2", "0.056", "buy")
     assert order["executed_amount"] == "2"
     assert balances(client)["ETH"][0] == D(12)
