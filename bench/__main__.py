@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from bench import serde
+from bench import ingest, serde
 from bench.figures import report
 from pipeline.broker import LocalBroker
 from pipeline.config import REPO_ROOT
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         registry_url = os.environ.get("SCHEMA_REGISTRY_URL") or \
             registry.start(bootstrap, port=0, quiet=False).url
         figures = serde.run(registry_url, args.events)
+        figures += ingest.run(bootstrap, registry_url, args.events)
         path = report(figures, RUN_DIR / "results")
         print(f"figures written to {path}")
         return 0

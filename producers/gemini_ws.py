@@ -103,7 +103,8 @@ class IngestSink:
             self.producer.produce(self.topics[record.topic], self.encode[record.topic](record.value),
                                   record.key, timestamp=received_us // 1000)
         self.stats.records += len(records)
-        self.producer.poll(0)
+        if self.stats.frames % 256 == 0:
+            self.producer.poll(0)  # serve delivery reports; per frame would cost ~3 us
 
     def _raw(self, text: str, received_us: int, conn: str, url: str, index: int, key: str) -> None:
         self.producer.produce(self.topics["raw.frames"], self.encode["raw.frames"]({
