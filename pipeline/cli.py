@@ -282,6 +282,40 @@ def produce_gemini(
                   f"{stats.dead_letters} dead letters, {stats.reconnects} reconnects")
 
 
+load_app = typer.Typer(no_args_is_help=True, help="Load historical data into Kafka.")
+app.add_typer(load_app, name="load")
+
+
+@load_app.command("csv")
+def load_csv(
+    file: Path = typer.Argument(..., help="OHLCV CSV: Date,Symbol,Open,High,Low,Close,Volume "
+                                          "or CryptoDataDownload's format."),
+    run_dir: Optional[Path] = RunDirOption,
+    namespace: str = typer.Option("sim", "--namespace", "-n",
+                                  help="Topic namespace (sim or replay-x; never live)."),
+    interval: Optional[str] = typer.Option(None, help="Bar interval (default: inferred)."),
+    symbol: Optional[str] = typer.Option(None, help="Expected symbol (default: the file's)."),
+) -> None:
+    """Publish a historical OHLCV file as bars, in time order, onto <namespace>.bars."""
+    from pipeline.broker import bootstrap_servers
+    from pipeline.catalog import Namespace
+    from pipeline.registry_server import registry_url
+    from producers.csv_bars import load_csv_bars
+
+    ns = Namespace(namespace)
+    if ns.is_live:
+        raise PipelineError("historical bars are not live data: load them into a sim or "
+                            "replay namespace (e.g. -n sim)")
+    settings = _settings(run_dir)
+    report = load_csv_bars(file, bootstrap_servers(settings), registry_url(settings), ns,
+                           interval=interval, progress=True, symbol=symbol)
+    for problem in report.problems:
+        console.print(f"[yellow]skipped[/] line {problem.line}: {problem.reason}", highlight=False)
+    console.print(f"{report.published} {report.interval} {report.symbol} bars published to "
+                  f"{report.topic} ({report.rows_read} rows read, {report.skipped} skipped) in "
+                  f"{report.parse_seconds + report.publish_seconds:.1f}s")
+
+
 @app.command("venue")
 def venue(
     port: int = typer.Option(8090, help="Port on 127.0.0.1 (0 picks a free one)."),

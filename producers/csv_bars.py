@@ -258,8 +258,9 @@ def _row(columns: _Columns, cells: list[str], symbol: str,
     row_symbol = _normal_symbol(cells[columns.symbol])
     if row_symbol != symbol:
         raise _RowError(f"symbol {row_symbol!r} is not the file's symbol {symbol!r}")
-    texts = tuple(cells[i].strip() for i in columns.prices + (volume,))
-    o, h, low, c, v = (_decimal(name, text) for name, text in zip(_FIELDS, texts))
+    raw = tuple(cells[i].strip() for i in columns.prices + (volume,))
+    texts = tuple(_plain(name, text) for name, text in zip(_FIELDS, raw))
+    o, h, low, c, v = (Decimal(text) for text in texts)
     for name, text, value in zip(_FIELDS, texts, (o, h, low, c)):
         if value <= 0:
             raise _RowError(f"{name} {text} is not positive")
@@ -273,14 +274,16 @@ def _row(columns: _Columns, cells: list[str], symbol: str,
     return start_ms, texts
 
 
-def _decimal(name: str, text: str) -> Decimal:
-    """The value of a plain decimal string; the string itself is what gets published."""
+def _plain(name: str, text: str) -> str:
+    """The value as a plain decimal string: unchanged when it is one already; exponent
+    notation (``8e-05``, as some exports write tiny volumes) rewritten exactly through
+    ``Decimal`` (``0.00008``), never through a float."""
     if _PLAIN_DECIMAL.match(text):
-        return Decimal(text)
+        return text
     if "," in text:
         raise _RowError(f"{name} {text!r} has a thousands separator")
     if _EXPONENT.match(text):
-        raise _RowError(f"{name} {text!r} has an exponent")
+        return format(Decimal(text), "f")
     raise _RowError(f"{name} {text!r} is not a decimal number")
 
 

@@ -19,10 +19,10 @@ from producers.csv_bars import (CRYPTODATADOWNLOAD, INTERVALS_MS, SEED, RowProbl
 
 REAL = "BTCUSD_GEMINI_1h.csv"
 REAL_ROWS = 32_842
-# The real file writes two tiny volumes in exponent notation; the loader rejects such
-# values instead of rewriting them (schemas/README.md: plain decimals only).
-REAL_PROBLEMS = [RowProblem(31078, "volume '8e-05' has an exponent"),
-                 RowProblem(31151, "volume '6.539e-05' has an exponent")]
+# The real file writes two tiny volumes in exponent notation; they load as the exact plain
+# decimal (through Decimal, never a float), so every one of its hours is published.
+EXPONENT_ROWS = {"2015-12-21 04:00": ("8e-05", "0.00008"),
+                 "2015-12-18 03:00": ("6.539e-05", "0.00006539")}
 HOUR = 3_600_000
 
 
@@ -69,14 +69,15 @@ def file_rows(path: Path) -> dict[int, list[str]]:
 
 
 def check_real_bars(bars: list[dict], path: Path) -> None:
-    assert len(bars) == REAL_ROWS - len(REAL_PROBLEMS)
+    assert len(bars) == REAL_ROWS
     starts = [bar["start_ms"] for bar in bars]
     assert starts == sorted(starts) and len(set(starts)) == len(starts)
     assert starts[0] == ms("2015-10-08 15:00") and starts[-1] == ms("2019-07-08 00:00")
-    # no hour missing except the two rejected ones (2015-12-18 03:00 and 2015-12-21 04:00)
-    assert set(range(starts[0], starts[-1] + HOUR, HOUR)) - set(starts) == {
-        ms("2015-12-18 03:00"), ms("2015-12-21 04:00")}
+    assert set(range(starts[0], starts[-1] + HOUR, HOUR)) == set(starts), "no hour missing"
     rows = file_rows(path)
+    for when, (written, plain) in EXPONENT_ROWS.items():
+        assert rows[ms(when)][4] == written
+        rows[ms(when)][4] = plain
     for bar in bars:
         assert bar["interval"] == "1h" and bar["end_ms"] == bar["start_ms"] + HOUR
         assert [bar[k] for k in ("open", "high", "low", "close", "volume")] == rows[bar["start_ms"]]
@@ -100,7 +101,7 @@ def test_the_real_file_parses_to_every_hour_with_exact_strings(shared_data):
     parsed = parse_ohlcv_csv(shared_data / REAL)
     assert (parsed.format, parsed.symbol, parsed.interval, parsed.rows) == (SEED, "BTCUSD", "1h",
                                                                             REAL_ROWS)
-    assert parsed.problems == REAL_PROBLEMS
+    assert parsed.problems == []
     check_real_bars(parsed.bars, shared_data / REAL)
 
 
@@ -109,8 +110,8 @@ def test_the_real_file_loads_into_the_bars_topic_in_time_order(shared_data, kafk
                                                                namespace):
     report = load_csv_bars(shared_data / REAL, kafka, registry.url, namespace)
     topic = namespace.topic("bars")
-    assert (report.topic, report.rows_read, report.published) == (topic, REAL_ROWS, REAL_ROWS - 2)
-    assert list(report.problems) == REAL_PROBLEMS and report.skipped == 2
+    assert (report.topic, report.rows_read, report.published) == (topic, REAL_ROWS, REAL_ROWS)
+    assert list(report.problems) == [] and report.skipped == 0
     assert (report.first_start_ms, report.last_start_ms) == (ms("2015-10-08 15:00"),
                                                              ms("2019-07-08 00:00"))
 
@@ -224,7 +225,6 @@ BAD_PROBLEMS = [
     RowProblem(9, "high 'abc' is not a decimal number"),
     RowProblem(11, "duplicate timestamp 2019-07-08 05:00:00 UTC: line 10 has the same time"),
     RowProblem(12, "symbol 'ETHUSD' is not the file's symbol 'BTCUSD'"),
-    RowProblem(14, "open '1e2' has an exponent"),
     RowProblem(15, "open '1,000.5' has a thousands separator"),
     RowProblem(16, "date 'yesterday' is not a date-time like 2019-07-08 00:00:00"),
     RowProblem(18, "close 98 is outside [low 99, high 101]"),
@@ -233,6 +233,7 @@ BAD_PROBLEMS = [
 BAD_GOOD = [  # (start, open, high, low, close, volume) of the rows that must load, in time order
     ("2019-07-07 20:00", "100", "101", "99", "100", "7"),
     ("2019-07-07 23:00", "100.50", "101.00", "99", "100.25", "0.001"),
+    ("2019-07-08 02:00", "100", "101", "99", "100", "1"),  # open written 1e2
     ("2019-07-08 03:00", "100", "101", "99", "100", "0"),
     ("2019-07-08 05:00", "100", "101", "99", "100", "2"),
     ("2019-07-08 11:00", "100.5", "101", "99", "100", "1.5"),
@@ -263,7 +264,7 @@ def test_an_expected_symbol_rejects_every_other(tmp_path):
 def test_bad_rows_are_never_published(tmp_path, kafka, registry, namespace):
     report = load_csv_bars(write(tmp_path / "bad.csv", BAD), kafka, registry.url, namespace,
                            progress=True)
-    assert (report.rows_read, report.published, report.skipped) == (19, 7, 12)
+    assert (report.rows_read, report.published, report.skipped) == (19, 8, 11)
     assert list(report.problems) == BAD_PROBLEMS
     records = consume(kafka, namespace.topic("bars"), expect=7, timeout=30)
     decode = Decoder(SchemaRegistry(registry.url))
