@@ -298,3 +298,34 @@ def test_a_malformed_frame_is_dead_lettered_and_the_producer_goes_on(kafka, regi
     assert letter.value == MALFORMED.encode()
     assert letter.stage == STAGE_INGEST and "not JSON" in letter.error_message
     assert letter.source_topic.endswith("/v2/marketdata")
+
+
+# --------------------------------------------------------------------------- one venue, both sides
+
+
+def test_the_running_venue_fills_signed_orders_against_the_market_it_streams(tmp_path):
+    from decimal import Decimal
+
+    from pipeline.gemini.rest import GeminiApiError, GeminiRestClient, NonceSource
+
+    venue = RunningVenue(VenueConfig(symbols=["BTCUSD"], rate=500, start_on_subscribe=False,
+                                     api_keys={"key-1": "secret-1"}))
+    try:
+        wait_for(lambda: "BTCUSD" in status(venue)["symbols"], 10, "the generated book")
+        best_ask = venue.venue.market.levels("BTCUSD", "ask")[0][0]
+        client = GeminiRestClient(venue.http_url, "key-1", "secret-1",
+                                  NonceSource(tmp_path / "nonce"))
+        order = client.new_order("BTCUSD", "0.001", str(best_ask + 50), "buy",
+                                 client_order_id="c-1", options=["immediate-or-cancel"])
+        assert order["client_order_id"] == "c-1" and Decimal(order["executed_amount"]) == \
+            Decimal("0.001")
+        assert Decimal(order["avg_execution_price"]) <= best_ask + 50
+        forged = GeminiRestClient(venue.http_url, "key-1", "not-the-secret",
+                                  NonceSource(tmp_path / "nonce2"))
+        with pytest.raises(GeminiApiError) as refused:
+            forged.new_order("BTCUSD", "0.001", str(best_ask), "buy", client_order_id="c-2")
+        assert refused.value.reason == "InvalidSignature"
+        outcomes = [(entry["client_order_id"], entry["outcome"]) for entry in venue.venue.rest_log]
+        assert outcomes == [("c-1", "accepted"), ("c-2", "InvalidSignature")]
+    finally:
+        venue.stop()
