@@ -45,7 +45,9 @@ def frames(events: int, seed: int = 11) -> list[str]:
 
 
 def run(bootstrap: str, registry_url: str, events: int) -> list[Figure]:
+    start = time.perf_counter()
     texts = frames(events)
+    generate_rate = len(texts) / (time.perf_counter() - start)
     namespace = Namespace(f"sim-bench{int(time.time())}")
     ensure_topics(bootstrap, namespace, ["raw.frames", "md.l2", "md.trades", "dlq"])
     serde = Serde(SchemaRegistry(registry_url))
@@ -80,6 +82,8 @@ def run(bootstrap: str, registry_url: str, events: int) -> list[Figure]:
     changes = sum(t.count('["') for t in texts if '"l2_updates"' in t)
     frame_rate = len(texts) / ours
     return [
+        Figure("venue generator frames (generate + render v2)", generate_rate, "frames/s",
+               len(texts), "json.loads of the same frames", loads_rate, ">= 100,000 frames/s"),
         Figure("ingest frames (parse+normalize+encode+produce, 1 core)", frame_rate, "frames/s",
                len(texts), "json.loads of the same frames", loads_rate, ">= 50,000 frames/s"),
         Figure("ingest changes (same run)", changes / ours, "changes/s", changes,
