@@ -26,6 +26,7 @@ def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
         "acks": "all",
         "linger.ms": 5,
         "compression.type": "lz4",
+        "queue.buffering.max.messages": 1_000_000,  # headroom for market-data bursts
         "logger": _client_log,
     }
     config.update(overrides)

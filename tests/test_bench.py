@@ -25,5 +25,9 @@ def test_the_bench_harness_runs_and_writes_its_figures(kafka, registry):
     assert data["machine"]["cores"] >= 1 and data["machine"]["kafka"].startswith("4.")
     names = {f["name"] for f in data["figures"]}
     assert {"serde encode L2Update", "serde decode L2Update"} <= names
+    assert {"ingest frames (parse+normalize+encode+produce, 1 core)",
+            "venue generator frames (generate + render v2)"} <= names
     for figure in data["figures"]:
-        assert figure["events"] == 300 and figure["value"] > 0 and figure["baseline_value"] > 0
+        assert figure["value"] > 0 and figure["baseline_value"] > 0 and figure["unit"]
+        # figures count frames or records (300 asked for), or the changes inside them
+        assert figure["events"] == 300 or figure["unit"] in ("changes/s", "records/s")
