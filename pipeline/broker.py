@@ -9,19 +9,18 @@ pipeline where the broker listens. With ``KAFKA_BOOTSTRAP_SERVERS`` set none of 
 from __future__ import annotations
 
 import base64
-import json
 import os
 import re
 import subprocess
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import REPO_ROOT, Settings, ensure_writable_dir
 from pipeline.errors import PipelineError
-from pipeline.services import (answers, find_java, free_port, log_tail, maven_artifacts,
-                               require_free_port, require_tool, runs_command, spawn, terminate)
+from pipeline.services import (DetachedService, answers, find_java, free_port, maven_artifacts,
+                               pom_property, require_free_port, require_tool, spawn)
 
 POM = REPO_ROOT / "docker" / "kafka" / "pom.xml"
 SERVER_TEMPLATE = REPO_ROOT / "docker" / "kafka" / "server.properties"
@@ -58,10 +57,7 @@ class BrokerState:
 
 
 def kafka_version() -> str:
-    match = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", POM.read_text())
-    if not match:
-        raise PipelineError(f"{POM} does not declare <kafka.version>")
-    return match.group(1)
+    return pom_property(POM, "kafka.version")
 
 
 def kafka_libs(quiet: bool = True) -> Path:
@@ -85,8 +81,10 @@ def java_command(libs: Path, main: str, *args: str, heap: str = "-Xmx256m",
 # --------------------------------------------------------------------------- broker
 
 
-class LocalBroker:
+class LocalBroker(DetachedService[BrokerState]):
     """One Kafka node (broker + controller) whose files all live in ``<run_dir>/kafka``."""
+
+    what = "Kafka broker"
 
     def __init__(self, run_dir: Path, host: str = "127.0.0.1") -> None:
         self.host = host
@@ -96,24 +94,12 @@ class LocalBroker:
         self.config_file = self.home / "server.properties"
         self.log_config = self.home / "log4j2.properties"
         self.tools_log_config = self.home / "log4j2-tools.properties"
-        self.state_file = self.home / "broker.json"
+        super().__init__(BrokerState, self.home / "broker.json", self.log_dir / "server.log",
+                         ("kafka.Kafka", str(self.config_file)))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "LocalBroker":
         return cls(settings.run_dir)
-
-    # -- state
-
-    def state(self) -> BrokerState | None:
-        """The recorded state if its process is still our broker, else None."""
-        try:
-            state = BrokerState(**json.loads(self.state_file.read_text()))
-        except (OSError, ValueError, TypeError):
-            return None
-        return state if self._is_our_process(state.pid) else None
-
-    def _is_our_process(self, pid: int) -> bool:
-        return runs_command(pid, "kafka.Kafka", str(self.config_file))
 
     def is_ready(self, timeout: float = 3.0) -> bool:
         state = self.state()
@@ -181,38 +167,9 @@ class LocalBroker:
         state = BrokerState(pid=proc.pid, bootstrap_servers=bootstrap, port=port,
                             controller_port=controller_port, kafka_version=kafka_version(),
                             started_at=time.time())
-        self.state_file.write_text(json.dumps(asdict(state), indent=2))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                self.state_file.unlink(missing_ok=True)
-                raise PipelineError(
-                    f"the Kafka broker exited with code {proc.returncode} while starting: "
-                    f"{self._log_tail()} (full log: {self.log_dir / 'server.log'})"
-                )
-            if answers(self.host, port) and broker_answers(bootstrap, timeout=2.0):
-                return state
-            time.sleep(0.25)
-        self.stop()
-        raise PipelineError(
-            f"the Kafka broker did not answer on {bootstrap} within {timeout:.0f}s and was "
-            f"stopped: {self._log_tail()} (full log: {self.log_dir / 'server.log'})"
-        )
-
-    def _log_tail(self) -> str:
-        return log_tail(self.log_dir / "server.log", self.log_dir / "stdout.log")
-
-    # -- stop
-
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> bool:
-        """Stop the broker gracefully (SIGTERM, then SIGKILL). True if one was running."""
-        state = self.state()
-        if state is None:
-            self.state_file.unlink(missing_ok=True)
-            return False
-        terminate(state.pid, timeout)
-        self.state_file.unlink(missing_ok=True)
-        return True
+        return self.await_ready(
+            proc, state, lambda: answers(self.host, port) and broker_answers(bootstrap, 2.0),
+            timeout, bootstrap)
 
     # -- tools
 

@@ -10,19 +10,17 @@ JAVA_HOME, PATH and /usr/lib/jvm. The pipeline talks to it only through the Conf
 
 from __future__ import annotations
 
-import json
-import re
 import tarfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
 from pipeline.config import REPO_ROOT, Settings, ensure_writable_dir
 from pipeline.errors import PipelineError
-from pipeline.services import (find_java, free_port, log_tail, maven_artifacts, require_free_port,
-                               runs_command, spawn, terminate)
+from pipeline.services import (DetachedService, find_java, free_port, maven_artifacts,
+                               pom_property, require_free_port, spawn)
 
 POM = REPO_ROOT / "docker" / "registry" / "pom.xml"
 DEFAULT_PORT = 8081
@@ -48,10 +46,7 @@ class RegistryState:
 
 
 def apicurio_version() -> str:
-    match = re.search(r"<apicurio\.version>([^<]+)</apicurio\.version>", POM.read_text())
-    if not match:
-        raise PipelineError(f"{POM} does not declare <apicurio.version>")
-    return match.group(1)
+    return pom_property(POM, "apicurio.version")
 
 
 def apicurio_dist(quiet: bool = True) -> Path:
@@ -78,25 +73,20 @@ def ccompat_answers(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
-class LocalRegistry:
+class LocalRegistry(DetachedService[RegistryState]):
     """One Apicurio Registry process whose files live in ``<run_dir>/registry``."""
+
+    what = "schema registry"
 
     def __init__(self, run_dir: Path, host: str = "127.0.0.1") -> None:
         self.host = host
         self.home = Path(run_dir) / "registry"
-        self.log_file = self.home / "registry.log"
-        self.state_file = self.home / "registry.json"
+        super().__init__(RegistryState, self.home / "registry.json", self.home / "registry.log",
+                         ("quarkus-run.jar", self._marker()))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "LocalRegistry":
         return cls(settings.run_dir)
-
-    def state(self) -> RegistryState | None:
-        try:
-            state = RegistryState(**json.loads(self.state_file.read_text()))
-        except (OSError, ValueError, TypeError):
-            return None
-        return state if runs_command(state.pid, "quarkus-run.jar", self._marker()) else None
 
     def _marker(self) -> str:
         return f"-Dpipeline.registry.home={self.home}"
@@ -146,29 +136,7 @@ class LocalRegistry:
         state = RegistryState(pid=proc.pid, url=url, port=port, management_port=management_port,
                               bootstrap_servers=bootstrap, version=apicurio_version(),
                               started_at=time.time())
-        self.state_file.write_text(json.dumps(asdict(state), indent=2))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                self.state_file.unlink(missing_ok=True)
-                raise PipelineError(f"the schema registry exited with code {proc.returncode} "
-                                    f"while starting: {log_tail(self.log_file)} "
-                                    f"(full log: {self.log_file})")
-            if ccompat_answers(url, timeout=2):
-                return state
-            time.sleep(0.5)
-        self.stop()
-        raise PipelineError(f"the schema registry did not answer at {url} within {timeout:.0f}s "
-                            f"and was stopped: {log_tail(self.log_file)} (log: {self.log_file})")
-
-    def stop(self, timeout: float = 30.0) -> bool:
-        state = self.state()
-        if state is None:
-            self.state_file.unlink(missing_ok=True)
-            return False
-        terminate(state.pid, timeout)
-        self.state_file.unlink(missing_ok=True)
-        return True
+        return self.await_ready(proc, state, lambda: ccompat_answers(url, timeout=2), timeout, url)
 
 
 def registry_url(settings: Settings) -> str:

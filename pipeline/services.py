@@ -4,6 +4,7 @@ starting a detached process, recognising it later by its command line, stopping 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -11,9 +12,13 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import Callable, Generic, TypeVar
 
 from pipeline.errors import PipelineError
+
+State = TypeVar("State")
 
 JVM_ROOTS = (Path("/usr/lib/jvm"), Path("/opt/java"), Path("/usr/local/lib/jvm"))
 
@@ -64,6 +69,14 @@ def find_java(min_major: int, purpose: str) -> str:
 
 
 # --------------------------------------------------------------------------- Maven
+
+
+def pom_property(pom: Path, name: str) -> str:
+    """A ``<properties>`` value of one of our poms, e.g. the Kafka version it fetches."""
+    match = re.search(rf"<{re.escape(name)}>([^<]+)</{re.escape(name)}>", pom.read_text())
+    if not match:
+        raise PipelineError(f"{pom} does not declare <{name}>")
+    return match.group(1)
 
 
 def maven_artifacts(pom: Path, purpose: str, quiet: bool = True) -> Path:
@@ -192,3 +205,56 @@ def log_tail(*paths: Path, lines: int = 3) -> str:
             errors = [line for line in text if "ERROR" in line or "Exception" in line]
             return " | ".join((errors or text)[-lines:])[-600:]
     return "no log written"
+
+
+# --------------------------------------------------------------------------- detached services
+
+
+class DetachedService(Generic[State]):
+    """A service started detached and found again later through its state file.
+
+    The state (a dataclass with a ``pid``) is trusted only while that pid still runs a
+    command line holding ``markers``, so a stale file or a recycled pid is never taken
+    for a running service.
+    """
+
+    what = "service"
+
+    def __init__(self, state_type: type[State], state_file: Path, log_file: Path,
+                 markers: tuple[str, ...]) -> None:
+        self._state_type, self.state_file = state_type, state_file
+        self.log_file, self._markers = log_file, markers
+
+    def state(self) -> State | None:
+        try:
+            state = self._state_type(**json.loads(self.state_file.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        return state if runs_command(state.pid, *self._markers) else None  # type: ignore[attr-defined]
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop it gracefully (SIGTERM, then SIGKILL). True if one was running."""
+        state = self.state()
+        self.state_file.unlink(missing_ok=True)
+        if state is None:
+            return False
+        terminate(state.pid, timeout)  # type: ignore[attr-defined]
+        return True
+
+    def await_ready(self, proc: subprocess.Popen, state: State, ready: Callable[[], bool],
+                    timeout: float, where: str) -> State:
+        """Record ``state`` and wait until ``ready()``; on failure stop it and say why."""
+        self.state_file.write_text(json.dumps(asdict(state), indent=2))  # type: ignore[arg-type]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self.state_file.unlink(missing_ok=True)
+                raise PipelineError(f"the {self.what} exited with code {proc.returncode} while "
+                                    f"starting: {log_tail(self.log_file)} "
+                                    f"(full log: {self.log_file})")
+            if ready():
+                return state
+            time.sleep(0.25)
+        self.stop()
+        raise PipelineError(f"the {self.what} did not answer at {where} within {timeout:.0f}s "
+                            f"and was stopped: {log_tail(self.log_file)} (log: {self.log_file})")

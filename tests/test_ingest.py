@@ -26,22 +26,13 @@ from pipeline.serde import Decoder
 from pipeline.venue.market import Market, generated_events, render_v2
 from pipeline.venue.server import MALFORMED, RunningVenue, VenueConfig
 from tests.support.books import books_from_capture, books_from_records
+from tests.support.waiting import wait_for
 from tests.support.kafka_io import read_all
 
 CAPTURE = "gemini_v2_l2_capture_2021-06-24.txt"
 CAPTURE_SYMBOLS = ["BTCGBP", "LINKETH", "FILUSD", "ZECLTC", "BATBTC", "ETHEUR", "LTCETH",
                    "GRTUSD", "ANKRUSD", "ALCXUSD"]
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Producer:

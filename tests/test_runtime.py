@@ -16,6 +16,7 @@ from pipeline.config import REPO_ROOT
 from pipeline.deadletter import STAGE_DECODE, STAGE_HANDLE, parse_dead_letter
 from pipeline.errors import PipelineError
 from pipeline.runtime import GroupConfig, GroupRunner, Handler, Record
+from tests.support.waiting import wait_for
 from tests.support.kafka_io import committed, produce_json, produce_raw, read_all
 
 pytestmark = pytest.mark.broker
@@ -66,16 +67,6 @@ class Relay:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-
-
-def wait_for(predicate, timeout: float = 60, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def done(kafka: str, group: str, topic: str) -> int:
