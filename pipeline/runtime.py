@@ -72,8 +72,17 @@ class Handler:
         """Called after each batch, before it is made durable: emit periodic output here."""
         return ()
 
-    def on_assign(self, partitions: list[TopicPartition]) -> None:
-        """Partitions this instance now owns (e.g. restore state for them)."""
+    def on_assign(self, partitions: list[TopicPartition]) -> list[TopicPartition] | None:
+        """Partitions this instance now owns: restore state for them. Return them with
+        offsets set to start reading somewhere other than the committed offsets (e.g. just
+        after a checkpoint); return None to start at the committed offsets."""
+        return None
+
+    def commit_offsets(self, offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        """The offsets to commit after a batch, given the next offset to read per
+        (topic, partition). Lower one to keep records whose effect is still only in memory
+        (e.g. trades of a bar that has not closed yet) so a restart reads them again."""
+        return offsets
 
     def on_revoke(self, partitions: list[TopicPartition]) -> Iterable[Output]:
         """Partitions this instance loses: flush their state; outputs are made durable."""
@@ -101,6 +110,7 @@ class GroupConfig:
     decoder: Decoder = raw_value
     batch_size: int = 500
     poll_timeout_s: float = 0.2
+    tick_s: float = 1.0  # with no records for this long, the handler still gets end_batch()
     transactional_id: str | None = None
     consumer_overrides: Mapping[str, Any] = field(default_factory=dict)
     producer_overrides: Mapping[str, Any] = field(default_factory=dict)
@@ -157,15 +167,19 @@ class GroupRunner:
         self._consumer.subscribe(list(cfg.topics), on_assign=self._on_assign,
                                  on_revoke=self._on_revoke, on_lost=self._on_lost)
         log.info("group %s consuming %s", cfg.group_id, ", ".join(cfg.topics))
-        last_data = time.monotonic()
+        last_data = last_batch = time.monotonic()
         try:
             while not self._stop.is_set():
                 msgs = self._consumer.consume(cfg.batch_size, cfg.poll_timeout_s)
+                now = time.monotonic()
                 if msgs:
-                    last_data = time.monotonic()
+                    last_data = last_batch = now
                     self._handle_batch(msgs)
-                elif idle_timeout_s is not None and time.monotonic() - last_data > idle_timeout_s:
+                elif idle_timeout_s is not None and now - last_data > idle_timeout_s:
                     break
+                elif now - last_batch >= cfg.tick_s:
+                    last_batch = now
+                    self._handle_batch([])  # time passes: let the handler close what is due
                 if max_records is not None and self.stats.records >= max_records:
                     break
             self._shutdown()
@@ -202,7 +216,7 @@ class GroupRunner:
             self._produce(outputs)
         self._produce(self._handler.end_batch())
         self._commit()
-        self.stats.batches += 1
+        self.stats.batches += bool(msgs)
 
     def _on_consume_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._PARTITION_EOF:
@@ -239,7 +253,10 @@ class GroupRunner:
             self._in_transaction = True
 
     def _pending_offsets(self) -> list[TopicPartition]:
-        return [TopicPartition(t, p, o) for (t, p), o in self._next_offsets.items()]
+        if not self._next_offsets:
+            return []
+        chosen = self._handler.commit_offsets(dict(self._next_offsets))
+        return [TopicPartition(t, p, o) for (t, p), o in chosen.items() if o >= 0]
 
     def _commit(self) -> None:
         """Make outputs durable, then commit the consumed offsets."""
@@ -266,7 +283,8 @@ class GroupRunner:
                     self.stats.last_error = str(exc)
         if offsets:
             self.stats.commits += 1
-        self._next_offsets.clear()
+        # The offsets stay: a handler holding a partition back may let it advance later
+        # without new records. Revoked partitions are dropped in _on_revoke/_on_lost.
 
     def _abort(self) -> None:
         """Best effort after an error: abort an open transaction; never commit."""
@@ -301,7 +319,9 @@ class GroupRunner:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("group %s assigned %s", self.config.group_id, _fmt(partitions))
-        self._handler.on_assign(partitions)
+        starts = self._handler.on_assign(partitions)
+        if starts:
+            consumer.assign(starts)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if self._closing:
@@ -312,6 +332,8 @@ class GroupRunner:
         self._begin()
         self._produce(self._handler.on_revoke(partitions))
         self._commit()
+        for tp in partitions:
+            self._next_offsets.pop((tp.topic, tp.partition), None)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.warning("group %s lost %s (session timed out)", self.config.group_id, _fmt(partitions))
