@@ -66,6 +66,16 @@ def apicurio_dist(quiet: bool = True) -> Path:
     return dist
 
 
+def storage_ready(host: str, management_port: int, timeout: float = 3.0) -> bool:
+    """Apicurio's readiness check: UP only once KafkaSQL storage has replayed its journal.
+    Before that, /subjects already answers but does not yet know every schema."""
+    try:
+        response = requests.get(f"http://{host}:{management_port}/health/ready", timeout=timeout)
+        return response.status_code == 200 and response.json().get("status") == "UP"
+    except (requests.RequestException, ValueError):
+        return False
+
+
 def ccompat_answers(url: str, timeout: float = 3.0) -> bool:
     try:
         return requests.get(f"{url}/subjects", timeout=timeout).status_code == 200
@@ -136,7 +146,9 @@ class LocalRegistry(DetachedService[RegistryState]):
         state = RegistryState(pid=proc.pid, url=url, port=port, management_port=management_port,
                               bootstrap_servers=bootstrap, version=apicurio_version(),
                               started_at=time.time())
-        return self.await_ready(proc, state, lambda: ccompat_answers(url, timeout=2), timeout, url)
+        return self.await_ready(
+            proc, state, lambda: storage_ready(self.host, management_port, timeout=2)
+            and ccompat_answers(url, timeout=2), timeout, url)
 
 
 def registry_url(settings: Settings) -> str:

@@ -1,0 +1,318 @@
+"""The ``orderbook`` consumer group: L2 updates in, books kept, depth-N snapshots out.
+
+For each symbol of its partitions it applies ``md.l2`` records to an :class:`L2Book` and
+publishes ``BookSnapshot`` records (compacted, keyed by symbol) whenever the top of book
+changes and at least every ``snapshot_interval_s`` while anything changes. A crossed
+book, a locked book, a change before any snapshot and a resnapshot are logged, counted
+and published as ``BookHealthEvent``s; a crossed book is dropped and waits for the next
+snapshot instead of inventing state.
+
+Restore without replaying the topic: every ``checkpoint_interval_s`` each book touched
+since the last checkpoint is written whole to ``book.checkpoints`` (compacted) with the
+offset it includes, and only then are the input offsets committed, at exactly those
+checkpoint positions. A restarted or rebalanced instance reads the checkpoints of its
+partitions, restores the books and resumes at the committed offset, so it re-reads at
+most one checkpoint interval of records whatever the topic's length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from confluent_kafka import Consumer, TopicPartition
+
+from pipeline.catalog import Namespace
+from pipeline.orderbook import L2Book
+from pipeline.registry import SchemaRegistry
+from pipeline.runtime import GroupConfig, GroupRunner, Handler, Output, Record
+from pipeline.serde import Decoder, Serde
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OrderbookSettings:
+    depth: int = 10
+    snapshot_interval_s: float = 1.0
+    checkpoint_interval_s: float = 5.0
+
+
+@dataclass
+class _Source:
+    """Where a book's state comes from: the last applied record."""
+
+    partition: int = -1
+    offset: int = -1
+    connection_id: str = ""
+    sequence: int = -1
+    received_ts_us: int = 0
+    exchange_ts_ms: int | None = None
+
+
+class OrderbookHandler(Handler):
+    def __init__(self, namespace: Namespace, serde: Serde, bootstrap: str,
+                 settings: OrderbookSettings = OrderbookSettings(),
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings, self.clock, self.bootstrap = settings, clock, bootstrap
+        self.source_topic = namespace.topic("md.l2")
+        self.topics = {n: namespace.topic(n) for n in ("book.snapshots", "book.health",
+                                                       "book.checkpoints")}
+        self.encode = {n: serde.encoder(t) for n, t in self.topics.items()}
+        self.checkpoint_decoder = serde.decoder()
+        self.books: dict[str, L2Book] = {}
+        self.sources: dict[str, _Source] = {}
+        self.counts: Counter = Counter()
+        self._top: dict[str, tuple] = {}
+        self._changed: set[str] = set()  # since the last snapshot publication
+        self._touched: set[str] = set()  # since the last checkpoint
+        self._waiting: set[str] = set()  # reported as waiting for a snapshot
+        self._restored: dict[str, int] = {}  # symbol -> checkpointed offset
+        self._read: dict[int, int] = {}  # partition -> next offset read
+        self._checkpointed: dict[int, int] = {}  # partition -> offset the checkpoints cover
+        self._last_snapshot = self._last_checkpoint = clock()
+
+    # -- records
+
+    def handle(self, record: Record) -> Iterable[Output]:
+        update = record.value
+        symbol = update["symbol"]
+        self._read[record.partition] = record.offset + 1
+        if record.offset <= self._restored.get(symbol, -1):
+            return ()  # already inside the restored checkpoint
+        book = self.books.get(symbol)
+        if book is None:
+            book = self.books[symbol] = L2Book(symbol)
+        out: list[Output] = []
+        if update["snapshot"]:
+            if book.has_snapshot:
+                out.append(self._health(record, book, "RESNAPSHOT",
+                                        f"new snapshot on connection {update['connection_id']} "
+                                        f"replaces the book"))
+            book.apply_snapshot(update["changes"])
+            self._waiting.discard(symbol)
+        elif not book.has_snapshot:
+            self.counts["change_before_snapshot"] += 1
+            if symbol not in self._waiting:  # once per wait, not once per record
+                self._waiting.add(symbol)
+                out.append(self._health(record, book, "CHANGE_BEFORE_SNAPSHOT",
+                                        "changes ignored until the next snapshot"))
+            self._note_source(symbol, record)
+            return out
+        else:
+            book.apply(update["changes"])
+        self._note_source(symbol, record)
+        state = book.state()
+        if state in ("crossed", "locked"):
+            kind = state.upper()
+            bid, ask = book.best_bid(), book.best_ask()
+            detail = f"best bid {bid[0]} x {bid[1]}, best ask {ask[0]} x {ask[1]}"
+            if state == "crossed":
+                detail += "; book dropped, waiting for the next snapshot"
+            out.append(self._health(record, book, kind, detail))
+            if state == "crossed":
+                book.clear()  # no invented state: wait for the next snapshot
+                self._waiting.add(symbol)
+        top = (book.best_bid(), book.best_ask())
+        if top != self._top.get(symbol):
+            self._top[symbol] = top
+            out.append(self._snapshot(symbol))
+        else:
+            self._changed.add(symbol)
+        return out
+
+    def _note_source(self, symbol: str, record: Record) -> None:
+        update = record.value
+        self.sources[symbol] = _Source(record.partition, record.offset, update["connection_id"],
+                                       update["sequence"], update["received_ts_us"],
+                                       update["exchange_ts_ms"])
+        self._touched.add(symbol)
+
+    # -- outputs
+
+    def _snapshot(self, symbol: str) -> Output:
+        book, source = self.books[symbol], self.sources[symbol]
+        bids, asks = book.depth(self.settings.depth)
+        self._changed.discard(symbol)
+        self.counts["snapshots"] += 1
+        value = self.encode["book.snapshots"]({
+            "symbol": symbol, "depth": self.settings.depth,
+            "bids": [{"price": p, "quantity": q} for p, q in bids],
+            "asks": [{"price": p, "quantity": q} for p, q in asks],
+            "exchange_ts_ms": source.exchange_ts_ms, "received_ts_us": source.received_ts_us,
+            "published_ts_us": time.time_ns() // 1000, "source_partition": source.partition,
+            "source_offset": source.offset, "connection_id": source.connection_id,
+            "sequence": source.sequence})
+        return Output(self.topics["book.snapshots"], value, symbol)
+
+    def _health(self, record: Record, book: L2Book, kind: str, detail: str) -> Output:
+        self.counts[kind.lower()] += 1
+        log.warning("%s %s at %s[%d]@%d: %s", book.symbol, kind, record.topic, record.partition,
+                    record.offset, detail)
+        bid, ask = book.best_bid(), book.best_ask()
+        value = self.encode["book.health"]({
+            "symbol": book.symbol, "kind": kind, "detail": detail,
+            "best_bid": bid[0] if bid else None, "best_ask": ask[0] if ask else None,
+            "source_partition": record.partition, "source_offset": record.offset,
+            "detected_ts_us": time.time_ns() // 1000})
+        return Output(self.topics["book.health"], value, book.symbol)
+
+    def end_batch(self) -> Iterable[Output]:
+        now = self.clock()
+        out: list[Output] = []
+        if self._changed and now - self._last_snapshot >= self.settings.snapshot_interval_s:
+            out += self._pending_snapshots()
+            self._last_snapshot = now
+        if now - self._last_checkpoint >= self.settings.checkpoint_interval_s:
+            out += self.checkpoint()
+            self._last_checkpoint = now
+        return out
+
+    def _pending_snapshots(self) -> list[Output]:
+        """Snapshots of books that changed below the top since they were last published."""
+        out = [self._snapshot(s) for s in sorted(self._changed) if self.books[s].has_snapshot]
+        self._changed.clear()
+        return out
+
+    def checkpoint(self) -> list[Output]:
+        """Checkpoint every book touched since the last one; the offsets committed next are
+        exactly the positions these checkpoints cover."""
+        out = []
+        for symbol in sorted(self._touched):
+            book, source = self.books[symbol], self.sources[symbol]
+            bids, asks = book.depth()
+            out.append(Output(self.topics["book.checkpoints"], self.encode["book.checkpoints"]({
+                "symbol": symbol, "source_topic": self.source_topic,
+                "source_partition": source.partition, "source_offset": source.offset,
+                "has_snapshot": book.has_snapshot,
+                "bids": [{"price": p, "quantity": q} for p, q in bids],
+                "asks": [{"price": p, "quantity": q} for p, q in asks],
+                "connection_id": source.connection_id, "sequence": source.sequence,
+                "written_ts_us": time.time_ns() // 1000}), symbol))
+        self._touched.clear()
+        self._checkpointed.update(self._read)
+        self.counts["checkpoints"] += len(out)
+        return out
+
+    def commit_offsets(self, offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        return {(t, p): self._checkpointed.get(p, -1) for (t, p) in offsets}
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> Iterable[Output]:
+        out = self._pending_snapshots() + self.checkpoint()  # the next owner restores from here
+        lost = {tp.partition for tp in partitions}
+        for symbol in [s for s, src in self.sources.items() if src.partition in lost]:
+            for table in (self.books, self.sources, self._top, self._restored):
+                table.pop(symbol, None)
+        for p in lost:
+            self._read.pop(p, None)
+            self._checkpointed.pop(p, None)
+        return out
+
+    def close(self) -> Iterable[Output]:
+        return self._pending_snapshots() + self.checkpoint()
+
+    # -- restore
+
+    def on_assign(self, partitions: list[TopicPartition]) -> None:
+        wanted = {tp.partition for tp in partitions if tp.topic == self.source_topic}
+        started = time.monotonic()
+        restored = 0
+        for checkpoint in self._read_checkpoints():
+            if checkpoint["source_topic"] != self.source_topic or \
+                    checkpoint["source_partition"] not in wanted:
+                continue
+            symbol = checkpoint["symbol"]
+            book = self.books[symbol] = L2Book(symbol)
+            if checkpoint["has_snapshot"]:
+                book.apply_snapshot([{"side": "BID", **lvl} for lvl in checkpoint["bids"]] +
+                                    [{"side": "ASK", **lvl} for lvl in checkpoint["asks"]])
+            self.sources[symbol] = _Source(checkpoint["source_partition"],
+                                           checkpoint["source_offset"],
+                                           checkpoint["connection_id"], checkpoint["sequence"])
+            self._top[symbol] = (book.best_bid(), book.best_ask())
+            self._restored[symbol] = checkpoint["source_offset"]
+            restored += 1
+        self.counts["restored_books"] += restored
+        log.info("restored %d book(s) from checkpoints for partitions %s in %.3fs", restored,
+                 sorted(wanted), time.monotonic() - started)
+        return None  # resume at the committed offsets: the checkpoint positions
+
+    def _read_checkpoints(self) -> list[dict]:
+        """The newest checkpoint per symbol (the topic is compacted; read it to the end)."""
+        topic = self.topics["book.checkpoints"]
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"restore-{uuid.uuid4()}",
+                             "enable.auto.commit": False, "isolation.level": "read_committed"})
+        try:
+            meta = consumer.list_topics(topic, timeout=10).topics[topic]
+            ends = {}
+            for p in meta.partitions:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                if high > low:
+                    ends[p] = high
+            consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+            latest: dict[str, dict] = {}
+            positions = {p: 0 for p in ends}
+            while any(positions[p] < ends[p] for p in ends):
+                for msg in consumer.consume(1000, 1.0):
+                    if msg.error():
+                        continue
+                    positions[msg.partition()] = msg.offset() + 1
+                    try:
+                        value = self.checkpoint_decoder(msg.value())
+                    except Exception as exc:  # noqa: BLE001 - a bad checkpoint is skipped, loudly
+                        log.error("unreadable checkpoint at %s[%d]@%d: %s", topic,
+                                  msg.partition(), msg.offset(), exc)
+                        continue
+                    latest[value["symbol"]] = value
+            return list(latest.values())
+        finally:
+            consumer.close()
+
+
+def make_group(bootstrap: str, registry_url: str, namespace: Namespace,
+               settings: OrderbookSettings = OrderbookSettings(),
+               group_id: str | None = None) -> GroupConfig:
+    """The group's configuration; its id defaults to ``<namespace>.orderbook`` so groups of
+    different namespaces (live, sim, a replay) never share offsets or members."""
+    registry = SchemaRegistry(registry_url)
+    serde = Serde(registry)
+    return GroupConfig(group_id=group_id or f"{namespace}.orderbook", topics=[namespace.topic("md.l2")],
+                       dead_letter_topic=namespace.topic("dlq"),
+                       handler=lambda: OrderbookHandler(namespace, serde, bootstrap, settings),
+                       decoder=Decoder(registry), batch_size=1000)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.catalog import ensure_topics
+
+    ap = argparse.ArgumentParser(prog="python -m consumers.orderbook")
+    ap.add_argument("--bootstrap", required=True)
+    ap.add_argument("--registry", required=True)
+    ap.add_argument("--namespace", required=True)
+    ap.add_argument("--group", default=None, help="group id [default: <namespace>.orderbook]")
+    ap.add_argument("--depth", type=int, default=10)
+    ap.add_argument("--checkpoint-interval", type=float, default=5.0)
+    ap.add_argument("--snapshot-interval", type=float, default=1.0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    namespace = Namespace(args.namespace)
+    ensure_topics(args.bootstrap, namespace, ["md.l2", "book.snapshots", "book.health",
+                                              "book.checkpoints", "dlq"])
+    settings = OrderbookSettings(args.depth, args.snapshot_interval, args.checkpoint_interval)
+    runner = GroupRunner(make_group(args.bootstrap, args.registry, namespace, settings,
+                                    args.group), args.bootstrap)
+    runner.install_signal_handlers()
+    stats = runner.run()
+    log.info("orderbook stopped: %s", stats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
