@@ -49,6 +49,8 @@ SAMPLES: dict[str, dict] = {
                    "exchange_order_id": "106817811", "side": "buy", "price": "34568.00",
                    "amount": "0.0125", "filled_amount": "0.005", "avg_fill_price": "34567.995",
                    "fee": "0.0000432", "fee_currency": "USD", "event_ms": 1624493670800},
+    "StrategyState": {"strategy_id": "sma-cross", "strategy_class": "pipeline.strategy:SmaCross",
+                      "state": b"\x80\x05state", "saved_ms": 1624493670800},
     "SeenOrder": {"client_order_id": "sma-1f2e3d", "strategy_id": "sma", "outcome": "sent",
                   "seen_ms": 1624493670800},
 }

@@ -1,0 +1,227 @@
+"""Strategy plug-ins and the strategy group: signed, deterministic, exactly-once requests."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+from decimal import Decimal
+
+import pytest
+
+from consumers.strategy import make_group
+from pipeline.catalog import ensure_topics
+from pipeline.config import REPO_ROOT
+from pipeline.deadletter import STAGE_HANDLE, parse_dead_letter
+from pipeline.errors import PipelineError
+from pipeline.kafka import ReliableProducer
+from pipeline.registry import SchemaRegistry
+from pipeline.runtime import GroupRunner
+from pipeline.serde import Decoder, Encoder
+from pipeline.signing import client_order_id, verify
+from pipeline.strategy import MidQuoter, OrderIntent, SmaCross, load_strategy
+from tests.support.kafka_io import committed, read_all
+from tests.support.strategies import Exploding
+from tests.support.waiting import wait_for
+
+HOUR = 3_600_000
+KEY = b"strategy-test-key"
+
+
+def bar(close: str, i: int, symbol: str = "BTCUSD") -> dict:
+    return {"symbol": symbol, "interval": "1h", "start_ms": 1_500_000_000_000 + i * HOUR,
+            "end_ms": 1_500_000_000_000 + (i + 1) * HOUR, "open": close, "high": close,
+            "low": close, "close": close, "volume": "1", "trade_count": None, "vwap": None,
+            "buy_volume": None, "sell_volume": None, "filled": False, "source": "test"}
+
+
+def random_walk(n: int, seed: int = 5) -> list[str]:
+    rng, price, out = random.Random(seed), Decimal("100.00"), []
+    for _ in range(n):
+        price = max(Decimal("1.00"), price + Decimal(rng.randint(-150, 150)) / 100)
+        out.append(str(price))
+    return out
+
+
+def reference_crossovers(closes: list[str], fast: int, slow: int) -> list[tuple[int, str]]:
+    """(bar index, 'up'|'down') by backtesting.py's crossover rule, computed directly."""
+    values = [Decimal(c) for c in closes]
+    f = [sum(values[i - fast + 1:i + 1]) / fast if i >= fast - 1 else None for i in range(len(values))]
+    s = [sum(values[i - slow + 1:i + 1]) / slow if i >= slow - 1 else None for i in range(len(values))]
+    out = []
+    for i in range(slow, len(values)):
+        if f[i - 1] < s[i - 1] and f[i] > s[i]:
+            out.append((i, "up"))
+        elif f[i - 1] > s[i - 1] and f[i] < s[i]:
+            out.append((i, "down"))
+    return out
+
+
+# --------------------------------------------------------------------------- plug-ins alone
+
+
+def test_sma_cross_trades_exactly_at_the_crossovers():
+    closes = random_walk(600)
+    strategy = SmaCross(fast=5, slow=12, amount="0.5")
+    got = []
+    for i, close in enumerate(closes):
+        for intent in strategy.on_bar(bar(close, i)):
+            got.append((i, intent.side, intent.amount, intent.order_type))
+    expected, position = [], Decimal(0)
+    for i, direction in reference_crossovers(closes, 5, 12):
+        if position:
+            expected.append((i, "SELL" if position > 0 else "BUY", str(abs(position)), "MARKET"))
+        position = Decimal("0.5") if direction == "up" else Decimal("-0.5")
+        expected.append((i, "BUY" if direction == "up" else "SELL", "0.5", "MARKET"))
+    assert len(expected) > 10 and got == expected
+
+
+def test_sma_cross_ignores_other_symbols_and_intervals_and_checks_its_windows():
+    strategy = SmaCross(fast=2, slow=3)
+    assert strategy.on_bar(bar("1", 0, "ETHUSD")) == []
+    assert strategy.on_bar({**bar("1", 0), "interval": "1m"}) == []
+    with pytest.raises(ValueError, match="fast < slow"):
+        SmaCross(fast=5, slow=5)
+
+
+def snapshot(bid: str, ask: str) -> dict:
+    return {"symbol": "BTCUSD", "bids": [{"price": bid, "quantity": "1"}],
+            "asks": [{"price": ask, "quantity": "1"}]}
+
+
+def test_mid_quoter_quotes_around_the_mid_and_respects_inventory():
+    quoter = MidQuoter(spread_bps=20, requote_bps=5, amount="0.01", max_inventory="0.01")
+    intents = quoter.on_book(snapshot("99.99", "100.01"))  # mid 100.00, half spread 0.10
+    assert [(i.side, i.price, i.options) for i in intents] == [
+        ("BUY", "99.90", ("maker-or-cancel",)), ("SELL", "100.10", ("maker-or-cancel",))]
+    assert quoter.on_book(snapshot("100.00", "100.02")) == []  # mid moved < 5 bps
+    quoter.on_order_event({"symbol": "BTCUSD", "kind": "FILLED", "client_order_id": "a",
+                           "side": "buy", "filled_amount": "0.01"})
+    assert quoter.inventory == Decimal("0.01")
+    intents = quoter.on_book(snapshot("101.00", "101.02"))
+    assert [i.side for i in intents] == ["SELL"], "at the inventory limit: no more buying"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(side="HOLD"), "side"), (dict(amount="0"), "amount"),
+    (dict(order_type="LIMIT"), "needs a price"), (dict(price="1"), "needs a price"),
+    (dict(options=("post-only",)), "unknown order option")])
+def test_bad_intents_are_refused(kwargs, match):
+    base = dict(symbol="BTCUSD", side="BUY", amount="1")
+    with pytest.raises(ValueError, match=match):
+        OrderIntent(**{**base, **kwargs})
+
+
+@pytest.mark.parametrize("spec,params,match", [
+    ("nope", {}, "module:Class"), ("pipeline.strategy:Nope", {}, "cannot load"),
+    ("pipeline.strategy:OrderIntent", {}, "not a Strategy"),
+    ("pipeline.strategy:SmaCross", {"speed": 3}, "does not take")])
+def test_unknown_strategies_are_one_clear_error(spec, params, match):
+    with pytest.raises(PipelineError, match=match):
+        load_strategy(spec, params)
+
+
+# --------------------------------------------------------------------------- the group
+
+
+def publish_bars(kafka: str, registry_url: str, topic: str, closes: list[str]) -> None:
+    encode = Encoder(SchemaRegistry(registry_url), topic)
+    producer = ReliableProducer(kafka)
+    for i, close in enumerate(closes):
+        producer.produce(topic, encode(bar(close, i)), "BTCUSD")
+    producer.flush()
+
+
+def expected_ids(closes: list[str], bars_topic: str, partition: int) -> list[str]:
+    """The client_order_ids a run over ``closes`` must emit, in order."""
+    reference = SmaCross(fast=5, slow=12)
+    return [client_order_id("sma-cross", f"{bars_topic}/{partition}/{i}", j)
+            for i, close in enumerate(closes)
+            for j, _ in enumerate(reference.on_bar(bar(close, i)))]
+
+
+@pytest.mark.broker
+def test_the_group_publishes_signed_deterministic_requests(kafka, registry, namespace):
+    ensure_topics(kafka, namespace, ["bars", "orders.requests", "strategy.state", "dlq"])
+    closes = random_walk(400, seed=8)
+    bars_topic = namespace.topic("bars")
+    publish_bars(kafka, registry.url, bars_topic, closes)
+    GroupRunner(make_group(kafka, registry.url, namespace, SmaCross(fast=5, slow=12), KEY),
+                kafka).run(max_records=400, idle_timeout_s=15)
+    decode = Decoder(SchemaRegistry(registry.url))
+    requests = [decode(r.value) for r in read_all(kafka, namespace.topic("orders.requests"))]
+    partition = int(requests[0]["trigger"].split("/")[1])
+    want = expected_ids(closes, bars_topic, partition)
+    assert len(want) > 10
+    assert [r["client_order_id"] for r in requests] == want, "same input, same ids, in order"
+    for request in requests:
+        assert verify(request, KEY) and not verify(request, b"another key")
+        assert not verify({**request, "amount": "100"}, KEY), "any changed field breaks it"
+        assert request["expires_ms"] - request["created_ms"] == 30_000
+        assert request["strategy_id"] == "sma-cross" and request["order_type"] == "MARKET"
+
+
+@pytest.mark.broker
+def test_a_strategy_that_raises_is_dead_lettered_naming_strategy_and_input(kafka, registry,
+                                                                           namespace):
+    ensure_topics(kafka, namespace, ["bars", "orders.requests", "strategy.state", "dlq"])
+    publish_bars(kafka, registry.url, namespace.topic("bars"), ["11", "12", "13", "14"])
+    stats = GroupRunner(make_group(kafka, registry.url, namespace, Exploding(), KEY), kafka).run(
+        max_records=4, idle_timeout_s=15)
+    assert stats.records == 4 and stats.dead_letters == 1
+    (letter,) = [parse_dead_letter(d.key, d.value, list(d.headers))
+                 for d in read_all(kafka, namespace.topic("dlq"), expect=1)]
+    assert letter.stage == STAGE_HANDLE and letter.source_offset == 2
+    assert "strategy exploding raised ZeroDivisionError on" in letter.error_message
+    assert f"{namespace.topic('bars')}/" in letter.error_message
+    assert len(read_all(kafka, namespace.topic("orders.requests"))) == 3
+
+
+@pytest.mark.broker
+def test_kill_9_and_restart_emit_every_request_exactly_once(kafka, registry, namespace, tmp_path):
+    ensure_topics(kafka, namespace, ["bars", "orders.requests", "strategy.state", "dlq"])
+    closes = random_walk(2000, seed=13)
+    publish_bars(kafka, registry.url, namespace.topic("bars"), closes)
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"sma-cross": KEY.decode()}))
+    keys.chmod(0o600)
+    params = json.dumps({"fast": 5, "slow": 12, "delay_ms": 2})
+    group = f"{namespace}.strategy.sma-cross"
+
+    def start(name: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "consumers.strategy", "--bootstrap", kafka, "--registry",
+             registry.url, "--namespace", str(namespace), "--strategy",
+             "tests.support.strategies:SlowSmaCross", "--params", params, "--strategy-keys",
+             str(keys)], cwd=REPO_ROOT, stderr=open(tmp_path / name, "w"))
+
+    def done() -> int:
+        return sum(max(o, 0) for o in committed(kafka, group, namespace.topic("bars")).values())
+
+    for attempt in range(2):
+        proc = start(f"run{attempt}.log")
+        try:
+            target = 500 * (attempt + 1)
+            wait_for(lambda: done() >= target, 90, f"{target} bars committed")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    last = start("final.log")
+    try:
+        wait_for(lambda: done() == 2000, 120, "all bars committed")
+    finally:
+        last.send_signal(signal.SIGTERM)
+        assert last.wait(30) == 0
+    assert "restored its state" in (tmp_path / "final.log").read_text()
+    decode = Decoder(SchemaRegistry(registry.url))
+    emitted = [decode(r.value) for r in read_all(kafka, namespace.topic("orders.requests"))]
+    ids = [r["client_order_id"] for r in emitted]
+    partition = int(emitted[0]["trigger"].split("/")[1])
+    want = expected_ids(closes, namespace.topic("bars"), partition)
+    assert len(ids) == len(set(ids)), "no request twice (read_committed)"
+    assert ids == want, "none lost, same ids as an uninterrupted run, in order"
+    assert all(verify(r, KEY) for r in emitted)
