@@ -5,10 +5,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
-NAMESPACE ?= live
 PYTEST_ARGS ?=
 
-.PHONY: install broker registry up down test bench clean
+.PHONY: install broker registry up demo down status test bench clean
 
 install: $(STAMP)
 
@@ -25,16 +24,19 @@ broker: install
 registry: broker
 	$(BIN)/pipeline registry start
 
-# Until the supervisor lands, `make up` runs the broker and the schema registry, creates
-# the namespace's topics and registers their schemas.
-up: registry
-	$(BIN)/pipeline topics --create --namespace $(NAMESPACE)
-	$(BIN)/pipeline schemas register --namespace $(NAMESPACE)
-	$(BIN)/pipeline topics --namespace $(NAMESPACE)
+# `make up` runs topology.toml (Gemini's live market data) under the supervisor;
+# `make demo` runs the same offline on the local venue replaying the real capture.
+up: install
+	$(BIN)/pipeline up
+
+demo: install
+	$(BIN)/pipeline up --topology topology.demo.toml
 
 down: install
-	$(BIN)/pipeline registry stop
-	$(BIN)/pipeline broker stop
+	$(BIN)/pipeline down
+
+status: install
+	$(BIN)/pipeline status
 
 # The tests start their own broker on free ports (run/test) and stop it afterwards,
 # also when tests fail; with KAFKA_BOOTSTRAP_SERVERS set they use that cluster instead.

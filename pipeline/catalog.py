@@ -129,6 +129,15 @@ TOPICS: tuple[TopicSpec, ...] = (
 _BY_NAME = {topic.name: topic for topic in TOPICS}
 
 
+def declare(topic: TopicSpec) -> None:
+    """Add a topic of a user group (from the topology file) to the catalog; idempotent for
+    the same declaration, an error for a clash with a different one."""
+    existing = _BY_NAME.get(topic.name)
+    if existing is not None and existing != topic:
+        raise PipelineError(f"topic {topic.name!r} is already declared differently")
+    _BY_NAME[topic.name] = topic
+
+
 def spec(name: str) -> TopicSpec:
     try:
         return _BY_NAME[name]

@@ -25,7 +25,8 @@ schemas_app = typer.Typer(no_args_is_help=True,
                           help="Avro schemas in schemas/ and the schema registry.")
 app.add_typer(schemas_app, name="schemas")
 
-console = Console(soft_wrap=True)
+# Piped output (logs, scripts, tests) gets whole lines, not an 80-column squeeze.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 RunDirOption = typer.Option(None, "--run-dir", envvar="PIPELINE_RUN_DIR",
                             help="Where logs, broker data and state live [default: ./run].")
 
@@ -348,6 +349,211 @@ def venue(
     serve_forever(config)
 
 
+TopologyOption = typer.Option(None, "--topology", envvar="PIPELINE_TOPOLOGY",
+                              help="Topology file [default: topology.toml].")
+OverlayOption = typer.Option(None, "--overlay", help="A topology file whose keys override.")
+
+
+@app.command("up")
+def up(run_dir: Optional[Path] = RunDirOption, topology: Optional[Path] = TopologyOption,
+       overlay: Optional[Path] = OverlayOption,
+       timeout: float = typer.Option(300.0, help="Seconds to wait for everything to start.")) -> None:
+    """Start the whole topology under a supervisor that restarts what dies (`make up`)."""
+    import subprocess
+    import sys
+    import time
+
+    from pipeline import topology as topology_module
+    from pipeline.config import ensure_writable_dir
+    from pipeline.supervisor import read_state, supervisor_running
+
+    settings = _settings(run_dir)
+    loaded = topology_module.load(topology, overlay)  # refuse a bad file before starting
+    running = supervisor_running(settings.run_dir)
+    if running:
+        console.print(f"already up (supervisor pid {running['pid']}, {running['topology']}); "
+                      "`pipeline status` shows it, `make down` stops it")
+        return
+    logs = ensure_writable_dir(settings.run_dir / "logs")
+    (settings.run_dir / "supervisor.json").unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pipeline.supervisor", "--run-dir", str(settings.run_dir),
+           "--topology", str(loaded.path)] + (["--overlay", str(overlay)] if overlay else [])
+    with open(logs / "supervisor.log", "ab") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=True)
+    console.print(f"starting {loaded.path.name} ({loaded.source.kind}, namespace "
+                  f"{loaded.namespace}); logs in {logs}")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = read_state(settings.run_dir) or {}
+        if state.get("phase") == "running":
+            names = ", ".join(p["name"] for p in state["processes"])
+            console.print(f"up: {names}; `pipeline status` shows how it does, `make down` stops it")
+            return
+        if state.get("phase") in ("failed", "stopped") or proc.poll() is not None:
+            proc.wait()
+            reason = state.get("error") or _last_line(logs / "supervisor.log")
+            raise PipelineError(f"the topology did not start: {reason}")
+        time.sleep(0.5)
+    proc.terminate()
+    proc.wait()
+    raise PipelineError(f"the topology did not start within {timeout:.0f}s (see {logs})")
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
+    except OSError:
+        return "no log"
+    errors = [l for l in lines if "ERROR" in l or "Error" in l]
+    return (errors or lines or ["no log"])[-1][-400:]
+
+
+@app.command("down")
+def down(run_dir: Optional[Path] = RunDirOption) -> None:
+    """Stop everything `up` started, in reverse order; nothing is left running."""
+    import time
+
+    from pipeline.broker import LocalBroker
+    from pipeline.registry_server import LocalRegistry
+    from pipeline.services import runs_command, terminate
+    from pipeline.supervisor import read_state, supervisor_running
+
+    settings = _settings(run_dir)
+    state = supervisor_running(settings.run_dir)
+    if state:
+        terminate(state["pid"], 180.0)  # it stops its processes, then the infrastructure
+    leftover = read_state(settings.run_dir) or {}
+    for proc in leftover.get("processes", []):  # a supervisor killed -9 leaves its children
+        if proc.get("pid") and runs_command(proc["pid"], *proc["cmd"][1:3]):
+            terminate(proc["pid"], 20.0)
+    stopped = [name for name, service in (("schema registry", LocalRegistry(settings.run_dir)),
+                                          ("Kafka broker", LocalBroker(settings.run_dir)))
+               if not settings.external_kafka and service.stop()]
+    (settings.run_dir / "supervisor.json").unlink(missing_ok=True)
+    time.sleep(0.1)
+    what = (["the topology"] if state else []) + stopped
+    console.print(f"stopped {', '.join(what)}" if what else "nothing was running")
+
+
+@app.command("status")
+def status(run_dir: Optional[Path] = RunDirOption,
+           watch: bool = typer.Option(False, "--watch", help="Refresh every 2 seconds.")) -> None:
+    """Processes, consumer groups (members, lag, records/s), topics, producer, execution."""
+    import time
+
+    from rich.live import Live
+
+    from pipeline.status import collect
+    from pipeline.supervisor import read_state, supervisor_running
+
+    settings = _settings(run_dir)
+    state = supervisor_running(settings.run_dir) or read_state(settings.run_dir)
+    if not state or not state.get("bootstrap"):
+        raise PipelineError("nothing is running here: `make up` (or `make demo`) starts it")
+    previous = collect(settings.run_dir, state)
+    time.sleep(1.0)
+    snapshot = collect(settings.run_dir, state, previous)
+    if not watch:
+        console.print(_status_tables(snapshot, state))
+        return
+    with Live(_status_tables(snapshot, state), console=console, refresh_per_second=1) as live:
+        try:
+            while True:
+                time.sleep(2.0)
+                state = read_state(settings.run_dir) or state
+                snapshot = collect(settings.run_dir, state, snapshot)
+                live.update(_status_tables(snapshot, state))
+        except KeyboardInterrupt:
+            pass
+
+
+def _status_tables(snapshot, state):
+    from rich.console import Group
+
+    procs = Table(title=f"processes ({state.get('phase')}, namespace {state['namespace']})")
+    for column in ("process", "up", "pid", "restarts", "last error"):
+        procs.add_column(column)
+    for p in snapshot.processes:
+        procs.add_row(p["name"], "[green]yes[/]" if p["up"] else "[red]no[/]", str(p["pid"]),
+                      str(p["restarts"]), (p.get("last_error") or "")[-80:])
+    groups = Table(title="consumer groups")
+    for column in ("group", "members", "lag (total)", "lag per partition", "records/s"):
+        groups.add_column(column)
+    for name, g in snapshot.groups.items():
+        lags = " ".join(f"{tp.rsplit('.', 1)[-1]}:{n}" for tp, n in g["lag"].items() if n)
+        groups.add_row(name, str(g["members"]), str(sum(g["lag"].values())), lags or "-",
+                       f"{snapshot.rates.get(name, 0):.0f}")
+    topics = Table(title="topics")
+    for column in ("topic", "end offsets", "records", "records/s"):
+        topics.add_column(column)
+    for name, ends in snapshot.topics.items():
+        topics.add_row(name, " ".join(map(str, ends)), str(sum(ends)),
+                       f"{snapshot.rates.get(name, 0):.0f}")
+    producer = snapshot.producer
+    footer = (f"producer: last message {producer['age_s']:.1f}s ago, {producer.get('frames', 0)} "
+              f"frames, {producer.get('reconnects', 0)} reconnects" if producer
+              else "producer: no status yet")
+    footer += (f"; execution: {snapshot.execution['mode']}, kill switch "
+               f"{'ON' if snapshot.execution['kill_switch'] else 'off'}")
+    return Group(procs, groups, topics, footer)
+
+
+@app.command("run")
+def run_group(
+    target: str = typer.Argument(..., help="A process of the topology (e.g. orderbook), or "
+                                           "module:function returning a GroupConfig."),
+    run_dir: Optional[Path] = RunDirOption, topology: Optional[Path] = TopologyOption,
+    name: Optional[str] = typer.Option(None, help="Name of the group (user groups)."),
+    bootstrap: Optional[str] = typer.Option(None, help="[default: the running broker]"),
+    registry: Optional[str] = typer.Option(None, help="[default: the running registry]"),
+    namespace: Optional[str] = typer.Option(None, "--namespace", "-n"),
+    args: str = typer.Option("{}", help="JSON arguments for a user group's function."),
+) -> None:
+    """Run one consumer group in the foreground (for development); Ctrl-C stops it."""
+    import importlib
+    import json as _json
+    import os
+    import sys
+
+    from pipeline import topology as topology_module
+    from pipeline.broker import bootstrap_servers
+    from pipeline.catalog import Namespace
+    from pipeline.registry_server import registry_url
+    from pipeline.runtime import GroupConfig, GroupRunner
+    from pipeline.supervisor import _flags
+
+    settings = _settings(run_dir)
+    bootstrap = bootstrap or bootstrap_servers(settings)
+    registry = registry or registry_url(settings)
+    if ":" not in target:
+        loaded = topology_module.load(topology)
+        proc = loaded.process(target)
+        ns = namespace or str(loaded.namespace)
+        if not proc.is_user_group:
+            cmd = [sys.executable, "-m", proc.run, "--bootstrap", bootstrap, "--registry",
+                   registry, "--namespace", ns, *_flags(proc.args)]
+            os.execv(sys.executable, cmd)
+        target, name, args = proc.run, proc.name, _json.dumps(proc.args)
+        namespace = ns
+    module_name, _, attr = target.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise PipelineError(f"cannot load {target}: {exc}") from None
+    config = factory(bootstrap=bootstrap, registry_url=registry,
+                     namespace=Namespace(namespace or settings.namespace), name=name or attr,
+                     **_json.loads(args))
+    if not isinstance(config, GroupConfig):
+        raise PipelineError(f"{target} returned {type(config).__name__}, not a GroupConfig")
+    setup_logging("INFO")
+    runner = GroupRunner(config, bootstrap)
+    runner.install_signal_handlers()
+    stats = runner.run()
+    console.print(f"{config.group_id} stopped: {stats.records} records, {stats.outputs} outputs, "
+                  f"{stats.dead_letters} dead letters")
+
+
 @app.command("version")
 def version() -> None:
     """Versions of the pipeline, the Kafka jars it runs and the client library."""
@@ -379,3 +585,7 @@ def main() -> None:
 def _fail(message: str) -> None:
     Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
     sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -122,6 +122,7 @@ class Venue:
         ])
         self._add_rest()
         self.app.on_startup.append(self._start_market)
+        self.app.on_shutdown.append(self._close_connections)
         self.app.on_cleanup.append(self._stop_market)
 
     def _add_rest(self) -> None:
@@ -148,6 +149,12 @@ class Venue:
     async def _start_market(self, app: web.Application) -> None:
         self._market_task = asyncio.create_task(self._run_market())
 
+    async def _close_connections(self, app: web.Application) -> None:
+        """Close every WebSocket, so a shutdown does not wait on open connections."""
+        for conn in list(self.connections):
+            conn.close()
+            await conn.ws.close(code=1001, message=b"venue shutting down")
+
     async def _stop_market(self, app: web.Application) -> None:
         self._market_task.cancel()
         for conn in list(self.connections):
@@ -156,13 +163,16 @@ class Venue:
     async def _run_market(self) -> None:
         if self.config.start_on_subscribe:
             await self._subscribed.wait()
-        started, first_at = time.monotonic(), None
+        started, first_at, last_at, loop_offset = time.monotonic(), None, None, 0.0
         pace = (1.0 / self.config.rate) if (self.config.capture is None and self.config.rate) \
             else None
         for n, event in enumerate(self._source()):
             if self.config.capture is not None and self.config.speed:
                 first_at = event.at_s if first_at is None else first_at
-                due = started + (event.at_s - first_at) / self.config.speed
+                if last_at is not None and event.at_s < last_at:  # the capture starts again
+                    loop_offset += last_at - first_at + 1.0
+                last_at = event.at_s
+                due = started + (event.at_s - first_at + loop_offset) / self.config.speed
                 if due > time.monotonic():
                     await asyncio.sleep(due - time.monotonic())
             elif pace is not None:
@@ -422,4 +432,4 @@ def serve_forever(config: VenueConfig) -> None:
     """Run the venue in the foreground until SIGINT/SIGTERM (``pipeline venue``)."""
     venue = Venue(config)
     web.run_app(venue.app, host=config.host, port=config.port or 8090, print=None,
-                handle_signals=True)
+                handle_signals=True, shutdown_timeout=2.0)

@@ -1,0 +1,60 @@
+"""An example consumer group to copy: spread and depth imbalance per symbol.
+
+It reads the orderbook group's ``book.snapshots`` and writes one JSON record per snapshot
+to the user topic ``monitor.spread`` (declared in the topology file). To plug in a group
+of your own, copy this file, change ``handle``, and add one entry to ``topology.toml``:
+
+    [[topic]]
+    name = "monitor.spread"
+
+    [[process]]
+    name = "spread-monitor"
+    run = "consumers.examples.spread_monitor:make_group"
+    args = { alert_bps = 50 }
+
+``pipeline run spread-monitor`` runs it alone in the foreground while you develop it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from decimal import Decimal
+
+from pipeline.catalog import Namespace
+from pipeline.registry import SchemaRegistry
+from pipeline.runtime import GroupConfig, Handler, Output, Record
+from pipeline.serde import Decoder
+
+log = logging.getLogger(__name__)
+OUTPUT = "monitor.spread"
+
+
+class SpreadMonitor(Handler):
+    def __init__(self, out_topic: str, alert_bps: int) -> None:
+        self.out_topic, self.alert_bps = out_topic, Decimal(alert_bps)
+
+    def handle(self, record: Record):
+        book = record.value
+        if not book["bids"] or not book["asks"]:
+            return ()
+        bid, ask = Decimal(book["bids"][0]["price"]), Decimal(book["asks"][0]["price"])
+        mid = (bid + ask) / 2
+        spread_bps = (ask - bid) / mid * 10_000
+        bid_size = sum(Decimal(level["quantity"]) for level in book["bids"])
+        ask_size = sum(Decimal(level["quantity"]) for level in book["asks"])
+        imbalance = (bid_size - ask_size) / (bid_size + ask_size)
+        if spread_bps > self.alert_bps:
+            log.warning("%s spread %.1f bps", book["symbol"], spread_bps)
+        value = {"symbol": book["symbol"], "mid": str(mid), "spread_bps": f"{spread_bps:.4f}",
+                 "imbalance": f"{imbalance:.4f}", "source_offset": book["source_offset"]}
+        return [Output(self.out_topic, json.dumps(value).encode(), book["symbol"])]
+
+
+def make_group(bootstrap: str, registry_url: str, namespace: Namespace, name: str,
+               alert_bps: int = 50) -> GroupConfig:
+    """What `pipeline run` calls: the group's configuration."""
+    return GroupConfig(group_id=f"{namespace}.{name}", topics=[namespace.topic("book.snapshots")],
+                       dead_letter_topic=namespace.topic("dlq"),
+                       handler=lambda: SpreadMonitor(f"{namespace}.{OUTPUT}", alert_bps),
+                       decoder=Decoder(SchemaRegistry(registry_url)))

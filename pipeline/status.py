@@ -1,0 +1,113 @@
+"""What is running and how it is doing: one collection for `pipeline status` and metrics.
+
+Per process (from the supervisor's state): up, restarts, last error. Per consumer group of
+the namespace: members, lag per partition, records/s. Per topic: end offsets, records/s.
+The producer's last-message age, the execution mode and the kill switch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from confluent_kafka import ConsumerGroupTopicPartitions
+
+from pipeline.catalog import Namespace, describe_topics
+from pipeline.kafka import make_admin
+
+KILL_SWITCH = "kill-switch"
+
+
+@dataclass
+class Snapshot:
+    taken_at: float
+    processes: list[dict]
+    topics: dict[str, tuple[int, ...]]  # topic -> end offsets
+    groups: dict[str, dict]  # group -> {"members": n, "lag": {tp: lag}, "committed": total}
+    producer: dict | None
+    execution: dict
+    phase: str = "unknown"
+    rates: dict[str, float] = field(default_factory=dict)  # topic or group -> records/s
+
+
+def collect(run_dir: Path, state: dict, previous: Snapshot | None = None) -> Snapshot:
+    bootstrap, namespace = state["bootstrap"], Namespace(state["namespace"])
+    topics = {t.name: t.end_offsets for t in describe_topics(bootstrap, namespace, timeout=5)}
+    admin = make_admin(bootstrap)
+    groups = {}
+    listed = admin.list_consumer_groups(request_timeout=5).result()
+    ids = sorted(g.group_id for g in listed.valid if g.group_id.startswith(f"{namespace}."))
+    described = admin.describe_consumer_groups(ids, request_timeout=5) if ids else {}
+    for group_id in ids:
+        members = len(described[group_id].result().members)
+        offsets = admin.list_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(group_id)], request_timeout=5)[group_id].result()
+        lag, total = {}, 0
+        for tp in offsets.topic_partitions:
+            if tp.offset < 0 or tp.topic not in topics:
+                continue
+            end = topics[tp.topic][tp.partition]
+            lag[f"{tp.topic}[{tp.partition}]"] = max(end - tp.offset, 0)
+            total += tp.offset
+        groups[group_id] = {"members": members, "lag": lag, "committed": total}
+    now = time.time()
+    rates = {}
+    if previous is not None and now > previous.taken_at:
+        dt = now - previous.taken_at
+        for name, ends in topics.items():
+            if name in previous.topics:
+                rates[name] = (sum(ends) - sum(previous.topics[name])) / dt
+        for name, group in groups.items():
+            if name in previous.groups:
+                rates[name] = (group["committed"] - previous.groups[name]["committed"]) / dt
+    producer = None
+    producer_file = run_dir / "status" / "producer-gemini.json"
+    if producer_file.exists():
+        producer = json.loads(producer_file.read_text())
+        producer["age_s"] = now - producer_file.stat().st_mtime + (
+            producer.get("last_message_age_s") or 0)
+    execution = {"mode": _execution_mode(state), "kill_switch": (run_dir / KILL_SWITCH).exists()}
+    return Snapshot(now, state.get("processes", []), topics, groups, producer, execution,
+                    state.get("phase", "unknown"), rates)
+
+
+def _execution_mode(state: dict) -> str:
+    for proc in state.get("processes", []):
+        if proc["name"].startswith("execution"):
+            cmd = proc.get("cmd", [])
+            return cmd[cmd.index("--mode") + 1] if "--mode" in cmd else "paper"
+    return "not running"
+
+
+def prometheus(snapshot: Snapshot, namespace: str) -> str:
+    """The snapshot in Prometheus' text exposition format."""
+    lines = ["# HELP pipeline_process_up 1 if the supervised process is running.",
+             "# TYPE pipeline_process_up gauge"]
+    for p in snapshot.processes:
+        lines.append(f'pipeline_process_up{{process="{p["name"]}"}} {int(p["up"])}')
+    lines += ["# HELP pipeline_process_restarts_total Restarts by the supervisor.",
+              "# TYPE pipeline_process_restarts_total counter"]
+    for p in snapshot.processes:
+        lines.append(f'pipeline_process_restarts_total{{process="{p["name"]}"}} {p["restarts"]}')
+    lines += ["# HELP pipeline_topic_end_offset End offset of a topic partition.",
+              "# TYPE pipeline_topic_end_offset gauge"]
+    for topic, ends in snapshot.topics.items():
+        for partition, end in enumerate(ends):
+            lines.append(f'pipeline_topic_end_offset{{topic="{topic}",partition="{partition}"}} {end}')
+    lines += ["# HELP pipeline_group_lag Records a consumer group has yet to commit.",
+              "# TYPE pipeline_group_lag gauge"]
+    for group, data in snapshot.groups.items():
+        for tp, lag in data["lag"].items():
+            topic, partition = tp[:-1].split("[")
+            lines.append(f'pipeline_group_lag{{group="{group}",topic="{topic}",'
+                         f'partition="{partition}"}} {lag}')
+        lines.append(f'pipeline_group_members{{group="{group}"}} {data["members"]}')
+    if snapshot.producer is not None:
+        lines.append(f'pipeline_producer_last_message_age_seconds {snapshot.producer["age_s"]:.3f}')
+        lines.append(f'pipeline_producer_frames_total {snapshot.producer.get("frames", 0)}')
+        lines.append(f'pipeline_producer_reconnects_total {snapshot.producer.get("reconnects", 0)}')
+    lines.append(f'pipeline_execution_kill_switch {int(snapshot.execution["kill_switch"])}')
+    lines.append(f'pipeline_info{{namespace="{namespace}",mode="{snapshot.execution["mode"]}"}} 1')
+    return "\n".join(lines) + "\n"

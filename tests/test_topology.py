@@ -1,0 +1,214 @@
+"""The topology file and the supervisor: `pipeline up`, restarts, status, `pipeline down`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from pipeline import topology
+from pipeline.config import REPO_ROOT
+from pipeline.errors import PipelineError
+from pipeline.services import alive, free_port
+from tests.support.kafka_io import read_all
+from tests.support.waiting import wait_for
+
+PIPELINE = str(Path(sys.executable).parent / "pipeline")
+CAPTURE = "gemini_v2_l2_capture_2021-06-24.txt"
+
+
+def write(tmp_path: Path, text: str, name: str = "topology.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# --------------------------------------------------------------------------- the file
+
+
+def test_the_shipped_topologies_are_valid():
+    live, demo = topology.load(REPO_ROOT / "topology.toml"), topology.load(
+        REPO_ROOT / "topology.demo.toml")
+    assert live.namespace.is_live and live.source.kind == "gemini"
+    assert demo.namespace.kind == "sim" and demo.source.kind == "venue"
+    assert [p.name for p in live.processes] == [p.name for p in demo.processes]
+
+
+@pytest.mark.parametrize("text,match", [
+    ('namespace = "sim"\n[source]\nkind = "venue"\nspeed = "fast"\n',
+     r"topology.toml:4: key 'source.speed': must be int or float"),
+    ('namespace = "sim"\nsymbolz = ["BTCUSD"]\n', r"topology.toml:2: key 'symbolz': unknown key"),
+    ('namespace = "sim"\n[source]\nkind = "venue"\n\n[[process]]\nname = "x"\nrun = "m"\n'
+     'instancez = 2\n', r"topology.toml:8: key 'process.instancez': unknown key"),
+    ('namespace = "prod"\n', r"topology.toml:1: key 'namespace': invalid namespace"),
+    ('namespace = "sim"\n', r"key 'namespace': sim is not a live namespace, but the source is "
+                            r"Gemini"),
+    ('namespace = "sim"\n[source]\nkind = "venue"\n[[process]]\nname = "Book Keeper"\nrun = "m"\n',
+     r"topology.toml:5: key 'process.name'"),
+    ('namespace = "sim"\n[source\nkind = "venue"\n', r"not valid TOML: .*line 2"),
+    ('namespace = "sim"\n[source]\nkind = "venue"\n[infra]\nkafka_port = true\n',
+     r"topology.toml:5: key 'infra.kafka_port': must be int"),
+])
+def test_a_malformed_topology_names_the_line_and_the_key(tmp_path, text, match):
+    with pytest.raises(PipelineError, match=match):
+        topology.load(write(tmp_path, text))
+
+
+def test_an_overlay_overrides_keys(tmp_path):
+    base = write(tmp_path, 'namespace = "sim"\n[source]\nkind = "venue"\nport = 8090\n')
+    overlay = write(tmp_path, '[source]\nport = 9999\n', "overlay.toml")
+    loaded = topology.load(base, overlay)
+    assert loaded.source.port == 9999 and loaded.source.kind == "venue"
+
+
+# --------------------------------------------------------------------------- up and down
+
+
+def demo_topology(tmp_path: Path, shared_data: Path, processes: str) -> Path:
+    return write(tmp_path, f"""
+namespace = "sim-up{time.monotonic_ns() % 10**8}"
+symbols = ["FILUSD", "ANKRUSD", "ALCXUSD"]
+[source]
+kind = "venue"
+capture = "{shared_data / CAPTURE}"
+speed = 4.0
+loop = true
+port = {free_port()}
+heartbeat_s = 0.5
+[infra]
+metrics_port = {free_port()}
+{processes}
+""")
+
+
+PROCESSES = """
+[[process]]
+name = "orderbook"
+run = "consumers.orderbook"
+args = { depth = 5, checkpoint_interval = 1.0 }
+
+[[process]]
+name = "strategy"
+run = "consumers.strategy"
+args = { strategy = "pipeline.strategy:MidQuoter", params = { symbol = "FILUSD", tick = "0.0001", requote_bps = 1 }, inputs = "book.snapshots" }
+
+[[topic]]
+name = "monitor.spread"
+
+[[process]]
+name = "spread-monitor"
+run = "consumers.examples.spread_monitor:make_group"
+"""
+
+
+def cli(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([PIPELINE, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=REPO_ROOT)
+
+
+@pytest.fixture
+def up_env(kafka, registry, tmp_path):
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka, "SCHEMA_REGISTRY_URL": registry.url,
+           "PIPELINE_RUN_DIR": str(tmp_path / "run")}
+    yield env
+    cli("down", env=env, timeout=200)
+
+
+@pytest.mark.broker
+def test_up_restarts_a_killed_group_and_down_leaves_nothing(kafka, registry, tmp_path,
+                                                            shared_data, up_env):
+    path = demo_topology(tmp_path, shared_data, PROCESSES)
+    ns = topology.load(path).namespace
+    started = cli("up", "--topology", str(path), env=up_env)
+    assert started.returncode == 0, started.stderr + started.stdout
+    state = json.loads((tmp_path / "run" / "supervisor.json").read_text())
+    pids = {p["name"]: p["pid"] for p in state["processes"]}
+    assert set(pids) == {"venue", "producer", "orderbook", "strategy", "spread-monitor"}
+    snapshots = ns.topic("book.snapshots")
+    wait_for(lambda: len(read_all(kafka, snapshots)) > 20, 60, "book snapshots")
+    wait_for(lambda: read_all(kafka, ns.topic("orders.requests")), 60, "an order request")
+    wait_for(lambda: read_all(kafka, f"{ns}.monitor.spread"), 60, "the plug-in's output")
+
+    os.kill(pids["orderbook"], signal.SIGKILL)
+
+    def restarted():
+        current = json.loads((tmp_path / "run" / "supervisor.json").read_text())
+        book = next(p for p in current["processes"] if p["name"] == "orderbook")
+        return book if book["restarts"] == 1 and book["up"] and book["pid"] != pids["orderbook"] \
+            else None
+
+    book = wait_for(restarted, 30, "the supervisor to restart the orderbook")
+    assert book["last_error"] == "killed by signal 9"
+    before = len(read_all(kafka, snapshots))
+    wait_for(lambda: len(read_all(kafka, snapshots)) > before + 10, 60, "data after the restart")
+    status = cli("status", env=up_env)
+    assert status.returncode == 0 and "orderbook" in status.stdout and f"{ns}.orderbook" in \
+        status.stdout
+    metrics = requests.get(f"http://127.0.0.1:{topology.load(path).infra.metrics_port}/metrics",
+                           timeout=10).text
+    assert 'pipeline_process_restarts_total{process="orderbook"} 1' in metrics
+    assert f'pipeline_group_members{{group="{ns}.orderbook"}} 1' in metrics
+
+    stopped = cli("down", env=up_env)
+    assert stopped.returncode == 0 and "stopped the topology" in stopped.stdout
+    every_pid = [state["pid"], book["pid"], *pids.values()]
+    wait_for(lambda: not any(alive(pid) for pid in every_pid), 10, "no process left")
+    assert not (tmp_path / "run" / "supervisor.json").exists()
+
+
+@pytest.mark.broker
+def test_an_unknown_strategy_class_fails_up_clearly_and_leaves_nothing(tmp_path, shared_data,
+                                                                       up_env):
+    path = demo_topology(tmp_path, shared_data, """
+[[process]]
+name = "strategy"
+run = "consumers.strategy"
+args = { strategy = "pipeline.strategy:NoSuchStrategy", inputs = "book.snapshots" }
+""")
+    result = cli("up", "--topology", str(path), env=up_env)
+    assert result.returncode == 1
+    assert "cannot load strategy 'pipeline.strategy:NoSuchStrategy'" in result.stderr
+    assert result.stderr.count("\n") == 1, "one error line"
+    state = json.loads((tmp_path / "run" / "supervisor.json").read_text())
+    assert state["phase"] == "stopped"
+    assert not any(alive(p["pid"]) for p in state["processes"])
+
+
+@pytest.mark.broker
+def test_a_port_in_use_fails_up_clearly(tmp_path, shared_data, up_env):
+    path = demo_topology(tmp_path, shared_data, "")
+    port = topology.load(path).source.port
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        result = cli("up", "--topology", str(path), env=up_env)
+    assert result.returncode == 1
+    assert f"port {port} on 127.0.0.1 is already in use" in result.stderr
+
+
+def test_a_malformed_topology_fails_up_before_starting_anything(tmp_path):
+    path = write(tmp_path, 'namespace = "sim"\n[source]\nkind = "venue"\nspeed = "fast"\n')
+    env = {**os.environ, "PIPELINE_RUN_DIR": str(tmp_path / "run")}
+    result = cli("up", "--topology", str(path), env=env)
+    assert result.returncode == 1 and "key 'source.speed'" in result.stderr
+    assert not (tmp_path / "run" / "supervisor.json").exists()
+
+
+def test_a_broker_that_never_comes_up_fails_up_clearly(tmp_path, shared_data):
+    path = demo_topology(tmp_path, shared_data, "")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KAFKA_BOOTSTRAP_SERVERS", "SCHEMA_REGISTRY_URL")}
+    env.update(PIPELINE_RUN_DIR=str(tmp_path / "run"), KAFKA_HEAP_OPTS="-Xmx1m")  # cannot start
+    result = cli("up", "--topology", str(path), env=env, timeout=200)
+    assert result.returncode == 1
+    assert "Kafka broker exited" in result.stderr or "did not answer" in result.stderr
+    state = json.loads((tmp_path / "run" / "supervisor.json").read_text())
+    assert state["phase"] == "stopped" and state["processes"] == []
