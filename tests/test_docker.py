@@ -1,0 +1,79 @@
+"""docker/compose.yml runs the topology of topology.toml (no Docker here: parse and compare)."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from pipeline import topology
+from pipeline.config import REPO_ROOT
+from pipeline.supervisor import _flags
+
+COMPOSE = yaml.safe_load((REPO_ROOT / "docker" / "compose.yml").read_text())
+TOPOLOGY = topology.load(REPO_ROOT / "topology.toml")
+SERVICES = COMPOSE["services"]
+INFRA = {"kafka", "registry", "init"}
+
+
+def test_every_process_of_the_topology_is_a_service_and_nothing_else():
+    assert set(SERVICES) == INFRA | {"producer"} | {p.name for p in TOPOLOGY.processes}
+
+
+def test_services_run_what_the_topology_runs_with_the_same_arguments():
+    for proc in TOPOLOGY.processes:
+        service = SERVICES[proc.name]
+        line = [*service.get("entrypoint", []), *service.get("command", [])]
+        if proc.is_user_group:
+            assert line[:2] == ["run", proc.run] and json.loads(line[line.index("--args") + 1]) \
+                == proc.args
+        else:
+            assert line[:3] == ["python", "-m", proc.run]
+            flags = _flags(proc.args)
+            given = line[line.index("--namespace") + 2:]
+            for flag, value in zip(flags[::2], flags[1::2]):
+                got = given[given.index(flag) + 1]
+                assert (json.loads(got) == json.loads(value)) if value.startswith("{") else \
+                    got == value, f"{proc.name} {flag}"
+
+
+def test_namespace_symbols_and_source_agree():
+    ns = str(TOPOLOGY.namespace)
+    producer = SERVICES["producer"]["command"]
+    assert producer[producer.index("-n") + 1] == ns
+    assert producer[producer.index("--url") + 1] == TOPOLOGY.source.url
+    assert producer[producer.index("--symbols") + 1].split(",") == list(TOPOLOGY.symbols)
+    assert f"-n {ns}" in " ".join(SERVICES["init"]["entrypoint"])
+    for name, service in SERVICES.items():
+        if name in ("kafka", "registry"):
+            continue
+        line = service.get("entrypoint", []) + service.get("command", [])
+        if "--namespace" in line:
+            assert line[line.index("--namespace") + 1] == ns, name
+
+
+def test_the_environment_points_every_process_at_the_same_broker_and_registry():
+    env = COMPOSE["x-pipeline"]["environment"]
+    assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+    assert env["SCHEMA_REGISTRY_URL"] == "http://registry:8080/apis/ccompat/v7"
+    assert env["PIPELINE_NAMESPACE"] == str(TOPOLOGY.namespace)
+    kafka = SERVICES["kafka"]["environment"]
+    assert kafka["KAFKA_ADVERTISED_LISTENERS"] == "PLAINTEXT://kafka:9092"
+    assert kafka["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false", "topics come from the catalog"
+    registry = SERVICES["registry"]["environment"]
+    assert registry["APICURIO_KAFKASQL_BOOTSTRAP_SERVERS"] == "kafka:9092"
+    for name, service in SERVICES.items():
+        line = service.get("entrypoint", []) + service.get("command", [])
+        if "--bootstrap" in line:
+            assert line[line.index("--bootstrap") + 1] == env["KAFKA_BOOTSTRAP_SERVERS"], name
+            assert line[line.index("--registry") + 1] == env["SCHEMA_REGISTRY_URL"], name
+
+
+def test_images_match_the_versions_the_pipeline_runs_locally():
+    from pipeline.broker import kafka_version
+    from pipeline.registry_server import apicurio_version
+
+    assert SERVICES["kafka"]["image"] == f"apache/kafka:{kafka_version()}"
+    assert SERVICES["registry"]["image"] == f"apicurio/apicurio-registry:{apicurio_version()}"
+    for port in (p.split(":")[0] for s in SERVICES.values() for p in s.get("ports", [])):
+        assert port == "127.0.0.1", "ports listen on loopback only"
