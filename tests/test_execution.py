@@ -1,0 +1,655 @@
+"""The execution group against the real broker and registry, and the local venue over
+real sockets for sandbox mode (no mocks of HTTP or Kafka)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from consumers.execution import (ExecutionSettings, GeminiCredentials,
+                                 TokenBucket, check_mode, main, make_group)
+from pipeline import risk
+from pipeline.catalog import Namespace
+from pipeline.errors import PipelineError
+from pipeline.gemini.rest import GeminiRestClient, NonceSource
+from pipeline.paper import PaperBook
+from pipeline.registry import SchemaRegistry
+from pipeline.risk import BookTop, RiskLimits, RiskState
+from pipeline.serde import Serde
+from pipeline.signing import StrategyKeys
+from pipeline.venue.server import RunningVenue, VenueConfig
+from tests.support.kafka_io import committed, read_all
+from tests.support.orders import (ExecutionProcess, GroupThread, Tail, book_snapshot, by_id,
+                                  exchange_orders_per_id, kinds, new_orders, order_request,
+                                  produce, read_values, venue_book, write_secret_file)
+from tests.support.waiting import wait_for
+
+D = Decimal
+SMA_KEY = b"sma-signing-key-0123456789abcdef"
+MOMO_KEY = b"momo-signing-key-fedcba9876543210"
+API_KEY, API_SECRET = "account-exec", "exec-api-secret-5f4e3d2c1b0a"
+TERMINAL = ("FILLED", "CANCELLED", "REJECTED")
+LOOSE = RiskLimits(max_notional=None, max_position=None, max_orders_per_minute=None,
+                   price_band_bps=D(500))
+BIDS = [("33990.00", "1"), ("33980.00", "2")]
+ASKS = [("34010.00", "0.5"), ("34020.00", "0.5"), ("34050.00", "5")]  # mid 34000
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+class Env:
+    """The test's topics, serde, keys and a way to start execution groups."""
+
+    def __init__(self, kafka: str, registry_url: str, namespace: Namespace, run_dir: Path) -> None:
+        self.kafka, self.registry_url, self.namespace, self.run_dir = \
+            kafka, registry_url, namespace, run_dir
+        self.serde = Serde(SchemaRegistry(registry_url))
+        self.decoder = self.serde.decoder()
+        self.keys = StrategyKeys({"sma": SMA_KEY, "momo": MOMO_KEY})
+        self.topic = {n: namespace.topic(n) for n in ("orders.requests", "book.snapshots",
+                                                      "orders.events", "orders.seen", "dlq")}
+        self._tail: Tail | None = None
+        for name in ("orders.requests", "book.snapshots", "orders.events", "orders.seen"):
+            self.serde.encoder(self.topic[name])  # registers: the decoder then needs no lookups
+
+    def settings(self, **kw) -> ExecutionSettings:
+        kw.setdefault("risk", LOOSE)
+        kw.setdefault("run_dir", self.run_dir)
+        return ExecutionSettings(**kw)
+
+    def group(self, settings: ExecutionSettings, credentials=None, **kw) -> GroupThread:
+        config = make_group(self.kafka, self.registry_url, self.namespace, settings,
+                            keys=self.keys, credentials=credentials, **kw)
+        return GroupThread(config, self.kafka)
+
+    def requests(self, *requests: dict) -> list[dict]:
+        produce(self.kafka, self.serde.encoder(self.topic["orders.requests"]), list(requests))
+        return list(requests)
+
+    def snapshot(self, bids=BIDS, asks=ASKS, symbol: str = "BTCUSD", **kw) -> None:
+        produce(self.kafka, self.serde.encoder(self.topic["book.snapshots"]),
+                [book_snapshot(symbol, bids, asks, **kw)])
+
+    @property
+    def tail(self) -> Tail:
+        if self._tail is None:
+            self._tail = Tail(self.kafka, self.topic["orders.events"], self.decoder)
+        return self._tail
+
+    def events(self) -> list[dict]:
+        """The committed order events so far."""
+        return list(self.tail.poll(0.1))
+
+    def wait_events(self, count: int, timeout: float = 30) -> list[dict]:
+        return self.tail.wait(lambda values: len(values) >= count and list(values), timeout,
+                              f"{count} order events")
+
+    def wait_terminal(self, ids, timeout: float = 30) -> dict[str, list[dict]]:
+        """Events per id once every id in ``ids`` has a terminal event."""
+        ids = set(ids)
+
+        def done(values):
+            events = by_id(values)
+            if all(any(e["kind"] in TERMINAL for e in events.get(i, [])) for i in ids):
+                return events
+        return self.tail.wait(done, timeout, f"a terminal event for each of {len(ids)} request(s)")
+
+    def close(self) -> None:
+        if self._tail is not None:
+            self._tail.close()
+
+    def seen(self) -> dict[str, str]:
+        return {v["client_order_id"]: v["outcome"] for v in
+                read_values(self.kafka, self.topic["orders.seen"], self.decoder)}
+
+
+@pytest.fixture
+def env(kafka, registry, namespace, topics, tmp_path) -> Env:
+    topics("orders.requests", "book.snapshots", "orders.events", "orders.seen", "dlq")
+    env = Env(kafka, registry.url, namespace, tmp_path / "run")
+    yield env
+    env.close()
+
+
+@pytest.fixture
+def venue():
+    running = RunningVenue(VenueConfig(symbols=["BTCUSD"], rate=2, start_on_subscribe=False,
+                                       api_keys={API_KEY: API_SECRET}))
+    wait_for(lambda: venue_book(running)[1], 10, "the venue's first book")
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def credentials() -> GeminiCredentials:
+    return GeminiCredentials(API_KEY, API_SECRET)
+
+
+def sandbox(env: Env, venue, **kw) -> ExecutionSettings:
+    kw.setdefault("gemini_rate_per_s", 50.0)
+    kw.setdefault("gemini_burst", 10)
+    return env.settings(mode="sandbox", venue_url=venue.http_url, **kw)
+
+
+def publish_venue_book(env: Env, venue) -> tuple[Decimal, Decimal]:
+    """Publish the venue's current book as a snapshot; returns (best bid, best ask)."""
+    bids, asks = venue_book(venue)
+    env.snapshot(bids, asks)
+    return D(bids[0][0]), D(asks[0][0])
+
+
+# --------------------------------------------------------------------------- sandbox
+
+
+def test_signed_request_reaches_the_venue_and_fills(env, venue, credentials):
+    _, ask = publish_venue_book(env, venue)
+    buy = order_request(SMA_KEY, price=str(ask + 1), amount="0.001")
+    sell = order_request(MOMO_KEY, strategy_id="momo", side="SELL", order_type="MARKET",
+                         amount="0.002")
+    env.requests(buy, sell)
+    with env.group(sandbox(env, venue), credentials):
+        events = env.wait_terminal([buy["client_order_id"], sell["client_order_id"]])
+    assert kinds(events[buy["client_order_id"]]) == {buy["client_order_id"]: ["ACCEPTED", "FILLED"]}
+    filled = events[buy["client_order_id"]][-1]
+    assert filled["mode"] == "SANDBOX" and filled["filled_amount"] == "0.001"
+    assert filled["exchange_order_id"] and D(filled["avg_fill_price"]) <= ask + 1
+    sold = [e["kind"] for e in events[sell["client_order_id"]]]
+    assert sold[0] == "ACCEPTED" and sold[-1] in ("FILLED", "CANCELLED")
+    # The market sell went out as an immediate-or-cancel limit at the band's lower edge.
+    assert D(events[sell["client_order_id"]][0]["price"]) < ask
+    log = {e["client_order_id"]: e for e in new_orders(venue)}
+    assert set(log) == {buy["client_order_id"], sell["client_order_id"]}
+    assert all(e["api_key"] == API_KEY and e["status"] == 200 for e in log.values())
+    assert env.seen() == {buy["client_order_id"]: "sent", sell["client_order_id"]: "sent"}
+
+
+def test_forged_expired_and_replayed_requests_are_rejected_and_never_reach_the_venue(
+        env, venue, credentials):
+    _, ask = publish_venue_book(env, venue)
+    price = str(ask + 1)
+    good = order_request(SMA_KEY, price=price, amount="0.001")
+    wrong_key = order_request(MOMO_KEY, price=price, amount="0.001")  # sma's id, momo's key
+    tampered = order_request(SMA_KEY, price=price, amount="0.001")
+    tampered["amount"] = "0.5"  # changed after signing
+    expired = order_request(SMA_KEY, price=price, amount="0.001",
+                            created_ms=int(time.time() * 1000) - 120_000, ttl_ms=60_000)
+    unknown = order_request(b"whatever", strategy_id="nobody", price=price, amount="0.001")
+    replay = dict(good)  # the very same signed request again
+    env.requests(good, wrong_key, tampered, expired, unknown, replay)
+    with env.group(sandbox(env, venue), credentials):
+        events = env.wait_terminal([r["client_order_id"] for r in
+                                    (good, wrong_key, tampered, expired, unknown)])
+        env.wait_events(7)
+    # A second replay after a restart: the seen ids come back from orders.seen.
+    env.requests(dict(good))
+    with env.group(sandbox(env, venue), credentials):
+        env.wait_events(8)
+    events = by_id(env.events())
+    reasons = {cid: [(e["kind"], e["reason"]) for e in evs] for cid, evs in events.items()}
+    assert reasons[good["client_order_id"]] == [("ACCEPTED", None), ("FILLED", None),
+                                                ("REJECTED", "duplicate"), ("REJECTED", "duplicate")]
+    assert reasons[wrong_key["client_order_id"]] == [("REJECTED", "bad_signature")]
+    assert reasons[tampered["client_order_id"]] == [("REJECTED", "bad_signature")]
+    assert reasons[expired["client_order_id"]] == [("REJECTED", "expired")]
+    assert reasons[unknown["client_order_id"]] == [("REJECTED", "unknown_strategy")]
+    # Only the good one ever reached the venue, once; nothing else was even attempted.
+    sent = [e["client_order_id"] for e in venue.venue.rest_log]
+    assert sent == [good["client_order_id"]]
+    # Forged requests leave no trace in orders.seen (they cannot burn a real id).
+    seen = env.seen()
+    assert seen == {good["client_order_id"]: "sent", expired["client_order_id"]: "rejected:expired"}
+
+
+# --------------------------------------------------------------------------- exactly once
+
+
+def process_args(env: Env, venue, keys_file: Path, *extra: str) -> list[str]:
+    return ["--bootstrap", env.kafka, "--registry", env.registry_url, "--namespace",
+            str(env.namespace), "--mode", "sandbox",
+            "--venue-url", venue.http_url if venue else "http://127.0.0.1:9",
+            "--strategy-keys", str(keys_file), "--run-dir", str(env.run_dir),
+            "--gemini-rate", "300", "--gemini-burst", "20", "--max-notional", "off",
+            "--max-position", "off", "--max-orders-per-minute", "off", "--price-band-bps", "500",
+            "--max-book-age-s", "off", *extra]
+
+
+def test_kill_9_at_random_points_gives_exactly_one_order_and_one_outcome_per_request(
+        env, venue, tmp_path):
+    rng = random.Random()
+    seed = rng.randrange(10**6)
+    rng.seed(seed)
+    print(f"seed {seed}")
+    bid, ask = publish_venue_book(env, venue)
+    requests = [order_request(SMA_KEY, side=side, price=str(ask + 5 if side == "BUY" else bid - 5),
+                              amount="0.0001", options=["immediate-or-cancel"])
+                for side in ["BUY", "SELL"] * 100]
+    ids = [r["client_order_id"] for r in requests]
+    keys_file = write_secret_file(tmp_path / "strategy-keys.json", {"sma": SMA_KEY.decode()})
+    secrets = {"GEMINI_API_KEY": API_KEY, "GEMINI_API_SECRET": API_SECRET}
+    env.requests(*requests)
+    processes = []
+    try:
+        for threshold in (rng.randint(5, 45), rng.randint(70, 110), rng.randint(135, 175)):
+            proc = ExecutionProcess(process_args(env, venue, keys_file), tmp_path, secrets)
+            processes.append(proc)
+            wait_for(lambda: len(new_orders(venue, None)) >= threshold, 60,
+                     f"{threshold} orders at the venue", interval=0.002)
+            time.sleep(rng.random() * 0.02)
+            proc.kill()
+        proc = ExecutionProcess(process_args(env, venue, keys_file), tmp_path, secrets)
+        processes.append(proc)
+        events = env.wait_terminal(ids, timeout=60)
+        assert proc.terminate() == 0
+    finally:
+        for proc in processes:
+            proc.ensure_dead()
+    # Exactly one order per request reached the venue, and the exchange holds exactly one.
+    accepted = [e["client_order_id"] for e in new_orders(venue)]
+    assert sorted(accepted) == sorted(ids), "an order was sent twice or never"
+    assert all(n == 1 for n in exchange_orders_per_id(venue).values())
+    assert set(exchange_orders_per_id(venue)) == set(ids)
+    # Exactly one ACCEPTED and one terminal event per request (read_committed).
+    for cid in ids:
+        got = [e["kind"] for e in events[cid]]
+        assert got.count("ACCEPTED") == 1 and sum(k in TERMINAL for k in got) == 1, (cid, got)
+        assert got[-1] in ("FILLED", "CANCELLED"), (cid, got)
+    assert set(env.seen().values()) == {"sent"}
+    reconciled = [e for e in venue.venue.rest_log if e["path"] == "/v1/order/status"]
+    print(f"{len(reconciled)} order(s) were in doubt after a kill and reconciled by status")
+    # Secrets never reach a log or a topic.
+    for proc in processes:
+        text = proc.log_text()
+        assert API_SECRET not in text and SMA_KEY.decode() not in text
+    for name in ("orders.events", "orders.seen", "dlq"):
+        for record in read_all(env.kafka, env.topic[name]):
+            assert API_SECRET.encode() not in record.value and SMA_KEY not in record.value
+
+
+# --------------------------------------------------------------------------- crash windows
+
+
+def test_an_intent_without_an_outcome_is_reconciled_by_status_before_anything_is_sent(
+        env, venue, credentials):
+    """The two windows a kill -9 can leave, set up exactly: an intent whose order never
+    left (sent now, once) and an intent whose order the venue has (adopted, not resent)."""
+    bid, ask = publish_venue_book(env, venue)
+    lost = order_request(SMA_KEY, price=str(ask + 1), amount="0.001")
+    placed = order_request(SMA_KEY, side="SELL", price=str(bid - 1), amount="0.001")
+    intents = [{"client_order_id": r["client_order_id"], "strategy_id": "sma",
+                "outcome": "sending", "seen_ms": int(time.time() * 1000)} for r in (lost, placed)]
+    produce(env.kafka, env.serde.encoder(env.topic["orders.seen"]), intents, "client_order_id")
+    predecessor = GeminiRestClient(venue.http_url, API_KEY, API_SECRET,
+                                   NonceSource(env.settings().nonce_path))
+    order_id = predecessor.new_order("BTCUSD", "0.001", str(bid - 1), "sell",
+                                     client_order_id=placed["client_order_id"])["order_id"]
+    predecessor.close()
+    env.requests(lost, placed)
+    with env.group(sandbox(env, venue), credentials):
+        events = env.wait_terminal([lost["client_order_id"], placed["client_order_id"]])
+    calls = [(e["path"], e["client_order_id"], e["outcome"]) for e in venue.venue.rest_log]
+    assert calls == [
+        ("/v1/order/new", placed["client_order_id"], "accepted"),  # the predecessor's
+        # the group asks before it acts; "not found" is final: that call's nonce fences
+        # any lost request with a smaller one
+        ("/v1/order/status", lost["client_order_id"], "OrderNotFound"),
+        ("/v1/order/new", lost["client_order_id"], "accepted"),
+        ("/v1/order/status", placed["client_order_id"], "accepted"),  # found: adopted
+    ]
+    assert exchange_orders_per_id(venue) == {lost["client_order_id"]: 1,
+                                             placed["client_order_id"]: 1}
+    for request in (lost, placed):
+        assert [e["kind"] for e in events[request["client_order_id"]]] == ["ACCEPTED", "FILLED"]
+    assert events[placed["client_order_id"]][0]["exchange_order_id"] == str(order_id)
+    assert env.seen() == {lost["client_order_id"]: "sent", placed["client_order_id"]: "sent"}
+
+
+def test_an_order_in_doubt_that_cannot_be_settled_stops_the_process_without_committing(
+        env, tmp_path):
+    env.snapshot()
+    request = order_request(SMA_KEY, price="34050.00", amount="0.001")
+    produce(env.kafka, env.serde.encoder(env.topic["orders.seen"]), [{
+        "client_order_id": request["client_order_id"], "strategy_id": "sma",
+        "outcome": "sending", "seen_ms": int(time.time() * 1000)}], "client_order_id")
+    env.requests(request)
+    keys_file = write_secret_file(tmp_path / "strategy-keys.json", {"sma": SMA_KEY.decode()})
+    args = process_args(env, None, keys_file)
+    # Nothing listens on port 9: the status cannot be had, so the order stays in doubt.
+    args[args.index("--venue-url") + 1] = "http://127.0.0.1:9"
+    proc = ExecutionProcess(args, tmp_path, {"GEMINI_API_KEY": API_KEY,
+                                             "GEMINI_API_SECRET": API_SECRET})
+    try:
+        assert proc.proc.wait(60) == 3
+    finally:
+        proc.ensure_dead()
+    assert "in doubt and its status cannot be had" in proc.log_text()
+    # Neither dead-lettered nor committed: the next start reconciles it again.
+    assert read_all(env.kafka, env.topic["dlq"]) == []
+    assert env.events() == []
+    assert set(committed(env.kafka, f"{env.namespace}.execution",
+                         env.topic["orders.requests"]).values()) == {-1001}
+
+
+# --------------------------------------------------------------------------- nonces
+
+
+def test_nonces_grow_across_restarts_and_a_refused_nonce_is_recovered_without_a_duplicate(
+        env, venue, credentials):
+    settings = sandbox(env, venue)
+    nonce_file = settings.nonce_path
+    nonce_file.parent.mkdir(parents=True)
+    # Start far ahead of the clock, so the file (not the clock) decides every nonce.
+    nonce_file.write_text(f"{time.time_ns() // 1000 + 3_600_000_000}\n")
+    old_file = nonce_file.with_name("nonce-as-it-was")
+    shutil.copy(nonce_file, old_file)
+    _, ask = publish_venue_book(env, venue)
+    price = str(ask + 1)
+
+    def run(*requests):
+        env.requests(*requests)
+        with env.group(settings, credentials):
+            env.wait_terminal([r["client_order_id"] for r in requests])
+
+    run(order_request(SMA_KEY, price=price, amount="0.001"),
+        order_request(SMA_KEY, price=price, amount="0.001"))
+    before = [e["nonce"] for e in venue.venue.rest_log]
+    assert len(before) == 2 and before[0] < before[1]
+    after_restart = order_request(SMA_KEY, price=price, amount="0.001")
+    run(after_restart)
+    first_after = venue.venue.rest_log[2]
+    assert first_after["client_order_id"] == after_restart["client_order_id"]
+    assert first_after["nonce"] > max(before) and first_after["outcome"] == "accepted"
+
+    shutil.copy(old_file, nonce_file)  # an old nonce file comes back (a restored backup)
+    recovered = order_request(SMA_KEY, price=price, amount="0.001")
+    run(recovered)
+    mine = [(e["outcome"], e["nonce"]) for e in venue.venue.rest_log
+            if e["client_order_id"] == recovered["client_order_id"]]
+    assert [outcome for outcome, _ in mine] == ["InvalidNonce", "accepted"]
+    assert mine[0][1] <= max(before) < mine[1][1]  # reused, then moved past the venue's last
+    assert exchange_orders_per_id(venue)[recovered["client_order_id"]] == 1
+    kinds_ = [e["kind"] for e in by_id(env.events())[recovered["client_order_id"]]]
+    assert kinds_ == ["ACCEPTED", "FILLED"]
+    assert int(nonce_file.read_text()) >= mine[1][1]
+
+
+# --------------------------------------------------------------------------- paper
+
+
+def test_paper_mode_fills_from_the_latest_snapshot_without_http(env):
+    env.snapshot(asks=[("35000.00", "9")], bids=[("34900.00", "9")], published_ms=int(time.time() * 1000) - 1000)
+    env.snapshot()  # the latest: BIDS / ASKS, mid 34000
+    partial = order_request(SMA_KEY, price="34020.00", amount="1.5")
+    rest = order_request(SMA_KEY, price="34060.00", amount="0.2")  # 34010/34020 are used up
+    market_sell = order_request(SMA_KEY, side="SELL", order_type="MARKET", amount="1.25")
+    fok = order_request(SMA_KEY, price="34060.00", amount="100", options=["fill-or-kill"])
+    env.requests(partial, rest, market_sell, fok)
+    with env.group(env.settings()) as group:
+        events = env.wait_terminal([r["client_order_id"] for r in (partial, rest, market_sell, fok)])
+        assert group.handler.client is None  # paper mode has no HTTP client at all
+    got = {cid: [(e["kind"], e["filled_amount"], e["avg_fill_price"], e["reason"]) for e in evs]
+           for cid, evs in events.items()}
+    assert got[partial["client_order_id"]] == [
+        ("ACCEPTED", "0", None, None),
+        ("PARTIALLY_FILLED", "1", "34015", None),  # 0.5 @ 34010 + 0.5 @ 34020
+        ("CANCELLED", "1", "34015", "paper:no_resting_orders")]
+    assert got[rest["client_order_id"]][-1] == ("FILLED", "0.2", "34050", None)
+    assert got[market_sell["client_order_id"]][-1] == ("FILLED", "1.25", "33988", None)
+    assert got[fok["client_order_id"]][-1] == ("CANCELLED", "0", None, "FillOrKillWouldNotFill")
+    filled = events[partial["client_order_id"]][-1]
+    assert filled["mode"] == "PAPER" and filled["fee"] == "119.0525" and filled["fee_currency"] == "USD"
+    # A MARKET order is priced at the band's edge: mid 34000 - 5% = 32300.
+    assert events[market_sell["client_order_id"]][0]["price"] == "32300"
+    assert set(env.seen().values()) == {"paper"}
+
+
+# --------------------------------------------------------------------------- risk, end to end
+
+
+def run_paper(env: Env, limits: RiskLimits, requests: list[dict], **kw) -> dict[str, list[tuple]]:
+    """Run a paper group over ``requests``; (kind, reason) per event per request."""
+    env.requests(*requests)
+    with env.group(env.settings(risk=limits), **kw):
+        events = env.wait_terminal([r["client_order_id"] for r in requests])
+    return {r["client_order_id"]: [(e["kind"], e["reason"]) for e in events[r["client_order_id"]]]
+            for r in requests}
+
+
+def outcome(events: list[tuple]) -> str:
+    """"ok" for an order that went through, else its rejection reason."""
+    kind, reason = events[-1]
+    return reason if kind == "REJECTED" else "ok"
+
+
+def test_max_notional_rejects_only_orders_above_it(env):
+    env.snapshot()
+    limits = replace_limits(max_notional=D(1000))
+    requests = [order_request(SMA_KEY, price="34010.00", amount="0.02"),  # 680.2
+                order_request(SMA_KEY, price="34010.00", amount="0.03"),  # 1020.3
+                # a MARKET buy is checked at its price, the band's edge (34000 + 5%)
+                order_request(SMA_KEY, order_type="MARKET", amount="0.029"),  # 1035.3
+                order_request(SMA_KEY, side="SELL", price="33990.00", amount="0.029")]  # 985.71
+    got = run_paper(env, limits, requests)
+    assert [outcome(got[r["client_order_id"]]) for r in requests] == \
+        ["ok", "risk:max_notional", "risk:max_notional", "ok"]
+
+
+def test_price_band_rejects_prices_outside_it_and_symbols_without_a_fresh_book(env):
+    env.snapshot()  # BTCUSD mid 34000: a 100 bps band is 33660 .. 34340
+    env.snapshot(symbol="SOLUSD", bids=[("35.000", "10")], asks=[("35.010", "10")],
+                 published_ms=int(time.time() * 1000) - 120_000)  # two minutes old
+    limits = replace_limits(price_band_bps=D(100), max_book_age_ms=60_000)
+    requests = [order_request(SMA_KEY, price="34340.00", amount="0.01"),
+                order_request(SMA_KEY, price="34340.01", amount="0.01"),
+                order_request(SMA_KEY, side="SELL", price="33660.00", amount="0.01"),
+                order_request(SMA_KEY, side="SELL", price="33659.99", amount="0.01"),
+                order_request(SMA_KEY, symbol="ETHUSD", price="1900.00", amount="0.01"),  # no book
+                order_request(SMA_KEY, symbol="SOLUSD", price="35.005", amount="1")]  # stale book
+    got = run_paper(env, limits, requests)
+    assert [outcome(got[r["client_order_id"]]) for r in requests] == \
+        ["ok", "risk:price_band", "ok", "risk:price_band", "risk:price_band", "risk:price_band"]
+
+
+def test_max_position_follows_fills_and_survives_a_restart(env):
+    env.snapshot()
+    limits = replace_limits(max_position=D(1))
+    first = [order_request(SMA_KEY, price="34020.00", amount="0.6"),  # position 0.6
+             order_request(MOMO_KEY, strategy_id="momo", price="34050.00", amount="0.5"),  # 1.1
+             order_request(SMA_KEY, side="SELL", price="33980.00", amount="1.5"),  # -0.9
+             order_request(SMA_KEY, side="SELL", price="33980.00", amount="0.2"),  # -1.1
+             order_request(SMA_KEY, price="34050.00", amount="0.3")]  # -0.6: closer to flat
+    got = run_paper(env, limits, first)
+    assert [outcome(got[r["client_order_id"]]) for r in first] == \
+        ["ok", "risk:max_position", "ok", "risk:max_position", "ok"]
+    env.snapshot()  # fresh liquidity
+    # After a restart the position (-0.6) comes back from orders.events.
+    second = [order_request(SMA_KEY, side="SELL", price="33990.00", amount="0.5"),  # -1.1
+              order_request(SMA_KEY, side="SELL", price="33990.00", amount="0.4")]  # -1.0
+    got = run_paper(env, limits, second)
+    assert [outcome(got[r["client_order_id"]]) for r in second] == ["risk:max_position", "ok"]
+
+
+def test_rate_limit_counts_accepted_orders_per_strategy_per_minute(env):
+    env.snapshot()
+    now = [int(time.time() * 1000)]
+    limits = replace_limits(max_orders_per_minute=3, max_book_age_ms=None)
+    sma = [order_request(SMA_KEY, price="34050.00", amount="0.01") for _ in range(4)]
+    momo = [order_request(MOMO_KEY, strategy_id="momo", price="34050.00", amount="0.01")
+            for _ in range(2)]
+    got = run_paper(env, limits, sma + momo, clock_ms=lambda: now[0])
+    assert [outcome(got[r["client_order_id"]]) for r in sma + momo] == \
+        ["ok", "ok", "ok", "risk:rate_limit", "ok", "ok"]
+    # The window comes back after a restart; a minute later it has moved on.
+    later = [order_request(SMA_KEY, price="34050.00", amount="0.01")]
+    got = run_paper(env, limits, later, clock_ms=lambda: now[0])
+    assert outcome(got[later[0]["client_order_id"]]) == "risk:rate_limit"
+    now[0] += 61_000
+    later = [order_request(SMA_KEY, price="34050.00", amount="0.01", created_ms=now[0])]
+    got = run_paper(env, limits, later, clock_ms=lambda: now[0])
+    assert outcome(got[later[0]["client_order_id"]]) == "ok"
+
+
+def test_kill_switch_file_rejects_every_order_while_present(env):
+    env.snapshot()
+    switch = env.run_dir / "kill-switch"
+    env.run_dir.mkdir(parents=True)
+    before = order_request(SMA_KEY, price="34050.00", amount="0.01")
+    during = [order_request(SMA_KEY, price="34050.00", amount="0.01"),
+              order_request(MOMO_KEY, strategy_id="momo", side="SELL", order_type="MARKET",
+                            amount="0.01")]
+    forged = order_request(MOMO_KEY, price="34050.00", amount="0.01")  # wrong key
+    after = order_request(SMA_KEY, price="34050.00", amount="0.01")
+    with env.group(env.settings()):
+        env.requests(before)
+        env.wait_terminal([before["client_order_id"]])
+        switch.touch()  # flipped at runtime: takes effect from the next batch
+        time.sleep(0.1)
+        env.requests(*during, forged)
+        env.wait_terminal([r["client_order_id"] for r in during + [forged]])
+        switch.unlink()
+        time.sleep(0.1)
+        count = len(env.events())
+        env.requests(after, during[0])  # a request refused by the switch stays refused
+        env.wait_events(count + 3)
+    events = by_id(env.events())
+    assert outcome([(e["kind"], e["reason"]) for e in events[before["client_order_id"]]]) == "ok"
+    for request in during:
+        assert [(e["kind"], e["reason"]) for e in events[request["client_order_id"]]][0] == \
+            ("REJECTED", "risk:kill_switch")
+    assert [e["reason"] for e in events[forged["client_order_id"]]] == ["bad_signature"]
+    assert outcome([(e["kind"], e["reason"]) for e in events[after["client_order_id"]]]) == "ok"
+    assert [e["reason"] for e in events[during[0]["client_order_id"]]] == \
+        ["risk:kill_switch", "duplicate"]
+
+
+def replace_limits(**kw) -> RiskLimits:
+    base = dict(max_notional=None, max_position=None, max_orders_per_minute=None,
+                price_band_bps=D(500), max_book_age_ms=60_000)
+    return RiskLimits(**{**base, **kw})
+
+
+# --------------------------------------------------------------------------- modes
+
+
+def test_live_mode_needs_the_flag_keys_and_a_live_namespace(tmp_path):
+    creds = GeminiCredentials("k", "s")
+    live = ExecutionSettings(mode="live", live_confirmed=True)
+    check_mode(Namespace("live"), live, creds)  # all three: allowed
+    with pytest.raises(PipelineError, match="--live"):
+        check_mode(Namespace("live"), ExecutionSettings(mode="live"), creds)
+    with pytest.raises(PipelineError, match="refuses namespace sim-x"):
+        check_mode(Namespace("sim-x"), live, creds)
+    with pytest.raises(PipelineError, match="refuses namespace replay-x"):
+        check_mode(Namespace("replay-x"), live, creds)
+    with pytest.raises(PipelineError, match="API key and secret"):
+        check_mode(Namespace("live"), live, None)
+    with pytest.raises(PipelineError, match="API key and secret"):
+        check_mode(Namespace("sim"), ExecutionSettings(mode="sandbox"), None)
+    # The command line refuses before touching Kafka (nothing listens on port 9).
+    key_file = write_secret_file(tmp_path / "gemini.json", {"api_key": "k", "api_secret": "s"})
+    common = ["--bootstrap", "127.0.0.1:9", "--registry", "http://127.0.0.1:9",
+              "--api-key-file", str(key_file), "--run-dir", str(tmp_path)]
+    assert main([*common, "--namespace", "sim", "--mode", "live", "--live"]) == 2
+    assert main([*common, "--namespace", "live", "--mode", "live"]) == 2
+    key_file.chmod(0o644)
+    assert main([*common, "--namespace", "sim", "--mode", "sandbox"]) == 2  # readable by others
+
+
+def test_the_gemini_secret_is_never_shown():
+    creds = GeminiCredentials("account-1", "s3cr3t-value")
+    assert "s3cr3t" not in repr(creds) and "s3cr3t" not in str(creds)
+    assert "s3cr3t" not in repr(StrategyKeys({"sma": b"s3cr3t-value"}))
+
+
+# --------------------------------------------------------------------------- pure logic
+
+
+def test_token_bucket_allows_a_burst_then_the_rate():
+    now = [0.0]
+    slept = []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        now[0] += seconds
+
+    bucket = TokenBucket(5, 5, clock=lambda: now[0], sleep=sleep)
+    for _ in range(5):
+        bucket.take()
+    assert slept == []
+    for _ in range(10):
+        bucket.take()
+    assert now[0] == pytest.approx(2.0)  # 10 more at 5/s
+
+
+def book(bids=BIDS, asks=ASKS, ts_ms=1_000_000) -> BookTop:
+    return BookTop.from_snapshot(book_snapshot("BTCUSD", bids, asks, published_ms=ts_ms))
+
+
+def decide(limits: RiskLimits, state: RiskState | None = None, top: BookTop | None = None,
+           **kw):
+    order = dict(strategy_id="sma", symbol="BTCUSD", side="buy", order_type="LIMIT",
+                 price=D("34000"), amount=D("0.01"), now_ms=1_000_500)
+    order.update(kw)
+    return risk.check(limits, state or RiskState(), top if top is not None else book(), **order)
+
+
+def test_risk_rules_one_by_one():
+    assert decide(RiskLimits()).accepted
+    assert decide(RiskLimits(), kill_switch=True).reason == "risk:kill_switch"
+    assert risk.check(RiskLimits(), RiskState(), None, strategy_id="s", symbol="X", side="buy",
+                      order_type="LIMIT", price=D(1), amount=D(1), now_ms=0).reason == \
+        "risk:price_band"
+    assert decide(RiskLimits(max_book_age_ms=100)).reason == "risk:price_band"
+    assert decide(RiskLimits(), top=book(bids=[])).reason == "risk:price_band"  # one-sided
+    assert decide(RiskLimits(max_notional=D(340)), price=D("34000"), amount=D("0.01")).accepted
+    assert decide(RiskLimits(max_notional=D(339)), price=D("34000"),
+                  amount=D("0.01")).reason == "risk:max_notional"
+    state = RiskState()
+    state.apply_fill("BTCUSD", "buy", D("0.5"))
+    state.note_open("open-1", "BTCUSD", "buy", D("0.4"))
+    limits = RiskLimits(max_position=D(1))
+    assert decide(limits, state, amount=D("0.1")).accepted  # 0.5 + 0.4 open + 0.1
+    assert decide(limits, state, amount=D("0.11")).reason == "risk:max_position"
+    assert decide(replace_limits(max_position=D(1)), state, side="sell", price=D("34000"),
+                  amount=D("1.5")).accepted
+    assert decide(RiskLimits(max_position_by_symbol={"BTCUSD": D("0.05")}),
+                  amount=D("0.06")).reason == "risk:max_position"
+    state = RiskState()
+    for at in (1_000_000, 1_000_100):
+        state.note_accepted("sma", at)
+    limits = RiskLimits(max_orders_per_minute=2)
+    assert decide(limits, state).reason == "risk:rate_limit"
+    assert decide(limits, state, strategy_id="other").accepted
+    assert decide(limits, state, now_ms=1_060_001, top=book(ts_ms=1_060_000)).accepted
+
+
+def test_market_orders_are_priced_at_the_band_edge_on_the_tick_grid():
+    top = book(bids=[("100.01", "1")], asks=[("100.04", "1")])  # mid 100.025, tick 0.01
+    limits = RiskLimits(price_band_bps=D(100))
+    assert risk.band_edge(top, "buy", D(100)) == D("101.02")  # 101.02525 rounded down
+    assert risk.band_edge(top, "sell", D(100)) == D("99.03")  # 99.02475 rounded up
+    decision = risk.check(limits, RiskState(), top, strategy_id="s", symbol="BTCUSD",
+                          side="buy", order_type="MARKET", price=None, amount=D(1),
+                          now_ms=top.ts_ms)
+    assert decision.accepted and decision.price == D("101.02")
+
+
+def test_paper_fills_take_liquidity_once_per_snapshot():
+    paper = PaperBook()
+    paper.replace(book().bids, book().asks)
+    first = paper.fill("BTCUSD", "buy", D("34020"), D("0.7"))
+    assert first.fills == ((D("34010.00"), D("0.5")), (D("34020.00"), D("0.2")))
+    assert first.cancel_reason is None and first.fee == D("23809") * D("0.0035")
+    second = paper.fill("BTCUSD", "buy", D("34020"), D("0.7"), ["immediate-or-cancel"])
+    assert second.filled == D("0.3") and second.cancel_reason == "ImmediateOrCancelWouldPost"
+    assert paper.fill("BTCUSD", "sell", D("33990"), D("0.1"), ["maker-or-cancel"]).cancel_reason \
+        == "MakerOrCancelWouldTake"
+    assert paper.fill("BTCUSD", "sell", D("34000"), D("0.1"), ["maker-or-cancel"]).cancel_reason \
+        == "paper:no_resting_orders"
+    paper.replace(book().bids, book().asks)  # a new snapshot: its liquidity is fresh
+    assert paper.fill("BTCUSD", "buy", D("34010"), D("0.5")).cancel_reason is None
