@@ -31,8 +31,9 @@ makes the runtime track and commit the partition before any new trade arrives).
 Parquet is written only with bars of transactions known to be committed: the handler's
 next call after a commit is the proof (the runtime never calls a handler again after a
 failed commit). Those bars are merged into their partition files (atomic replace, rows
-keyed by start time, so a repeated write changes nothing) at the start of the next batch;
-until the checkpoint that drops them is committed they stay listed in the checkpoint.
+keyed by start time, so a repeated write changes nothing) once a second (``flush_interval_s``)
+or when 2,000 wait, so Parquet trails the topic by about a second; until a committed
+checkpoint no longer lists them, every checkpoint carries them as "unflushed".
 
 What a kill -9 leaves, at each point of a batch:
 
@@ -41,8 +42,8 @@ What a kill -9 leaves, at each point of a batch:
   checkpoint; the batch is read again from there. Nothing was published or written.
 * after the checkpoint is written, before the commit: same, and the new checkpoint does
   not match the committed offset, so it is deleted and the batch redone.
-* after the commit, before the next batch: the committed offset matches the new
-  checkpoint; its bars are in the bars topic once; they are written to Parquet on restart.
+* after the commit, before its bars reach Parquet: the committed offset matches the new
+  checkpoint; its bars are in the bars topic once; the restart writes them to Parquet.
 * while writing Parquet: a partition file is the old one or the new one (rename); the
   restart writes the checkpoint's unflushed bars again, skipping rows already present.
 
@@ -68,7 +69,7 @@ from confluent_kafka import OFFSET_STORED, Consumer, TopicPartition
 
 from pipeline.bars import (DEFAULT_INTERVALS, Bar, BarBuilder, BarSettings, Clock, Emitted,
                            wall_clock_ms)
-from pipeline.bars_store import PLACES, BarWriter, Checkpoints, WriteReport, read_bars
+from pipeline.bars_store import DIGITS, PLACES, BarWriter, Checkpoints, WriteReport, read_bars
 from pipeline.catalog import Namespace
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
@@ -250,6 +251,7 @@ class BarsHandler(Handler):
 
     def _restore(self, p: int, committed: int | None) -> _Part:
         store = Checkpoints(self.opts.state_dir / self.source_topic / f"p{p}", fsync=self.opts.fsync)
+        store.clear_staging()  # a write a kill interrupted; the partition is ours now
         found = store.latest(2)  # oldest first; only the newest can be in doubt
         if not found and committed is None:
             return _Part(BarBuilder(self.opts.settings, self.clock), store)
@@ -339,7 +341,7 @@ def make_group(bootstrap: str, registry_url: str, namespace: str, *,
     state = Path(state_dir).resolve() if state_dir else \
         root.parent / f"{root.name}.state" / group_id
     settings = BarSettings(intervals=tuple(intervals), lateness_ms=lateness_ms,
-                           fill_gaps=fill_gaps, max_places=PLACES)
+                           fill_gaps=fill_gaps, max_places=PLACES, max_digits=DIGITS)
     opts = BarsOptions(bootstrap, registry_url, source.name, out.name, group_id, root, state,
                        settings, fsync)
     handler: Callable[[], Handler] = lambda: handler_class(opts, clock)  # noqa: E731

@@ -12,7 +12,7 @@ the aggregate of its 1m bars. (Every interval must divide the next; 1m, 5m, 15m,
 and 1d do.)
 
 **Exact decimals.** Prices and quantities are ``Decimal``; sums and products run in a
-60-digit context that *traps* inexact results, so a bar is exact or an error, never
+100-digit context that *traps* inexact results, so a bar is exact or an error, never
 silently rounded. VWAP is ``notional / volume`` rounded half-even to 12 places by exact
 rational arithmetic. Outputs are canonical plain decimal strings (:func:`decimal_text`):
 no exponent, no trailing fractional zeros, no trailing point, ``"0"`` for zero; so
@@ -66,8 +66,8 @@ VWAP_PLACES = 12
 TAKER_SIDES = ("BUY", "SELL", "UNKNOWN")
 STATE_VERSION = 1
 
-# Exact arithmetic or an exception: 60 significant digits, inexact results trapped.
-EXACT = Context(prec=60, traps=[Inexact, Rounded, Overflow, InvalidOperation, DivisionByZero])
+# Exact arithmetic or an exception: 100 significant digits, inexact results trapped.
+EXACT = Context(prec=100, traps=[Inexact, Rounded, Overflow, InvalidOperation, DivisionByZero])
 _PLAIN = re.compile(r"^-?\d+(\.\d+)?$")
 _ZERO = Decimal(0)
 
@@ -99,8 +99,9 @@ def round_half_even(numerator: Decimal, denominator: Decimal, places: int = VWAP
 
 @dataclass(frozen=True)
 class BarSettings:
-    """How bars are built. ``max_places`` rejects trades with more decimal places than a
-    sink can store exactly (the Parquet store uses 18)."""
+    """How bars are built. ``max_places``/``max_digits`` reject trades with more decimal
+    places or integer digits than a sink stores exactly (the Parquet store: 18 and 15,
+    which leaves sums of bars 5 digits of headroom in ``decimal(38, 18)``)."""
 
     intervals: tuple[str, ...] = DEFAULT_INTERVALS
     lateness_ms: int = 5_000
@@ -108,6 +109,7 @@ class BarSettings:
     dedupe_window: int = 1_000
     snapshot_hold_ms: int = 1_000
     max_places: int | None = None
+    max_digits: int | None = None
 
     def __post_init__(self) -> None:
         unknown = [i for i in self.intervals if i not in INTERVALS_MS]
@@ -191,21 +193,25 @@ class _Trade:
     ts: int
     price: Decimal
     qty: Decimal
+    notional: Decimal
     side: str
     snapshot: bool
     frame: tuple[str, int]
 
 
-def _decimal(value: Any, what: str, max_places: int | None) -> Decimal:
+def _decimal(value: Any, what: str, places: int | None, digits: int | None) -> Decimal:
     if not isinstance(value, str) or not _PLAIN.match(value):
         raise ValueError(f"{what} {value!r} is not a plain decimal string")
     number = Decimal(value)
-    if max_places is not None and -number.as_tuple().exponent > max_places:  # type: ignore[operator]
-        raise ValueError(f"{what} {value} has more than {max_places} decimal places")
+    if places is not None and -number.as_tuple().exponent > places:  # type: ignore[operator]
+        raise ValueError(f"{what} {value} has more than {places} decimal places")
+    if digits is not None and number and number.adjusted() >= digits:
+        raise ValueError(f"{what} {value} has more than {digits} integer digits")
     return number
 
 
-def parse_trade(raw: Mapping[str, Any], max_places: int | None = None) -> _Trade:
+def parse_trade(raw: Mapping[str, Any], max_places: int | None = None,
+                max_digits: int | None = None) -> _Trade:
     """Validate a ``Trade`` record; ``ValueError`` says what is wrong with it."""
     try:
         symbol, trade_id, ts = raw["symbol"], raw["trade_id"], raw["exchange_ts_ms"]
@@ -217,18 +223,23 @@ def parse_trade(raw: Mapping[str, Any], max_places: int | None = None) -> _Trade
     if not isinstance(trade_id, int) or not isinstance(ts, int) or ts < 0:
         raise ValueError(f"{symbol}: trade_id {trade_id!r} and exchange_ts_ms {ts!r} must be "
                          "integers (time >= 0)")
-    price = _decimal(price_text, f"{symbol} trade {trade_id}: price", max_places)
+    price = _decimal(price_text, f"{symbol} trade {trade_id}: price", max_places, max_digits)
     if price <= 0:
         raise ValueError(f"{symbol} trade {trade_id}: price {price_text} is not positive")
-    qty = _decimal(qty_text, f"{symbol} trade {trade_id}: quantity", max_places)
+    qty = _decimal(qty_text, f"{symbol} trade {trade_id}: quantity", max_places, max_digits)
     if qty < 0:
         raise ValueError(f"{symbol} trade {trade_id}: quantity {qty_text} is negative")
     if side not in TAKER_SIDES:
         raise ValueError(f"{symbol} trade {trade_id}: unknown taker_side {side!r} "
                          f"(expected {', '.join(TAKER_SIDES)})")
+    try:
+        notional = EXACT.multiply(price, qty)
+    except ArithmeticError:
+        raise ValueError(f"{symbol} trade {trade_id}: price x quantity has more than "
+                         f"{EXACT.prec} digits") from None
     snapshot = bool(raw.get("from_snapshot", False))
     frame = (str(raw.get("connection_id", "")), int(raw.get("sequence", 0) or 0))
-    return _Trade(raw, symbol, trade_id, ts, price, qty, side, snapshot, frame)
+    return _Trade(raw, symbol, trade_id, ts, price, qty, notional, side, snapshot, frame)
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -246,9 +257,10 @@ class _Agg:
         self.volume = self.notional = self.buy = self.sell = _ZERO
         self.count = 0
 
-    def add_trade(self, price: Decimal, qty: Decimal, side: str, key: tuple[int, int]) -> None:
+    def add_trade(self, price: Decimal, qty: Decimal, notional: Decimal, side: str,
+                  key: tuple[int, int]) -> None:
         # Everything that can raise runs before the first assignment: all or nothing.
-        notional = EXACT.add(self.notional, EXACT.multiply(price, qty))
+        notional = EXACT.add(self.notional, notional)
         volume = EXACT.add(self.volume, qty)
         buy = EXACT.add(self.buy, qty) if side == "BUY" else self.buy
         sell = EXACT.add(self.sell, qty) if side == "SELL" else self.sell
@@ -348,7 +360,8 @@ class BarBuilder:
     def add(self, raw: Mapping[str, Any], into: Emitted | None = None) -> Emitted:
         """Feed one trade record; closed bars, late trades and duplicates go to ``into``."""
         out = into if into is not None else Emitted()
-        trade = parse_trade(raw, self.settings.max_places)  # raises before any change
+        limits = self.settings.max_places, self.settings.max_digits
+        trade = parse_trade(raw, *limits)  # raises before any change
         sym = self._symbols.get(trade.symbol)
         if sym is None:
             sym = self._symbols[trade.symbol] = _Symbol(trade.symbol, len(self._lengths))
@@ -418,7 +431,7 @@ class BarBuilder:
             agg = sym.open[0].get(start)
             if agg is None:
                 agg = sym.open[0][start] = _Agg()
-            agg.add_trade(trade.price, trade.qty, trade.side, key)
+            agg.add_trade(trade.price, trade.qty, trade.notional, trade.side, key)
         else:
             out.late.append(dict(trade.raw))
         self._remember(sym, trade.trade_id)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ import pyarrow.parquet as pq
 from pipeline.bars import INTERVALS_MS, Bar
 
 PLACES = 18
+DIGITS = 15  # integer digits of one trade's price or quantity; sums get 5 more
 DECIMAL = pa.decimal128(38, PLACES)
 TIME = pa.timestamp("ms", tz="UTC")
 SCHEMA = pa.schema([
@@ -108,6 +110,7 @@ class BarWriter:
         self.fsync = fsync
         self._cache: OrderedDict[Path, tuple[tuple[int, int, int], pa.Table]] = OrderedDict()
         self._cache_files = cache_files
+        _clear_stale(staging_dir(self.root))
 
     def write(self, bars: Iterable[Bar]) -> WriteReport:
         groups: dict[tuple[str, str, str], list[Bar]] = {}
@@ -151,6 +154,20 @@ class BarWriter:
         self._cache.move_to_end(path)
         while len(self._cache) > self._cache_files:
             self._cache.popitem(last=False)
+
+
+def _clear_stale(staging: Path, older_than_s: float = 3600) -> None:
+    """Temporary files a killed writer left (other writers may share the directory: only
+    files no live write could still own)."""
+    if not staging.is_dir():
+        return
+    cutoff = time.time() - older_than_s
+    for leftover in staging.iterdir():
+        try:
+            if leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def write_bars(root: Path, bars: Iterable[Bar], *, fsync: bool = True) -> WriteReport:
@@ -280,3 +297,10 @@ class Checkpoints:
 
     def remove(self, seq: int) -> None:
         self._path(seq).unlink(missing_ok=True)
+
+    def clear_staging(self) -> None:
+        """Remove temporary files of writes that never finished (call while owning it)."""
+        staging = self.directory / ".tmp"
+        if staging.is_dir():
+            for leftover in staging.iterdir():
+                leftover.unlink(missing_ok=True)

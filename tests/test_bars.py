@@ -9,8 +9,8 @@ from decimal import Decimal, ROUND_HALF_EVEN, localcontext
 import pandas as pd
 import pytest
 
-from pipeline.bars import (Bar, BarBuilder, BarSettings, Emitted, build_bars, decimal_text,
-                           round_half_even)
+from pipeline.bars import (INTERVALS_MS, Bar, BarBuilder, BarSettings, Emitted, build_bars,
+                           decimal_text, round_half_even)
 from pipeline.gemini.capture import received_frames
 from pipeline.gemini.marketdata import V2Normalizer
 
@@ -263,13 +263,16 @@ def test_invalid_trades_raise_value_error_and_change_nothing(change, message):
 
 
 def test_missing_field_and_too_many_places_are_invalid():
-    b = BarBuilder(only_1m(max_places=18), clock=Clock())
+    b = BarBuilder(only_1m(max_places=18, max_digits=15), clock=Clock())
     bad = trade(1, NOON)
     del bad["price"]
     with pytest.raises(ValueError, match="not a Trade record"):
         b.add(bad)
     with pytest.raises(ValueError, match="more than 18 decimal places"):
         b.add(trade(2, NOON, "0.0000000000000000001"))
+    with pytest.raises(ValueError, match="more than 15 integer digits"):
+        b.add(trade(3, NOON, "1", "1000000000000000"))
+    b.add(trade(4, NOON, "999999999999999.000000000000000001", "0.000000000000000001"))
 
 
 # --------------------------------------------------------------------------- state
@@ -336,3 +339,34 @@ def test_capture_bars_match_pandas_resample(shared_data, interval, rule):
                                     b.vwap) for b in bars}
     assert got == expected
     assert len(got) >= 10
+
+
+# --------------------------------------------------------------------------- Parquet store
+
+
+def test_parquet_writes_merge_into_one_file_per_partition_and_repeat_harmlessly(tmp_path):
+    from pipeline.bars_store import BarWriter, read_all_bars, read_bars
+
+    trades = [trade(i, NOON - 2 * 3_600_000 + i * 20_011, f"{100 + i % 9}.25", "0.5",
+                    symbol="ETHUSD" if i % 3 else "BTCUSD") for i in range(1, 1200)]
+    bars = build_bars(trades)[0]
+    root = tmp_path / "bars"
+    writer = BarWriter(root, fsync=False)
+    first = writer.write(bars[: len(bars) // 2])
+    second = writer.write(bars)  # overlaps the first half: a re-flush after a crash
+    again = BarWriter(root).write(bars)  # a new process: reads the files back
+    assert (first.added + second.added, second.skipped, again.added, again.skipped) == \
+        (len(bars), len(bars) // 2, 0, len(bars))
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.parquet"))
+    assert "symbol=BTCUSD/interval=1h/date=2021-06-24/BTCUSD-1h-2021-06-24.parquet" in files
+    assert len(files) == len({(b.symbol, b.interval) for b in bars})  # one day each
+    assert not list(tmp_path.glob(".bars.staging/*"))  # nothing half-written left behind
+    assert read_all_bars(root) == sorted(
+        bars, key=lambda b: (b.symbol, INTERVALS_MS[b.interval], b.start_ms))
+
+    frame = read_bars(root, "btcusd", "5m", start="2021-06-24 11:30", end=NOON)
+    want = [b for b in bars if b.symbol == "BTCUSD" and b.interval == "5m"
+            and NOON - 30 * M <= b.start_ms < NOON]
+    assert list(frame.index) == [pd.Timestamp(b.start_ms, unit="ms", tz="UTC") for b in want]
+    assert list(frame.vwap) == [b.vwap for b in want] and isinstance(frame.vwap.iloc[0], Decimal)
+    assert read_bars(root, "BTCUSD", "1m", start="2030-01-01").empty
