@@ -1,8 +1,7 @@
-"""The bars group as a process that dies like kill -9 at a chosen point of its protocol.
+"""The bars group as a process that gets kill -9 at a chosen point of its protocol.
 
 ``python -m tests.support.bars_crash POINT N <consumers.bars arguments>`` runs the group
-and calls ``os._exit(137)`` (no cleanup, no flush: what SIGKILL leaves) the N-th time it
-reaches POINT:
+and sends itself SIGKILL the N-th time it reaches POINT:
 
 * ``checkpoint``: a checkpoint is written and the transaction not yet committed;
 * ``committed``: a transaction with bars committed, its bars not yet in Parquet;
@@ -12,6 +11,7 @@ reaches POINT:
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from consumers import bars
@@ -29,7 +29,7 @@ def arm(point: str, n: int) -> None:
         if reached >= n:
             sys.stderr.write(f"bars_crash: dying at {point} #{reached}\n")
             sys.stderr.flush()
-            os._exit(137)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     if point == "checkpoint":
         original = bars.BarsHandler._checkpoint
