@@ -796,7 +796,8 @@ def make_group(bootstrap: str, registry_url: str, namespace: Namespace,
         # short fetch wait: partitions that start later (e.g. after an offset reset) join
         # the next fetch without waiting out the broker's hold on an idle one.
         consumer_overrides={"group.instance.id": member, "fetch.wait.max.ms": 50},
-        producer_overrides={"linger.ms": 0, "transaction.timeout.ms": 30000})
+        producer_overrides={"linger.ms": 0, "transaction.timeout.ms": 30000,
+                            "retry.backoff.ms": 5, "retry.backoff.max.ms": 50})
 
 
 def _limit(text: str) -> Decimal | None:
@@ -835,6 +836,8 @@ def main(argv: list[str] | None = None) -> int:
                     default=RiskLimits.max_book_age_ms / 1000, help="seconds, or off")
     ap.add_argument("--follow-interval", type=float, default=2.0)
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--poll-timeout-ms", type=float, default=5.0,
+                    help="how long a batch waits for more records (latency vs. commits/s)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -856,7 +859,8 @@ def main(argv: list[str] | None = None) -> int:
             live_confirmed=args.live, gemini_rate_per_s=args.gemini_rate,
             gemini_burst=args.gemini_burst or max(1, int(args.gemini_rate)),
             follow_interval_s=args.follow_interval, batch_size=args.batch_size,
-            instance=args.instance, exit_on_halt=True)
+            instance=args.instance, exit_on_halt=True,
+            poll_timeout_s=args.poll_timeout_ms / 1000)
         check_mode(namespace, settings, credentials)
         ensure_topics(args.bootstrap, namespace, ["orders.requests", "book.snapshots",
                                                   "orders.events", "orders.seen", "dlq"])

@@ -121,7 +121,10 @@ class RiskState:
         self.open_orders.pop(client_order_id, None)
 
     def note_accepted(self, strategy_id: str, at_ms: int) -> None:
-        self.recent.setdefault(strategy_id, deque()).append(at_ms)
+        window = self.recent.setdefault(strategy_id, deque())
+        window.append(at_ms)
+        while window[0] <= at_ms - MINUTE_MS:  # only the last minute is ever asked for
+            window.popleft()
 
     def restore_accepted(self, items: Iterable[tuple[str, int]]) -> None:
         """(strategy, accepted-at ms) from history, in any order."""

@@ -3,6 +3,7 @@ real sockets for sandbox mode (no mocks of HTTP or Kafka)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import shutil
 import time
@@ -26,7 +27,7 @@ from pipeline.venue.server import RunningVenue, VenueConfig
 from tests.support.kafka_io import committed, read_all
 from tests.support.orders import (ExecutionProcess, GroupThread, Tail, book_snapshot, by_id,
                                   exchange_orders_per_id, kinds, new_orders, order_request,
-                                  produce, read_values, venue_book, write_secret_file)
+                                  produce, venue_book, write_secret_file)
 from tests.support.waiting import wait_for
 
 D = Decimal
@@ -55,6 +56,7 @@ class Env:
         self.topic = {n: namespace.topic(n) for n in ("orders.requests", "book.snapshots",
                                                       "orders.events", "orders.seen", "dlq")}
         self._tail: Tail | None = None
+        self._seen: Tail | None = None
         for name in ("orders.requests", "book.snapshots", "orders.events", "orders.seen"):
             self.serde.encoder(self.topic[name])  # registers: the decoder then needs no lookups
 
@@ -101,12 +103,15 @@ class Env:
         return self.tail.wait(done, timeout, f"a terminal event for each of {len(ids)} request(s)")
 
     def close(self) -> None:
-        if self._tail is not None:
-            self._tail.close()
+        for tail in (self._tail, self._seen):
+            if tail is not None:
+                tail.close()
 
     def seen(self) -> dict[str, str]:
-        return {v["client_order_id"]: v["outcome"] for v in
-                read_values(self.kafka, self.topic["orders.seen"], self.decoder)}
+        """The latest outcome per id in orders.seen (committed)."""
+        if self._seen is None:
+            self._seen = Tail(self.kafka, self.topic["orders.seen"], self.decoder)
+        return {v["client_order_id"]: v["outcome"] for v in self._seen.to_end()}
 
 
 @pytest.fixture
@@ -204,6 +209,44 @@ def test_forged_expired_and_replayed_requests_are_rejected_and_never_reach_the_v
     # Forged requests leave no trace in orders.seen (they cannot burn a real id).
     seen = env.seen()
     assert seen == {good["client_order_id"]: "sent", expired["client_order_id"]: "rejected:expired"}
+
+
+def test_a_resting_order_is_followed_until_it_fills_also_across_a_restart(
+        env, venue, credentials):
+    bid, _ = publish_venue_book(env, venue)
+    price = bid - D("5.00")  # below the best bid: it rests
+    resting = order_request(SMA_KEY, price=str(price), amount="0.002")
+    settings = sandbox(env, venue, follow_interval_s=0.2)
+    env.requests(resting)
+    cid = resting["client_order_id"]
+    with env.group(settings, credentials):
+        accepted = env.tail.wait(lambda values: [e for e in values if e["client_order_id"] == cid],
+                                 30, "ACCEPTED")
+    assert [e["kind"] for e in accepted] == ["ACCEPTED"]
+    # committed with the ACCEPTED event, in the same transaction
+    assert env.seen()[cid] == f"open:{accepted[0]['exchange_order_id']}"
+    # While the group is down, the market comes to the order: it fills as a maker.
+    move_venue_market(venue, [["sell", format(price, "f"), "1"]])
+    with env.group(settings, credentials):  # restored from orders.seen + orders.events
+        events = env.wait_terminal([cid])
+    assert [(e["kind"], e["filled_amount"]) for e in events[cid]] == \
+        [("ACCEPTED", "0"), ("FILLED", "0.002")]
+    assert events[cid][-1]["avg_fill_price"] == format(price, "f")
+    assert env.seen()[cid] == "sent"
+    assert [e["path"] for e in venue.venue.rest_log if e["client_order_id"] == cid] == \
+        ["/v1/order/new"]  # followed by order_id, never sent again
+
+
+def move_venue_market(venue, changes: list[list[str]], symbol: str = "BTCUSD") -> None:
+    """Apply book changes on the venue's loop and let its exchange fill what now crosses,
+    as its market feed does."""
+    from pipeline.venue.market import MarketEvent
+
+    async def move():
+        venue.venue.market.apply(MarketEvent(symbol, changes))
+        return venue.venue.exchange.on_book_update(symbol)
+
+    assert asyncio.run_coroutine_threadsafe(move(), venue.loop).result(10)
 
 
 # --------------------------------------------------------------------------- exactly once
@@ -626,6 +669,9 @@ def test_risk_rules_one_by_one():
     assert decide(limits, state).reason == "risk:rate_limit"
     assert decide(limits, state, strategy_id="other").accepted
     assert decide(limits, state, now_ms=1_060_001, top=book(ts_ms=1_060_000)).accepted
+    for at in range(2_000_000, 2_600_000, 1000):  # ten minutes of orders, one a second
+        state.note_accepted("sma", at)
+    assert len(state.recent["sma"]) == 60  # the window keeps one minute, not the history
 
 
 def test_market_orders_are_priced_at_the_band_edge_on_the_tick_grid():

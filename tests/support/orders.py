@@ -103,6 +103,20 @@ class Tail:
         raise AssertionError(f"timed out after {timeout}s waiting for {what}; "
                              f"have {len(self.values)} record(s)")
 
+    def to_end(self, timeout: float = 30) -> list[dict]:
+        """Everything committed so far (up to the end offsets as of the call)."""
+        parts = self.consumer.assignment()
+        ends = {tp.partition: self.consumer.get_watermark_offsets(tp, timeout=10)[1]
+                for tp in parts}
+        deadline = time.monotonic() + timeout
+        while True:
+            self.poll(0.05)
+            positions = {tp.partition: tp.offset for tp in self.consumer.position(parts)}
+            if all(end == 0 or positions[p] >= end for p, end in ends.items()):
+                return self.values
+            if time.monotonic() > deadline:
+                raise AssertionError(f"could not read to the end: {positions} < {ends}")
+
     def close(self) -> None:
         self.consumer.close()
 
