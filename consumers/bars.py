@@ -200,6 +200,8 @@ class BarsHandler(Handler):
             part = self._parts.get(p) or self._retired.get(p)
             if topic != self.source_topic or part is None:
                 continue
+            if part.next_offset is not None and n < part.next_offset:
+                n = part.next_offset  # still reading records the checkpoint already has
             if part.dirty or n != part.next_offset:
                 self._checkpoint(p, part, n)
             chosen[(topic, p)] = part.commit_value  # type: ignore[assignment]
