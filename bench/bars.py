@@ -37,10 +37,11 @@ RULES = {"1m": "1min", "5m": "5min", "1h": "1h", "1d": "1D"}
 
 
 def trades(n: int, seed: int = 5) -> list[dict]:
-    """``n`` trades in time order, then one per symbol two days on (closes every bar)."""
+    """``n`` trades: in time order, the last one per symbol two days on (closes every bar)."""
     rng = random.Random(seed)
     price = {s: 20_000 + 1000 * i for i, s in enumerate(SYMBOLS)}
     out = []
+    n = max(n - len(SYMBOLS), 1)
     for i in range(n):
         symbol = SYMBOLS[rng.randrange(len(SYMBOLS))]
         price[symbol] += rng.randrange(-30, 31)
