@@ -22,24 +22,56 @@ OPTIONS = ("maker-or-cancel", "immediate-or-cancel", "fill-or-kill", "auction-on
            "indication-of-interest")
 
 
+# backtesting.py's default ``buy()``/``sell()`` size: the float ``1 - 2**-52``, which it
+# prints as ``.9999`` but which sizes with (all but a rounding error of) the whole equity.
+FULL_EQUITY = "0.9999999999999998"
+
+
 @dataclass(frozen=True)
 class OrderIntent:
-    """What a strategy wants; execution decides whether and how it reaches the market."""
+    """What a strategy wants; execution decides whether and how it reaches the market.
+
+    The size is exactly one of:
+
+    * ``amount``: a base-currency quantity (exact decimal string), what the live group sends;
+    * ``fraction``: a fraction of the available equity in (0, 1], e.g. ``FULL_EQUITY``,
+      turned into a quantity by the backtest's simulated broker when the order fills, in
+      whole lots, as backtesting.py's ``buy(size=0.5)`` does;
+    * ``close_position=True`` (see :meth:`close`): close the whole position in ``symbol``,
+      as backtesting.py's ``position.close()``; the side is then the broker's to choose.
+
+    The live ``strategy`` group sends concrete amounts only: it refuses ``fraction`` and
+    ``close_position`` intents (a position and an equity are the backtest broker's
+    knowledge, not the strategy group's).
+    """
 
     symbol: str
-    side: str
-    amount: str  # base-currency quantity, exact decimal string
+    side: str | None
+    amount: str | None = None  # base-currency quantity, exact decimal string
     order_type: str = "MARKET"
     price: str | None = None  # limit price, exact decimal string; None for MARKET
     options: tuple[str, ...] = ()
+    fraction: str | None = None  # of the available equity, exact decimal string in (0, 1]
+    close_position: bool = False
 
     def __post_init__(self) -> None:
+        if self.close_position:
+            if self.side is not None or self.amount is not None or self.fraction is not None:
+                raise ValueError("a close_position intent has no side, amount or fraction")
+            if self.order_type != "MARKET" or self.price is not None or self.options:
+                raise ValueError("a close_position intent is a plain MARKET order")
+            return
         if self.side not in SIDES:
             raise ValueError(f"side must be BUY or SELL, not {self.side!r}")
         if self.order_type not in ORDER_TYPES:
             raise ValueError(f"order_type must be LIMIT or MARKET, not {self.order_type!r}")
-        if Decimal(self.amount) <= 0:
+        if (self.amount is None) == (self.fraction is None):
+            raise ValueError("give exactly one of amount and fraction "
+                             f"(amount={self.amount!r}, fraction={self.fraction!r})")
+        if self.amount is not None and Decimal(self.amount) <= 0:
             raise ValueError(f"amount must be positive, not {self.amount}")
+        if self.fraction is not None and not 0 < Decimal(self.fraction) <= 1:
+            raise ValueError(f"fraction must be in (0, 1], not {self.fraction}")
         if (self.order_type == "LIMIT") != (self.price is not None):
             raise ValueError("a LIMIT intent needs a price; a MARKET intent has none")
         if self.price is not None and Decimal(self.price) <= 0:
@@ -47,6 +79,12 @@ class OrderIntent:
         unknown = [o for o in self.options if o not in OPTIONS]
         if unknown:
             raise ValueError(f"unknown order option(s) {unknown}: one of {OPTIONS}")
+
+    @classmethod
+    def close(cls, symbol: str) -> "OrderIntent":
+        """Close the whole position in ``symbol`` at market (backtesting.py's
+        ``position.close()``); nothing happens when there is none."""
+        return cls(symbol, None, close_position=True)
 
 
 class Strategy:
@@ -57,6 +95,10 @@ class Strategy:
     """
 
     strategy_id: str = "strategy"
+    #: Bars of history the strategy needs before it can act (e.g. the slow SMA's window
+    #: minus one). Only reports use it: buy & hold is measured from that bar's close, as
+    #: backtesting.py measures it from the end of its indicators' warm-up.
+    warmup_bars: int = 0
 
     def on_bar(self, bar: dict) -> Iterable[OrderIntent]:
         return ()
@@ -98,11 +140,13 @@ class _Sma:
         self.n, self.values, self.total = n, deque(), Decimal(0)
 
     def add(self, value: Decimal) -> Decimal | None:
-        self.values.append(value)
-        self.total += value
-        if len(self.values) > self.n:
-            self.total -= self.values.popleft()
-        return self.total / self.n if len(self.values) == self.n else None
+        values = self.values
+        values.append(value)
+        total = self.total + value
+        if len(values) > self.n:
+            total -= values.popleft()
+        self.total = total
+        return total / self.n if len(values) == self.n else None
 
 
 @dataclass
@@ -110,22 +154,41 @@ class SmaCross(Strategy):
     """The seed's SMA crossover: long when the fast SMA of closes crosses above the slow
     one, short (or flat, with ``allow_short=False``) when it crosses below. A crossover is
     backtesting.py's: fast[-2] < slow[-2] and fast[-1] > slow[-1]. On a cross the open
-    position is closed first, then the new one opened, each as a market order."""
+    position is closed first, then the new one opened, each as a market order.
+
+    Sizing: ``amount`` (a fixed quantity, what the live group trades), or
+    ``fraction`` of the equity with ``amount=None`` (backtests only), which makes this
+    backtesting.py's SmaCross example exactly: ``position.close(); self.buy()`` on an
+    up-cross, ``position.close(); self.sell()`` on a down-cross, with
+    ``fraction=FULL_EQUITY`` being its default ``buy()``/``sell()`` size. (The seed's own
+    notes were long-only, in at the up-cross and out at the down-cross:
+    ``allow_short=False``.) With a fraction, ``position`` holds the direction (1, -1, 0):
+    the size is the broker's to decide.
+    """
 
     symbol: str = "BTCUSD"
     interval: str = "1h"
     fast: int = 10
     slow: int = 20
-    amount: str = "0.01"
+    amount: str | None = "0.01"
     allow_short: bool = True
     strategy_id: str = "sma-cross"
+    fraction: str | None = None
     position: Decimal = field(default=Decimal(0), init=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.fast < self.slow:
             raise ValueError(f"need 0 < fast < slow, got fast={self.fast} slow={self.slow}")
+        if (self.amount is None) == (self.fraction is None):
+            raise ValueError("give SmaCross exactly one of amount and fraction (for a fraction "
+                             f"pass amount=None); got amount={self.amount!r}, "
+                             f"fraction={self.fraction!r}")
         self._fast, self._slow = _Sma(self.fast), _Sma(self.slow)
         self._previous: tuple[Decimal, Decimal] | None = None
+
+    @property
+    def warmup_bars(self) -> int:  # type: ignore[override]
+        return self.slow - 1
 
     def on_bar(self, bar: dict) -> list[OrderIntent]:
         if bar["symbol"] != self.symbol or bar["interval"] != self.interval:
@@ -145,6 +208,14 @@ class SmaCross(Strategy):
 
     def _go(self, direction: Decimal) -> list[OrderIntent]:
         intents = []
+        if self.fraction is not None:
+            if self.position:
+                intents.append(OrderIntent.close(self.symbol))
+            if direction:
+                intents.append(OrderIntent(self.symbol, "BUY" if direction > 0 else "SELL",
+                                           fraction=self.fraction))
+            self.position = direction
+            return intents
         if self.position:  # close first, as backtesting.py's position.close()
             side = "SELL" if self.position > 0 else "BUY"
             intents.append(OrderIntent(self.symbol, side, str(abs(self.position))))
