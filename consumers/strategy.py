@@ -85,6 +85,13 @@ class StrategyHandler(Handler):
                                 f"{type(exc).__name__} on {trigger}: {exc}") from exc
 
     def _request(self, intent: OrderIntent, trigger: str, index: int) -> Output:
+        if intent.amount is None:  # a fraction of equity, or close_position: backtest-only
+            what = ("closing its position" if intent.close_position
+                    else f"a fraction {intent.fraction} of equity")
+            raise StrategyError(f"strategy {self.strategy.strategy_id} asked for {what} on "
+                                f"{trigger}: the live strategy group sends concrete amounts "
+                                "only (fractions and closes are resolved by the backtest's "
+                                "simulated broker); give the strategy an amount")
         now = self.clock_ms()
         request = {
             "client_order_id": client_order_id(self.strategy.strategy_id, trigger, index),
