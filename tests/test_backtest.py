@@ -1,0 +1,452 @@
+"""Backtests over Kafka topics: parity with backtesting.py, determinism, bad input,
+sweeps, book-driven fills, the event-time merge.
+
+The parity test loads the real hourly BTCUSD file into the bars topic and checks that
+our next-open fill model reproduces backtesting.py's trade list and final equity exactly.
+Floats: backtesting.py computes in binary floats, we in exact decimals. Sizes are whole
+units and prices are the bars' own prices (the same decimal text parsed once by each
+side), so those compare exactly; the final equity carries ~1,900 float additions of P&L
+and commissions on backtesting.py's side, so it compares to a relative 1e-9 (the
+difference seen is ~1e-13); the other statistics to 1e-6 relative.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import warnings
+from decimal import Decimal
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from consumers.strategy import StrategyError, StrategyHandler
+from pipeline.backtest import (BAR, L2, EventMerger, backtest_events, event_time_us)
+from pipeline.backtest_run import run_backtest, sweep
+from pipeline.catalog import Namespace, ensure_topics
+from pipeline.errors import PipelineError
+from pipeline.kafka import ReliableProducer
+from pipeline.registry import SchemaRegistry
+from pipeline.report import COMPARABLE, trades_csv
+from pipeline.serde import Encoder
+from pipeline.strategy import FULL_EQUITY, OrderIntent, SmaCross
+from producers.csv_bars import load_csv_bars
+from tests.conftest import SHARED_DATA
+
+CSV = SHARED_DATA / "BTCUSD_GEMINI_1h.csv"
+SMA = "pipeline.strategy:SmaCross"
+PARITY = {"fast": 10, "slow": 20, "amount": None, "fraction": FULL_EQUITY}
+
+
+@pytest.fixture(scope="module")
+def bars_ns(kafka, registry) -> Namespace:
+    """The real hourly file, loaded once into a namespace of this module."""
+    if not CSV.exists():
+        pytest.skip(f"real data not found at {CSV} (../shared/data beside the repo)")
+    namespace = Namespace(f"sim-bt{random.Random().getrandbits(40):010x}")
+    report = load_csv_bars(CSV, kafka, registry.url, namespace)
+    assert report.published == 32_842
+    return namespace
+
+
+# --------------------------------------------------------------------------- backtesting.py
+
+
+def reference_run(allow_short: bool = True, fast: int = 10, slow: int = 20):
+    """backtesting.py's SmaCross example on the same file: ascending OHLCV, 0.2%
+    commission, 1,000,000 cash, market orders at the next open, finalize_trades=True."""
+    from backtesting import Backtest, Strategy
+    from backtesting.lib import crossover
+
+    def sma(values, n):
+        return pd.Series(values).rolling(n).mean()
+
+    class Cross(Strategy):
+        n1, n2 = fast, slow
+
+        def init(self):
+            self.sma1 = self.I(sma, self.data.Close, self.n1)
+            self.sma2 = self.I(sma, self.data.Close, self.n2)
+
+        def next(self):
+            if crossover(self.sma1, self.sma2):
+                self.position.close()
+                self.buy()
+            elif crossover(self.sma2, self.sma1):
+                self.position.close()
+                if allow_short:
+                    self.sell()
+
+    data = pd.read_csv(CSV, parse_dates=["Date"], index_col="Date").sort_index()
+    data = data[["Open", "High", "Low", "Close", "Volume"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # prices above cash, float index warnings
+        return Backtest(data, Cross, cash=1_000_000, commission=0.002,
+                        finalize_trades=True).run()
+
+
+def end_offset(kafka: str, topic: str, partition: int) -> int:
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": kafka, "group.id": "test-backtest"})
+    try:
+        return consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[1]
+    finally:
+        consumer.close()
+
+
+def assert_same_stat(key, ours, theirs):
+    if isinstance(theirs, (pd.Timestamp, pd.Timedelta)) or theirs is pd.NaT:
+        assert (pd.isna(ours) and pd.isna(theirs)) or ours == theirs, key
+    elif isinstance(theirs, (int, np.integer)):
+        assert ours == theirs, key
+    elif theirs is None or (isinstance(theirs, float) and math.isnan(theirs)):
+        assert ours is None or math.isnan(ours), key
+    else:
+        assert ours == pytest.approx(float(theirs), rel=1e-6, abs=1e-9), key
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("allow_short", [True, False], ids=["long-short", "long-only"])
+def test_parity_with_backtesting_py_on_the_real_hourly_file(kafka, registry, bars_ns, tmp_path,
+                                                            allow_short):
+    out = tmp_path / "out"
+    ours = run_backtest(kafka, registry.url, bars_ns, SMA, {**PARITY, "allow_short": allow_short},
+                        cash="1000000", commission="0.002", fill="next-open", out_dir=out,
+                        html=True)
+    theirs = reference_run(allow_short)
+    trades = theirs["_trades"]
+    mine = ours.engine.trades
+    assert len(mine) == len(trades) > 500
+    for t, row in zip(mine, trades.itertuples()):
+        assert (int(t.size), t.entry_bar, t.exit_bar) == (row.Size, row.EntryBar, row.ExitBar)
+        assert float(t.entry_price) == row.EntryPrice and float(t.exit_price) == row.ExitPrice
+        assert pd.Timestamp(t.entry_ms, unit="ms") == row.EntryTime
+        assert pd.Timestamp(t.exit_ms, unit="ms") == row.ExitTime
+        assert float(t.pnl) == pytest.approx(row.PnL, rel=1e-9, abs=1e-6)
+        assert float(t.commission) == pytest.approx(row.Commission, rel=1e-9)
+        assert float(t.return_pct) == pytest.approx(row.ReturnPct, rel=1e-9, abs=1e-12)
+    assert float(ours.final_equity) == pytest.approx(theirs["Equity Final [$]"], rel=1e-9)
+    for key in COMPARABLE:
+        assert_same_stat(key, ours.stats[key], theirs[key])
+    # the frame and the files
+    frame = ours.trades
+    assert list(frame["Size"]) == list(trades["Size"].astype(float))
+    assert sorted(p.name for p in out.iterdir()) == ["equity.csv", "equity.png", "report.html",
+                                                    "stats.json", "trades.csv"]
+    assert (out / "trades.csv").read_text() == ours.trades_csv
+    assert (out / "equity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "stats.json").read_text())["summary"]
+    assert summary["final_equity"] == str(ours.final_equity) and not summary["interrupted"]
+    assert summary["events"] == 32_842
+
+
+@pytest.mark.broker
+def test_same_inputs_give_byte_identical_trades_and_stats(kafka, registry, bars_ns, tmp_path):
+    runs = [run_backtest(kafka, registry.url, bars_ns, SMA, {"fast": 7, "slow": 30,
+                                                             "amount": "0.5"},
+                         commission="0.001", slippage="0.0005", out_dir=tmp_path / f"run{i}")
+            for i in range(2)]
+    a, b = runs
+    assert len(a.engine.trades) > 100
+    assert a.trades_csv == b.trades_csv
+    assert (tmp_path / "run0" / "trades.csv").read_bytes() == \
+        (tmp_path / "run1" / "trades.csv").read_bytes()
+    assert (tmp_path / "run0" / "equity.csv").read_bytes() == \
+        (tmp_path / "run1" / "equity.csv").read_bytes()
+    assert json.loads((tmp_path / "run0" / "stats.json").read_text())["stats"] == \
+        json.loads((tmp_path / "run1" / "stats.json").read_text())["stats"]
+    assert a.final_equity == b.final_equity
+    # a fixed amount of 0.5 BTC: the trade sizes are exactly it
+    assert {t.size for t in a.engine.trades} == {Decimal("0.5"), Decimal("-0.5")}
+
+
+@pytest.mark.broker
+def test_a_time_range_is_resolved_with_offsets_for_times(kafka, registry, bars_ns):
+    start, end = "2018-01-01", "2018-07-01T00:00:00Z"
+    result = run_backtest(kafka, registry.url, bars_ns, SMA, PARITY, start=start, end=end)
+    first, last = result.stats["Start"], result.stats["End"]
+    assert first == pd.Timestamp("2018-01-01 00:00") and last == pd.Timestamp("2018-06-30 23:00")
+    assert result.engine.events == (pd.Timestamp(end).tz_localize(None) -
+                                    pd.Timestamp(start)) // pd.Timedelta("1h")
+    # an offset range: the same bars as the first 1000 of the file
+    partition = next(p for p in range(6) if end_offset(kafka, bars_ns.topic("bars"), p))
+    by_offsets = run_backtest(kafka, registry.url, bars_ns, SMA, PARITY,
+                              offsets={(bars_ns.topic("bars"), partition): (0, 1000)})
+    assert by_offsets.engine.events == 1000
+    assert by_offsets.stats["Start"] == pd.Timestamp("2015-10-08 15:00")
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.broker
+def test_bad_input_is_one_clear_error_and_writes_nothing(kafka, registry, bars_ns, namespace,
+                                                         tmp_path):
+    out = tmp_path / "out"
+
+    def fails(match, *args, **kwargs):
+        with pytest.raises(PipelineError, match=match):
+            run_backtest(kafka, registry.url, *args, out_dir=out, **kwargs)
+        assert not out.exists()
+        assert list(tmp_path.iterdir()) == [], "no temporary directory left behind"
+
+    fails(r"no records to replay in .*bars between 2030-01-01 .* holds records stamped "
+          r"2015-10-08 15:00:00 UTC to 2019-07-08 00:00:00 UTC",
+          bars_ns, SMA, PARITY, start="2030-01-01", end="2031-01-01")
+    fails(r"topic\(s\) .*\.bars do not exist", namespace, SMA, PARITY)
+    fails("does not take these parameters", bars_ns, SMA, {"speed": 3})
+    fails("need 0 < fast < slow", bars_ns, SMA, {"fast": 20, "slow": 10})
+    fails("exactly one of amount and fraction", bars_ns, SMA, {"fraction": "0.5"})
+    fails("unknown fill model", bars_ns, SMA, PARITY, fill="close")
+    fails("cannot replay .*dlq", bars_ns, SMA, PARITY, topics=["dlq"])
+    fails("not epoch ms or an ISO date-time", bars_ns, SMA, PARITY, start="yesterday")
+    # a strategy that raises: which strategy, which record
+    fails(r"strategy tests.support.backtest_strategies:RaisesAt \(id raises-at\) raised "
+          r"ZeroDivisionError in on_bar on sim-\w+\.bars\[\d\]@98 \(event time 1444672800000000 µs, bar .*start_ms=1444669200000.*"
+          r"unlucky bar", bars_ns, "tests.support.backtest_strategies:RaisesAt",
+          {"start_ms": 1444669200000})  # the 99th bar (offset 98): 2015-10-12 17:00 UTC
+    # an existing, non-empty output directory is refused before anything runs
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(PipelineError, match="exists and is not empty"):
+        run_backtest(kafka, registry.url, bars_ns, SMA, PARITY, out_dir=out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.broker
+def test_ctrl_c_stops_cleanly_and_reports_what_was_done(kafka, registry, bars_ns, tmp_path):
+    out = tmp_path / "out"
+    result = run_backtest(kafka, registry.url, bars_ns,
+                          "tests.support.backtest_strategies:CtrlCAt",
+                          {**PARITY, "at": 50}, out_dir=out)
+    assert result.interrupted
+    assert 50 <= result.engine.events < 32_842
+    summary = json.loads((out / "stats.json").read_text())["summary"]
+    assert summary["interrupted"] and summary["events"] == result.engine.events
+    assert (out / "trades.csv").exists() and (out / "equity.png").exists()
+
+
+def test_fraction_and_close_intents_are_refused_by_the_live_group():
+    handler = StrategyHandler.__new__(StrategyHandler)
+    handler.strategy = SmaCross(amount=None, fraction="0.5")
+    with pytest.raises(StrategyError, match="fraction 0.5 of equity .* concrete amounts"):
+        handler._request(OrderIntent("BTCUSD", "BUY", fraction="0.5"), "t/0/1", 0)
+    with pytest.raises(StrategyError, match="closing its position"):
+        handler._request(OrderIntent.close("BTCUSD"), "t/0/1", 0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(side="BUY"), "exactly one of amount and fraction"),
+    (dict(side="BUY", amount="1", fraction="0.5"), "exactly one of amount and fraction"),
+    (dict(side="BUY", fraction="1.5"), r"fraction must be in \(0, 1\]"),
+    (dict(side="BUY", fraction="0"), r"fraction must be in \(0, 1\]"),
+    (dict(side="BUY", close_position=True), "no side, amount or fraction"),
+    (dict(side=None, close_position=True, order_type="LIMIT", price="1"), "plain MARKET")])
+def test_intents_size_by_exactly_one_of_amount_fraction_close(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OrderIntent("BTCUSD", **kwargs)
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+@pytest.mark.broker
+def test_a_parameter_sweep_runs_in_processes_one_row_per_combination(kafka, registry, bars_ns):
+    grid = {"fast": [5, 10], "slow": [20, 30]}
+    table = sweep(kafka, registry.url, bars_ns, SMA, grid, {"amount": None,
+                                                            "fraction": FULL_EQUITY},
+                  workers=2)
+    assert list(zip(table["fast"], table["slow"])) == [(5, 20), (5, 30), (10, 20), (10, 30)]
+    single = run_backtest(kafka, registry.url, bars_ns, SMA, PARITY)
+    row = table.iloc[2]
+    assert row["# Trades"] == len(single.engine.trades)
+    assert row["Equity Final (exact)"] == str(single.final_equity)
+    assert row["Sharpe Ratio"] == pytest.approx(single.stats["Sharpe Ratio"])
+    assert len(set(table["Equity Final (exact)"])) == 4
+    with pytest.raises(PipelineError, match="fast < slow"):
+        sweep(kafka, registry.url, bars_ns, SMA, {"fast": [10, 30]}, PARITY)
+
+
+# --------------------------------------------------------------------------- book fills
+
+
+def l2(offset: int, changes: list[tuple[str, str, str]], snapshot: bool = False,
+       symbol: str = "BTCUSD") -> tuple:
+    record = {"symbol": symbol, "snapshot": snapshot,
+              "changes": [{"side": s, "price": p, "quantity": q} for s, p, q in changes],
+              "exchange_ts_ms": None, "received_ts_us": 1_700_000_000_000_000 + offset * 1000,
+              "connection_id": "c", "sequence": offset, "event_id": None}
+    return (event_time_us(L2, record), "sim.md.l2", 0, offset, L2, record)
+
+
+BOOK = [("BID", "100", "1"), ("BID", "99", "2"), ("ASK", "101", "1"), ("ASK", "102", "2"),
+        ("ASK", "103", "5")]
+
+
+def scripted(script, events, **options):
+    from tests.support.backtest_strategies import Scripted
+
+    strategy = Scripted(script)
+    result = backtest_events(strategy, events, fill="book", commission="0.001", **options)
+    return strategy, result
+
+
+def test_a_buy_limit_takes_the_ask_levels_up_to_its_limit():
+    strategy, result = scripted(
+        {0: [dict(side="BUY", amount="2.5", order_type="LIMIT", price="102")]},
+        [l2(0, BOOK, snapshot=True)], finalize_trades=False)
+    (event,) = strategy.events
+    assert event["kind"] == "FILLED" and event["filled_amount"] == "2.5"
+    assert Decimal(event["avg_fill_price"]) == (Decimal("101") + Decimal("102") * Decimal("1.5")) / \
+        Decimal("2.5")
+    lots = result.open_lots
+    assert [(lot.size, lot.entry_price) for lot in lots] == [(Decimal(1), Decimal(101)),
+                                                             (Decimal("1.5"), Decimal(102))]
+    fee = (Decimal(101) + Decimal(153)) * Decimal("0.001")
+    assert result.final_cash == Decimal(1_000_000) - fee
+
+
+def test_resting_orders_fill_when_the_book_reaches_them_and_options_are_honoured():
+    script = {0: [dict(side="BUY", amount="1", order_type="LIMIT", price="101",
+                       options=("maker-or-cancel",)),   # would take: cancelled
+                  dict(side="BUY", amount="1", order_type="LIMIT", price="100.5",
+                       options=("maker-or-cancel",)),   # rests
+                  dict(side="BUY", amount="10", order_type="LIMIT", price="103",
+                       options=("immediate-or-cancel",)),  # takes 8, rest cancelled
+                  dict(side="SELL", amount="5", order_type="LIMIT", price="99",
+                       options=("fill-or-kill",)),   # only 3 at or above 99: killed
+                  dict(side="SELL", amount="1.5")]}  # market: 1 @ 100, 0.5 @ 99
+    events = [l2(0, BOOK, snapshot=True),
+              l2(1, [("ASK", "100.5", "0.3")]),  # reaches the resting bid: 0.3 fills
+              l2(2, [("ASK", "100.5", "0"), ("ASK", "100.4", "5")])]  # the other 0.7, better
+    strategy, result = scripted(script, events, finalize_trades=False)
+    seen = [(e["kind"], e["side"], e["filled_amount"], e["avg_fill_price"], e["reason"])
+            for e in strategy.events]
+    assert seen == [
+        ("CANCELLED", "buy", "0", None, "maker-or-cancel: would have taken liquidity"),
+        ("ACCEPTED", "buy", "0", None, None),
+        ("PARTIALLY_FILLED", "buy", "8", str((Decimal(101) + 204 + 515) / 8), None),
+        ("CANCELLED", "buy", "8", str((Decimal(101) + 204 + 515) / 8),
+         "immediate-or-cancel: remainder cancelled"),
+        ("CANCELLED", "sell", "0", None, "fill-or-kill: not enough at the limit"),
+        ("FILLED", "sell", "1.5", str((Decimal(100) + Decimal("49.5")) / Decimal("1.5")), None),
+        ("PARTIALLY_FILLED", "buy", "0.3", "100.5", None),
+        ("FILLED", "buy", "1.0", str((Decimal("0.3") * Decimal("100.5") +
+                                      Decimal("0.7") * Decimal("100.4"))), None),
+    ]
+    assert sum(lot.size for lot in result.open_lots) == Decimal("8") - Decimal("1.5") + 1
+    assert result.orders.filled == 2 and result.orders.cancelled == 3
+
+
+def test_book_fills_are_settled_at_the_end_and_sampled_equity_is_marked_at_the_mid():
+    strategy, result = scripted({0: [dict(side="BUY", amount="1")]},
+                                [l2(0, BOOK, snapshot=True), l2(5000, [("BID", "100.2", "1")])],
+                                sample_ms=1000)
+    (trade,) = result.trades
+    assert (trade.entry_price, trade.exit_price, trade.size) == (101, Decimal("100.2"), 1)
+    assert result.open_lots == [] and len(result.equity) == 2
+    assert result.equity[0] == Decimal(1_000_000) - Decimal("0.101") - Decimal("0.5")  # mid 100.5
+
+
+@pytest.mark.broker
+def test_mid_quoter_replays_l2_from_kafka_through_the_book_deterministically(kafka, registry,
+                                                                            namespace, shared_data):
+    from pipeline.gemini.capture import received_frames
+
+    ensure_topics(kafka, namespace, ["md.l2"])
+    topic = namespace.topic("md.l2")
+    encode = Encoder(SchemaRegistry(registry.url), topic)
+    producer = ReliableProducer(kafka)
+    seen: set[str] = set()
+    count = 0
+    for i, frame in enumerate(received_frames(shared_data / "gemini_v2_l2_capture_2021-06-24.txt")):
+        data = json.loads(frame.text)
+        if data.get("type") != "l2_updates":
+            continue
+        producer.produce(topic, encode({
+            "symbol": data["symbol"], "snapshot": data["symbol"] not in seen,
+            "changes": [{"side": "BID" if s == "buy" else "ASK", "price": p, "quantity": q}
+                        for s, p, q in data["changes"]],
+            "exchange_ts_ms": None, "received_ts_us": frame.received_us, "connection_id": "c",
+            "sequence": i, "event_id": None}), key=data["symbol"])
+        seen.add(data["symbol"])
+        count += 1
+    producer.flush()
+    params = {"symbol": "BTCGBP", "spread_bps": 1, "requote_bps": 1, "amount": "0.01",
+              "max_inventory": "0.03"}
+    runs = [run_backtest(kafka, registry.url, namespace, "pipeline.strategy:MidQuoter", params,
+                         fill="book", commission="0", cash="100000") for _ in range(2)]
+    a, b = runs
+    assert a.engine.events == count and a.topics == [topic]
+    assert a.engine.by_kind["l2"] == count and a.engine.snapshots_emitted > 10
+    assert a.engine.orders.submitted > 10 and len(a.engine.trades) > 5
+    assert a.trades_csv == b.trades_csv and a.final_equity == b.final_equity
+    assert a.summary()["orders"] == b.summary()["orders"]
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def test_the_merge_is_by_event_time_then_topic_partition_offset_whatever_the_batching():
+    rng = random.Random(7)
+    sources = [("a.bars", 0), ("a.bars", 1), ("a.md.trades", 0)]
+    per_source = {}
+    for topic, partition in sources:
+        t, records = 0, []
+        for offset in range(300):
+            t += rng.choice([0, 0, 1000, 5000])  # many equal times: ties
+            if rng.random() < 0.05:
+                t -= 20_000  # late data: keeps its place in its partition
+            kind = BAR if "bars" in topic else "trade"
+            record = {"end_ms": t} if kind == BAR else {"exchange_ts_ms": t}
+            records.append((offset, kind, record))
+        per_source[(topic, partition)] = records
+
+    def merged(seed: int) -> list[tuple]:
+        chooser = random.Random(seed)
+        merger = EventMerger(sources)
+        cursors = dict.fromkeys(sources, 0)
+        out = []
+        while not merger.done:
+            source = chooser.choice(sources)
+            records = per_source[source]
+            n = chooser.randint(0, 40)
+            for offset, kind, record in records[cursors[source]:cursors[source] + n]:
+                merger.add(source[0], source[1], offset, kind, record)
+            cursors[source] = min(len(records), cursors[source] + n)
+            if cursors[source] == len(records):
+                merger.finish(*source)
+            out += [e[:4] for e in merger.ready()]
+        return out
+
+    first = merged(1)
+    assert len(first) == 900
+    assert all(merged(seed) == first for seed in range(2, 6))
+    assert first == sorted(first)
+    for source in sources:  # each partition in offset order
+        offsets = [e[3] for e in first if e[1:3] == source]
+        assert offsets == sorted(offsets) == list(range(300))
+
+
+def test_bars_become_known_at_their_end_trades_at_their_exchange_time():
+    bar = {"start_ms": 0, "end_ms": 3_600_000}
+    assert event_time_us(BAR, bar) == 3_600_000_000
+    assert event_time_us("trade", {"exchange_ts_ms": 5}) == 5000
+    assert event_time_us(L2, {"received_ts_us": 7}) == 7
+    assert event_time_us("book", {"received_ts_us": 9}) == 9
+
+
+def test_out_dir_is_all_or_nothing(tmp_path):
+    from pipeline.report import OutputDir
+
+    target = tmp_path / "deep" / "out"
+    output = OutputDir(target)
+    (output.path / "a.txt").write_text("x")
+    assert not target.exists()
+    output.commit()
+    assert (target / "a.txt").read_text() == "x"
+    assert [p.name for p in (tmp_path / "deep").iterdir()] == ["out"]
+    assert trades_csv([]).splitlines()[0].startswith("symbol,size,entry_bar")
