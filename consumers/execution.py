@@ -76,8 +76,9 @@ nonce; a second refusal rejects the request (``gemini:InvalidNonce``).
 State restored on assignment: seen ids from ``orders.seen``; positions, open orders and
 their fills so far from ``orders.events`` (the latest non-REJECTED event per id of this
 mode); the per-strategy rate window from the ``seen_ms`` of recent seen ids; the latest
-book per symbol from the last ``snapshot_lookback`` records of each ``book.snapshots``
-partition.
+book per symbol from the last ``snapshot_lookback`` records of each assigned
+``book.snapshots`` partition, read before the first request is handled (the group then
+goes on from that partition's end).
 
 Secrets (the Gemini secret, strategy keys) are never logged, put in a topic or in an
 exception message; events carry Gemini's reason codes, not its messages.
@@ -728,20 +729,44 @@ class ExecutionHandler(Handler):
             return None
 
     def _snapshot_starts(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
-        """Requests resume at their committed offsets; book snapshots are re-read from the
-        last ``snapshot_lookback`` records of each partition (the newest book per symbol)."""
+        """Load the latest books before any request is handled, and say where to go on.
+
+        The last ``snapshot_lookback`` records of each assigned ``book.snapshots``
+        partition are read here, to their current end (the newest book per symbol), and
+        the group resumes those partitions at that end; requests resume at their committed
+        offsets. Reading them in the group's own fetch instead would race the requests:
+        a request could be handled before its symbol's book came back."""
+        snapshots = self.topic["book.snapshots"]
         consumer = Consumer({"bootstrap.servers": self.bootstrap,
-                             "group.id": f"restore-{uuid.uuid4()}", "enable.auto.commit": False})
+                             "group.id": f"restore-{uuid.uuid4()}", "enable.auto.commit": False,
+                             "isolation.level": "read_committed"})
         try:
             meta = consumer.list_topics(self.topic["orders.requests"], timeout=10)
             self._partitions = len(meta.topics[self.topic["orders.requests"]].partitions)
-            starts = []
+            starts, ranges = [], {}
             for tp in partitions:
-                if tp.topic == self.topic["book.snapshots"]:
+                if tp.topic == snapshots:
                     low, high = consumer.get_watermark_offsets(tp, timeout=10)
-                    tp = TopicPartition(tp.topic, tp.partition,
-                                        max(low, high - self.settings.snapshot_lookback))
+                    if high > low:
+                        ranges[tp.partition] = (max(low, high - self.settings.snapshot_lookback),
+                                                high)
+                    tp = TopicPartition(snapshots, tp.partition, high)
                 starts.append(tp)
+            if ranges:
+                consumer.assign([TopicPartition(snapshots, p, first)
+                                 for p, (first, _) in ranges.items()])
+                deadline = time.monotonic() + self.settings.restore_timeout_s
+                while ranges:
+                    for msg in consumer.consume(1000, 0.2):
+                        value = self._decoded(msg) if msg.error() is None else None
+                        if value is not None:
+                            self._on_snapshot(value)
+                    for tp in consumer.position([TopicPartition(snapshots, p) for p in ranges]):
+                        if tp.offset >= ranges[tp.partition][1]:
+                            del ranges[tp.partition]
+                    if ranges and time.monotonic() > deadline:
+                        raise PipelineError(f"could not read {snapshots} to its end: stuck at "
+                                            f"{sorted(ranges.items())}")
             return starts
         finally:
             consumer.close()

@@ -18,7 +18,10 @@ import threading
 import time
 from collections import Counter
 from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import requests
 
 import uuid
 
@@ -236,3 +239,53 @@ def write_secret_file(path: Path, data: dict) -> Path:
 
 def decimal_sum(values) -> Decimal:
     return sum((Decimal(v) for v in values), Decimal(0))
+
+
+class FaultyProxy:
+    """An HTTP proxy in front of the venue that loses chosen ``/v1/order/new`` calls:
+    ``faults`` is a list consumed in order, one entry per order call: "response" forwards
+    the call but answers only after the client gave up, "request" never forwards it, None
+    passes it through. Every other call passes through. Real sockets, real timeouts."""
+
+    def __init__(self, target: str, faults: list[str | None], hold_s: float = 2.0) -> None:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                headers = {k: v for k, v in self.headers.items() if k.lower().startswith("x-gemini")
+                           or k.lower() in ("content-type", "content-length", "cache-control")}
+                fault = proxy.faults.pop(0) if self.path == "/v1/order/new" and proxy.faults \
+                    else None
+                proxy.seen.append((self.path, fault))
+                if fault == "request":
+                    time.sleep(proxy.hold_s)
+                    return self._answer(504, b'{"result":"error","reason":"Lost"}')
+                answer = requests.post(target + self.path, headers=headers, timeout=10)
+                if fault == "response":
+                    time.sleep(proxy.hold_s)
+                self._answer(answer.status_code, answer.content)
+
+            def _answer(self, status: int, body: bytes) -> None:
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up long ago
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.faults, self.hold_s = list(faults), hold_s
+        self.seen: list[tuple[str, str | None]] = []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
