@@ -324,7 +324,7 @@ class BarsHandler(Handler):
 
 
 def make_group(bootstrap: str, registry_url: str, namespace: str, *,
-               group_id: str = "bars", parquet_root: str | Path | None = None,
+               group_id: str | None = None, parquet_root: str | Path | None = None,
                state_dir: str | Path | None = None, output_namespace: str | None = None,
                run_dir: str | Path | None = None, intervals: Iterable[str] = DEFAULT_INTERVALS,
                lateness_ms: int = 5_000, fill_gaps: bool = False, instance: str = "0",
@@ -337,6 +337,7 @@ def make_group(bootstrap: str, registry_url: str, namespace: str, *,
     ``output_namespace`` (default: ``namespace``) receives bars and late trades.
     """
     source, out = Namespace(namespace), Namespace(output_namespace or namespace)
+    group_id = group_id or f"{source}.bars"  # namespaced, as every group's id
     root = Path(parquet_root) if parquet_root else \
         Settings.from_env(run_dir).run_dir / "parquet" / out.name / "bars"
     root = root.resolve()
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-namespace", help="namespace for bars and late trades (default: same)")
     ap.add_argument("--parquet-root", help="default <run dir>/parquet/<namespace>/bars")
     ap.add_argument("--state-dir", help="checkpoints (default <parquet root>.state/<group>)")
-    ap.add_argument("--group-id", default="bars")
+    ap.add_argument("--group-id", default=None, help="default <namespace>.bars")
     ap.add_argument("--instance", default="0", help="unique per running instance")
     ap.add_argument("--intervals", default=",".join(DEFAULT_INTERVALS))
     ap.add_argument("--lateness-ms", type=int, default=5_000)

@@ -317,6 +317,38 @@ def load_csv(
                   f"{report.parse_seconds + report.publish_seconds:.1f}s")
 
 
+bars_app = typer.Typer(no_args_is_help=True, help="OHLCV bars written by the bars group.")
+app.add_typer(bars_app, name="bars")
+
+
+@bars_app.command("read")
+def bars_read(
+    symbol: str = typer.Argument(..., help="e.g. BTCUSD"),
+    run_dir: Optional[Path] = RunDirOption,
+    namespace: str = typer.Option("sim", "--namespace", "-n"),
+    interval: str = typer.Option("1m", help="1m, 5m, 1h, 1d, ..."),
+    start: Optional[str] = typer.Option(None, help="ISO time, inclusive (UTC)."),
+    end: Optional[str] = typer.Option(None, help="ISO time, exclusive (UTC)."),
+    root: Optional[Path] = typer.Option(None, help="Parquet root [default: "
+                                                   "<run_dir>/parquet/<namespace>/bars]."),
+) -> None:
+    """Print the bars of SYMBOL from Parquet (`read_bars` returns the same DataFrame)."""
+    import pandas as pd
+
+    from pipeline.bars_store import read_bars
+
+    settings = _settings(run_dir)
+    root = root or settings.run_dir / "parquet" / namespace / "bars"
+    frame = read_bars(root, symbol.upper(), interval,
+                      pd.Timestamp(start, tz="UTC") if start else None,
+                      pd.Timestamp(end, tz="UTC") if end else None)
+    if frame.empty:
+        raise PipelineError(f"no {interval} bars of {symbol.upper()} in {root}"
+                            + (f" between {start} and {end}" if start or end else ""))
+    console.print(frame.to_string(max_rows=60))
+    console.print(f"{len(frame)} bar(s)")
+
+
 @app.command("venue")
 def venue(
     port: int = typer.Option(8090, help="Port on 127.0.0.1 (0 picks a free one)."),

@@ -100,6 +100,15 @@ name = "strategy"
 run = "consumers.strategy"
 args = { strategy = "pipeline.strategy:MidQuoter", params = { symbol = "FILUSD", tick = "0.0001", requote_bps = 1 }, inputs = "book.snapshots" }
 
+[[process]]
+name = "bars"
+run = "consumers.bars"
+
+[[process]]
+name = "execution"
+run = "consumers.execution"
+args = { mode = "paper" }
+
 [[topic]]
 name = "monitor.spread"
 
@@ -131,10 +140,12 @@ def test_up_restarts_a_killed_group_and_down_leaves_nothing(kafka, registry, tmp
     assert started.returncode == 0, started.stderr + started.stdout
     state = json.loads((tmp_path / "run" / "supervisor.json").read_text())
     pids = {p["name"]: p["pid"] for p in state["processes"]}
-    assert set(pids) == {"venue", "producer", "orderbook", "strategy", "spread-monitor"}
+    assert set(pids) == {"venue", "producer", "orderbook", "bars", "strategy", "execution",
+                         "spread-monitor"}
     snapshots = ns.topic("book.snapshots")
     wait_for(lambda: len(read_all(kafka, snapshots)) > 20, 60, "book snapshots")
-    wait_for(lambda: read_all(kafka, ns.topic("orders.requests")), 60, "an order request")
+    wait_for(lambda: read_all(kafka, ns.topic("orders.events")), 90, "an order event")
+    wait_for(lambda: read_all(kafka, ns.topic("bars")), 120, "bars")
     wait_for(lambda: read_all(kafka, f"{ns}.monitor.spread"), 60, "the plug-in's output")
 
     os.kill(pids["orderbook"], signal.SIGKILL)
