@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from bench import bars, book, ingest, serde
+from bench import bars, book, execution, ingest, serde
 from bench.figures import report
 from pipeline.broker import LocalBroker
 from pipeline.config import REPO_ROOT
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         figures += ingest.run(bootstrap, registry_url, args.events)
         figures += book.run(args.events)
         figures += bars.run(bootstrap, registry_url, args.events)
+        figures += execution.run(bootstrap, registry_url, args.events)
         path = report(figures, RUN_DIR / "results")
         print(f"figures written to {path}")
         return 0
