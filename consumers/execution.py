@@ -15,7 +15,11 @@ For each ``OrderRequest`` on ``<ns>.orders.requests`` (key: symbol) it checks, i
    ``risk:max_position``, ``risk:rate_limit``) against the latest ``BookSnapshot`` of the
    symbol, which the group reads from ``<ns>.book.snapshots`` alongside the requests;
 
-then executes it in one of three modes and publishes ``OrderEvent`` records (key:
+A request that fails 1 or 2 is not remembered (a forger must not be able to burn a real
+strategy's id); every authenticated request is decided once and remembered, whatever the
+decision (``rejected:<reason>`` in ``orders.seen``), so a replay is a ``duplicate``.
+
+It then executes the request in one of three modes and publishes ``OrderEvent`` records (key:
 client_order_id) to ``<ns>.orders.events``: ACCEPTED, then PARTIALLY_FILLED / FILLED /
 CANCELLED, or one REJECTED with the reason. Amounts are exact decimal strings.
 
@@ -80,6 +84,11 @@ book per symbol from the last ``snapshot_lookback`` records of each assigned
 ``book.snapshots`` partition, read before the first request is handled (the group then
 goes on from that partition's end).
 
+Instances: start more with distinct ``--instance`` names (each is its own static group
+member and transactional.id; two processes with one name fence each other). A symbol's
+requests and snapshots share a partition number (same key, same partition count), and
+the default range assignor gives both to the same instance.
+
 Secrets (the Gemini secret, strategy keys) are never logged, put in a topic or in an
 exception message; events carry Gemini's reason codes, not its messages.
 
@@ -105,7 +114,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, NoReturn
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
@@ -540,7 +549,7 @@ class ExecutionHandler(Handler):
         self._halt(f"order {cid} is in doubt and its status cannot be had: stopping "
                    "without committing; a restart reconciles it")
 
-    def _halt(self, why: str) -> None:
+    def _halt(self, why: str) -> NoReturn:
         """Stop without committing this batch (see ``ExecutionHalted``)."""
         self.halted = why
         log.critical("execution halted: %s", why)
