@@ -12,6 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Producer
 
 from consumers.execution import (ExecutionSettings, GeminiCredentials,
                                  TokenBucket, check_mode, main, make_group)
@@ -59,6 +60,8 @@ class Env:
                                                       "orders.events", "orders.seen", "dlq")}
         self._tail: Tail | None = None
         self._seen: Tail | None = None
+        self.producer = Producer({"bootstrap.servers": kafka, "enable.idempotence": True,
+                                  "linger.ms": 0})
         for name in ("orders.requests", "book.snapshots", "orders.events", "orders.seen"):
             self.serde.encoder(self.topic[name])  # registers: the decoder then needs no lookups
 
@@ -73,12 +76,13 @@ class Env:
         return GroupThread(config, self.kafka)
 
     def requests(self, *requests: dict) -> list[dict]:
-        produce(self.kafka, self.serde.encoder(self.topic["orders.requests"]), list(requests))
+        produce(self.kafka, self.serde.encoder(self.topic["orders.requests"]), list(requests),
+                producer=self.producer)
         return list(requests)
 
     def snapshot(self, bids=BIDS, asks=ASKS, symbol: str = "BTCUSD", **kw) -> None:
         produce(self.kafka, self.serde.encoder(self.topic["book.snapshots"]),
-                [book_snapshot(symbol, bids, asks, **kw)])
+                [book_snapshot(symbol, bids, asks, **kw)], producer=self.producer)
 
     @property
     def tail(self) -> Tail:
@@ -108,6 +112,8 @@ class Env:
         for tail in (self._tail, self._seen):
             if tail is not None:
                 tail.close()
+        self.producer.flush(10)
+        self.producer = None
 
     def seen(self) -> dict[str, str]:
         """The latest outcome per id in orders.seen (committed)."""
@@ -328,7 +334,8 @@ def test_an_intent_without_an_outcome_is_reconciled_by_status_before_anything_is
     placed = order_request(SMA_KEY, side="SELL", price=str(bid - 1), amount="0.001")
     intents = [{"client_order_id": r["client_order_id"], "strategy_id": "sma",
                 "outcome": "sending", "seen_ms": int(time.time() * 1000)} for r in (lost, placed)]
-    produce(env.kafka, env.serde.encoder(env.topic["orders.seen"]), intents, "client_order_id")
+    produce(env.kafka, env.serde.encoder(env.topic["orders.seen"]), intents, "client_order_id",
+            producer=env.producer)
     predecessor = GeminiRestClient(venue.http_url, API_KEY, API_SECRET,
                                    NonceSource(env.settings().nonce_path))
     order_id = predecessor.new_order("BTCUSD", "0.001", str(bid - 1), "sell",
@@ -391,7 +398,8 @@ def test_an_order_in_doubt_that_cannot_be_settled_stops_the_process_without_comm
     request = order_request(SMA_KEY, price="34050.00", amount="0.001")
     produce(env.kafka, env.serde.encoder(env.topic["orders.seen"]), [{
         "client_order_id": request["client_order_id"], "strategy_id": "sma",
-        "outcome": "sending", "seen_ms": int(time.time() * 1000)}], "client_order_id")
+        "outcome": "sending", "seen_ms": int(time.time() * 1000)}], "client_order_id",
+        producer=env.producer)
     env.requests(request)
     keys_file = write_secret_file(tmp_path / "strategy-keys.json", {"sma": SMA_KEY.decode()})
     args = process_args(env, None, keys_file)

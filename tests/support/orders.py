@@ -64,15 +64,11 @@ def book_snapshot(symbol: str, bids: list[tuple[str, str]], asks: list[tuple[str
             "connection_id": "test", "sequence": 0}
 
 
-_producers: dict[str, Producer] = {}
-
-
-def produce(bootstrap: str, encoder: Encoder, values: list[dict], key_field: str = "symbol") -> None:
+def produce(bootstrap: str, encoder: Encoder, values: list[dict], key_field: str = "symbol",
+            producer: Producer | None = None) -> None:
     """Encode and produce ``values`` keyed by ``key_field``, in order; wait for every ack."""
-    producer = _producers.get(bootstrap)
-    if producer is None:
-        producer = _producers[bootstrap] = Producer({
-            "bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 0})
+    producer = producer or Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
+                                     "linger.ms": 0})
     for value in values:
         producer.produce(encoder.topic, key=value[key_field], value=encoder(value))
     assert producer.flush(30) == 0
