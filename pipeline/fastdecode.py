@@ -37,8 +37,10 @@ class _Unsupported(Exception):
 class _Compiler:
     def __init__(self) -> None:
         self.functions: dict[str, list[str]] = {}  # function name -> body lines
-        self.named: dict[str, tuple[str, dict]] = {}  # full name -> (function name, schema)
+        # full (and short) name -> (function name, schema, its namespace)
+        self.named: dict[str, tuple[str, dict, str | None]] = {}
         self.constants: dict[str, Any] = {}
+        self._expanding: set[str] = set()  # named types being generated (recursion)
         self._n = 0
 
     def var(self, prefix: str = "v") -> str:
@@ -104,10 +106,11 @@ class _Compiler:
                 self.primitive(out, ind, schema, target)
                 return
             full = schema if "." in schema or not space else f"{space}.{schema}"
-            found = self.named.get(full) or self.named.get(schema)
-            if found is None:
+            if full not in self.named:
+                full = schema
+            if full not in self.named:
                 raise _Unsupported(f"unknown type {schema}")
-            out.append(f"{pad}{target}, p = {found[0]}(d, p)")
+            self.named_value(out, ind, full, target)
             return
         if isinstance(schema, list):
             if len(schema) > 63:
@@ -125,8 +128,7 @@ class _Compiler:
         if kind in _PRIMITIVES:
             self.primitive(out, ind, kind, target)
         elif kind in ("record", "error", "enum", "fixed"):
-            name = self.define(schema, space)
-            out.append(f"{pad}{target}, p = {name}(d, p)")
+            self.named_value(out, ind, self.register(schema, space), target)
         elif kind == "array":
             items, count, item = self.var("a"), self.var("c"), self.var("i")
             out.append(f"{pad}{items} = []")
@@ -181,34 +183,69 @@ class _Compiler:
             out.append(f"{pad}{target} = d[p:p + n].decode()")
             out.append(f"{pad}p += n")
 
-    def define(self, schema: dict, space: str | None) -> str:
-        """The function reading named type ``schema`` (defined once)."""
+    def register(self, schema: dict, space: str | None) -> str:
+        """Name a named type (records, enums, fixed) so later references find it."""
         name = schema["name"]
         space = schema.get("namespace", space) if "." not in name else name.rsplit(".", 1)[0]
         full = name if "." in name or not space else f"{space}.{name}"
-        if full in self.named:
-            return self.named[full][0]
-        fn = f"_read_{len(self.named)}"
-        self.named[full] = (fn, schema)
-        self.named.setdefault(name.rsplit(".", 1)[-1], (fn, schema))
-        out: list[str] = []
+        if full not in self.named:
+            entry = (f"_read_{len(self.functions) + len(self.named)}", schema, space)
+            self.named[full] = entry
+            self.named.setdefault(name.rsplit(".", 1)[-1], entry)
+        return full
+
+    def function(self, full: str) -> str:
+        """The function reading named type ``full`` (generated once, on demand)."""
+        fn, schema, space = self.named[full]
+        if fn not in self.functions:
+            self.functions[fn] = out = []
+            self._expanding.add(full)
+            self.body(out, 1, schema, "r", space)
+            self._expanding.discard(full)
+            out.append("    return r, p")
+        return fn
+
+    def named_value(self, out: list[str], ind: int, full: str, target: str) -> None:
+        """Read a named type inline (no call per value), or call its function when it
+        refers to itself."""
+        if full in self._expanding:
+            out.append(f"{'    ' * ind}{target}, p = {self.function(full)}(d, p)")
+            return
+        _, schema, space = self.named[full]
+        self._expanding.add(full)
+        self.body(out, ind, schema, target, space)
+        self._expanding.discard(full)
+
+    def body(self, out: list[str], ind: int, schema: dict, target: str,
+             space: str | None) -> None:
+        pad = "    " * ind
         kind = schema["type"]
         if kind in ("record", "error"):
             names = []
             for f in schema["fields"]:
                 v = self.var()
-                self.value(out, 1, f["type"], v, space)
+                self.value(out, ind, f["type"], v, space)
                 names.append((f["name"], v))
-            out.append("    return {" + ", ".join(f"{n!r}: {v}" for n, v in names) + "}, p")
+            out.append(f"{pad}{target} = {{" + ", ".join(f"{n!r}: {v}" for n, v in names) + "}")
         elif kind == "enum":
-            symbols = f"_SYMBOLS_{len(self.named)}"
-            self.constants[symbols] = tuple(schema["symbols"])
-            self.long(out, 1, "i")
-            out.append(f"    return {symbols}[i], p")
+            symbols = tuple(schema["symbols"])
+            if len(symbols) <= 64:  # the index is one byte, 2i: look the byte up
+                table = self.var("_ENUM")
+                self.constants[table] = tuple(symbols[b // 2] if b % 2 == 0 and b // 2 < len(
+                    symbols) else None for b in range(256))
+                out.append(f"{pad}{target} = {table}[d[p]]")
+                out.append(f"{pad}p += 1")
+                out.append(f"{pad}if {target} is None:")
+                out.append(f"{pad}    raise ValueError('enum index out of range')")
+            else:
+                table = self.var("_SYMBOLS")
+                self.constants[table] = symbols
+                self.long(out, ind, "i")
+                out.append(f"{pad}{target} = {table}[i]")
         else:  # fixed
-            out.append(f"    return d[p:p + {int(schema['size'])}], p + {int(schema['size'])}")
-        self.functions[fn] = out
-        return fn
+            size = int(schema["size"])
+            out.append(f"{pad}{target} = d[p:p + {size}]")
+            out.append(f"{pad}p += {size}")
 
     def source(self, entry: str) -> str:
         parts = []
@@ -224,7 +261,7 @@ def compile_reader(schema: Any) -> Reader:
     plain = _strip_logical(schema)
     compiler = _Compiler()
     if isinstance(plain, dict) and plain.get("type") in ("record", "error", "enum", "fixed"):
-        entry = compiler.define(plain, None)
+        entry = compiler.function(compiler.register(plain, None))
     else:
         entry = "_read_top"
         out: list[str] = []
