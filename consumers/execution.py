@@ -7,8 +7,10 @@ For each ``OrderRequest`` on ``<ns>.orders.requests`` (key: symbol) it checks, i
    or signed with another key);
 3. ``duplicate``: its ``client_order_id`` was acted on before (also across restarts and
    rebalances: see "at most once" below);
-4. ``risk:kill_switch``: the kill switch is on (the file ``<run_dir>/kill-switch`` exists;
-   checked once per batch, so flipping it takes effect within one batch);
+4. ``risk:kill_switch``: the kill switch is on: the file ``<run_dir>/kill-switch`` exists
+   (``run/kill-switch`` by default: ``touch`` it to stop all trading of every instance,
+   remove it to resume); checked once per batch, so flipping it takes effect within one
+   batch;
 5. ``expired``: ``expires_ms`` is in the past (injected clock);
 6. ``invalid_request``: amount or price is not a positive decimal (or a LIMIT without one);
 7. the risk limits of ``pipeline.risk`` (``risk:price_band``, ``risk:max_notional``,
@@ -155,7 +157,7 @@ class ExecutionHalted(BaseException):
 @dataclass(frozen=True)
 class ExecutionSettings:
     mode: str = "paper"  # paper | sandbox | live
-    run_dir: Path = Path("run") / "execution"  # nonce file, kill switch
+    run_dir: Path = Path("run")  # the pipeline's run directory: kill switch, execution/
     risk: RiskLimits = field(default_factory=RiskLimits)
     venue_url: str | None = None  # default: Gemini's sandbox / live URL for the mode
     live_confirmed: bool = False  # the --live flag: live mode needs it as well
@@ -189,7 +191,7 @@ class ExecutionSettings:
 
     @property
     def nonce_path(self) -> Path:
-        return Path(self.run_dir) / "gemini-nonce"
+        return Path(self.run_dir) / "execution" / "gemini-nonce"
 
 
 class GeminiCredentials:
@@ -381,7 +383,6 @@ class ExecutionHandler(Handler):
         if settings.sends_http:
             if credentials is None:
                 raise PipelineError(f"{settings.mode} mode needs a Gemini API key and secret")
-            Path(settings.run_dir).mkdir(parents=True, exist_ok=True)
             self.nonces = AdvancingNonceSource(settings.nonce_path)
             self.client = credentials.client(settings.url, self.nonces, settings.gemini_timeout_s)
             self.bucket = TokenBucket(settings.gemini_rate_per_s, settings.gemini_burst)
@@ -854,7 +855,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--api-key-file", help="0600 JSON file {\"api_key\", \"api_secret\"} "
                     "[default: GEMINI_API_KEY / GEMINI_API_SECRET]")
     ap.add_argument("--run-dir", default=None,
-                    help="nonce file and kill switch [default: $PIPELINE_RUN_DIR/execution]")
+                    help="the pipeline's run directory: <run-dir>/kill-switch, the nonce file "
+                    "<run-dir>/execution/gemini-nonce [default: $PIPELINE_RUN_DIR or ./run]")
     ap.add_argument("--group", default=None, help="group id [default: <namespace>.execution]")
     ap.add_argument("--instance", default="0", help="this instance's name within the group")
     ap.add_argument("--gemini-rate", type=float, default=5.0, help="private calls per second")
@@ -875,8 +877,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_dir = Path(args.run_dir) if args.run_dir else \
-        Path(os.environ.get("PIPELINE_RUN_DIR") or "run") / "execution"
+    run_dir = Path(args.run_dir or os.environ.get("PIPELINE_RUN_DIR") or "run")
     try:
         namespace = Namespace(args.namespace)
         credentials = GeminiCredentials.load(args.api_key_file) \
