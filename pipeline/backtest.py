@@ -69,7 +69,7 @@ import heapq
 from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 from decimal import ROUND_FLOOR, Context, Decimal, localcontext
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from pipeline.errors import PipelineError
 from pipeline.orderbook import L2Book, price_key
@@ -687,10 +687,15 @@ class BookBroker(Broker):
         if trade["symbol"] not in self.books:
             self.marks[trade["symbol"]] = Decimal(trade["price"])
 
-    def _mark(self, symbol: str, book: L2Book) -> None:
-        bid, ask = book.best_bid(), book.best_ask()
-        if bid is not None and ask is not None:
-            self.marks[symbol] = (price_key(bid[0])[1] + price_key(ask[0])[1]) / 2
+    def equity(self) -> Decimal:
+        """Marked at the books' mids (computed now, not on every change of a book)."""
+        ledger = self.ledger
+        for symbol, book in self.books.items():
+            if ledger.position.get(symbol) or ledger.gross.get(symbol) or symbol == self.primary:
+                bid, ask = book.best_bid(), book.best_ask()
+                if bid is not None and ask is not None:
+                    self.marks[symbol] = (price_key(bid[0])[1] + price_key(ask[0])[1]) / 2
+        return super().equity()
 
     @property
     def _index(self) -> int:
@@ -832,11 +837,13 @@ class BookBroker(Broker):
         return _one(self._event(order, kind, when)) if fills else []
 
     def on_book(self, symbol: str, book: L2Book, when_us: int) -> list[dict] | None:
-        """The top of ``symbol``'s book changed: mark, and fill what now crosses."""
+        """The top of ``symbol``'s book changed: fill what now crosses."""
+        if not self.bids and not self.asks and not self.waiting and self.primary is not None:
+            self.books[symbol] = book  # nothing resting anywhere: the common case
+            return None
         self.books[symbol] = book
         if self.primary is None:
             self.primary = symbol
-        self._mark(symbol, book)
         events = None
         when = when_us // 1000
         waiting = self.waiting.pop(symbol, None)
@@ -884,6 +891,7 @@ class BookBroker(Broker):
             return []
         when = last_event_us // 1000
         events: list[dict] = []
+        self.equity()  # marks the books' mids, for positions left without a book
         if self.finalize_trades:
             for symbol in sorted(self.ledger.position):
                 position = self.ledger.position[symbol]
@@ -1004,33 +1012,32 @@ class Engine:
         self.stopped: str | None = None
         self._context = Context()  # decimal defaults, whatever the caller's context is
 
-    def run(self, events: Iterable[Event], stop: Callable[[], bool] | None = None) -> int:
-        """Process ``events`` (in order); returns how many. ``stop()`` is asked between
-        events; a true answer ends the batch early (the caller then finishes)."""
-        if self.stopped:
+    def run(self, events: Sequence[Event]) -> int:
+        """Process a batch of ``events`` (in order); returns how many were processed (fewer
+        when the broker stopped the run: out of money)."""
+        if self.stopped or not events:
             return 0
         with localcontext(self._context):
-            return self._run(events, stop)
+            return self._run(events)
 
-    def _run(self, events: Iterable[Event], stop: Callable[[], bool] | None) -> int:
+    def _run(self, events: Sequence[Event]) -> int:
         strategy, broker = self.strategy, self.broker
         on_bar, on_trade = strategy.on_bar, strategy.on_trade
         broker_bar, submit = broker.on_bar, broker.submit
         book_mode = isinstance(broker, BookBroker)
-        by_kind = self.by_kind
-        n = 0
+        if self.first_us is None:
+            self.first_us = events[0][0]
+        n_bar = n_l2 = n_book = n_trade = 0
         calling = None
         event = None
         try:
             for event in events:
-                if stop is not None and stop():
-                    break
-                kind, record = event[4], event[5]
-                if self.first_us is None:
-                    self.first_us = event[0]
+                kind = event[4]
                 if book_mode and event[0] >= broker.next_tick_us:  # type: ignore[attr-defined]
                     broker.tick(event[0])
                 if kind == BAR:
+                    n_bar += 1
+                    record = event[5]
                     fills = broker_bar(record)
                     if fills:
                         self._feedback(fills, event)
@@ -1038,23 +1045,20 @@ class Engine:
                     intents = on_bar(record)
                     calling = None
                 elif kind == L2:
-                    intents = self._l2(record, event)
+                    n_l2 += 1
+                    intents = self._l2(event[5], event)
                 elif kind == BOOK:
-                    intents = self._snapshot(record, event)
+                    n_book += 1
+                    intents = self._snapshot(event[5], event)
                 else:
-                    broker.on_trade(record)
+                    n_trade += 1
+                    broker.on_trade(event[5])
                     calling = "on_trade"
-                    intents = on_trade(record)
+                    intents = on_trade(event[5])
                     calling = None
                 if intents:
                     self._submit(intents, event, submit)
-                n += 1
-                by_kind[kind] += 1
-                self.last_us = event[0]
         except _OutOfMoney:
-            n += 1
-            by_kind[event[4]] += 1
-            self.last_us = event[0]
             self.stopped = broker.stopped
         except PipelineError:
             raise
@@ -1063,7 +1067,15 @@ class Engine:
                 raise
             raise self._failure(calling, event, exc) from exc
         finally:
+            n = n_bar + n_l2 + n_book + n_trade
+            by_kind = self.by_kind
+            by_kind[BAR] += n_bar
+            by_kind[L2] += n_l2
+            by_kind[BOOK] += n_book
+            by_kind[TRADE] += n_trade
             self.events += n
+            if n:
+                self.last_us = events[n - 1][0]
         return n
 
     def _failure(self, callback: str, event: Event | None, exc: BaseException) -> StrategyFailed:
@@ -1140,13 +1152,16 @@ class Engine:
         else:
             bids, asks = self._depths[symbol].top(book, depth)
         self.snapshots += 1
+        received = update["received_ts_us"]
         snapshot = {"symbol": symbol, "depth": depth, "bids": bids, "asks": asks,
-                    "exchange_ts_ms": update["exchange_ts_ms"],
-                    "received_ts_us": update["received_ts_us"],
-                    "published_ts_us": update["received_ts_us"],
-                    "source_partition": event[2], "source_offset": event[3],
-                    "connection_id": update["connection_id"], "sequence": update["sequence"]}
-        return self._call_on_book(snapshot, event)
+                    "exchange_ts_ms": update["exchange_ts_ms"], "received_ts_us": received,
+                    "published_ts_us": received, "source_partition": event[2],
+                    "source_offset": event[3], "connection_id": update["connection_id"],
+                    "sequence": update["sequence"]}
+        try:
+            return self.strategy.on_book(snapshot)
+        except Exception as exc:  # noqa: BLE001 - name the strategy and the input
+            raise self._failure("on_book", event, exc) from exc
 
     def _snapshot(self, snapshot: dict, event: Event):
         symbol = snapshot["symbol"]
@@ -1216,5 +1231,5 @@ def backtest_events(strategy: Strategy, events: Iterable[Event], *, fill: str = 
     broker = make_broker(fill, Decimal(cash), Decimal(commission), strategy.strategy_id,
                          **options)
     engine = Engine(strategy, broker, book_depth)
-    engine.run(events)
+    engine.run(list(events))
     return engine.finish()
