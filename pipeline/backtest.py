@@ -1228,6 +1228,9 @@ def backtest_events(strategy: Strategy, events: Iterable[Event], *, fill: str = 
                     **options: Any) -> EngineResult:
     """Run ``strategy`` over events already in memory (tests, sweeps): the engine alone."""
     book_depth = options.pop("book_depth", 10)
+    for name in ("lot", "slippage"):
+        if name in options:
+            options[name] = Decimal(str(options[name]))
     broker = make_broker(fill, Decimal(cash), Decimal(commission), strategy.strategy_id,
                          **options)
     engine = Engine(strategy, broker, book_depth)

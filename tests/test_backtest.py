@@ -31,7 +31,7 @@ from pipeline.kafka import ReliableProducer
 from pipeline.registry import SchemaRegistry
 from pipeline.report import COMPARABLE, trades_csv
 from pipeline.serde import Encoder
-from pipeline.strategy import FULL_EQUITY, OrderIntent, SmaCross
+from pipeline.strategy import FULL_EQUITY, OrderIntent, SmaCross, Strategy
 from producers.csv_bars import load_csv_bars
 from tests.conftest import SHARED_DATA
 
@@ -450,3 +450,71 @@ def test_out_dir_is_all_or_nothing(tmp_path):
     assert (target / "a.txt").read_text() == "x"
     assert [p.name for p in (tmp_path / "deep").iterdir()] == ["out"]
     assert trades_csv([]).splitlines()[0].startswith("symbol,size,entry_bar")
+
+
+# --------------------------------------------------------------------------- the broker alone
+
+
+def bars_of(closes: list[str], symbol: str = "BTCUSD") -> list[tuple]:
+    out = []
+    for i, close in enumerate(closes):
+        bar = {"symbol": symbol, "interval": "1h", "start_ms": i * 3_600_000,
+               "end_ms": (i + 1) * 3_600_000, "open": close, "high": close, "low": close,
+               "close": close, "volume": "1", "trade_count": None, "vwap": None,
+               "buy_volume": None, "sell_volume": None, "filled": False, "source": "test"}
+        out.append((event_time_us(BAR, bar), "sim.bars", 0, i, BAR, bar))
+    return out
+
+
+class Once(Strategy):  # one intent on its first bar
+    strategy_id = "once"
+
+    def __init__(self, **intent) -> None:
+        self.intent, self.done = intent, False
+
+    def on_bar(self, bar):
+        if self.done:
+            return []
+        self.done = True
+        return [OrderIntent(bar["symbol"], **self.intent)]
+
+
+def test_fractions_fill_at_the_next_open_in_whole_lots():
+    result = backtest_events(Once(side="BUY", fraction="0.5"), bars_of(["100", "103", "104"]),
+                             cash="10000", commission="0.01", lot="0.1", finalize_trades=False)
+    (lot,) = result.open_lots
+    # 0.5 * 10000 / (103 * 1.01) = 48.06...: 48.0 in lots of 0.1, bought at the next open
+    assert (lot.size, lot.entry_price, lot.entry_bar) == (Decimal("48.0"), Decimal(103), 1)
+    assert result.final_cash == Decimal(10000) - Decimal("48.0") * 103 * Decimal("0.01")
+    assert result.final_equity == result.final_cash + Decimal("48.0") * (104 - 103)
+
+
+def test_a_short_that_runs_out_of_money_stops_the_run_like_backtesting_py():
+    result = backtest_events(Once(side="SELL", fraction=FULL_EQUITY),
+                             bars_of(["100", "100", "150", "300", "400"]), cash="10000")
+    assert result.stopped and result.stopped.startswith("out of money")
+    assert result.final_equity == 0 and result.open_lots == []
+    assert result.events == 4, "the run ends on the bar equity went negative"
+    (trade,) = result.trades
+    assert (trade.size, trade.exit_price) == (-99, Decimal(300))
+
+
+def test_book_snapshot_records_and_trades_replay_too():
+    from tests.support.backtest_strategies import Scripted
+
+    snapshot = {"symbol": "ETHUSD", "depth": 2,
+                "bids": [{"price": "10", "quantity": "1"}],
+                "asks": [{"price": "11", "quantity": "2"}, {"price": "12", "quantity": "5"}],
+                "exchange_ts_ms": None, "received_ts_us": 5_000_000, "published_ts_us": 0,
+                "source_partition": 0, "source_offset": 0, "connection_id": "c", "sequence": 1}
+    trade = {"symbol": "ETHUSD", "trade_id": 1, "price": "11.5", "quantity": "1",
+             "taker_side": "BUY", "exchange_ts_ms": 6000, "received_ts_us": 6_000_000,
+             "connection_id": "c", "sequence": 2, "from_snapshot": False}
+    strategy = Scripted({0: [dict(side="BUY", amount="3", order_type="LIMIT", price="12")]})
+    result = backtest_events(strategy, [(5_000_000, "s.book.snapshots", 0, 0, "book", snapshot),
+                                        (6_000_000, "s.md.trades", 0, 0, "trade", trade)],
+                             fill="book", finalize_trades=False)
+    assert strategy.snapshots == [snapshot]
+    assert [(e["kind"], e["filled_amount"]) for e in strategy.events] == [("FILLED", "3")]
+    assert result.by_kind == {"bar": 0, "book": 1, "trade": 1, "l2": 0}
+    assert sum(lot.size for lot in result.open_lots) == 3
