@@ -288,6 +288,9 @@ def plot_equity(result: EngineResult, path: Path, title: str = "") -> None:
             first = marks[~np.isnan(marks)][0]
             top.plot(frame.index, marks / first * frame["Equity"].iloc[0], color="#999999",
                      linewidth=0.6, label=f"buy & hold {result.primary or ''}".strip())
+        shown = frame["Equity"][frame["Equity"] > 0]
+        if len(shown) and shown.max() / shown.min() > 20:  # e.g. a ruin next to a bull run
+            top.set_yscale("log")
         top.set_ylabel("equity")
         top.set_title(title or "equity")
         top.legend(loc="upper left")
