@@ -1132,15 +1132,15 @@ class Engine:
                 self._depths[symbol].update(book, changes)
         self.changes += len(changes)
         bid, ask = book.best_bid(), book.best_ask()
+        top = (bid, ask)
+        if top == self._top.get(symbol):
+            return None  # the same top as the last (uncrossed) one: nothing to tell
         if bid is not None and ask is not None and price_key(bid[0])[1] > price_key(ask[0])[1]:
             book.clear()  # crossed: dropped until the next snapshot, as the orderbook group
             if depth > 1:
                 self._depths[symbol].rebuild(book)
             self.books_dropped += 1
             self._top.pop(symbol, None)
-            return None
-        top = (bid, ask)
-        if top == self._top.get(symbol):
             return None
         self._top[symbol] = top
         fills = self.broker.on_book(symbol, book, event[0])
