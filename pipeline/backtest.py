@@ -194,7 +194,7 @@ class EventMerger:
 # --------------------------------------------------------------------------- trades
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: two lots alike are still two trades
 class Lot:
     """An open trade (backtesting.py's ``Trade``): a signed size at one entry price."""
 
