@@ -12,9 +12,12 @@ process and no lock behind. The supervisor records its state in
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -71,6 +74,19 @@ def python_module(module: str, *args: str) -> list[str]:
 
 def _cli(*args: str) -> list[str]:
     return python_module("pipeline.cli", *args)
+
+
+@functools.cache
+def takes_instance(module: str) -> bool:
+    """Whether a shipped group's ``main`` has an ``--instance`` option: its instances then
+    need distinct names (transactional.id, group.instance.id), or they fence each other.
+    Read from the module's source, so the supervisor need not import every group."""
+    try:
+        spec = importlib.util.find_spec(module)
+        source = Path(spec.origin).read_text() if spec and spec.origin else ""
+    except (ImportError, ValueError, OSError):
+        return False
+    return re.search(r"add_argument\(\s*[\"']--instance[\"']", source) is not None
 
 
 def _flags(args: dict) -> list[str]:
@@ -190,7 +206,7 @@ class Supervisor:
         args = dict(proc.args)
         if proc.run in SIGNING_GROUPS and "strategy_keys" not in args:
             args["strategy_keys"] = str(self._strategy_keys())
-        if proc.instances > 1 and proc.run == "consumers.strategy":
+        if proc.instances > 1 and not proc.is_user_group and takes_instance(proc.run):
             args["instance"] = index
         if proc.is_user_group:
             cmd = _cli("run", proc.run, "--name", proc.name, *common, "--args", json.dumps(args))

@@ -223,3 +223,34 @@ def test_a_broker_that_never_comes_up_fails_up_clearly(tmp_path, shared_data):
     assert "Kafka broker exited" in result.stderr or "did not answer" in result.stderr
     state = json.loads((tmp_path / "run" / "supervisor.json").read_text())
     assert state["phase"] == "stopped" and state["processes"] == []
+
+
+def test_every_instance_of_a_group_with_an_instance_option_gets_its_own_name(tmp_path):
+    """Two execution instances without distinct names would share one transactional.id
+    and group.instance.id and fence each other."""
+    from pipeline.config import Settings
+    from pipeline.supervisor import Supervisor
+
+    path = write(tmp_path, 'namespace = "sim"\n[source]\nkind = "venue"\n'
+                 '[[process]]\nname = "execution"\nrun = "consumers.execution"\ninstances = 2\n'
+                 'args = { mode = "paper" }\n'
+                 '[[process]]\nname = "bars"\nrun = "consumers.bars"\ninstances = 2\n'
+                 '[[process]]\nname = "orderbook"\nrun = "consumers.orderbook"\ninstances = 2\n'
+                 '[[process]]\nname = "solo"\nrun = "consumers.execution"\n')
+    supervisor = Supervisor(topology.load(path), Settings.from_env(tmp_path / "run"))
+    supervisor.bootstrap, supervisor.registry_url = "127.0.0.1:1", "http://127.0.0.1:2"
+
+    def instance_flags(name: str, index: int) -> tuple[str, list[str]]:
+        child = supervisor._child_for(supervisor.topology.process(name), index)
+        return child.name, [child.cmd[i + 1] for i, arg in enumerate(child.cmd)
+                            if arg == "--instance"]
+
+    assert [instance_flags("execution", i) for i in (0, 1)] == [("execution-0", ["0"]),
+                                                                ("execution-1", ["1"])]
+    execution = supervisor._child_for(supervisor.topology.process("execution"), 1).cmd
+    assert execution[execution.index("--mode") + 1] == "paper"
+    assert "--strategy-keys" in execution
+    assert [instance_flags("bars", i) for i in (0, 1)] == [("bars-0", ["0"]), ("bars-1", ["1"])]
+    # orderbook has no --instance option; a single instance keeps its main's default
+    assert instance_flags("orderbook", 1) == ("orderbook-1", [])
+    assert instance_flags("solo", 0) == ("solo", [])
