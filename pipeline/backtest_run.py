@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -127,6 +127,28 @@ def to_ms(value: TimeLike, what: str = "time") -> int | None:
     raise PipelineError(f"{what} {value!r} is not a time")
 
 
+def parse_offsets(specs: Sequence[str], namespace: Namespace | str | None = None) -> Offsets:
+    """``["bars:0:100-200", ...]`` (end exclusive; catalog names are put in ``namespace``)
+    -> ``{("sim.bars", 0): (100, 200)}``."""
+    offsets: Offsets = {}
+    for spec in specs:
+        try:
+            topic, partition, span = spec.rsplit(":", 2)
+            first, end = span.split("-")
+            key, value = (topic, int(partition)), (int(first), int(end))
+        except ValueError:
+            raise PipelineError(f"offsets {spec!r} must be TOPIC:PARTITION:FROM-TO, "
+                                "e.g. bars:0:0-1000 (TO exclusive)") from None
+        if not 0 <= value[0] <= value[1]:
+            raise PipelineError(f"offsets {spec!r}: FROM must be >= 0 and <= TO")
+        if key in offsets:
+            raise PipelineError(f"offsets given twice for {topic}[{partition}]")
+        offsets[key] = value
+    if namespace is None:
+        return offsets
+    return {(resolve_topics(namespace, [t])[0], p): v for (t, p), v in offsets.items()}
+
+
 def _decimal(value: Any, what: str) -> Decimal:
     try:
         result = Decimal(str(value))
@@ -168,8 +190,10 @@ def _strategy(spec: str | Strategy, params: Mapping[str, Any] | None) -> tuple[S
 
 
 @contextmanager
-def _progress(show: bool, total: int, description: str) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar over offsets read, with events/s and ETA, on stderr."""
+def _progress(show: bool, total: int, description: str,
+              unit: str = "events") -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar (offsets read, or combinations done) with ``unit``/s and ETA,
+    on stderr."""
     if not show:
         yield lambda position, events: None
         return
@@ -185,7 +209,7 @@ def _progress(show: bool, total: int, description: str) -> Iterator[Callable[[in
 
         def update(position: int, events: int) -> None:
             elapsed = time.monotonic() - began
-            rate = f"{events / elapsed:,.0f} events/s" if elapsed > 0 else ""
+            rate = f"{events / elapsed:,.1f} {unit}/s" if elapsed > 0 else ""
             bar.update(task, completed=position, rate=rate)
 
         yield update
@@ -350,8 +374,10 @@ def _read_all(bootstrap: str, registry_url: str, topics: list[str], start_ms: in
 
 def _init_worker(bootstrap: str, registry_url: str, topics: list[str], start_ms: int | None,
                  end_ms: int | None, offsets: Offsets | None) -> None:
-    """Each worker reads and decodes the replay once, then runs its combinations on it."""
+    """Each worker reads and decodes the replay once, then runs its combinations on it.
+    Ctrl-C is the parent's to handle: it lets running combinations finish."""
     global _WORKER_EVENTS
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_EVENTS = _read_all(bootstrap, registry_url, topics, start_ms, end_ms, offsets)
 
 
@@ -375,14 +401,17 @@ def sweep(bootstrap: str, registry_url: str, namespace: Namespace | str,
           fill: str = NEXT_OPEN, *, topics: Sequence[str] | None = None,
           offsets: Offsets | None = None, slippage: str | float = "0", lot: str | float = "1",
           interval: str | None = None, finalize_trades: bool = True, book_depth: int = 10,
-          sample_ms: int = 1000, workers: int = 2) -> pd.DataFrame:
+          sample_ms: int = 1000, workers: int = 2,
+          progress: bool | None = None) -> pd.DataFrame:
     """Backtest every combination of ``grid`` (``{"fast": [5, 10], "slow": [20, 30]}``,
     on top of ``params``) in ``workers`` processes; one row per combination, in the
     grid's order (the last key varies fastest), with the parameters then the statistics.
 
     Each worker reads and decodes the replay once and keeps it in memory for all the
     combinations it runs. A combination the strategy refuses (e.g. fast >= slow) is a
-    :class:`PipelineError` before anything runs.
+    :class:`PipelineError` before anything runs. Ctrl-C lets the running combinations
+    finish, drops the others and returns the rows done, with
+    ``frame.attrs["interrupted"] = True`` (``attrs["combinations"]`` is the grid's size).
     """
     if fill not in FILL_MODELS:
         raise PipelineError(f"unknown fill model {fill!r}: one of {', '.join(FILL_MODELS)}")
@@ -412,13 +441,29 @@ def sweep(bootstrap: str, registry_url: str, namespace: Namespace | str,
                                 f"{source.describe_empty()}")
     rows: list[dict[str, Any] | None] = [None] * len(combos)
     workers = max(1, min(workers, len(combos)))
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                             initializer=_init_worker,
-                             initargs=(bootstrap, registry_url, names, start_ms, end_ms,
-                                       offsets)) as pool:
-        futures = [pool.submit(_run_combination, i, strategy_spec, combo, fill, options)
-                   for i, combo in enumerate(combos)]
-        for future in futures:
-            index, row = future.result()
-            rows[index] = row
-    return pd.DataFrame(rows)
+    show = sys.stderr.isatty() if progress is None else progress
+    with _ctrl_c() as stop, \
+            _progress(show, len(combos), f"sweep {strategy_spec}", "combinations") as update, \
+            ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                                initializer=_init_worker,
+                                initargs=(bootstrap, registry_url, names, start_ms, end_ms,
+                                          offsets)) as pool:
+        pending = {pool.submit(_run_combination, i, strategy_spec, combo, fill, options)
+                   for i, combo in enumerate(combos)}
+        done_count = 0
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            for future in done:
+                if future.cancelled():
+                    continue
+                index, row = future.result()
+                rows[index] = row
+                done_count += 1
+            update(done_count, done_count)
+            if stop.is_set():
+                for future in pending:
+                    future.cancel()  # the running ones finish; the queued ones are dropped
+        interrupted = stop.is_set()
+    frame = pd.DataFrame([row for row in rows if row is not None])
+    frame.attrs.update(interrupted=interrupted, combinations=len(combos))
+    return frame

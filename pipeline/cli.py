@@ -28,7 +28,7 @@ app.add_typer(schemas_app, name="schemas")
 # Piped output (logs, scripts, tests) gets whole lines, not an 80-column squeeze.
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 RunDirOption = typer.Option(None, "--run-dir", envvar="PIPELINE_RUN_DIR",
-                            help="Where logs, broker data and state live [default: ./run].")
+                            help="Where logs, broker data and state live \\[default: ./run].")
 
 
 def _settings(run_dir: Optional[Path]):
@@ -217,7 +217,7 @@ def schemas_list(run_dir: Optional[Path] = RunDirOption) -> None:
 @schemas_app.command("check")
 def schemas_check(run_dir: Optional[Path] = RunDirOption, namespace: str = NamespaceOption,
                   directory: Path = typer.Option(None, "--dir", help="Schema folder to check "
-                                                 "[default: schemas/].")) -> None:
+                                                 "\\[default: schemas/].")) -> None:
     """Are the repo's .avsc files compatible with what the registry holds? Exit 1 if not."""
     from pipeline.catalog import Namespace
     from pipeline.schemas import SCHEMA_DIR, check_namespace
@@ -245,7 +245,7 @@ app.add_typer(produce_app, name="produce")
 def produce_gemini(
     run_dir: Optional[Path] = RunDirOption,
     namespace: str = typer.Option(None, "--namespace", "-n", envvar="PIPELINE_NAMESPACE",
-                                  help="Topic namespace [default: live for Gemini, sim for "
+                                  help="Topic namespace \\[default: live for Gemini, sim for "
                                        "any other URL]."),
     url: str = typer.Option("wss://api.gemini.com", help="Gemini, or the local venue "
                                                          "(e.g. ws://127.0.0.1:8090)."),
@@ -329,7 +329,7 @@ def bars_read(
     interval: str = typer.Option("1m", help="1m, 5m, 1h, 1d, ..."),
     start: Optional[str] = typer.Option(None, help="ISO time, inclusive (UTC)."),
     end: Optional[str] = typer.Option(None, help="ISO time, exclusive (UTC)."),
-    root: Optional[Path] = typer.Option(None, help="Parquet root [default: "
+    root: Optional[Path] = typer.Option(None, help="Parquet root \\[default: "
                                                    "<run_dir>/parquet/<namespace>/bars]."),
 ) -> None:
     """Print the bars of SYMBOL from Parquet (`read_bars` returns the same DataFrame)."""
@@ -347,6 +347,135 @@ def bars_read(
                             + (f" between {start} and {end}" if start or end else ""))
     console.print(frame.to_string(max_rows=60))
     console.print(f"{len(frame)} bar(s)")
+
+
+@app.command("backtest")
+def backtest(
+    strategy: str = typer.Argument(..., help="The strategy, module:Class "
+                                             "(e.g. pipeline.strategy:SmaCross)."),
+    run_dir: Optional[Path] = RunDirOption,
+    namespace: str = typer.Option("sim", "--namespace", "-n",
+                                  help="Namespace whose topics are replayed."),
+    params: str = typer.Option("{}", help='Strategy parameters, a JSON object: '
+                                           '\'{"fast": 10, "slow": 20}\'.'),
+    grid: Optional[str] = typer.Option(None, help='A parameter sweep, a JSON object of lists '
+                                                  '(\'{"fast": [5, 10], "slow": [20, 30]}\'): '
+                                                  'one row per combination, in parallel.'),
+    workers: int = typer.Option(2, help="Processes for --grid."),
+    start: Optional[str] = typer.Option(None, help="From this record time, inclusive "
+                                                   "(ISO, UTC unless it says, or epoch ms)."),
+    end: Optional[str] = typer.Option(None, help="Up to this record time, exclusive."),
+    offsets: list[str] = typer.Option([], "--offsets", help="TOPIC:PARTITION:FROM-TO (end "
+                                                            "exclusive) instead of times; "
+                                                            "repeat per partition."),
+    topics: Optional[str] = typer.Option(None, help="Comma-separated catalog topics \\[default: "
+                                                    "what the strategy and fill model need]."),
+    fill: str = typer.Option("next-open", help="next-open: market orders at the next bar's "
+                                               "open (backtesting.py); book: limit and market "
+                                               "orders against the replayed L2 book."),
+    cash: str = typer.Option("1000000", help="Starting cash."),
+    commission: str = typer.Option("0.002", help="Fraction of each fill's value, on entry "
+                                                 "and on exit."),
+    slippage: str = typer.Option("0", help="next-open: a fraction added to buys' and taken "
+                                           "from sells' prices (backtesting.py's spread)."),
+    lot: str = typer.Option("1", help="Fraction sizing rounds down to whole lots of this."),
+    interval: Optional[str] = typer.Option(None, help="Bar interval to trade on when the "
+                                                      "topic holds several."),
+    finalize: bool = typer.Option(True, "--finalize/--no-finalize",
+                                  help="Close open trades at the end (backtesting.py's "
+                                       "finalize_trades)."),
+    book_depth: int = typer.Option(10, help="Levels per side in the books given to "
+                                            "on_book."),
+    out: Optional[Path] = typer.Option(None, help="Directory for trades.csv, equity.csv, "
+                                                  "stats.json, equity.png \\[default: "
+                                                  "<run_dir>/backtests/<strategy>-<time>]."),
+    html: bool = typer.Option(False, help="Also write report.html."),
+    progress: bool = typer.Option(True, "--progress/--no-progress",
+                                  help="A progress bar on stderr (events/s, ETA)."),
+) -> None:
+    """Replay topics of a namespace through a strategy with a simulated broker; print the
+    statistics and write the trade list, equity curve and report. Ctrl-C stops after the
+    current batch, keeps what was done and exits 130."""
+    from datetime import datetime, timezone
+
+    from pipeline.backtest_run import parse_offsets, run_backtest, sweep
+    from pipeline.broker import bootstrap_servers
+    from pipeline.registry_server import registry_url
+
+    settings = _settings(run_dir)
+    bootstrap, registry = bootstrap_servers(settings), registry_url(settings)
+    strategy_params = _json_object(params, "--params")
+    common = dict(start=start, end=end, cash=cash, commission=commission, fill=fill,
+                  topics=topics.split(",") if topics else None,
+                  offsets=parse_offsets(offsets, namespace) if offsets else None, slippage=slippage,
+                  lot=lot, interval=interval, finalize_trades=finalize,
+                  book_depth=book_depth)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = out or settings.run_dir / "backtests" / f"{strategy.rpartition(':')[2]}-{stamp}"
+    if grid is not None:
+        table = sweep(bootstrap, registry, namespace, strategy, _json_object(grid, "--grid"),
+                      strategy_params, workers=workers, progress=progress, **common)
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out / "sweep.csv", index=False)
+        _print_sweep(table)
+        done = len(table)
+        console.print(f"{done} of {table.attrs['combinations']} combination(s); "
+                      f"table written to {out / 'sweep.csv'}", highlight=False)
+        if table.attrs["interrupted"]:
+            console.print("[yellow]interrupted[/]: the combinations not started were dropped")
+            raise typer.Exit(130)
+        return
+    result = run_backtest(bootstrap, registry, namespace, strategy, strategy_params,
+                          out_dir=out, html=html, progress=progress, **common)
+    _print_stats(result)
+    if result.interrupted:
+        console.print(f"[yellow]interrupted[/] after {result.engine.events:,} events: the "
+                      "report covers them; open trades were left open")
+        raise typer.Exit(130)
+
+
+def _json_object(text: str, option: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{option} is not JSON ({exc.msg} at column {exc.colno}): "
+                            f"{text}") from None
+    if not isinstance(value, dict):
+        raise PipelineError(f"{option} must be a JSON object, got: {text}")
+    return value
+
+
+def _print_stats(result) -> None:
+    from pipeline.report import stats_json
+
+    table = Table("statistic", "value", title=f"{result.strategy} {result.params}")
+    for key, value in stats_json(result.stats).items():
+        table.add_row(key, str(value))
+    console.print(table)
+    read = result.read
+    console.print(f"{result.engine.events:,} events from {', '.join(result.topics)} in "
+                  f"{result.elapsed_s:.2f}s ({result.events_per_s:,.0f}/s; "
+                  f"{read.skipped_time} outside the time range, {read.undecodable} "
+                  f"undecodable); final equity {result.final_equity}", highlight=False)
+    for name, path in sorted(result.files.items()):
+        console.print(f"{name}: {path}", highlight=False)
+
+
+def _print_sweep(frame) -> None:
+    columns = [c for c in frame.columns if c in ("Return [%]", "Sharpe Ratio",
+                                                 "Max. Drawdown [%]", "# Trades",
+                                                 "Win Rate [%]", "Equity Final [$]")]
+    params = [c for c in frame.columns if c not in columns and not c.endswith("]")
+              and frame[c].map(lambda v: isinstance(v, (int, float, str, bool))).all()
+              and c[:1].islower()]
+    table = Table(*params, *columns)
+    for _, row in frame.iterrows():
+        table.add_row(*(str(row[c]) if c in params else f"{row[c]:,.4g}"
+                        if isinstance(row[c], float) else str(row[c])
+                        for c in params + columns))
+    console.print(table)
 
 
 @app.command("venue")
@@ -382,7 +511,7 @@ def venue(
 
 
 TopologyOption = typer.Option(None, "--topology", envvar="PIPELINE_TOPOLOGY",
-                              help="Topology file [default: topology.toml].")
+                              help="Topology file \\[default: topology.toml].")
 OverlayOption = typer.Option(None, "--overlay", help="A topology file whose keys override.")
 
 
@@ -537,8 +666,8 @@ def run_group(
                                            "module:function returning a GroupConfig."),
     run_dir: Optional[Path] = RunDirOption, topology: Optional[Path] = TopologyOption,
     name: Optional[str] = typer.Option(None, help="Name of the group (user groups)."),
-    bootstrap: Optional[str] = typer.Option(None, help="[default: the running broker]"),
-    registry: Optional[str] = typer.Option(None, help="[default: the running registry]"),
+    bootstrap: Optional[str] = typer.Option(None, help="\\[default: the running broker]"),
+    registry: Optional[str] = typer.Option(None, help="\\[default: the running registry]"),
     namespace: Optional[str] = typer.Option(None, "--namespace", "-n"),
     args: str = typer.Option("{}", help="JSON arguments for a user group's function."),
 ) -> None:

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import re
+import subprocess
+import sys
 import warnings
 from decimal import Decimal
 
@@ -518,3 +522,93 @@ def test_book_snapshot_records_and_trades_replay_too():
     assert [(e["kind"], e["filled_amount"]) for e in strategy.events] == [("FILLED", "3")]
     assert result.by_kind == {"bar": 0, "book": 1, "trade": 1, "l2": 0}
     assert sum(lot.size for lot in result.open_lots) == 3
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def pipeline_cli(kafka: str, registry, *args: str, timeout: float = 240):
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka, "SCHEMA_REGISTRY_URL": registry.url,
+           "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.broker
+def test_the_backtest_command_prints_the_statistics_and_writes_the_same_trades(
+        kafka, registry, bars_ns, tmp_path):
+    out = tmp_path / "cli"
+    done = pipeline_cli(kafka, registry, "backtest", SMA, "-n", str(bars_ns),
+                        "--params", json.dumps(PARITY), "--out", str(out), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    api = run_backtest(kafka, registry.url, bars_ns, SMA, PARITY)
+    assert (out / "trades.csv").read_text() == api.trades_csv
+    assert {p.name for p in out.iterdir()} == {"trades.csv", "equity.csv", "stats.json",
+                                               "equity.png"}
+    stats = json.loads((out / "stats.json").read_text())["stats"]
+    assert stats["# Trades"] == len(api.engine.trades) == 1879
+    assert re.search(r"# Trades\s*│\s*1879", done.stdout)
+    assert f"final equity {api.final_equity}" in done.stdout
+    assert "32,842 events" in done.stdout
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("args, message", [
+    (["--topics", "no.such.topic"], "no.such.topic"),
+    (["--start", "2001-01-01", "--end", "2001-02-01"], "no records to replay"),
+    (["--params", "{fast: 1}"], "--params is not JSON"),
+    (["--offsets", "bars:0:10"], "TOPIC:PARTITION:FROM-TO"),
+    (["--params", json.dumps({**PARITY, "start_ms": 1})], "does not take these parameters"),
+], ids=["unknown-topic", "empty-range", "bad-json", "bad-offsets", "bad-parameter"])
+def test_the_backtest_command_fails_in_one_line_and_writes_nothing(kafka, registry, bars_ns,
+                                                                   tmp_path, args, message):
+    params = [] if "--params" in args else ["--params", json.dumps(PARITY)]
+    out = tmp_path / "out"
+    done = pipeline_cli(kafka, registry, "backtest", SMA, "-n", str(bars_ns), *params, *args,
+                        "--out", str(out), "--no-progress")
+    assert done.returncode == 1
+    assert message in done.stderr and done.stderr.startswith("error:")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not out.exists()
+
+
+@pytest.mark.broker
+def test_a_strategy_that_raises_names_itself_and_the_record(kafka, registry, bars_ns, tmp_path):
+    start_ms = 1444669200000  # the 99th bar
+    out = tmp_path / "out"
+    done = pipeline_cli(kafka, registry, "backtest",
+                        "tests.support.backtest_strategies:RaisesAt", "-n", str(bars_ns),
+                        "--params", json.dumps({"start_ms": start_ms}), "--out", str(out),
+                        "--no-progress")
+    assert done.returncode == 1
+    assert "tests.support.backtest_strategies:RaisesAt" in done.stderr
+    assert "ZeroDivisionError" in done.stderr and "unlucky bar" in done.stderr
+    assert str(bars_ns.topic("bars")) in done.stderr
+    assert not out.exists()
+
+
+@pytest.mark.broker
+def test_ctrl_c_in_the_command_exits_130_and_keeps_what_was_done(kafka, registry, bars_ns,
+                                                                 tmp_path):
+    out = tmp_path / "out"
+    done = pipeline_cli(kafka, registry, "backtest", "tests.support.backtest_strategies:CtrlCAt",
+                        "-n", str(bars_ns), "--params", json.dumps({**PARITY, "at": 200}),
+                        "--out", str(out), "--no-progress")
+    assert done.returncode == 130, done.stderr
+    assert "interrupted after" in done.stdout
+    summary = json.loads((out / "stats.json").read_text())["summary"]
+    assert summary["interrupted"] and 200 <= summary["events"] < 32_842
+
+
+@pytest.mark.broker
+def test_the_backtest_command_sweeps_a_grid(kafka, registry, bars_ns, tmp_path):
+    out = tmp_path / "sweep"
+    done = pipeline_cli(kafka, registry, "backtest", SMA, "-n", str(bars_ns),
+                        "--params", json.dumps({"amount": None, "fraction": FULL_EQUITY}),
+                        "--grid", json.dumps({"fast": [10], "slow": [20, 30]}),
+                        "--out", str(out), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(out / "sweep.csv")
+    assert list(zip(table["fast"], table["slow"])) == [(10, 20), (10, 30)]
+    assert table["# Trades"].iloc[0] == 1879
+    assert "2 of 2 combination(s)" in done.stdout
