@@ -632,25 +632,37 @@ def status(run_dir: Optional[Path] = RunDirOption,
 def _status_tables(snapshot, state):
     from rich.console import Group
 
+    from pipeline.status import split_label
+
     procs = Table(title=f"processes ({state.get('phase')}, namespace {state['namespace']})")
     for column in ("process", "up", "pid", "restarts", "last error"):
         procs.add_column(column)
     for p in snapshot.processes:
         procs.add_row(p["name"], "[green]yes[/]" if p["up"] else "[red]no[/]", str(p["pid"]),
                       str(p["restarts"]), (p.get("last_error") or "")[-80:])
-    groups = Table(title="consumer groups")
-    for column in ("group", "members", "lag (total)", "lag per partition", "records/s"):
+    def per_partition(values: dict, shown, named=lambda label: label.rsplit(".", 1)[-1]) -> str:
+        """Only the busy partitions, "trades[3]:12": six idle partitions are noise."""
+        return " ".join(f"{named(label)}:{shown(n)}" for label, n in values.items() if n) or "-"
+
+    def rate(value: float) -> str:
+        return f"{value:.1f}" if value < 10 else f"{value:.0f}"
+
+    groups = Table(title="consumer groups (records/s: commits)")
+    for column in ("group", "members", "lag (total)", "lag per partition", "records/s",
+                   "records/s per partition"):
         groups.add_column(column)
     for name, g in snapshot.groups.items():
-        lags = " ".join(f"{tp.rsplit('.', 1)[-1]}:{n}" for tp, n in g["lag"].items() if n)
-        groups.add_row(name, str(g["members"]), str(sum(g["lag"].values())), lags or "-",
-                       f"{snapshot.rates.get(name, 0):.0f}")
-    topics = Table(title="topics")
-    for column in ("topic", "end offsets", "records", "records/s"):
+        groups.add_row(name, str(g["members"]), str(sum(g["lag"].values())),
+                       per_partition(g["lag"], str), rate(snapshot.rates.get(name, 0)),
+                       per_partition(snapshot.partition_rates.get(name, {}), rate))
+    topics = Table(title="topics (records/s: appends)")
+    for column in ("topic", "end offsets", "records", "records/s", "records/s per partition"):
         topics.add_column(column)
     for name, ends in snapshot.topics.items():
         topics.add_row(name, " ".join(map(str, ends)), str(sum(ends)),
-                       f"{snapshot.rates.get(name, 0):.0f}")
+                       rate(snapshot.rates.get(name, 0)),
+                       per_partition(snapshot.partition_rates.get(name, {}), rate,
+                                     lambda label: split_label(label)[1]))
     producer = snapshot.producer
     footer = (f"producer: last message {producer['age_s']:.1f}s ago, {producer.get('frames', 0)} "
               f"frames, {producer.get('reconnects', 0)} reconnects" if producer

@@ -25,11 +25,35 @@ class Snapshot:
     taken_at: float
     processes: list[dict]
     topics: dict[str, tuple[int, ...]]  # topic -> end offsets
-    groups: dict[str, dict]  # group -> {"members": n, "lag": {tp: lag}, "committed": total}
+    # group -> {"members": n, "lag": {tp: lag}, "offsets": {tp: committed}, "committed": total}
+    groups: dict[str, dict]
     producer: dict | None
     execution: dict
     phase: str = "unknown"
     rates: dict[str, float] = field(default_factory=dict)  # topic or group -> records/s
+    # topic or group -> {"<topic>[<partition>]": records/s}: a topic's appends, a group's commits
+    partition_rates: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def partition_label(topic: str, partition: int) -> str:
+    return f"{topic}[{partition}]"
+
+
+def split_label(label: str) -> tuple[str, str]:
+    """"ns.trades[3]" -> ("ns.trades", "3")."""
+    topic, partition = label[:-1].rsplit("[", 1)
+    return topic, partition
+
+
+def _per_partition(now: dict[str, int], before: dict[str, int], dt: float) -> dict[str, float]:
+    """Records/s of each partition seen in both snapshots (offsets only grow; a reset
+    counts as 0)."""
+    return {label: max(offset - before[label], 0) / dt
+            for label, offset in now.items() if label in before}
+
+
+def _end_offsets(topic: str, ends: tuple[int, ...]) -> dict[str, int]:
+    return {partition_label(topic, p): end for p, end in enumerate(ends)}
 
 
 def collect(run_dir: Path, state: dict, previous: Snapshot | None = None) -> Snapshot:
@@ -44,24 +68,28 @@ def collect(run_dir: Path, state: dict, previous: Snapshot | None = None) -> Sna
         members = len(described[group_id].result().members)
         offsets = admin.list_consumer_group_offsets(
             [ConsumerGroupTopicPartitions(group_id)], request_timeout=5)[group_id].result()
-        lag, total = {}, 0
+        lag, committed = {}, {}
         for tp in offsets.topic_partitions:
             if tp.offset < 0 or tp.topic not in topics:
                 continue
-            end = topics[tp.topic][tp.partition]
-            lag[f"{tp.topic}[{tp.partition}]"] = max(end - tp.offset, 0)
-            total += tp.offset
-        groups[group_id] = {"members": members, "lag": lag, "committed": total}
+            label = partition_label(tp.topic, tp.partition)
+            lag[label] = max(topics[tp.topic][tp.partition] - tp.offset, 0)
+            committed[label] = tp.offset
+        groups[group_id] = {"members": members, "lag": lag, "offsets": committed,
+                            "committed": sum(committed.values())}
     now = time.time()
-    rates = {}
+    partition_rates: dict[str, dict[str, float]] = {}
     if previous is not None and now > previous.taken_at:
         dt = now - previous.taken_at
         for name, ends in topics.items():
             if name in previous.topics:
-                rates[name] = (sum(ends) - sum(previous.topics[name])) / dt
+                partition_rates[name] = _per_partition(
+                    _end_offsets(name, ends), _end_offsets(name, previous.topics[name]), dt)
         for name, group in groups.items():
             if name in previous.groups:
-                rates[name] = (group["committed"] - previous.groups[name]["committed"]) / dt
+                partition_rates[name] = _per_partition(
+                    group["offsets"], previous.groups[name].get("offsets", {}), dt)
+    rates = {name: sum(per.values()) for name, per in partition_rates.items()}
     producer = None
     producer_file = run_dir / "status" / "producer-gemini.json"
     if producer_file.exists():
@@ -70,7 +98,7 @@ def collect(run_dir: Path, state: dict, previous: Snapshot | None = None) -> Sna
             producer.get("last_message_age_s") or 0)
     execution = {"mode": _execution_mode(state), "kill_switch": (run_dir / KILL_SWITCH).exists()}
     return Snapshot(now, state.get("processes", []), topics, groups, producer, execution,
-                    state.get("phase", "unknown"), rates)
+                    state.get("phase", "unknown"), rates, partition_rates)
 
 
 def _execution_mode(state: dict) -> str:
@@ -96,14 +124,29 @@ def prometheus(snapshot: Snapshot, namespace: str) -> str:
     for topic, ends in snapshot.topics.items():
         for partition, end in enumerate(ends):
             lines.append(f'pipeline_topic_end_offset{{topic="{topic}",partition="{partition}"}} {end}')
+    lines += ["# HELP pipeline_topic_records_per_second Records appended per second to a "
+              "topic partition, between the last two collections.",
+              "# TYPE pipeline_topic_records_per_second gauge"]
+    for topic in snapshot.topics:
+        for label, rate in snapshot.partition_rates.get(topic, {}).items():
+            lines.append(f'pipeline_topic_records_per_second{{topic="{topic}",'
+                         f'partition="{split_label(label)[1]}"}} {rate:.3f}')
     lines += ["# HELP pipeline_group_lag Records a consumer group has yet to commit.",
               "# TYPE pipeline_group_lag gauge"]
     for group, data in snapshot.groups.items():
         for tp, lag in data["lag"].items():
-            topic, partition = tp[:-1].split("[")
+            topic, partition = split_label(tp)
             lines.append(f'pipeline_group_lag{{group="{group}",topic="{topic}",'
                          f'partition="{partition}"}} {lag}')
         lines.append(f'pipeline_group_members{{group="{group}"}} {data["members"]}')
+    lines += ["# HELP pipeline_group_records_per_second Records a consumer group committed "
+              "per second on a partition, between the last two collections.",
+              "# TYPE pipeline_group_records_per_second gauge"]
+    for group in snapshot.groups:
+        for tp, rate in snapshot.partition_rates.get(group, {}).items():
+            topic, partition = split_label(tp)
+            lines.append(f'pipeline_group_records_per_second{{group="{group}",topic="{topic}",'
+                         f'partition="{partition}"}} {rate:.3f}')
     if snapshot.producer is not None:
         lines.append(f'pipeline_producer_last_message_age_seconds {snapshot.producer["age_s"]:.3f}')
         lines.append(f'pipeline_producer_frames_total {snapshot.producer.get("frames", 0)}')

@@ -18,7 +18,7 @@ from pipeline import topology
 from pipeline.config import REPO_ROOT
 from pipeline.errors import PipelineError
 from pipeline.services import alive, free_port
-from tests.support.kafka_io import read_all
+from tests.support.kafka_io import produce_raw, read_all
 from tests.support.waiting import wait_for
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
@@ -173,6 +173,50 @@ def test_up_restarts_a_killed_group_and_down_leaves_nothing(kafka, registry, tmp
     every_pid = [state["pid"], book["pid"], *pids.values()]
     wait_for(lambda: not any(alive(pid) for pid in every_pid), 10, "no process left")
     assert not (tmp_path / "run" / "supervisor.json").exists()
+
+
+@pytest.mark.broker
+def test_status_counts_records_per_second_per_partition(kafka, topics, namespace, tmp_path):
+    """Topics by end offsets, groups by committed offsets: only the partition that moved
+    between two collections has a rate."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from pipeline.status import collect, partition_label, prometheus
+
+    trades = topics("md.trades")["md.trades"]
+    group = f"{namespace}.watcher"
+
+    def commit(offsets: dict[int, int]) -> None:
+        consumer = Consumer({"bootstrap.servers": kafka, "group.id": group})
+        consumer.commit(offsets=[TopicPartition(trades, p, o) for p, o in offsets.items()],
+                        asynchronous=False)
+        consumer.close()
+
+    produce_raw(kafka, trades, [("BTCUSD", b"1")] * 2)
+    busy = read_all(kafka, trades)[0].partition
+    idle = (busy + 1) % 6
+    commit({busy: 2, idle: 0})
+    state = {"bootstrap": kafka, "namespace": str(namespace)}
+    before = collect(tmp_path, state)
+    produce_raw(kafka, trades, [("BTCUSD", b"2")] * 3)
+    commit({busy: 5})
+    after = collect(tmp_path, state, before)
+
+    appended = after.partition_rates[trades]
+    assert sorted(appended) == sorted(partition_label(trades, p) for p in range(6))
+    assert appended[partition_label(trades, busy)] > 0
+    assert [r for label, r in appended.items() if label != partition_label(trades, busy)] == [0] * 5
+    committed = after.partition_rates[group]
+    assert set(committed) == {partition_label(trades, busy), partition_label(trades, idle)}
+    assert committed[partition_label(trades, busy)] > 0 == committed[partition_label(trades, idle)]
+    assert after.rates[trades] == appended[partition_label(trades, busy)]
+    assert after.groups[group]["lag"] == {partition_label(trades, busy): 0,
+                                          partition_label(trades, idle): 0}
+    metrics = prometheus(after, str(namespace))
+    assert (f'pipeline_topic_records_per_second{{topic="{trades}",partition="{idle}"}} 0.000'
+            in metrics)
+    assert (f'pipeline_group_records_per_second{{group="{group}",topic="{trades}",'
+            f'partition="{busy}"}} ') in metrics
 
 
 @pytest.mark.broker
