@@ -58,6 +58,11 @@ def machine() -> dict:
             "librdkafka": confluent_kafka.libversion()[0], "fastavro": fastavro.__version__}
 
 
+def _number(value: float) -> str:
+    """Whole numbers with separators; small ones (a ping in ms) keep 3 significant digits."""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def report(figures: list[Figure], out_dir: Path) -> Path:
     table = Table(title="benchmarks (higher is faster; ratio = figure / baseline)")
     for column in ("figure", "value", "unit", "events", "baseline", "baseline value", "ratio",
@@ -65,8 +70,8 @@ def report(figures: list[Figure], out_dir: Path) -> Path:
         table.add_column(column, justify="right" if "value" in column or column in
                          ("events", "ratio") else "left")
     for f in figures:
-        table.add_row(f.name, f"{f.value:,.0f}", f.unit, f"{f.events:,}", f.baseline,
-                      f"{f.baseline_value:,.0f}", f"{f.ratio:.2f}", f.target)
+        table.add_row(f.name, _number(f.value), f.unit, f"{f.events:,}", f.baseline,
+                      _number(f.baseline_value), f"{f.ratio:.2f}", f.target)
     Console(soft_wrap=True).print(table)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / time.strftime("bench-%Y%m%dT%H%M%S.json")

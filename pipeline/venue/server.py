@@ -50,6 +50,7 @@ class VenueConfig:
     start_on_subscribe: bool = True  # the market waits for the first subscriber
     loop: bool = False  # replay the capture again when it ends
     api_keys: dict[str, str] = field(default_factory=dict)  # REST: key -> secret
+    record_sends: bool = False  # keep each connection's frame send times (latency benchmark)
 
 
 class Connection:
@@ -68,6 +69,9 @@ class Connection:
         self.closed = False
         self.heartbeats = False
         self.frames_sent = 0
+        # time.perf_counter() as each frame went out, indexed like the producer's v2
+        # ``sequence`` (the frame's 0-based index on its connection); None: not recorded.
+        self.sent_at: list[float] | None = None
 
     def next_sequence(self) -> int:
         sequence, self.socket_sequence = self.socket_sequence, self.socket_sequence + 1
@@ -83,6 +87,8 @@ class Connection:
                 frame = await self.queue.get()
                 while time.monotonic() < self.stalled_until:
                     await asyncio.sleep(min(0.05, self.stalled_until - time.monotonic()))
+                if self.sent_at is not None:
+                    self.sent_at.append(time.perf_counter())
                 await self.ws.send_str(frame)
                 self.frames_sent += 1
         except (ConnectionError, RuntimeError, asyncio.CancelledError):
@@ -263,6 +269,8 @@ class Venue:
         await ws.prepare(request)
         conn = Connection(ws, request, "v2")
         conn.heartbeats = True
+        if self.config.record_sends:
+            conn.sent_at = []
 
         async def on_text(text: str) -> None:
             try:

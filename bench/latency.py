@@ -1,0 +1,193 @@
+"""End-to-end latency: a venue frame sent -> the order request it triggers committed.
+
+The real path, every part as deployed: the local venue (generator, one symbol, paced at
+``RATE`` events per second: latency, not queueing) serves v2 frames over a real WebSocket
+to the producer (``pipeline produce gemini``, its own process) -> ``md.l2`` -> the
+orderbook group (``python -m consumers.orderbook``) -> ``book.snapshots`` -> the strategy
+group (``python -m consumers.strategy``, ``MidQuoter`` requoting on every move of the
+mid, so every snapshot gives requests) -> ``orders.requests``, in a transaction.
+
+What links the two ends is already in the records: the venue keeps the time it sent each
+frame (``VenueConfig.record_sends``), indexed like the producer's v2 ``sequence`` (the
+frame's index on its connection); a snapshot carries the ``sequence`` of the frame that
+moved its top, and a request's ``trigger`` names its snapshot (topic/partition/offset).
+This process reads both topics ``read_committed``: t1 is the delivery here of the first
+request of a snapshot. The venue runs in this process, so both ends use one clock.
+
+Only snapshots that changed the top of book are published (the orderbook group's
+periodic republication is set to an hour), so each sample is one frame that moved the
+top. Baseline, same run: the round trip of a WebSocket ping to the same venue on
+loopback (websocket-client ping -> aiohttp's pong).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import websocket
+
+from bench import groups
+from bench.execution import _percentile, _reader
+from bench.figures import Figure
+from pipeline.catalog import Namespace, ensure_topics
+from pipeline.registry import SchemaRegistry
+from pipeline.serde import Serde
+from pipeline.venue.server import Connection, RunningVenue, VenueConfig
+
+RATE = 300.0  # venue events per second (frames: a few more, a market order adds trades)
+SYMBOL = "BTCUSD"
+WARM_UP_S = 2.0  # after the first request: connections, schema lookups, first fetches
+MIN_EVENTS, MAX_EVENTS = 300, 9_000  # measured events: 1 to 30 s at RATE
+PINGS = 2_000
+STRATEGY = ("pipeline.strategy:MidQuoter", f'{{"symbol": "{SYMBOL}", "requote_bps": 0}}',
+            "mid-quoter")
+TOPICS = ["raw.frames", "md.l2", "md.trades", "dlq", "book.snapshots", "book.health",
+          "book.checkpoints", "orders.requests", "strategy.state"]
+
+
+def ping_round_trips(url: str, count: int) -> list[float]:
+    """Round trips in ms of ``count`` WebSocket pings, one at a time."""
+    ws = websocket.create_connection(url, timeout=10)
+    try:
+        out = []
+        for i in range(count):
+            start = time.perf_counter()
+            ws.ping(str(i))
+            while True:
+                opcode, data = ws.recv_data(control_frame=True)
+                if opcode == websocket.ABNF.OPCODE_PONG and data == str(i).encode():
+                    break
+            out.append((time.perf_counter() - start) * 1000)
+        return out
+    finally:
+        ws.close()
+
+
+def _subscribed(venue: RunningVenue, timeout_s: float = 60.0) -> Connection:
+    """The producer's connection, once it has subscribed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for conn in list(venue.venue.connections):
+            if conn.symbols and conn.sent_at is not None:
+                return conn
+        time.sleep(0.05)
+    raise RuntimeError("the producer never subscribed to the venue")
+
+
+def measure(bootstrap: str, registry_url: str, events: int, work: Path,
+            ) -> tuple[list[float], list[float], dict[str, list[float]]]:
+    """(latencies ms, ping round trips ms, per-stage ms) of one run of ``events`` paced
+    venue events after the warm-up."""
+    namespace = Namespace(f"sim-benchlat{int(time.time())}")
+    ensure_topics(bootstrap, namespace, TOPICS)
+    decode = Serde(SchemaRegistry(registry_url)).decoder()
+    venue = RunningVenue(VenueConfig(symbols=[SYMBOL], rate=RATE, record_sends=True,
+                                     seed=11))
+    procs: list[groups.Proc] = []
+    try:
+        pings = ping_round_trips(f"{venue.ws_url}/v2/marketdata", PINGS)  # market not started
+        spec, params, strategy_id = STRATEGY
+        procs.append(groups.group("consumers.orderbook", "orderbook", work, bootstrap,
+                                  registry_url, namespace, "--snapshot-interval", "3600"))
+        procs.append(groups.group("consumers.strategy", "strategy", work, bootstrap,
+                                  registry_url, namespace, "--strategy", spec, "--params",
+                                  params, "--inputs", "book.snapshots",
+                                  keys={strategy_id: "bench-latency-key-0123456789abcdef"}))
+        snapshots = _reader(bootstrap, namespace.topic("book.snapshots"))
+        requests = _reader(bootstrap, namespace.topic("orders.requests"))
+        groups.wait_for_log(procs, " assigned ")
+        procs.append(groups.start("producer", [
+            "-m", "pipeline.cli", "produce", "gemini", "--url", venue.ws_url, "-n",
+            str(namespace), "--symbols", SYMBOL, "--run-dir", str(work)], work, bootstrap,
+            registry_url))
+        conn = _subscribed(venue)
+        # A wall-clock reading of perf_counter, for the stage breakdown (records carry
+        # wall-clock microseconds; the latency itself uses perf_counter only).
+        wall_minus_perf = time.time() - time.perf_counter()
+        by_snapshot: dict[tuple[int, int], dict] = {}
+        waiting: dict[tuple[int, int], float] = {}  # request seen before its snapshot
+        done: dict[tuple[int, int], float] = {}
+        connection_id = None
+        started_at = None  # venue event count when measuring starts
+        deadline = time.monotonic() + 120 + events / RATE
+        while time.monotonic() < deadline:
+            msg = requests.poll(0.002)
+            if msg is not None and msg.error() is None:
+                t1 = time.perf_counter()
+                _, partition, offset = decode(msg.value())["trigger"].rsplit("/", 2)
+                key = (int(partition), int(offset))
+                if key not in done:
+                    done[key] = t1
+            while (snap := snapshots.poll(0)) is not None:
+                if snap.error() is None:
+                    value = decode(snap.value())
+                    connection_id = connection_id or value["connection_id"]
+                    if value["connection_id"] == connection_id:  # no reconnect mixed in
+                        by_snapshot[(snap.partition(), snap.offset())] = value
+            if started_at is None and done:
+                time.sleep(WARM_UP_S)
+                started_at = venue.venue.events
+                first_measured = len(conn.sent_at)
+            if started_at is not None and venue.venue.events >= started_at + events:
+                break
+        else:
+            raise RuntimeError(f"latency bench: no requests within the time limit "
+                               f"({groups.tail(procs[-1])})")
+        time.sleep(1.0)  # the last frames' requests
+        for source in (requests, snapshots):
+            while (msg := source.poll(0.2)) is not None:
+                if msg.error() is not None:
+                    continue
+                if source is requests:
+                    _, partition, offset = decode(msg.value())["trigger"].rsplit("/", 2)
+                    done.setdefault((int(partition), int(offset)), time.perf_counter())
+                else:
+                    value = decode(msg.value())
+                    if value["connection_id"] == connection_id:
+                        by_snapshot[(msg.partition(), msg.offset())] = value
+        snapshots.close()
+        requests.close()
+        sent = list(conn.sent_at)
+        latencies: list[float] = []
+        stages: dict[str, list[float]] = {"venue send -> producer receive": [],
+                                          "producer receive -> snapshot published": [],
+                                          "snapshot published -> request visible": []}
+        for key, t1 in done.items():
+            snap = by_snapshot.get(key)
+            if snap is None or not first_measured <= snap["sequence"] < len(sent):
+                continue
+            t0 = sent[snap["sequence"]]
+            latencies.append((t1 - t0) * 1000)
+            received, published = snap["received_ts_us"] / 1e6, snap["published_ts_us"] / 1e6
+            stages["venue send -> producer receive"].append(
+                (received - wall_minus_perf - t0) * 1000)
+            stages["producer receive -> snapshot published"].append((published - received) * 1000)
+            stages["snapshot published -> request visible"].append(
+                (t1 + wall_minus_perf - published) * 1000)
+        if not latencies:
+            raise RuntimeError("latency bench: no request could be matched to a frame")
+        return latencies, pings, stages
+    finally:
+        groups.stop_all(procs)
+        venue.stop()
+
+
+def run(bootstrap: str, registry_url: str, events: int) -> list[Figure]:
+    n = max(MIN_EVENTS, min(events // 20, MAX_EVENTS))
+    work = Path(tempfile.mkdtemp(prefix="bench-latency-"))
+    try:
+        latencies, pings, stages = measure(bootstrap, registry_url, n, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for stage, values in stages.items():
+        print(f"latency stage {stage}: p50 {_percentile(values, 0.5):.2f} ms, "
+              f"p99 {_percentile(values, 0.99):.2f} ms")
+    name = (f"end-to-end latency @{RATE:.0f} events/s: venue frame sent -> order request "
+            "committed (producer, orderbook, strategy processes)")
+    base = "loopback WebSocket ping round trip to the venue"
+    return [Figure(f"{name}, {label}", _percentile(latencies, q), "ms", len(latencies),
+                   f"{base}, {label}", _percentile(pings, q), "")
+            for label, q in (("p50", 0.5), ("p99", 0.99), ("p999", 0.999))]
