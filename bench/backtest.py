@@ -53,6 +53,7 @@ def _best(fn, repeats: int = 3) -> tuple[float, object]:
 
 def bars(bootstrap: str, registry_url: str) -> list[Figure]:
     if not CSV.exists():
+        print(f"bench: {CSV} is absent: no backtest bars figures")
         return []
     from producers.csv_bars import load_csv_bars
 

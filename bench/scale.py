@@ -10,7 +10,9 @@
 
 Every process is started with ``spawn`` and set up (imports, schema, connection) before the
 clock starts. With 2 cores, 4 processes cannot beat 2: the figures show what happens.
-Keys are the 10 symbols of the capture, so the partitions are not equally full.
+Keys are the capture's 10 symbols: they hash to 4 of the 6 partitions, unequally (the run
+prints how many records each holds), so a group's members do not get equal shares
+(without the capture, bench.serde's synthetic records are all BTCUSD: one partition).
 """
 
 from __future__ import annotations
@@ -19,10 +21,17 @@ import time
 import uuid
 from multiprocessing import get_context
 
+from confluent_kafka import Consumer
+
 from bench.consume import fresh_l2_topic
 from bench.figures import Figure
 from bench.serde import book_changes
+from pipeline.backtest_run import gc_tuned
+from pipeline.catalog import describe_topics
 from pipeline.errors import PipelineError
+from pipeline.kafka import ReliableProducer, consumer_config
+from pipeline.registry import SchemaRegistry
+from pipeline.serde import Decoder, Encoder
 
 INSTANCES = (1, 2, 4)
 PARTITIONS = 6
@@ -31,10 +40,6 @@ TIMEOUT_S = 120.0
 
 def _produce(bootstrap: str, registry_url: str, topic: str, index: int, of: int, events: int,
              ready, times) -> None:
-    from pipeline.kafka import ReliableProducer
-    from pipeline.registry import SchemaRegistry
-    from pipeline.serde import Encoder
-
     records = book_changes(events)[index::of]
     encode = Encoder(SchemaRegistry(registry_url), topic)
     encode(records[0])  # registers the schema
@@ -52,13 +57,6 @@ def _produce(bootstrap: str, registry_url: str, topic: str, index: int, of: int,
 
 def _consume(bootstrap: str, registry_url: str, topic: str, group: str, index: int,
              events: int, sample: bytes, assigned, go, total, times) -> None:
-    from confluent_kafka import Consumer
-
-    from pipeline.backtest_run import gc_tuned
-    from pipeline.kafka import consumer_config
-    from pipeline.registry import SchemaRegistry
-    from pipeline.serde import Decoder
-
     decode = Decoder(SchemaRegistry(registry_url))
     decode(sample)  # the schema is fetched before the clock starts
 
@@ -167,14 +165,13 @@ def _end(procs) -> None:
 
 
 def run(bootstrap: str, registry_url: str, events: int) -> list[Figure]:
-    from pipeline.registry import SchemaRegistry
-    from pipeline.serde import Encoder
-
     ingest, consume, first_topic = {}, {}, None
     for n in INSTANCES:
         topic = fresh_l2_topic(bootstrap, f"scale{n}p")
         ingest[n] = ingest_rate(bootstrap, registry_url, topic, events, n)
         first_topic = first_topic or topic
+    fill = next(t.end_offsets for t in describe_topics(bootstrap) if t.name == first_topic)
+    print(f"bench scale: records per partition (keyed by symbol): {list(fill)}")
     sample = Encoder(SchemaRegistry(registry_url), first_topic)(book_changes(1)[0])
     for n in INSTANCES:
         consume[n] = consume_rate(bootstrap, registry_url, first_topic, events, n, sample)
