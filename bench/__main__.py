@@ -11,7 +11,8 @@ import sys
 
 import typer
 
-from bench import backtest, bars, book, consume, execution, ingest, scale, serde
+from bench import (backtest, bars, book, consume, execution, ingest, latency, memory, scale,
+                   serde)
 from bench.figures import report
 from pipeline.broker import LocalBroker
 from pipeline.config import REPO_ROOT
@@ -37,6 +38,8 @@ def main(events: int = typer.Option(200_000, help="records per benchmark (defaul
         figures += consume.run(bootstrap, registry_url, events)
         figures += backtest.run(bootstrap, registry_url, events)
         figures += scale.run(bootstrap, registry_url, events)
+        figures += latency.run(bootstrap, registry_url, events)
+        figures += memory.run(bootstrap, registry_url, events)
         path = report(figures, RUN_DIR / "results")
         print(f"figures written to {path}")
     except PipelineError as exc:
