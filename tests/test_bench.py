@@ -33,9 +33,18 @@ def test_the_bench_harness_runs_and_writes_its_figures(kafka, registry):
             "scale: consume + decode, 4 consumer instances in one group, 6 partitions",
             "scale: ingest (encode + produce), 4 producer processes, 6 partitions",
             "L2 replay: books + MidQuoter + book fills (generator)"} <= names
+    # latency counts matched samples; memory counts the L2 changes fed (2 x --events)
+    latency = [f for f in data["figures"] if f["name"].startswith("end-to-end latency")]
+    assert [f["name"].rsplit(", ", 1)[1] for f in latency] == ["p50", "p99", "p999"]
+    assert all(f["unit"] == "ms" and f["events"] > 0 for f in latency)
+    memory = [f for f in data["figures"] if f["name"].startswith("peak RSS")]
+    assert [f["name"].split(", ")[1] for f in memory] == [
+        "producer ingest path (IngestSink)", "orderbook group", "bars group", "strategy group"]
+    assert all(f["unit"] == "MB" and f["events"] >= 600 for f in memory)
     for figure in data["figures"]:
         assert figure["value"] > 0 and figure["baseline_value"] > 0 and figure["unit"]
         # figures count frames or records (300 asked for), or the changes inside them, or
         # the bars of the hourly file (a fixed data set)
         assert figure["events"] == 300 or figure["unit"] in ("changes/s", "records/s") or \
-            (figure["unit"] == "bars/s" and figure["name"].startswith("backtest"))
+            (figure["unit"] == "bars/s" and figure["name"].startswith("backtest")) or \
+            figure in latency + memory
