@@ -70,9 +70,9 @@ at each point:
 An HTTP timeout or connection error while sending is the same "in doubt" case in the
 same process: ``order/status`` by client_order_id decides, never a blind resend. If the
 status cannot be had either (Gemini unreachable), the batch must neither commit nor
-dead-letter the request: the command line exits at once with status 3 (exactly a kill -9
-at that point, which the intent makes safe) and the restarted group reconciles; in a
-library setting ``ExecutionHalted`` is raised instead.
+dead-letter the request: ``ExecutionHalted`` aborts the batch's transaction (as a kill -9
+at that point would, which the intent makes safe), the command line exits with status 3
+and the restarted group reconciles.
 
 Nonces: a request Gemini refuses with ``InvalidNonce`` was not executed (the nonce is
 checked before anything else), so the handler moves the nonce file forward (to the
@@ -146,11 +146,10 @@ class ExecutionHalted(BaseException):
     """An order's fate is unknown and cannot be learned now: stop without committing.
 
     A ``BaseException`` on purpose: the runtime dead-letters a handler's ``Exception`` and
-    commits the batch, which would forget an order that may be live. The command line
-    (``exit_on_halt``) does not even raise it: it exits the process at once with status 3,
-    exactly like a kill -9 at that point, which the intent makes safe; the restarted
-    group reconciles. (Raising it through ``GroupRunner.run`` works too, but today the
-    runtime's abort path then fails in ``consumer.close()``: see the module notes.)
+    commits the batch, which would forget an order that may be live. Raised through
+    ``GroupRunner.run``, it aborts the batch's transaction and leaves the group without
+    committing (as a kill -9 at that point would, which the intent makes safe); the command
+    line then exits with status 3 and the restarted group reconciles.
     """
 
 
@@ -175,7 +174,6 @@ class ExecutionSettings:
     batch_size: int | None = None  # default: 500 for paper, 10 when orders go over HTTP
     poll_timeout_s: float = 0.005
     instance: str = "0"  # with the group id: transactional.id and group.instance.id
-    exit_on_halt: bool = False  # on an order in doubt: os._exit(3) instead of raising
 
     @property
     def sends_http(self) -> bool:
@@ -554,14 +552,7 @@ class ExecutionHandler(Handler):
         """Stop without committing this batch (see ``ExecutionHalted``)."""
         self.halted = why
         log.critical("execution halted: %s", why)
-        if self.settings.exit_on_halt:
-            logging.shutdown()
-            os._exit(3)
         raise ExecutionHalted(why)
-
-    def commit_offsets(self, offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
-        # After a halt nothing may be committed, whatever the runtime does while closing.
-        return {} if self.halted else offsets
 
     def _send(self, req: dict, price: Decimal, seen_ms: int) -> list[Output]:
         cid = req["client_order_id"]
@@ -894,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
             live_confirmed=args.live, gemini_rate_per_s=args.gemini_rate,
             gemini_burst=args.gemini_burst or max(1, int(args.gemini_rate)),
             follow_interval_s=args.follow_interval, batch_size=args.batch_size,
-            instance=args.instance, exit_on_halt=True,
+            instance=args.instance,
             poll_timeout_s=args.poll_timeout_ms / 1000)
         check_mode(namespace, settings, credentials)
         ensure_topics(args.bootstrap, namespace, ["orders.requests", "book.snapshots",

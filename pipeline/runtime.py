@@ -287,17 +287,22 @@ class GroupRunner:
         # without new records. Revoked partitions are dropped in _on_revoke/_on_lost.
 
     def _abort(self) -> None:
-        """Best effort after an error: abort an open transaction; never commit."""
-        try:
-            if self._in_transaction and self._producer is not None:
+        """Best effort after an error: abort an open transaction and leave, committing
+        nothing. ``_closing`` first: close() revokes, and a revoke would hand the handler's
+        state to a transaction that no longer exists (or commit the failed batch). Errors
+        here are logged, never raised: the caller re-raises the error that got us here."""
+        self._closing = True
+        if self._in_transaction and self._producer is not None:
+            try:
                 self._producer.raw.abort_transaction(10)
-        except KafkaException:
-            pass
+            except KafkaException as exc:
+                log.warning("group %s: abort after an error: %s", self.config.group_id, exc)
+        self._in_transaction = False
         if self._consumer is not None:
             try:
                 self._consumer.close()
-            except RuntimeError:
-                pass
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("group %s: close after an error: %s", self.config.group_id, exc)
 
     def _shutdown(self) -> None:
         assert self._consumer is not None

@@ -15,7 +15,7 @@ import pytest
 from pipeline.config import REPO_ROOT
 from pipeline.deadletter import STAGE_DECODE, STAGE_HANDLE, parse_dead_letter
 from pipeline.errors import PipelineError
-from pipeline.runtime import GroupConfig, GroupRunner, Handler, Record
+from pipeline.runtime import GroupConfig, GroupRunner, Handler, Output, Record
 from tests.support.waiting import wait_for
 from tests.support.kafka_io import committed, produce_json, produce_raw, read_all
 
@@ -124,6 +124,47 @@ def test_unknown_topic_is_a_clear_error(kafka, relay_topics, namespace):
                          dead_letter_topic=relay_topics["dlq"], handler=lambda: Collect([]))
     with pytest.raises(PipelineError, match="does-not-exist do not exist"):
         GroupRunner(config, kafka).run(idle_timeout_s=1)
+
+
+class Halt(BaseException):
+    """Like execution's ExecutionHalted: not the handler's bug, so no dead letter."""
+
+
+class HaltAt(Handler):
+    """Relays records until the one numbered ``at``, then halts; notes every revoke."""
+
+    def __init__(self, out_topic: str, at: int) -> None:
+        self.out_topic, self.at, self.revoked = out_topic, at, []
+
+    def handle(self, record: Record):
+        if record.value["i"] == self.at:
+            raise Halt(f"halt at {self.at}")
+        yield Output(self.out_topic, json.dumps(record.value).encode(), record.key)
+
+    def on_revoke(self, partitions):
+        self.revoked.append(partitions)
+        return [Output(self.out_topic, b'{"i": -1}')]
+
+
+def test_a_halt_aborts_the_batch_and_closing_commits_nothing(kafka, relay_topics, namespace):
+    """The halted batch's outputs and offsets go nowhere: close() after the abort neither
+    revokes into the handler nor commits, and the halt itself reaches the caller."""
+    t = relay_topics
+    produce_json(kafka, t["md.l2"], keyed_items(120))
+    handler = HaltAt(t["md.trades"], at=100)
+    config = GroupConfig(group_id=f"{namespace}.halt", topics=[t["md.l2"]],
+                         dead_letter_topic=t["dlq"], handler=lambda: handler,
+                         decoder=json.loads, batch_size=20,
+                         transactional_id=f"{namespace}.halt.0")
+    with pytest.raises(Halt, match="halt at 100"):
+        GroupRunner(config, kafka).run(idle_timeout_s=20)
+    assert handler.revoked == []
+    offsets = committed(kafka, f"{namespace}.halt", t["md.l2"])
+    below_commits = {json.loads(r.value)["i"] for r in read_all(kafka, t["md.l2"])
+                     if r.offset < offsets[r.partition]}
+    assert 100 not in below_commits
+    assert sorted(o["i"] for o in outputs(kafka, t["md.trades"])) == sorted(below_commits)
+    assert read_all(kafka, t["dlq"]) == []
 
 
 # --------------------------------------------------------------------------- processes
