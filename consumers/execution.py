@@ -104,10 +104,8 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import logging
 import os
-import stat
 import sys
 import time
 import uuid
@@ -131,7 +129,7 @@ from pipeline.registry import SchemaRegistry
 from pipeline.risk import BookTop, RiskLimits, RiskState, plain
 from pipeline.runtime import GroupConfig, GroupRunner, Handler, Output, Record
 from pipeline.serde import Decoder, Serde
-from pipeline.signing import StrategyKeys, verify
+from pipeline.signing import StrategyKeys, read_private_json, verify
 
 log = logging.getLogger(__name__)
 
@@ -216,17 +214,7 @@ class GeminiCredentials:
         ``GEMINI_API_KEY``/``GEMINI_API_SECRET``; None when neither has them."""
         if key_file is not None:
             path = Path(key_file)
-            try:
-                mode = path.stat().st_mode
-            except OSError as exc:
-                raise PipelineError(f"API key file {path} cannot be read: {exc.strerror}") from None
-            if mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise PipelineError(f"API key file {path} is readable by others (mode "
-                                    f"{stat.S_IMODE(mode):04o}): `chmod 600 {path}` first")
-            try:
-                data = json.loads(path.read_text())
-            except ValueError:
-                raise PipelineError(f"API key file {path} is not JSON") from None
+            data = read_private_json(path, "API key file")
             if not isinstance(data, dict) or not all(isinstance(data.get(k), str) and data[k]
                                                      for k in ("api_key", "api_secret")):
                 raise PipelineError(f"API key file {path} must be a JSON object with "

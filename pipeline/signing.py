@@ -79,19 +79,27 @@ class StrategyKeys:
         return f"StrategyKeys({len(self._keys)} key(s))"
 
 
-def read_key_file(path: Path) -> dict[str, bytes]:
-    """``{"strategy_id": "secret"}`` from a file only its owner can read."""
+def read_private_json(path: Path, what: str) -> object:
+    """The JSON in a secrets file (``what``: "key file", "API key file"), refused unless
+    only its owner can read it: a secret others can read is no longer a secret."""
     try:
         mode = path.stat().st_mode
     except OSError as exc:
-        raise PipelineError(f"key file {path} cannot be read: {exc.strerror}") from None
+        raise PipelineError(f"{what} {path} cannot be read: {exc.strerror}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise PipelineError(f"key file {path} is readable by others (mode "
+        raise PipelineError(f"{what} {path} is readable by others (mode "
                             f"{stat.S_IMODE(mode):04o}): `chmod 600 {path}` first")
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise PipelineError(f"{what} {path} cannot be read: {exc.strerror}") from None
     except ValueError as exc:
-        raise PipelineError(f"key file {path} is not JSON: {exc.msg}") from None
+        raise PipelineError(f"{what} {path} is not JSON: {getattr(exc, 'msg', exc)}") from None
+
+
+def read_key_file(path: Path) -> dict[str, bytes]:
+    """``{"strategy_id": "secret"}`` from a file only its owner can read."""
+    data = read_private_json(path, "key file")
     if not isinstance(data, dict) or not all(isinstance(v, str) and v for v in data.values()):
         raise PipelineError(f"key file {path} must be a JSON object of strategy id -> secret")
     return {str(k): v.encode() for k, v in data.items()}

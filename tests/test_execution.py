@@ -644,6 +644,27 @@ def test_live_mode_needs_the_flag_keys_and_a_live_namespace(tmp_path):
     assert main([*common, "--namespace", "sim", "--mode", "sandbox"]) == 2  # readable by others
 
 
+@pytest.mark.parametrize("load,what,content", [
+    (GeminiCredentials.load, "API key file", {"api_key": "k", "api_secret": "s"}),
+    (StrategyKeys.load, "key file", {"sma": "s"}),
+])
+def test_secret_files_others_can_read_or_that_are_not_json_are_refused(tmp_path, load, what,
+                                                                      content):
+    path = write_secret_file(tmp_path / "secret.json", content)
+    assert load(path) is not None
+    for mode in (0o640, 0o604):
+        path.chmod(mode)
+        with pytest.raises(PipelineError, match=rf"^{what} .* is readable by others \(mode "
+                                                rf"0{mode:o}\): `chmod 600 "):
+            load(path)
+    path.write_text("{not json")
+    path.chmod(0o600)
+    with pytest.raises(PipelineError, match=rf"^{what} .* is not JSON: Expecting property name"):
+        load(path)
+    with pytest.raises(PipelineError, match=rf"^{what} .*missing.json cannot be read: No such"):
+        load(tmp_path / "missing.json")
+
+
 def test_the_gemini_secret_is_never_shown():
     creds = GeminiCredentials("account-1", "s3cr3t-value")
     assert "s3cr3t" not in repr(creds) and "s3cr3t" not in str(creds)
