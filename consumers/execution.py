@@ -103,7 +103,6 @@ Run: ``python -m consumers.execution --bootstrap HOST:PORT --registry URL --name
 from __future__ import annotations
 
 import argparse
-import fcntl
 import logging
 import os
 import sys
@@ -224,22 +223,6 @@ class GeminiCredentials:
         if env.get("GEMINI_API_KEY") and env.get("GEMINI_API_SECRET"):
             return cls(env["GEMINI_API_KEY"], env["GEMINI_API_SECRET"])
         return None
-
-
-class AdvancingNonceSource(NonceSource):
-    """A ``NonceSource`` that can be moved forward after the exchange refused a nonce."""
-
-    def advance(self, jump_us: int) -> int:
-        """Store max(last, clock) + ``jump_us`` under the file lock; the next nonce is above it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX)
-            moved = max(self._last(), self._clock_us()) + jump_us
-            self._store(moved)
-            return moved
-        finally:
-            os.close(lock_fd)
 
 
 class TokenBucket:
@@ -369,7 +352,7 @@ class ExecutionHandler(Handler):
         if settings.sends_http:
             if credentials is None:
                 raise PipelineError(f"{settings.mode} mode needs a Gemini API key and secret")
-            self.nonces = AdvancingNonceSource(settings.nonce_path)
+            self.nonces = NonceSource(settings.nonce_path)
             self.client = credentials.client(settings.url, self.nonces, settings.gemini_timeout_s)
             self.bucket = TokenBucket(settings.gemini_rate_per_s, settings.gemini_burst)
             self.intents = ReliableProducer(bootstrap, **{"linger.ms": 0})

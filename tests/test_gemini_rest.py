@@ -561,6 +561,16 @@ def test_nonce_source_increases_across_a_restart(tmp_path) -> None:
     assert sorted(p.name for p in path.parent.iterdir()) == ["gemini.nonce", "gemini.nonce.lock"]
 
 
+def test_advancing_the_nonce_source_skips_ahead_of_the_clock_and_the_file(tmp_path) -> None:
+    """After an InvalidNonce the exchange may have seen nonces above ours: jump past them."""
+    path = tmp_path / "gemini.nonce"
+    source = NonceSource(path, clock_us=lambda: 1_000)
+    assert source.next() == 1_000
+    assert source.advance(500) == 1_500 and path.read_text() == "1500\n"
+    assert source.next() == 1_501
+    assert NonceSource(path, clock_us=lambda: 9_000).advance(500) == 9_500  # the clock is ahead
+
+
 def test_nonce_source_with_the_real_clock_is_strictly_increasing(tmp_path) -> None:
     source = NonceSource(tmp_path / "n")
     drawn = [source.next() for _ in range(200)]

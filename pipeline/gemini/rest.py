@@ -91,11 +91,20 @@ class NonceSource:
         self._clock_us = clock_us
 
     def next(self) -> int:
+        return self._move(lambda last, now: max(last + 1, now))
+
+    def advance(self, jump_us: int) -> int:
+        """Move past any nonce the exchange may have seen (it refused ours with
+        InvalidNonce): store max(last, clock) + ``jump_us``; the next nonce is above it."""
+        return self._move(lambda last, now: max(last, now) + jump_us)
+
+    def _move(self, to: Callable[[int, int], int]) -> int:
+        """Under the file lock: store ``to(last, clock)`` durably, return it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
-            nonce = max(self._last() + 1, self._clock_us())
+            nonce = to(self._last(), self._clock_us())
             self._store(nonce)
             return nonce
         finally:
