@@ -5,8 +5,8 @@ encoded with :class:`pipeline.serde.Encoder` and produced keyed by symbol to a f
 ``md.l2`` topic (6 partitions), as the producer writes them. Then one consumer reads the
 whole topic, timed from its first record to its last:
 
-* with the replay's decoder (:class:`pipeline.fastdecode.FastDecoder`) and with the
-  groups' one (:class:`pipeline.serde.Decoder`);
+* with :class:`pipeline.serde.Decoder` as replays and groups run it (the C decoder of
+  :mod:`pipeline.fastdecode`), and with its fastavro path (``compiled=False``);
 * with no decoding at all (confluent-kafka, the same loop): what Kafka alone costs here;
 * with Apache Kafka's own ``kafka-consumer-perf-test`` (``ConsumerPerformance``, Java),
   its ``fetch.nMsg.sec`` (records over the time after the group join).
@@ -29,7 +29,6 @@ from pipeline.backtest_run import gc_tuned
 from pipeline.broker import java_command, kafka_libs
 from pipeline.catalog import Namespace, ensure_topics
 from pipeline.errors import PipelineError
-from pipeline.fastdecode import FastDecoder
 from pipeline.kafka import ReliableProducer, consumer_config
 from pipeline.registry import SchemaRegistry
 from pipeline.serde import Decoder, Encoder
@@ -104,21 +103,22 @@ def perf_test_rate(bootstrap: str, topic: str, n: int) -> float:
 
 def run(bootstrap: str, registry_url: str, events: int) -> list[Figure]:
     topic = produce_l2(bootstrap, registry_url, book_changes(events), "consume")
-    fast, plain = FastDecoder(SchemaRegistry(registry_url)), Decoder(SchemaRegistry(registry_url))
+    fast = Decoder(SchemaRegistry(registry_url))
+    plain = Decoder(SchemaRegistry(registry_url), compiled=False)
 
     def best(decode, repeats: int = 3) -> float:
         consume_rate(bootstrap, topic, min(events, 1000), decode)  # warm-up: schema, reader
         return max(consume_rate(bootstrap, topic, events, decode) for _ in range(repeats))
 
     raw = best(None)
-    replay, groups = best(fast), best(plain)
+    ours, fastavro = best(fast), best(plain)
     java = max(perf_test_rate(bootstrap, topic, events) for _ in range(2))
     name = "consume + decode L2Update"
     return [
-        Figure(f"{name} (FastDecoder, as replays)", replay, "records/s", events,
+        Figure(f"{name} (C decoder, as replays and groups)", ours, "records/s", events,
                "raw consume, no decode (confluent-kafka)", raw, ""),
-        Figure(f"{name} (FastDecoder, as replays), vs Kafka's tool", replay, "records/s",
+        Figure(f"{name} (C decoder), vs Kafka's tool", ours, "records/s",
                events, "kafka-consumer-perf-test (Java, fetch.nMsg.sec)", java, ""),
-        Figure(f"{name} (serde.Decoder, as groups)", groups, "records/s", events,
+        Figure(f"{name} (fastavro path)", fastavro, "records/s", events,
                "raw consume, no decode (confluent-kafka)", raw, ""),
     ]

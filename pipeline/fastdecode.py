@@ -1,34 +1,28 @@
-"""A faster Avro decoder for replays: the writer schema compiled once, bytes walked in C.
+"""Avro decoding in C: the writer schema compiled once, the bytes walked by pipeline._avro.
 
 fastavro's ``schemaless_reader`` spends most of its ~5 µs per record on per-call set-up
-(schema checks, a reader per call); a replay decodes hundreds of thousands of records of
-a handful of schemas. :func:`compile_reader` turns one writer schema into a *program*
-(nested tuples of opcodes, built here in Python) that ``pipeline._avro.decode``, a small
-C extension built by ``pip install``, runs over the bytes: about 4x fastavro on ``Bar``
-and ``L2Update``. It returns exactly what fastavro returns for a schema parsed like
-``pipeline.registry.parse_plain`` (logical types stripped: timestamps stay integers).
-
-:class:`FastDecoder` is a drop-in for :class:`pipeline.serde.Decoder` on the read side:
-records whose writer schema equals the reader's (the usual case) take the compiled path;
-those that need Avro schema resolution (written with another version), recursive
-schemas, and every record when the extension could not be built (no C compiler) go to
-the :class:`~pipeline.serde.Decoder` it wraps. Bad bytes raise the same
-:class:`~pipeline.serde.SerdeError`.
+(schema checks, a reader per call), and every group and replay decodes hundreds of
+thousands of records of a handful of schemas. :func:`compile_reader` turns one writer
+schema into a *program* (nested tuples of opcodes, built here in Python) that
+``pipeline._avro.decode``, a small C extension built by ``pip install``, runs over the
+bytes: about 4.7x fastavro on ``Bar``. It returns exactly what fastavro returns for a
+schema parsed like ``pipeline.registry.parse_plain`` (logical types stripped: timestamps
+stay integers). :class:`pipeline.serde.Decoder` uses it for every record whose writer
+schema is its reader's; schema resolution, recursive schemas and builds without a C
+compiler stay with fastavro.
 """
 
 from __future__ import annotations
 
 import sys
 from functools import partial
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
-from pipeline import schemas
-from pipeline.registry import SchemaRegistry, _strip_logical
-from pipeline.serde import Decoder, SerdeError
+from pipeline.registry import _strip_logical
 
 try:
     from pipeline._avro import decode as _decode
-except ImportError:  # built without a C compiler: FastDecoder falls back to fastavro
+except ImportError:  # built without a C compiler: the Decoder reads with fastavro
     _decode = None
 
 Reader = Callable[[bytes, int], tuple[Any, int]]
@@ -40,8 +34,8 @@ _PRIMITIVES = {"null": (NULL,), "boolean": (BOOLEAN,), "int": (LONG,), "long": (
                "string": (STRING,)}
 
 
-class _Unsupported(Exception):
-    pass
+class Unsupported(Exception):
+    """A schema (or a build) only fastavro reads."""
 
 
 class _Compiler:
@@ -59,10 +53,10 @@ class _Compiler:
             full = schema if "." in schema or not space else f"{space}.{schema}"
             for name in (full, schema):
                 if name in self._expanding:
-                    raise _Unsupported(f"recursive type {schema}")
+                    raise Unsupported(f"recursive type {schema}")
                 if name in self.named:
                     return self.named[name]
-            raise _Unsupported(f"unknown type {schema}")
+            raise Unsupported(f"unknown type {schema}")
         if isinstance(schema, list):
             return (UNION, tuple(self.value(branch, space) for branch in schema))
         kind = schema.get("type")
@@ -74,7 +68,7 @@ class _Compiler:
             return (MAP, self.value(schema["values"], space))
         if kind in ("record", "error", "enum", "fixed"):
             return self.named_type(schema, space)
-        raise _Unsupported(f"type {kind!r}")
+        raise Unsupported(f"type {kind!r}")
 
     def named_type(self, schema: dict, space: str | None) -> tuple:
         name = schema["name"]
@@ -104,57 +98,7 @@ def program(schema: Any) -> tuple:
 
 def compile_reader(schema: Any) -> Reader:
     """A function ``read(data, pos) -> (value, end)`` for Avro binary written with
-    ``schema``; raises :class:`_Unsupported` for what only fastavro reads."""
+    ``schema``; raises :class:`Unsupported` for what only fastavro reads."""
     if _decode is None:
-        raise _Unsupported("the C decoder pipeline._avro is not built")
+        raise Unsupported("the C decoder pipeline._avro is not built")
     return partial(_decode, program(schema))
-
-
-class FastDecoder:
-    """Decodes Confluent-framed Avro like :class:`pipeline.serde.Decoder`, faster."""
-
-    def __init__(self, registry: SchemaRegistry, readers: Iterable[dict] | None = None) -> None:
-        self.registry = registry
-        self.fallback = Decoder(registry, readers)
-        found = list(readers) if readers is not None else [schemas.load(n) for n in schemas.names()]
-        self._readers = {schemas.full_name_of(raw): raw for raw in found}
-        self._compiled: dict[bytes, Reader | None] = {}
-
-    def __call__(self, data: bytes | None) -> dict:
-        if data is None or len(data) < 5 or data[0] != 0:
-            return self.fallback(data)  # raises the right SerdeError
-        header = data[1:5]
-        read = self._compiled.get(header, False)
-        if read is False:
-            read = self._compile(header)
-        if read is None:
-            return self.fallback(data)
-        try:
-            value, end = read(data, 5)
-        except Exception as exc:  # noqa: BLE001 - bad bytes fail in many ways
-            raise SerdeError(f"corrupt or truncated Avro body for schema id "
-                             f"{int.from_bytes(header, 'big')} ({len(data)} bytes): "
-                             f"{type(exc).__name__}: {exc}") from None
-        if end != len(data):
-            raise SerdeError(f"{len(data) - end} trailing byte(s) after the Avro body for "
-                             f"schema id {int.from_bytes(header, 'big')}: corrupt record")
-        return value
-
-    def reader(self, header: bytes) -> Reader | None:
-        """The compiled reader for a 4-byte schema id (None: that schema is read by the
-        fallback), for callers that inline the fast path."""
-        read = self._compiled.get(header, False)
-        return self._compile(header) if read is False else read
-
-    def _compile(self, header: bytes) -> Reader | None:
-        schema_id = int.from_bytes(header, "big")
-        raw, _ = self.registry.schema(schema_id)
-        reader = self._readers.get(schemas.full_name_of(raw)) if isinstance(raw, dict) else None
-        read: Reader | None = None
-        if reader is None or schemas.same_schema(reader, raw):
-            try:
-                read = compile_reader(raw)
-            except (_Unsupported, KeyError, TypeError, ValueError, SyntaxError):
-                read = None  # anything unusual: fastavro reads it
-        self._compiled[header] = read
-        return read

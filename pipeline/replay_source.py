@@ -33,8 +33,7 @@ from pipeline.catalog import Namespace, split_topic
 from pipeline.errors import PipelineError
 from pipeline.kafka import consumer_config
 from pipeline.registry import SchemaRegistry
-from pipeline.fastdecode import FastDecoder
-from pipeline.serde import SerdeError
+from pipeline.serde import Decoder, SerdeError
 
 Offsets = dict[tuple[str, int], tuple[int, int]]
 
@@ -59,15 +58,15 @@ class ReadStats:
     per_topic: dict[str, int] = field(default_factory=dict)
 
 
-_DECODERS: dict[str, FastDecoder] = {}
+_DECODERS: dict[str, Decoder] = {}
 
 
-def decoder_for(registry_url: str) -> FastDecoder:
+def decoder_for(registry_url: str) -> Decoder:
     """One decoder (and registry client) per registry URL and process: schemas by id are
     immutable, so what one replay compiled serves the next."""
     decoder = _DECODERS.get(registry_url)
     if decoder is None:
-        decoder = _DECODERS[registry_url] = FastDecoder(SchemaRegistry(registry_url))
+        decoder = _DECODERS[registry_url] = Decoder(SchemaRegistry(registry_url))
     return decoder
 
 

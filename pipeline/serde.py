@@ -18,8 +18,9 @@ from typing import Any, Iterable
 
 from fastavro import schemaless_reader, schemaless_writer
 
-from pipeline import schemas
+from pipeline import fastdecode, schemas
 from pipeline.errors import PipelineError
+from pipeline.fastdecode import Reader
 from pipeline.registry import SchemaRegistry, parse_plain, subject_for
 
 MAGIC = 0
@@ -60,15 +61,22 @@ class Decoder:
 
     ``readers`` are the schemas this consumer was built against (default: every schema in
     ``schemas/``); data written with another version of one of them is resolved into the
-    reader's version. A writer record with no matching reader is decoded as written.
+    reader's version by fastavro. Records whose writer schema is the reader's (the usual
+    case) are read by the C decoder of :mod:`pipeline.fastdecode`, about 4x faster and
+    with the same result; ``compiled=False`` (or a build without the C extension) reads
+    everything with fastavro. A writer record with no matching reader is decoded as
+    written.
     """
 
-    def __init__(self, registry: SchemaRegistry, readers: Iterable[dict] | None = None) -> None:
+    def __init__(self, registry: SchemaRegistry, readers: Iterable[dict] | None = None,
+                 compiled: bool = True) -> None:
         self.registry = registry
+        self.compiled = compiled
         found = list(readers) if readers is not None else [schemas.load(n) for n in schemas.names()]
         self._readers = {schemas.full_name_of(raw): (raw, parse_plain(raw)) for raw in found}
         # schema id -> (writer parsed, reader parsed or None when writer == reader)
         self._plans: dict[int, tuple[Any, Any]] = {}
+        self._compiled: dict[bytes, Reader | None] = {}  # 4-byte id -> C reader
 
     def __call__(self, data: bytes | None) -> dict:
         if data is None:
@@ -77,25 +85,58 @@ class Decoder:
             first = f"0x{data[0]:02x}" if data else "nothing"
             raise SerdeError(f"not the Confluent wire format: starts with {first}, expected the "
                              f"magic byte 0x00 and a 4-byte schema id ({len(data)} bytes)")
-        schema_id = int.from_bytes(data[1:5], "big")
-        plan = self._plans.get(schema_id) or self._plan(schema_id)
-        buf = io.BytesIO(data)
-        buf.seek(5)
-        try:
-            value = schemaless_reader(buf, plan[0], plan[1])
-        except Exception as exc:  # noqa: BLE001 - fastavro raises many types on bad bytes
-            raise SerdeError(f"corrupt or truncated Avro body for schema id {schema_id} "
-                             f"({len(data)} bytes): {type(exc).__name__}: {exc}") from None
-        if buf.tell() != len(data):
-            raise SerdeError(f"{len(data) - buf.tell()} trailing byte(s) after the Avro body for "
-                             f"schema id {schema_id}: corrupt record")
+        header = data[1:5]
+        read = self._compiled.get(header, False)
+        if read is False:
+            read = self.reader(header)
+        if read is not None:
+            try:
+                value, end = read(data, 5)
+            except Exception as exc:  # noqa: BLE001 - bad bytes fail in many ways
+                raise SerdeError(f"corrupt or truncated Avro body for schema id "
+                                 f"{int.from_bytes(header, 'big')} ({len(data)} bytes): "
+                                 f"{type(exc).__name__}: {exc}") from None
+        else:
+            schema_id = int.from_bytes(header, "big")
+            plan = self._plans.get(schema_id) or self._plan(schema_id)
+            buf = io.BytesIO(data)
+            buf.seek(5)
+            try:
+                value = schemaless_reader(buf, plan[0], plan[1])
+            except Exception as exc:  # noqa: BLE001 - fastavro raises many types on bad bytes
+                raise SerdeError(f"corrupt or truncated Avro body for schema id {schema_id} "
+                                 f"({len(data)} bytes): {type(exc).__name__}: {exc}") from None
+            end = buf.tell()
+        if end != len(data):
+            raise SerdeError(f"{len(data) - end} trailing byte(s) after the Avro body for "
+                             f"schema id {int.from_bytes(header, 'big')}: corrupt record")
         return value
+
+    def reader(self, header: bytes) -> Reader | None:
+        """The C reader ``read(data, 5) -> (value, end)`` for a 4-byte schema id, or None
+        when that schema is read by fastavro (resolution to another reader version, a
+        recursive schema, no C extension); for callers that inline the fast path."""
+        read = self._compiled.get(header, False)
+        if read is not False:
+            return read
+        read = None
+        if self.compiled:
+            raw, _ = self.registry.schema(int.from_bytes(header, "big"))
+            reader = self._readers.get(schemas.full_name_of(raw)) if isinstance(raw, dict) \
+                else None
+            if reader is None or schemas.same_schema(reader[0], raw):
+                try:
+                    read = fastdecode.compile_reader(raw)
+                except (fastdecode.Unsupported, KeyError, TypeError, ValueError):
+                    read = None  # anything unusual: fastavro reads it
+        self._compiled[header] = read
+        return read
 
     def _plan(self, schema_id: int) -> tuple[Any, Any]:
         raw, writer = self.registry.schema(schema_id)
         reader = self._readers.get(schemas.full_name_of(raw))
         if reader is None or schemas.same_schema(reader[0], raw):
-            plan = (writer, None)  # no resolution needed: the fast path
+            plan = (writer, None)  # no resolution needed
         else:
             plan = (writer, reader[1])
         self._plans[schema_id] = plan

@@ -27,9 +27,9 @@ def test_the_bench_harness_runs_and_writes_its_figures(kafka, registry):
     assert {"serde encode L2Update", "serde decode L2Update"} <= names
     assert {"ingest frames (parse+normalize+encode+produce, 1 core)",
             "venue generator frames (generate + render v2)"} <= names
-    assert {"consume + decode L2Update (FastDecoder, as replays)",
-            "consume + decode L2Update (FastDecoder, as replays), vs Kafka's tool",
-            "consume + decode L2Update (serde.Decoder, as groups)",
+    assert {"consume + decode L2Update (C decoder, as replays and groups)",
+            "consume + decode L2Update (C decoder), vs Kafka's tool",
+            "consume + decode L2Update (fastavro path)",
             "scale: consume + decode, 4 consumer instances in one group, 6 partitions",
             "scale: ingest (encode + produce), 4 producer processes, 6 partitions",
             "L2 replay: books + MidQuoter + book fills (generator)"} <= names

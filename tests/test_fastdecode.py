@@ -1,5 +1,5 @@
-"""The replay decoder (pipeline.fastdecode + the C extension pipeline._avro) returns
-exactly what fastavro returns, refuses bad bytes, and falls back where it must."""
+"""The C decoder (pipeline.fastdecode + the extension pipeline._avro) returns exactly what
+fastavro returns, refuses bad bytes, and serde.Decoder falls back to fastavro where it must."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from fastavro import parse_schema, schemaless_writer
 
 from pipeline import fastdecode, schemas
-from pipeline.fastdecode import FastDecoder, compile_reader, program
+from pipeline.fastdecode import compile_reader, program
 from pipeline.registry import _strip_logical, parse_plain
-from pipeline.serde import SerdeError
+from pipeline.serde import Decoder, SerdeError
 from tests.support.records import SAMPLES
 
 pytestmark = pytest.mark.skipif(fastdecode._decode is None,
@@ -120,7 +120,7 @@ def test_out_of_range_union_branches_and_enum_symbols_are_errors():
 def test_a_recursive_schema_is_left_to_fastavro():
     linked = {"type": "record", "name": "Node", "fields": [
         {"name": "value", "type": "long"}, {"name": "next", "type": ["null", "Node"]}]}
-    with pytest.raises(fastdecode._Unsupported, match="recursive"):
+    with pytest.raises(fastdecode.Unsupported, match="recursive"):
         program(linked)
 
 
@@ -140,7 +140,7 @@ def test_the_decoder_gives_the_same_records_with_or_without_the_extension(monkey
     if not built:
         monkeypatch.setattr(fastdecode, "_decode", None)
     schema = schemas.load("L2Update")
-    decoder = FastDecoder(OneSchema(schema), readers=[schema])
+    decoder = Decoder(OneSchema(schema), readers=[schema])
     data = b"\x00\x00\x00\x00\x2a" + encode(schema, SAMPLES["L2Update"])
     assert decoder(data) == SAMPLES["L2Update"]
     assert (decoder.reader(data[1:5]) is None) is (not built)
