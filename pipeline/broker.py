@@ -19,8 +19,9 @@ from pathlib import Path
 
 from pipeline.config import REPO_ROOT, Settings, ensure_writable_dir
 from pipeline.errors import PipelineError
-from pipeline.services import (DetachedService, answers, find_java, free_port, maven_artifacts,
-                               pom_property, require_free_port, require_tool, spawn)
+from pipeline.services import (DetachedService, ServiceState, answers, find_java, free_port,
+                               maven_artifacts, pom_property, require_free_port, require_tool,
+                               spawn)
 
 POM = REPO_ROOT / "docker" / "kafka" / "pom.xml"
 SERVER_TEMPLATE = REPO_ROOT / "docker" / "kafka" / "server.properties"
@@ -42,15 +43,12 @@ STOP_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
-class BrokerState:
+class BrokerState(ServiceState):
     """What ``broker.json`` records about a running local broker."""
 
-    pid: int
     bootstrap_servers: str
-    port: int
     controller_port: int
     kafka_version: str
-    started_at: float
 
 
 # --------------------------------------------------------------------------- jars

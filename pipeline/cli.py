@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from confluent_kafka import KafkaException
@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.errors import PipelineError
+from pipeline.services import DetachedService, ServiceState
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Gemini market data and trading on Apache Kafka.")
@@ -47,16 +48,35 @@ def broker_start(
     from pipeline.broker import LocalBroker
 
     settings = _settings(run_dir)
-    if settings.external_kafka:
-        console.print(f"KAFKA_BOOTSTRAP_SERVERS is set: using {settings.bootstrap_servers}, "
-                      "starting nothing")
-        return
     broker = LocalBroker.from_settings(settings)
-    already = broker.state()
-    state = broker.start(port=port, controller_port=controller_port, quiet=False)
-    verb = "already running" if already else "started"
-    console.print(f"Kafka {state.kafka_version} {verb} on {state.bootstrap_servers} "
-                  f"(pid {state.pid}, logs in {broker.log_dir})")
+    started = _start_service("KAFKA_BOOTSTRAP_SERVERS", settings.bootstrap_servers, broker,
+                             lambda: broker.start(port=port, controller_port=controller_port,
+                                                  quiet=False))
+    if started:
+        state, verb = started
+        console.print(f"Kafka {state.kafka_version} {verb} on {state.bootstrap_servers} "
+                      f"(pid {state.pid}, logs in {broker.log_dir})")
+
+
+def _start_service(env_var: str, external: str | None, service: DetachedService,
+                   start: Callable[[], ServiceState]) -> tuple[ServiceState, str] | None:
+    """What `broker start` and `registry start` share: an external service (``env_var``
+    set) means starting nothing; else start ours, a second start being harmless. Returns
+    (state, "started" or "already running"), or None when external."""
+    if external:
+        console.print(f"{env_var} is set: using {external}, starting nothing")
+        return None
+    already = service.state()
+    return start(), "already running" if already else "started"
+
+
+def _stop_service(env_var: str, external: str | None, service: DetachedService,
+                  what: str) -> None:
+    """What `broker stop` and `registry stop` share."""
+    if external:
+        console.print(f"{env_var} is set: nothing was started, nothing to stop")
+        return
+    console.print(f"{what} stopped" if service.stop() else f"no {what} was running")
 
 
 @broker_app.command("stop")
@@ -65,11 +85,8 @@ def broker_stop(run_dir: Optional[Path] = RunDirOption) -> None:
     from pipeline.broker import LocalBroker
 
     settings = _settings(run_dir)
-    if settings.external_kafka:
-        console.print("KAFKA_BOOTSTRAP_SERVERS is set: nothing was started, nothing to stop")
-        return
-    stopped = LocalBroker.from_settings(settings).stop()
-    console.print("Kafka broker stopped" if stopped else "no Kafka broker was running")
+    _stop_service("KAFKA_BOOTSTRAP_SERVERS", settings.bootstrap_servers,
+                  LocalBroker.from_settings(settings), "Kafka broker")
 
 
 @broker_app.command("status")
@@ -96,16 +113,15 @@ def registry_start(run_dir: Optional[Path] = RunDirOption,
     from pipeline.registry_server import LocalRegistry
 
     settings = _settings(run_dir)
-    if settings.schema_registry_url:
-        console.print(f"SCHEMA_REGISTRY_URL is set: using {settings.schema_registry_url}, "
-                      "starting nothing")
-        return
     registry = LocalRegistry.from_settings(settings)
-    already = registry.state()
-    state = registry.start(bootstrap_servers(settings), port=port, quiet=False)
-    verb = "already running" if already else "started"
-    console.print(f"Apicurio Registry {state.version} {verb} at {state.url} (pid {state.pid}, "
-                  f"schemas stored in Kafka at {state.bootstrap_servers}, log {registry.log_file})")
+    started = _start_service("SCHEMA_REGISTRY_URL", settings.schema_registry_url, registry,
+                             lambda: registry.start(bootstrap_servers(settings), port=port,
+                                                    quiet=False))
+    if started:
+        state, verb = started
+        console.print(f"Apicurio Registry {state.version} {verb} at {state.url} (pid "
+                      f"{state.pid}, schemas stored in Kafka at {state.bootstrap_servers}, "
+                      f"log {registry.log_file})")
 
 
 @registry_app.command("stop")
@@ -114,11 +130,8 @@ def registry_stop(run_dir: Optional[Path] = RunDirOption) -> None:
     from pipeline.registry_server import LocalRegistry
 
     settings = _settings(run_dir)
-    if settings.schema_registry_url:
-        console.print("SCHEMA_REGISTRY_URL is set: nothing was started, nothing to stop")
-        return
-    stopped = LocalRegistry.from_settings(settings).stop()
-    console.print("schema registry stopped" if stopped else "no schema registry was running")
+    _stop_service("SCHEMA_REGISTRY_URL", settings.schema_registry_url,
+                  LocalRegistry.from_settings(settings), "schema registry")
 
 
 @registry_app.command("status")
@@ -472,7 +485,7 @@ def _print_sweep(frame) -> None:
               and c[:1].islower()]
     table = Table(*params, *columns)
     for _, row in frame.iterrows():
-        table.add_row(*(str(row[c]) if c in params else f"{row[c]:,.4g}"
+        table.add_row(*(str(row[c]) if c in params else f"{row[c]:,.2f}"
                         if isinstance(row[c], float) else str(row[c])
                         for c in params + columns))
     console.print(table)

@@ -19,8 +19,8 @@ import requests
 
 from pipeline.config import REPO_ROOT, Settings, ensure_writable_dir
 from pipeline.errors import PipelineError
-from pipeline.services import (DetachedService, find_java, free_port, maven_artifacts,
-                               pom_property, require_free_port, spawn)
+from pipeline.services import (DetachedService, ServiceState, find_java, free_port,
+                               maven_artifacts, pom_property, require_free_port, spawn)
 
 POM = REPO_ROOT / "docker" / "registry" / "pom.xml"
 DEFAULT_PORT = 8081
@@ -35,14 +35,13 @@ JVM_OPTS = ["-Xms128m", "-Xmx512m", "-XX:+UseG1GC", "-XX:ParallelGCThreads=2",
 
 
 @dataclass(frozen=True)
-class RegistryState:
-    pid: int
+class RegistryState(ServiceState):
+    """What ``registry.json`` records about a running local registry."""
+
     url: str  # the Confluent-compatible API base
-    port: int
     management_port: int
-    bootstrap_servers: str
+    bootstrap_servers: str  # the Kafka it stores schemas in
     version: str
-    started_at: float
 
 
 def apicurio_version() -> str:

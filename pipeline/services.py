@@ -12,13 +12,11 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Generic, TypeVar
 
 from pipeline.errors import PipelineError
-
-State = TypeVar("State")
 
 JVM_ROOTS = (Path("/usr/lib/jvm"), Path("/opt/java"), Path("/usr/local/lib/jvm"))
 
@@ -210,6 +208,18 @@ def log_tail(*paths: Path, lines: int = 3) -> str:
 # --------------------------------------------------------------------------- detached services
 
 
+@dataclass(frozen=True)
+class ServiceState:
+    """What every detached service's state file records; each service adds its own."""
+
+    pid: int
+    port: int  # the port clients use
+    started_at: float
+
+
+State = TypeVar("State", bound=ServiceState)
+
+
 class DetachedService(Generic[State]):
     """A service started detached and found again later through its state file.
 
@@ -230,7 +240,7 @@ class DetachedService(Generic[State]):
             state = self._state_type(**json.loads(self.state_file.read_text()))
         except (OSError, ValueError, TypeError):
             return None
-        return state if runs_command(state.pid, *self._markers) else None  # type: ignore[attr-defined]
+        return state if runs_command(state.pid, *self._markers) else None
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop it gracefully (SIGTERM, then SIGKILL). True if one was running."""
@@ -238,13 +248,13 @@ class DetachedService(Generic[State]):
         self.state_file.unlink(missing_ok=True)
         if state is None:
             return False
-        terminate(state.pid, timeout)  # type: ignore[attr-defined]
+        terminate(state.pid, timeout)
         return True
 
     def await_ready(self, proc: subprocess.Popen, state: State, ready: Callable[[], bool],
                     timeout: float, where: str) -> State:
         """Record ``state`` and wait until ``ready()``; on failure stop it and say why."""
-        self.state_file.write_text(json.dumps(asdict(state), indent=2))  # type: ignore[arg-type]
+        self.state_file.write_text(json.dumps(asdict(state), indent=2))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:

@@ -69,6 +69,30 @@ def test_restart_keeps_the_data_and_stop_leaves_no_process(tmp_path):
     assert not (tmp_path / "run" / "kafka" / "broker.json").exists()
 
 
+@pytest.mark.broker
+def test_the_cli_starts_and_stops_once_and_starts_nothing_external(tmp_path):
+    run = ["--run-dir", str(tmp_path / "run")]
+    ports = ["--port", "0", "--controller-port", "0"]
+    try:
+        first = run_cli("broker", "start", *run, *ports)
+        assert first.returncode == 0 and " started on 127.0.0.1:" in first.stdout, first.stderr
+        address = first.stdout.split(" on ")[1].split()[0]
+        again = run_cli("broker", "start", *run, *ports)
+        assert f"already running on {address} " in again.stdout
+    finally:
+        stopped = run_cli("broker", "stop", *run)
+    assert stopped.stdout.strip() == "Kafka broker stopped"
+    assert run_cli("broker", "stop", *run).stdout.strip() == "no Kafka broker was running"
+    assert run_cli("registry", "stop", *run).stdout.strip() == "no schema registry was running"
+    for service, variable, value in (("broker", "KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9"),
+                                     ("registry", "SCHEMA_REGISTRY_URL", "http://127.0.0.1:9")):
+        env = {variable: value}
+        assert run_cli(service, "start", *run, env=env).stdout.strip() == \
+            f"{variable} is set: using {value}, starting nothing"
+        assert run_cli(service, "stop", *run, env=env).stdout.strip() == \
+            f"{variable} is set: nothing was started, nothing to stop"
+
+
 def test_a_port_in_use_is_one_clear_error(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
