@@ -12,7 +12,11 @@ frame (``VenueConfig.record_sends``), indexed like the producer's v2 ``sequence`
 frame's index on its connection); a snapshot carries the ``sequence`` of the frame that
 moved its top, and a request's ``trigger`` names its snapshot (topic/partition/offset).
 This process reads both topics ``read_committed``: t1 is the delivery here of the first
-request of a snapshot. The venue runs in this process, so both ends use one clock.
+request of a snapshot. The venue runs in this process, so both ends use one clock. One
+symbol, so one partition all the way: requests come in frame order, and the run ends when
+a request for a frame after the measured ones has arrived (none of theirs is missed).
+The split per stage (venue -> producer -> snapshot published -> request visible, from the
+records' wall-clock stamps) is printed next to the figures.
 
 Only snapshots that changed the top of book are published (the orderbook group's
 periodic republication is set to an hour), so each sample is one frame that moved the
@@ -78,9 +82,9 @@ def _subscribed(venue: RunningVenue, timeout_s: float = 60.0) -> Connection:
 
 
 def measure(bootstrap: str, registry_url: str, events: int, work: Path,
-            ) -> tuple[list[float], list[float], dict[str, list[float]]]:
-    """(latencies ms, ping round trips ms, per-stage ms) of one run of ``events`` paced
-    venue events after the warm-up."""
+            ) -> tuple[list[tuple[float, float]], list[float], dict[str, list[float]]]:
+    """Over ``events`` paced frames after the warm-up: (frame sent (perf_counter), latency
+    ms) per frame that moved the top, by send time; ping round trips in ms; per stage ms."""
     namespace = Namespace(f"sim-benchlat{int(time.time())}")
     ensure_topics(bootstrap, namespace, TOPICS)
     decode = Serde(SchemaRegistry(registry_url)).decoder()
@@ -107,69 +111,58 @@ def measure(bootstrap: str, registry_url: str, events: int, work: Path,
         # A wall-clock reading of perf_counter, for the stage breakdown (records carry
         # wall-clock microseconds; the latency itself uses perf_counter only).
         wall_minus_perf = time.time() - time.perf_counter()
-        by_snapshot: dict[tuple[int, int], dict] = {}
-        waiting: dict[tuple[int, int], float] = {}  # request seen before its snapshot
-        done: dict[tuple[int, int], float] = {}
+        by_snapshot: dict[tuple[int, int], dict] = {}  # (partition, offset) -> snapshot
+        arrived: list[tuple[tuple[int, int], float]] = []  # requests not matched yet
+        done: dict[tuple[int, int], float] = {}  # first request per snapshot, when
         connection_id = None
-        started_at = None  # venue event count when measuring starts
+        first = last = None  # the frames measured: indices first .. last-1
+        newest = -1  # the newest frame whose request has arrived
         deadline = time.monotonic() + 120 + events / RATE
-        while time.monotonic() < deadline:
+        while last is None or newest < last:  # one symbol: one partition, in order
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"latency bench: requests stopped coming "
+                                   f"({groups.tail(procs[0])})")
             msg = requests.poll(0.002)
             if msg is not None and msg.error() is None:
-                t1 = time.perf_counter()
                 _, partition, offset = decode(msg.value())["trigger"].rsplit("/", 2)
-                key = (int(partition), int(offset))
-                if key not in done:
-                    done[key] = t1
+                arrived.append(((int(partition), int(offset)), time.perf_counter()))
             while (snap := snapshots.poll(0)) is not None:
                 if snap.error() is None:
                     value = decode(snap.value())
                     connection_id = connection_id or value["connection_id"]
                     if value["connection_id"] == connection_id:  # no reconnect mixed in
                         by_snapshot[(snap.partition(), snap.offset())] = value
-            if started_at is None and done:
-                time.sleep(WARM_UP_S)
-                started_at = venue.venue.events
-                first_measured = len(conn.sent_at)
-            if started_at is not None and venue.venue.events >= started_at + events:
-                break
-        else:
-            raise RuntimeError(f"latency bench: no requests within the time limit "
-                               f"({groups.tail(procs[-1])})")
-        time.sleep(1.0)  # the last frames' requests
-        for source in (requests, snapshots):
-            while (msg := source.poll(0.2)) is not None:
-                if msg.error() is not None:
-                    continue
-                if source is requests:
-                    _, partition, offset = decode(msg.value())["trigger"].rsplit("/", 2)
-                    done.setdefault((int(partition), int(offset)), time.perf_counter())
-                else:
-                    value = decode(msg.value())
-                    if value["connection_id"] == connection_id:
-                        by_snapshot[(msg.partition(), msg.offset())] = value
+            while arrived and arrived[0][0] in by_snapshot:
+                key, t1 = arrived.pop(0)
+                done.setdefault(key, t1)
+                newest = max(newest, by_snapshot[key]["sequence"])
+            if first is None and done:
+                time.sleep(WARM_UP_S)  # what arrives meanwhile is read late: not measured
+                first = len(conn.sent_at)
+            if first is not None and last is None and len(conn.sent_at) >= first + events:
+                last = first + events
         snapshots.close()
         requests.close()
         sent = list(conn.sent_at)
-        latencies: list[float] = []
+        samples: list[tuple[float, float]] = []
         stages: dict[str, list[float]] = {"venue send -> producer receive": [],
                                           "producer receive -> snapshot published": [],
                                           "snapshot published -> request visible": []}
         for key, t1 in done.items():
-            snap = by_snapshot.get(key)
-            if snap is None or not first_measured <= snap["sequence"] < len(sent):
+            sequence = by_snapshot[key]["sequence"]
+            if not first <= sequence < last:
                 continue
-            t0 = sent[snap["sequence"]]
-            latencies.append((t1 - t0) * 1000)
+            t0, snap = sent[sequence], by_snapshot[key]
+            samples.append((t0, (t1 - t0) * 1000))
             received, published = snap["received_ts_us"] / 1e6, snap["published_ts_us"] / 1e6
             stages["venue send -> producer receive"].append(
                 (received - wall_minus_perf - t0) * 1000)
             stages["producer receive -> snapshot published"].append((published - received) * 1000)
             stages["snapshot published -> request visible"].append(
                 (t1 + wall_minus_perf - published) * 1000)
-        if not latencies:
+        if not samples:
             raise RuntimeError("latency bench: no request could be matched to a frame")
-        return latencies, pings, stages
+        return sorted(samples), pings, stages
     finally:
         groups.stop_all(procs)
         venue.stop()
@@ -179,9 +172,10 @@ def run(bootstrap: str, registry_url: str, events: int) -> list[Figure]:
     n = max(MIN_EVENTS, min(events // 20, MAX_EVENTS))
     work = Path(tempfile.mkdtemp(prefix="bench-latency-"))
     try:
-        latencies, pings, stages = measure(bootstrap, registry_url, n, work)
+        samples, pings, stages = measure(bootstrap, registry_url, n, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    latencies = [ms for _, ms in samples]
     for stage, values in stages.items():
         print(f"latency stage {stage}: p50 {_percentile(values, 0.5):.2f} ms, "
               f"p99 {_percentile(values, 0.99):.2f} ms")
