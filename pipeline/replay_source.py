@@ -99,24 +99,26 @@ def _replayable() -> dict[str, str]:
     return {t.name: t.value_schema for t in TOPICS if t.value_schema in KIND_OF_SCHEMA}
 
 
-class ReplaySource:
-    """Plans and reads a replay; iterate :meth:`batches` for ordered events."""
+def _check_range(topics: Sequence[str], start_ms: int | None, end_ms: int | None) -> None:
+    if not topics:
+        raise PipelineError("nothing to replay: no topics given")
+    if start_ms is not None and end_ms is not None and end_ms <= start_ms:
+        raise PipelineError(f"the time range is empty: end {end_ms} is not after "
+                            f"start {start_ms}")
 
-    def __init__(self, bootstrap: str, registry_url: str, topics: Sequence[str], *,
-                 start_ms: int | None = None, end_ms: int | None = None,
-                 offsets: Offsets | None = None, batch_size: int = 10_000,
-                 max_buffered: int = 200_000, timeout: float = 30.0) -> None:
-        if not topics:
-            raise PipelineError("nothing to replay: no topics given")
-        if start_ms is not None and end_ms is not None and end_ms <= start_ms:
-            raise PipelineError(f"the time range is empty: end {end_ms} is not after "
-                                f"start {start_ms}")
+
+class RangePlanner:
+    """Resolves a range of topics (time range and/or offsets) into one offset window per
+    partition, with a private consumer that never commits. :class:`ReplaySource` reads the
+    windows decoded for backtests; ``pipeline.replay`` copies them into a replay namespace."""
+
+    def __init__(self, bootstrap: str, topics: Sequence[str], *, start_ms: int | None = None,
+                 end_ms: int | None = None, offsets: Offsets | None = None,
+                 timeout: float = 30.0) -> None:
+        _check_range(topics, start_ms, end_ms)
         self.bootstrap, self.topics = bootstrap, list(dict.fromkeys(topics))
         self.start_ms, self.end_ms, self.offsets = start_ms, end_ms, offsets or {}
-        self.batch_size, self.max_buffered, self.timeout = batch_size, max_buffered, timeout
-        self.kinds = {t: kind_of_topic(t) for t in self.topics}
-        self.decoder = decoder_for(registry_url)
-        self.stats = ReadStats()
+        self.timeout = timeout
         self.consumer = Consumer(consumer_config(
             bootstrap, f"replay-{uuid.uuid4()}", **{"enable.partition.eof": True,
                                                    "fetch.wait.max.ms": 10,
@@ -269,6 +271,31 @@ class ReplaySource:
             return None
         finally:
             probe.close()
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ReplaySource(RangePlanner):
+    """Plans and reads a replay; iterate :meth:`batches` for ordered events."""
+
+    def __init__(self, bootstrap: str, registry_url: str, topics: Sequence[str], *,
+                 start_ms: int | None = None, end_ms: int | None = None,
+                 offsets: Offsets | None = None, batch_size: int = 10_000,
+                 max_buffered: int = 200_000, timeout: float = 30.0) -> None:
+        _check_range(topics, start_ms, end_ms)
+        self.batch_size, self.max_buffered = batch_size, max_buffered
+        self.kinds = {t: kind_of_topic(t) for t in dict.fromkeys(topics)}
+        self.decoder = decoder_for(registry_url)
+        self.stats = ReadStats()
+        super().__init__(bootstrap, topics, start_ms=start_ms, end_ms=end_ms, offsets=offsets,
+                         timeout=timeout)
 
     # -- reading
 
@@ -449,15 +476,6 @@ class ReplaySource:
         if blocked:
             self.consumer.resume([TopicPartition(*s) for s in blocked])
             paused.difference_update(blocked)
-
-    def close(self) -> None:
-        self.consumer.close()
-
-    def __enter__(self) -> "ReplaySource":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _utc(ms: int) -> str:
