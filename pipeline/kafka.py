@@ -101,11 +101,14 @@ class ReliableProducer:
         return self._producer
 
     def produce(self, topic: str, value: bytes | None, key: bytes | str | None = None,
-                headers: list[tuple[str, bytes]] | None = None, timestamp: int = 0) -> None:
+                headers: list[tuple[str, bytes]] | None = None, timestamp: int = 0,
+                partition: int | None = None) -> None:
+        """``partition`` None: the client's partitioner picks it from the key."""
+        extra = {} if partition is None else {"partition": partition}
         while True:
             try:
                 self._producer.produce(topic, value=value, key=key, headers=headers,
-                                       timestamp=timestamp, on_delivery=self.tracker)
+                                       timestamp=timestamp, on_delivery=self.tracker, **extra)
                 return
             except BufferError:
                 # The local queue is full: serve delivery reports until there is room.

@@ -107,6 +107,21 @@ class SchemaRegistry:
         self._by_id.setdefault(schema_id, (schema, parse_plain(schema)))
         return schema_id
 
+    def delete_subject(self, subject: str) -> bool:
+        """Delete ``subject`` and all its versions for good (soft, then permanent, as the
+        Confluent API asks); False if there was no such subject."""
+        if self.latest(subject) is None:
+            return False
+        self._call(lambda: self.client.delete_subject(subject), f"subject {subject}")
+        try:
+            self.client.delete_subject(subject, permanent=True)
+        except SchemaRegistryError as exc:
+            if exc.http_status_code != 404:  # some registries delete at once
+                raise self._error(exc, f"subject {subject}") from None
+        except Exception as exc:  # noqa: BLE001 - transport errors
+            raise self._down(exc) from None
+        return True
+
     def set_compatibility(self, level: str, subject: str | None = None) -> None:
         if level not in COMPATIBILITY_LEVELS:
             raise RegistryError(f"unknown compatibility level {level!r}: one of "
