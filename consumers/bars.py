@@ -68,7 +68,7 @@ from typing import Callable, Iterable
 from confluent_kafka import OFFSET_STORED, Consumer, TopicPartition
 
 from pipeline.bars import (DEFAULT_INTERVALS, Bar, BarBuilder, BarSettings, Clock, Emitted,
-                           wall_clock_ms)
+                           RecordClock, wall_clock_ms)
 from pipeline.bars_store import DIGITS, PLACES, BarWriter, Checkpoints, WriteReport, read_bars
 from pipeline.catalog import Namespace
 from pipeline.config import Settings
@@ -98,6 +98,7 @@ class BarsOptions:
     fsync: bool = True
     flush_interval_s: float = 1.0  # Parquet lags the topic by about this much
     flush_bars: int = 2_000  # or flush once this many committed bars wait
+    record_time: bool = False  # replays: each partition's clock is its records' timestamps
 
 
 @dataclass
@@ -114,6 +115,7 @@ class _Part:
     batch: Emitted = field(default_factory=Emitted)
     unconfirmed: list[Bar] = field(default_factory=list)  # published in the open transaction
     confirmed: list[Bar] = field(default_factory=list)  # committed, not yet in Parquet
+    clock: RecordClock | None = None  # on replays, this partition's clock
 
 
 class BarsHandler(Handler):
@@ -160,6 +162,8 @@ class BarsHandler(Handler):
         part.tracked = True
         if part.next_offset is not None and record.offset < part.next_offset:
             return ()  # already in the checkpoint (the one record re-read after a restart)
+        if part.clock is not None:
+            part.clock.see(record.timestamp_ms)
         trade = record.value
         if not isinstance(trade, dict):
             raise ValueError(f"not a Trade record: {type(trade).__name__}")
@@ -247,6 +251,7 @@ class BarsHandler(Handler):
             "version": CHECKPOINT_VERSION, "group": self.opts.group_id,
             "topic": self.source_topic, "partition": p, "seq": part.seq + 1,
             "next_offset": n, "commit_offset": value, "written_ms": wall_clock_ms(),
+            "clock_ms": part.clock.newest if part.clock is not None else None,
             "builder": part.builder.state(),
             "unflushed": [b.record() for b in part.confirmed + part.unconfirmed]})
         part.seq, part.next_offset, part.commit_value, part.dirty = part.seq + 1, n, value, False
@@ -256,7 +261,8 @@ class BarsHandler(Handler):
         store.clear_staging()  # a write a kill interrupted; the partition is ours now
         found = store.latest(2)  # oldest first; only the newest can be in doubt
         if not found and committed is None:
-            return _Part(BarBuilder(self.opts.settings, self.clock), store)
+            clock = self._clock(None)
+            return _Part(BarBuilder(self.opts.settings, clock), store, clock=self._mine(clock))
         chosen = None
         if found and committed is not None and found[-1]["commit_offset"] == committed:
             chosen = found[-1]
@@ -266,7 +272,8 @@ class BarsHandler(Handler):
                      p, found[-1]["seq"])
             store.remove(found[-1]["seq"])
             if len(found) == 1:
-                return _Part(BarBuilder(self.opts.settings, self.clock), store)
+                clock = self._clock(None)
+                return _Part(BarBuilder(self.opts.settings, clock), store, clock=self._mine(clock))
             chosen = found[0]
         else:
             raise PipelineError(
@@ -275,14 +282,31 @@ class BarsHandler(Handler):
                 f"({[(c['seq'], c['commit_offset']) for c in found]}). The offsets were moved, "
                 "or the state directory is missing or another run's: restore it, or start "
                 "over with a new group id and an empty Parquet root")
-        part = _Part(BarBuilder.restore(chosen["builder"], self.opts.settings, self.clock), store,
+        clock = self._clock(chosen)
+        part = _Part(BarBuilder.restore(chosen["builder"], self.opts.settings, clock), store,
                      seq=chosen["seq"], next_offset=chosen["next_offset"],
                      commit_value=chosen["commit_offset"],
-                     confirmed=[Bar.from_record(r) for r in chosen["unflushed"]])
+                     confirmed=[Bar.from_record(r) for r in chosen["unflushed"]],
+                     clock=self._mine(clock))
         log.info("bars: partition %d: checkpoint %d, next offset %d, %d open bars, %d bars to "
                  "write", p, part.seq, part.next_offset, part.builder.open_bars(),
                  len(part.confirmed))
         return part
+
+    def _clock(self, checkpoint: dict | None) -> Clock:
+        """The wall clock, or on replays a clock of the partition's record timestamps that
+        goes on from the checkpoint's (or its newest trade's) time."""
+        if not self.opts.record_time:
+            return self.clock
+        start = checkpoint.get("clock_ms") if checkpoint else None
+        if start is None and checkpoint:
+            start = max((s["event_ms"] for s in checkpoint["builder"]["symbols"].values()
+                         if s["event_ms"] is not None), default=None)
+        return RecordClock(start, self.clock)
+
+    @staticmethod
+    def _mine(clock: Clock) -> RecordClock | None:
+        return clock if isinstance(clock, RecordClock) else None
 
     def _committed(self, partitions: list[int]) -> dict[int, int | None]:
         if not partitions:
@@ -329,12 +353,16 @@ def make_group(bootstrap: str, registry_url: str, namespace: str, *,
                run_dir: str | Path | None = None, intervals: Iterable[str] = DEFAULT_INTERVALS,
                lateness_ms: int = 5_000, fill_gaps: bool = False, instance: str = "0",
                batch_size: int = 1000, fsync: bool = True, clock: Clock = wall_clock_ms,
-               handler_class: type[BarsHandler] = BarsHandler) -> GroupConfig:
+               handler_class: type[BarsHandler] = BarsHandler,
+               record_time: bool | None = None) -> GroupConfig:
     """The bars group's configuration for the runtime.
 
     Parquet goes to ``parquet_root`` (default ``<run_dir>/parquet/<output ns>/bars``), the
     checkpoints to ``state_dir`` (default ``<parquet_root>.state/<group_id>``, beside it).
     ``output_namespace`` (default: ``namespace``) receives bars and late trades.
+    ``record_time`` (default: on for replay namespaces) replaces the wall clock by each
+    partition's record timestamps (:class:`pipeline.bars.RecordClock`), so a replay at any
+    speed closes bars as the original run did.
     """
     source, out = Namespace(namespace), Namespace(output_namespace or namespace)
     group_id = group_id or f"{source}.bars"  # namespaced, as every group's id
@@ -346,7 +374,8 @@ def make_group(bootstrap: str, registry_url: str, namespace: str, *,
     settings = BarSettings(intervals=tuple(intervals), lateness_ms=lateness_ms,
                            fill_gaps=fill_gaps, max_places=PLACES, max_digits=DIGITS)
     opts = BarsOptions(bootstrap, registry_url, source.name, out.name, group_id, root, state,
-                       settings, fsync)
+                       settings, fsync,
+                       record_time=source.kind == "replay" if record_time is None else record_time)
     handler: Callable[[], Handler] = lambda: handler_class(opts, clock)  # noqa: E731
     return GroupConfig(
         group_id=group_id, topics=[source.topic("md.trades")], handler=handler,

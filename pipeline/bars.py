@@ -78,6 +78,36 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+REPLAY_IDLE_MS = 5_000
+
+
+class RecordClock:
+    """The clock of one partition of a replay, in place of the wall clock.
+
+    A replay copies the original Kafka timestamps, which are the original producer's wall
+    clock; so the newest timestamp read from the partition is the wall clock of the
+    original run as its records saw it, and bars close (and trades count as late) as they
+    did there, at any replay speed. While nothing newer arrives for ``REPLAY_IDLE_MS`` of
+    real time (the replay ended or paused), it moves on with the wall clock from there, so
+    a replay's last bars still close; shorter pauses (a busy machine) change nothing.
+    """
+
+    def __init__(self, start_ms: int | None = None, wall: Clock = wall_clock_ms,
+                 idle_ms: int = REPLAY_IDLE_MS) -> None:
+        self.newest, self._wall, self._idle = start_ms, wall, idle_ms
+        self._at = wall()
+
+    def see(self, timestamp_ms: int) -> None:
+        """A record with this Kafka timestamp was read."""
+        if self.newest is None or timestamp_ms > self.newest:
+            self.newest, self._at = timestamp_ms, self._wall()
+
+    def __call__(self) -> int:
+        if self.newest is None:
+            return 0  # nothing read yet: nothing to close either
+        return self.newest + max(0, self._wall() - self._at - self._idle)
+
+
 def decimal_text(value: Decimal) -> str:
     """The canonical plain text of a decimal: ``302.75``, ``100``, ``0.00001``, ``0``."""
     if not value:
@@ -555,4 +585,5 @@ def build_bars(trades: Iterable[Mapping[str, Any]], settings: BarSettings | None
 
 
 __all__ = ["Bar", "BarBuilder", "BarSettings", "Emitted", "INTERVALS_MS", "DEFAULT_INTERVALS",
-           "build_bars", "decimal_text", "parse_trade", "round_half_even", "wall_clock_ms"]
+           "build_bars", "decimal_text", "parse_trade", "round_half_even", "wall_clock_ms",
+           "RecordClock"]
