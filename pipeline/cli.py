@@ -491,6 +491,96 @@ def _print_sweep(frame) -> None:
     console.print(table)
 
 
+replay_app = typer.Typer(help="Topology replay: re-publish history into a replay namespace.")
+app.add_typer(replay_app, name="replay")
+
+
+@replay_app.callback(invoke_without_command=True)
+def replay(
+    ctx: typer.Context,
+    source: Optional[str] = typer.Option(None, "--from", help="Namespace to replay (e.g. sim, "
+                                                              "live)."),
+    into: Optional[str] = typer.Option(None, "--into", help="Replay namespace to write, "
+                                                            "replay-NAME; must be empty."),
+    start: Optional[str] = typer.Option(None, help="From this record time, inclusive (ISO, "
+                                                   "UTC unless it says, or epoch ms)."),
+    end: Optional[str] = typer.Option(None, help="Up to this record time, exclusive."),
+    offsets: list[str] = typer.Option([], "--offsets", help="TOPIC:PARTITION:FROM-TO (end "
+                                                            "exclusive); repeat per partition."),
+    speed: str = typer.Option("max", help="max, or a multiple of real time (1 = as recorded)."),
+    topics: str = typer.Option("md.l2,md.trades", help="Comma-separated catalog topics to copy "
+                                                       "(raw.frames too if you need it)."),
+    run_dir: Optional[Path] = RunDirOption,
+    progress: bool = typer.Option(True, "--progress/--no-progress",
+                                  help="A progress bar on stderr (records/s, ETA)."),
+) -> None:
+    """Copy a time range of a namespace's topics into a replay namespace, byte for byte
+    (key, partition, headers, timestamps), in time order at the chosen speed; run the
+    topology on it with `pipeline up --replay-from`. Ctrl-C stops cleanly (exit 130)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if not source or not into:
+        console.print(ctx.get_help())
+        raise PipelineError("--from and --into are required, e.g. "
+                            "`pipeline replay --from sim --into replay-jun24`")
+    import signal
+
+    from pipeline.backtest_run import _ctrl_c, _progress, parse_offsets, to_ms
+    from pipeline.broker import bootstrap_servers
+    from pipeline.catalog import Namespace
+    from pipeline.registry_server import registry_url
+    from pipeline.replay import ReplayRequest, Republisher, catalog_names, parse_speed
+
+    settings = _settings(run_dir)
+    request = ReplayRequest(Namespace(source), Namespace(into), catalog_names(topics.split(",")),
+                            to_ms(start, "--start"), to_ms(end, "--end"),
+                            parse_offsets(offsets, source) if offsets else {}, parse_speed(speed))
+    with Republisher(bootstrap_servers(settings), request) as republisher:
+        republisher.prepare(registry_url(settings))
+        pace = "as fast as possible" if request.speed is None else f"at {request.speed:g}x"
+        console.print(f"replaying {republisher.total} record(s) of {', '.join(republisher.names)} "
+                      f"into {into} {pace}", highlight=False)
+        with _ctrl_c() as stop, _progress(progress, republisher.total, f"replay → {into}",
+                                          "records") as update:
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            stats = republisher.run(stop.is_set, lambda done, total: update(done, done))
+    rate = stats.records / stats.seconds if stats.seconds else 0.0
+    parts = ", ".join(f"{name} {n}" for name, n in stats.per_topic.items())
+    console.print(f"copied {stats.records} record(s) ({parts or 'none'}) into {into} in "
+                  f"{stats.seconds:.1f}s ({rate:,.0f} records/s)", highlight=False)
+    if stats.stopped:
+        console.print(f"[yellow]stopped[/] before the end: {into} holds a partial copy; "
+                      f"`pipeline replay clean {into}` removes it")
+        raise typer.Exit(130)
+
+
+@replay_app.command("clean")
+def replay_clean(namespace: str = typer.Argument(..., help="The replay namespace, replay-NAME."),
+                 run_dir: Optional[Path] = RunDirOption) -> None:
+    """Delete a replay namespace: its topics, consumer groups, schema subjects and its
+    Parquet/state in the run directory. Refuses anything but replay-NAME."""
+    from pipeline.broker import bootstrap_servers
+    from pipeline.catalog import Namespace
+    from pipeline.registry_server import registry_url
+    from pipeline.replay import clean_namespace
+    from pipeline.supervisor import supervisor_running
+
+    settings = _settings(run_dir)
+    ns = Namespace(namespace)
+    running = supervisor_running(settings.run_dir)
+    if running and running.get("namespace") == ns.name:
+        raise PipelineError(f"the topology runs on {ns} (supervisor pid {running['pid']}): "
+                            "`pipeline down` first")
+    report = clean_namespace(bootstrap_servers(settings), registry_url(settings),
+                             settings.run_dir, ns)
+    if not report:
+        console.print(f"nothing to clean: {ns} has no topic, group, subject or run-dir state")
+        return
+    console.print(f"cleaned {ns}: {len(report.topics)} topic(s), {len(report.groups)} consumer "
+                  f"group(s), {len(report.subjects)} schema subject(s), "
+                  f"{len(report.paths)} run-dir path(s)", highlight=False)
+
+
 @app.command("venue")
 def venue(
     port: int = typer.Option(8090, help="Port on 127.0.0.1 (0 picks a free one)."),
@@ -531,8 +621,18 @@ OverlayOption = typer.Option(None, "--overlay", help="A topology file whose keys
 @app.command("up")
 def up(run_dir: Optional[Path] = RunDirOption, topology: Optional[Path] = TopologyOption,
        overlay: Optional[Path] = OverlayOption,
-       timeout: float = typer.Option(300.0, help="Seconds to wait for everything to start.")) -> None:
-    """Start the whole topology under a supervisor that restarts what dies (`make up`)."""
+       timeout: float = typer.Option(300.0, help="Seconds to wait for everything to start."),
+       replay_from: Optional[str] = typer.Option(None, "--replay-from", help="Run on a replay "
+                                                 "of this namespace instead of the topology's "
+                                                 "source (see `pipeline replay`)."),
+       namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="The replay "
+                                               "namespace (replay-NAME) with --replay-from."),
+       start: Optional[str] = typer.Option(None, help="--replay-from: first record time."),
+       end: Optional[str] = typer.Option(None, help="--replay-from: end time (exclusive)."),
+       speed: str = typer.Option("max", help="--replay-from: max or a multiple of real time."),
+       replay_topics: str = typer.Option("md.l2,md.trades", help="--replay-from: topics.")) -> None:
+    """Start the whole topology under a supervisor that restarts what dies (`make up`).
+    With --replay-from NS -n replay-NAME every group runs on a replay of NS instead."""
     import subprocess
     import sys
     import time
@@ -543,6 +643,17 @@ def up(run_dir: Optional[Path] = RunDirOption, topology: Optional[Path] = Topolo
 
     settings = _settings(run_dir)
     loaded = topology_module.load(topology, overlay)  # refuse a bad file before starting
+    replay_args: list[str] = []
+    if replay_from:
+        if not namespace:
+            raise PipelineError("--replay-from needs --namespace replay-NAME to write into")
+        loaded = topology_module.as_replay(loaded, replay_from, namespace, start, end, speed,
+                                           replay_topics.split(","))
+        replay_args = ["--replay-from", replay_from, "--namespace", namespace, "--speed", speed,
+                       "--replay-topics", replay_topics]
+        replay_args += (["--start", start] if start else []) + (["--end", end] if end else [])
+    elif namespace or start or end:
+        raise PipelineError("--namespace, --start and --end go with --replay-from")
     running = supervisor_running(settings.run_dir)
     if running:
         console.print(f"already up (supervisor pid {running['pid']}, {running['topology']}); "
@@ -551,7 +662,8 @@ def up(run_dir: Optional[Path] = RunDirOption, topology: Optional[Path] = Topolo
     logs = ensure_writable_dir(settings.run_dir / "logs")
     (settings.run_dir / "supervisor.json").unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pipeline.supervisor", "--run-dir", str(settings.run_dir),
-           "--topology", str(loaded.path)] + (["--overlay", str(overlay)] if overlay else [])
+           "--topology", str(loaded.path)] + (["--overlay", str(overlay)] if overlay else []) \
+        + replay_args
     with open(logs / "supervisor.log", "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 start_new_session=True)

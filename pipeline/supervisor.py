@@ -56,6 +56,8 @@ class Child:
     last_exit: int | None = None
     last_error: str | None = None
     gave_up: bool = False
+    oneshot: bool = False  # a job (the replay publisher): exit 0 means done, not restarted
+    finished: bool = False
     next_start: float = 0.0
     _proc: object = field(default=None, repr=False)
 
@@ -130,7 +132,7 @@ class Supervisor:
                 for index in range(proc.instances):
                     self._launch(self._child_for(proc, index))
             time.sleep(1.0)  # a process that dies at once (bad arguments) shows now
-            dead = [c for c in self.children if not c.up]
+            dead = [c for c in self.children if not c.up and not self._finished(c)]
             if dead:
                 raise PipelineError(f"{dead[0].name} exited at start: {self._tail(dead[0])} "
                                     f"(log {dead[0].log_file})")
@@ -163,12 +165,43 @@ class Supervisor:
         from pipeline.schemas import register_namespace
 
         declare_topics(self.topology)
+        if self.topology.source.kind == "replay":
+            self._check_replay()  # before the namespace's topics are created
         ensure_topics(self.bootstrap, self.topology.namespace)
         register_namespace(SchemaRegistry(self.registry_url), self.topology.namespace)
         self.save()
 
+    def _replay_args(self) -> list[str]:
+        source = self.topology.source
+        args = ["--from", str(source.replay_from), "--into", str(self.topology.namespace),
+                "--speed", "max" if source.speed is None else str(source.speed),
+                "--topics", ",".join(source.topics)]
+        args += ["--start", source.start] if source.start is not None else []
+        args += ["--end", source.end] if source.end is not None else []
+        return args
+
+    def _check_replay(self) -> None:
+        """Refuse a replay that cannot run (no such topic, an empty range, a target that
+        holds records) before anything is created."""
+        from pipeline.backtest_run import to_ms
+        from pipeline.catalog import Namespace
+        from pipeline.replay import ReplayRequest, Republisher
+
+        source = self.topology.source
+        request = ReplayRequest(Namespace(str(source.replay_from)), self.topology.namespace,
+                                source.topics, to_ms(source.start, "start"),
+                                to_ms(source.end, "end"), speed=source.speed)
+        Republisher(self.bootstrap, request).close()
+
     def _source(self) -> None:
         source, ns = self.topology.source, self.topology.namespace
+        if source.kind == "replay":
+            # Replaces venue + producer; a failed replay is not repeated (it would double
+            # what it already copied): `pipeline replay clean` and up again.
+            self._launch(Child("replay", _cli("replay", *self._replay_args(), "--no-progress",
+                                              "--run-dir", str(self.run_dir)),
+                               str(self.log_dir / "replay.log"), restart_limit=0, oneshot=True))
+            return
         if source.kind == "gemini":
             try:
                 socket.create_connection(GEMINI_HOST, timeout=5).close()
@@ -265,7 +298,12 @@ class Supervisor:
             now = time.monotonic()
             for child in self.children:
                 proc = child._proc
-                if proc is None or child.gave_up or proc.poll() is None:  # type: ignore[union-attr]
+                if proc is None or child.gave_up or child.finished or \
+                        proc.poll() is None:  # type: ignore[union-attr]
+                    continue
+                if self._finished(child):
+                    log.info("%s finished", child.name)
+                    self.save()
                     continue
                 if child.next_start == 0.0:
                     code = proc.returncode  # type: ignore[union-attr]
@@ -323,6 +361,14 @@ class Supervisor:
         tmp.replace(self.state_path)
 
     @staticmethod
+    def _finished(child: Child) -> bool:
+        """A job that exited 0 is done (and stays so)."""
+        proc = child._proc
+        if child.oneshot and proc is not None and proc.poll() == 0:  # type: ignore[union-attr]
+            child.finished, child.last_exit = True, 0
+        return child.finished
+
+    @staticmethod
     def _tail(child: Child) -> str:
         try:
             lines = Path(child.log_file).read_text(errors="replace").strip().splitlines()
@@ -366,12 +412,23 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.supervisor")
     ap.add_argument("--topology")
     ap.add_argument("--overlay")
+    ap.add_argument("--replay-from", help="run on a replay of this namespace (pipeline/replay.py)")
+    ap.add_argument("--namespace", help="the replay namespace (with --replay-from)")
+    ap.add_argument("--start")
+    ap.add_argument("--end")
+    ap.add_argument("--speed")
+    ap.add_argument("--replay-topics")
     ap.add_argument("--run-dir", required=True)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env(args.run_dir)
-    supervisor = Supervisor(topology_module.load(args.topology, args.overlay), settings)
+    loaded = topology_module.load(args.topology, args.overlay)
+    if args.replay_from:
+        loaded = topology_module.as_replay(
+            loaded, args.replay_from, args.namespace, args.start, args.end, args.speed,
+            args.replay_topics.split(",") if args.replay_topics else topology_module.REPLAY_TOPICS)
+    supervisor = Supervisor(loaded, settings)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: supervisor._stop.set())
     try:

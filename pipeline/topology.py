@@ -23,10 +23,11 @@ from pipeline.config import REPO_ROOT
 from pipeline.errors import PipelineError
 
 DEFAULT_TOPOLOGY = REPO_ROOT / "topology.toml"
-SOURCE_KINDS = ("gemini", "venue")
+SOURCE_KINDS = ("gemini", "venue", "replay")
 _TOP_KEYS = {"namespace", "symbols", "source", "infra", "process", "topic"}
 _SOURCE_KEYS = {"kind", "url", "protocol", "capture", "speed", "loop", "rate", "seed", "port",
-                "heartbeat_s", "api_keys_file"}
+                "heartbeat_s", "api_keys_file", "from", "start", "end", "topics"}
+REPLAY_TOPICS = ("md.l2", "md.trades")
 _INFRA_KEYS = {"listen", "kafka_port", "controller_port", "registry_port", "metrics_port"}
 _PROCESS_KEYS = {"name", "run", "instances", "args", "after", "restart_limit"}
 _TOPIC_KEYS = {"name", "partitions", "key", "description", "cleanup_policy", "retention_ms"}
@@ -34,7 +35,7 @@ _TOPIC_KEYS = {"name", "partitions", "key", "description", "cleanup_policy", "re
 
 @dataclass(frozen=True)
 class Source:
-    kind: str = "gemini"  # "gemini": Gemini's own feed; "venue": the local venue
+    kind: str = "gemini"  # "gemini": Gemini's own feed; "venue": the local venue; "replay"
     url: str = "wss://api.gemini.com"
     protocol: str = "v2"
     capture: Path | None = None  # venue: replay this capture (else generate)
@@ -45,6 +46,12 @@ class Source:
     port: int = 8090
     heartbeat_s: float = 5.0
     api_keys_file: Path | None = None
+    # replay: re-publish a range of another namespace's topics (pipeline/replay.py);
+    # speed None is as fast as possible
+    replay_from: str | None = None
+    start: str | None = None  # ISO time or epoch ms, inclusive
+    end: str | None = None  # exclusive
+    topics: tuple[str, ...] = REPLAY_TOPICS
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,10 @@ def load(path: str | Path | None = None, overlay: str | Path | None = None) -> T
                           "Gemini itself: use live, or the local venue")
     if source.kind == "venue" and namespace.is_live:
         raise where.error("namespace", "the local venue's data must not go to a live namespace")
+    if source.kind == "replay":
+        problem = replay_problem(namespace, source)
+        if problem:
+            raise where.error(problem[0], problem[1])
     infra = _infra(data.get("infra", {}), where)
     processes = tuple(_process(i, raw, where) for i, raw in enumerate(data.get("process", [])))
     names = [p.name for p in processes]
@@ -187,6 +198,8 @@ def _source(raw: dict, where: _Locator, base: Path) -> Source:
     kind = raw.get("kind", "gemini")
     if kind not in SOURCE_KINDS:
         raise where.error("source.kind", f"must be one of {', '.join(SOURCE_KINDS)}, not {kind!r}")
+    if kind == "replay":
+        return _replay_source(raw, where)
     capture = raw.get("capture")
     capture_path = (base / capture).resolve() if capture else None
     if capture_path is not None and not capture_path.exists():
@@ -202,6 +215,78 @@ def _source(raw: dict, where: _Locator, base: Path) -> Source:
                   port=_typed(raw, "port", int, where, "source", 8090),
                   heartbeat_s=_typed(raw, "heartbeat_s", (int, float), where, "source", 5.0),
                   api_keys_file=(base / keys).resolve() if keys else None)
+
+
+def _replay_source(raw: dict, where: _Locator) -> Source:
+    """``kind = "replay"``: ``from`` (namespace), ``start``/``end`` (ISO or epoch ms),
+    ``speed`` (``"max"`` or a multiple of real time), ``topics`` (catalog names)."""
+    from pipeline.backtest_run import to_ms
+    from pipeline.replay import catalog_names, parse_speed
+
+    from_ns = _typed(raw, "from", str, where, "source", None)
+    if from_ns is None:
+        raise where.error("source.kind", "a replay source needs `from`, the namespace to replay")
+    speed = raw.get("speed", "max")
+    if isinstance(speed, bool) or not isinstance(speed, (int, float, str)):
+        raise where.error("source.speed", f"must be \"max\" or a number, not {speed!r}")
+    topics = _typed(raw, "topics", list, where, "source", list(REPLAY_TOPICS))
+    if not topics or not all(isinstance(t, str) for t in topics):
+        raise where.error("source.topics", "must be a list of catalog topics like \"md.l2\"")
+    times = {k: _typed(raw, k, (str, int), where, "source", None) for k in ("start", "end")}
+    checks = [("source.from", lambda: Namespace(from_ns)), ("source.speed", lambda: parse_speed(speed)),
+              ("source.topics", lambda: catalog_names(topics))]
+    checks += [(f"source.{k}", lambda k=k, v=v: to_ms(v, k)) for k, v in times.items()]
+    for key, check in checks:
+        try:
+            check()
+        except PipelineError as exc:
+            raise where.error(key, str(exc)) from None
+    try:
+        return make_replay_source(from_ns, speed, times["start"], times["end"], topics)
+    except PipelineError as exc:
+        raise where.error("source.end", str(exc)) from None
+
+
+def make_replay_source(from_ns: str, speed: str | float | None = None,
+                       start: str | int | None = None, end: str | int | None = None,
+                       topics=REPLAY_TOPICS) -> Source:
+    """A replay source, checked without asking Kafka: the namespace is valid, the times
+    parse and are in order, the speed is max or positive, the topics are in the catalog."""
+    from pipeline.backtest_run import to_ms
+    from pipeline.replay import catalog_names, parse_speed
+
+    Namespace(from_ns)
+    start_ms, end_ms = to_ms(start, "start"), to_ms(end, "end")
+    if start_ms is not None and end_ms is not None and end_ms <= start_ms:
+        raise PipelineError(f"end {end} is not after start {start}: the range is empty")
+    return Source(kind="replay", replay_from=from_ns, speed=parse_speed(speed),
+                  start=None if start is None else str(start),
+                  end=None if end is None else str(end), topics=catalog_names(topics))
+
+
+def replay_problem(namespace: Namespace, source: Source) -> tuple[str, str] | None:
+    """(key, why) when a replay source cannot run into ``namespace``."""
+    if namespace.kind != "replay":
+        return "namespace", (f"{namespace} is not a replay namespace, but the source is a "
+                             "replay: use replay-NAME (e.g. replay-jun24)")
+    if source.replay_from == namespace.name:
+        return "source.from", f"a replay cannot read and write namespace {namespace}"
+    return None
+
+
+def as_replay(topology: Topology, from_ns: str, into: str, start: str | None = None,
+              end: str | None = None, speed: str | float | None = None,
+              topics=REPLAY_TOPICS) -> Topology:
+    """The same topology fed by a replay of ``from_ns`` into namespace ``into`` instead of
+    its own source (`pipeline up --replay-from`)."""
+    import dataclasses
+
+    namespace = Namespace(into)
+    source = make_replay_source(from_ns, speed, start, end, topics)
+    problem = replay_problem(namespace, source)
+    if problem:
+        raise PipelineError(problem[1])
+    return dataclasses.replace(topology, namespace=namespace, source=source)
 
 
 def _infra(raw: dict, where: _Locator) -> Infra:

@@ -20,6 +20,7 @@ class Consumed:
     key: bytes | None
     value: bytes | None
     headers: tuple
+    timestamp: int = 0  # the Kafka timestamp (CreateTime unless the topic says otherwise)
 
 
 def produce_json(bootstrap: str, topic: str, items: list[tuple[str, dict]]) -> None:
@@ -55,7 +56,8 @@ def read_all(bootstrap: str, topic: str, *, expect: int | None = None, timeout: 
                 if msg.error():
                     continue
                 records.append(Consumed(msg.topic(), msg.partition(), msg.offset(), msg.key(),
-                                        msg.value(), tuple(msg.headers() or ())))
+                                        msg.value(), tuple(msg.headers() or ()),
+                                        msg.timestamp()[1]))
             positions = {tp.partition: tp.offset for tp in consumer.position(parts)}
             caught_up = all(positions[p] >= ends[p] or ends[p] == 0 for p in ends)
             if expect is None and caught_up:
