@@ -1,5 +1,5 @@
-"""The one compiled part: pipeline._avro, the replay decoder's accelerator. It is optional:
-without a C compiler the install goes on and pipeline.fastdecode uses its Python path."""
+"""The one compiled part: pipeline._avro, Avro binary in C for pipeline.codec. It is
+optional: without a C compiler the install goes on and serde uses fastavro."""
 
 from setuptools import Extension, setup
 

@@ -6,7 +6,7 @@ encoded with :class:`pipeline.serde.Encoder` and produced keyed by symbol to a f
 whole topic, timed from its first record to its last:
 
 * with :class:`pipeline.serde.Decoder` as replays and groups run it (the C decoder of
-  :mod:`pipeline.fastdecode`), and with its fastavro path (``compiled=False``);
+  :mod:`pipeline.codec`), and with its fastavro path (``compiled=False``);
 * with no decoding at all (confluent-kafka, the same loop): what Kafka alone costs here;
 * with Apache Kafka's own ``kafka-consumer-perf-test`` (``ConsumerPerformance``, Java),
   its ``fetch.nMsg.sec`` (records over the time after the group join).

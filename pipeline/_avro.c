@@ -1,15 +1,18 @@
-/* Avro binary decoding in C for replays: pipeline.fastdecode's accelerator.
+/* Avro binary in C: pipeline.codec's accelerator.
  *
  * decode(program, data, pos) -> (value, end)
+ * encode(program, value, prefix) -> bytes
  *
- * ``program`` is the writer schema compiled by pipeline.fastdecode.program() into
- * nested tuples (opcode, argument...), so all schema handling stays in Python and this
- * file only walks bytes. Values are what fastavro returns for the same schema with
- * logical types stripped: dicts for records, lists for arrays, str, bytes, int, float,
- * bool, None. Bad bytes raise ValueError; the caller wraps it in SerdeError.
+ * ``program`` is the schema compiled by pipeline.codec.program() into nested tuples
+ * (opcode, argument...), so all schema handling stays in Python and this file only walks
+ * bytes. Values are what fastavro reads and writes for the same schema with logical
+ * types stripped: dicts for records, lists for arrays, str, bytes, int, float, bool,
+ * None. Bad bytes raise ValueError; a value that does not fit its schema raises
+ * TypeError or ValueError naming the field; serde wraps both in SerdeError.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 
 enum { OP_NULL, OP_BOOLEAN, OP_LONG, OP_FLOAT, OP_DOUBLE, OP_BYTES, OP_STRING, OP_RECORD,
@@ -283,14 +286,328 @@ static PyObject *decode(PyObject *module, PyObject *const *args, Py_ssize_t narg
     return result;
 }
 
+
+/* ------------------------------------------------------------------------ encoding */
+
+#define MAX_PATH 16
+
+typedef struct {
+    char *buf;
+    Py_ssize_t len, cap;
+    int depth;
+    struct {
+        PyObject *name;  /* borrowed: a field name or map key; NULL for an array index */
+        Py_ssize_t index;
+    } path[MAX_PATH];
+} Out;
+
+static int out_reserve(Out *o, Py_ssize_t more) {
+    if (o->len + more <= o->cap)
+        return 0;
+    Py_ssize_t cap = o->cap ? o->cap : 256;
+    while (cap < o->len + more)
+        cap *= 2;
+    char *buf = PyMem_Realloc(o->buf, cap);
+    if (buf == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    o->buf = buf;
+    o->cap = cap;
+    return 0;
+}
+
+static int out_bytes(Out *o, const char *data, Py_ssize_t n) {
+    if (out_reserve(o, n) < 0)
+        return -1;
+    memcpy(o->buf + o->len, data, n);
+    o->len += n;
+    return 0;
+}
+
+static int out_long(Out *o, long long v) {
+    unsigned long long n = ((unsigned long long)v << 1) ^ (unsigned long long)(v >> 63);
+    if (out_reserve(o, 10) < 0)
+        return -1;
+    while (n >= 0x80) {
+        o->buf[o->len++] = (char)((n & 0x7f) | 0x80);
+        n >>= 7;
+    }
+    o->buf[o->len++] = (char)n;
+    return 0;
+}
+
+static int wrong_type(const char *expected, PyObject *value) {
+    PyErr_Format(PyExc_TypeError, "expected %s, got %.80s %.80R", expected,
+                 Py_TYPE(value)->tp_name, value);
+    return -1;
+}
+
+/* Which union branch fastavro would pick for this value: the first whose type fits. */
+static Py_ssize_t union_branch(PyObject *branches, PyObject *value) {
+    Py_ssize_t count = PyTuple_GET_SIZE(branches);
+    for (int pass = 0; pass < 2; pass++) {
+        for (Py_ssize_t i = 0; i < count; i++) {
+            long op = PyLong_AsLong(PyTuple_GET_ITEM(PyTuple_GET_ITEM(branches, i), 0));
+            int fits = 0;
+            if (value == Py_None)
+                fits = op == OP_NULL;
+            else if (PyBool_Check(value))
+                fits = op == OP_BOOLEAN;
+            else if (PyLong_Check(value))
+                fits = op == OP_LONG || (pass == 1 && (op == OP_DOUBLE || op == OP_FLOAT));
+            else if (PyFloat_Check(value))
+                fits = op == OP_DOUBLE || op == OP_FLOAT;
+            else if (PyUnicode_Check(value))
+                fits = op == OP_STRING || (op == OP_ENUM && PySequence_Contains(
+                    PyTuple_GET_ITEM(PyTuple_GET_ITEM(branches, i), 1), value) == 1);
+            else if (PyBytes_Check(value) || PyByteArray_Check(value))
+                fits = op == OP_BYTES || op == OP_FIXED;
+            else if (PyDict_Check(value))
+                fits = op == OP_RECORD || op == OP_MAP;
+            else if (PyList_Check(value) || PyTuple_Check(value))
+                fits = op == OP_ARRAY;
+            if (fits)
+                return i;
+        }
+    }
+    return -1;
+}
+
+static int encode_value(PyObject *prog, PyObject *value, Out *o);
+
+/* Encode one field (name) or item (index); on failure the path to it stays on o->path. */
+static int encode_field(PyObject *prog, PyObject *value, Out *o, PyObject *name,
+                        Py_ssize_t index) {
+    if (o->depth < MAX_PATH) {
+        o->path[o->depth].name = name;
+        o->path[o->depth].index = index;
+    }
+    o->depth++;
+    if (encode_value(prog, value, o) < 0)
+        return -1;
+    o->depth--;
+    return 0;
+}
+
+static int encode_value(PyObject *prog, PyObject *value, Out *o) {
+    long op = PyLong_AsLong(PyTuple_GET_ITEM(prog, 0));
+    switch (op) {
+    case OP_NULL:
+        if (value != Py_None)
+            return wrong_type("null", value);
+        return 0;
+    case OP_BOOLEAN: {
+        int truth = PyObject_IsTrue(value);
+        if (truth < 0 || out_reserve(o, 1) < 0)
+            return -1;
+        o->buf[o->len++] = (char)truth;
+        return 0;
+    }
+    case OP_LONG: {
+        if (!PyLong_Check(value) || PyBool_Check(value))
+            return wrong_type("an int", value);
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (overflow) {
+            PyErr_Format(PyExc_ValueError, "%R does not fit in a 64-bit long", value);
+            return -1;
+        }
+        if (PyTuple_GET_SIZE(prog) > 1 && (v < INT32_MIN || v > INT32_MAX)) {
+            PyErr_Format(PyExc_ValueError, "%R does not fit in a 32-bit int", value);
+            return -1;
+        }
+        return out_long(o, v);
+    }
+    case OP_FLOAT:
+    case OP_DOUBLE: {
+        double v;
+        if (PyFloat_Check(value))
+            v = PyFloat_AS_DOUBLE(value);
+        else if (PyLong_Check(value) && !PyBool_Check(value)) {
+            v = PyLong_AsDouble(value);
+            if (v == -1.0 && PyErr_Occurred())
+                return -1;
+        } else
+            return wrong_type("a float", value);
+        if (out_reserve(o, 8) < 0)
+            return -1;
+        if ((op == OP_FLOAT ? PyFloat_Pack4(v, o->buf + o->len, 1)
+                            : PyFloat_Pack8(v, o->buf + o->len, 1)) < 0)
+            return -1;
+        o->len += op == OP_FLOAT ? 4 : 8;
+        return 0;
+    }
+    case OP_BYTES: {
+        char *data;
+        Py_ssize_t n;
+        if (PyBytes_Check(value)) {
+            data = PyBytes_AS_STRING(value);
+            n = PyBytes_GET_SIZE(value);
+        } else if (PyByteArray_Check(value)) {
+            data = PyByteArray_AS_STRING(value);
+            n = PyByteArray_GET_SIZE(value);
+        } else
+            return wrong_type("bytes", value);
+        return out_long(o, n) < 0 ? -1 : out_bytes(o, data, n);
+    }
+    case OP_STRING: {
+        if (!PyUnicode_Check(value))
+            return wrong_type("a str", value);
+        Py_ssize_t n;
+        const char *data = PyUnicode_AsUTF8AndSize(value, &n);
+        if (data == NULL)
+            return -1;
+        return out_long(o, n) < 0 ? -1 : out_bytes(o, data, n);
+    }
+    case OP_RECORD: {
+        if (!PyDict_Check(value))
+            return wrong_type("a dict", value);
+        PyObject *names = PyTuple_GET_ITEM(prog, 1), *fields = PyTuple_GET_ITEM(prog, 2);
+        PyObject *defaults = PyTuple_GET_ITEM(prog, 3);
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(names); i++) {
+            PyObject *name = PyTuple_GET_ITEM(names, i);
+            PyObject *v = PyDict_GetItemWithError(value, name);
+            if (v == NULL) {
+                if (PyErr_Occurred())
+                    return -1;
+                v = PyTuple_GET_ITEM(defaults, i);  /* None when the schema has none */
+            }
+            if (encode_field(PyTuple_GET_ITEM(fields, i), v, o, name, 0) < 0)
+                return -1;
+        }
+        return 0;
+    }
+    case OP_UNION: {
+        PyObject *branches = PyTuple_GET_ITEM(prog, 1);
+        Py_ssize_t i = union_branch(branches, value);
+        if (i < 0) {
+            if (PyErr_Occurred())
+                return -1;
+            return wrong_type("a value of one of the union's types", value);
+        }
+        return out_long(o, i) < 0 ? -1 : encode_value(PyTuple_GET_ITEM(branches, i), value, o);
+    }
+    case OP_ARRAY: {
+        if (!PyList_Check(value) && !PyTuple_Check(value))
+            return wrong_type("a list", value);
+        PyObject *items = PyTuple_GET_ITEM(prog, 1);
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(value);
+        if (n) {
+            if (out_long(o, n) < 0)
+                return -1;
+            PyObject **seq = PySequence_Fast_ITEMS(value);
+            for (Py_ssize_t i = 0; i < n; i++)
+                if (encode_field(items, seq[i], o, NULL, i) < 0)
+                    return -1;
+        }
+        return out_long(o, 0);
+    }
+    case OP_MAP: {
+        if (!PyDict_Check(value))
+            return wrong_type("a dict", value);
+        PyObject *values = PyTuple_GET_ITEM(prog, 1), *k, *v;
+        Py_ssize_t pos = 0, n = PyDict_GET_SIZE(value);
+        if (n) {
+            if (out_long(o, n) < 0)
+                return -1;
+            while (PyDict_Next(value, &pos, &k, &v)) {
+                if (!PyUnicode_Check(k))
+                    return wrong_type("str map keys", k);
+                Py_ssize_t len;
+                const char *data = PyUnicode_AsUTF8AndSize(k, &len);
+                if (data == NULL || out_long(o, len) < 0 || out_bytes(o, data, len) < 0 ||
+                    encode_field(values, v, o, k, 0) < 0)
+                    return -1;
+            }
+        }
+        return out_long(o, 0);
+    }
+    case OP_ENUM: {
+        PyObject *symbols = PyTuple_GET_ITEM(prog, 1);
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(symbols); i++) {
+            int eq = PyObject_RichCompareBool(PyTuple_GET_ITEM(symbols, i), value, Py_EQ);
+            if (eq < 0)
+                return -1;
+            if (eq)
+                return out_long(o, i);
+        }
+        PyErr_Format(PyExc_ValueError, "%R is not one of the enum's symbols %R", value,
+                     symbols);
+        return -1;
+    }
+    case OP_FIXED: {
+        Py_ssize_t size = PyLong_AsSsize_t(PyTuple_GET_ITEM(prog, 1));
+        if (!PyBytes_Check(value))
+            return wrong_type("bytes", value);
+        if (PyBytes_GET_SIZE(value) != size) {
+            PyErr_Format(PyExc_ValueError, "fixed needs %zd bytes, got %zd", size,
+                         PyBytes_GET_SIZE(value));
+            return -1;
+        }
+        return out_bytes(o, PyBytes_AS_STRING(value), size);
+    }
+    default:
+        PyErr_Format(PyExc_ValueError, "unknown opcode %ld", op);
+        return -1;
+    }
+}
+
+static PyObject *encode(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 3 || !PyTuple_Check(args[0]) || !PyBytes_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "encode(program: tuple, value, prefix: bytes)");
+        return NULL;
+    }
+    Out o;
+    o.buf = NULL;
+    o.len = o.cap = 0;
+    o.depth = 0;
+    PyObject *result = NULL;
+    if (out_bytes(&o, PyBytes_AS_STRING(args[2]), PyBytes_GET_SIZE(args[2])) == 0 &&
+        encode_value(args[0], args[1], &o) == 0)
+        result = PyBytes_FromStringAndSize(o.buf, o.len);
+    PyMem_Free(o.buf);
+    if (result == NULL && o.depth > 0 && PyErr_ExceptionMatches(PyExc_Exception)) {
+        /* Name the field: "changes.2.price: expected a str, got float 1.5". */
+        PyObject *type, *exc, *tb, *path = PyUnicode_FromString("");
+        PyErr_Fetch(&type, &exc, &tb);
+        for (int i = 0; i < o.depth && i < MAX_PATH && path != NULL; i++) {
+            PyObject *part = o.path[i].name ? PyUnicode_FromFormat(i ? ".%S" : "%S", o.path[i].name)
+                                            : PyUnicode_FromFormat(i ? ".%zd" : "%zd",
+                                                                   o.path[i].index);
+            PyObject *joined = part ? PyUnicode_Concat(path, part) : NULL;
+            Py_XDECREF(part);
+            Py_SETREF(path, joined);
+        }
+        if (path != NULL && exc != NULL) {
+            PyObject *text = PyObject_Str(exc);
+            if (text != NULL) {
+                PyErr_Format(type, "%U: %U", path, text);
+                Py_DECREF(text);
+                Py_DECREF(path);
+                Py_XDECREF(type);
+                Py_XDECREF(exc);
+                Py_XDECREF(tb);
+                return NULL;
+            }
+        }
+        Py_XDECREF(path);
+        PyErr_Restore(type, exc, tb);
+    }
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"decode", (PyCFunction)(void (*)(void))decode, METH_FASTCALL,
      "decode(program, data, pos) -> (value, end): Avro binary by a compiled program."},
+    {"encode", (PyCFunction)(void (*)(void))encode, METH_FASTCALL,
+     "encode(program, value, prefix) -> prefix + the Avro binary of value."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "pipeline._avro",
-                                    "Avro binary decoding in C (see pipeline.fastdecode).", -1,
+                                    "Avro binary in C (see pipeline.codec).", -1,
                                     methods};
 
 PyMODINIT_FUNC PyInit__avro(void) { return PyModule_Create(&module); }

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import io
 import struct
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from fastavro import schemaless_reader, schemaless_writer
 
-from pipeline import fastdecode, schemas
+from pipeline import codec, schemas
 from pipeline.errors import PipelineError
-from pipeline.fastdecode import Reader
+from pipeline.codec import Reader
 from pipeline.registry import SchemaRegistry, parse_plain, subject_for
 
 MAGIC = 0
@@ -45,8 +45,18 @@ class Encoder:
         self.schema_id = registry.register(subject_for(topic), raw)
         self._parsed = parse_plain(raw)
         self._header = HEADER.pack(MAGIC, self.schema_id)
+        try:  # the C encoder: the same bytes as fastavro, about 4x faster
+            self._write: Callable[[Any, bytes], bytes] | None = codec.compile_writer(raw)
+        except codec.Unsupported:
+            self._write = None
 
     def __call__(self, value: dict) -> bytes:
+        if self._write is not None:
+            try:
+                return self._write(value, self._header)
+            except (ValueError, TypeError, OverflowError) as exc:
+                raise SerdeError(f"cannot encode a {self.record} for {self.topic}: "
+                                 f"{exc}") from None
         buf = io.BytesIO()
         buf.write(self._header)
         try:
@@ -62,7 +72,7 @@ class Decoder:
     ``readers`` are the schemas this consumer was built against (default: every schema in
     ``schemas/``); data written with another version of one of them is resolved into the
     reader's version by fastavro. Records whose writer schema is the reader's (the usual
-    case) are read by the C decoder of :mod:`pipeline.fastdecode`, about 4x faster and
+    case) are read by the C decoder of :mod:`pipeline.codec`, about 4x faster and
     with the same result; ``compiled=False`` (or a build without the C extension) reads
     everything with fastavro. A writer record with no matching reader is decoded as
     written.
@@ -126,8 +136,8 @@ class Decoder:
                 else None
             if reader is None or schemas.same_schema(reader[0], raw):
                 try:
-                    read = fastdecode.compile_reader(raw)
-                except (fastdecode.Unsupported, KeyError, TypeError, ValueError):
+                    read = codec.compile_reader(raw)
+                except (codec.Unsupported, KeyError, TypeError, ValueError):
                     read = None  # anything unusual: fastavro reads it
         self._compiled[header] = read
         return read

@@ -1,21 +1,23 @@
-"""The C decoder (pipeline.fastdecode + the extension pipeline._avro) returns exactly what
-fastavro returns, refuses bad bytes, and serde.Decoder falls back to fastavro where it must."""
+"""Avro in C (pipeline.codec + the extension pipeline._avro): it reads what fastavro reads
+and writes the very bytes fastavro writes, refuses bad bytes and bad values clearly, and
+serde falls back to fastavro where it must."""
 
 from __future__ import annotations
 
 import io
 import random
+import re
 
 import pytest
 from fastavro import parse_schema, schemaless_writer
 
-from pipeline import fastdecode, schemas
-from pipeline.fastdecode import compile_reader, program
+from pipeline import codec, schemas
+from pipeline.codec import compile_reader, compile_writer, program
 from pipeline.registry import _strip_logical, parse_plain
-from pipeline.serde import Decoder, SerdeError
+from pipeline.serde import Decoder, Encoder, SerdeError
 from tests.support.records import SAMPLES
 
-pytestmark = pytest.mark.skipif(fastdecode._decode is None,
+pytestmark = pytest.mark.skipif(codec._decode is None,
                                 reason="pipeline._avro is not built (no C compiler at install)")
 
 EVERYTHING = {
@@ -120,7 +122,7 @@ def test_out_of_range_union_branches_and_enum_symbols_are_errors():
 def test_a_recursive_schema_is_left_to_fastavro():
     linked = {"type": "record", "name": "Node", "fields": [
         {"name": "value", "type": "long"}, {"name": "next", "type": ["null", "Node"]}]}
-    with pytest.raises(fastdecode.Unsupported, match="recursive"):
+    with pytest.raises(codec.Unsupported, match="recursive"):
         program(linked)
 
 
@@ -138,7 +140,7 @@ class OneSchema:
 @pytest.mark.parametrize("built", [True, False], ids=["c-extension", "without-extension"])
 def test_the_decoder_gives_the_same_records_with_or_without_the_extension(monkeypatch, built):
     if not built:
-        monkeypatch.setattr(fastdecode, "_decode", None)
+        monkeypatch.setattr(codec, "_decode", None)
     schema = schemas.load("L2Update")
     decoder = Decoder(OneSchema(schema), readers=[schema])
     data = b"\x00\x00\x00\x00\x2a" + encode(schema, SAMPLES["L2Update"])
@@ -166,3 +168,71 @@ def test_mutated_and_cut_bytes_fail_cleanly():
         except ValueError:  # UnicodeDecodeError is one
             continue
         assert end <= len(data)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def test_every_type_is_written_byte_for_byte_as_fastavro_writes_it():
+    rng = random.Random(3)
+    write = compile_writer(EVERYTHING)
+    for _ in range(300):
+        record = everything(rng)
+        assert write(record, b"\x00\x00\x00\x00\x07") == \
+            b"\x00\x00\x00\x00\x07" + encode(EVERYTHING, record)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_every_catalog_record_is_written_as_fastavro_writes_it(name):
+    schema = schemas.load(name)
+    assert compile_writer(schema)(SAMPLES[name], b"") == encode(schema, SAMPLES[name])
+
+
+def test_a_missing_optional_field_is_written_with_its_default():
+    record = dict(SAMPLES["L2Update"])
+    del record["event_id"]
+    write = compile_writer(schemas.load("L2Update"))
+    assert write(record, b"") == write(SAMPLES["L2Update"], b"")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"changes": [{"side": "BID", "price": 1.5, "quantity": "1"}]},
+     "changes.0.price: expected a str, got float 1.5"),
+    ({"sequence": "7"}, "sequence: expected an int, got str '7'"),
+    ({"symbol": None}, "symbol: expected a str, got NoneType None"),
+    ({"sequence": 2**64}, "sequence: 18446744073709551616 does not fit in a 64-bit long"),
+    ({"changes": "BID 1 1"}, "changes: expected a list"),
+], ids=["nested-float", "text-for-int", "none", "too-big", "not-a-list"])
+def test_values_that_do_not_fit_name_the_field(change, message):
+    with pytest.raises((TypeError, ValueError), match=re.escape(message)):
+        compile_writer(schemas.load("L2Update"))({**SAMPLES["L2Update"], **change}, b"")
+
+
+def test_ints_out_of_32_bits_and_unknown_enum_symbols_are_refused():
+    with pytest.raises(ValueError, match="32-bit int"):
+        compile_writer("int")(2**31, b"")
+    with pytest.raises(ValueError, match="not one of the enum's symbols"):
+        compile_writer(EVERYTHING)({**everything(random.Random(1)), "color": "PINK"}, b"")
+
+
+def test_overlapping_unions_are_left_to_fastavro():
+    with pytest.raises(codec.Unsupported, match="overlap"):
+        compile_writer(["null", "long", "double"])
+
+
+class Registering(OneSchema):
+    def register(self, subject: str, schema: dict) -> int:
+        return 42
+
+
+@pytest.mark.parametrize("built", [True, False], ids=["c-extension", "without-extension"])
+def test_the_encoder_writes_the_same_bytes_with_or_without_the_extension(monkeypatch, built):
+    if not built:
+        monkeypatch.setattr(codec, "_encode", None)
+    schema = schemas.load("L2Update")
+    encoder = Encoder(Registering(schema), "sim.md.l2")
+    assert (encoder._write is None) is (not built)
+    data = encoder(SAMPLES["L2Update"])
+    assert data == b"\x00\x00\x00\x00\x2a" + encode(schema, SAMPLES["L2Update"])
+    with pytest.raises(SerdeError, match="cannot encode a gemini.pipeline.L2Update for sim.md.l2"):
+        encoder({**SAMPLES["L2Update"], "sequence": "seven"})
