@@ -11,7 +11,6 @@ import gc
 import itertools
 import signal
 import sys
-import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import pandas as pd
 
@@ -29,6 +28,7 @@ from pipeline.backtest import (BOOK_FILLS, FILL_MODELS, NEXT_OPEN, EngineResult,
                                make_broker)
 from pipeline.catalog import Namespace
 from pipeline.errors import PipelineError
+from pipeline.progress import progress_bar, stop_on_ctrl_c
 from pipeline.replay_source import Offsets, ReadStats, ReplaySource, resolve_topics
 from pipeline.strategy import Strategy, load_strategy
 
@@ -186,33 +186,7 @@ def _strategy(spec: str | Strategy, params: Mapping[str, Any] | None) -> tuple[S
                             f"{exc}") from None
 
 
-# --------------------------------------------------------------------------- progress, Ctrl-C
-
-
-@contextmanager
-def _progress(show: bool, total: int, description: str,
-              unit: str = "events") -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar (offsets read, or combinations done) with ``unit``/s and ETA,
-    on stderr."""
-    if not show:
-        yield lambda position, events: None
-        return
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeRemainingColumn)
-
-    began = time.monotonic()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=False) as bar:
-        task = bar.add_task(description, total=total, rate="")
-
-        def update(position: int, events: int) -> None:
-            elapsed = time.monotonic() - began
-            rate = f"{events / elapsed:,.1f} {unit}/s" if elapsed > 0 else ""
-            bar.update(task, completed=position, rate=rate)
-
-        yield update
+# --------------------------------------------------------------------------- replays
 
 
 @contextmanager
@@ -227,26 +201,6 @@ def gc_tuned(young: int = 1_000_000) -> Iterator[None]:
         yield
     finally:
         gc.set_threshold(*old)
-
-
-@contextmanager
-def _ctrl_c() -> Iterator[threading.Event]:
-    """First Ctrl-C asks the run to stop after the current batch; a second one aborts."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 # --------------------------------------------------------------------------- one backtest
@@ -301,8 +255,8 @@ def run_backtest(bootstrap: str, registry_url: str, namespace: Namespace | str,
                                     f"{_range_text(start_ms, end_ms, offsets)}: "
                                     f"{source.describe_empty()}")
             show = sys.stderr.isatty() if progress is None else progress
-            with _ctrl_c() as stop, gc_tuned(), \
-                    _progress(show, source.total, f"backtest {spec_name}") as update:
+            with stop_on_ctrl_c() as stop, gc_tuned(), \
+                    progress_bar(show, source.total, f"backtest {spec_name}") as update:
                 for batch in source.batches(stop.is_set,
                                             lambda position: update(position - _firsts(source),
                                                                     engine.events)):
@@ -442,8 +396,8 @@ def sweep(bootstrap: str, registry_url: str, namespace: Namespace | str,
     rows: list[dict[str, Any] | None] = [None] * len(combos)
     workers = max(1, min(workers, len(combos)))
     show = sys.stderr.isatty() if progress is None else progress
-    with _ctrl_c() as stop, \
-            _progress(show, len(combos), f"sweep {strategy_spec}", "combinations") as update, \
+    with stop_on_ctrl_c() as stop, \
+            progress_bar(show, len(combos), f"sweep {strategy_spec}", "combinations") as update, \
             ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
                                 initializer=_init_worker,
                                 initargs=(bootstrap, registry_url, names, start_ms, end_ms,

@@ -525,9 +525,10 @@ def replay(
                             "`pipeline replay --from sim --into replay-jun24`")
     import signal
 
-    from pipeline.backtest_run import _ctrl_c, _progress, parse_offsets, to_ms
+    from pipeline.backtest_run import parse_offsets, to_ms
     from pipeline.broker import bootstrap_servers
     from pipeline.catalog import Namespace
+    from pipeline.progress import progress_bar, stop_on_ctrl_c
     from pipeline.registry_server import registry_url
     from pipeline.replay import ReplayRequest, Republisher, catalog_names, parse_speed
 
@@ -540,8 +541,8 @@ def replay(
         pace = "as fast as possible" if request.speed is None else f"at {request.speed:g}x"
         console.print(f"replaying {republisher.total} record(s) of {', '.join(republisher.names)} "
                       f"into {into} {pace}", highlight=False)
-        with _ctrl_c() as stop, _progress(progress, republisher.total, f"replay → {into}",
-                                          "records") as update:
+        with stop_on_ctrl_c() as stop, progress_bar(progress, republisher.total,
+                                                    f"replay → {into}", "records") as update:
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
             stats = republisher.run(stop.is_set, lambda done, total: update(done, done))
     rate = stats.records / stats.seconds if stats.seconds else 0.0

@@ -22,16 +22,15 @@ import csv
 import re
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Callable, Iterator
 
 from pipeline.catalog import Namespace, ensure_topics
 from pipeline.errors import PipelineError
 from pipeline.kafka import ReliableProducer
+from pipeline.progress import progress_bar
 from pipeline.registry import SchemaRegistry
 from pipeline.serde import Encoder
 
@@ -354,14 +353,15 @@ def load_csv_bars(path: str | Path, bootstrap: str, registry_url: str, namespace
     topic = namespace.topic("bars")
     encode = Encoder(SchemaRegistry(registry_url), topic)
     producer = ReliableProducer(bootstrap)
-    with _progress(bool(progress), len(parsed.bars), f"{parsed.path.name} → {topic}") as advance:
+    with progress_bar(bool(progress), len(parsed.bars), f"{parsed.path.name} → {topic}",
+                      "bars") as update:
         for i, bar in enumerate(parsed.bars, 1):
             producer.produce(topic, encode(bar), key=bar["symbol"], timestamp=bar["start_ms"])
             if i % 1000 == 0:
                 producer.poll(0)
-                advance(1000)
+                update(i)
         producer.flush()
-        advance(len(parsed.bars) % 1000)
+        update(len(parsed.bars))
 
     bars = parsed.bars
     return LoadReport(
@@ -371,26 +371,3 @@ def load_csv_bars(path: str | Path, bootstrap: str, registry_url: str, namespace
         first_start_ms=bars[0]["start_ms"] if bars else None,
         last_start_ms=bars[-1]["start_ms"] if bars else None,
         parse_seconds=parsed_at - began, publish_seconds=time.monotonic() - parsed_at)
-
-
-@contextmanager
-def _progress(show: bool, total: int, description: str) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar (count, bars/s, ETA) on stderr when ``show``; else a no-op."""
-    if not show:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeRemainingColumn)
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-                  console=Console(stderr=True)) as bar:
-        task = bar.add_task(description, total=total, rate="")
-
-        def advance(n: int) -> None:
-            bar.advance(task, n)
-            speed = bar.tasks[0].speed
-            bar.update(task, rate=f"{speed:,.0f} bars/s" if speed else "")
-
-        yield advance
