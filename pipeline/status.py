@@ -109,6 +109,10 @@ def _execution_mode(state: dict) -> str:
     return "not running"
 
 
+def _metric(name: str, kind: str, help_text: str, value: object, labels: str = "") -> list[str]:
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{labels} {value}"]
+
+
 def prometheus(snapshot: Snapshot, namespace: str) -> str:
     """The snapshot in Prometheus' text exposition format."""
     lines = ["# HELP pipeline_process_up 1 if the supervised process is running.",
@@ -138,6 +142,9 @@ def prometheus(snapshot: Snapshot, namespace: str) -> str:
             topic, partition = split_label(tp)
             lines.append(f'pipeline_group_lag{{group="{group}",topic="{topic}",'
                          f'partition="{partition}"}} {lag}')
+    lines += ["# HELP pipeline_group_members Members of a consumer group.",
+              "# TYPE pipeline_group_members gauge"]
+    for group, data in snapshot.groups.items():
         lines.append(f'pipeline_group_members{{group="{group}"}} {data["members"]}')
     lines += ["# HELP pipeline_group_records_per_second Records a consumer group committed "
               "per second on a partition, between the last two collections.",
@@ -148,9 +155,16 @@ def prometheus(snapshot: Snapshot, namespace: str) -> str:
             lines.append(f'pipeline_group_records_per_second{{group="{group}",topic="{topic}",'
                          f'partition="{partition}"}} {rate:.3f}')
     if snapshot.producer is not None:
-        lines.append(f'pipeline_producer_last_message_age_seconds {snapshot.producer["age_s"]:.3f}')
-        lines.append(f'pipeline_producer_frames_total {snapshot.producer.get("frames", 0)}')
-        lines.append(f'pipeline_producer_reconnects_total {snapshot.producer.get("reconnects", 0)}')
-    lines.append(f'pipeline_execution_kill_switch {int(snapshot.execution["kill_switch"])}')
-    lines.append(f'pipeline_info{{namespace="{namespace}",mode="{snapshot.execution["mode"]}"}} 1')
+        producer = snapshot.producer
+        lines += _metric("pipeline_producer_last_message_age_seconds", "gauge",
+                         "Seconds since the producer's last message.", f'{producer["age_s"]:.3f}')
+        lines += _metric("pipeline_producer_frames_total", "counter",
+                         "WebSocket frames the producer received.", producer.get("frames", 0))
+        lines += _metric("pipeline_producer_reconnects_total", "counter",
+                         "Reconnections of the producer.", producer.get("reconnects", 0))
+    lines += _metric("pipeline_execution_kill_switch", "gauge",
+                     "1 while the kill switch file exists.",
+                     int(snapshot.execution["kill_switch"]))
+    lines += _metric("pipeline_info", "gauge", "The namespace and the execution mode.", 1,
+                     f'{{namespace="{namespace}",mode="{snapshot.execution["mode"]}"}}')
     return "\n".join(lines) + "\n"

@@ -217,6 +217,15 @@ def test_status_counts_records_per_second_per_partition(kafka, topics, namespace
             in metrics)
     assert (f'pipeline_group_records_per_second{{group="{group}",topic="{trades}",'
             f'partition="{busy}"}} ') in metrics
+    # every sample belongs to a family declared just before it with HELP and TYPE
+    declared = None
+    for line in metrics.splitlines():
+        if line.startswith("# HELP "):
+            declared = line.split()[2]
+        elif line.startswith("# TYPE "):
+            assert line.split()[2] == declared, line
+        else:
+            assert line.split("{")[0].split()[0] == declared, line
 
 
 @pytest.mark.broker
