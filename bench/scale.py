@@ -23,6 +23,7 @@ from multiprocessing import get_context
 
 from confluent_kafka import Consumer
 
+from bench.consume import consume_rate as read_topic
 from bench.consume import fresh_l2_topic
 from bench.figures import Figure
 from bench.serde import book_changes
@@ -46,13 +47,14 @@ def _produce(bootstrap: str, registry_url: str, topic: str, index: int, of: int,
     producer = ReliableProducer(bootstrap)
     producer.raw.list_topics(topic, timeout=10)  # connected, metadata known
     ready.wait()
-    start = time.monotonic()
+    start, cpu = time.monotonic(), time.process_time()
     for i, record in enumerate(records):
         producer.produce(topic, encode(record), key=record["symbol"])
         if i % 1000 == 0:
             producer.poll(0)
     producer.flush()
-    times[2 * index], times[2 * index + 1] = start, time.monotonic()
+    times[4 * index:4 * index + 4] = [start, time.monotonic(), len(records),
+                                      time.process_time() - cpu]
 
 
 def _consume(bootstrap: str, registry_url: str, topic: str, group: str, index: int,
@@ -75,35 +77,46 @@ def _consume(bootstrap: str, registry_url: str, topic: str, group: str, index: i
         while not go.is_set():
             consumer.poll(0.05)  # serves the group protocol; the partitions are paused
         consumer.resume(consumer.assignment())
-        first = last = 0.0
+        first = last = cpu = 0.0
+        seen = 0
         deadline = time.monotonic() + TIMEOUT_S
         with gc_tuned():
             while total.value < events and time.monotonic() < deadline:
                 msgs = consumer.consume(1000, 0.1)
                 if not msgs:
                     continue
-                first = first or time.monotonic()
+                if not first:
+                    first, cpu = time.monotonic(), time.process_time()
                 for msg in msgs:
                     if msg.error() is None:
                         decode(msg.value())
                 last = time.monotonic()
+                read = sum(1 for m in msgs if m.error() is None)
+                seen += read
                 with total.get_lock():
-                    total.value += sum(1 for m in msgs if m.error() is None)
-        times[2 * index], times[2 * index + 1] = first, last
+                    total.value += read
+        times[4 * index:4 * index + 4] = [first, last, seen,
+                                          time.process_time() - cpu if first else 0.0]
     finally:
         # Only once everything is read: a member leaving would hand its partitions, with
         # nothing committed, to another one that would read them again.
         consumer.close()
 
 
-def _span(times, n: int) -> float:
-    starts = [times[2 * i] for i in range(n) if times[2 * i]]
-    return max(times[2 * i + 1] for i in range(n)) - min(starts)
+def _span(times, n: int, what: str) -> float:
+    """Seconds from the first process's start to the last one's end; prints each one's
+    share, time and CPU time (its threads included: librdkafka's too)."""
+    starts = [times[4 * i] for i in range(n) if times[4 * i]]
+    span = max(times[4 * i + 1] for i in range(n)) - min(starts)
+    shares = ", ".join(f"{times[4 * i + 2]:.0f} in {times[4 * i + 1] - times[4 * i]:.2f}s "
+                       f"(CPU {times[4 * i + 3]:.2f}s)" for i in range(n))
+    print(f"bench scale: {n} {what}: {shares}; {span:.2f}s in all")
+    return span
 
 
 def ingest_rate(bootstrap: str, registry_url: str, topic: str, events: int, n: int) -> float:
     ctx = get_context("spawn")
-    ready, times = ctx.Barrier(n + 1), ctx.Array("d", 2 * n)
+    ready, times = ctx.Barrier(n + 1), ctx.Array("d", 4 * n)
     procs = [ctx.Process(target=_produce, args=(bootstrap, registry_url, topic, i, n, events,
                                                ready, times)) for i in range(n)]
     for p in procs:
@@ -115,7 +128,7 @@ def ingest_rate(bootstrap: str, registry_url: str, topic: str, events: int, n: i
         if any(p.exitcode != 0 for p in procs):
             raise PipelineError(f"bench scale: a producer process failed "
                                 f"({[p.exitcode for p in procs]})")
-        return events / _span(times, n)
+        return events / _span(times, n, "producers")
     finally:
         _end(procs)
 
@@ -124,7 +137,7 @@ def consume_rate(bootstrap: str, registry_url: str, topic: str, events: int, n: 
                  sample: bytes) -> float:
     ctx = get_context("spawn")
     assigned, go = ctx.Array("i", n), ctx.Event()
-    total, times = ctx.Value("q", 0), ctx.Array("d", 2 * n)
+    total, times = ctx.Value("q", 0), ctx.Array("d", 4 * n)
     group = f"bench-scale-{uuid.uuid4()}"
     procs = [ctx.Process(target=_consume, args=(bootstrap, registry_url, topic, group, i,
                                                events, sample, assigned, go, total, times))
@@ -152,7 +165,7 @@ def consume_rate(bootstrap: str, registry_url: str, topic: str, events: int, n: 
         if any(p.exitcode != 0 for p in procs) or total.value != events:
             raise PipelineError(f"bench scale: {n} consumers read {total.value} of {events} "
                                 f"records (exit codes {[p.exitcode for p in procs]})")
-        return events / _span(times, n)
+        return events / _span(times, n, "consumers")
     finally:
         _end(procs)
 
@@ -173,6 +186,7 @@ def run(bootstrap: str, registry_url: str, events: int) -> list[Figure]:
     fill = next(t.end_offsets for t in describe_topics(bootstrap) if t.name == first_topic)
     print(f"bench scale: records per partition (keyed by symbol): {list(fill)}")
     sample = Encoder(SchemaRegistry(registry_url), first_topic)(book_changes(1)[0])
+    read_topic(bootstrap, first_topic, events, None)  # warm: the broker has served it once
     for n in INSTANCES:
         consume[n] = consume_rate(bootstrap, registry_url, first_topic, events, n, sample)
     figures = []
