@@ -2,8 +2,7 @@
 
 Each group runs as its own ``python -m consumers.X`` (the producer as ``pipeline produce``),
 with its output in a log file. We wait on what the runtime logs ("assigned"), read lag
-from the committed offsets, and stop with SIGTERM; ``wait4`` then gives the kernel's peak
-RSS of that process over its whole life.
+from the committed offsets, read peak RSS from /proc/<pid>/status, and stop with SIGTERM.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ class Proc:
     name: str
     popen: subprocess.Popen
     log: Path
-    peak_rss_kb: int = 0
 
     @property
     def pid(self) -> int:
@@ -78,46 +76,37 @@ def wait_for_log(procs: list[Proc], text: str, timeout_s: float = 90.0) -> None:
 
 
 def rss_kb(pid: int | str, field: str = "VmRSS") -> int:
-    """A process's (or "self"'s) resident set (VmRSS) or its peak so far (VmHWM), in kB."""
+    """A process's (or "self"'s) resident set (VmRSS) or its peak so far (VmHWM), in kB.
+
+    VmHWM is the peak of the program itself: ``ru_maxrss`` from ``wait4`` is not, since
+    Linux counts in it the parent's RSS at the fork (or vfork) before the exec."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"/proc/{pid}/status has no {field}")
 
 
-def stop(proc: Proc, timeout_s: float = 60.0) -> int:
+def stop(proc: Proc, timeout_s: float = 60.0) -> None:
     """SIGTERM, then :func:`wait`."""
     if proc.popen.returncode is None:
         proc.popen.send_signal(signal.SIGTERM)
-    return wait(proc, timeout_s)
+    wait(proc, timeout_s)
 
 
-def wait(proc: Proc, timeout_s: float = 60.0) -> int:
-    """Wait for the process to exit and return its peak RSS in kB (``ru_maxrss``: its
-    whole life, shutdown included). SIGKILL after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            proc.popen.kill()
-            _, status, usage = os.wait4(proc.pid, 0)
-            break
-        time.sleep(0.05)
-    proc.popen.returncode = os.waitstatus_to_exitcode(status)
-    proc.peak_rss_kb = usage.ru_maxrss
-    return usage.ru_maxrss
+def wait(proc: Proc, timeout_s: float = 60.0) -> None:
+    """Wait for the process to exit; SIGKILL after ``timeout_s``."""
+    try:
+        proc.popen.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.popen.kill()
+        proc.popen.wait()
 
 
 def stop_all(procs: list[Proc]) -> None:
     """Best effort, in reverse order of start; each is waited for."""
     for proc in reversed(procs):
         if proc.popen.returncode is None:
-            try:
-                stop(proc)
-            except ChildProcessError:
-                pass
+            stop(proc)
 
 
 def lag(bootstrap: str, group_id: str, namespace: Namespace, topics: list[str]) -> int:
