@@ -44,7 +44,7 @@ from pipeline.venue.server import Connection, RunningVenue, VenueConfig
 RATE = 300.0  # venue events per second (frames: a few more, a market order adds trades)
 SYMBOL = "BTCUSD"
 WARM_UP_S = 2.0  # after the first request: connections, schema lookups, first fetches
-MIN_EVENTS, MAX_EVENTS = 300, 9_000  # measured events: 1 to 30 s at RATE
+MIN_FRAMES, MAX_FRAMES = 300, 9_000  # frames measured after the warm-up: ~1 to 27 s
 PINGS = 2_000
 STRATEGY = ("pipeline.strategy:MidQuoter", f'{{"symbol": "{SYMBOL}", "requote_bps": 0}}',
             "mid-quoter")
@@ -81,9 +81,9 @@ def _subscribed(venue: RunningVenue, timeout_s: float = 60.0) -> Connection:
     raise RuntimeError("the producer never subscribed to the venue")
 
 
-def measure(bootstrap: str, registry_url: str, events: int, work: Path,
+def measure(bootstrap: str, registry_url: str, frames: int, work: Path,
             ) -> tuple[list[tuple[float, float]], list[float], dict[str, list[float]]]:
-    """Over ``events`` paced frames after the warm-up: (frame sent (perf_counter), latency
+    """Over ``frames`` paced frames after the warm-up: (frame sent (perf_counter), latency
     ms) per frame that moved the top, by send time; ping round trips in ms; per stage ms."""
     namespace = Namespace(f"sim-benchlat{int(time.time())}")
     ensure_topics(bootstrap, namespace, TOPICS)
@@ -117,7 +117,7 @@ def measure(bootstrap: str, registry_url: str, events: int, work: Path,
         connection_id = None
         first = last = None  # the frames measured: indices first .. last-1
         newest = -1  # the newest frame whose request has arrived
-        deadline = time.monotonic() + 120 + events / RATE
+        deadline = time.monotonic() + 120 + frames / RATE
         while last is None or newest < last:  # one symbol: one partition, in order
             if time.monotonic() > deadline:
                 raise RuntimeError(f"latency bench: requests stopped coming "
@@ -139,8 +139,8 @@ def measure(bootstrap: str, registry_url: str, events: int, work: Path,
             if first is None and done:
                 time.sleep(WARM_UP_S)  # what arrives meanwhile is read late: not measured
                 first = len(conn.sent_at)
-            if first is not None and last is None and len(conn.sent_at) >= first + events:
-                last = first + events
+            if first is not None and last is None and len(conn.sent_at) >= first + frames:
+                last = first + frames
         snapshots.close()
         requests.close()
         sent = list(conn.sent_at)
@@ -169,7 +169,7 @@ def measure(bootstrap: str, registry_url: str, events: int, work: Path,
 
 
 def run(bootstrap: str, registry_url: str, events: int) -> list[Figure]:
-    n = max(MIN_EVENTS, min(events // 20, MAX_EVENTS))
+    n = max(MIN_FRAMES, min(events // 20, MAX_FRAMES))
     work = Path(tempfile.mkdtemp(prefix="bench-latency-"))
     try:
         samples, pings, stages = measure(bootstrap, registry_url, n, work)
