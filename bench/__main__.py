@@ -45,9 +45,11 @@ def main(events: int = typer.Option(200_000, help="records per benchmark (defaul
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(1) from exc
-    finally:
-        registry.stop()
-        broker.stop()
+    finally:  # only what this run uses: a given broker/registry is someone else's
+        if not os.environ.get("SCHEMA_REGISTRY_URL"):
+            registry.stop()
+        if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+            broker.stop()
 
 
 if __name__ == "__main__":

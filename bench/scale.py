@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from threading import BrokenBarrierError
 from multiprocessing import get_context
 
 from confluent_kafka import Consumer
@@ -41,11 +42,15 @@ TIMEOUT_S = 120.0
 
 def _produce(bootstrap: str, registry_url: str, topic: str, index: int, of: int, events: int,
              ready, times) -> None:
-    records = book_changes(events)[index::of]
-    encode = Encoder(SchemaRegistry(registry_url), topic)
-    encode(records[0])  # registers the schema
-    producer = ReliableProducer(bootstrap)
-    producer.raw.list_topics(topic, timeout=10)  # connected, metadata known
+    try:
+        records = book_changes(events)[index::of]
+        encode = Encoder(SchemaRegistry(registry_url), topic)
+        encode(records[0])  # registers the schema
+        producer = ReliableProducer(bootstrap)
+        producer.raw.list_topics(topic, timeout=10)  # connected, metadata known
+    except BaseException:
+        ready.abort()  # the others (and the parent) stop waiting
+        raise
     ready.wait()
     start, cpu = time.monotonic(), time.process_time()
     for i, record in enumerate(records):
@@ -122,7 +127,11 @@ def ingest_rate(bootstrap: str, registry_url: str, topic: str, events: int, n: i
     for p in procs:
         p.start()
     try:
-        ready.wait(timeout=TIMEOUT_S)
+        try:
+            ready.wait(timeout=TIMEOUT_S)
+        except BrokenBarrierError:
+            raise PipelineError("bench scale: a producer process failed to start (see above)") \
+                from None
         for p in procs:
             p.join(TIMEOUT_S)
         if any(p.exitcode != 0 for p in procs):
