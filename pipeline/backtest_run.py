@@ -15,7 +15,6 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from multiprocessing import get_context
 from pathlib import Path
@@ -29,10 +28,10 @@ from pipeline.backtest import (BOOK_FILLS, FILL_MODELS, NEXT_OPEN, EngineResult,
 from pipeline.catalog import Namespace
 from pipeline.errors import PipelineError
 from pipeline.progress import progress_bar, stop_on_ctrl_c
-from pipeline.replay_source import Offsets, ReadStats, ReplaySource, resolve_topics
+from pipeline.ranges import Offsets, TimeLike, range_text, resolve_topics, to_ms
+from pipeline.replay_source import ReadStats, ReplaySource
 from pipeline.strategy import Strategy, load_strategy
 
-TimeLike = int | str | datetime | None
 
 
 @dataclass
@@ -100,53 +99,6 @@ class BacktestResult:
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def to_ms(value: TimeLike, what: str = "time") -> int | None:
-    """Epoch ms of an int (ms), an ISO date-time (UTC unless it says otherwise) or a
-    datetime; None stays None."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise PipelineError(f"{what} {value!r} is not a time")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        if text.lstrip("-").isdigit():
-            return int(text)
-        try:
-            value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            raise PipelineError(f"{what} {text!r} is not epoch ms or an ISO date-time like "
-                                "2019-01-01 or 2019-01-01T12:00:00Z") from None
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        return int(value.timestamp() * 1000)
-    raise PipelineError(f"{what} {value!r} is not a time")
-
-
-def parse_offsets(specs: Sequence[str], namespace: Namespace | str | None = None) -> Offsets:
-    """``["bars:0:100-200", ...]`` (end exclusive; catalog names are put in ``namespace``)
-    -> ``{("sim.bars", 0): (100, 200)}``."""
-    offsets: Offsets = {}
-    for spec in specs:
-        try:
-            topic, partition, span = spec.rsplit(":", 2)
-            first, end = span.split("-")
-            key, value = (topic, int(partition)), (int(first), int(end))
-        except ValueError:
-            raise PipelineError(f"offsets {spec!r} must be TOPIC:PARTITION:FROM-TO, "
-                                "e.g. bars:0:0-1000 (TO exclusive)") from None
-        if not 0 <= value[0] <= value[1]:
-            raise PipelineError(f"offsets {spec!r}: FROM must be >= 0 and <= TO")
-        if key in offsets:
-            raise PipelineError(f"offsets given twice for {topic}[{partition}]")
-        offsets[key] = value
-    if namespace is None:
-        return offsets
-    return {(resolve_topics(namespace, [t])[0], p): v for (t, p), v in offsets.items()}
 
 
 def _decimal(value: Any, what: str) -> Decimal:
@@ -252,7 +204,7 @@ def run_backtest(bootstrap: str, registry_url: str, namespace: Namespace | str,
                           offsets=offsets) as source:
             if not source.total:
                 raise PipelineError(f"no records to replay in {', '.join(names)}"
-                                    f"{_range_text(start_ms, end_ms, offsets)}: "
+                                    f"{range_text(start_ms, end_ms, offsets)}: "
                                     f"{source.describe_empty()}")
             show = sys.stderr.isatty() if progress is None else progress
             with stop_on_ctrl_c() as stop, gc_tuned(), \
@@ -266,7 +218,7 @@ def run_backtest(bootstrap: str, registry_url: str, namespace: Namespace | str,
                 interrupted = stop.is_set()
             if not engine.events:
                 raise PipelineError(f"no records to replay in {', '.join(names)}"
-                                    f"{_range_text(start_ms, end_ms, offsets)}: the "
+                                    f"{range_text(start_ms, end_ms, offsets)}: the "
                                     f"{source.total} record(s) in the offset window are "
                                     "all stamped outside the time range or unreadable")
             read = source.stats
@@ -292,21 +244,6 @@ def _firsts(source: ReplaySource) -> int:
     return sum(p.first for p in source.plan if p.first < p.end)
 
 
-def _range_text(start_ms: int | None, end_ms: int | None, offsets: Offsets | None) -> str:
-    parts = []
-    if start_ms is not None or end_ms is not None:
-        parts.append(f" between {_utc(start_ms) if start_ms is not None else 'the beginning'} "
-                     f"and {_utc(end_ms) if end_ms is not None else 'the end'}")
-    if offsets:
-        parts.append(" at offsets " + ", ".join(f"{t}[{p}] {a}..{b}"
-                                                for (t, p), (a, b) in sorted(offsets.items())))
-    return "".join(parts)
-
-
-def _utc(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
 # --------------------------------------------------------------------------- sweeps
 
 _WORKER_EVENTS: list | None = None
@@ -318,7 +255,7 @@ def _read_all(bootstrap: str, registry_url: str, topics: list[str], start_ms: in
                       offsets=offsets) as source:
         if not source.total:
             raise PipelineError(f"no records to replay in {', '.join(topics)}"
-                                f"{_range_text(start_ms, end_ms, offsets)}: "
+                                f"{range_text(start_ms, end_ms, offsets)}: "
                                 f"{source.describe_empty()}")
         events: list = []
         for batch in source.batches():
@@ -391,7 +328,7 @@ def sweep(bootstrap: str, registry_url: str, namespace: Namespace | str,
                       offsets=offsets) as source:  # unknown topics, empty ranges fail here
         if not source.total:
             raise PipelineError(f"no records to replay in {', '.join(names)}"
-                                f"{_range_text(start_ms, end_ms, offsets)}: "
+                                f"{range_text(start_ms, end_ms, offsets)}: "
                                 f"{source.describe_empty()}")
     rows: list[dict[str, Any] | None] = [None] * len(combos)
     workers = max(1, min(workers, len(combos)))

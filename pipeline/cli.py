@@ -411,7 +411,8 @@ def backtest(
     current batch, keeps what was done and exits 130."""
     from datetime import datetime, timezone
 
-    from pipeline.backtest_run import parse_offsets, run_backtest, sweep
+    from pipeline.backtest_run import run_backtest, sweep
+    from pipeline.ranges import parse_offsets
     from pipeline.broker import bootstrap_servers
     from pipeline.registry_server import registry_url
 
@@ -525,7 +526,7 @@ def replay(
                             "`pipeline replay --from sim --into replay-jun24`")
     import signal
 
-    from pipeline.backtest_run import parse_offsets, to_ms
+    from pipeline.ranges import parse_offsets, to_ms
     from pipeline.broker import bootstrap_servers
     from pipeline.catalog import Namespace
     from pipeline.progress import progress_bar, stop_on_ctrl_c

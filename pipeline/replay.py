@@ -32,7 +32,8 @@ from confluent_kafka import KafkaError, TopicPartition
 from pipeline.catalog import Namespace, ensure_topics, spec
 from pipeline.errors import PipelineError
 from pipeline.kafka import ReliableProducer, check_reachable, make_admin
-from pipeline.replay_source import Offsets, RangePlanner
+from pipeline.ranges import Offsets, utc_text
+from pipeline.replay_source import RangePlanner
 
 DEFAULT_TOPICS = ("md.l2", "md.trades")  # what the producer writes (raw.frames optional)
 MAX_BUFFERED = 50_000  # per partition: pause one that runs far ahead of the merge
@@ -94,12 +95,10 @@ def parse_speed(text: str | float | None) -> float | None:
 
 
 def describe_range(start_ms: int | None, end_ms: int | None) -> str:
-    from pipeline.replay_source import _utc
-
     if start_ms is None and end_ms is None:
         return "the whole topics"
-    return f"[{_utc(start_ms) if start_ms is not None else 'the beginning'}, " \
-           f"{_utc(end_ms) if end_ms is not None else 'the end'})"
+    return f"[{utc_text(start_ms) if start_ms is not None else 'the beginning'}, " \
+           f"{utc_text(end_ms) if end_ms is not None else 'the end'})"
 
 
 class Republisher:

@@ -29,14 +29,12 @@ from typing import Callable, Iterator, Sequence
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from pipeline.backtest import BAR, KIND_OF_SCHEMA, TRADE, Event, EventMerger
-from pipeline.catalog import Namespace, split_topic
+from pipeline.catalog import split_topic
 from pipeline.errors import PipelineError
+from pipeline.ranges import Offsets, utc_text
 from pipeline.kafka import consumer_config
 from pipeline.registry import SchemaRegistry
 from pipeline.serde import Decoder, SerdeError
-
-Offsets = dict[tuple[str, int], tuple[int, int]]
-
 
 @dataclass
 class PartitionPlan:
@@ -68,18 +66,6 @@ def decoder_for(registry_url: str) -> Decoder:
     if decoder is None:
         decoder = _DECODERS[registry_url] = Decoder(SchemaRegistry(registry_url))
     return decoder
-
-
-def resolve_topics(namespace: Namespace | str | None, topics: Sequence[str]) -> list[str]:
-    """Full topic names: catalog names (``bars``) are put in ``namespace``."""
-    ns = Namespace(namespace) if isinstance(namespace, str) else namespace
-    out = []
-    for name in topics:
-        if split_topic(name) is not None or ns is None:
-            out.append(name)
-        else:
-            out.append(ns.topic(name))
-    return out
 
 
 def kind_of_topic(topic: str) -> str:
@@ -253,8 +239,8 @@ class RangePlanner:
                     stamps += [self._timestamp_at(p, p.low), self._timestamp_at(p, p.high - 1)]
             stamps = [s for s in stamps if s is not None]
             if stamps:
-                spans.append(f"{topic} holds records stamped {_utc(min(stamps))} to "
-                             f"{_utc(max(stamps))}")
+                spans.append(f"{topic} holds records stamped {utc_text(min(stamps))} to "
+                             f"{utc_text(max(stamps))}")
             else:
                 spans.append(f"{topic} is empty")
         return "; ".join(spans)
@@ -476,7 +462,3 @@ class ReplaySource(RangePlanner):
         if blocked:
             self.consumer.resume([TopicPartition(*s) for s in blocked])
             paused.difference_update(blocked)
-
-
-def _utc(ms: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000))

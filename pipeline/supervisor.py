@@ -183,7 +183,7 @@ class Supervisor:
     def _check_replay(self) -> None:
         """Refuse a replay that cannot run (no such topic, an empty range, a target that
         holds records) before anything is created."""
-        from pipeline.backtest_run import to_ms
+        from pipeline.ranges import to_ms
         from pipeline.catalog import Namespace
         from pipeline.replay import ReplayRequest, Republisher
 

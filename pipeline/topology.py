@@ -220,7 +220,7 @@ def _source(raw: dict, where: _Locator, base: Path) -> Source:
 def _replay_source(raw: dict, where: _Locator) -> Source:
     """``kind = "replay"``: ``from`` (namespace), ``start``/``end`` (ISO or epoch ms),
     ``speed`` (``"max"`` or a multiple of real time), ``topics`` (catalog names)."""
-    from pipeline.backtest_run import to_ms
+    from pipeline.ranges import to_ms
     from pipeline.replay import catalog_names, parse_speed
 
     from_ns = _typed(raw, "from", str, where, "source", None)
@@ -252,7 +252,7 @@ def make_replay_source(from_ns: str, speed: str | float | None = None,
                        topics=REPLAY_TOPICS) -> Source:
     """A replay source, checked without asking Kafka: the namespace is valid, the times
     parse and are in order, the speed is max or positive, the topics are in the catalog."""
-    from pipeline.backtest_run import to_ms
+    from pipeline.ranges import to_ms
     from pipeline.replay import catalog_names, parse_speed
 
     Namespace(from_ns)
