@@ -25,13 +25,11 @@ import time
 import warnings
 from pathlib import Path
 
+from bench.consume import produce_l2
 from bench.figures import Figure
 from pipeline.backtest_run import gc_tuned, run_backtest
-from pipeline.catalog import Namespace, ensure_topics
-from pipeline.kafka import ReliableProducer
-from pipeline.registry import SchemaRegistry
+from pipeline.catalog import Namespace, split_topic
 from pipeline.replay_source import ReplaySource
-from pipeline.serde import Encoder
 from pipeline.strategy import FULL_EQUITY
 from pipeline.venue.market import generated_events
 
@@ -180,16 +178,8 @@ def l2(bootstrap: str, registry_url: str, events: int) -> list[Figure]:
         streams.append(("real capture", _captured))
     for label, make in streams:
         records, symbol = make(events)
-        namespace = Namespace(f"sim-benchl2{int(time.time() * 1000) % 10**9}")
-        ensure_topics(bootstrap, namespace, ["md.l2"])
-        topic = namespace.topic("md.l2")
-        encode = Encoder(SchemaRegistry(registry_url), topic)
-        producer = ReliableProducer(bootstrap)
-        for i, record in enumerate(records):
-            producer.produce(topic, encode(record), key=record["symbol"])
-            if i % 1000 == 0:
-                producer.poll(0)
-        producer.flush()
+        topic = produce_l2(bootstrap, registry_url, records, "l2")
+        namespace = split_topic(topic)[0]  # type: ignore[index]
         changes = sum(len(r["changes"]) for r in records)
 
         def raw() -> int:
