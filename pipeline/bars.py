@@ -8,8 +8,8 @@ UTC; a bar covers ``[start_ms, end_ms)``, so a trade at exactly 12:01:00.000 bel
 order), volume, trade_count, buy/sell volume (by ``taker_side``; ``UNKNOWN`` counts in
 neither) and a VWAP rounded half-even to 12 decimal places. The finest interval is built
 from trades; every coarser one from the finest bars as they close, so a 1h bar is exactly
-the aggregate of its 1m bars. (Every interval must divide the next; 1m, 5m, 15m, 1h, 4h
-and 1d do.)
+the aggregate of its 1m bars. (Every interval must divide the next; 1s, 5s, 10s, 30s, 1m,
+5m, 15m, 1h, 4h and 1d do, and so does 15s with 30s but not with 10s.)
 
 **Exact decimals.** Prices and quantities are ``Decimal``; sums and products run in a
 100-digit context that *traps* inexact results, so a bar is exact or an error, never
@@ -58,6 +58,7 @@ from fractions import Fraction
 from typing import Any, Callable, Iterable, Mapping
 
 INTERVALS_MS: dict[str, int] = {
+    "1s": 1_000, "5s": 5_000, "10s": 10_000, "15s": 15_000, "30s": 30_000,
     "1m": 60_000, "5m": 300_000, "15m": 900_000,
     "1h": 3_600_000, "4h": 14_400_000, "1d": 86_400_000,
 }

@@ -27,17 +27,15 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
+from pipeline.bars import INTERVALS_MS
 from pipeline.catalog import Namespace, ensure_topics
 from pipeline.errors import PipelineError
 from pipeline.kafka import ReliableProducer
 from pipeline.progress import progress_bar
+from pipeline.ranges import utc_text
 from pipeline.registry import SchemaRegistry
 from pipeline.serde import Encoder
 
-INTERVALS_MS: dict[str, int] = {
-    "1m": 60_000, "5m": 300_000, "15m": 900_000,
-    "1h": 3_600_000, "4h": 14_400_000, "1d": 86_400_000,
-}
 SEED, CRYPTODATADOWNLOAD = "seed", "cryptodatadownload"
 SEED_HEADER = "Date,Symbol,Open,High,Low,Close,Volume"
 CDD_HEADER = "Unix Timestamp,Date,Symbol,Open,High,Low,Close,Volume <BASE>,Volume <QUOTE>"
@@ -145,7 +143,7 @@ def parse_ohlcv_csv(path: str | Path, symbol: str | None = None,
             problems.append(RowProblem(line, str(exc)))
             continue
         if start_ms in seen:
-            problems.append(RowProblem(line, f"duplicate timestamp {_utc(start_ms)}: "
+            problems.append(RowProblem(line, f"duplicate timestamp {utc_text(start_ms)}: "
                                              f"line {seen[start_ms]} has the same time"))
             continue
         seen[start_ms] = line
@@ -156,7 +154,7 @@ def parse_ohlcv_csv(path: str | Path, symbol: str | None = None,
     bars = []
     for line, start_ms, (o, h, low, c, v) in sorted(candidates, key=lambda cand: cand[1]):
         if start_ms % step:
-            problems.append(RowProblem(line, f"time {_utc(start_ms)} is not aligned to the "
+            problems.append(RowProblem(line, f"time {utc_text(start_ms)} is not aligned to the "
                                              f"{name} interval"))
             continue
         bars.append({"symbol": expected, "interval": name, "start_ms": start_ms,
@@ -327,9 +325,6 @@ def _infer_interval(path: Path, candidates: list[tuple[int, int, tuple[str, ...]
     raise PipelineError(f"{path}: rows are mostly {gap / 1000:g} s apart, which is not one of "
                         f"{', '.join(INTERVALS_MS)}; give the interval explicitly")
 
-
-def _utc(ms: int) -> str:
-    return (_EPOCH + ms * _MS).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 # --------------------------------------------------------------------------- publishing

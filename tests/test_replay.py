@@ -29,7 +29,7 @@ from tests.test_ingest import CAPTURE, CAPTURE_SYMBOLS, Producer, status
 from tests.test_topology import cli, up_env  # noqa: F401 - up_env is a fixture
 
 pytestmark = pytest.mark.broker
-LATENESS_MS = 1_000  # 1m bars only: the last bars close within a minute of wall time
+LATENESS_MS = 1_000  # 10s bars: the last bars close within ~15 s of wall time
 
 
 def replay_namespace() -> Namespace:
@@ -52,7 +52,7 @@ args = {{ depth = 10, checkpoint_interval = 1.0 }}
 [[process]]
 name = "bars"
 run = "consumers.bars"
-args = {{ intervals = "1m", lateness_ms = {lateness} }}
+args = {{ intervals = "10s", lateness_ms = {lateness} }}
 
 [[process]]
 name = "strategy"
@@ -107,7 +107,7 @@ def test_a_replay_of_the_real_capture_gives_the_same_books_and_bars(kafka, regis
     book_log = open(tmp_path / "orderbook.log", "w")
     books = subprocess.Popen([sys.executable, "-m", "consumers.orderbook", *common, "--depth", "10",
                               "--checkpoint-interval", "1"], cwd=REPO_ROOT, stderr=book_log)
-    bars = BarsProcess(kafka, registry.url, str(original), tmp_path, "--intervals", "1m",
+    bars = BarsProcess(kafka, registry.url, str(original), tmp_path, "--intervals", "10s",
                        "--lateness-ms", str(LATENESS_MS), "--parquet-root",
                        str(tmp_path / "original-parquet"))
 
@@ -151,9 +151,9 @@ def test_a_replay_of_the_real_capture_gives_the_same_books_and_bars(kafka, regis
         wait_for(lambda: latest_books(kafka, decode, into) == expected_books, 60,
                  "the replay's final books")
 
-        # Bars: every 1m bar of the capture, closed by event time or (the last ones) by the
+        # Bars: every 10s bar of the capture, closed by event time or (the last ones) by the
         # clock, equal in content, count and order per symbol in both runs.
-        builder = BarBuilder(BarSettings(intervals=("1m",), lateness_ms=LATENESS_MS),
+        builder = BarBuilder(BarSettings(intervals=("10s",), lateness_ms=LATENESS_MS),
                              clock=lambda: 0)
         out = Emitted()
         for record in sorted(trades, key=lambda r: (r.partition, r.offset)):
