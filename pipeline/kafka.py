@@ -43,6 +43,10 @@ def consumer_config(bootstrap: str, group_id: str, **overrides: Any) -> dict[str
         "isolation.level": "read_committed",
         "session.timeout.ms": 10000,
         "heartbeat.interval.ms": 1000,
+        # librdkafka waits fetch.queue.backoff.ms (default 1 s) before fetching again once
+        # its local queue has held queued.min.messages (100,000): a group catching up on a
+        # backlog, or a replay, idled a second per refill (200k records: 1.1 s -> 0.16 s).
+        "fetch.queue.backoff.ms": 10,
         "logger": _client_log,
     }
     config.update(overrides)
