@@ -146,7 +146,9 @@ class LocalBroker(DetachedService[BrokerState]):
         self.tools_log_config.write_text(_log4j_properties(self.log_dir / "tools.log", "WARN"))
 
     def _format(self, libs: Path) -> None:
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = "-"
+        while cluster_id.startswith("-"):  # as Kafka's Uuid.randomUuid: "-x" reads as an option
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         cmd = java_command(libs, "kafka.tools.StorageTool", "format", "--cluster-id", cluster_id,
                            "--config", str(self.config_file), log_config=self.tools_log_config)
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
