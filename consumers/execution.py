@@ -793,8 +793,7 @@ def make_group(bootstrap: str, registry_url: str, namespace: Namespace,
         # short fetch wait: partitions that start later (e.g. after an offset reset) join
         # the next fetch without waiting out the broker's hold on an idle one.
         consumer_overrides={"group.instance.id": member, "fetch.wait.max.ms": 50},
-        producer_overrides={"linger.ms": 0, "transaction.timeout.ms": 30000,
-                            "retry.backoff.ms": 5, "retry.backoff.max.ms": 50})
+        producer_overrides={"linger.ms": 0, "transaction.timeout.ms": 30000})
 
 
 def _limit(text: str) -> Decimal | None:
