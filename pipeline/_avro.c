@@ -100,20 +100,14 @@ static PyObject *decode_value(PyObject *prog, Cursor *c) {
             return NULL;
         return PyLong_FromLongLong(v);
     }
-    case OP_FLOAT: {
-        if (c->n - c->p < 4)
-            return truncated();
-        double v = PyFloat_Unpack4((const char *)c->d + c->p, 1);
-        c->p += 4;
-        if (v == -1.0 && PyErr_Occurred())
-            return NULL;
-        return PyFloat_FromDouble(v);
-    }
+    case OP_FLOAT:
     case OP_DOUBLE: {
-        if (c->n - c->p < 8)
+        Py_ssize_t size = op == OP_FLOAT ? 4 : 8;
+        if (c->n - c->p < size)
             return truncated();
-        double v = PyFloat_Unpack8((const char *)c->d + c->p, 1);
-        c->p += 8;
+        const char *at = (const char *)c->d + c->p;
+        double v = op == OP_FLOAT ? PyFloat_Unpack4(at, 1) : PyFloat_Unpack8(at, 1);
+        c->p += size;
         if (v == -1.0 && PyErr_Occurred())
             return NULL;
         return PyFloat_FromDouble(v);
