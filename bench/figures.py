@@ -75,7 +75,23 @@ def report(figures: list[Figure], out_dir: Path) -> Path:
     Console(soft_wrap=True).print(table)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / time.strftime("bench-%Y%m%dT%H%M%S.json")
-    path.write_text(json.dumps({"machine": machine(), "time": time.time(),
+    about = machine()
+    path.write_text(json.dumps({"machine": about, "time": time.time(),
                                 "figures": [asdict(f) | {"ratio": f.ratio} for f in figures]},
                                indent=2))
+    path.with_suffix(".md").write_text(markdown(figures, about))
     return path
+
+
+def markdown(figures: list[Figure], about: dict) -> str:
+    """The same table in Markdown, headed by the machine (what BENCHMARKS.md holds)."""
+    lines = [f"{about['cpu']}, {about['cores']} cores; Python {about['python']}, Apache Kafka "
+             f"{about['kafka']}, confluent-kafka {about['confluent_kafka']} (librdkafka "
+             f"{about['librdkafka']}), fastavro {about['fastavro']}.", "",
+             "| figure | value | unit | events | baseline (same run) | baseline value | ratio "
+             "| target |", "| --- | ---: | --- | ---: | --- | ---: | ---: | --- |"]
+    for f in figures:
+        lines.append(f"| {f.name} | {_number(f.value)} | {f.unit} | {f.events:,} | "
+                     f"{f.baseline} | {_number(f.baseline_value)} | {f.ratio:.2f} | "
+                     f"{f.target} |")
+    return "\n".join(lines) + "\n"

@@ -22,6 +22,8 @@ def test_the_bench_harness_runs_and_writes_its_figures(kafka, registry):
     assert done.returncode == 0, done.stderr
     (new,) = set(results.glob("*.json")) - before
     data = json.loads(new.read_text())
+    table = new.with_suffix(".md").read_text()  # the same figures, for BENCHMARKS.md
+    assert all(f"| {f['name']} |" in table for f in data["figures"])
     assert data["machine"]["cores"] >= 1 and data["machine"]["kafka"].startswith("4.")
     names = {f["name"] for f in data["figures"]}
     assert {"serde encode L2Update", "serde decode L2Update"} <= names
