@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,7 +73,8 @@ def report(figures: list[Figure], out_dir: Path) -> Path:
     for f in figures:
         table.add_row(f.name, _number(f.value), f.unit, f"{f.events:,}", f.baseline,
                       _number(f.baseline_value), f"{f.ratio:.2f}", f.target)
-    Console(soft_wrap=True).print(table)
+    # piped (make bench > file, CI logs): whole lines, not an 80-column squeeze
+    Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240).print(table)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / time.strftime("bench-%Y%m%dT%H%M%S.json")
     about = machine()
