@@ -325,9 +325,10 @@ def load_csv(
                            interval=interval, progress=True, symbol=symbol)
     for problem in report.problems:
         console.print(f"[yellow]skipped[/] line {problem.line}: {problem.reason}", highlight=False)
+    already = f", {report.already} already there" if report.already else ""
     console.print(f"{report.published} {report.interval} {report.symbol} bars published to "
-                  f"{report.topic} ({report.rows_read} rows read, {report.skipped} skipped) in "
-                  f"{report.parse_seconds + report.publish_seconds:.1f}s")
+                  f"{report.topic} ({report.rows_read} rows read, {report.skipped} skipped"
+                  f"{already}) in {report.parse_seconds + report.publish_seconds:.1f}s")
 
 
 bars_app = typer.Typer(no_args_is_help=True, help="OHLCV bars written by the bars group.")

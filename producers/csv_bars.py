@@ -84,6 +84,7 @@ class LoadReport:
     interval: str
     rows_read: int
     published: int
+    already: int  # valid bars that were in the topic already, so not published again
     problems: tuple[RowProblem, ...]
     first_start_ms: int | None
     last_start_ms: int | None
@@ -338,7 +339,12 @@ def load_csv_bars(path: str | Path, bootstrap: str, registry_url: str, namespace
     Records are keyed by symbol (so one symbol's bars stay ordered in one partition),
     carry ``start_ms`` as their Kafka timestamp, and are flushed before returning: any
     record the brokers did not acknowledge raises :class:`~pipeline.errors.DeliveryFailed`.
-    Loading the same file twice publishes its bars twice.
+
+    Loading is idempotent: bars of the symbol and interval already in the topic are not
+    published again (``already`` counts them), so a second load of the same file
+    publishes nothing. A file that disagrees with a bar already there (other prices or
+    volume for the same hour), or whose new bars are older than the newest one there
+    (they would land out of time order), is refused before anything is published.
     """
     began = time.monotonic()
     parsed = parse_ohlcv_csv(path, symbol=symbol, interval=interval)
@@ -346,23 +352,67 @@ def load_csv_bars(path: str | Path, bootstrap: str, registry_url: str, namespace
 
     ensure_topics(bootstrap, namespace, ["bars"])
     topic = namespace.topic("bars")
+    fresh = _not_yet_published(parsed, topic, _published_bars(
+        bootstrap, registry_url, topic, parsed.symbol, parsed.interval))
     encode = Encoder(SchemaRegistry(registry_url), topic)
     producer = ReliableProducer(bootstrap)
-    with progress_bar(bool(progress), len(parsed.bars), f"{parsed.path.name} → {topic}",
+    with progress_bar(bool(progress), len(fresh), f"{parsed.path.name} → {topic}",
                       "bars") as update:
-        for i, bar in enumerate(parsed.bars, 1):
+        for i, bar in enumerate(fresh, 1):
             producer.produce(topic, encode(bar), key=bar["symbol"], timestamp=bar["start_ms"])
             if i % 1000 == 0:
                 producer.poll(0)
                 update(i)
         producer.flush()
-        update(len(parsed.bars))
+        update(len(fresh))
 
     bars = parsed.bars
     return LoadReport(
         path=parsed.path, topic=topic, format=parsed.format, symbol=parsed.symbol,
         interval=parsed.interval, rows_read=parsed.rows, published=producer.tracker.delivered,
-        problems=tuple(parsed.problems),
+        already=len(parsed.bars) - len(fresh), problems=tuple(parsed.problems),
         first_start_ms=bars[0]["start_ms"] if bars else None,
         last_start_ms=bars[-1]["start_ms"] if bars else None,
         parse_seconds=parsed_at - began, publish_seconds=time.monotonic() - parsed_at)
+
+
+_OHLCV = ("end_ms", "open", "high", "low", "close", "volume")
+
+
+def _published_bars(bootstrap: str, registry_url: str, topic: str, symbol: str,
+                    interval: str) -> dict[int, dict]:
+    """start_ms -> bar of ``symbol``/``interval`` already in ``topic``."""
+    from pipeline.replay_source import ReplaySource
+
+    found: dict[int, dict] = {}
+    with ReplaySource(bootstrap, registry_url, [topic]) as source:
+        if source.total:
+            for batch in source.batches():
+                for *_, bar in batch:
+                    if bar["symbol"] == symbol and bar["interval"] == interval:
+                        found[bar["start_ms"]] = bar
+    return found
+
+
+def _not_yet_published(parsed: ParsedCsv, topic: str, published: dict[int, dict]) -> list[dict]:
+    if not published:
+        return parsed.bars
+    fresh = []
+    for bar in parsed.bars:
+        there = published.get(bar["start_ms"])
+        if there is None:
+            fresh.append(bar)
+        elif any(there[k] != bar[k] for k in _OHLCV):
+            field = next(k for k in _OHLCV if there[k] != bar[k])
+            raise PipelineError(
+                f"{parsed.path.name}: {topic} already holds a different {parsed.interval} "
+                f"{parsed.symbol} bar at {utc_text(bar['start_ms'])} ({field} {there[field]} "
+                f"there, {bar[field]} in the file): load it into another namespace")
+    newest = max(published)
+    if fresh and fresh[0]["start_ms"] < newest:
+        raise PipelineError(
+            f"{parsed.path.name}: {len(fresh)} of its bars are not in {topic} yet, the first "
+            f"at {utc_text(fresh[0]['start_ms'])}, before the newest bar there "
+            f"({utc_text(newest)}): they would be out of time order; load them into another "
+            "namespace")
+    return fresh

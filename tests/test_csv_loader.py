@@ -275,6 +275,32 @@ def test_bad_rows_are_never_published(tmp_path, kafka, registry, namespace):
     assert {bar["source"] for bar in bars} == {"bad.csv"}
 
 
+@pytest.mark.broker
+def test_loading_again_publishes_only_what_is_new_and_refuses_a_different_history(
+        tmp_path, kafka, registry, namespace):
+    header = "Date,Symbol,Open,High,Low,Close,Volume\n"
+    rows = [f"2019-07-08 {h:02d}:00:00,BTCUSD,100,101,99,100,{h + 1}\n" for h in range(6)]
+    first = write(tmp_path / "first.csv", header + "".join(reversed(rows[:4])))
+    assert load_csv_bars(first, kafka, registry.url, namespace).published == 4
+    again = load_csv_bars(first, kafka, registry.url, namespace)
+    assert (again.published, again.already) == (0, 4)
+    more = write(tmp_path / "more.csv", header + "".join(reversed(rows)))
+    extended = load_csv_bars(more, kafka, registry.url, namespace)
+    assert (extended.published, extended.already) == (2, 4)
+    other = write(tmp_path / "other.csv", header + rows[0] + rows[1].replace(",100,2", ",100,9"))
+    with pytest.raises(PipelineError, match=r"already holds a different 1h BTCUSD bar at "
+                                            r"2019-07-08 01:00:00 UTC \(volume 2 there, 9"):
+        load_csv_bars(other, kafka, registry.url, namespace)
+    older = write(tmp_path / "older.csv", header + "2019-07-07 23:00:00,BTCUSD,1,1,1,1,1\n"
+                  + rows[0])
+    with pytest.raises(PipelineError, match="out of time order"):
+        load_csv_bars(older, kafka, registry.url, namespace, interval="1h")
+    records = consume(kafka, namespace.topic("bars"), expect=6, timeout=30)
+    decode = Decoder(SchemaRegistry(registry.url))
+    assert [(decode(v)["start_ms"], decode(v)["volume"]) for *_, v in records] == [
+        (ms(f"2019-07-08 {h:02d}:00"), str(h + 1)) for h in range(6)]
+
+
 # --------------------------------------------------------------------------- file errors
 
 
