@@ -69,7 +69,7 @@ import heapq
 from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 from decimal import ROUND_FLOOR, Context, Decimal, localcontext
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from pipeline.errors import PipelineError
 from pipeline.orderbook import L2Book, price_key
@@ -858,30 +858,29 @@ class BookBroker(Broker):
         best_ask, best_bid = book.best_ask(), book.best_bid()
         if bids and best_ask is not None:
             ask = price_key(best_ask[0])[1]
-            while bids and -bids[0][0] >= ask:
-                order = bids[0][2]
-                before = order.filled
-                found = self._match(order, book, when, consumed)
-                if order.filled == before:
-                    break
-                events = (events or []) + found
-                if order.filled == abs(order.size):
-                    heapq.heappop(bids)
-                else:
-                    break
+            events = self._fill_resting(bids, lambda key: -key >= ask, book, when, consumed,
+                                        events)
         if asks and best_bid is not None:
             bid = price_key(best_bid[0])[1]
-            while asks and asks[0][0] <= bid:
-                order = asks[0][2]
-                before = order.filled
-                found = self._match(order, book, when, consumed)
-                if order.filled == before:
-                    break
-                events = (events or []) + found
-                if order.filled == abs(order.size):
-                    heapq.heappop(asks)
-                else:
-                    break
+            events = self._fill_resting(asks, lambda key: key <= bid, book, when, consumed,
+                                        events)
+        return events
+
+    def _fill_resting(self, resting: list, crossed: Callable[[Decimal], bool], book: L2Book,
+                      when: int, consumed: dict, events: list[dict] | None
+                      ) -> list[dict] | None:
+        """Fill one side's resting orders, best first, while the book crosses them; stop at
+        the first that the book cannot fill (whole)."""
+        while resting and crossed(resting[0][0]):
+            order = resting[0][2]
+            before = order.filled
+            found = self._match(order, book, when, consumed)
+            if order.filled == before:
+                break
+            events = (events or []) + found
+            if order.filled != abs(order.size):
+                break
+            heapq.heappop(resting)
         return events
 
     def finish(self, last_event_us: int | None) -> list[dict]:

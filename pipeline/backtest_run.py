@@ -200,12 +200,7 @@ def run_backtest(bootstrap: str, registry_url: str, namespace: Namespace | str,
     output = report.OutputDir(out_dir) if out_dir is not None else None
     began = time.perf_counter()
     try:
-        with ReplaySource(bootstrap, registry_url, names, start_ms=start_ms, end_ms=end_ms,
-                          offsets=offsets) as source:
-            if not source.total:
-                raise PipelineError(f"no records to replay in {', '.join(names)}"
-                                    f"{range_text(start_ms, end_ms, offsets)}: "
-                                    f"{source.describe_empty()}")
+        with _replay(bootstrap, registry_url, names, start_ms, end_ms, offsets) as source:
             show = sys.stderr.isatty() if progress is None else progress
             with stop_on_ctrl_c() as stop, gc_tuned(), \
                     progress_bar(show, source.total, f"backtest {spec_name}") as update:
@@ -240,6 +235,19 @@ def run_backtest(bootstrap: str, registry_url: str, namespace: Namespace | str,
             output.discard()
 
 
+@contextmanager
+def _replay(bootstrap: str, registry_url: str, topics: list[str], start_ms: int | None,
+            end_ms: int | None, offsets: Offsets | None) -> Iterator[ReplaySource]:
+    """The planned replay, or one clear error when the range holds no record."""
+    with ReplaySource(bootstrap, registry_url, topics, start_ms=start_ms, end_ms=end_ms,
+                      offsets=offsets) as source:
+        if not source.total:
+            raise PipelineError(f"no records to replay in {', '.join(topics)}"
+                                f"{range_text(start_ms, end_ms, offsets)}: "
+                                f"{source.describe_empty()}")
+        yield source
+
+
 def _firsts(source: ReplaySource) -> int:
     return sum(p.first for p in source.plan if p.first < p.end)
 
@@ -251,12 +259,7 @@ _WORKER_EVENTS: list | None = None
 
 def _read_all(bootstrap: str, registry_url: str, topics: list[str], start_ms: int | None,
               end_ms: int | None, offsets: Offsets | None) -> list:
-    with ReplaySource(bootstrap, registry_url, topics, start_ms=start_ms, end_ms=end_ms,
-                      offsets=offsets) as source:
-        if not source.total:
-            raise PipelineError(f"no records to replay in {', '.join(topics)}"
-                                f"{range_text(start_ms, end_ms, offsets)}: "
-                                f"{source.describe_empty()}")
+    with _replay(bootstrap, registry_url, topics, start_ms, end_ms, offsets) as source:
         events: list = []
         for batch in source.batches():
             events += batch
@@ -324,12 +327,8 @@ def sweep(bootstrap: str, registry_url: str, namespace: Namespace | str,
                "sample_ms": sample_ms, "book_depth": book_depth}
     make_broker(fill, strategy_id="check", **{k: v for k, v in options.items()
                                                if k != "book_depth"})  # bad settings fail here
-    with ReplaySource(bootstrap, registry_url, names, start_ms=start_ms, end_ms=end_ms,
-                      offsets=offsets) as source:  # unknown topics, empty ranges fail here
-        if not source.total:
-            raise PipelineError(f"no records to replay in {', '.join(names)}"
-                                f"{range_text(start_ms, end_ms, offsets)}: "
-                                f"{source.describe_empty()}")
+    with _replay(bootstrap, registry_url, names, start_ms, end_ms, offsets):
+        pass  # unknown topics and empty ranges fail here, before any process starts
     rows: list[dict[str, Any] | None] = [None] * len(combos)
     workers = max(1, min(workers, len(combos)))
     show = sys.stderr.isatty() if progress is None else progress
