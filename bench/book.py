@@ -65,20 +65,26 @@ def dict_floor(updates: Updates) -> None:
             (bids if c["side"] == "BID" else asks)[c["price"]] = c["quantity"]
 
 
+def apply_to_order_book(book: OrderBook, changes: list[dict]) -> None:
+    """Apply L2 changes to cryptofeed's ``order-book`` with exact ``Decimal`` prices (the
+    peer our book is measured and checked against)."""
+    for c in changes:
+        side = book.bids if c["side"] == "BID" else book.asks
+        price, quantity = Decimal(c["price"]), Decimal(c["quantity"])
+        if quantity == 0:
+            if price in side:
+                del side[price]
+        else:
+            side[price] = quantity
+
+
 def order_book(updates: Updates) -> None:
     books: dict[str, OrderBook] = {}
     for symbol, snapshot, changes in updates:
         book = books.get(symbol)
         if book is None or snapshot:
             book = books[symbol] = OrderBook()
-        for c in changes:
-            side = book.bids if c["side"] == "BID" else book.asks
-            price, quantity = Decimal(c["price"]), Decimal(c["quantity"])
-            if quantity == 0:
-                if price in side:
-                    del side[price]
-            else:
-                side[price] = quantity
+        apply_to_order_book(book, changes)
 
 
 def run(events: int) -> list[Figure]:

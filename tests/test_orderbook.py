@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from order_book import OrderBook
 
+from bench.book import apply_to_order_book
 from consumers.orderbook import OrderbookSettings, make_group
 from pipeline.catalog import ensure_topics
 from pipeline.config import REPO_ROOT
@@ -96,14 +97,7 @@ def test_the_book_equals_cryptofeeds_order_book_on_a_long_generated_stream():
         other = theirs.setdefault(event.symbol, OrderBook())
         changes = [ch("BID" if s == "buy" else "ASK", p, q) for s, p, q in event.changes]
         book.apply_snapshot(changes) if event.snapshot else book.apply(changes)
-        for c in changes:
-            side = other.bids if c["side"] == "BID" else other.asks
-            price, qty = Decimal(c["price"]), Decimal(c["quantity"])
-            if qty == 0:
-                if price in side:
-                    del side[price]
-            else:
-                side[price] = qty
+        apply_to_order_book(other, changes)
         if rng.random() < 0.02:  # check the top often, the whole book sometimes
             bids, asks = book.depth(5)
             assert [(Decimal(p), Decimal(q)) for p, q in bids] == \
