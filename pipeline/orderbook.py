@@ -43,10 +43,6 @@ def price_key(raw: str) -> tuple[str, Decimal]:
     return found
 
 
-def _is_zero(quantity: str) -> bool:
-    return not quantity.strip("0.")
-
-
 class L2Book:
     """One symbol's book. ``bids``/``asks`` map canonical price text to quantity text."""
 
@@ -79,24 +75,28 @@ class L2Book:
         """Apply L2 changes (``{"side": "BID"|"ASK", "price", "quantity"}``): set the
         level's quantity, or remove it when the quantity is zero. Returns the count."""
         bids, asks = self.bids, self.asks
+        bid_heap, ask_heap, prices, push = self._bid_heap, self._ask_heap, _PRICES, heapq.heappush
         n = 0
-        for change in changes:
+        for change in changes:  # the hot loop of every book: kept flat on purpose
             side, raw, quantity = change["side"], change["price"], change["quantity"]
-            found = _PRICES.get(raw) or price_key(raw)
+            found = prices.get(raw) or price_key(raw)
             price = found[0]
             if side == "BID":
-                levels, heap, order = bids, self._bid_heap, -found[1]
+                levels = bids
             elif side == "ASK":
-                levels, heap, order = asks, self._ask_heap, found[1]
+                levels = asks
             else:
                 raise BookError(f"{self.symbol}: unknown side {side!r}")
             if quantity[:1] == "-":
                 raise BookError(f"{self.symbol}: negative quantity {quantity} at {raw}")
-            if _is_zero(quantity):
+            if not quantity.strip("0."):  # zero, however written: remove the level
                 levels.pop(price, None)
             else:
                 if price not in levels:
-                    heapq.heappush(heap, (order, price))
+                    if levels is bids:
+                        push(bid_heap, (-found[1], price))
+                    else:
+                        push(ask_heap, (found[1], price))
                 levels[price] = quantity
             n += 1
         if len(self._bid_heap) > 4 * len(bids) + 64:
