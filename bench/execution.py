@@ -26,7 +26,6 @@ Target: p99 < 20 ms. ``python -m bench.execution relay ...`` runs the relay grou
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -45,7 +44,8 @@ from bench.figures import Figure
 from pipeline.catalog import Namespace, end_offset, ensure_topics
 from pipeline.config import REPO_ROOT
 from pipeline.registry import SchemaRegistry
-from pipeline.runtime import GroupConfig, GroupRunner, Handler, Output, Record
+from pipeline.runtime import (GroupConfig, Handler, Output, Record, group_parser,
+                              run_until_stopped)
 from pipeline.serde import Decoder, Serde
 from pipeline.signing import client_order_id, sign
 
@@ -306,11 +306,7 @@ class Relay(Handler):
 
 
 def relay_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.execution relay")
-    ap.add_argument("--bootstrap", required=True)
-    ap.add_argument("--registry", required=True)
-    ap.add_argument("--namespace", required=True)
-    args = ap.parse_args(argv)
+    args = group_parser("python -m bench.execution relay").parse_args(argv)
     namespace = Namespace(args.namespace)
     decoder = Decoder(SchemaRegistry(args.registry))
     group_id = f"{namespace}.relay"
@@ -322,9 +318,7 @@ def relay_main(argv: list[str]) -> int:
         consumer_overrides={"group.instance.id": f"{group_id}-0", "fetch.wait.max.ms": 50},
         producer_overrides={"linger.ms": 0, "transaction.timeout.ms": 30000,
                             "retry.backoff.ms": 5, "retry.backoff.max.ms": 50})
-    runner = GroupRunner(config, args.bootstrap)
-    runner.install_signal_handlers()
-    runner.run()
+    run_until_stopped(config, args.bootstrap)
     return 0
 
 

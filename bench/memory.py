@@ -18,7 +18,6 @@ The issue asks for 10 million changes; ``python -m bench`` scales it to ``2 x --
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 from bench import groups
 from bench.figures import Figure
 from pipeline.catalog import Namespace, ensure_topics
+from pipeline.runtime import group_parser
 
 MAX_CHANGES = 10_000_000
 SYMBOLS = ["BTCUSD", "ETHUSD", "SOLUSD", "LTCUSD"]
@@ -129,10 +129,7 @@ def _drain(bootstrap: str, group_id: str, namespace: Namespace, topics: list[str
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.memory feed")
-    ap.add_argument("--bootstrap", required=True)
-    ap.add_argument("--registry", required=True)
-    ap.add_argument("--namespace", required=True)
+    ap = group_parser("python -m bench.memory feed")
     ap.add_argument("--changes", type=int, required=True)
     args = ap.parse_args(argv)
     print(json.dumps(feed(args.bootstrap, args.registry, Namespace(args.namespace),

@@ -102,7 +102,6 @@ Run: ``python -m consumers.execution --bootstrap HOST:PORT --registry URL --name
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -126,7 +125,8 @@ from pipeline.kafka import ReliableProducer
 from pipeline.paper import DEFAULT_FEE_RATE, PaperBook
 from pipeline.registry import SchemaRegistry
 from pipeline.risk import BookTop, RiskLimits, RiskState, plain
-from pipeline.runtime import GroupConfig, GroupRunner, Handler, Output, Record
+from pipeline.runtime import (GroupConfig, Handler, Output, Record, group_parser,
+                              log_to_stderr, run_until_stopped)
 from pipeline.serde import Decoder, Serde
 from pipeline.signing import StrategyKeys, read_private_json, verify
 
@@ -804,10 +804,7 @@ def _limit(text: str) -> Decimal | None:
 def main(argv: list[str] | None = None) -> int:
     from pipeline.catalog import ensure_topics
 
-    ap = argparse.ArgumentParser(prog="python -m consumers.execution")
-    ap.add_argument("--bootstrap", required=True)
-    ap.add_argument("--registry", required=True)
-    ap.add_argument("--namespace", required=True)
+    ap = group_parser("python -m consumers.execution")
     ap.add_argument("--mode", choices=MODES, default="paper")
     ap.add_argument("--live", action="store_true", help="confirm live mode: real orders")
     ap.add_argument("--venue-url", help="Gemini's URL [default: sandbox or live for the mode]")
@@ -836,8 +833,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--poll-timeout-ms", type=float, default=5.0,
                     help="how long a batch waits for more records (latency vs. commits/s)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     run_dir = Path(args.run_dir or os.environ.get("PIPELINE_RUN_DIR") or "run")
     try:
         namespace = Namespace(args.namespace)
@@ -867,14 +863,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("execution: mode %s, namespace %s, %r, run dir %s, limits %s", args.mode,
              namespace, keys, run_dir, limits)
-    runner = GroupRunner(config, args.bootstrap)
-    runner.install_signal_handlers()
     try:
-        stats = runner.run()
+        run_until_stopped(config, args.bootstrap)
     except ExecutionHalted as exc:
         log.error("execution halted: %s", exc)
         return 3
-    log.info("execution stopped: %s", stats)
     return 0
 
 

@@ -17,7 +17,6 @@ most one checkpoint interval of records whatever the topic's length.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -31,7 +30,8 @@ from confluent_kafka import Consumer, TopicPartition
 from pipeline.catalog import Namespace
 from pipeline.orderbook import L2Book
 from pipeline.registry import SchemaRegistry
-from pipeline.runtime import GroupConfig, GroupRunner, Handler, Output, Record
+from pipeline.runtime import (GroupConfig, Handler, Output, Record, group_parser,
+                              log_to_stderr, run_until_stopped)
 from pipeline.serde import Decoder, Serde
 
 log = logging.getLogger(__name__)
@@ -291,26 +291,19 @@ def make_group(bootstrap: str, registry_url: str, namespace: Namespace,
 def main(argv: list[str] | None = None) -> int:
     from pipeline.catalog import ensure_topics
 
-    ap = argparse.ArgumentParser(prog="python -m consumers.orderbook")
-    ap.add_argument("--bootstrap", required=True)
-    ap.add_argument("--registry", required=True)
-    ap.add_argument("--namespace", required=True)
+    ap = group_parser("python -m consumers.orderbook")
     ap.add_argument("--group", default=None, help="group id [default: <namespace>.orderbook]")
     ap.add_argument("--depth", type=int, default=10)
     ap.add_argument("--checkpoint-interval", type=float, default=5.0)
     ap.add_argument("--snapshot-interval", type=float, default=1.0)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     namespace = Namespace(args.namespace)
     ensure_topics(args.bootstrap, namespace, ["md.l2", "book.snapshots", "book.health",
                                               "book.checkpoints", "dlq"])
     settings = OrderbookSettings(args.depth, args.snapshot_interval, args.checkpoint_interval)
-    runner = GroupRunner(make_group(args.bootstrap, args.registry, namespace, settings,
-                                    args.group), args.bootstrap)
-    runner.install_signal_handlers()
-    stats = runner.run()
-    log.info("orderbook stopped: %s", stats)
+    run_until_stopped(make_group(args.bootstrap, args.registry, namespace, settings, args.group),
+                      args.bootstrap)
     return 0
 
 

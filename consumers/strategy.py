@@ -15,7 +15,6 @@ One instance per strategy: its state spans all the symbols it trades.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import pickle
@@ -29,7 +28,8 @@ from confluent_kafka import Consumer, TopicPartition
 from pipeline.catalog import Namespace
 from pipeline.errors import PipelineError
 from pipeline.registry import SchemaRegistry
-from pipeline.runtime import GroupConfig, GroupRunner, Handler, Output, Record
+from pipeline.runtime import (GroupConfig, Handler, Output, Record, group_parser,
+                              log_to_stderr, run_until_stopped)
 from pipeline.serde import Decoder, Serde
 from pipeline.signing import StrategyKeys, client_order_id, sign
 from pipeline.strategy import OrderIntent, Strategy, load_strategy
@@ -172,10 +172,7 @@ def make_group(bootstrap: str, registry_url: str, namespace: Namespace, strategy
 def main(argv: list[str] | None = None) -> int:
     from pipeline.catalog import ensure_topics
 
-    ap = argparse.ArgumentParser(prog="python -m consumers.strategy")
-    ap.add_argument("--bootstrap", required=True)
-    ap.add_argument("--registry", required=True)
-    ap.add_argument("--namespace", required=True)
+    ap = group_parser("python -m consumers.strategy")
     ap.add_argument("--strategy", default="pipeline.strategy:SmaCross", help="module:Class")
     ap.add_argument("--params", default="{}", help="JSON object of strategy parameters")
     ap.add_argument("--inputs", default="bars", help="comma-separated: bars, book.snapshots, "
@@ -183,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategy-keys", help="0600 JSON file {strategy_id: secret}")
     ap.add_argument("--instance", type=int, default=0)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     strategy = load_strategy(args.strategy, json.loads(args.params))
     key = StrategyKeys.load(args.strategy_keys).key(strategy.strategy_id)
     if key is None:
@@ -193,11 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     namespace = Namespace(args.namespace)
     inputs = [s.strip() for s in args.inputs.split(",") if s.strip()]
     ensure_topics(args.bootstrap, namespace, [*inputs, "orders.requests", "strategy.state", "dlq"])
-    runner = GroupRunner(make_group(args.bootstrap, args.registry, namespace, strategy, key,
-                                    inputs, args.instance), args.bootstrap)
-    runner.install_signal_handlers()
-    stats = runner.run()
-    log.info("strategy stopped: %s", stats)
+    run_until_stopped(make_group(args.bootstrap, args.registry, namespace, strategy, key, inputs,
+                                 args.instance), args.bootstrap)
     return 0
 
 

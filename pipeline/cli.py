@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -869,8 +868,9 @@ def version() -> None:
 
 
 def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.runtime import log_to_stderr
+
+    log_to_stderr(level)
 
 
 def main() -> None:

@@ -18,8 +18,10 @@ committed, the handler flushes, and the consumer leaves the group before exit.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -378,3 +380,31 @@ class GroupRunner:
 
 def _fmt(partitions: list[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def log_to_stderr(level: int | str = logging.INFO) -> None:
+    """The one log format of every process (one file per process under the run dir)."""
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def group_parser(prog: str, description: str | None = None) -> argparse.ArgumentParser:
+    """The command line every group's ``python -m`` entry point starts from: where Kafka,
+    the registry and its namespace are (the supervisor passes all three)."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers")
+    ap.add_argument("--registry", required=True, help="schema registry URL")
+    ap.add_argument("--namespace", required=True, help="topic namespace (sim, live, ...)")
+    return ap
+
+
+def run_until_stopped(config: GroupConfig, bootstrap: str) -> GroupStats:
+    """Run a group in this process until SIGTERM or Ctrl-C, as the supervisor runs it."""
+    runner = GroupRunner(config, bootstrap)
+    runner.install_signal_handlers()
+    stats = runner.run()
+    log.info("group %s stopped: %s", config.group_id, stats)
+    return stats

@@ -33,6 +33,7 @@ from pipeline.config import REPO_ROOT, Settings, ensure_writable_dir
 from pipeline.errors import PipelineError
 from pipeline.registry_server import LocalRegistry
 from pipeline.services import alive, require_free_port, runs_command, terminate
+from pipeline.runtime import log_to_stderr
 from pipeline.topology import Process, Topology
 
 log = logging.getLogger(__name__)
@@ -420,8 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay-topics")
     ap.add_argument("--run-dir", required=True)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     settings = Settings.from_env(args.run_dir)
     loaded = topology_module.load(args.topology, args.overlay)
     if args.replay_from:
