@@ -386,9 +386,14 @@ def _fmt(partitions: list[TopicPartition]) -> str:
 
 
 def log_to_stderr(level: int | str = logging.INFO) -> None:
-    """The one log format of every process (one file per process under the run dir)."""
+    """The one log format of every process (one file per process under the run dir). A
+    later call sets the level: ``pipeline`` starts at WARNING and a long-running command
+    (``produce gemini``, ``venue``, ``run``) raises it to INFO, which ``basicConfig``
+    alone, a no-op once configured, silently did not (the producer's progress lines were
+    missing from its log)."""
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
 
 
 def group_parser(prog: str, description: str | None = None) -> argparse.ArgumentParser:
