@@ -1110,11 +1110,15 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - name the strategy and the input
             raise self._failure("on_book", event, exc) from exc
 
-    def _l2(self, update: dict, event: Event):
-        symbol = update["symbol"]
+    def _book(self, symbol: str) -> L2Book:
         book = self.books.get(symbol)
         if book is None:
             book = self.books[symbol] = L2Book(symbol)
+        return book
+
+    def _l2(self, update: dict, event: Event):
+        symbol = update["symbol"]
+        book = self._book(symbol)
         changes = update["changes"]
         depth = self.book_depth
         if update["snapshot"]:
@@ -1157,16 +1161,11 @@ class Engine:
                     "published_ts_us": received, "source_partition": event[2],
                     "source_offset": event[3], "connection_id": update["connection_id"],
                     "sequence": update["sequence"]}
-        try:
-            return self.strategy.on_book(snapshot)
-        except Exception as exc:  # noqa: BLE001 - name the strategy and the input
-            raise self._failure("on_book", event, exc) from exc
+        return self._call_on_book(snapshot, event)
 
     def _snapshot(self, snapshot: dict, event: Event):
         symbol = snapshot["symbol"]
-        book = self.books.get(symbol)
-        if book is None:
-            book = self.books[symbol] = L2Book(symbol)
+        book = self._book(symbol)
         book.apply_snapshot([{"side": "BID", "price": level["price"], "quantity": level["quantity"]}
                              for level in snapshot["bids"]] +
                             [{"side": "ASK", "price": level["price"], "quantity": level["quantity"]}
