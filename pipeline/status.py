@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,62 +110,63 @@ def _execution_mode(state: dict) -> str:
     return "not running"
 
 
-def _metric(name: str, kind: str, help_text: str, value: object, labels: str = "") -> list[str]:
-    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{labels} {value}"]
+Sample = tuple[dict[str, object], object]  # labels, value
+
+
+def _family(name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> list[str]:
+    """One metric family: its HELP and TYPE lines, then a line per sample."""
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        lines.append(f"{name}{{{text}}} {value}" if text else f"{name} {value}")
+    return lines
 
 
 def prometheus(snapshot: Snapshot, namespace: str) -> str:
     """The snapshot in Prometheus' text exposition format."""
-    lines = ["# HELP pipeline_process_up 1 if the supervised process is running.",
-             "# TYPE pipeline_process_up gauge"]
-    for p in snapshot.processes:
-        lines.append(f'pipeline_process_up{{process="{p["name"]}"}} {int(p["up"])}')
-    lines += ["# HELP pipeline_process_restarts_total Restarts by the supervisor.",
-              "# TYPE pipeline_process_restarts_total counter"]
-    for p in snapshot.processes:
-        lines.append(f'pipeline_process_restarts_total{{process="{p["name"]}"}} {p["restarts"]}')
-    lines += ["# HELP pipeline_topic_end_offset End offset of a topic partition.",
-              "# TYPE pipeline_topic_end_offset gauge"]
-    for topic, ends in snapshot.topics.items():
-        for partition, end in enumerate(ends):
-            lines.append(f'pipeline_topic_end_offset{{topic="{topic}",partition="{partition}"}} {end}')
-    lines += ["# HELP pipeline_topic_records_per_second Records appended per second to a "
-              "topic partition, between the last two collections.",
-              "# TYPE pipeline_topic_records_per_second gauge"]
-    for topic in snapshot.topics:
-        for label, rate in snapshot.partition_rates.get(topic, {}).items():
-            lines.append(f'pipeline_topic_records_per_second{{topic="{topic}",'
-                         f'partition="{split_label(label)[1]}"}} {rate:.3f}')
-    lines += ["# HELP pipeline_group_lag Records a consumer group has yet to commit.",
-              "# TYPE pipeline_group_lag gauge"]
-    for group, data in snapshot.groups.items():
-        for tp, lag in data["lag"].items():
+    processes, topics, groups = snapshot.processes, snapshot.topics, snapshot.groups
+    rates = snapshot.partition_rates
+
+    def per_partition(group: str):
+        for tp, value in groups[group]["lag"].items():
             topic, partition = split_label(tp)
-            lines.append(f'pipeline_group_lag{{group="{group}",topic="{topic}",'
-                         f'partition="{partition}"}} {lag}')
-    lines += ["# HELP pipeline_group_members Members of a consumer group.",
-              "# TYPE pipeline_group_members gauge"]
-    for group, data in snapshot.groups.items():
-        lines.append(f'pipeline_group_members{{group="{group}"}} {data["members"]}')
-    lines += ["# HELP pipeline_group_records_per_second Records a consumer group committed "
-              "per second on a partition, between the last two collections.",
-              "# TYPE pipeline_group_records_per_second gauge"]
-    for group in snapshot.groups:
-        for tp, rate in snapshot.partition_rates.get(group, {}).items():
-            topic, partition = split_label(tp)
-            lines.append(f'pipeline_group_records_per_second{{group="{group}",topic="{topic}",'
-                         f'partition="{partition}"}} {rate:.3f}')
+            yield {"group": group, "topic": topic, "partition": partition}, value
+
+    lines = _family("pipeline_process_up", "gauge", "1 if the supervised process is running.",
+                    (({"process": p["name"]}, int(p["up"])) for p in processes))
+    lines += _family("pipeline_process_restarts_total", "counter", "Restarts by the supervisor.",
+                     (({"process": p["name"]}, p["restarts"]) for p in processes))
+    lines += _family("pipeline_topic_end_offset", "gauge", "End offset of a topic partition.",
+                     (({"topic": t, "partition": i}, end)
+                      for t, ends in topics.items() for i, end in enumerate(ends)))
+    lines += _family("pipeline_topic_records_per_second", "gauge",
+                     "Records appended per second to a topic partition, between the last two "
+                     "collections.",
+                     (({"topic": t, "partition": split_label(label)[1]}, f"{rate:.3f}")
+                      for t in topics for label, rate in rates.get(t, {}).items()))
+    lines += _family("pipeline_group_lag", "gauge", "Records a consumer group has yet to commit.",
+                     (sample for g in groups for sample in per_partition(g)))
+    lines += _family("pipeline_group_members", "gauge", "Members of a consumer group.",
+                     (({"group": g}, data["members"]) for g, data in groups.items()))
+    lines += _family("pipeline_group_records_per_second", "gauge",
+                     "Records a consumer group committed per second on a partition, between "
+                     "the last two collections.",
+                     (({"group": g, "topic": split_label(tp)[0],
+                        "partition": split_label(tp)[1]}, f"{rate:.3f}")
+                      for g in groups for tp, rate in rates.get(g, {}).items()))
     if snapshot.producer is not None:
         producer = snapshot.producer
-        lines += _metric("pipeline_producer_last_message_age_seconds", "gauge",
-                         "Seconds since the producer's last message.", f'{producer["age_s"]:.3f}')
-        lines += _metric("pipeline_producer_frames_total", "counter",
-                         "WebSocket frames the producer received.", producer.get("frames", 0))
-        lines += _metric("pipeline_producer_reconnects_total", "counter",
-                         "Reconnections of the producer.", producer.get("reconnects", 0))
-    lines += _metric("pipeline_execution_kill_switch", "gauge",
+        lines += _family("pipeline_producer_last_message_age_seconds", "gauge",
+                         "Seconds since the producer's last message.",
+                         [({}, f'{producer["age_s"]:.3f}')])
+        lines += _family("pipeline_producer_frames_total", "counter",
+                         "WebSocket frames the producer received.",
+                         [({}, producer.get("frames", 0))])
+        lines += _family("pipeline_producer_reconnects_total", "counter",
+                         "Reconnections of the producer.", [({}, producer.get("reconnects", 0))])
+    lines += _family("pipeline_execution_kill_switch", "gauge",
                      "1 while the kill switch file exists.",
-                     int(snapshot.execution["kill_switch"]))
-    lines += _metric("pipeline_info", "gauge", "The namespace and the execution mode.", 1,
-                     f'{{namespace="{namespace}",mode="{snapshot.execution["mode"]}"}}')
+                     [({}, int(snapshot.execution["kill_switch"]))])
+    lines += _family("pipeline_info", "gauge", "The namespace and the execution mode.",
+                     [({"namespace": namespace, "mode": snapshot.execution["mode"]}, 1)])
     return "\n".join(lines) + "\n"
