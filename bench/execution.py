@@ -314,7 +314,7 @@ def relay_main(argv: list[str]) -> int:
         group_id=group_id, topics=[namespace.topic("orders.requests"),
                                    namespace.topic("book.snapshots")],
         dead_letter_topic=namespace.topic("dlq"), handler=lambda: Relay(namespace, decoder),
-        batch_size=500, poll_timeout_s=0.005, transactional_id=f"{group_id}-0",
+        batch_size=500, transactional_id=f"{group_id}-0",
         consumer_overrides={"group.instance.id": f"{group_id}-0", "fetch.wait.max.ms": 50},
         producer_overrides={"linger.ms": 0, "transaction.timeout.ms": 30000})
     run_until_stopped(config, args.bootstrap)

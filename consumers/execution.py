@@ -169,7 +169,6 @@ class ExecutionSettings:
     kill_switch_file: Path | None = None  # default: <run_dir>/kill-switch
     restore_timeout_s: float = 60.0  # waiting for a dead member's open transaction to end
     batch_size: int | None = None  # default: 500 for paper, 10 when orders go over HTTP
-    poll_timeout_s: float = 0.005
     instance: str = "0"  # with the group id: transactional.id and group.instance.id
 
     @property
@@ -788,7 +787,7 @@ def make_group(bootstrap: str, registry_url: str, namespace: Namespace,
         handler=lambda: ExecutionHandler(namespace, serde, bootstrap, settings, keys,
                                          credentials, clock_ms),
         decoder=Decoder(registry), batch_size=batch_size,
-        poll_timeout_s=settings.poll_timeout_s, transactional_id=member,
+        transactional_id=member,
         # Static membership: a restarted instance takes its partitions back at once. A
         # short fetch wait: partitions that start later (e.g. after an offset reset) join
         # the next fetch without waiting out the broker's hold on an idle one.
@@ -830,8 +829,6 @@ def main(argv: list[str] | None = None) -> int:
                     default=RiskLimits.max_book_age_ms / 1000, help="seconds, or off")
     ap.add_argument("--follow-interval", type=float, default=2.0)
     ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--poll-timeout-ms", type=float, default=5.0,
-                    help="how long a batch waits for more records (latency vs. commits/s)")
     args = ap.parse_args(argv)
     log_to_stderr()
     run_dir = Path(args.run_dir or os.environ.get("PIPELINE_RUN_DIR") or "run")
@@ -851,8 +848,7 @@ def main(argv: list[str] | None = None) -> int:
             live_confirmed=args.live, gemini_rate_per_s=args.gemini_rate,
             gemini_burst=args.gemini_burst or max(1, int(args.gemini_rate)),
             follow_interval_s=args.follow_interval, batch_size=args.batch_size,
-            instance=args.instance,
-            poll_timeout_s=args.poll_timeout_ms / 1000)
+            instance=args.instance)
         check_mode(namespace, settings, credentials)
         ensure_topics(args.bootstrap, namespace, ["orders.requests", "book.snapshots",
                                                   "orders.events", "orders.seen", "dlq"])
