@@ -119,7 +119,7 @@ def compile_writer(schema: Any) -> Callable[[Any, bytes], bytes]:
     compiled = compiler.value(_strip_logical(schema), None)
     if compiler.ambiguous:
         raise Unsupported("a union whose branches overlap")
-    return lambda value, prefix: _encode(compiled, value, prefix)
+    return partial(_encode, compiled)
 
 
 def compile_reader(schema: Any) -> Reader:
