@@ -97,3 +97,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real Gemini data not found at {SHARED_DATA} (../shared/data beside the repo)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def up_env(kafka, registry, tmp_path):
+    """The environment for `pipeline up` on the session's cluster, in a run dir of this test;
+    the topology is brought down afterwards, whatever happened."""
+    from tests.support.processes import cli, cluster_env
+
+    env = cluster_env(kafka, registry.url, PIPELINE_RUN_DIR=str(tmp_path / "run"))
+    yield env
+    cli("down", env=env, timeout=200)

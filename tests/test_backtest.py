@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
-import subprocess
-import sys
 import warnings
 from decimal import Decimal
 
@@ -30,6 +27,7 @@ from consumers.strategy import StrategyError, StrategyHandler
 from pipeline.backtest import (BAR, L2, EventMerger, backtest_events, event_time_us)
 from pipeline.backtest_run import run_backtest, sweep
 from pipeline.catalog import Namespace, ensure_topics
+from pipeline.config import REPO_ROOT
 from pipeline.errors import PipelineError
 from pipeline.kafka import ReliableProducer
 from pipeline.registry import SchemaRegistry
@@ -38,6 +36,7 @@ from pipeline.serde import Encoder
 from pipeline.strategy import FULL_EQUITY, OrderIntent, SmaCross, Strategy
 from producers.csv_bars import load_csv_bars
 from tests.conftest import SHARED_DATA
+from tests.support.processes import cli, cluster_env
 
 CSV = SHARED_DATA / "BTCUSD_GEMINI_1h.csv"
 SMA = "pipeline.strategy:SmaCross"
@@ -528,10 +527,9 @@ def test_book_snapshot_records_and_trades_replay_too():
 
 
 def pipeline_cli(kafka: str, registry, *args: str, timeout: float = 240):
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka, "SCHEMA_REGISTRY_URL": registry.url,
-           "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    # PYTHONPATH: the test strategies live in tests/, as a user's would in their own package
+    return cli(*args, env=cluster_env(kafka, registry.url, COLUMNS="200",
+                                      PYTHONPATH=str(REPO_ROOT)), timeout=timeout)
 
 
 @pytest.mark.broker

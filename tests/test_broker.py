@@ -6,7 +6,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,7 @@ from pipeline.config import REPO_ROOT, Settings
 from pipeline.errors import DeliveryFailed, PipelineError
 from pipeline.kafka import ReliableProducer
 from tests.support.kafka_io import produce_json, read_all
-
-PIPELINE = str(Path(sys.executable).parent / "pipeline")
+from tests.support.processes import PIPELINE
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -5,19 +5,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 import requests
 
 from pipeline.catalog import ensure_topics
-from pipeline.config import REPO_ROOT
 from pipeline.deadletter import STAGE_INGEST, parse_dead_letter
 from pipeline.gemini.capture import received_frames
 from pipeline.gemini.marketdata import FrameError, SequenceGap, V1Normalizer, V2Normalizer
@@ -28,43 +22,8 @@ from pipeline.venue.server import MALFORMED, RunningVenue, VenueConfig
 from tests.support.books import books_from_capture, books_from_records
 from tests.support.waiting import wait_for
 from tests.support.kafka_io import read_all
-
-CAPTURE = "gemini_v2_l2_capture_2021-06-24.txt"
-CAPTURE_SYMBOLS = ["BTCGBP", "LINKETH", "FILUSD", "ZECLTC", "BATBTC", "ETHEUR", "LTCETH",
-                   "GRTUSD", "ANKRUSD", "ALCXUSD"]
-PIPELINE = str(Path(sys.executable).parent / "pipeline")
-
-
-class Producer:
-    """`pipeline produce gemini` as its own process."""
-
-    def __init__(self, kafka: str, registry_url: str, namespace, url: str, symbols: list[str],
-                 tmp_path: Path, protocol: str = "v2", heartbeat_timeout: float = 10.0) -> None:
-        self.log = tmp_path / f"producer-{time.monotonic_ns()}.log"
-        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka, "SCHEMA_REGISTRY_URL": registry_url}
-        self._log_file = open(self.log, "w")
-        self.proc = subprocess.Popen(
-            [PIPELINE, "produce", "gemini", "--run-dir", str(tmp_path), "-n", str(namespace),
-             "--url", url, "--symbols", ",".join(symbols), "--protocol", protocol,
-             "--heartbeat-timeout", str(heartbeat_timeout)],
-            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=self._log_file, text=True)
-
-    def stop(self) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            out, _ = self.proc.communicate(timeout=60)
-        finally:
-            self._log_file.close()
-        return self.proc.returncode, out
-
-    def log_text(self) -> str:
-        return self.log.read_text()
-
-
-def status(venue: RunningVenue) -> dict:
-    return requests.get(f"{venue.http_url}/_venue/status", timeout=5).json()
-
+from tests.support.processes import CAPTURE, CAPTURE_SYMBOLS, Producer
+from tests.support.processes import venue_status as status
 
 def decoded(kafka: str, registry_url: str, topic: str, expect: int | None = None) -> list[dict]:
     decode = Decoder(SchemaRegistry(registry_url))

@@ -25,8 +25,8 @@ from pipeline.venue.server import RunningVenue, VenueConfig
 from tests.support.bars_group import BarsProcess, read_records
 from tests.support.kafka_io import produce_raw, read_all
 from tests.support.waiting import wait_for
-from tests.test_ingest import CAPTURE, CAPTURE_SYMBOLS, Producer, status
-from tests.test_topology import cli, up_env  # noqa: F401 - up_env is a fixture
+from tests.support.processes import CAPTURE, CAPTURE_SYMBOLS, Producer, cli
+from tests.support.processes import venue_status as status
 
 pytestmark = pytest.mark.broker
 LATENESS_MS = 1_000  # 10s bars: the last bars close within ~15 s of wall time

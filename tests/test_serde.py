@@ -27,10 +27,10 @@ from pipeline.registry import IncompatibleSchema, RegistryError, SchemaRegistry
 from pipeline.runtime import GroupConfig, GroupRunner, Handler, Record
 from pipeline.serde import HEADER, Decoder, Encoder, Serde, SerdeError
 from tests.support.kafka_io import read_all
+from tests.support.processes import PIPELINE
 from tests.support.records import SAMPLES
 
 CAPTURE = "gemini_v2_l2_capture_2021-06-24.txt"
-PIPELINE = str(Path(sys.executable).parent / "pipeline")
 AVRO_TOPICS = [t for t in TOPICS if t.value_schema]
 
 

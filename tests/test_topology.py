@@ -6,8 +6,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,9 +17,9 @@ from pipeline.config import REPO_ROOT
 from pipeline.errors import PipelineError
 from pipeline.services import alive, free_port
 from tests.support.kafka_io import produce_raw, read_all
+from tests.support.processes import cli
 from tests.support.waiting import wait_for
 
-PIPELINE = str(Path(sys.executable).parent / "pipeline")
 CAPTURE = "gemini_v2_l2_capture_2021-06-24.txt"
 
 
@@ -116,19 +114,6 @@ name = "monitor.spread"
 name = "spread-monitor"
 run = "consumers.examples.spread_monitor:make_group"
 """
-
-
-def cli(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([PIPELINE, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=REPO_ROOT)
-
-
-@pytest.fixture
-def up_env(kafka, registry, tmp_path):
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka, "SCHEMA_REGISTRY_URL": registry.url,
-           "PIPELINE_RUN_DIR": str(tmp_path / "run")}
-    yield env
-    cli("down", env=env, timeout=200)
 
 
 @pytest.mark.broker
