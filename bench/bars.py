@@ -25,10 +25,9 @@ from bench.figures import Figure, best_rate
 from consumers.bars import BarsHandler, make_group
 from pipeline.bars import build_bars
 from pipeline.catalog import Namespace, ensure_topics
-from pipeline.kafka import ReliableProducer
 from pipeline.registry import SchemaRegistry
 from pipeline.runtime import GroupRunner
-from pipeline.serde import Decoder, Encoder
+from pipeline.serde import Decoder, publish
 
 SYMBOLS = ["BTCUSD", "ETHUSD", "SOLUSD", "LTCUSD"]
 START_MS = 1_624_492_800_000  # 2021-06-24 00:00 UTC
@@ -121,13 +120,7 @@ def run(bootstrap: str, registry_url: str, events: int) -> list[Figure]:
     namespace = Namespace(f"sim-benchbars{int(time.time())}")
     ensure_topics(bootstrap, namespace, ["md.trades", "bars", "bars.late", "dlq"])
     topic = namespace.topic("md.trades")
-    encode = Encoder(SchemaRegistry(registry_url), topic)
-    producer = ReliableProducer(bootstrap)
-    for i, t in enumerate(data):
-        producer.produce(topic, encode(t), t["symbol"])
-        if i % 5000 == 0:
-            producer.poll(0)
-    producer.flush()
+    publish(bootstrap, registry_url, topic, data)
     decode_rate = _consume_decode(bootstrap, registry_url, topic, total)
 
     root = Path(tempfile.mkdtemp(prefix="bench-bars-"))

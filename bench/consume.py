@@ -29,9 +29,9 @@ from pipeline.backtest_run import gc_tuned
 from pipeline.broker import java_command, kafka_libs
 from pipeline.catalog import Namespace, ensure_topics
 from pipeline.errors import PipelineError
-from pipeline.kafka import ReliableProducer, consumer_config
+from pipeline.kafka import consumer_config
 from pipeline.registry import SchemaRegistry
-from pipeline.serde import Decoder, Encoder
+from pipeline.serde import Decoder, publish
 
 PERF_TOOL = "org.apache.kafka.tools.ConsumerPerformance"
 
@@ -46,13 +46,7 @@ def fresh_l2_topic(bootstrap: str, label: str) -> str:
 def produce_l2(bootstrap: str, registry_url: str, records: list[dict], label: str) -> str:
     """A fresh ``md.l2`` topic holding ``records``, encoded and keyed as the producer does."""
     topic = fresh_l2_topic(bootstrap, label)
-    encode = Encoder(SchemaRegistry(registry_url), topic)
-    producer = ReliableProducer(bootstrap)
-    for i, record in enumerate(records):
-        producer.produce(topic, encode(record), key=record["symbol"])
-        if i % 1000 == 0:
-            producer.poll(0)
-    producer.flush()
+    publish(bootstrap, registry_url, topic, records)
     return topic
 
 

@@ -153,6 +153,23 @@ class Decoder:
         return plan
 
 
+def publish(bootstrap: str, registry_url: str, topic: str, records: Iterable[dict],
+            key: str = "symbol") -> int:
+    """Encode ``records`` for ``topic`` and produce them in order, keyed by their ``key``
+    field, as the producer does; flushed (an undelivered record raises). Returns the count."""
+    from pipeline.kafka import ReliableProducer
+
+    encode = Encoder(SchemaRegistry(registry_url), topic)
+    producer = ReliableProducer(bootstrap)
+    n = 0
+    for n, record in enumerate(records, 1):
+        producer.produce(topic, encode(record), key=record[key])
+        if n % 1000 == 0:
+            producer.poll(0)
+    producer.flush()
+    return n
+
+
 class Serde:
     """Encoders and a decoder sharing one registry connection."""
 

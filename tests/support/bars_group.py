@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 from pipeline.config import REPO_ROOT
-from pipeline.kafka import ReliableProducer
 from pipeline.registry import SchemaRegistry
-from pipeline.serde import Decoder, Encoder
+from pipeline.serde import Decoder, publish
 from tests.support.kafka_io import read_all
 
 HOUR = 3_600_000
@@ -53,13 +52,7 @@ def trade(symbol: str, tid: int, ts: int, price: str, qty: str, side: str,
 
 
 def produce_trades(kafka: str, registry_url: str, topic: str, trades: list[dict]) -> None:
-    encode = Encoder(SchemaRegistry(registry_url), topic)
-    producer = ReliableProducer(kafka)
-    for i, t in enumerate(trades):
-        producer.produce(topic, encode(t), t["symbol"])
-        if i % 5000 == 0:
-            producer.poll(0)
-    producer.flush()
+    publish(kafka, registry_url, topic, trades)
 
 
 def read_records(kafka: str, registry_url: str, topic: str, **kw) -> list[dict]:
