@@ -1,11 +1,9 @@
 """The ``orderbook`` consumer group: L2 updates in, books kept, depth-N snapshots out.
 
-For each symbol of its partitions it applies ``md.l2`` records to an :class:`L2Book` and
-publishes ``BookSnapshot`` records (compacted, keyed by symbol) whenever the top of book
-changes and at least every ``snapshot_interval_s`` while anything changes. A crossed
-book, a locked book, a change before any snapshot and a resnapshot are logged, counted
-and published as ``BookHealthEvent``s; a crossed book is dropped and waits for the next
-snapshot instead of inventing state.
+The rules (snapshots, changes before a snapshot, crossed and locked books, when a
+``BookSnapshot`` is published) are :mod:`pipeline.market.book_policy`'s, the very rules the
+backtest engine and paper execution follow; this group publishes the snapshots (compacted,
+keyed by symbol) and ``BookHealthEvent``s the policy reports, logging and counting them.
 
 Restore without replaying the topic: every ``checkpoint_interval_s`` each book touched
 since the last checkpoint is written whole to ``book.checkpoints`` (compacted) with the
@@ -28,7 +26,7 @@ from typing import Callable, Iterable
 from confluent_kafka import Consumer, TopicPartition
 
 from pipeline.catalog import Namespace
-from pipeline.orderbook import L2Book
+from pipeline.market.book_policy import TOP_CHANGED, BookPolicy, Health, Source
 from pipeline.registry import SchemaRegistry
 from pipeline.runtime import (GroupConfig, Handler, Output, Record, group_parser,
                               log_to_stderr, run_until_stopped)
@@ -44,19 +42,10 @@ class OrderbookSettings:
     checkpoint_interval_s: float = 5.0
 
 
-@dataclass
-class _Source:
-    """Where a book's state comes from: the last applied record."""
-
-    partition: int = -1
-    offset: int = -1
-    connection_id: str = ""
-    sequence: int = -1
-    received_ts_us: int = 0
-    exchange_ts_ms: int | None = None
-
-
 class OrderbookHandler(Handler):
+    """Kafka around :class:`~pipeline.market.book_policy.BookPolicy`: it publishes what the
+    policy says, checkpoints the books and restores them."""
+
     def __init__(self, namespace: Namespace, serde: Serde, bootstrap: str,
                  settings: OrderbookSettings = OrderbookSettings(),
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -66,17 +55,14 @@ class OrderbookHandler(Handler):
                                                        "book.checkpoints")}
         self.encode = {n: serde.encoder(t) for n, t in self.topics.items()}
         self.checkpoint_decoder = serde.decoder()
-        self.books: dict[str, L2Book] = {}
-        self.sources: dict[str, _Source] = {}
+        self.policy = BookPolicy(settings.depth, int(settings.snapshot_interval_s * 1e6))
+        self.books = self.policy.books
         self.counts: Counter = Counter()
-        self._top: dict[str, tuple] = {}
-        self._changed: set[str] = set()  # since the last snapshot publication
         self._touched: set[str] = set()  # since the last checkpoint
-        self._waiting: set[str] = set()  # reported as waiting for a snapshot
         self._restored: dict[str, int] = {}  # symbol -> checkpointed offset
         self._read: dict[int, int] = {}  # partition -> next offset read
         self._checkpointed: dict[int, int] = {}  # partition -> offset the checkpoints cover
-        self._last_snapshot = self._last_checkpoint = clock()
+        self._last_checkpoint = clock()
 
     # -- records
 
@@ -86,89 +72,33 @@ class OrderbookHandler(Handler):
         self._read[record.partition] = record.offset + 1
         if record.offset <= self._restored.get(symbol, -1):
             return ()  # already inside the restored checkpoint
-        book = self.books.get(symbol)
-        if book is None:
-            book = self.books[symbol] = L2Book(symbol)
-        out: list[Output] = []
-        if update["snapshot"]:
-            if book.has_snapshot:
-                out.append(self._health(record, book, "RESNAPSHOT",
-                                        f"new snapshot on connection {update['connection_id']} "
-                                        f"replaces the book"))
-            book.apply_snapshot(update["changes"])
-            self._waiting.discard(symbol)
-        elif not book.has_snapshot:
-            self.counts["change_before_snapshot"] += 1
-            if symbol not in self._waiting:  # once per wait, not once per record
-                self._waiting.add(symbol)
-                out.append(self._health(record, book, "CHANGE_BEFORE_SNAPSHOT",
-                                        "changes ignored until the next snapshot"))
-            self._note_source(symbol, record)
-            return out
-        else:
-            book.apply(update["changes"])
-        self._note_source(symbol, record)
-        state = book.state()
-        if state in ("crossed", "locked"):
-            kind = state.upper()
-            bid, ask = book.best_bid(), book.best_ask()
-            detail = f"best bid {bid[0]} x {bid[1]}, best ask {ask[0]} x {ask[1]}"
-            if state == "crossed":
-                detail += "; book dropped, waiting for the next snapshot"
-            out.append(self._health(record, book, kind, detail))
-            if state == "crossed":
-                book.clear()  # no invented state: wait for the next snapshot
-                self._waiting.add(symbol)
-        top = (book.best_bid(), book.best_ask())
-        if top != self._top.get(symbol):
-            self._top[symbol] = top
-            out.append(self._snapshot(symbol))
-        else:
-            self._changed.add(symbol)
-        return out
-
-    def _note_source(self, symbol: str, record: Record) -> None:
-        update = record.value
-        self.sources[symbol] = _Source(record.partition, record.offset, update["connection_id"],
-                                       update["sequence"], update["received_ts_us"],
-                                       update["exchange_ts_ms"])
+        code, health = self.policy.apply(update, record.partition, record.offset)
         self._touched.add(symbol)
+        out = [self._health(record, symbol, h) for h in health]
+        if code == TOP_CHANGED:
+            out.append(self._snapshot(symbol))
+        return out
 
     # -- outputs
 
     def _snapshot(self, symbol: str) -> Output:
-        book, source = self.books[symbol], self.sources[symbol]
-        bids, asks = book.depth(self.settings.depth)
-        self._changed.discard(symbol)
-        self.counts["snapshots"] += 1
-        value = self.encode["book.snapshots"]({
-            "symbol": symbol, "depth": self.settings.depth,
-            "bids": [{"price": p, "quantity": q} for p, q in bids],
-            "asks": [{"price": p, "quantity": q} for p, q in asks],
-            "exchange_ts_ms": source.exchange_ts_ms, "received_ts_us": source.received_ts_us,
-            "published_ts_us": time.time_ns() // 1000, "source_partition": source.partition,
-            "source_offset": source.offset, "connection_id": source.connection_id,
-            "sequence": source.sequence})
+        value = self.encode["book.snapshots"](self.policy.snapshot(symbol, time.time_ns() // 1000))
         return Output(self.topics["book.snapshots"], value, symbol)
 
-    def _health(self, record: Record, book: L2Book, kind: str, detail: str) -> Output:
-        self.counts[kind.lower()] += 1
-        log.warning("%s %s at %s[%d]@%d: %s", book.symbol, kind, record.topic, record.partition,
-                    record.offset, detail)
-        bid, ask = book.best_bid(), book.best_ask()
+    def _health(self, record: Record, symbol: str, health: Health) -> Output:
+        self.counts[health.kind.lower()] += 1
+        log.warning("%s %s at %s[%d]@%d: %s", symbol, health.kind, record.topic,
+                    record.partition, record.offset, health.detail)
         value = self.encode["book.health"]({
-            "symbol": book.symbol, "kind": kind, "detail": detail,
-            "best_bid": bid[0] if bid else None, "best_ask": ask[0] if ask else None,
+            "symbol": symbol, "kind": health.kind, "detail": health.detail,
+            "best_bid": health.best_bid, "best_ask": health.best_ask,
             "source_partition": record.partition, "source_offset": record.offset,
             "detected_ts_us": time.time_ns() // 1000})
-        return Output(self.topics["book.health"], value, book.symbol)
+        return Output(self.topics["book.health"], value, symbol)
 
     def end_batch(self) -> Iterable[Output]:
         now = self.clock()
-        out: list[Output] = []
-        if self._changed and now - self._last_snapshot >= self.settings.snapshot_interval_s:
-            out += self._pending_snapshots()
-            self._last_snapshot = now
+        out = [self._snapshot(s) for s in self.policy.due(int(now * 1e6))]
         if now - self._last_checkpoint >= self.settings.checkpoint_interval_s:
             out += self.checkpoint()
             self._last_checkpoint = now
@@ -176,8 +106,9 @@ class OrderbookHandler(Handler):
 
     def _pending_snapshots(self) -> list[Output]:
         """Snapshots of books that changed below the top since they were last published."""
-        out = [self._snapshot(s) for s in sorted(self._changed) if self.books[s].has_snapshot]
-        self._changed.clear()
+        changed = self.policy.changed
+        out = [self._snapshot(s) for s in sorted(changed) if self.books[s].has_snapshot]
+        changed.clear()
         return out
 
     def checkpoint(self) -> list[Output]:
@@ -185,7 +116,7 @@ class OrderbookHandler(Handler):
         exactly the positions these checkpoints cover."""
         out = []
         for symbol in sorted(self._touched):
-            book, source = self.books[symbol], self.sources[symbol]
+            book, source = self.books[symbol], self.policy.sources[symbol]
             bids, asks = book.depth()
             out.append(Output(self.topics["book.checkpoints"], self.encode["book.checkpoints"]({
                 "symbol": symbol, "source_topic": self.source_topic,
@@ -206,9 +137,10 @@ class OrderbookHandler(Handler):
     def on_revoke(self, partitions: list[TopicPartition]) -> Iterable[Output]:
         out = self._pending_snapshots() + self.checkpoint()  # the next owner restores from here
         lost = {tp.partition for tp in partitions}
-        for symbol in [s for s, src in self.sources.items() if src.partition in lost]:
-            for table in (self.books, self.sources, self._top, self._restored):
-                table.pop(symbol, None)
+        gone = [s for s, src in self.policy.sources.items() if src.partition in lost]
+        self.policy.forget(gone)
+        for symbol in gone:
+            self._restored.pop(symbol, None)
         for p in lost:
             self._read.pop(p, None)
             self._checkpointed.pop(p, None)
@@ -228,14 +160,10 @@ class OrderbookHandler(Handler):
                     checkpoint["source_partition"] not in wanted:
                 continue
             symbol = checkpoint["symbol"]
-            book = self.books[symbol] = L2Book(symbol)
-            if checkpoint["has_snapshot"]:
-                book.apply_snapshot([{"side": "BID", **lvl} for lvl in checkpoint["bids"]] +
-                                    [{"side": "ASK", **lvl} for lvl in checkpoint["asks"]])
-            self.sources[symbol] = _Source(checkpoint["source_partition"],
-                                           checkpoint["source_offset"],
-                                           checkpoint["connection_id"], checkpoint["sequence"])
-            self._top[symbol] = (book.best_bid(), book.best_ask())
+            self.policy.restore(symbol, checkpoint["bids"], checkpoint["asks"],
+                                checkpoint["has_snapshot"],
+                                Source(checkpoint["source_partition"], checkpoint["source_offset"],
+                                       checkpoint["connection_id"], checkpoint["sequence"]))
             self._restored[symbol] = checkpoint["source_offset"]
             restored += 1
         self.counts["restored_books"] += restored

@@ -7,8 +7,9 @@ reads topics, ``pipeline/report.py`` computes the numbers and writes them).
 the decoded dict. Its event time (µs) is when the record became known:
 
 * ``Bar``: ``end_ms`` (a bar is known when it closes);
-* ``BookSnapshot`` and ``L2Update``: ``received_ts_us``;
-* ``Trade``: ``exchange_ts_ms``.
+* ``BookSnapshot``, ``L2Update`` and ``Trade``: ``received_ts_us`` (a trade's exchange
+  time is on another clock: a venue replaying an old capture stamps frames now, while
+  their trades keep their recorded exchange times).
 
 :class:`EventMerger` merges partitions and topics into one deterministic order: by
 ``(key_us, topic, partition, offset)``, where ``key_us`` is the running maximum of the
@@ -16,6 +17,15 @@ event times seen in the record's partition. A record whose event time goes backw
 (late data) keeps its place in its partition, it is not moved before records already
 read; so the order is a merge of the partitions, the same however the records were
 batched on the way.
+
+**What the strategy sees** is what the live ``strategy`` group shows it: ``md.l2``
+records go through the one book policy (:mod:`pipeline.market.book_policy`), so
+``on_book`` gets exactly the ``BookSnapshot`` records the ``orderbook`` group would publish
+(on every change of the top of book, and every second of event time for books whose
+deeper levels changed); its open orders, position and equity come from an
+:class:`~pipeline.trading.tracker.OrderTracker` fed by its requests and order events;
+``on_timer`` is called every ``timer_interval_ms`` of event time; request ids are derived
+from the triggering record as live (``md.l2/<partition>/<offset>`` for a book snapshot).
 
 **Bars and the next-open fill model** (:class:`NextOpenBroker`) follow backtesting.py
 (0.6.x, its defaults plus ``finalize_trades=True``) exactly:
@@ -36,28 +46,19 @@ batched on the way.
 * at the end the open trades are closed (``finalize_trades=True``) by a last pass over the
   last bar, so they exit at the **last bar's open**: that is what backtesting.py 0.6.6
   does (it re-runs its broker on the last bar), not the last close.
+* a cancel removes an order still waiting for its bar (CANCELLED), else CANCEL_REJECTED.
 
 One deliberate difference: when an order is sized, open trades are valued at the fill
 price (the bar's open), where backtesting.py values them at the same bar's close, which
 it cannot know yet at the open. The two agree whenever the position is flat when the
 order is sized, as in close-then-reverse strategies.
 
-**Books and the book fill model** (:class:`BookBroker`): ``L2Update`` records are applied
-to an :class:`~pipeline.orderbook.L2Book` per symbol with the orderbook group's rules (a
-snapshot resets the book, changes before the first snapshot are ignored, a crossed book is
-dropped until the next snapshot), and every change of the top of book calls ``on_book``
-with a ``BookSnapshot``-shaped dict of ``book_depth`` levels (the live group also
-publishes one every second while deeper levels change; a replay has no wall clock and
-does not). A buy limit fills when the best ask is at or below its limit, at the ask levels
-up to the limit, each at its own price, for at most the quantity shown; a sell mirrors
-it. Queue position is ignored (a resting order fills as soon as the book reaches its
-price), our fills do not remove liquidity from the replayed book (only within one
-matching pass are levels shared between orders), orders reach the book with zero latency
-(an intent is matched against the very book that triggered it), and market orders walk
-the book. ``maker-or-cancel`` orders that would take liquidity are cancelled,
-``immediate-or-cancel`` ones keep no remainder, ``fill-or-kill`` ones fill whole or not
-at all; other limit orders rest until filled (good till cancelled: strategies cannot
-cancel yet). Fills are fed back through ``on_order_event``.
+**Books and the book fill model** (:class:`BookBroker`): requests go to the one simulated
+exchange (:class:`~pipeline.trading.simulator.SimulatedExchange`, the very one paper
+execution runs): resting orders with queue position (risk-averse by default, or none),
+``latency_ms`` for orders and cancels, maker and taker fees (Gemini's API schedule by
+default), expiry at ``expires_ms`` (``order_ttl_ms`` after the triggering event), Gemini's
+options, and liquidity taken once. See that module for the matching rules.
 
 Money is exact: cash, prices, sizes and P&L are ``Decimal`` (28 significant digits), so
 the same inputs give the same trades, byte for byte.
@@ -66,14 +67,26 @@ the same inputs give the same trades, byte for byte.
 from __future__ import annotations
 
 import heapq
-from bisect import bisect_left, insort
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from decimal import ROUND_FLOOR, Context, Decimal, localcontext
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
+from pipeline.core.decimals import plain
+from pipeline.core.vocabulary import Liquidity, OrderEventKind, OrderType, Side
 from pipeline.errors import PipelineError
+from pipeline.market.book_policy import IGNORED, TOP_CHANGED, BookPolicy, Source
 from pipeline.orderbook import L2Book, price_key
-from pipeline.strategy import OrderIntent, Strategy
+from pipeline.trading.fees import GEMINI_API_FEES, FeeSchedule
+from pipeline.trading.intents import (INTENT_TYPES, CancelAllIntent, CancelIntent,
+                                      OrderIntent, ReplaceIntent)
+from pipeline.trading.orders import Fill, Order, order_event
+from pipeline.trading.requests import IntentError, build_requests
+from pipeline.trading.signing import client_order_id
+from pipeline.trading.simulator import (ORDER_CLOSED, QUEUE_MODELS, REQUESTED, UNKNOWN_ORDER,
+                                        SimulatedExchange, SimulatorConfig)
+from pipeline.trading.strategy import Strategy
+from pipeline.trading.tracker import OrderTracker
 
 BAR, BOOK, TRADE, L2 = "bar", "book", "trade", "l2"
 KINDS = (BAR, BOOK, TRADE, L2)
@@ -81,10 +94,13 @@ KINDS = (BAR, BOOK, TRADE, L2)
 KIND_OF_SCHEMA = {"Bar": BAR, "BookSnapshot": BOOK, "Trade": TRADE, "L2Update": L2}
 NEXT_OPEN, BOOK_FILLS = "next-open", "book"
 FILL_MODELS = (NEXT_OPEN, BOOK_FILLS)
+MODE = "PAPER"  # OrderEvent.mode of backtest events
 
 Event = tuple  # (key_us, topic, partition, offset, kind, record)
 ZERO = Decimal(0)
 ONE = Decimal(1)
+K = OrderEventKind
+_FEEDBACK_DEPTH = 50  # order events causing intents causing events ... at most this deep
 
 
 class StrategyFailed(PipelineError):
@@ -99,8 +115,6 @@ def event_time_us(kind: str, record: dict) -> int:
     """When a record became known, in µs since the epoch (see the module doc)."""
     if kind == BAR:
         return record["end_ms"] * 1000
-    if kind == TRADE:
-        return record["exchange_ts_ms"] * 1000
     return record["received_ts_us"]
 
 
@@ -196,7 +210,9 @@ class EventMerger:
 
 @dataclass(slots=True, eq=False)  # identity: two lots alike are still two trades
 class Lot:
-    """An open trade (backtesting.py's ``Trade``): a signed size at one entry price."""
+    """An open trade (backtesting.py's ``Trade``): a signed size at one entry price.
+    ``entry_fee`` is what entering this lot's current size cost when fees are given per
+    fill (book fills); None when they follow the commission rate (next-open)."""
 
     symbol: str
     size: Decimal
@@ -204,6 +220,7 @@ class Lot:
     entry_ms: int
     entry_index: int  # index of the equity point it entered in
     entry_bar: int  # index of the symbol's bar it entered on (-1 in book mode)
+    entry_fee: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +249,8 @@ TRADE_COLUMNS = ("symbol", "size", "entry_bar", "exit_bar", "entry_time", "exit_
 
 
 class Ledger:
-    """Cash, open lots per symbol (FIFO) and closed trades; commission on every fill."""
+    """Cash, open lots per symbol (FIFO) and closed trades. Fees are the commission rate
+    of each fill's value, or given per fill (``fee=``: the simulator's maker/taker fees)."""
 
     def __init__(self, cash: Decimal, commission: Decimal) -> None:
         self.cash = cash
@@ -244,23 +262,29 @@ class Ledger:
         self.closed: list[ClosedTrade] = []
 
     def open(self, symbol: str, size: Decimal, price: Decimal, when_ms: int, index: int,
-             bar: int) -> Decimal:
-        fee = abs(size) * price * self.rate
-        self.cash -= fee
-        self.lots.setdefault(symbol, []).append(Lot(symbol, size, price, when_ms, index, bar))
+             bar: int, fee: Decimal | None = None) -> Decimal:
+        charged = abs(size) * price * self.rate if fee is None else fee
+        self.cash -= charged
+        self.lots.setdefault(symbol, []).append(Lot(symbol, size, price, when_ms, index, bar,
+                                                    fee))
         self.position[symbol] = self.position.get(symbol, ZERO) + size
         self.cost[symbol] = self.cost.get(symbol, ZERO) + size * price
         self.gross[symbol] = self.gross.get(symbol, ZERO) + abs(size)
-        return fee
+        return charged
 
     def close(self, lot: Lot, size: Decimal, price: Decimal, when_ms: int, index: int,
-              bar: int) -> Decimal:
-        """Close ``size`` (same sign as the lot, at most all of it) of ``lot`` at ``price``."""
+              bar: int, fee: Decimal | None = None) -> Decimal:
+        """Close ``size`` (same sign as the lot, at most all of it) of ``lot`` at ``price``;
+        ``fee`` is the exit fee when fees are given per fill."""
         entry = lot.entry_price
-        exit_fee = abs(size) * price * self.rate
+        exit_fee = abs(size) * price * self.rate if fee is None else fee
         gross = size * (price - entry)
         self.cash += gross - exit_fee
-        entry_fee = abs(size) * entry * self.rate
+        if lot.entry_fee is None:
+            entry_fee = abs(size) * entry * self.rate
+        else:  # this part's share of what entering the lot cost
+            entry_fee = lot.entry_fee if size == lot.size else lot.entry_fee * size / lot.size
+            lot.entry_fee -= entry_fee
         commission = entry_fee + exit_fee
         sign = ONE if size > 0 else -ONE
         return_pct = sign * (price / entry - ONE) - commission / (abs(size) * entry)
@@ -276,26 +300,30 @@ class Ledger:
         return exit_fee
 
     def fill(self, symbol: str, size: Decimal, price: Decimal, when_ms: int, index: int,
-             bar: int, entry_price: Decimal | None = None) -> Decimal:
+             bar: int, entry_price: Decimal | None = None, fee: Decimal | None = None
+             ) -> Decimal:
         """A signed fill: close opposite lots oldest first at ``price``, open the rest at
-        ``entry_price`` (default ``price``). Returns the commission charged now."""
-        fee = ZERO
+        ``entry_price`` (default ``price``). ``fee``: the fill's whole fee, shared out by
+        size (the last part takes the exact rest); None: the commission rate. Returns the
+        fee charged now."""
+        charged = ZERO
         need = size
+        total = abs(size)
         for lot in list(self.lots.get(symbol, ())):
             if (lot.size > 0) == (need > 0):
                 continue
-            if abs(need) >= abs(lot.size):
-                part = lot.size
-            else:
-                part = -need
-            fee += self.close(lot, part, price, when_ms, index, bar)
+            part = lot.size if abs(need) >= abs(lot.size) else -need
+            share = None
+            if fee is not None:
+                share = fee - charged if need + part == 0 else fee * abs(part) / total
+            charged += self.close(lot, part, price, when_ms, index, bar, share)
             need += part
             if not need:
                 break
         if need:
-            fee += self.open(symbol, need, entry_price if entry_price is not None else price,
-                             when_ms, index, bar)
-        return fee
+            charged += self.open(symbol, need, entry_price if entry_price is not None else price,
+                                 when_ms, index, bar, None if fee is None else fee - charged)
+        return charged
 
     def unrealized(self, marks: dict[str, Decimal]) -> Decimal:
         total = ZERO
@@ -316,21 +344,7 @@ class Ledger:
         return total if total > 0 else ZERO
 
 
-# --------------------------------------------------------------------------- orders
-
-
-class _Order:
-    __slots__ = ("id", "symbol", "buy", "size", "fraction", "limit", "options", "lot",
-                 "filled", "notional", "fee", "amount_text", "created_ms", "seq")
-
-    def __init__(self, id: str, symbol: str, buy: bool, size: Decimal | None,
-                 fraction: Decimal | None, limit: Decimal | None, options: tuple[str, ...],
-                 lot: Lot | None, created_ms: int, seq: int) -> None:
-        self.id, self.symbol, self.buy, self.size = id, symbol, buy, size
-        self.fraction, self.limit, self.options, self.lot = fraction, limit, options, lot
-        self.filled, self.notional, self.fee = ZERO, ZERO, ZERO
-        self.amount_text = str(abs(size)) if size is not None else None
-        self.created_ms, self.seq = created_ms, seq
+# --------------------------------------------------------------------------- brokers
 
 
 @dataclass
@@ -339,12 +353,29 @@ class OrderCounts:
     filled: int = 0
     partially_filled: int = 0
     cancelled: int = 0
+    expired: int = 0
     rejected: int = 0
-    open: int = 0
+    cancel_rejected: int = 0
+
+    def count(self, event: dict) -> None:
+        kind = event["kind"]
+        if kind == "FILLED":
+            self.filled += 1
+        elif kind == "PARTIALLY_FILLED":
+            self.partially_filled += 1
+        elif kind == "CANCELLED":
+            self.cancelled += 1
+        elif kind == "EXPIRED":
+            self.expired += 1
+        elif kind == "REJECTED":
+            self.rejected += 1
+        elif kind == "CANCEL_REJECTED":
+            self.cancel_rejected += 1
 
 
 class Broker:
-    """What the engine needs from a fill model. Both share a :class:`Ledger`."""
+    """What the engine needs from a fill model. Both keep a :class:`Ledger` for the
+    report and sample the equity curve; every call returns the ``OrderEvent``s it caused."""
 
     def __init__(self, cash: Decimal, commission: Decimal, strategy_id: str,
                  lot: Decimal = ONE) -> None:
@@ -365,9 +396,7 @@ class Broker:
         self.values: list[Decimal] = []  # equity points: value
         self.primary: str | None = None  # symbol buy & hold is measured on
         self.primary_marks: list[Decimal | None] = []  # its mark at each equity point
-        self._seq = 0
         self.stopped: str | None = None  # why the broker stopped the run early
-        self.feedback = True  # build OrderEvents (the engine turns it off when unused)
 
     # -- equity
 
@@ -386,69 +415,24 @@ class Broker:
         self.values.append(value)
         self.primary_marks.append(mark)
 
-    # -- orders
-
-    def _new_order(self, intent: OrderIntent, created_ms: int, lot: Lot | None = None) -> _Order:
-        self._seq += 1
-        self.counts.submitted += 1
-        if self.primary is None:
-            self.primary = intent.symbol
-        if lot is not None:
-            return _Order(f"{self.strategy_id}-{self._seq}", intent.symbol, lot.size < 0,
-                          -lot.size, None, None, (), lot, created_ms, self._seq)
-        size = None
-        if intent.amount is not None:
-            size = Decimal(intent.amount) if intent.side == "BUY" else -Decimal(intent.amount)
-        return _Order(f"{self.strategy_id}-{self._seq}", intent.symbol, intent.side == "BUY",
-                      size, Decimal(intent.fraction) if intent.fraction is not None else None,
-                      Decimal(intent.price) if intent.price is not None else None,
-                      intent.options, None, created_ms, self._seq)
-
-    def _event(self, order: _Order, kind: str, when_ms: int,
-               reason: str | None = None) -> dict | None:
-        """Count an order's step; the ``OrderEvent`` dict for the strategy (None when the
-        strategy does not listen)."""
-        if kind == "FILLED":
-            self.counts.filled += 1
-        elif kind == "PARTIALLY_FILLED":
-            self.counts.partially_filled += 1
-        elif kind == "CANCELLED":
-            self.counts.cancelled += 1
-        elif kind == "REJECTED":
-            self.counts.rejected += 1
-        if not self.feedback:
-            return None
-        amount = order.amount_text if order.amount_text is not None else str(order.filled)
-        return {"client_order_id": order.id, "strategy_id": self.strategy_id,
-                "symbol": order.symbol, "kind": kind, "reason": reason, "mode": "PAPER",
-                "exchange_order_id": None, "side": "buy" if order.buy else "sell",
-                "price": str(order.limit) if order.limit is not None else None,
-                "amount": amount, "filled_amount": str(order.filled),
-                "avg_fill_price": str(order.notional / order.filled) if order.filled else None,
-                "fee": str(order.fee), "fee_currency": None, "event_ms": when_ms}
-
-    def _size_from_fraction(self, order: _Order, price: Decimal, margin: Decimal) -> Decimal:
-        """Whole lots of ``fraction`` of ``margin`` at ``price`` plus commission."""
-        per_unit = price + price * abs(self.ledger.rate)
-        units = (margin * order.fraction / per_unit / self.lot).to_integral_value(ROUND_FLOOR)
-        return units * self.lot
+    def _counted(self, events: list[dict]) -> list[dict]:
+        for event in events:
+            self.counts.count(event)
+        return events
 
     # -- the engine's calls (overridden)
-
-    def submit(self, intents: Sequence[OrderIntent], event: Event) -> list[dict]:
-        raise NotImplementedError
 
     def on_bar(self, bar: dict) -> list[dict] | None:
         return None
 
-    def on_book(self, symbol: str, book: L2Book, when_us: int) -> list[dict] | None:
+    def on_book(self, symbol: str, changes: list | None, when_us: int) -> list[dict] | None:
         return None
 
     def tick(self, when_us: int) -> None:
         """Time moved on to ``when_us`` (book mode samples equity by time)."""
 
-    def on_trade(self, trade: dict) -> None:
-        """A replayed trade (book mode marks a symbol without a book at its last trade)."""
+    def on_trade(self, trade: dict, when_us: int) -> list[dict] | None:
+        return None
 
     def finish(self, last_event_us: int | None) -> list[dict]:
         return []
@@ -458,17 +442,18 @@ class Broker:
         return 0
 
 
-def _add(events: list[dict], event: dict | None) -> None:
-    if event is not None:
-        events.append(event)
-
-
-def _one(event: dict | None) -> list[dict]:
-    return [event] if event is not None else []
-
-
 def _when_ms(event: Event) -> int:
     return event[0] // 1000
+
+
+class _Queued:
+    """A next-open order waiting for its bar: the order, and how it is to be sized."""
+
+    __slots__ = ("order", "fraction", "lot", "buy")
+
+    def __init__(self, order: Order, fraction: Decimal | None, lot: Lot | None) -> None:
+        self.order, self.fraction, self.lot = order, fraction, lot
+        self.buy = order.side is Side.BUY
 
 
 class NextOpenBroker(Broker):
@@ -483,7 +468,7 @@ class NextOpenBroker(Broker):
         self.slippage = slippage
         self.interval = interval
         self.finalize_trades = finalize_trades
-        self.orders: dict[str, list[_Order]] = {}
+        self.orders: dict[str, list[_Queued]] = {}
         self.bars: dict[str, dict] = {}  # symbol -> last bar
         self.bar_index: dict[str, int] = {}
         self.intervals: dict[str, str] = {}
@@ -492,20 +477,87 @@ class NextOpenBroker(Broker):
     def pending(self) -> int:
         return sum(len(q) for q in self.orders.values())
 
-    def submit(self, intents: Sequence[OrderIntent], event: Event) -> list[dict]:
-        when = _when_ms(event)
-        for intent in intents:
-            queue = self.orders.setdefault(intent.symbol, [])
-            if intent.close_position:
-                for lot in self.ledger.lots.get(intent.symbol, ()):  # as position.close()
-                    queue.insert(0, self._new_order(intent, when, lot))
-                continue
-            if intent.options:
-                raise PipelineError(f"the next-open fill model cannot honour order options "
-                                    f"{list(intent.options)} (intent {intent}): use the book "
-                                    "fill model")
-            queue.append(self._new_order(intent, when))
-        return []
+    def _order(self, cid: str, symbol: str, buy: bool, amount: Decimal | None,
+               price: str | None, when_ms: int) -> Order:
+        self.counts.submitted += 1
+        if self.primary is None:
+            self.primary = symbol
+        return Order(cid, self.strategy_id, symbol, Side.BUY if buy else Side.SELL,
+                     OrderType.LIMIT if price is not None else OrderType.MARKET,
+                     Decimal(price) if price is not None else None,
+                     amount if amount is not None else ZERO, created_ms=when_ms,
+                     price_text=price, amount_text=plain(amount) if amount is not None else "0")
+
+    def _accept(self, queued: _Queued, when_ms: int, front: bool = False) -> dict:
+        queue = self.orders.setdefault(queued.order.symbol, [])
+        queue.insert(0, queued) if front else queue.append(queued)
+        queued.order.step(K.ACCEPTED)
+        return order_event(queued.order, K.ACCEPTED, when_ms, MODE)
+
+    def submit(self, intents: Sequence[Any], trigger: str, when_ms: int) -> list[dict]:
+        events: list[dict] = []
+        for index, intent in enumerate(intents):
+            cid = client_order_id(self.strategy_id, trigger, index)
+            if isinstance(intent, OrderIntent):
+                events += self._new(intent, cid, when_ms)
+            elif isinstance(intent, CancelIntent):
+                events += self._cancel(intent.client_order_id, when_ms, cid)
+            elif isinstance(intent, CancelAllIntent):
+                for symbol in sorted(self.orders):
+                    if intent.symbol in (None, symbol):
+                        for queued in list(self.orders[symbol]):
+                            events += self._cancel(queued.order.client_order_id, when_ms, cid)
+            else:
+                assert isinstance(intent, ReplaceIntent)
+                found = self._find(intent.client_order_id)
+                cancelled = self._cancel(intent.client_order_id, when_ms, cid)
+                events += cancelled
+                if found is None or cancelled[-1]["kind"] != K.CANCELLED.value:
+                    continue
+                old = found.order
+                events += self._new(OrderIntent(old.symbol, old.side.value,
+                                                intent.amount or old.amount_text,
+                                                "LIMIT" if (intent.price or old.price_text)
+                                                else "MARKET", intent.price or old.price_text),
+                                    cid, when_ms)
+        return self._counted(events)
+
+    def _new(self, intent: OrderIntent, cid: str, when_ms: int) -> list[dict]:
+        if intent.close_position:  # as position.close(): one order per open trade, first
+            events = []
+            for k, lot in enumerate(self.ledger.lots.get(intent.symbol, ())):
+                order = self._order(cid if not k else f"{cid}.{k}", intent.symbol, lot.size < 0,
+                                    abs(lot.size), None, when_ms)
+                events.append(self._accept(_Queued(order, None, lot), when_ms, front=True))
+            return events
+        if intent.options:
+            raise PipelineError(f"the next-open fill model cannot honour order options "
+                                f"{list(intent.options)} (intent {intent}): use the book "
+                                "fill model")
+        order = self._order(cid, intent.symbol, intent.side == "BUY",
+                            Decimal(intent.amount) if intent.amount is not None else None,
+                            intent.price, when_ms)
+        fraction = Decimal(intent.fraction) if intent.fraction is not None else None
+        return [self._accept(_Queued(order, fraction, None), when_ms)]
+
+    def _find(self, cid: str) -> _Queued | None:
+        for queue in self.orders.values():
+            for queued in queue:
+                if queued.order.client_order_id == cid:
+                    return queued
+        return None
+
+    def _cancel(self, target: str, when_ms: int, request_id: str) -> list[dict]:
+        queued = self._find(target)
+        if queued is None:
+            stub = Order(target, self.strategy_id, "", Side.BUY, OrderType.MARKET, None, ZERO,
+                         amount_text="0", fee_currency="-")
+            return [order_event(stub, K.CANCEL_REJECTED, when_ms, MODE, request_id=request_id,
+                                reason=UNKNOWN_ORDER)]
+        self.orders[queued.order.symbol].remove(queued)
+        queued.order.step(K.CANCELLED)
+        return [order_event(queued.order, K.CANCELLED, when_ms, MODE, reason=REQUESTED,
+                            request_id=request_id)]
 
     def on_bar(self, bar: dict) -> list[dict] | None:
         symbol = bar["symbol"]
@@ -561,6 +613,11 @@ class NextOpenBroker(Broker):
         self.stopped = f"out of money at {bar['symbol']} bar {bar['start_ms']}"
         raise _OutOfMoney()
 
+    def _fill(self, order: Order, price: Decimal, amount: Decimal, fee: Decimal,
+              when_ms: int) -> dict:
+        fill = Fill(price, amount, Liquidity.TAKER, fee)
+        return order_event(order, order.add_fill(fill), when_ms, MODE, fill=fill)
+
     def _process(self, symbol: str, bar: dict, index: int) -> list[dict]:
         """backtesting.py's ``_Broker._process_orders`` for one symbol's bar; fills are
         labelled with the bar's start and equity point ``index``."""
@@ -569,71 +626,73 @@ class NextOpenBroker(Broker):
         high = low = None
         when_ms, bar_no = bar["start_ms"], self.bar_index[symbol]
         ledger = self.ledger
-        events = []
-        for order in list(queue):
-            if order not in queue:
+        events: list[dict] = []
+        for queued in list(queue):
+            if queued not in queue:
                 continue
-            if order.lot is not None:  # a close order (position.close / finalize)
-                lot = order.lot
+            order = queued.order
+            if queued.lot is not None:  # a close order (position.close / finalize)
+                lot = queued.lot
                 if lot in ledger.lots.get(symbol, ()):
-                    fee = ledger.close(lot, lot.size, open_, when_ms, index, bar_no)
-                    order.filled, order.notional, order.fee = abs(order.size), \
-                        abs(order.size) * open_, fee
-                    _add(events, self._event(order, "FILLED", when_ms))
-                queue.remove(order)
+                    size = lot.size
+                    fee = ledger.close(lot, size, open_, when_ms, index, bar_no)
+                    events.append(self._fill(order, open_, abs(size), fee, when_ms))
+                else:
+                    order.step(K.CANCELLED)
+                    events.append(order_event(order, K.CANCELLED, when_ms, MODE,
+                                              reason="no open trade to close"))
+                queue.remove(queued)
                 continue
-            if order.limit is not None:
+            if order.price is not None:
                 if high is None:
                     high, low = Decimal(bar["high"]), Decimal(bar["low"])
-                if order.buy:
-                    if not low <= order.limit:
+                if queued.buy:
+                    if not low <= order.price:
                         continue
-                    price = min(open_, order.limit)
+                    price = min(open_, order.price)
                 else:
-                    if not high >= order.limit:
+                    if not high >= order.price:
                         continue
-                    price = max(open_, order.limit)
+                    price = max(open_, order.price)
             else:
                 price = open_
-            adjusted = price * (ONE + self.slippage) if order.buy else price * (ONE - self.slippage)
+            buy = queued.buy
+            adjusted = price * (ONE + self.slippage) if buy else price * (ONE - self.slippage)
             per_unit = adjusted + price * self.ledger.rate
-            size = order.size
-            if size is None:
+            if queued.fraction is not None:
                 margin = ledger.margin(self.marks, symbol, open_)
-                units = (margin * order.fraction / per_unit / self.lot).to_integral_value(ROUND_FLOOR)
-                size = units * self.lot if order.buy else -units * self.lot
-                if not size:
-                    queue.remove(order)
-                    _add(events, self._event(order, "REJECTED", when_ms,
-                                              "insufficient margin for one lot"))
+                units = (margin * queued.fraction / per_unit / self.lot).to_integral_value(ROUND_FLOOR)
+                if not units:
+                    queue.remove(queued)
+                    order.step(K.CANCELLED)
+                    events.append(order_event(order, K.CANCELLED, when_ms, MODE,
+                                              reason="insufficient margin for one lot"))
                     continue
+                order.amount = units * self.lot
+                order.amount_text = plain(order.amount)
+                queued.fraction = None
+            size = order.amount if buy else -order.amount
             need = size
-            fee = ZERO
-            notional = ZERO
             for lot in list(ledger.lots.get(symbol, ())):  # FIFO against opposite trades
                 if (lot.size > 0) == (need > 0):
                     continue
                 part = lot.size if abs(need) >= abs(lot.size) else -need
-                fee += ledger.close(lot, part, price, when_ms, index, bar_no)
-                notional += abs(part) * price
+                fee = ledger.close(lot, part, price, when_ms, index, bar_no)
+                events.append(self._fill(order, price, abs(part), fee, when_ms))
                 need += part
                 if not need:
                     break
-            if abs(need) * per_unit > ledger.margin(self.marks, symbol, open_):
-                queue.remove(order)
-                order.filled, order.notional, order.fee = abs(size - need), notional, fee
-                _add(events, self._event(order, "REJECTED" if not order.filled else
-                                          "CANCELLED", when_ms, "insufficient margin"))
+            if need and abs(need) * per_unit > ledger.margin(self.marks, symbol, open_):
+                queue.remove(queued)
+                order.step(K.CANCELLED)
+                events.append(order_event(order, K.CANCELLED, when_ms, MODE,
+                                          reason="insufficient margin"))
                 continue
             if need:
-                fee += ledger.open(symbol, need, adjusted, when_ms, index, bar_no)
-                notional += abs(need) * adjusted
-            order.filled, order.notional, order.fee = abs(size), notional, fee
-            if order.amount_text is None:
-                order.amount_text = str(abs(size))
-            _add(events, self._event(order, "FILLED", when_ms))
-            queue.remove(order)
-        return events
+                fee = ledger.open(symbol, need, adjusted, when_ms, index, bar_no)
+                events.append(self._fill(order, adjusted, abs(need), fee, when_ms))
+            queue.remove(queued)
+        return self._counted(events)
 
     def finish(self, last_event_us: int | None) -> list[dict]:
         """``finalize_trades=True``: close what is open with one more pass over each
@@ -643,36 +702,44 @@ class NextOpenBroker(Broker):
         events = []
         for symbol in sorted(self.bars):
             lots = self.ledger.lots.get(symbol, [])
-            queue = self.orders.setdefault(symbol, [])
-            for lot in reversed(lots):
-                queue.insert(0, self._new_order(OrderIntent.close(symbol), self.labels[-1], lot))
-            if queue:
+            for k, lot in enumerate(reversed(lots)):
+                order = self._order(f"finalize-{symbol}-{k}", symbol, lot.size < 0,
+                                    abs(lot.size), None, self.labels[-1])
+                events.append(self._accept(_Queued(order, None, lot), self.labels[-1],
+                                           front=True))
+            if self.orders.get(symbol):
                 events += self._process(symbol, self.bars[symbol], len(self.values) - 1)
         self._record(self.labels[-1])  # the last point is written again, as backtesting.py
         return events
 
 
 class BookBroker(Broker):
-    """Fills against replayed books (see the module doc for the rules)."""
+    """Requests filled by the one simulated exchange against the replayed books (see
+    :mod:`pipeline.trading.simulator`); fills are booked in the ledger with their fees."""
 
-    def __init__(self, cash: Decimal, commission: Decimal, strategy_id: str,
-                 lot: Decimal = ONE, sample_ms: int = 1000, finalize_trades: bool = True) -> None:
-        super().__init__(cash, commission, strategy_id, lot)
+    def __init__(self, cash: Decimal, strategy_id: str, lot: Decimal = ONE,
+                 sample_ms: int = 1000, finalize_trades: bool = True,
+                 fees: FeeSchedule = GEMINI_API_FEES, queue: str = "risk-averse",
+                 latency_ms: int = 0) -> None:
+        super().__init__(cash, ZERO, strategy_id, lot)
         if sample_ms <= 0:
             raise PipelineError(f"sample_ms must be positive, not {sample_ms}")
+        if queue not in QUEUE_MODELS:
+            raise PipelineError(f"unknown queue model {queue!r}: one of {', '.join(QUEUE_MODELS)}")
+        if latency_ms < 0:
+            raise PipelineError(f"latency_ms cannot be negative, not {latency_ms}")
         self.sample_ms = sample_ms
         self.finalize_trades = finalize_trades
-        self.books: dict[str, L2Book] = {}
-        self.bids: dict[str, list] = {}  # symbol -> heap of (-limit, seq, order)
-        self.asks: dict[str, list] = {}  # symbol -> heap of (limit, seq, order)
-        self.waiting: dict[str, list[_Order]] = {}  # market orders before any book
+        self.fees = fees
+        self.books: dict[str, L2Book] = {}  # shared with the engine's book policy
+        self.exchange = SimulatedExchange(self.books, SimulatorConfig(
+            fees=fees, queue=queue, latency_ms=latency_ms, mode=MODE))
         self._cell: int | None = None
         self.next_tick_us = -1  # the engine calls tick() once time reaches this
 
     @property
     def pending(self) -> int:
-        return sum(len(h) for h in self.bids.values()) + sum(len(h) for h in self.asks.values()) \
-            + sum(len(q) for q in self.waiting.values())
+        return len(self.exchange.open_orders())
 
     # -- time and equity
 
@@ -682,10 +749,6 @@ class BookBroker(Broker):
             self._record(self._cell * self.sample_ms)
         self._cell = cell
         self.next_tick_us = (cell + 1) * self.sample_ms * 1000
-
-    def on_trade(self, trade: dict) -> None:
-        if trade["symbol"] not in self.books:
-            self.marks[trade["symbol"]] = Decimal(trade["price"])
 
     def equity(self) -> Decimal:
         """Marked at the books' mids (computed now, not on every change of a book)."""
@@ -701,191 +764,52 @@ class BookBroker(Broker):
     def _index(self) -> int:
         return len(self.values)
 
-    # -- orders
+    def price_of(self, symbol: str, side: str) -> Decimal | None:
+        """The best price a buy (sell) of ``symbol`` would pay now: the ask (bid)."""
+        book = self.books.get(symbol)
+        top = None if book is None else (book.best_ask() if side == "BUY" else book.best_bid())
+        return price_key(top[0])[1] if top else self.marks.get(symbol)
 
-    def submit(self, intents: Sequence[OrderIntent], event: Event) -> list[dict]:
-        when = _when_ms(event)
-        events: list[dict] = []
-        for intent in intents:
-            if intent.close_position:
-                position = self.ledger.position.get(intent.symbol, ZERO)
-                if not position:
-                    continue
-                order = self._new_order(OrderIntent(intent.symbol,
-                                                    "SELL" if position > 0 else "BUY",
-                                                    str(abs(position))), when)
-            else:
-                order = self._new_order(intent, when)
-            if "auction-only" in order.options or "indication-of-interest" in order.options:
-                _add(events, self._event(order, "REJECTED", when,
-                                          "auction-only and indication-of-interest orders are "
-                                          "not simulated"))
-                continue
-            book = self.books.get(order.symbol)
-            if order.size is None:
-                reference = order.limit
-                if reference is None and book is not None:
-                    top = book.best_ask() if order.buy else book.best_bid()
-                    reference = price_key(top[0])[1] if top else None
-                if reference is None:
-                    _add(events, self._event(order, "REJECTED", when,
-                                              "no price yet to size a fraction of equity"))
-                    continue
-                units = self._size_from_fraction(order, reference, max(ZERO, self.equity()))
-                if not units:
-                    _add(events, self._event(order, "REJECTED", when,
-                                              "insufficient equity for one lot"))
-                    continue
-                order.size = units if order.buy else -units
-                order.amount_text = str(units)
-            if book is None or not book.has_snapshot:
-                if order.limit is None:
-                    self.waiting.setdefault(order.symbol, []).append(order)
-                else:
-                    self._rest(order)
-                continue
-            events += self._place(order, book, when, {})
-        return events
+    # -- the simulator
 
-    def _place(self, order: _Order, book: L2Book, when: int, consumed: dict) -> list[dict]:
-        options = order.options
-        if order.limit is not None and "maker-or-cancel" in options:
-            if self._crosses(order, book):
-                return _one(self._event(order, "CANCELLED", when,
-                                        "maker-or-cancel: would have taken liquidity"))
-            self._rest(order)
-            return _one(self._event(order, "ACCEPTED", when))
-        if "fill-or-kill" in options and self._available(order, book) < abs(order.size):
-            return _one(self._event(order, "CANCELLED", when,
-                                    "fill-or-kill: not enough at the limit"))
-        events = self._match(order, book, when, consumed)
-        remaining = abs(order.size) - order.filled
-        if remaining:
-            if order.limit is None or "immediate-or-cancel" in options:
-                _add(events, self._event(order, "CANCELLED", when,
-                                          "market order: book exhausted" if order.limit is None
-                                          else "immediate-or-cancel: remainder cancelled"))
-            else:
-                self._rest(order)
-                if not order.filled:
-                    _add(events, self._event(order, "ACCEPTED", when))
-        return events
+    def execute(self, request: dict, when_us: int) -> list[dict]:
+        if request.get("action") in (None, "NEW", "REPLACE"):
+            self.counts.submitted += 1
+            if self.primary is None:
+                self.primary = request["symbol"]
+        return self._booked(self.exchange.execute(request, when_us))
 
-    def _rest(self, order: _Order) -> None:
-        if order.buy:
-            heapq.heappush(self.bids.setdefault(order.symbol, []), (-order.limit, order.seq, order))
-        else:
-            heapq.heappush(self.asks.setdefault(order.symbol, []), (order.limit, order.seq, order))
+    def advance(self, when_us: int) -> list[dict]:
+        return self._booked(self.exchange.advance(when_us))
 
-    @staticmethod
-    def _crosses(order: _Order, book: L2Book) -> bool:
-        top = book.best_ask() if order.buy else book.best_bid()
-        if top is None:
-            return False
-        price = price_key(top[0])[1]
-        return price <= order.limit if order.buy else price >= order.limit
-
-    @staticmethod
-    def _levels(book: L2Book, buy: bool):
-        """The opposite side's levels, best first: the top at once, the rest sorted only
-        when an order walks past it."""
-        top = book.best_ask() if buy else book.best_bid()
-        if top is None:
-            return
-        yield top
-        bids, asks = book.depth()
-        for level in (asks if buy else bids)[1:]:
-            yield level
-
-    def _available(self, order: _Order, book: L2Book) -> Decimal:
-        total = ZERO
-        for price, quantity in self._levels(book, order.buy):
-            value = price_key(price)[1]
-            if order.limit is not None and (value > order.limit if order.buy else value < order.limit):
-                break
-            total += Decimal(quantity)
-            if total >= abs(order.size):
-                break
-        return total
-
-    def _match(self, order: _Order, book: L2Book, when: int, consumed: dict) -> list[dict]:
-        """Fill what the book offers up to the limit; the order's ``filled`` tells how much."""
-        remaining = abs(order.size) - order.filled
-        fills = []
-        for price, quantity in self._levels(book, order.buy):
-            value = price_key(price)[1]
-            if order.limit is not None and (value > order.limit if order.buy else value < order.limit):
-                break
-            available = Decimal(quantity) - consumed.get(price, ZERO)
-            if available <= 0:
-                continue
-            take = min(available, remaining)
-            consumed[price] = consumed.get(price, ZERO) + take
-            fills.append((value, take))
-            remaining -= take
-            if not remaining:
-                break
-        if not fills:
-            return []
-        ledger, index = self.ledger, self._index
-        for value, take in fills:
-            order.fee += ledger.fill(order.symbol, take if order.buy else -take, value, when,
-                                     index, -1)
-            order.filled += take
-            order.notional += take * value
-        kind = "FILLED" if order.filled == abs(order.size) else "PARTIALLY_FILLED"
-        return _one(self._event(order, kind, when)) if fills else []
-
-    def on_book(self, symbol: str, book: L2Book, when_us: int) -> list[dict] | None:
-        """The top of ``symbol``'s book changed: fill what now crosses."""
-        if not self.bids and not self.asks and not self.waiting and self.primary is not None:
-            self.books[symbol] = book  # nothing resting anywhere: the common case
-            return None
-        self.books[symbol] = book
+    def on_book(self, symbol: str, changes: list | None, when_us: int) -> list[dict] | None:
         if self.primary is None:
             self.primary = symbol
-        events = None
-        when = when_us // 1000
-        waiting = self.waiting.pop(symbol, None)
-        if waiting:
-            events = []
-            for order in waiting:
-                events += self._place(order, book, when, {})
-        bids, asks = self.bids.get(symbol), self.asks.get(symbol)
-        if not bids and not asks:
-            return events
-        consumed: dict = {}
-        best_ask, best_bid = book.best_ask(), book.best_bid()
-        if bids and best_ask is not None:
-            ask = price_key(best_ask[0])[1]
-            events = self._fill_resting(bids, lambda key: -key >= ask, book, when, consumed,
-                                        events)
-        if asks and best_bid is not None:
-            bid = price_key(best_bid[0])[1]
-            events = self._fill_resting(asks, lambda key: key <= bid, book, when, consumed,
-                                        events)
-        return events
+        events = self.exchange.on_book(symbol, changes, when_us)
+        return self._booked(events) if events else None
 
-    def _fill_resting(self, resting: list, crossed: Callable[[Decimal], bool], book: L2Book,
-                      when: int, consumed: dict, events: list[dict] | None
-                      ) -> list[dict] | None:
-        """Fill one side's resting orders, best first, while the book crosses them; stop at
-        the first that the book cannot fill (whole)."""
-        while resting and crossed(resting[0][0]):
-            order = resting[0][2]
-            before = order.filled
-            found = self._match(order, book, when, consumed)
-            if order.filled == before:
-                break
-            events = (events or []) + found
-            if order.filled != abs(order.size):
-                break
-            heapq.heappop(resting)
+    def on_trade(self, trade: dict, when_us: int) -> list[dict] | None:
+        if trade["symbol"] not in self.books:
+            self.marks[trade["symbol"]] = Decimal(trade["price"])
+        events = self.exchange.on_trade(trade, when_us)
+        return self._booked(events) if events else None
+
+    def _booked(self, events: list[dict]) -> list[dict]:
+        """Book each fill in the ledger (price, amount and fee as the simulator gave them)."""
+        ledger, index = self.ledger, self._index
+        for event in events:
+            self.counts.count(event)
+            if event["last_fill_amount"] is None:
+                continue
+            amount = Decimal(event["last_fill_amount"])
+            ledger.fill(event["symbol"], amount if event["side"] == "buy" else -amount,
+                        Decimal(event["last_fill_price"]), event["event_ms"], index, -1,
+                        fee=Decimal(event["last_fill_fee"]))
         return events
 
     def finish(self, last_event_us: int | None) -> list[dict]:
-        """Close open positions at market against the last books (or at the last mark),
-        then record the last equity point."""
+        """Close open positions at market against the last books (or, what the books cannot
+        take, at the last mark with the taker fee), then record the last equity point."""
         if last_event_us is None:
             return []
         when = last_event_us // 1000
@@ -896,15 +820,21 @@ class BookBroker(Broker):
                 position = self.ledger.position[symbol]
                 if not position:
                     continue
-                order = self._new_order(OrderIntent(symbol, "SELL" if position > 0 else "BUY",
-                                                    str(abs(position))), when)
+                side = "SELL" if position > 0 else "BUY"
+                request = {"client_order_id": f"finalize-{symbol}", "strategy_id": self.strategy_id,
+                           "symbol": symbol, "side": side, "order_type": "MARKET", "price": None,
+                           "amount": plain(abs(position)), "options": [], "created_ms": when,
+                           "expires_ms": None, "action": "NEW"}
                 book = self.books.get(symbol)
                 if book is not None and book.has_snapshot:
-                    events += self._match(order, book, when, {})
-                remaining = abs(order.size) - order.filled
+                    events += self._booked(self.exchange.execute(request, last_event_us,
+                                                                 immediate=True))
+                remaining = abs(self.ledger.position.get(symbol, ZERO))
                 if remaining and symbol in self.marks:  # no book left: at the last mark
-                    self.ledger.fill(symbol, remaining if order.buy else -remaining,
-                                     self.marks[symbol], when, self._index, -1)
+                    mark = self.marks[symbol]
+                    self.ledger.fill(symbol, remaining if side == "BUY" else -remaining, mark,
+                                     when, self._index, -1,
+                                     fee=self.fees.fee(mark * remaining, Liquidity.TAKER))
         cell = self._cell if self._cell is not None else when // self.sample_ms
         self._record(cell * self.sample_ms)
         return events
@@ -942,47 +872,28 @@ class EngineResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-_CALLBACKS = {BAR: "on_bar", BOOK: "on_book", TRADE: "on_trade", L2: "on_book"}
+def short_topic(topic: str) -> str:
+    """The catalog name of a full topic name (``sim.md.l2`` -> ``md.l2``), as triggers use
+    it: the same in every namespace."""
+    return topic.split(".", 1)[1] if "." in topic else topic
 
 
-class _Depth:
-    """The prices of one book's levels kept sorted, best first, beside its
-    :class:`L2Book` (which keeps only the best of each side), so a depth-N snapshot costs N
-    lookups instead of a sort of every level."""
+def snapshot_trigger(snapshot: dict) -> str:
+    """The trigger of intents from a book snapshot: the ``md.l2`` record it includes up to
+    (the live strategy group derives the same from a ``book.snapshots`` record)."""
+    return f"md.l2/{snapshot['source_partition']}/{snapshot['source_offset']}"
 
-    __slots__ = ("bids", "asks", "bid_set", "ask_set")
 
-    def __init__(self) -> None:
-        self.bids: list[tuple[Decimal, str]] = []  # (-value, price), ascending = best first
-        self.asks: list[tuple[Decimal, str]] = []  # (value, price)
-        self.bid_set: set[str] = set()
-        self.ask_set: set[str] = set()
+def event_trigger(event: dict) -> str:
+    """The trigger of intents from an order event."""
+    return f"orders.events/{event['client_order_id']}/{event['kind']}/{event['filled_amount']}"
 
-    def rebuild(self, book: L2Book) -> None:
-        self.bids = sorted((-price_key(p)[1], p) for p in book.bids)
-        self.asks = sorted((price_key(p)[1], p) for p in book.asks)
-        self.bid_set, self.ask_set = set(book.bids), set(book.asks)
 
-    def update(self, book: L2Book, changes: list[dict]) -> None:
-        """Follow ``changes`` that were just applied to ``book``."""
-        for change in changes:
-            canonical, value = price_key(change["price"])
-            if change["side"] == "BID":
-                levels, keys, known, key = book.bids, self.bids, self.bid_set, (-value, canonical)
-            else:
-                levels, keys, known, key = book.asks, self.asks, self.ask_set, (value, canonical)
-            if canonical in levels:
-                if canonical not in known:
-                    known.add(canonical)
-                    insort(keys, key)
-            elif canonical in known:
-                known.discard(canonical)
-                del keys[bisect_left(keys, key)]
-
-    def top(self, book: L2Book, n: int) -> tuple[list[dict], list[dict]]:
-        bids, asks = book.bids, book.asks
-        return ([{"price": p, "quantity": bids[p]} for _, p in self.bids[:n]],
-                [{"price": p, "quantity": asks[p]} for _, p in self.asks[:n]])
+def _mid(snapshot: dict) -> Decimal | None:
+    bids, asks = snapshot["bids"], snapshot["asks"]
+    if not bids or not asks:
+        return None
+    return (price_key(bids[0]["price"])[1] + price_key(asks[0]["price"])[1]) / 2
 
 
 class Engine:
@@ -990,26 +901,39 @@ class Engine:
     (any number of times), then call :meth:`finish`."""
 
     def __init__(self, strategy: Strategy, broker: Broker, book_depth: int = 10,
-                 strategy_name: str | None = None) -> None:
+                 strategy_name: str | None = None, snapshot_interval_ms: int = 1000) -> None:
         if book_depth < 1:
             raise PipelineError(f"book_depth must be at least 1, not {book_depth}")
         self.strategy, self.broker, self.book_depth = strategy, broker, book_depth
         self.name = strategy_name or f"{type(strategy).__module__}:{type(strategy).__qualname__}"
         self.fill = NEXT_OPEN if isinstance(broker, NextOpenBroker) else BOOK_FILLS
-        broker.feedback = type(strategy).on_order_event is not Strategy.on_order_event
-        self.books: dict[str, L2Book] = {}
-        self._depths: dict[str, _Depth] = {}  # when book_depth > 1
-        self._top: dict[str, tuple] = {}
-        self._waiting: set[str] = set()
+        # Book fills: the simulator matches against the very books the policy keeps.
+        self.policy = BookPolicy(book_depth, snapshot_interval_ms * 1000,
+                                 broker.books if isinstance(broker, BookBroker) else None)
+        self.books = self.policy.books
+        self.tracker = OrderTracker(strategy.strategy_id, cash=broker.initial_cash)
+        strategy.attach(self.tracker)
+        self.timer_us = (strategy.timer_interval_ms or 0) * 1000
+        self.next_timer_us: int | None = None
         self.events = 0
         self.by_kind = dict.fromkeys(KINDS, 0)
         self.first_us: int | None = None
         self.last_us: int | None = None
-        self.books_dropped = 0
-        self.changes = 0
-        self.snapshots = 0
         self.stopped: str | None = None
+        self._depth = 0
         self._context = Context()  # decimal defaults, whatever the caller's context is
+
+    @property
+    def books_dropped(self) -> int:
+        return self.policy.counts["crossed"]
+
+    @property
+    def changes(self) -> int:
+        return self.policy.counts["changes"]
+
+    @property
+    def snapshots(self) -> int:
+        return self.policy.counts["snapshots"]
 
     def run(self, events: Sequence[Event]) -> int:
         """Process a batch of ``events`` (in order); returns how many were processed (fewer
@@ -1020,51 +944,74 @@ class Engine:
             return self._run(events)
 
     def _run(self, events: Sequence[Event]) -> int:
-        strategy, broker = self.strategy, self.broker
-        on_bar, on_trade = strategy.on_bar, strategy.on_trade
-        broker_bar, submit = broker.on_bar, broker.submit
+        strategy, broker, policy, tracker = self.strategy, self.broker, self.policy, self.tracker
         book_mode = isinstance(broker, BookBroker)
+        exchange = broker.exchange if book_mode else None  # type: ignore[attr-defined]
         if self.first_us is None:
             self.first_us = events[0][0]
+            if self.timer_us:
+                self.next_timer_us = (events[0][0] // self.timer_us + 1) * self.timer_us
         n_bar = n_l2 = n_book = n_trade = 0
-        calling = None
         event = None
         try:
             for event in events:
-                kind = event[4]
-                if book_mode and event[0] >= broker.next_tick_us:  # type: ignore[attr-defined]
-                    broker.tick(event[0])
-                if kind == BAR:
-                    n_bar += 1
-                    record = event[5]
-                    fills = broker_bar(record)
-                    if fills:
-                        self._feedback(fills, event)
-                    calling = "on_bar"
-                    intents = on_bar(record)
-                    calling = None
-                elif kind == L2:
+                t, kind, record = event[0], event[4], event[5]
+                if book_mode:
+                    if t >= broker.next_tick_us:  # type: ignore[attr-defined]
+                        broker.tick(t)
+                    if t >= exchange.next_due_us:
+                        self._feedback(broker.advance(t), t)  # type: ignore[attr-defined]
+                if self.next_timer_us is not None and t >= self.next_timer_us:
+                    self._timers(t, event)
+                if policy.changed and t >= policy.next_round_us:
+                    for symbol in policy.due(t):
+                        self._on_book(policy.snapshot(symbol, t), t, event)
+                if kind == L2:
                     n_l2 += 1
-                    intents = self._l2(event[5], event)
+                    code, _ = policy.apply(record, event[2], event[3])
+                    if code == IGNORED:
+                        continue
+                    symbol = record["symbol"]
+                    fills = broker.on_book(symbol, None if record["snapshot"] else
+                                           record["changes"], t)
+                    if fills:
+                        self._feedback(fills, t, event)
+                    if code == TOP_CHANGED:
+                        self._on_book(policy.snapshot(symbol, record["received_ts_us"]), t,
+                                      event)
+                elif kind == BAR:
+                    n_bar += 1
+                    fills = broker.on_bar(record)
+                    if fills:
+                        self._feedback(fills, t, event)
+                    tracker.mark(record["symbol"], Decimal(record["close"]))
+                    intents = self._call("on_bar", strategy.on_bar, record, event)
+                    if intents:
+                        self._submit(intents, f"{short_topic(event[1])}/{event[2]}/{event[3]}",
+                                     t, event)
                 elif kind == BOOK:
                     n_book += 1
-                    intents = self._snapshot(event[5], event)
+                    policy.restore(record["symbol"], record["bids"], record["asks"], True,
+                                   Source(record["source_partition"], record["source_offset"],
+                                          record["connection_id"], record["sequence"],
+                                          record["received_ts_us"], record["exchange_ts_ms"]))
+                    fills = broker.on_book(record["symbol"], None, t)
+                    if fills:
+                        self._feedback(fills, t, event)
+                    self._on_book(record, t, event)
                 else:
                     n_trade += 1
-                    broker.on_trade(event[5])
-                    calling = "on_trade"
-                    intents = on_trade(event[5])
-                    calling = None
-                if intents:
-                    self._submit(intents, event, submit)
+                    fills = broker.on_trade(record, t)
+                    if fills:
+                        self._feedback(fills, t, event)
+                    if not record.get("from_snapshot"):
+                        tracker.mark(record["symbol"], Decimal(record["price"]))
+                    intents = self._call("on_trade", strategy.on_trade, record, event)
+                    if intents:
+                        self._submit(intents, f"{short_topic(event[1])}/{event[2]}/{event[3]}",
+                                     t, event)
         except _OutOfMoney:
             self.stopped = broker.stopped
-        except PipelineError:
-            raise
-        except Exception as exc:
-            if calling is None:
-                raise
-            raise self._failure(calling, event, exc) from exc
         finally:
             n = n_bar + n_l2 + n_book + n_trade
             by_kind = self.by_kind
@@ -1077,103 +1024,92 @@ class Engine:
                 self.last_us = events[n - 1][0]
         return n
 
+    def _on_book(self, snapshot: dict, t: int, event: Event) -> None:
+        mid = _mid(snapshot)
+        if mid is not None:
+            self.tracker.mark(snapshot["symbol"], mid)
+        intents = self._call("on_book", self.strategy.on_book, snapshot, event)
+        if intents:
+            self._submit(intents, snapshot_trigger(snapshot), t, event)
+
+    def _timers(self, t: int, event: Event) -> None:
+        while self.next_timer_us is not None and t >= self.next_timer_us:
+            at_ms = self.next_timer_us // 1000
+            self.next_timer_us += self.timer_us
+            intents = self._call("on_timer", self.strategy.on_timer, at_ms, event)
+            if intents:
+                self._submit(intents, f"timer/{at_ms}", t, event)
+
+    def _call(self, callback: str, fn, argument: Any, event: Event | None):
+        try:
+            return fn(argument)
+        except PipelineError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - name the strategy and the input
+            raise self._failure(callback, event, exc) from exc
+
     def _failure(self, callback: str, event: Event | None, exc: BaseException) -> StrategyFailed:
-        where = "" if event is None else \
+        where = "" if event is None or event[2] < 0 else \
             (f" on {event[1]}[{event[2]}]@{event[3]} (event time {event[0]} µs, "
              f"{event[4]} {_describe(event[5])})")
         return StrategyFailed(f"strategy {self.name} (id {self.strategy.strategy_id}) raised "
                               f"{type(exc).__name__} in {callback}{where}: {exc}")
 
-    def _submit(self, intents: Iterable[OrderIntent], event: Event, submit) -> None:
-        if isinstance(intents, OrderIntent):
+    def _submit(self, intents: Any, trigger: str, t: int, event: Event | None) -> None:
+        if isinstance(intents, INTENT_TYPES):
             intents = [intents]
         intents = list(intents)
         for intent in intents:
-            if not isinstance(intent, OrderIntent):
+            if not isinstance(intent, INTENT_TYPES):
+                where = "" if event is None else f" on {event[1]}[{event[2]}]@{event[3]}"
                 raise StrategyFailed(f"strategy {self.name} returned {intent!r}, not an "
-                                     f"OrderIntent, on {event[1]}[{event[2]}]@{event[3]}")
-        fills = submit(intents, event)
-        if fills:
-            self._feedback(fills, event)
-
-    def _feedback(self, order_events: list[dict], event: Event) -> None:
-        callback = self.strategy.on_order_event
-        for order_event in order_events:
+                                     f"intent{where}")
+        broker, strategy = self.broker, self.strategy
+        if isinstance(broker, NextOpenBroker):
+            events = broker.submit(intents, trigger, t // 1000)
+        else:
+            assert isinstance(broker, BookBroker)
             try:
-                callback(order_event)
-            except Exception as exc:  # noqa: BLE001 - name the strategy and the input
-                raise self._failure("on_order_event", event, exc) from exc
+                requests, refused = build_requests(
+                    intents, strategy_id=strategy.strategy_id, tracker=self.tracker,
+                    trigger=trigger, now_ms=t // 1000, ttl_ms=strategy.order_ttl_ms,
+                    lot=broker.lot, price_of=broker.price_of, fee_rate=broker.fees.taker)
+            except IntentError as exc:
+                raise StrategyFailed(f"strategy {self.name}: {exc}") from None
+            events = [self._refused(r.intent, r.reason, trigger, i, t)
+                      for i, r in enumerate(refused)]
+            for request in requests:
+                self.tracker.sent(request)
+                events += broker.execute(request, t)
+        self._feedback(events, t, event)
 
-    def _call_on_book(self, snapshot: dict, event: Event):
+    def _refused(self, intent: Any, reason: str, trigger: str, index: int, t: int) -> dict:
+        """A REJECTED event for an intent that made no request (the strategy hears why)."""
+        symbol = getattr(intent, "symbol", None) or ""
+        side = getattr(intent, "side", None) or "BUY"
+        order = Order(client_order_id(self.strategy.strategy_id, f"{trigger}/refused", index),
+                      self.strategy.strategy_id, symbol, Side(side), OrderType.MARKET, None,
+                      ZERO, amount_text="0", fee_currency="-" if not symbol else "")
+        order.step(K.REJECTED)
+        self.broker.counts.rejected += 1
+        return order_event(order, K.REJECTED, t // 1000, MODE, reason=reason)
+
+    def _feedback(self, order_events: list[dict], t: int, event: Event | None = None) -> None:
+        if not order_events:
+            return
+        self._depth += 1
         try:
-            return self.strategy.on_book(snapshot)
-        except Exception as exc:  # noqa: BLE001 - name the strategy and the input
-            raise self._failure("on_book", event, exc) from exc
-
-    def _book(self, symbol: str) -> L2Book:
-        book = self.books.get(symbol)
-        if book is None:
-            book = self.books[symbol] = L2Book(symbol)
-        return book
-
-    def _l2(self, update: dict, event: Event):
-        symbol = update["symbol"]
-        book = self._book(symbol)
-        changes = update["changes"]
-        depth = self.book_depth
-        if update["snapshot"]:
-            book.apply_snapshot(changes)
-            self._waiting.discard(symbol)
-            if depth > 1:
-                levels = self._depths.get(symbol) or self._depths.setdefault(symbol, _Depth())
-                levels.rebuild(book)
-        elif not book.has_snapshot:
-            return None  # changes before a snapshot are ignored, as the orderbook group does
-        else:
-            book.apply(changes)
-            if depth > 1:
-                self._depths[symbol].update(book, changes)
-        self.changes += len(changes)
-        bid, ask = book.best_bid(), book.best_ask()
-        top = (bid, ask)
-        if top == self._top.get(symbol):
-            return None  # the same top as the last (uncrossed) one: nothing to tell
-        if bid is not None and ask is not None and price_key(bid[0])[1] > price_key(ask[0])[1]:
-            book.clear()  # crossed: dropped until the next snapshot, as the orderbook group
-            if depth > 1:
-                self._depths[symbol].rebuild(book)
-            self.books_dropped += 1
-            self._top.pop(symbol, None)
-            return None
-        self._top[symbol] = top
-        fills = self.broker.on_book(symbol, book, event[0])
-        if fills:
-            self._feedback(fills, event)
-        if depth == 1:
-            bids = [{"price": bid[0], "quantity": bid[1]}] if bid else []
-            asks = [{"price": ask[0], "quantity": ask[1]}] if ask else []
-        else:
-            bids, asks = self._depths[symbol].top(book, depth)
-        self.snapshots += 1
-        received = update["received_ts_us"]
-        snapshot = {"symbol": symbol, "depth": depth, "bids": bids, "asks": asks,
-                    "exchange_ts_ms": update["exchange_ts_ms"], "received_ts_us": received,
-                    "published_ts_us": received, "source_partition": event[2],
-                    "source_offset": event[3], "connection_id": update["connection_id"],
-                    "sequence": update["sequence"]}
-        return self._call_on_book(snapshot, event)
-
-    def _snapshot(self, snapshot: dict, event: Event):
-        symbol = snapshot["symbol"]
-        book = self._book(symbol)
-        book.apply_snapshot([{"side": "BID", "price": level["price"], "quantity": level["quantity"]}
-                             for level in snapshot["bids"]] +
-                            [{"side": "ASK", "price": level["price"], "quantity": level["quantity"]}
-                             for level in snapshot["asks"]])
-        fills = self.broker.on_book(symbol, book, event[0])
-        if fills:
-            self._feedback(fills, event)
-        return self._call_on_book(snapshot, event)
+            if self._depth > _FEEDBACK_DEPTH:
+                raise StrategyFailed(f"strategy {self.name}: its orders' events kept causing "
+                                     f"new intents {_FEEDBACK_DEPTH} levels deep")
+            tracker, callback = self.tracker, self.strategy.on_order_event
+            for order_event_ in order_events:
+                tracker.on_event(order_event_)
+                intents = self._call("on_order_event", callback, order_event_, event)
+                if intents:
+                    self._submit(intents, event_trigger(order_event_), t, event)
+        finally:
+            self._depth -= 1
 
     def finish(self, interrupted: bool = False) -> EngineResult:
         """Settle (``finalize_trades``) and return the result."""
@@ -1183,7 +1119,7 @@ class Engine:
                 fills = broker.finish(self.last_us)
                 if fills:
                     event = (self.last_us or 0, "(end of replay)", -1, -1, "end", {})
-                    self._feedback(fills, event)
+                    self._feedback(fills, self.last_us or 0, event)
             elif isinstance(broker, BookBroker) and self.last_us is not None:
                 broker._record((broker._cell or 0) * broker.sample_ms)
             final = broker.equity()
@@ -1207,30 +1143,43 @@ def _describe(record: dict) -> str:
     return "{" + ", ".join(parts) + "}"
 
 
-def make_broker(fill: str, cash: Decimal, commission: Decimal, strategy_id: str, *,
+def make_broker(fill: str, cash: Decimal, commission: Decimal | None, strategy_id: str, *,
                 lot: Decimal = ONE, slippage: Decimal = ZERO, interval: str | None = None,
-                finalize_trades: bool = True, sample_ms: int = 1000) -> Broker:
+                finalize_trades: bool = True, sample_ms: int = 1000,
+                fees: FeeSchedule | None = None, queue: str = "risk-averse",
+                latency_ms: int = 0) -> Broker:
+    """The broker of a fill model. ``commission`` is the next-open model's rate (default
+    0); book fills pay ``fees`` (maker and taker; default Gemini's API schedule, or
+    ``commission`` for both when only that is given)."""
     if fill == NEXT_OPEN:
-        return NextOpenBroker(cash, commission, strategy_id, lot, slippage, interval,
+        if fees is not None:
+            raise PipelineError("maker and taker fees apply to book fills; the next-open "
+                                "model charges the commission rate on entry and exit")
+        return NextOpenBroker(cash, commission or ZERO, strategy_id, lot, slippage, interval,
                               finalize_trades)
     if fill == BOOK_FILLS:
         if slippage:
             raise PipelineError("slippage applies to the next-open fill model; book fills "
                                 "pay the prices of the levels they take")
-        return BookBroker(cash, commission, strategy_id, lot, sample_ms, finalize_trades)
+        if fees is None:
+            fees = GEMINI_API_FEES if commission is None else \
+                FeeSchedule(maker=commission, taker=commission)
+        return BookBroker(cash, strategy_id, lot, sample_ms, finalize_trades, fees, queue,
+                          latency_ms)
     raise PipelineError(f"unknown fill model {fill!r}: one of {', '.join(FILL_MODELS)}")
 
 
 def backtest_events(strategy: Strategy, events: Iterable[Event], *, fill: str = NEXT_OPEN,
-                    cash: str | Decimal = "1000000", commission: str | Decimal = "0",
+                    cash: str | Decimal = "1000000", commission: str | Decimal | None = None,
                     **options: Any) -> EngineResult:
     """Run ``strategy`` over events already in memory (tests, sweeps): the engine alone."""
     book_depth = options.pop("book_depth", 10)
     for name in ("lot", "slippage"):
         if name in options:
             options[name] = Decimal(str(options[name]))
-    broker = make_broker(fill, Decimal(cash), Decimal(commission), strategy.strategy_id,
-                         **options)
+    broker = make_broker(fill, Decimal(cash),
+                         None if commission is None else Decimal(str(commission)),
+                         strategy.strategy_id, **options)
     engine = Engine(strategy, broker, book_depth)
     engine.run(list(events))
     return engine.finish()

@@ -14,7 +14,7 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal, InvalidOperation
 from multiprocessing import get_context
 from pathlib import Path
@@ -25,6 +25,7 @@ import pandas as pd
 from pipeline import report
 from pipeline.backtest import (BOOK_FILLS, FILL_MODELS, NEXT_OPEN, EngineResult, Engine,
                                make_broker)
+from pipeline.trading.fees import GEMINI_API_FEES, FeeSchedule
 from pipeline.catalog import Namespace
 from pipeline.errors import PipelineError
 from pipeline.progress import progress_bar, stop_on_ctrl_c
@@ -114,14 +115,15 @@ def _decimal(value: Any, what: str) -> Decimal:
 def default_topics(strategy: Strategy, fill: str) -> list[str]:
     """The catalog topics a strategy needs: ``bars`` for ``on_bar`` (and next-open fills),
     ``md.l2`` for ``on_book`` (books are rebuilt from L2 changes) and book fills,
-    ``md.trades`` for ``on_trade``."""
+    ``md.trades`` for ``on_trade`` and book fills (trades move queues and fill resting
+    orders)."""
     cls = type(strategy)
     names = []
     if cls.on_bar is not Strategy.on_bar or fill == NEXT_OPEN:
         names.append("bars")
     if cls.on_book is not Strategy.on_book or fill == BOOK_FILLS:
         names.append("md.l2")
-    if cls.on_trade is not Strategy.on_trade:
+    if cls.on_trade is not Strategy.on_trade or fill == BOOK_FILLS:
         names.append("md.trades")
     return names
 
@@ -155,48 +157,116 @@ def gc_tuned(young: int = 1_000_000) -> Iterator[None]:
         gc.set_threshold(*old)
 
 
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class BacktestConfig:
+    """How a backtest simulates the market: everything but what is read and who trades.
+
+    ``commission`` is the next-open model's rate, charged on entry and exit (default
+    0.002); book fills pay ``maker_fee``/``taker_fee`` (default Gemini's API schedule, or
+    ``commission`` for both when only that is given). ``slippage`` (next-open:
+    backtesting.py's spread) and ``lot`` (fraction sizing rounds down to whole lots) are
+    decimals. Book fills only: ``queue`` ("risk-averse" or "none"), ``latency_ms`` (orders
+    and cancels reach the simulated exchange this long after their trigger), ``book_depth``
+    (levels in the snapshots given to ``on_book``), ``sample_ms`` (equity points)."""
+
+    fill: str = NEXT_OPEN
+    cash: str = "1000000"
+    commission: str | None = None
+    slippage: str = "0"
+    lot: str = "1"
+    interval: str | None = None
+    finalize_trades: bool = True
+    book_depth: int = 10
+    sample_ms: int = 1000
+    maker_fee: str | None = None
+    taker_fee: str | None = None
+    queue: str = "risk-averse"
+    latency_ms: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fill not in FILL_MODELS:
+            raise PipelineError(f"unknown fill model {self.fill!r}: one of "
+                                f"{', '.join(FILL_MODELS)}")
+        for name in ("cash", "commission", "slippage", "lot", "maker_fee", "taker_fee"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, str(_decimal(value, name.replace("_", " "))))
+
+    @classmethod
+    def of(cls, config: "BacktestConfig | None" = None, **options: Any) -> "BacktestConfig":
+        """``config`` (or the defaults) with ``options`` changed; unknown names refused."""
+        base = config or cls()
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
+        if unknown:
+            raise PipelineError(f"unknown backtest setting(s) {', '.join(unknown)}")
+        return replace(base, **{k: v for k, v in options.items() if v is not None
+                                or k in ("commission", "interval", "maker_fee", "taker_fee")})
+
+    def broker(self, strategy_id: str):
+        """A fresh simulated broker with these settings."""
+        fees = None
+        if self.fill == BOOK_FILLS and (self.maker_fee is not None or self.taker_fee is not None):
+            try:
+                fees = FeeSchedule(
+                    maker=Decimal(self.maker_fee if self.maker_fee is not None else
+                                  self.commission if self.commission is not None else
+                                  GEMINI_API_FEES.maker),
+                    taker=Decimal(self.taker_fee if self.taker_fee is not None else
+                                  self.commission if self.commission is not None else
+                                  GEMINI_API_FEES.taker))
+            except ValueError as exc:
+                raise PipelineError(str(exc)) from None
+        commission = self.commission if self.commission is not None else \
+            ("0.002" if self.fill == NEXT_OPEN else None)
+        options: dict[str, Any] = dict(lot=Decimal(self.lot), slippage=Decimal(self.slippage),
+                                       interval=self.interval,
+                                       finalize_trades=self.finalize_trades,
+                                       sample_ms=self.sample_ms)
+        if self.fill == BOOK_FILLS:
+            options.update(fees=fees, queue=self.queue, latency_ms=self.latency_ms)
+        return make_broker(self.fill, Decimal(self.cash),
+                           None if commission is None else Decimal(commission), strategy_id,
+                           **options)
+
+
 # --------------------------------------------------------------------------- one backtest
 
 
 def run_backtest(bootstrap: str, registry_url: str, namespace: Namespace | str,
                  strategy_spec: str | Strategy, params: Mapping[str, Any] | None = None,
-                 start: TimeLike = None, end: TimeLike = None, cash: str | float = "1000000",
-                 commission: str | float = "0.002", fill: str = NEXT_OPEN,
-                 out_dir: str | Path | None = None, *, topics: Sequence[str] | None = None,
-                 offsets: Offsets | None = None, slippage: str | float = "0",
-                 lot: str | float = "1", interval: str | None = None,
-                 finalize_trades: bool = True, book_depth: int = 10, sample_ms: int = 1000,
-                 html: bool = False, progress: bool | None = None,
-                 title: str | None = None) -> BacktestResult:
+                 start: TimeLike = None, end: TimeLike = None, *,
+                 config: BacktestConfig | None = None, out_dir: str | Path | None = None,
+                 topics: Sequence[str] | None = None, offsets: Offsets | None = None,
+                 html: bool = False, progress: bool | None = None, title: str | None = None,
+                 **settings: Any) -> BacktestResult:
     """Replay ``topics`` of ``namespace`` (default: what the strategy needs, see
     :func:`default_topics`) over ``[start, end)`` (Kafka timestamps: epoch ms, ISO text
     or datetime) or ``offsets``, drive ``strategy_spec`` (``"module:Class"`` with
-    ``params``) with the ``fill`` model (``"next-open"`` or ``"book"``), and compute the
-    statistics.
+    ``params``) with the simulated market of ``config`` (a :class:`BacktestConfig`; any of
+    its fields may also be given as keywords: ``fill="book"``, ``latency_ms=5``, ...), and
+    compute the statistics.
 
-    ``cash``, ``commission`` (a fraction of each fill's value, charged on entry and exit),
-    ``slippage`` (next-open: backtesting.py's spread) and ``lot`` (fraction sizing rounds
-    down to whole lots) are decimals. With ``out_dir`` it writes ``trades.csv``,
-    ``equity.csv``, ``stats.json``, ``equity.png`` (and ``report.html`` with ``html``),
-    all or nothing: into a temporary directory renamed at the end; an existing non-empty
-    ``out_dir`` is refused before anything runs.
+    With ``out_dir`` it writes ``trades.csv``, ``equity.csv``, ``stats.json``,
+    ``equity.png`` (and ``report.html`` with ``html``), all or nothing: into a temporary
+    directory renamed at the end; an existing non-empty ``out_dir`` is refused before
+    anything runs.
 
     Ctrl-C stops after the current batch: the result (and the files) cover what was
     replayed, with ``interrupted=True``; open trades are then not closed. Errors are
     :class:`~pipeline.errors.PipelineError`: an unknown topic, a range with no records, a
     strategy that raises (naming the strategy and the record).
     """
-    if fill not in FILL_MODELS:
-        raise PipelineError(f"unknown fill model {fill!r}: one of {', '.join(FILL_MODELS)}")
+    config = BacktestConfig.of(config, **settings)
+    fill = config.fill
     ns = Namespace(namespace) if isinstance(namespace, str) else namespace
     strategy, spec_name = _strategy(strategy_spec, params)
     start_ms, end_ms = to_ms(start, "start"), to_ms(end, "end")
     names = resolve_topics(ns, list(topics) if topics else default_topics(strategy, fill))
-    broker = make_broker(fill, _decimal(cash, "cash"), _decimal(commission, "commission"),
-                         strategy.strategy_id, lot=_decimal(lot, "lot"),
-                         slippage=_decimal(slippage, "slippage"), interval=interval,
-                         finalize_trades=finalize_trades, sample_ms=sample_ms)
-    engine = Engine(strategy, broker, book_depth, spec_name)
+    broker = config.broker(strategy.strategy_id)
+    engine = Engine(strategy, broker, config.book_depth, spec_name)
     output = report.OutputDir(out_dir) if out_dir is not None else None
     began = time.perf_counter()
     try:
@@ -275,13 +345,10 @@ def _init_worker(bootstrap: str, registry_url: str, topics: list[str], start_ms:
     _WORKER_EVENTS = _read_all(bootstrap, registry_url, topics, start_ms, end_ms, offsets)
 
 
-def _run_combination(index: int, spec: str, params: dict[str, Any], fill: str,
-                     options: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def _run_combination(index: int, spec: str, params: dict[str, Any],
+                     config: BacktestConfig) -> tuple[int, dict[str, Any]]:
     strategy, name = _strategy(spec, params)
-    options = dict(options)
-    book_depth = options.pop("book_depth", 10)
-    broker = make_broker(fill, strategy_id=strategy.strategy_id, **options)
-    engine = Engine(strategy, broker, book_depth, name)
+    engine = Engine(strategy, config.broker(strategy.strategy_id), config.book_depth, name)
     engine.run(_WORKER_EVENTS or [])
     result = engine.finish()
     stats = report.compute_stats(result)
@@ -291,15 +358,13 @@ def _run_combination(index: int, spec: str, params: dict[str, Any], fill: str,
 def sweep(bootstrap: str, registry_url: str, namespace: Namespace | str,
           strategy_spec: str, grid: Mapping[str, Sequence[Any]],
           params: Mapping[str, Any] | None = None, start: TimeLike = None, end: TimeLike = None,
-          cash: str | float = "1000000", commission: str | float = "0.002",
-          fill: str = NEXT_OPEN, *, topics: Sequence[str] | None = None,
-          offsets: Offsets | None = None, slippage: str | float = "0", lot: str | float = "1",
-          interval: str | None = None, finalize_trades: bool = True, book_depth: int = 10,
-          sample_ms: int = 1000, workers: int = 2,
-          progress: bool | None = None) -> pd.DataFrame:
+          *, config: BacktestConfig | None = None, topics: Sequence[str] | None = None,
+          offsets: Offsets | None = None, workers: int = 2, progress: bool | None = None,
+          **settings: Any) -> pd.DataFrame:
     """Backtest every combination of ``grid`` (``{"fast": [5, 10], "slow": [20, 30]}``,
     on top of ``params``) in ``workers`` processes; one row per combination, in the
     grid's order (the last key varies fastest), with the parameters then the statistics.
+    ``config`` and ``settings`` are :func:`run_backtest`'s.
 
     Each worker reads and decodes the replay once and keeps it in memory for all the
     combinations it runs. A combination the strategy refuses (e.g. fast >= slow) is a
@@ -307,8 +372,7 @@ def sweep(bootstrap: str, registry_url: str, namespace: Namespace | str,
     finish, drops the others and returns the rows done, with
     ``frame.attrs["interrupted"] = True`` (``attrs["combinations"]`` is the grid's size).
     """
-    if fill not in FILL_MODELS:
-        raise PipelineError(f"unknown fill model {fill!r}: one of {', '.join(FILL_MODELS)}")
+    config = BacktestConfig.of(config, **settings)
     if not grid:
         raise PipelineError("an empty grid: give at least one parameter with values")
     keys = list(grid)
@@ -320,13 +384,9 @@ def sweep(bootstrap: str, registry_url: str, namespace: Namespace | str,
     strategies = [_strategy(strategy_spec, combo)[0] for combo in combos]  # refuse bad ones now
     ns = Namespace(namespace) if isinstance(namespace, str) else namespace
     start_ms, end_ms = to_ms(start, "start"), to_ms(end, "end")
-    names = resolve_topics(ns, list(topics) if topics else default_topics(strategies[0], fill))
-    options = {"cash": _decimal(cash, "cash"), "commission": _decimal(commission, "commission"),
-               "lot": _decimal(lot, "lot"), "slippage": _decimal(slippage, "slippage"),
-               "interval": interval, "finalize_trades": finalize_trades,
-               "sample_ms": sample_ms, "book_depth": book_depth}
-    make_broker(fill, strategy_id="check", **{k: v for k, v in options.items()
-                                               if k != "book_depth"})  # bad settings fail here
+    names = resolve_topics(ns, list(topics) if topics else
+                           default_topics(strategies[0], config.fill))
+    config.broker("check")  # bad settings fail here
     with _replay(bootstrap, registry_url, names, start_ms, end_ms, offsets):
         pass  # unknown topics and empty ranges fail here, before any process starts
     rows: list[dict[str, Any] | None] = [None] * len(combos)
@@ -338,7 +398,7 @@ def sweep(bootstrap: str, registry_url: str, namespace: Namespace | str,
                                 initializer=_init_worker,
                                 initargs=(bootstrap, registry_url, names, start_ms, end_ms,
                                           offsets)) as pool:
-        pending = {pool.submit(_run_combination, i, strategy_spec, combo, fill, options)
+        pending = {pool.submit(_run_combination, i, strategy_spec, combo, config)
                    for i, combo in enumerate(combos)}
         done_count = 0
         while pending:

@@ -384,11 +384,23 @@ def backtest(
     topics: Optional[str] = typer.Option(None, help="Comma-separated catalog topics \\[default: "
                                                     "what the strategy and fill model need]."),
     fill: str = typer.Option("next-open", help="next-open: market orders at the next bar's "
-                                               "open (backtesting.py); book: limit and market "
-                                               "orders against the replayed L2 book."),
+                                               "open (backtesting.py); book: the simulated "
+                                               "exchange, orders resting in the replayed L2 "
+                                               "book with queue position."),
     cash: str = typer.Option("1000000", help="Starting cash."),
-    commission: str = typer.Option("0.002", help="Fraction of each fill's value, on entry "
-                                                 "and on exit."),
+    commission: Optional[str] = typer.Option(None, help="next-open: fraction of each fill's "
+                                                        "value, on entry and on exit "
+                                                        "\\[default: 0.002]; book: both fees, "
+                                                        "unless --maker-fee/--taker-fee."),
+    maker_fee: Optional[str] = typer.Option(None, help="book: fee of fills that rested "
+                                                       "\\[default: Gemini's API tier, 0.002]."),
+    taker_fee: Optional[str] = typer.Option(None, help="book: fee of fills that took "
+                                                       "\\[default: Gemini's API tier, 0.004]."),
+    queue: str = typer.Option("risk-averse", help="book: queue position of resting orders: "
+                                                  "risk-averse (behind what the book shows "
+                                                  "at the price) or none (at the front)."),
+    latency_ms: int = typer.Option(0, help="book: orders and cancels reach the simulated "
+                                           "exchange this long after their trigger."),
     slippage: str = typer.Option("0", help="next-open: a fraction added to buys' and taken "
                                            "from sells' prices (backtesting.py's spread)."),
     lot: str = typer.Option("1", help="Fraction sizing rounds down to whole lots of this."),
@@ -419,11 +431,15 @@ def backtest(
     settings = _settings(run_dir)
     bootstrap, registry = bootstrap_servers(settings), registry_url(settings)
     strategy_params = _json_object(params, "--params")
-    common = dict(start=start, end=end, cash=cash, commission=commission, fill=fill,
+    from pipeline.backtest_run import BacktestConfig
+
+    config = BacktestConfig(fill=fill, cash=cash, commission=commission, slippage=slippage,
+                            lot=lot, interval=interval, finalize_trades=finalize,
+                            book_depth=book_depth, maker_fee=maker_fee, taker_fee=taker_fee,
+                            queue=queue, latency_ms=latency_ms)
+    common = dict(start=start, end=end, config=config,
                   topics=topics.split(",") if topics else None,
-                  offsets=parse_offsets(offsets, namespace) if offsets else None, slippage=slippage,
-                  lot=lot, interval=interval, finalize_trades=finalize,
-                  book_depth=book_depth)
+                  offsets=parse_offsets(offsets, namespace) if offsets else None)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = out or settings.run_dir / "backtests" / f"{strategy.rpartition(':')[2]}-{stamp}"
     if grid is not None:

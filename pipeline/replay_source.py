@@ -394,12 +394,8 @@ class ReplaySource(RangePlanner):
                         continue
                     if len(value) >= 5:
                         prefix, read = value[:5], decode.reader(value[1:5])
-                if kind == BAR:
-                    t = record["end_ms"] * 1000
-                elif kind == TRADE:
-                    t = record["exchange_ts_ms"] * 1000
-                else:
-                    t = record["received_ts_us"]
+                # pipeline.backtest.event_time_us, inline: this is the read loop
+                t = record["end_ms"] * 1000 if kind == BAR else record["received_ts_us"]
                 if t > key:
                     key = t
                 append((key, topic, partition, offset, kind, record))

@@ -28,6 +28,7 @@ from pipeline.backtest import (BAR, L2, EventMerger, backtest_events, event_time
 from pipeline.backtest_run import run_backtest, sweep
 from pipeline.catalog import Namespace, ensure_topics
 from pipeline.config import REPO_ROOT
+from pipeline.core.decimals import plain
 from pipeline.errors import PipelineError
 from pipeline.kafka import ReliableProducer
 from pipeline.registry import SchemaRegistry
@@ -301,8 +302,12 @@ def test_a_buy_limit_takes_the_ask_levels_up_to_its_limit():
     strategy, result = scripted(
         {0: [dict(side="BUY", amount="2.5", order_type="LIMIT", price="102")]},
         [l2(0, BOOK, snapshot=True)], finalize_trades=False)
-    (event,) = strategy.events
-    assert event["kind"] == "FILLED" and event["filled_amount"] == "2.5"
+    assert [(e["kind"], e["last_fill_price"], e["last_fill_amount"], e["liquidity"])
+            for e in strategy.events] == [("ACCEPTED", None, None, None),
+                                          ("PARTIALLY_FILLED", "101", "1", "TAKER"),
+                                          ("FILLED", "102", "1.5", "TAKER")]
+    event = strategy.events[-1]
+    assert event["filled_amount"] == "2.5"
     assert Decimal(event["avg_fill_price"]) == (Decimal("101") + Decimal("102") * Decimal("1.5")) / \
         Decimal("2.5")
     lots = result.open_lots
@@ -310,6 +315,7 @@ def test_a_buy_limit_takes_the_ask_levels_up_to_its_limit():
                                                              (Decimal("1.5"), Decimal(102))]
     fee = (Decimal(101) + Decimal(153)) * Decimal("0.001")
     assert result.final_cash == Decimal(1_000_000) - fee
+    assert Decimal(event["fee"]) == fee
 
 
 def test_resting_orders_fill_when_the_book_reaches_them_and_options_are_honoured():
@@ -324,22 +330,31 @@ def test_resting_orders_fill_when_the_book_reaches_them_and_options_are_honoured
                   dict(side="SELL", amount="1.5")]}  # market: 1 @ 100, 0.5 @ 99
     events = [l2(0, BOOK, snapshot=True),
               l2(1, [("ASK", "100.5", "0.3")]),  # reaches the resting bid: 0.3 fills
-              l2(2, [("ASK", "100.5", "0"), ("ASK", "100.4", "5")])]  # the other 0.7, better
+              l2(2, [("ASK", "100.5", "0"), ("ASK", "100.4", "5")])]  # the other 0.7
     strategy, result = scripted(script, events, finalize_trades=False)
     seen = [(e["kind"], e["side"], e["filled_amount"], e["avg_fill_price"], e["reason"])
             for e in strategy.events]
+    ioc = [plain(Decimal(101) / 1), plain(Decimal(101 + 204) / 3), plain(Decimal(101 + 204 + 515) / 8)]
     assert seen == [
-        ("CANCELLED", "buy", "0", None, "maker-or-cancel: would have taken liquidity"),
         ("ACCEPTED", "buy", "0", None, None),
-        ("PARTIALLY_FILLED", "buy", "8", str((Decimal(101) + 204 + 515) / 8), None),
-        ("CANCELLED", "buy", "8", str((Decimal(101) + 204 + 515) / 8),
-         "immediate-or-cancel: remainder cancelled"),
-        ("CANCELLED", "sell", "0", None, "fill-or-kill: not enough at the limit"),
-        ("FILLED", "sell", "1.5", str((Decimal(100) + Decimal("49.5")) / Decimal("1.5")), None),
+        ("CANCELLED", "buy", "0", None, "MakerOrCancelWouldTake"),
+        ("ACCEPTED", "buy", "0", None, None),
+        ("BOOKED", "buy", "0", None, None),
+        ("ACCEPTED", "buy", "0", None, None),
+        ("PARTIALLY_FILLED", "buy", "1", ioc[0], None),
+        ("PARTIALLY_FILLED", "buy", "3", ioc[1], None),
+        ("PARTIALLY_FILLED", "buy", "8", ioc[2], None),
+        ("CANCELLED", "buy", "8", ioc[2], "ImmediateOrCancelWouldPost"),
+        ("ACCEPTED", "sell", "0", None, None),
+        ("CANCELLED", "sell", "0", None, "FillOrKillWouldNotFill"),
+        ("ACCEPTED", "sell", "0", None, None),
+        ("PARTIALLY_FILLED", "sell", "1", "100", None),
+        ("FILLED", "sell", "1.5", plain((Decimal(100) + Decimal("49.5")) / Decimal("1.5")), None),
+        # The resting bid is a maker: the market came to it, at its own price.
         ("PARTIALLY_FILLED", "buy", "0.3", "100.5", None),
-        ("FILLED", "buy", "1.0", str((Decimal("0.3") * Decimal("100.5") +
-                                      Decimal("0.7") * Decimal("100.4"))), None),
+        ("FILLED", "buy", "1", "100.5", None),
     ]
+    assert [e["liquidity"] for e in strategy.events[-2:]] == ["MAKER", "MAKER"]
     assert sum(lot.size for lot in result.open_lots) == Decimal("8") - Decimal("1.5") + 1
     assert result.orders.filled == 2 and result.orders.cancelled == 3
 
@@ -355,37 +370,37 @@ def test_book_fills_are_settled_at_the_end_and_sampled_equity_is_marked_at_the_m
 
 
 @pytest.mark.broker
-def test_mid_quoter_replays_l2_from_kafka_through_the_book_deterministically(kafka, registry,
-                                                                            namespace, shared_data):
+def test_mid_quoter_replays_the_capture_from_kafka_through_the_book_deterministically(
+        kafka, registry, namespace, shared_data):
     from pipeline.gemini.capture import received_frames
+    from pipeline.gemini.marketdata import V2Normalizer
 
-    ensure_topics(kafka, namespace, ["md.l2"])
-    topic = namespace.topic("md.l2")
-    encode = Encoder(SchemaRegistry(registry.url), topic)
+    ensure_topics(kafka, namespace, ["md.l2", "md.trades"])
+    registry_client = SchemaRegistry(registry.url)
+    encoders = {name: Encoder(registry_client, namespace.topic(name))
+                for name in ("md.l2", "md.trades")}
     producer = ReliableProducer(kafka)
-    seen: set[str] = set()
-    count = 0
-    for i, frame in enumerate(received_frames(shared_data / "gemini_v2_l2_capture_2021-06-24.txt")):
-        data = json.loads(frame.text)
-        if data.get("type") != "l2_updates":
-            continue
-        producer.produce(topic, encode({
-            "symbol": data["symbol"], "snapshot": data["symbol"] not in seen,
-            "changes": [{"side": "BID" if s == "buy" else "ASK", "price": p, "quantity": q}
-                        for s, p, q in data["changes"]],
-            "exchange_ts_ms": None, "received_ts_us": frame.received_us, "connection_id": "c",
-            "sequence": i, "event_id": None}), key=data["symbol"])
-        seen.add(data["symbol"])
-        count += 1
+    normalizer = V2Normalizer("c")
+    counts = {"md.l2": 0, "md.trades": 0}
+    for frame in received_frames(shared_data / "gemini_v2_l2_capture_2021-06-24.txt"):
+        for record in normalizer.normalize_text(frame.text, frame.received_us):
+            producer.produce(namespace.topic(record.topic), encoders[record.topic](record.value),
+                             key=record.key)
+            counts[record.topic] += 1
     producer.flush()
-    params = {"symbol": "BTCGBP", "spread_bps": 1, "requote_bps": 1, "amount": "0.01",
-              "max_inventory": "0.03"}
+    params = {"symbol": "FILUSD", "tick": "0.0001", "spread_bps": 10, "requote_bps": 5}
     runs = [run_backtest(kafka, registry.url, namespace, "pipeline.strategy:MidQuoter", params,
-                         fill="book", commission="0", cash="100000") for _ in range(2)]
+                         fill="book", cash="100000") for _ in range(2)]
     a, b = runs
-    assert a.engine.events == count and a.topics == [topic]
-    assert a.engine.by_kind["l2"] == count and a.engine.snapshots_emitted > 10
-    assert a.engine.orders.submitted > 10 and len(a.engine.trades) > 5
+    assert a.topics == [namespace.topic("md.l2"), namespace.topic("md.trades")]
+    assert a.engine.by_kind["l2"] == counts["md.l2"] == 655
+    assert a.engine.by_kind["trade"] == counts["md.trades"] == 516
+    assert a.engine.snapshots_emitted > 100
+    # Quotes rest, are replaced as the mid moves (cancelled first), and fill as makers when
+    # FILUSD's buyers lift them.
+    orders = a.engine.orders
+    assert orders.submitted > 10 and orders.filled >= 3 and orders.cancelled >= 5
+    assert len(a.engine.trades) >= 2 and a.engine.pending_orders <= 2
     assert a.trades_csv == b.trades_csv and a.final_equity == b.final_equity
     assert a.summary()["orders"] == b.summary()["orders"]
 
@@ -404,7 +419,7 @@ def test_the_merge_is_by_event_time_then_topic_partition_offset_whatever_the_bat
             if rng.random() < 0.05:
                 t -= 20_000  # late data: keeps its place in its partition
             kind = BAR if "bars" in topic else "trade"
-            record = {"end_ms": t} if kind == BAR else {"exchange_ts_ms": t}
+            record = {"end_ms": t} if kind == BAR else {"received_ts_us": t * 1000}
             records.append((offset, kind, record))
         per_source[(topic, partition)] = records
 
@@ -434,10 +449,11 @@ def test_the_merge_is_by_event_time_then_topic_partition_offset_whatever_the_bat
         assert offsets == sorted(offsets) == list(range(300))
 
 
-def test_bars_become_known_at_their_end_trades_at_their_exchange_time():
+def test_bars_become_known_at_their_end_and_everything_else_when_received():
     bar = {"start_ms": 0, "end_ms": 3_600_000}
     assert event_time_us(BAR, bar) == 3_600_000_000
-    assert event_time_us("trade", {"exchange_ts_ms": 5}) == 5000
+    # A trade's exchange time is another clock (a venue replaying a 2021 capture now).
+    assert event_time_us("trade", {"exchange_ts_ms": 5, "received_ts_us": 11}) == 11
     assert event_time_us(L2, {"received_ts_us": 7}) == 7
     assert event_time_us("book", {"received_ts_us": 9}) == 9
 
@@ -518,7 +534,8 @@ def test_book_snapshot_records_and_trades_replay_too():
                                         (6_000_000, "s.md.trades", 0, 0, "trade", trade)],
                              fill="book", finalize_trades=False)
     assert strategy.snapshots == [snapshot]
-    assert [(e["kind"], e["filled_amount"]) for e in strategy.events] == [("FILLED", "3")]
+    assert [(e["kind"], e["filled_amount"]) for e in strategy.events] == \
+        [("ACCEPTED", "0"), ("PARTIALLY_FILLED", "2"), ("FILLED", "3")]
     assert result.by_kind == {"bar": 0, "book": 1, "trade": 1, "l2": 0}
     assert sum(lot.size for lot in result.open_lots) == 3
 

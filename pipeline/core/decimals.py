@@ -1,0 +1,23 @@
+"""Exact decimals: prices and amounts travel as decimal strings and compute as ``Decimal``."""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+
+ZERO = Decimal(0)
+
+
+def plain(number: Decimal) -> str:
+    """A Decimal as an exact plain decimal string: no exponent, no trailing zeros."""
+    return format(number.normalize(), "f") if number else "0"
+
+
+def positive(text: object) -> Decimal | None:
+    """A positive finite Decimal from a decimal string, else None."""
+    if not isinstance(text, str):
+        return None
+    try:
+        number = Decimal(text)
+    except InvalidOperation:
+        return None
+    return number if number.is_finite() and number > 0 else None

@@ -1,0 +1,163 @@
+"""One order model: the state machine every order follows and the ``OrderEvent`` records
+that tell its steps, the same in backtests, paper trading and at Gemini.
+
+    NEW ─▶ ACCEPTED ─▶ BOOKED ─▶ PARTIALLY_FILLED* ─▶ FILLED
+     │         │          └──────────┬─────────────▶ CANCELLED / EXPIRED
+     └▶ REJECTED                     (a taker fills first, then books or cancels the rest)
+
+A cancel that finds the order closed (filled, cancelled) changes nothing and is told as
+CANCEL_REJECTED. Every fill is its own event with its own price, amount, liquidity (MAKER
+or TAKER) and fee; ``filled_amount``, ``avg_fill_price`` and ``fee`` are the running totals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import StrEnum
+
+from pipeline.core.decimals import ZERO, plain
+from pipeline.core.records import OrderEvent
+from pipeline.core.symbols import quote_currency
+from pipeline.core.vocabulary import (FILL_KINDS, Liquidity, OrderEventKind, OrderOption,
+                                      OrderType, Side)
+
+K = OrderEventKind
+
+
+class OrderStatus(StrEnum):
+    NEW = "NEW"  # asked for, not yet at the exchange
+    ACCEPTED = "ACCEPTED"
+    BOOKED = "BOOKED"
+    PARTIALLY_FILLED = "PARTIALLY_FILLED"
+    FILLED = "FILLED"
+    CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"
+    REJECTED = "REJECTED"
+
+
+S = OrderStatus
+OPEN_STATUSES = frozenset({S.NEW, S.ACCEPTED, S.BOOKED, S.PARTIALLY_FILLED})
+_NEXT: dict[OrderStatus, frozenset[OrderStatus]] = {
+    S.NEW: frozenset({S.ACCEPTED, S.REJECTED}),
+    S.ACCEPTED: frozenset({S.BOOKED, S.PARTIALLY_FILLED, S.FILLED, S.CANCELLED, S.EXPIRED}),
+    S.BOOKED: frozenset({S.PARTIALLY_FILLED, S.FILLED, S.CANCELLED, S.EXPIRED}),
+    S.PARTIALLY_FILLED: frozenset({S.PARTIALLY_FILLED, S.BOOKED, S.FILLED, S.CANCELLED,
+                                   S.EXPIRED}),
+}
+
+
+class OrderStateError(ValueError):
+    """A step the state machine does not allow (a bug in whoever reported it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fill:
+    price: Decimal
+    amount: Decimal
+    liquidity: Liquidity
+    fee: Decimal
+
+
+@dataclass(slots=True)
+class Order:
+    """An order and what has happened to it so far. ``price_text``/``amount_text`` are the
+    exact strings it was asked with, echoed in every event."""
+
+    client_order_id: str
+    strategy_id: str
+    symbol: str
+    side: Side
+    order_type: OrderType
+    price: Decimal | None  # limit; None for MARKET
+    amount: Decimal
+    options: tuple[str, ...] = ()
+    created_ms: int = 0
+    expires_ms: int | None = None
+    price_text: str | None = None
+    amount_text: str = ""
+    status: OrderStatus = S.NEW
+    exchange_order_id: str | None = None
+    filled: Decimal = ZERO
+    notional: Decimal = ZERO
+    fees: Decimal = ZERO
+    fee_currency: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not self.amount_text:
+            self.amount_text = plain(self.amount)
+        if self.price is not None and self.price_text is None:
+            self.price_text = plain(self.price)
+        if not self.fee_currency:
+            self.fee_currency = quote_currency(self.symbol)
+
+    @property
+    def remaining(self) -> Decimal:
+        return self.amount - self.filled
+
+    @property
+    def is_open(self) -> bool:
+        return self.status in OPEN_STATUSES
+
+    @property
+    def option(self) -> str | None:
+        return self.options[0] if self.options else None
+
+    def step(self, kind: OrderEventKind) -> None:
+        """Move to the status ``kind`` reports; CANCEL_REJECTED changes nothing."""
+        if kind is K.CANCEL_REJECTED:
+            return
+        target = S(kind.value)
+        if target not in _NEXT.get(self.status, ()):
+            raise OrderStateError(f"order {self.client_order_id}: {self.status} -> {target} "
+                                  "is not a step an order can take")
+        self.status = target
+
+    def add_fill(self, fill: Fill) -> OrderEventKind:
+        """Book a fill; the event kind it makes (PARTIALLY_FILLED or FILLED)."""
+        if fill.amount <= 0 or fill.amount > self.remaining:
+            raise OrderStateError(f"order {self.client_order_id}: a fill of {fill.amount} "
+                                  f"with {self.remaining} remaining")
+        self.filled += fill.amount
+        self.notional += fill.price * fill.amount
+        self.fees += fill.fee
+        kind = K.FILLED if self.filled == self.amount else K.PARTIALLY_FILLED
+        self.step(kind)
+        return kind
+
+    @property
+    def avg_price(self) -> Decimal | None:
+        return self.notional / self.filled if self.filled else None
+
+
+def check_options(options: tuple[str, ...] | list[str]) -> str | None:
+    """Gemini's reason for refusing ``options``, or None when they are fine: at most one,
+    each one of Gemini's."""
+    known = {o.value for o in OrderOption}
+    if any(o not in known for o in options):
+        return "UnsupportedOption"
+    if len(options) > 1:
+        return "ConflictingOptions"
+    return None
+
+
+def order_event(order: Order, kind: OrderEventKind, when_ms: int, mode: str, *,
+                reason: str | None = None, fill: Fill | None = None,
+                request_id: str | None = None) -> OrderEvent:
+    """The ``OrderEvent`` record of one step of ``order`` (already applied to it)."""
+    filled = order.filled
+    last = fill is not None and kind in FILL_KINDS
+    return {
+        "client_order_id": order.client_order_id, "strategy_id": order.strategy_id,
+        "symbol": order.symbol, "kind": kind.value, "reason": reason, "mode": mode,
+        "exchange_order_id": order.exchange_order_id, "side": order.side.wire,
+        "price": order.price_text, "amount": order.amount_text,
+        "filled_amount": plain(filled),
+        "avg_fill_price": plain(order.notional / filled) if filled else None,
+        "fee": plain(order.fees), "fee_currency": order.fee_currency, "event_ms": when_ms,
+        "last_fill_price": plain(fill.price) if last else None,
+        "last_fill_amount": plain(fill.amount) if last else None,
+        "liquidity": fill.liquidity.value if last else None,
+        "last_fill_fee": plain(fill.fee) if last else None,
+        "request_id": request_id,
+    }

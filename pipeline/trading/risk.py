@@ -1,0 +1,211 @@
+"""Execution's risk rules: plain Python, no Kafka, no I/O, Decimal everywhere.
+
+``check`` decides one order request against the ``RiskLimits`` and the ``RiskState``
+(positions, open orders, recent orders per strategy) and the latest book of its symbol.
+The live execution group and any backtest call the same function.
+
+Rules, in the order they are checked (the first that fails names the rejection):
+
+``risk:kill_switch``   the kill switch is on: every request is refused.
+``risk:price_band``    no book is known for the symbol, the book is older than
+                       ``max_book_age_ms`` or one-sided, or the limit price is more than
+                       ``price_band_bps`` away from the mid ((best bid + best ask) / 2).
+                       A MARKET order gets the band's edge as its price (mid x (1 + band)
+                       for a buy, rounded down to the tick; mid x (1 - band) for a sell,
+                       rounded up), so it can never trade outside the band.
+``risk:max_notional``  price x amount (in the quote currency) is above ``max_notional``.
+``risk:max_position``  the symbol's position if this order and every open order on the
+                       same side filled completely would exceed ``max_position`` (base
+                       currency) in absolute value (an order that brings the position
+                       closer to zero always passes). Positions are per symbol for the
+                       whole account (all strategies), signed: buys add, sells subtract.
+``risk:rate_limit``    the strategy already had ``max_orders_per_minute`` orders accepted
+                       in the last 60 s (a sliding window per strategy; only accepted
+                       orders count, so a burst of rejected requests does not lock it out).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from typing import Iterable, Mapping
+
+from pipeline.core.decimals import plain  # noqa: F401 (re-exported)
+from pipeline.core.decimals import positive as parse_amount  # noqa: F401 (re-exported)
+
+BPS = Decimal(10_000)
+MINUTE_MS = 60_000
+ZERO = Decimal(0)
+
+KILL_SWITCH = "risk:kill_switch"
+PRICE_BAND = "risk:price_band"
+MAX_NOTIONAL = "risk:max_notional"
+MAX_POSITION = "risk:max_position"
+RATE_LIMIT = "risk:rate_limit"
+
+
+@dataclass(frozen=True)
+class RiskLimits:
+    """Limits from configuration; ``None`` switches a limit off (the band cannot be)."""
+
+    max_notional: Decimal | None = Decimal("10000")
+    max_position: Decimal | None = Decimal("1")
+    max_position_by_symbol: Mapping[str, Decimal] = field(default_factory=dict)
+    price_band_bps: Decimal = Decimal("100")  # 1% either side of the mid
+    max_orders_per_minute: int | None = 60  # per strategy
+    max_book_age_ms: int | None = 60_000
+    tick_sizes: Mapping[str, Decimal] = field(default_factory=dict)  # else from the book
+
+    def position_limit(self, symbol: str) -> Decimal | None:
+        return self.max_position_by_symbol.get(symbol, self.max_position)
+
+
+@dataclass(frozen=True)
+class BookTop:
+    """The part of a book snapshot execution needs: levels best first, as Decimals."""
+
+    symbol: str
+    bids: tuple[tuple[Decimal, Decimal], ...]
+    asks: tuple[tuple[Decimal, Decimal], ...]
+    ts_ms: int  # when the orderbook group published it
+    tick: Decimal  # the finest price step seen in the snapshot
+
+    @classmethod
+    def from_snapshot(cls, snapshot: Mapping) -> "BookTop":
+        """From a ``BookSnapshot`` record (prices and quantities are decimal strings)."""
+        bids = tuple((Decimal(lv["price"]), Decimal(lv["quantity"])) for lv in snapshot["bids"])
+        asks = tuple((Decimal(lv["price"]), Decimal(lv["quantity"])) for lv in snapshot["asks"])
+        exponents = [p.as_tuple().exponent for p, _ in bids + asks]
+        tick = Decimal(1).scaleb(min(exponents)) if exponents else Decimal("0.01")
+        return cls(snapshot["symbol"], bids, asks, snapshot["published_ts_us"] // 1000, tick)
+
+    @property
+    def mid(self) -> Decimal | None:
+        if not self.bids or not self.asks:
+            return None
+        return (self.bids[0][0] + self.asks[0][0]) / 2
+
+
+@dataclass
+class OpenOrder:
+    symbol: str
+    side: str  # "buy" or "sell"
+    remaining: Decimal
+
+
+class RiskState:
+    """What the limits are checked against: positions, open orders, recent orders."""
+
+    def __init__(self) -> None:
+        self.positions: dict[str, Decimal] = {}
+        self.open_orders: dict[str, OpenOrder] = {}  # client_order_id -> remaining
+        self.recent: dict[str, deque[int]] = {}  # strategy -> accepted-at ms, oldest first
+
+    def position(self, symbol: str) -> Decimal:
+        return self.positions.get(symbol, ZERO)
+
+    def apply_fill(self, symbol: str, side: str, amount: Decimal) -> None:
+        signed = amount if side == "buy" else -amount
+        self.positions[symbol] = self.position(symbol) + signed
+
+    def note_open(self, client_order_id: str, symbol: str, side: str, remaining: Decimal) -> None:
+        if remaining > 0:
+            self.open_orders[client_order_id] = OpenOrder(symbol, side, remaining)
+        else:
+            self.open_orders.pop(client_order_id, None)
+
+    def note_closed(self, client_order_id: str) -> None:
+        self.open_orders.pop(client_order_id, None)
+
+    def note_accepted(self, strategy_id: str, at_ms: int) -> None:
+        window = self.recent.setdefault(strategy_id, deque())
+        window.append(at_ms)
+        while window[0] <= at_ms - MINUTE_MS:  # only the last minute is ever asked for
+            window.popleft()
+
+    def restore_accepted(self, items: Iterable[tuple[str, int]]) -> None:
+        """(strategy, accepted-at ms) from history, in any order."""
+        for strategy_id, at_ms in sorted(items, key=lambda item: item[1]):
+            self.note_accepted(strategy_id, at_ms)
+
+    def orders_in_last_minute(self, strategy_id: str, now_ms: int) -> int:
+        window = self.recent.get(strategy_id)
+        if not window:
+            return 0
+        while window and window[0] <= now_ms - MINUTE_MS:
+            window.popleft()
+        return len(window)
+
+    def open_exposure(self, symbol: str, side: str) -> Decimal:
+        return sum((o.remaining for o in self.open_orders.values()
+                    if o.symbol == symbol and o.side == side), ZERO)
+
+
+@dataclass(frozen=True)
+class Decision:
+    reason: str | None  # None: accepted
+    price: Decimal | None  # the limit price to send (a MARKET order's band edge)
+    detail: str = ""  # for the log: the numbers behind a rejection (never a secret)
+
+    @property
+    def accepted(self) -> bool:
+        return self.reason is None
+
+
+def band_edge(book: BookTop, side: str, band_bps: Decimal) -> Decimal:
+    """The most aggressive price inside the band, on the tick grid."""
+    mid = book.mid
+    assert mid is not None
+    if side == "buy":
+        edge = mid * (1 + band_bps / BPS)
+        return (edge / book.tick).to_integral_value(ROUND_FLOOR) * book.tick
+    edge = mid * (1 - band_bps / BPS)
+    return (edge / book.tick).to_integral_value(ROUND_CEILING) * book.tick
+
+
+def check(limits: RiskLimits, state: RiskState, book: BookTop | None, *, strategy_id: str,
+          symbol: str, side: str, order_type: str, price: Decimal | None, amount: Decimal,
+          now_ms: int, kill_switch: bool = False) -> Decision:
+    """Accept or reject one order; ``side`` is "buy"/"sell", ``order_type`` LIMIT/MARKET.
+
+    Pure: it changes nothing. The caller records an accepted order with
+    ``state.note_accepted`` (and its fills and open remainder) once it acts on it.
+    """
+    if kill_switch:
+        return Decision(KILL_SWITCH, None, "kill switch is on")
+    if book is None:
+        return Decision(PRICE_BAND, None, f"no book snapshot known for {symbol}")
+    if limits.max_book_age_ms is not None and now_ms - book.ts_ms > limits.max_book_age_ms:
+        return Decision(PRICE_BAND, None, f"book of {symbol} is {now_ms - book.ts_ms} ms old")
+    mid = book.mid
+    if mid is None:
+        return Decision(PRICE_BAND, None, f"book of {symbol} is one-sided")
+    if symbol in limits.tick_sizes:
+        book = BookTop(book.symbol, book.bids, book.asks, book.ts_ms, limits.tick_sizes[symbol])
+    if order_type == "MARKET":
+        price = band_edge(book, side, limits.price_band_bps)
+    elif price is None:
+        return Decision(PRICE_BAND, None, "a LIMIT order without a price")
+    if abs(price - mid) * BPS > limits.price_band_bps * mid:
+        return Decision(PRICE_BAND, price, f"price {price} is {abs(price - mid) * BPS / mid:.1f} "
+                        f"bps from the mid {mid}, the band is {limits.price_band_bps} bps")
+    notional = price * amount
+    if limits.max_notional is not None and notional > limits.max_notional:
+        return Decision(MAX_NOTIONAL, price,
+                        f"notional {notional} is above {limits.max_notional}")
+    cap = limits.position_limit(symbol)
+    if cap is not None:
+        position = state.position(symbol)
+        if side == "buy":
+            worst = position + state.open_exposure(symbol, "buy") + amount
+        else:
+            worst = position - state.open_exposure(symbol, "sell") - amount
+        if abs(worst) > cap and abs(worst) > abs(position):  # reducing is always fine
+            return Decision(MAX_POSITION, price, f"position {position} would reach {worst}, "
+                            f"the limit is {cap}")
+    if limits.max_orders_per_minute is not None and \
+            state.orders_in_last_minute(strategy_id, now_ms) >= limits.max_orders_per_minute:
+        return Decision(RATE_LIMIT, price, f"{strategy_id} already sent "
+                        f"{limits.max_orders_per_minute} orders in the last minute")
+    return Decision(None, price)

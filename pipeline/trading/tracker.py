@@ -1,0 +1,170 @@
+"""A strategy's view of its own orders, positions and equity, folded from the requests it
+sends and the order events that come back. The backtest engine and the live ``strategy``
+group both keep one and show it to the strategy, so ``open_orders()``, ``position()`` and
+``equity()`` mean the same in a backtest and live.
+
+Orders are open from the moment they are sent (status NEW, before any answer), so a
+strategy never sends a second quote while the first is on its way. Fills move the position
+(buys add, sells subtract) and the cash (less the fill's notional and fee); equity is cash
+plus positions at the latest marks (the mid of the last book snapshot, a bar's close or a
+trade's price the strategy saw). Cash is in one quote currency: the strategy's capital.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from typing import Any, Mapping
+
+from pipeline.core.decimals import ZERO, plain
+from pipeline.core.vocabulary import OrderAction, OrderEventKind
+
+K = OrderEventKind
+_CLOSING = {K.FILLED.value, K.CANCELLED.value, K.EXPIRED.value, K.REJECTED.value}
+
+
+@dataclass
+class OpenOrder:
+    """One of the strategy's orders that is not closed yet."""
+
+    client_order_id: str
+    symbol: str
+    side: str  # BUY | SELL
+    order_type: str  # LIMIT | MARKET
+    price: str | None
+    amount: str
+    options: tuple[str, ...] = ()
+    filled: str = "0"
+    status: str = "NEW"  # NEW (sent), ACCEPTED, BOOKED, PARTIALLY_FILLED
+    cancel_requested: bool = False  # a cancel or replace of it was sent
+
+    @property
+    def remaining(self) -> Decimal:
+        return Decimal(self.amount) - Decimal(self.filled)
+
+
+@dataclass
+class OrderTracker:
+    """See the module doc. ``cash`` None: no capital given, so no equity."""
+
+    strategy_id: str
+    cash: Decimal | None = None
+    orders: dict[str, OpenOrder] = field(default_factory=dict)
+    positions: dict[str, Decimal] = field(default_factory=dict)
+    marks: dict[str, Decimal] = field(default_factory=dict)
+    fees: Decimal = ZERO
+    fills: int = 0
+    _filled: dict[str, Decimal] = field(default_factory=dict)  # per open order, for old events
+
+    # -- in
+
+    def sent(self, request: Mapping[str, Any]) -> None:
+        """A request the strategy sent (an ``OrderRequest``, signed or not)."""
+        action = request.get("action") or OrderAction.NEW.value
+        target = request.get("target_client_order_id")
+        if action in (OrderAction.CANCEL.value, OrderAction.REPLACE.value) and target in self.orders:
+            self.orders[target].cancel_requested = True
+        if action == OrderAction.CANCEL_ALL.value:
+            for order in self.orders.values():
+                if order.symbol == request["symbol"]:
+                    order.cancel_requested = True
+        if action in (OrderAction.NEW.value, OrderAction.REPLACE.value):
+            cid = request["client_order_id"]
+            self.orders[cid] = OpenOrder(cid, request["symbol"], request["side"],
+                                         request["order_type"], request.get("price"),
+                                         request["amount"], tuple(request.get("options") or ()))
+
+    def on_event(self, event: Mapping[str, Any]) -> bool:
+        """An ``OrderEvent``; False (and nothing changes) when it is not this strategy's."""
+        if event["strategy_id"] != self.strategy_id:
+            return False
+        cid, kind = event["client_order_id"], event["kind"]
+        order = self.orders.get(cid)
+        if kind == K.CANCEL_REJECTED.value:
+            if order is not None:
+                order.cancel_requested = False
+            return True
+        if order is None and kind not in _CLOSING:  # sent before this view began
+            order = self.orders[cid] = OpenOrder(
+                cid, event["symbol"], event["side"].upper(),
+                "LIMIT" if event.get("price") is not None else "MARKET", event.get("price"),
+                event["amount"])
+        if kind in (K.PARTIALLY_FILLED.value, K.FILLED.value):
+            self._fill(cid, event)
+        if order is not None:
+            order.filled = event["filled_amount"]
+            if kind not in (K.PARTIALLY_FILLED.value, K.FILLED.value):
+                order.status = kind
+            elif order.status == "NEW":
+                order.status = K.ACCEPTED.value
+        if kind in _CLOSING:
+            self.orders.pop(cid, None)
+            self._filled.pop(cid, None)
+        return True
+
+    def _fill(self, cid: str, event: Mapping[str, Any]) -> None:
+        total = Decimal(event["filled_amount"])
+        before = self._filled.get(cid, ZERO)
+        if total <= before:
+            return  # seen already
+        self._filled[cid] = total
+        if event.get("last_fill_amount") is not None:
+            amount, price = Decimal(event["last_fill_amount"]), Decimal(event["last_fill_price"])
+            fee = Decimal(event.get("last_fill_fee") or "0")
+        else:  # an event from before per-fill fields: the change of the running totals
+            amount = total - before
+            price = Decimal(event["avg_fill_price"] or "0")
+            fee = ZERO
+        signed = amount if event["side"].lower() == "buy" else -amount
+        symbol = event["symbol"]
+        self.positions[symbol] = self.positions.get(symbol, ZERO) + signed
+        self.fees += fee
+        self.fills += 1
+        if self.cash is not None:
+            self.cash -= signed * price + fee
+
+    def mark(self, symbol: str, price: Decimal) -> None:
+        self.marks[symbol] = price
+
+    # -- out
+
+    def open_orders(self, symbol: str | None = None) -> list[OpenOrder]:
+        return [o for o in self.orders.values() if symbol is None or o.symbol == symbol]
+
+    def position(self, symbol: str) -> Decimal:
+        return self.positions.get(symbol, ZERO)
+
+    def equity(self) -> Decimal | None:
+        """Cash plus positions at their marks; None without capital or without a mark for
+        a symbol held."""
+        if self.cash is None:
+            return None
+        total = self.cash
+        for symbol, position in self.positions.items():
+            if position:
+                mark = self.marks.get(symbol)
+                if mark is None:
+                    return None
+                total += position * mark
+        return total
+
+    # -- state
+
+    def dump(self) -> dict[str, Any]:
+        """JSON-safe state, saved with the strategy's own."""
+        return {"cash": None if self.cash is None else plain(self.cash),
+                "orders": [{**asdict(o), "options": list(o.options)} for o in self.orders.values()],
+                "positions": {s: plain(p) for s, p in self.positions.items()},
+                "marks": {s: plain(p) for s, p in self.marks.items()},
+                "fees": plain(self.fees), "fills": self.fills,
+                "filled": {c: plain(f) for c, f in self._filled.items()}}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self.cash = None if state.get("cash") is None else Decimal(state["cash"])
+        self.orders = {o["client_order_id"]: OpenOrder(**{**o, "options": tuple(o["options"])})
+                       for o in state.get("orders", ())}
+        self.positions = {s: Decimal(p) for s, p in state.get("positions", {}).items()}
+        self.marks = {s: Decimal(p) for s, p in state.get("marks", {}).items()}
+        self.fees = Decimal(state.get("fees", "0"))
+        self.fills = int(state.get("fills", 0))
+        self._filled = {c: Decimal(f) for c, f in state.get("filled", {}).items()}
