@@ -1,95 +1,55 @@
 """The ``execution`` consumer group: signed order requests in, orders out, order events out.
 
-For each ``OrderRequest`` on ``<ns>.orders.requests`` (key: symbol) it checks, in order:
+Each ``OrderRequest`` on ``<ns>.orders.requests`` (key: symbol) is decided by the pure
+:func:`~pipeline.trading.execution.decide` (signature, dedupe, kill switch, expiry,
+validation, risk: see there) and acted on by an execution client; the group publishes the
+``OrderEvent`` records (key: client_order_id) to ``<ns>.orders.events`` and remembers every
+decided id in the compacted ``<ns>.orders.seen``. Requests are NEW, CANCEL, CANCEL_ALL or
+REPLACE (cancel, then the new order once the cancel is confirmed).
 
-1. ``unknown_strategy``: no signing key for the request's ``strategy_id``;
-2. ``bad_signature``: the HMAC-SHA256 of the request does not match (any field changed,
-   or signed with another key);
-3. ``duplicate``: its ``client_order_id`` was acted on before (also across restarts and
-   rebalances: see "at most once" below);
-4. ``risk:kill_switch``: the kill switch is on: the file ``<run_dir>/kill-switch`` exists
-   (``run/kill-switch`` by default: ``touch`` it to stop all trading of every instance,
-   remove it to resume); checked once per batch, so flipping it takes effect within one
-   batch;
-5. ``expired``: ``expires_ms`` is in the past (injected clock);
-6. ``invalid_request``: amount or price is not a positive decimal (or a LIMIT without one);
-7. the risk limits of ``pipeline.risk`` (``risk:price_band``, ``risk:max_notional``,
-   ``risk:max_position``, ``risk:rate_limit``) against the latest ``BookSnapshot`` of the
-   symbol, which the group reads from ``<ns>.book.snapshots`` alongside the requests;
+Modes and their clients:
 
-A request that fails 1 or 2 is not remembered (a forger must not be able to burn a real
-strategy's id); every authenticated request is decided once and remembered, whatever the
-decision (``rejected:<reason>`` in ``orders.seen``), so a replay is a ``duplicate``.
+* ``paper`` (default): :class:`~pipeline.trading.paper.PaperExecution`, the simulated
+  exchange the order-book backtest runs, fed ``md.l2`` and ``md.trades`` (the full book,
+  not the snapshots' depth): orders rest with queue position, fill as makers or takers
+  with Gemini's API fees, expire at ``expires_ms``, and are cancelled by requests. Risk
+  is checked against that book. No HTTP.
+* ``sandbox``: :class:`~pipeline.gemini.execution.GeminiExecution` against Gemini's
+  sandbox or the local venue (``--venue-url``); risk is checked against ``book.snapshots``.
+* ``live``: the same against Gemini. Only with ``--live``, an API key and secret present,
+  and a ``live`` namespace; otherwise the group refuses to start.
 
-It then executes the request in one of three modes and publishes ``OrderEvent`` records (key:
-client_order_id) to ``<ns>.orders.events``: ACCEPTED, then PARTIALLY_FILLED / FILLED /
-CANCELLED, or one REJECTED with the reason. Amounts are exact decimal strings.
+**Kill switch.** The file ``<run_dir>/kill-switch`` (``touch`` it to stop all trading, of
+every instance; remove it to resume) is read once per batch: while it exists every new
+order is rejected (``risk:kill_switch``), and when it appears every open order is
+cancelled within that batch (paper: in the simulator; Gemini: ``/v1/order/cancel/session``).
 
-* ``paper`` (default): filled against the latest snapshot by ``pipeline.paper`` (a taker
-  at the snapshot's levels, never resting: partial fills cancel the rest). No HTTP.
-* ``sandbox``: sent to Gemini's sandbox or the local venue (``--venue-url``).
-* ``live``: sent to Gemini. Only with ``--live``, an API key and secret present, and a
-  ``live`` namespace; otherwise the group refuses to start.
+**Exactly one outcome per request.** The group is transactional: a batch's order events,
+its ``SeenOrder`` records, paper mode's state and the input offsets commit together. On
+assignment it reads ``orders.seen`` to its end (waiting for transactions a dead member
+left open) and refuses every id found there; positions, open orders and the rate window
+come back from ``orders.events``. A Gemini order is an effect outside Kafka that a
+transaction cannot take back: see :mod:`pipeline.gemini.execution` for the durable intent
+recorded before it is sent and how a restart reconciles it (never by sending twice).
 
-An order is sent as ``POST /v1/order/new`` (``exchange limit``, with the request's
-``client_order_id``; a MARKET request as an immediate-or-cancel limit at the price band's
-edge), signed with a nonce from a ``NonceSource`` file under the run directory (strictly
-increasing across restarts), through a token bucket (``gemini_rate_per_s``, default 5/s)
-that every private call shares. Orders still live after placement are followed with
-``order/status`` every ``follow_interval_s`` until they fill or are cancelled.
+**Causal order (paper).** Requests, L2 changes and trades are three topics the consumer
+interleaves as it fetches them. A request is held (in memory, its offset not committed)
+until its partition's ``md.l2`` has reached the record that triggered it (a trigger
+``md.l2/<partition>/<offset>``) and both market-data topics have reached the end they had
+when the partition was assigned, so a request is never decided on a book older than the
+one its strategy saw; a market-data partition silent for ``hold_idle_s`` counts as caught up.
 
-At most once per client_order_id, and exactly one outcome per request
-------------------------------------------------------------------------
-
-The group runs in transactional mode: each batch's order events, its ``SeenOrder``
-records (compacted ``<ns>.orders.seen``, key client_order_id) and its input offsets
-commit in one Kafka transaction. On assignment the handler reads ``orders.seen`` to its
-end, waiting until no transaction written before it started is still open (so a killed
-predecessor's work is either visible or aborted), and refuses every id found there.
-
-A paper order or a rejection has no effect outside Kafka, so the transaction is enough.
-A sandbox/live order is an effect outside Kafka that a transaction cannot take back, so
-before any HTTP the handler writes ``SeenOrder(outcome="sending")``, the *intent*, with a
-separate idempotent (non-transactional) producer and waits for the broker's ack. Kill -9
-at each point:
-
-* before the intent is acked: nothing left the process; the transaction is aborted and
-  the request is read again and handled as new;
-* after the intent, before or during the HTTP call, or after it but before the commit:
-  the transaction (events, final SeenOrder, offsets) is aborted, the intent survives.
-  The request is read again, finds ``sending`` and is *reconciled*: ``order/status`` by
-  client_order_id. Found: the order is adopted (ACCEPTED and its fills are published,
-  nothing is sent). Not found: the order was never placed and never will be, because
-  the status call was signed with a nonce larger than the lost request's, and the
-  exchange refuses any nonce at or below the last one it accepted; so it is sent now
-  (re-checked against expiry and risk first);
-* after the commit: events, ``sent``/``open:<order_id>``/``paper``/``rejected:<reason>``
-  and offsets are all visible; the request is not read again (and if a copy comes, it is
-  a ``duplicate``).
-
-An HTTP timeout or connection error while sending is the same "in doubt" case in the
-same process: ``order/status`` by client_order_id decides, never a blind resend. If the
-status cannot be had either (Gemini unreachable), the batch must neither commit nor
-dead-letter the request: ``ExecutionHalted`` aborts the batch's transaction (as a kill -9
-at that point would, which the intent makes safe), the command line exits with status 3
-and the restarted group reconciles.
-
-Nonces: a request Gemini refuses with ``InvalidNonce`` was not executed (the nonce is
-checked before anything else), so the handler moves the nonce file forward (to the
-larger of its value and the clock, plus ``nonce_jump_us``) and retries once with a new
-nonce; a second refusal rejects the request (``gemini:InvalidNonce``).
-
-State restored on assignment: seen ids from ``orders.seen``; positions, open orders and
-their fills so far from ``orders.events`` (the latest non-REJECTED event per id of this
-mode); the per-strategy rate window from the ``seen_ms`` of recent seen ids; the latest
-book per symbol from the last ``snapshot_lookback`` records of each assigned
-``book.snapshots`` partition, read before the first request is handled (the group then
-goes on from that partition's end).
+**Paper orders survive restarts.** With its events, each batch writes the simulator's
+orders (queue positions, taken liquidity) of the symbols that changed to the compacted
+``<ns>.paper.state``, and every ``checkpoint_interval_s`` its touched books. A restarted
+instance loads both for its ``md.l2`` partitions, re-applies the ``md.l2`` records between
+each book's offset and the committed offset, and goes on filling, expiring and cancelling
+the same resting orders, as an uninterrupted run would have.
 
 Instances: start more with distinct ``--instance`` names (each is its own static group
-member and transactional.id; two processes with one name fence each other). A symbol's
-requests and snapshots share a partition number (same key, same partition count), and
-the default range assignor gives both to the same instance.
+member and transactional.id). A symbol's requests, L2 changes, trades and snapshots share a
+partition number (same key, same partition count), and the default range assignor gives
+them to the same instance.
 
 Secrets (the Gemini secret, strategy keys) are never logged, put in a topic or in an
 exception message; events carry Gemini's reason codes, not its messages.
@@ -107,47 +67,44 @@ import os
 import sys
 import time
 import uuid
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, NoReturn
+from typing import Callable, Iterable, Mapping
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 
-from pipeline import risk
 from pipeline.catalog import Namespace
+from pipeline.core.decimals import plain
+from pipeline.core.records import OrderEvent
+from pipeline.core.vocabulary import TERMINAL_KINDS, OrderEventKind
 from pipeline.errors import PipelineError
-from pipeline.gemini.rest import (LIVE_URL, SANDBOX_URL, GeminiApiError, GeminiError,
-                                  GeminiRestClient, NonceSource)
+from pipeline.gemini.execution import (GeminiCredentials, GeminiExecution,  # noqa: F401
+                                       GeminiSettings, TokenBucket)
+from pipeline.gemini.rest import LIVE_URL, SANDBOX_URL, NonceSource
 from pipeline.kafka import ReliableProducer
-from pipeline.paper import DEFAULT_FEE_RATE, PaperBook
 from pipeline.registry import SchemaRegistry
-from pipeline.risk import BookTop, RiskLimits, RiskState, plain
-from pipeline.runtime import (GroupConfig, Handler, Output, Record, group_parser,
-                              log_to_stderr, run_until_stopped)
+from pipeline.runtime import (GroupConfig, Handler, Output, Record, committed_offsets,
+                              group_parser, log_to_stderr, read_range, read_to_end,
+                              run_until_stopped)
 from pipeline.serde import Decoder, Serde
-from pipeline.signing import StrategyKeys, read_private_json, verify
+from pipeline.trading import risk
+from pipeline.trading.execution import (CANCEL, CANCEL_ALL, CANCEL_REJECT, NEW, RECONCILE,
+                                        REJECT, REPLACE, SENDING, ExecutionHalted, Seen,
+                                        cancel_rejected, decide, request_event)
+from pipeline.trading.fees import GEMINI_API_FEES, FeeSchedule
+from pipeline.trading.paper import PAPER, PaperExecution
+from pipeline.trading.risk import RiskLimits, RiskState
+from pipeline.trading.signing import StrategyKeys
+from pipeline.trading.simulator import QUEUE_MODELS, REQUESTED, SimulatorConfig
 
 log = logging.getLogger(__name__)
 
 MODES = ("paper", "sandbox", "live")
 KILL_SWITCH_FILE = "kill-switch"
-SENDING = "sending"
-TERMINAL_KINDS = ("FILLED", "CANCELLED", "REJECTED")
-ZERO = Decimal(0)
-
-
-class ExecutionHalted(BaseException):
-    """An order's fate is unknown and cannot be learned now: stop without committing.
-
-    A ``BaseException`` on purpose: the runtime dead-letters a handler's ``Exception`` and
-    commits the batch, which would forget an order that may be live. Raised through
-    ``GroupRunner.run``, it aborts the batch's transaction and leaves the group without
-    committing (as a kill -9 at that point would, which the intent makes safe); the command
-    line then exits with status 3 and the restarted group reconciles.
-    """
+K = OrderEventKind
+_TERMINAL = {k.value for k in TERMINAL_KINDS}
 
 
 @dataclass(frozen=True)
@@ -163,7 +120,12 @@ class ExecutionSettings:
     status_attempts: int = 3  # order/status tries to settle an order in doubt
     status_backoff_s: float = 0.5
     follow_interval_s: float = 2.0  # how often a live order's status is polled
-    paper_fee_rate: Decimal = DEFAULT_FEE_RATE
+    paper_fees: FeeSchedule = GEMINI_API_FEES
+    paper_queue: str = "risk-averse"  # the simulator's queue model
+    paper_latency_ms: int = 0  # added to the real latency of the pipeline
+    checkpoint_interval_s: float = 5.0  # paper books to paper.state
+    book_depth: int = 10  # levels of the books risk is checked against (paper)
+    hold_idle_s: float = 1.0  # paper: a market-data partition this quiet has caught up
     snapshot_lookback: int = 1000  # book.snapshots records re-read per partition on assign
     nonce_jump_us: int = 60_000_000  # how far past the clock an InvalidNonce moves the nonce
     kill_switch_file: Path | None = None  # default: <run_dir>/kill-switch
@@ -187,509 +149,359 @@ class ExecutionSettings:
     def nonce_path(self) -> Path:
         return Path(self.run_dir) / "execution" / "gemini-nonce"
 
+    def simulator(self) -> SimulatorConfig:
+        return SimulatorConfig(fees=self.paper_fees, queue=self.paper_queue,
+                               latency_ms=self.paper_latency_ms, mode="PAPER")
 
-class GeminiCredentials:
-    """A Gemini API key and secret; the secret is never shown (repr, str, logs)."""
-
-    def __init__(self, api_key: str, api_secret: str) -> None:
-        if not api_key or not api_secret:
-            raise PipelineError("a Gemini API key and secret are both needed")
-        self.api_key = api_key
-        self.__secret = api_secret
-
-    def __repr__(self) -> str:
-        return f"GeminiCredentials(api_key={self.api_key!r}, api_secret=***)"
-
-    __str__ = __repr__
-
-    def client(self, url: str, nonces: NonceSource, timeout_s: float) -> GeminiRestClient:
-        return GeminiRestClient(url, self.api_key, self.__secret, nonces, timeout_s)
-
-    @classmethod
-    def load(cls, key_file: str | Path | None = None,
-             environ: Mapping[str, str] | None = None) -> "GeminiCredentials | None":
-        """From a 0600 JSON file ``{"api_key": ..., "api_secret": ...}``, else from
-        ``GEMINI_API_KEY``/``GEMINI_API_SECRET``; None when neither has them."""
-        if key_file is not None:
-            path = Path(key_file)
-            data = read_private_json(path, "API key file")
-            if not isinstance(data, dict) or not all(isinstance(data.get(k), str) and data[k]
-                                                     for k in ("api_key", "api_secret")):
-                raise PipelineError(f"API key file {path} must be a JSON object with "
-                                    "\"api_key\" and \"api_secret\"")
-            return cls(data["api_key"], data["api_secret"])
-        env = os.environ if environ is None else environ
-        if env.get("GEMINI_API_KEY") and env.get("GEMINI_API_SECRET"):
-            return cls(env["GEMINI_API_KEY"], env["GEMINI_API_SECRET"])
-        return None
-
-
-class TokenBucket:
-    """``rate`` calls per second sustained, bursts of ``burst``; ``take`` blocks."""
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        if rate <= 0 or burst < 1:
-            raise PipelineError("the Gemini rate limit needs rate > 0 and burst >= 1")
-        self.rate, self.burst, self.clock, self.sleep = rate, burst, clock, sleep
-        self.tokens = float(burst)
-        self.at = clock()
-
-    def take(self) -> None:
-        self._refill()
-        if self.tokens < 1:
-            self.sleep((1 - self.tokens) / self.rate)
-            self._refill()
-        self.tokens -= 1
-
-    def _refill(self) -> None:
-        now = self.clock()
-        self.tokens = min(float(self.burst), self.tokens + (now - self.at) * self.rate)
-        self.at = now
-
-
-@dataclass
-class Seen:
-    outcome: str
-    seen_ms: int
-    strategy_id: str
-
-
-@dataclass
-class Followed:
-    """An order live at the exchange whose fills we still publish."""
-
-    client_order_id: str
-    strategy_id: str
-    symbol: str
-    side: str
-    price: str | None
-    amount: str
-    order_id: str
-    seen_ms: int
-    filled: Decimal = ZERO
-    next_poll: float = 0.0
+    def gemini(self) -> GeminiSettings:
+        return GeminiSettings(self.gemini_rate_per_s, self.gemini_burst, self.gemini_timeout_s,
+                              self.status_attempts, self.status_backoff_s,
+                              self.follow_interval_s, self.nonce_jump_us)
 
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def read_committed(bootstrap: str, topic: str, timeout_s: float) -> Iterator[Message]:
-    """Every committed record of ``topic``, to its end.
-
-    First waits until every record written before the call is decided: the committed
-    end (the last stable offset) must reach the end including open transactions, so an
-    open transaction of a dead member (aborted when its transactional.id restarts, or
-    after transaction.timeout.ms) is never mistaken for the end of the topic.
-    """
-    group = f"restore-{uuid.uuid4()}"
-    base = {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}
-    uncommitted = Consumer({**base, "isolation.level": "read_uncommitted"})
-    consumer = Consumer({**base, "isolation.level": "read_committed"})
-    try:
-        meta = consumer.list_topics(topic, timeout=10).topics[topic]
-        deadline = time.monotonic() + timeout_s
-        ends: dict[int, int] = {}
-        for p in sorted(meta.partitions):
-            target = uncommitted.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            while True:
-                low, stable = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-                if stable >= target:
-                    break
-                if time.monotonic() > deadline:
-                    raise PipelineError(
-                        f"{topic}[{p}] still has a transaction open after {timeout_s:.0f}s "
-                        f"(stable offset {stable} < end {target}): is another execution "
-                        "instance stuck?")
-                time.sleep(0.05)
-            if stable > low:
-                ends[p] = stable
-        if not ends:
-            return
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        while ends:
-            for msg in consumer.consume(1000, 0.2):
-                if msg.error() is None:
-                    yield msg
-            for tp in consumer.position([TopicPartition(topic, p) for p in ends]):
-                if tp.offset >= ends[tp.partition]:
-                    del ends[tp.partition]
-            if ends and time.monotonic() > deadline + 60:
-                raise PipelineError(f"could not read {topic} to its end: stuck at "
-                                    f"{sorted(ends.items())}")
-    finally:
-        consumer.close()
-        uncommitted.close()
-
-
 class ExecutionHandler(Handler):
     def __init__(self, namespace: Namespace, serde: Serde, bootstrap: str,
                  settings: ExecutionSettings, keys: StrategyKeys,
                  credentials: GeminiCredentials | None = None,
-                 clock_ms: Callable[[], int] = wall_clock_ms) -> None:
+                 clock_ms: Callable[[], int] = wall_clock_ms, group_id: str = "") -> None:
         self.settings, self.keys, self.clock_ms, self.bootstrap = settings, keys, clock_ms, bootstrap
+        self.group_id = group_id or f"{namespace}.execution"
         self.mode = settings.mode.upper()
-        self.topic = {n: namespace.topic(n) for n in ("orders.requests", "book.snapshots",
-                                                      "orders.events", "orders.seen")}
+        self.topic = {n: namespace.topic(n) for n in (
+            "orders.requests", "book.snapshots", "md.l2", "md.trades", "orders.events",
+            "orders.seen", "paper.state")}
         self.encode_event = serde.encoder(self.topic["orders.events"])
         self.encode_seen = serde.encoder(self.topic["orders.seen"])
         self.decode = serde.decoder()
-        self.books: dict[str, BookTop] = {}
-        self.paper_books: dict[str, PaperBook] = {}
         self.seen: dict[str, Seen] = {}
         self.state = RiskState()
-        self.followed: dict[str, Followed] = {}
         self.counts: Counter = Counter()
-        self._owned: set[int] = set()
-        self._partitions = 0
-        self._kill_checked = False
-        self._killed = False
         self.halted: str | None = None
-        self.client: GeminiRestClient | None = None
+        self._killed: bool | None = None  # this batch's reading of the kill switch
+        self._kill_done = False  # open orders cancelled since the switch came on
+        self.rest = None
         self.intents: ReliableProducer | None = None
+        self.paper: PaperExecution | None = None
+        self.gemini: GeminiExecution | None = None
         if settings.sends_http:
             if credentials is None:
                 raise PipelineError(f"{settings.mode} mode needs a Gemini API key and secret")
-            self.nonces = NonceSource(settings.nonce_path)
-            self.client = credentials.client(settings.url, self.nonces, settings.gemini_timeout_s)
-            self.bucket = TokenBucket(settings.gemini_rate_per_s, settings.gemini_burst)
+            nonces = NonceSource(settings.nonce_path)
+            self.rest = credentials.client(settings.url, nonces, settings.gemini_timeout_s)
             self.intents = ReliableProducer(bootstrap, **{"linger.ms": 0})
+            self.gemini = GeminiExecution(self.rest, nonces, self.mode, self._record_intent,
+                                          settings.gemini(), clock_ms)
+            self.gemini.counts = self.counts
+            self.client = self.gemini
+        else:
+            self.encode_state = serde.encoder(self.topic["paper.state"])
+            self.paper = PaperExecution(settings.simulator(), settings.book_depth)
+            self.client = self.paper
+        self._last_checkpoint = time.monotonic()
+        # Paper's causal order (see the module doc): per md.l2/md.trades partition, the
+        # next offset read, the end it had at assignment, when it last delivered.
+        self._read: dict[tuple[str, int], int] = {}
+        self._marks: dict[tuple[str, int], int] = {}
+        self._heard: dict[tuple[str, int], float] = {}
+        self._assigned_at = time.monotonic()
+        self._held: dict[int, list[Record]] = {}  # requests partition -> waiting requests
+
+    @property
+    def topics(self) -> list[str]:
+        """What the group reads: requests and, for its books, the market data (paper) or
+        the snapshots (Gemini)."""
+        if self.paper is not None:
+            return [self.topic["orders.requests"], self.topic["md.l2"], self.topic["md.trades"]]
+        return [self.topic["orders.requests"], self.topic["book.snapshots"]]
 
     # -- records
 
     def handle(self, record: Record) -> Iterable[Output]:
-        if record.topic == self.topic["book.snapshots"]:
-            self._on_snapshot(record.value)
+        topic = record.topic
+        if topic == self.topic["orders.requests"]:
+            if self.paper is None:
+                return self._on_request(record.value)
+            held = self._held.setdefault(record.partition, [])
+            if held or not self._ready(record):
+                held.append(record)
+                return ()
+            return self._on_request(record.value)
+        if topic == self.topic["book.snapshots"]:
+            self.gemini.on_snapshot(record.value)  # type: ignore[union-attr]
             return ()
-        return self._on_request(record.value)
+        source = (topic, record.partition)
+        self._read[source] = record.offset + 1
+        self._heard[source] = time.monotonic()
+        if topic == self.topic["md.l2"]:
+            out = self._events(self.paper.on_l2(record.value, record.partition,  # type: ignore[union-attr]
+                                                record.offset, self.clock_ms()))
+        else:
+            out = self._events(self.paper.on_trade(record.value, self.clock_ms()))  # type: ignore[union-attr]
+        if self._held.get(record.partition):
+            out += self._release(record.partition)
+        return out
 
-    def _on_snapshot(self, snapshot: dict) -> None:
-        top = BookTop.from_snapshot(snapshot)
-        known = self.books.get(top.symbol)
-        if known is not None and known.ts_ms > top.ts_ms:
-            return  # an older snapshot (re-read after a restart): keep the newer
-        self.books[top.symbol] = top
-        self.paper_books.setdefault(top.symbol, PaperBook()).replace(top.bids, top.asks)
+    def _ready(self, request: Record) -> bool:
+        """Whether the market data of the request's partition has caught up with it."""
+        p = request.partition
+        now = time.monotonic()
+        trigger = request.value.get("trigger") or ""
+        needs = [((self.topic["md.l2"], p), self._marks.get((self.topic["md.l2"], p), 0)),
+                 ((self.topic["md.trades"], p), self._marks.get((self.topic["md.trades"], p), 0))]
+        if trigger.startswith("md.l2/"):
+            _, part, offset = trigger.split("/", 2)
+            if part.isdigit() and offset.isdigit():
+                needs.append(((self.topic["md.l2"], int(part)), int(offset) + 1))
+        idle = self.settings.hold_idle_s
+        for source, offset in needs:
+            if self._read.get(source, 0) >= offset:
+                continue
+            heard = self._heard.get(source, self._assigned_at)
+            if now - heard < idle:
+                return False
+        return True
+
+    def _release(self, partition: int) -> list[Output]:
+        """The held requests of ``partition`` that are ready now, in order."""
+        held, out = self._held[partition], []
+        while held and self._ready(held[0]):
+            out += self._on_request(held.pop(0).value)
+        return out
+
+    def commit_offsets(self, offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        """Held requests are not committed: a restart reads them again."""
+        requests = self.topic["orders.requests"]
+        for partition, held in self._held.items():
+            if held and (requests, partition) in offsets:
+                offsets[(requests, partition)] = held[0].offset
+        return offsets
 
     def _on_request(self, req: dict) -> list[Output]:
-        cid, strategy_id = req["client_order_id"], req["strategy_id"]
-        key = self.keys.key(strategy_id)
-        if key is None:
-            return self._reject(req, "unknown_strategy", remember=False)
-        if not verify(req, key):
-            return self._reject(req, "bad_signature", remember=False)
-        prior = self.seen.get(cid)
-        if prior is not None and prior.outcome != SENDING:
-            return self._reject(req, "duplicate", remember=False,
-                                detail=f"already {prior.outcome}")
-        if prior is not None:
-            # An intent without an outcome: a predecessor may have placed the order.
-            self.counts["reconciled"] += 1
-            order = self._status_fence(cid)
-            if order is not None:
-                log.info("%s: in doubt after a restart; found at the exchange, adopting it", cid)
-                return self._adopt(req, order, prior.seen_ms, price_sent=order.get("price"))
-            log.info("%s: in doubt after a restart; not at the exchange (fenced), sending", cid)
+        cid = req["client_order_id"]
         now = self.clock_ms()
-        if self._kill_switch():
-            return self._reject(req, risk.KILL_SWITCH)
-        if req["expires_ms"] < now:
-            return self._reject(req, "expired", detail=f"expired {now - req['expires_ms']} ms ago")
-        side = req["side"].lower()
-        amount = risk.parse_amount(req["amount"])
-        price = risk.parse_amount(req["price"]) if req["order_type"] == "LIMIT" else None
-        if amount is None or (req["order_type"] == "LIMIT" and price is None):
-            return self._reject(req, "invalid_request",
-                                detail="amount and a LIMIT's price must be positive decimals")
-        decision = risk.check(self.settings.risk, self.state, self.books.get(req["symbol"]),
-                              strategy_id=strategy_id, symbol=req["symbol"], side=side,
-                              order_type=req["order_type"], price=price, amount=amount,
-                              now_ms=now)
-        if not decision.accepted:
-            return self._reject(req, decision.reason, price=decision.price, detail=decision.detail)
-        self.state.note_accepted(strategy_id, now)
-        if not self.settings.sends_http:
-            return self._paper(req, decision.price, amount, now)
-        return self._send(req, decision.price, now if prior is None else prior.seen_ms)
+        verdict = self._decide(req, now)
+        seen_ms = now
+        if verdict.action == RECONCILE:
+            prior = self.seen[cid]
+            seen_ms = prior.seen_ms
+            found = self.gemini.reconcile(req, prior) if self.gemini is not None else None
+            if found is not None:
+                events, outcome = found
+                return self._events(events) + [self._remember(req, outcome, seen_ms)]
+            verdict = self._decide(req, now, settled=True)
+        action = verdict.action
+        if action == REJECT:
+            log.info("REJECTED %s (%s %s): %s%s", cid, req["strategy_id"], req["symbol"],
+                     verdict.reason, f" ({verdict.detail})" if verdict.detail else "")
+            out = self._events([request_event(
+                req, K.REJECTED, now, self.mode, reason=verdict.reason,
+                price=plain(verdict.price) if verdict.price is not None else None)])
+            if verdict.remember:
+                out.append(self._remember(req, f"rejected:{verdict.reason}", now))
+            return out
+        if action == CANCEL_REJECT:
+            return self._events([cancel_rejected(req, verdict.reason, now, self.mode)]) + \
+                [self._remember(req, f"rejected:{verdict.reason}", now)]
+        client = self.client
+        if action == NEW:
+            self.state.note_accepted(req["strategy_id"], now)
+            if self.gemini is not None:
+                events, outcome = self.gemini.place(req, verdict.price, now, seen_ms)
+            else:
+                events, outcome = client.place(req, verdict.price, now)
+        elif action == REPLACE:
+            self.state.note_accepted(req["strategy_id"], now)
+            events, outcome = client.replace(req, verdict.price, now)
+        elif action == CANCEL:
+            events, outcome = client.cancel(req, now)
+        else:
+            assert action == CANCEL_ALL
+            events, outcome = client.cancel_all(req, now, REQUESTED)
+        return self._events(events) + [self._remember(req, outcome, seen_ms)]
+
+    def _decide(self, req: dict, now: int, settled: bool = False):
+        return decide(req, keys=self.keys, seen=self.seen, killed=self._kill_switch(),
+                      now_ms=now, limits=self.settings.risk, state=self.state,
+                      book=self.client.book(req["symbol"]), settled=settled)
 
     def _kill_switch(self) -> bool:
-        if not self._kill_checked:
+        if self._killed is None:
             killed = self.settings.kill_switch_path.exists()
-            if killed != self._killed:
-                log.warning("kill switch %s (%s)", "ON: rejecting every request" if killed
-                            else "off", self.settings.kill_switch_path)
-            self._killed, self._kill_checked = killed, True
+            if killed != self._kill_done:
+                log.warning("kill switch %s (%s)", "ON: cancelling every open order and "
+                            "rejecting every new one" if killed else "off",
+                            self.settings.kill_switch_path)
+            self._killed = killed
         return self._killed
 
-    # -- outcomes
+    # -- outputs
 
-    def _event(self, req: dict, kind: str, *, reason: str | None = None,
-               price: str | None = None, filled: Decimal = ZERO, avg: str | None = None,
-               fee: str | None = None, fee_currency: str | None = None,
-               order_id: str | None = None) -> Output:
-        self.counts[kind] += 1
-        value = self.encode_event({
-            "client_order_id": req["client_order_id"], "strategy_id": req["strategy_id"],
-            "symbol": req["symbol"], "kind": kind, "reason": reason, "mode": self.mode,
-            "exchange_order_id": order_id, "side": str(req["side"]).lower(),
-            "price": price if price is not None else req.get("price"), "amount": req["amount"],
-            "filled_amount": plain(filled), "avg_fill_price": avg, "fee": fee,
-            "fee_currency": fee_currency, "event_ms": self.clock_ms()})
-        return Output(self.topic["orders.events"], value, req["client_order_id"])
+    def _events(self, events: list[OrderEvent]) -> list[Output]:
+        out = []
+        for event in events:
+            self.counts[event["kind"]] += 1
+            self.state.on_event(event)
+            out.append(Output(self.topic["orders.events"], self.encode_event(event),
+                              event["client_order_id"]))
+            cid = event["client_order_id"]
+            known = self.seen.get(cid)
+            if event["kind"] in _TERMINAL and known is not None and \
+                    known.outcome.startswith("open:"):
+                out.append(self._remember_id(cid, known.strategy_id, "sent", known.seen_ms))
+        return out
 
     def _remember(self, req: dict, outcome: str, seen_ms: int) -> Output:
-        cid = req["client_order_id"]
-        self.seen[cid] = Seen(outcome, seen_ms, req["strategy_id"])
-        value = self.encode_seen({"client_order_id": cid, "strategy_id": req["strategy_id"],
+        return self._remember_id(req["client_order_id"], req["strategy_id"], outcome, seen_ms)
+
+    def _remember_id(self, cid: str, strategy_id: str, outcome: str, seen_ms: int) -> Output:
+        self.seen[cid] = Seen(outcome, seen_ms, strategy_id)
+        value = self.encode_seen({"client_order_id": cid, "strategy_id": strategy_id,
                                   "outcome": outcome, "seen_ms": seen_ms})
         return Output(self.topic["orders.seen"], value, cid)
 
-    def _reject(self, req: dict, reason: str, *, remember: bool = True,
-                price: Decimal | None = None, detail: str = "") -> list[Output]:
-        log.info("REJECTED %s (%s %s): %s%s", req["client_order_id"], req["strategy_id"],
-                 req["symbol"], reason, f" ({detail})" if detail else "")
-        out = [self._event(req, "REJECTED", reason=reason,
-                           price=plain(price) if price is not None else None)]
-        if remember:  # an authenticated request is decided once, whatever the decision
-            out.append(self._remember(req, f"rejected:{reason}", self.clock_ms()))
-        return out
-
-    def _paper(self, req: dict, price: Decimal, amount: Decimal, now: int) -> list[Output]:
-        side = req["side"].lower()
-        book = self.paper_books[req["symbol"]]  # risk.check passed: a snapshot is known
-        result = book.fill(req["symbol"], side, price, amount, req["options"],
-                           self.settings.paper_fee_rate)
-        filled = result.filled
-        if filled:
-            self.state.apply_fill(req["symbol"], side, filled)
-        sent = plain(price)
-        out = [self._event(req, "ACCEPTED", price=sent)]
-        fills = dict(price=sent, filled=filled, fee=plain(result.fee),
-                     fee_currency=result.fee_currency,
-                     avg=plain(result.avg_price) if result.avg_price is not None else None)
-        if result.cancel_reason is None:
-            out.append(self._event(req, "FILLED", **fills))
-        else:
-            if filled:
-                out.append(self._event(req, "PARTIALLY_FILLED", **fills))
-            out.append(self._event(req, "CANCELLED", reason=result.cancel_reason, **fills))
-        out.append(self._remember(req, "paper", now))
-        return out
-
-    # -- over HTTP
-
-    def _call(self, what: str, fn: Callable[[], dict]) -> dict:
-        """One private call through the rate limit; an InvalidNonce refusal (nothing was
-        executed) moves the nonce source forward and retries once."""
-        self.bucket.take()
-        try:
-            return fn()
-        except GeminiApiError as exc:
-            if exc.reason != "InvalidNonce":
-                raise
-            self.counts["invalid_nonce"] += 1
-            moved = self.nonces.advance(self.settings.nonce_jump_us)
-            log.warning("%s: Gemini refused the nonce; nonce file moved forward to %d, "
-                        "retrying once", what, moved)
-            self.bucket.take()
-            return fn()
-
-    def _status_fence(self, cid: str) -> dict | None:
-        """The order with ``cid`` at the exchange, or None if it is not there.
-
-        None is final: this call's nonce is above any nonce a lost order request carried,
-        so that request can no longer be accepted. Raises ExecutionHalted when the
-        exchange cannot be asked.
-        """
-        assert self.client is not None
-        for attempt in range(self.settings.status_attempts):
-            try:
-                return self._call(f"status {cid}",
-                                  lambda: self.client.order_status(client_order_id=cid))
-            except GeminiApiError as exc:
-                if exc.reason == "OrderNotFound":
-                    return None
-                failure = f"{exc.reason} ({exc.http_status})"
-            except GeminiError as exc:
-                failure = type(exc).__name__
-            log.warning("%s: order status unknown (%s), attempt %d", cid, failure, attempt + 1)
-            time.sleep(self.settings.status_backoff_s * (attempt + 1))
-        self._halt(f"order {cid} is in doubt and its status cannot be had: stopping "
-                   "without committing; a restart reconciles it")
-
-    def _halt(self, why: str) -> NoReturn:
-        """Stop without committing this batch (see ``ExecutionHalted``)."""
-        self.halted = why
-        log.critical("execution halted: %s", why)
-        raise ExecutionHalted(why)
-
-    def _send(self, req: dict, price: Decimal, seen_ms: int) -> list[Output]:
-        cid = req["client_order_id"]
-        # The intent: durable before anything leaves the process.
+    def _record_intent(self, cid: str, strategy_id: str, seen_ms: int) -> None:
+        """Durable before anything leaves the process: a separate idempotent producer,
+        outside the batch's transaction, waited for."""
         assert self.intents is not None
-        try:
-            self.intents.produce(self.topic["orders.seen"], self.encode_seen({
-                "client_order_id": cid, "strategy_id": req["strategy_id"], "outcome": SENDING,
-                "seen_ms": seen_ms}), cid)
-            self.intents.flush(30)
-        except Exception as exc:  # noqa: BLE001 - without the intent nothing may be sent
-            self._halt(f"cannot record the intent for {cid}: {exc}")
-        self.seen[cid] = Seen(SENDING, seen_ms, req["strategy_id"])
-        try:
-            return self._place(req, price, seen_ms)
-        except ExecutionHalted:
-            raise
-        except Exception as exc:  # noqa: BLE001 - an order may be live: never dead-letter it
-            log.exception("order %s: unexpected error after its intent", cid)
-            self._halt(f"order {cid}: {type(exc).__name__} after its intent")
-
-    def _place(self, req: dict, price: Decimal, seen_ms: int) -> list[Output]:
-        assert self.client is not None
-        cid = req["client_order_id"]
-        price_text = req["price"] if req["order_type"] == "LIMIT" else plain(price)
-        options = list(req["options"]) if req["order_type"] == "LIMIT" else ["immediate-or-cancel"]
-
-        def new_order() -> dict:
-            return self.client.new_order(req["symbol"], req["amount"], price_text,
-                                         req["side"].lower(), client_order_id=cid,
-                                         options=options)
-
-        for attempt in (1, 2):
-            try:
-                order = self._call(f"new order {cid}", new_order)
-                break
-            except GeminiApiError as exc:
-                return self._reject(req, f"gemini:{exc.reason}", price=Decimal(price_text),
-                                    detail=f"HTTP {exc.http_status}")
-            except GeminiError as exc:  # timeout or connection failure: in doubt
-                self.counts["in_doubt"] += 1
-                log.warning("%s: %s while sending; asking for its status instead of resending",
-                            cid, type(exc).__name__)
-                found = self._status_fence(cid)
-                if found is not None:
-                    order = found
-                    break
-                if attempt == 2:
-                    return self._reject(req, "gemini:unreachable", price=Decimal(price_text))
-                log.info("%s: not at the exchange and fenced by the status call: sending once more",
-                         cid)
-        return self._adopt(req, order, seen_ms, price_sent=price_text)
-
-    def _adopt(self, req: dict, order: dict, seen_ms: int, price_sent: str | None) -> list[Output]:
-        """Events and state for an order the exchange has (just placed, or found)."""
-        cid = req["client_order_id"]
-        followed = Followed(cid, req["strategy_id"], req["symbol"], req["side"].lower(),
-                            price_sent, req["amount"], str(order["order_id"]), seen_ms)
-        out = [self._event(req, "ACCEPTED", price=price_sent, order_id=followed.order_id)]
-        out += self._progress(followed, order, req)
-        return out
-
-    def _progress(self, f: Followed, order: dict, req: dict | None = None) -> list[Output]:
-        """Events for what changed in an exchange order since we last looked."""
-        req = req or {"client_order_id": f.client_order_id, "strategy_id": f.strategy_id,
-                      "symbol": f.symbol, "side": f.side, "price": f.price, "amount": f.amount}
-        executed = Decimal(order["executed_amount"])
-        new = executed - f.filled
-        if new > 0:
-            self.state.apply_fill(f.symbol, f.side, new)
-            f.filled = executed
-        fills = dict(price=f.price, filled=executed, order_id=f.order_id,
-                     avg=order.get("avg_execution_price") if executed else None)
-        out: list[Output] = []
-        if order.get("is_cancelled"):
-            if new > 0:
-                out.append(self._event(req, "PARTIALLY_FILLED", **fills))
-            out.append(self._event(req, "CANCELLED", reason=order.get("reason") or "Cancelled",
-                                   **fills))
-        elif not order.get("is_live"):
-            out.append(self._event(req, "FILLED", **fills))
-        else:
-            if new > 0:
-                out.append(self._event(req, "PARTIALLY_FILLED", **fills))
-            remaining = Decimal(order["remaining_amount"])
-            self.state.note_open(f.client_order_id, f.symbol, f.side, remaining)
-            if f.client_order_id not in self.followed:
-                self.followed[f.client_order_id] = f
-                f.next_poll = time.monotonic() + self.settings.follow_interval_s
-                out.append(self._remember(req, f"open:{f.order_id}", f.seen_ms))
-            return out
-        self.state.note_closed(f.client_order_id)
-        self.followed.pop(f.client_order_id, None)
-        out.append(self._remember(req, "sent", f.seen_ms))
-        return out
+        self.intents.produce(self.topic["orders.seen"], self.encode_seen({
+            "client_order_id": cid, "strategy_id": strategy_id, "outcome": SENDING,
+            "seen_ms": seen_ms}), cid)
+        self.intents.flush(30)
+        self.seen[cid] = Seen(SENDING, seen_ms, strategy_id)
 
     def end_batch(self) -> Iterable[Output]:
-        self._kill_checked = False  # look at the kill switch again in the next batch
-        if not self.followed or self.client is None:
-            return ()
-        now = time.monotonic()
-        due = [f for f in self.followed.values() if f.next_poll <= now and self._owns(f.symbol)]
+        now = self.clock_ms()
+        self._killed = None  # read the switch again
         out: list[Output] = []
-        for f in due[:max(1, int(self.settings.gemini_rate_per_s))]:
-            f.next_poll = now + self.settings.follow_interval_s
-            try:
-                order = self._call(f"follow {f.client_order_id}",
-                                   lambda: self.client.order_status(order_id=int(f.order_id)))
-            except GeminiError as exc:  # read-only: try again next time
-                log.warning("%s: status poll failed: %s", f.client_order_id,
-                            getattr(exc, "reason", type(exc).__name__))
-                continue
-            out += self._progress(f, order)
+        if self._kill_switch():
+            if not self._kill_done:
+                events, _ = self.client.cancel_all(None, now, risk.KILL_SWITCH)
+                out += self._events(events)
+                self._kill_done = True
+        else:
+            self._kill_done = False
+        if self.paper is not None:
+            for partition in [p for p, held in self._held.items() if held]:
+                out += self._release(partition)
+        out += self._events(self.client.poll(now))
+        if self.paper is not None:
+            out += self._paper_state()
+        self._killed = None
         return out
 
-    def _owns(self, symbol: str) -> bool:
-        """Whether this instance owns ``symbol``'s requests partition (librdkafka's default
-        partitioner: CRC-32 of the key), so exactly one instance follows its orders."""
-        if not self._partitions or len(self._owned) >= self._partitions:
-            return True
-        return zlib.crc32(symbol.encode()) % self._partitions in self._owned
+    def _paper_state(self, everything: bool = False) -> list[Output]:
+        now_us = time.time_ns() // 1000
+        due = everything or time.monotonic() - self._last_checkpoint >= \
+            self.settings.checkpoint_interval_s
+        if due:
+            self._last_checkpoint = time.monotonic()
+        states = self.paper.order_states(now_us) + self.paper.book_states(now_us, due)  # type: ignore[union-attr]
+        return [Output(self.topic["paper.state"], self.encode_state(s),
+                       f"{s['symbol']}|{s['kind']}") for s in states]
+
+    def on_revoke(self, partitions: list[TopicPartition]) -> Iterable[Output]:
+        """The next owner restores from what is written now (held requests it reads again)."""
+        for tp in partitions:
+            if tp.topic == self.topic["orders.requests"]:
+                self._held.pop(tp.partition, None)
+        return self._paper_state(everything=True) if self.paper is not None else ()
 
     # -- restore
 
-    def on_assign(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+    def on_assign(self, partitions: list[TopicPartition]) -> list[TopicPartition] | None:
         started = time.monotonic()
-        self._owned = {tp.partition for tp in partitions if tp.topic == self.topic["orders.requests"]}
         timeout = self.settings.restore_timeout_s
         seen: dict[str, Seen] = {}
-        for msg in read_committed(self.bootstrap, self.topic["orders.seen"], timeout):
+        for msg in read_to_end(self.bootstrap, self.topic["orders.seen"], timeout):
             value = self._decoded(msg)
             if value is not None:
                 seen[value["client_order_id"]] = Seen(value["outcome"], value["seen_ms"],
                                                       value["strategy_id"])
+        self.seen, self.state = seen, RiskState()
         latest: dict[str, dict] = {}
-        for msg in read_committed(self.bootstrap, self.topic["orders.events"], timeout):
+        for msg in read_to_end(self.bootstrap, self.topic["orders.events"], timeout):
             value = self._decoded(msg)
-            if value is not None and value["mode"] == self.mode and value["kind"] != "REJECTED":
-                latest[value["client_order_id"]] = value
-        self.seen, self.state, self.followed = seen, RiskState(), {}
-        for event in latest.values():
-            if Decimal(event["filled_amount"]):
-                self.state.apply_fill(event["symbol"], event["side"], Decimal(event["filled_amount"]))
+            if value is not None and value["mode"] == self.mode:
+                self.state.on_event(value)
+                if value["kind"] not in ("REJECTED", "CANCEL_REJECTED"):
+                    latest[value["client_order_id"]] = value
         now = self.clock_ms()
         self.state.restore_accepted(
             (s.strategy_id, s.seen_ms) for s in seen.values()
             if s.seen_ms > now - risk.MINUTE_MS and not s.outcome.startswith("rejected:"))
-        for cid, s in seen.items():
-            if not s.outcome.startswith("open:"):
-                continue
-            event = latest.get(cid)
-            if event is None:
-                log.error("%s is open at the exchange (order %s) but has no event: not followed",
-                          cid, s.outcome[5:])
-                continue
-            f = Followed(cid, s.strategy_id, event["symbol"], event["side"], event["price"],
-                         event["amount"], s.outcome[5:], s.seen_ms,
-                         Decimal(event["filled_amount"]))
-            self.followed[cid] = f
-            self.state.note_open(cid, f.symbol, f.side, Decimal(f.amount) - f.filled)
         in_doubt = sum(s.outcome == SENDING for s in seen.values())
-        starts = self._snapshot_starts(partitions)
+        starts = None
+        if self.paper is not None:
+            restored = self._restore_paper(partitions)
+            what = f"{restored} paper order(s) resting"
+        else:
+            owned = [tp.partition for tp in partitions if tp.topic == self.topic["orders.requests"]]
+            what = f"{self.gemini.restore(seen, latest)} open order(s) followed"  # type: ignore[union-attr]
+            starts = self._snapshot_starts(partitions, owned)
         log.info("restored %d seen id(s) (%d in doubt, reconciled when their requests come "
-                 "again), %d open order(s), positions %s in %.2fs", len(seen), in_doubt,
-                 len(self.followed), {k: plain(v) for k, v in self.state.positions.items()},
+                 "again), %s, positions %s in %.2fs", len(seen), in_doubt, what,
+                 {k: plain(v) for k, v in self.state.positions.items()},
                  time.monotonic() - started)
         return starts
+
+    def _restore_paper(self, partitions: list[TopicPartition]) -> int:
+        """The simulator as it was at the last commit: its state records, then the md.l2
+        records between each book's offset and the committed offset, to the books only."""
+        l2 = self.topic["md.l2"]
+        mine = {tp.partition for tp in partitions if tp.topic == l2}
+        paper = self.paper = PaperExecution(self.settings.simulator(), self.settings.book_depth)
+        self.client = paper
+        self._marks, self._read, self._heard, self._held = {}, {}, {}, {}
+        self._assigned_at = time.monotonic()
+        consumer = Consumer({"bootstrap.servers": self.bootstrap,
+                             "group.id": f"restore-{uuid.uuid4()}", "enable.auto.commit": False,
+                             "isolation.level": "read_committed"})
+        try:
+            for tp in partitions:
+                if tp.topic in (l2, self.topic["md.trades"]):
+                    self._marks[(tp.topic, tp.partition)] = \
+                        consumer.get_watermark_offsets(tp, timeout=10)[1]
+        finally:
+            consumer.close()
+        paper.remember_owners({cid: s.strategy_id for cid, s in self.seen.items()})
+        latest: dict[str, dict] = {}
+        for msg in read_to_end(self.bootstrap, self.topic["paper.state"],
+                               self.settings.restore_timeout_s):
+            value = self._decoded(msg)
+            if value is not None and value["source_partition"] in mine:
+                latest[f"{value['symbol']}|{value['kind']}"] = value
+        for state in latest.values():
+            paper.restore(state)
+        books = {s["symbol"]: s for s in latest.values() if s["kind"] == "BOOK"}
+        committed = committed_offsets(self.bootstrap, self.group_id, l2, mine)
+        trades = committed_offsets(self.bootstrap, self.group_id, self.topic["md.trades"], mine)
+        self._read.update({(l2, p): o for p, o in committed.items()})
+        self._read.update({(self.topic["md.trades"], p): o for p, o in trades.items()})
+        ranges: dict[int, tuple[int, int]] = {}
+        for symbol, book in books.items():
+            p = book["source_partition"]
+            if p in committed and book["source_offset"] + 1 < committed[p]:
+                first = min(ranges.get(p, (book["source_offset"] + 1,))[0],
+                            book["source_offset"] + 1)
+                ranges[p] = (first, committed[p])
+        replayed = 0
+        for msg in read_range(self.bootstrap, l2, ranges, self.settings.restore_timeout_s):
+            value = self._decoded(msg)
+            if value is None:
+                continue
+            book = books.get(value["symbol"])
+            if book is not None and msg.offset() <= book["source_offset"]:
+                continue  # inside that book's state already
+            paper.replay_book(value, msg.partition(), msg.offset())
+            replayed += 1
+        self._last_checkpoint = time.monotonic()
+        log.info("paper: %d book(s) and %d orders state(s) restored, %d md.l2 record(s) "
+                 "re-applied to the books", len(books), len(latest) - len(books), replayed)
+        return paper.open_orders()
 
     def _decoded(self, msg: Message) -> dict | None:
         try:
@@ -699,7 +511,8 @@ class ExecutionHandler(Handler):
                       msg.offset(), exc)
             return None
 
-    def _snapshot_starts(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+    def _snapshot_starts(self, partitions: list[TopicPartition], owned: list[int]
+                         ) -> list[TopicPartition]:
         """Load the latest books before any request is handled, and say where to go on.
 
         The last ``snapshot_lookback`` records of each assigned ``book.snapshots``
@@ -713,7 +526,7 @@ class ExecutionHandler(Handler):
                              "isolation.level": "read_committed"})
         try:
             meta = consumer.list_topics(self.topic["orders.requests"], timeout=10)
-            self._partitions = len(meta.topics[self.topic["orders.requests"]].partitions)
+            self.gemini.own(owned, len(meta.topics[self.topic["orders.requests"]].partitions))  # type: ignore[union-attr]
             starts, ranges = [], {}
             for tp in partitions:
                 if tp.topic == snapshots:
@@ -723,28 +536,17 @@ class ExecutionHandler(Handler):
                                                 high)
                     tp = TopicPartition(snapshots, tp.partition, high)
                 starts.append(tp)
-            if ranges:
-                consumer.assign([TopicPartition(snapshots, p, first)
-                                 for p, (first, _) in ranges.items()])
-                deadline = time.monotonic() + self.settings.restore_timeout_s
-                while ranges:
-                    for msg in consumer.consume(1000, 0.2):
-                        value = self._decoded(msg) if msg.error() is None else None
-                        if value is not None:
-                            self._on_snapshot(value)
-                    for tp in consumer.position([TopicPartition(snapshots, p) for p in ranges]):
-                        if tp.offset >= ranges[tp.partition][1]:
-                            del ranges[tp.partition]
-                    if ranges and time.monotonic() > deadline:
-                        raise PipelineError(f"could not read {snapshots} to its end: stuck at "
-                                            f"{sorted(ranges.items())}")
-            return starts
         finally:
             consumer.close()
+        for msg in read_range(self.bootstrap, snapshots, ranges, self.settings.restore_timeout_s):
+            value = self._decoded(msg)
+            if value is not None:
+                self.gemini.on_snapshot(value)  # type: ignore[union-attr]
+        return starts
 
     def close(self) -> Iterable[Output]:
-        if self.client is not None:
-            self.client.close()
+        if self.rest is not None:
+            self.rest.close()
         if self.intents is not None:
             self.intents.flush(10)
         return ()
@@ -766,6 +568,11 @@ def check_mode(namespace: Namespace, settings: ExecutionSettings,
                             "GEMINI_API_KEY and GEMINI_API_SECRET or pass --api-key-file")
 
 
+TOPICS_PAPER = ("orders.requests", "md.l2", "md.trades", "orders.events", "orders.seen",
+                "paper.state", "dlq")
+TOPICS_GEMINI = ("orders.requests", "book.snapshots", "orders.events", "orders.seen", "dlq")
+
+
 def make_group(bootstrap: str, registry_url: str, namespace: Namespace,
                settings: ExecutionSettings = ExecutionSettings(), *,
                keys: StrategyKeys | None = None, credentials: GeminiCredentials | None = None,
@@ -780,12 +587,14 @@ def make_group(bootstrap: str, registry_url: str, namespace: Namespace,
     group_id = group_id or f"{namespace}.execution"
     member = f"{group_id}-{settings.instance}"
     batch_size = settings.batch_size or (10 if settings.sends_http else 500)
+    names = TOPICS_GEMINI if settings.sends_http else TOPICS_PAPER
     return GroupConfig(
         group_id=group_id,
-        topics=[namespace.topic("orders.requests"), namespace.topic("book.snapshots")],
+        topics=[namespace.topic(n) for n in names
+                if n not in ("orders.events", "orders.seen", "paper.state", "dlq")],
         dead_letter_topic=namespace.topic("dlq"),
         handler=lambda: ExecutionHandler(namespace, serde, bootstrap, settings, keys,
-                                         credentials, clock_ms),
+                                         credentials, clock_ms, group_id),
         decoder=Decoder(registry), batch_size=batch_size,
         transactional_id=member,
         # Static membership: a restarted instance takes its partitions back at once. A
@@ -829,6 +638,14 @@ def main(argv: list[str] | None = None) -> int:
                     default=RiskLimits.max_book_age_ms / 1000, help="seconds, or off")
     ap.add_argument("--follow-interval", type=float, default=2.0)
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--queue", choices=QUEUE_MODELS, default="risk-averse",
+                    help="paper: queue position of resting orders")
+    ap.add_argument("--latency-ms", type=int, default=0,
+                    help="paper: added latency of orders and cancels")
+    ap.add_argument("--maker-fee", type=Decimal, default=GEMINI_API_FEES.maker,
+                    help="paper: fee of fills that rested")
+    ap.add_argument("--taker-fee", type=Decimal, default=GEMINI_API_FEES.taker,
+                    help="paper: fee of fills that took")
     args = ap.parse_args(argv)
     log_to_stderr()
     run_dir = Path(args.run_dir or os.environ.get("PIPELINE_RUN_DIR") or "run")
@@ -848,13 +665,14 @@ def main(argv: list[str] | None = None) -> int:
             live_confirmed=args.live, gemini_rate_per_s=args.gemini_rate,
             gemini_burst=args.gemini_burst or max(1, int(args.gemini_rate)),
             follow_interval_s=args.follow_interval, batch_size=args.batch_size,
-            instance=args.instance)
+            instance=args.instance, paper_queue=args.queue, paper_latency_ms=args.latency_ms,
+            paper_fees=FeeSchedule(maker=args.maker_fee, taker=args.taker_fee))
         check_mode(namespace, settings, credentials)
-        ensure_topics(args.bootstrap, namespace, ["orders.requests", "book.snapshots",
-                                                  "orders.events", "orders.seen", "dlq"])
+        ensure_topics(args.bootstrap, namespace,
+                      TOPICS_GEMINI if settings.sends_http else TOPICS_PAPER)
         config = make_group(args.bootstrap, args.registry, namespace, settings, keys=keys,
                             credentials=credentials, group_id=args.group)
-    except PipelineError as exc:
+    except (PipelineError, ValueError) as exc:
         log.error("%s", exc)
         return 2
     log.info("execution: mode %s, namespace %s, %r, run dir %s, limits %s", args.mode,

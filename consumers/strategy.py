@@ -1,14 +1,24 @@
 """The ``strategy`` consumer group: a strategy plug-in fed from Kafka, signed orders out.
 
-It feeds bars, book snapshots and trades to one :class:`Strategy` and turns each intent
-into an ``OrderRequest``: a ``client_order_id`` derived from the strategy id and the
-triggering record (so reprocessing yields the same id), creation time, expiry, and an
-HMAC signature with the strategy's own key. Consume-transform-produce runs in a Kafka
-transaction: requests, the strategy's state and the input offsets commit together, so a
-crash never emits a request twice (for read_committed readers such as execution), never
-loses one, and a restart resumes from exactly the state of the last commit (the state is
-restored from the compacted ``strategy.state`` topic, not rebuilt by guessing from a
-partial replay: a position depends on the whole history).
+It feeds bars, book snapshots and trades to one :class:`Strategy`, and its own order
+events (``orders.events``, read by default) to its view of its orders
+(:class:`~pipeline.trading.tracker.OrderTracker`: open orders, positions, equity) and to
+``on_order_event``; ``on_timer`` is called every ``timer_interval_ms`` of wall time. Intents
+become ``OrderRequest``s through :func:`pipeline.trading.requests.build_requests`, the one
+translation the order-book backtest uses too, so a request's ``client_order_id`` is derived
+from the strategy id and the triggering record exactly as in a backtest (a book snapshot's
+trigger is the ``md.l2`` record it includes up to), and fractions and ``close_position`` are
+sized from the view. Each request gets an expiry (the strategy's ``order_ttl_ms``) and an
+HMAC signature with the strategy's own key.
+
+Consume-transform-produce runs in a Kafka transaction: requests, the strategy's state and
+the input offsets commit together, so a crash never emits a request twice (for
+read_committed readers such as execution), never loses one, and a restart resumes from
+exactly the state of the last commit. The state is what ``save_state()`` returns and the
+view, as JSON with the strategy's ``state_version`` (``strategy.state``, compacted): never a
+pickle. A saved state that does not load stops the group with the strategy and version
+named, rather than trading from an empty state (``--fresh-state`` starts from nothing on
+purpose).
 
 One instance per strategy: its state spans all the symbols it trades.
 """
@@ -17,26 +27,31 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import sys
 import time
-import uuid
-from typing import Callable, Iterable
+from decimal import Decimal
+from typing import Any, Callable, Iterable
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 
 from pipeline.catalog import Namespace
 from pipeline.errors import PipelineError
 from pipeline.registry import SchemaRegistry
 from pipeline.runtime import (GroupConfig, Handler, Output, Record, group_parser,
-                              log_to_stderr, run_until_stopped)
+                              log_to_stderr, read_to_end, run_until_stopped)
 from pipeline.serde import Decoder, Serde
-from pipeline.signing import StrategyKeys, client_order_id, sign
-from pipeline.strategy import OrderIntent, Strategy, load_strategy
+from pipeline.trading.fees import GEMINI_API_FEES
+from pipeline.trading.requests import (IntentError, build_requests, event_trigger,
+                                       record_trigger, snapshot_trigger)
+from pipeline.trading.signing import StrategyKeys, sign
+from pipeline.trading.strategy import Strategy, load_strategy
+from pipeline.trading.tracker import OrderTracker
 
 log = logging.getLogger(__name__)
 INPUTS = {"bars": "on_bar", "book.snapshots": "on_book", "md.trades": "on_trade",
           "orders.events": "on_order_event"}
+STATE_FORMAT = "json"
+DEFAULT_LOT = Decimal("0.00000001")  # fraction sizing's step without symbol rules
 
 
 class StrategyError(Exception):
@@ -45,63 +60,114 @@ class StrategyError(Exception):
 
 class StrategyHandler(Handler):
     def __init__(self, strategy: Strategy, namespace: Namespace, serde: Serde, key: bytes,
-                 bootstrap: str, group_id: str, inputs: Iterable[str], ttl_ms: int = 30_000,
+                 bootstrap: str, group_id: str, inputs: Iterable[str],
+                 ttl_ms: int | None = None, capital: Decimal | None = None,
+                 lot: Decimal = DEFAULT_LOT, fresh_state: bool = False,
                  clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
-        self.strategy, self.key, self.ttl_ms, self.clock_ms = strategy, key, ttl_ms, clock_ms
+        self.strategy, self.key, self.clock_ms = strategy, key, clock_ms
+        self.ttl_ms = strategy.order_ttl_ms if ttl_ms is None else ttl_ms
         self.bootstrap, self.group_id, self.decoder = bootstrap, group_id, serde.decoder()
-        self.callbacks = {namespace.topic(name): getattr(strategy, INPUTS[name])
-                          for name in inputs}
+        self.lot, self.fresh_state = lot, fresh_state
+        self.kinds = {namespace.topic(name): name for name in inputs}
         self.out_topic = namespace.topic("orders.requests")
         self.state_topic = namespace.topic("strategy.state")
         self.encode = serde.encoder(self.out_topic)
         self.encode_state = serde.encoder(self.state_topic)
         self.strategy_class = f"{type(strategy).__module__}:{type(strategy).__qualname__}"
+        self.tracker = OrderTracker(strategy.strategy_id, cash=capital)
+        strategy.attach(self.tracker)
+        self.tops: dict[str, tuple[Decimal | None, Decimal | None]] = {}  # best bid, ask
+        self.timer_ms = strategy.timer_interval_ms
+        self.next_timer_ms: int | None = None
         self.requests = 0
         self._dirty = False
         self._restored = False
 
+    # -- records
+
     def handle(self, record: Record) -> Iterable[Output]:
-        trigger = f"{record.topic}/{record.partition}/{record.offset}"
-        intents = self._call(record.topic, record.value, trigger)
+        kind, value = self.kinds[record.topic], record.value
+        where = f"{record.topic}/{record.partition}/{record.offset}"
+        if kind == "orders.events":
+            if not self.tracker.on_event(value):
+                return ()  # another strategy's order
+            self._dirty = True
+            return self._run("on_order_event", value, event_trigger(value), where)
         self._dirty = True
-        return [self._request(intent, trigger, i) for i, intent in enumerate(intents)]
+        if kind == "book.snapshots":
+            self._mark_book(value)
+            return self._run("on_book", value, snapshot_trigger(value), where)
+        if kind == "bars":
+            self.tracker.mark(value["symbol"], Decimal(value["close"]))
+        elif not value.get("from_snapshot"):
+            self.tracker.mark(value["symbol"], Decimal(value["price"]))
+        return self._run(INPUTS[kind], value,
+                         record_trigger(record.topic, record.partition, record.offset), where)
 
-    def end_batch(self) -> Iterable[Output]:
-        """Save the state in the batch's transaction, beside its requests and offsets."""
-        if not self._dirty:
-            return ()
-        self._dirty = False
-        value = self.encode_state({
-            "strategy_id": self.strategy.strategy_id, "strategy_class": self.strategy_class,
-            "state": pickle.dumps(self.strategy.__dict__, protocol=pickle.HIGHEST_PROTOCOL),
-            "saved_ms": self.clock_ms()})
-        return [Output(self.state_topic, value, self.strategy.strategy_id)]
+    def _mark_book(self, snapshot: dict) -> None:
+        bid = Decimal(snapshot["bids"][0]["price"]) if snapshot["bids"] else None
+        ask = Decimal(snapshot["asks"][0]["price"]) if snapshot["asks"] else None
+        self.tops[snapshot["symbol"]] = (bid, ask)
+        if bid is not None and ask is not None:
+            self.tracker.mark(snapshot["symbol"], (bid + ask) / 2)
 
-    def _call(self, topic: str, value: dict, trigger: str) -> list[OrderIntent]:
+    def _price_of(self, symbol: str, side: str) -> Decimal | None:
+        """What a buy (sell) would pay now: the best ask (bid), else the mark."""
+        bid, ask = self.tops.get(symbol, (None, None))
+        return (ask if side == "BUY" else bid) or self.tracker.marks.get(symbol)
+
+    def _run(self, callback: str, value: Any, trigger: str, where: str) -> list[Output]:
         try:
-            return list(self.callbacks[topic](value) or ())
+            intents = getattr(self.strategy, callback)(value)
+            intents = list(intents or ())
         except Exception as exc:  # noqa: BLE001 - any strategy bug: name who and on what
             raise StrategyError(f"strategy {self.strategy.strategy_id} raised "
-                                f"{type(exc).__name__} on {trigger}: {exc}") from exc
+                                f"{type(exc).__name__} on {where} ({callback}): {exc}") from exc
+        if not intents:
+            return []
+        try:
+            requests, refused = build_requests(
+                intents, strategy_id=self.strategy.strategy_id, tracker=self.tracker,
+                trigger=trigger, now_ms=self.clock_ms(), ttl_ms=self.ttl_ms, lot=self.lot,
+                price_of=self._price_of, fee_rate=GEMINI_API_FEES.taker)
+        except IntentError as exc:
+            raise StrategyError(f"strategy {self.strategy.strategy_id} in {callback} on "
+                                f"{where}: {exc}") from None
+        for refusal in refused:
+            log.info("strategy %s on %s: %s makes no order: %s", self.strategy.strategy_id,
+                     trigger, refusal.intent, refusal.reason)
+        out = []
+        for request in requests:
+            request["signature"] = sign(request, self.key)
+            self.tracker.sent(request)
+            self.requests += 1
+            out.append(Output(self.out_topic, self.encode(request), request["symbol"]))
+        return out
 
-    def _request(self, intent: OrderIntent, trigger: str, index: int) -> Output:
-        if intent.amount is None:  # a fraction of equity, or close_position: backtest-only
-            what = ("closing its position" if intent.close_position
-                    else f"a fraction {intent.fraction} of equity")
-            raise StrategyError(f"strategy {self.strategy.strategy_id} asked for {what} on "
-                                f"{trigger}: the live strategy group sends concrete amounts "
-                                "only (fractions and closes are resolved by the backtest's "
-                                "simulated broker); give the strategy an amount")
-        now = self.clock_ms()
-        request = {
-            "client_order_id": client_order_id(self.strategy.strategy_id, trigger, index),
-            "strategy_id": self.strategy.strategy_id, "symbol": intent.symbol,
-            "side": intent.side, "order_type": intent.order_type, "price": intent.price,
-            "amount": intent.amount, "options": list(intent.options), "created_ms": now,
-            "expires_ms": now + self.ttl_ms, "trigger": trigger}
-        request["signature"] = sign(request, self.key)
-        self.requests += 1
-        return Output(self.out_topic, self.encode(request), intent.symbol)
+    def end_batch(self) -> Iterable[Output]:
+        """Timers, then the state in the batch's transaction, beside its requests and
+        offsets."""
+        out: list[Output] = []
+        if self.timer_ms:
+            now = self.clock_ms()
+            if self.next_timer_ms is None:
+                self.next_timer_ms = (now // self.timer_ms + 1) * self.timer_ms
+            while now >= self.next_timer_ms:
+                at = self.next_timer_ms
+                self.next_timer_ms += self.timer_ms
+                self._dirty = True
+                out += self._run("on_timer", at, f"timer/{at}", f"the timer at {at} ms")
+        if not self._dirty:
+            return out
+        self._dirty = False
+        state = {"strategy": self.strategy.save_state(), "orders": self.tracker.dump(),
+                 "next_timer_ms": self.next_timer_ms}
+        value = self.encode_state({
+            "strategy_id": self.strategy.strategy_id, "strategy_class": self.strategy_class,
+            "state": json.dumps(state, sort_keys=True, separators=(",", ":")).encode(),
+            "saved_ms": self.clock_ms(), "format": STATE_FORMAT,
+            "version": self.strategy.state_version})
+        return out + [Output(self.state_topic, value, self.strategy.strategy_id)]
 
     # -- restore after a restart
 
@@ -109,50 +175,49 @@ class StrategyHandler(Handler):
         if self._restored:
             return None  # a rebalance inside a running process: the state is current
         self._restored = True
+        strategy = self.strategy
         saved = self._latest_state()
-        if saved is None:
-            log.info("strategy %s starts fresh (no saved state)", self.strategy.strategy_id)
+        if saved is None or self.fresh_state:
+            log.info("strategy %s starts %s", strategy.strategy_id,
+                     "fresh (--fresh-state)" if saved is not None else "fresh (no saved state)")
             return None
+        where = (f"the saved state of strategy {strategy.strategy_id} (version "
+                 f"{saved['version']}, saved at {saved['saved_ms']})")
         if saved["strategy_class"] != self.strategy_class:
-            raise PipelineError(f"the saved state of strategy {self.strategy.strategy_id} was "
-                                f"written by {saved['strategy_class']}, not "
+            raise PipelineError(f"{where} was written by {saved['strategy_class']}, not "
                                 f"{self.strategy_class}: use a new strategy id")
-        self.strategy.__dict__.update(pickle.loads(saved["state"]))
-        log.info("strategy %s restored its state saved at %d", self.strategy.strategy_id,
-                 saved["saved_ms"])
+        if saved["format"] != STATE_FORMAT:
+            raise PipelineError(f"{where} is a {saved['format']} written by an older version; "
+                                "it is never loaded (a pickle read from a topic runs code): "
+                                "start with --fresh-state to begin from nothing, or use a new "
+                                "strategy id")
+        try:
+            state = json.loads(saved["state"])
+            self.tracker.load(state["orders"])
+            strategy.load_state(state["strategy"], saved["version"])
+        except Exception as exc:  # noqa: BLE001 - refuse to trade from an empty state
+            raise PipelineError(f"{where} does not load: {type(exc).__name__}: {exc}; "
+                                "refusing to start rather than trading from an empty state "
+                                "(--fresh-state starts from nothing)") from None
+        self.next_timer_ms = state.get("next_timer_ms")
+        log.info("strategy %s restored its state saved at %d (version %d): %d open order(s), "
+                 "positions %s", strategy.strategy_id, saved["saved_ms"], saved["version"],
+                 len(self.tracker.orders), {s: str(p) for s, p in self.tracker.positions.items()})
         return None
 
     def _latest_state(self) -> dict | None:
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"state-{uuid.uuid4()}",
-                             "enable.auto.commit": False, "isolation.level": "read_committed"})
-        try:
-            tp = TopicPartition(self.state_topic, 0)
-            low, high = consumer.get_watermark_offsets(tp, timeout=10)
-            latest = None
-            if high > low:
-                consumer.assign([TopicPartition(self.state_topic, 0, low)])
-                position = low
-                while position < high:
-                    msgs = consumer.consume(500, 1.0)
-                    if not msgs:
-                        # Transaction markers take offsets but are never delivered.
-                        position = consumer.position([tp])[0].offset
-                        continue
-                    for msg in msgs:
-                        if msg.error():
-                            continue
-                        position = msg.offset() + 1
-                        value = self.decoder(msg.value())
-                        if value["strategy_id"] == self.strategy.strategy_id:
-                            latest = value
-            return latest
-        finally:
-            consumer.close()
+        latest = None
+        for msg in read_to_end(self.bootstrap, self.state_topic):
+            value = self.decoder(msg.value())
+            if value["strategy_id"] == self.strategy.strategy_id:
+                latest = value
+        return latest
 
 
 def make_group(bootstrap: str, registry_url: str, namespace: Namespace, strategy: Strategy,
-               key: bytes, inputs: Iterable[str] = ("bars",), instance: int = 0,
-               ttl_ms: int = 30_000) -> GroupConfig:
+               key: bytes, inputs: Iterable[str] = ("bars", "orders.events"), instance: int = 0,
+               ttl_ms: int | None = None, capital: Decimal | None = None,
+               lot: Decimal = DEFAULT_LOT, fresh_state: bool = False) -> GroupConfig:
     registry = SchemaRegistry(registry_url)
     serde = Serde(registry)
     inputs = list(inputs)
@@ -164,7 +229,8 @@ def make_group(bootstrap: str, registry_url: str, namespace: Namespace, strategy
     return GroupConfig(group_id=group_id, topics=[namespace.topic(n) for n in inputs],
                        dead_letter_topic=namespace.topic("dlq"),
                        handler=lambda: StrategyHandler(strategy, namespace, serde, key, bootstrap,
-                                                       group_id, inputs, ttl_ms),
+                                                       group_id, inputs, ttl_ms, capital, lot,
+                                                       fresh_state),
                        decoder=Decoder(registry), batch_size=500,
                        transactional_id=f"{group_id}.{instance}")
 
@@ -176,21 +242,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategy", default="pipeline.strategy:SmaCross", help="module:Class")
     ap.add_argument("--params", default="{}", help="JSON object of strategy parameters")
     ap.add_argument("--inputs", default="bars", help="comma-separated: bars, book.snapshots, "
-                                                     "md.trades, orders.events")
+                                                     "md.trades (the strategy's own "
+                                                     "orders.events are read as well)")
     ap.add_argument("--strategy-keys", help="0600 JSON file {strategy_id: secret}")
     ap.add_argument("--instance", type=int, default=0)
+    ap.add_argument("--capital", type=Decimal, default=None,
+                    help="starting cash in the quote currency: the strategy's equity (and "
+                    "fraction sizing) starts from it")
+    ap.add_argument("--lot", type=Decimal, default=DEFAULT_LOT,
+                    help="fraction sizing rounds down to whole lots of this")
+    ap.add_argument("--no-order-events", action="store_true",
+                    help="do not read orders.events (the strategy then sees no fills)")
+    ap.add_argument("--fresh-state", action="store_true",
+                    help="ignore the saved state and start from nothing")
     args = ap.parse_args(argv)
     log_to_stderr()
-    strategy = load_strategy(args.strategy, json.loads(args.params))
+    try:
+        strategy = load_strategy(args.strategy, json.loads(args.params))
+    except ValueError as exc:
+        log.error("strategy %s refused its parameters: %s", args.strategy, exc)
+        return 2
     key = StrategyKeys.load(args.strategy_keys).key(strategy.strategy_id)
     if key is None:
         raise PipelineError(f"no signing key for strategy {strategy.strategy_id}: put it in "
                             "the key file or the environment")
     namespace = Namespace(args.namespace)
     inputs = [s.strip() for s in args.inputs.split(",") if s.strip()]
+    if not args.no_order_events and "orders.events" not in inputs:
+        inputs.append("orders.events")
     ensure_topics(args.bootstrap, namespace, [*inputs, "orders.requests", "strategy.state", "dlq"])
     run_until_stopped(make_group(args.bootstrap, args.registry, namespace, strategy, key, inputs,
-                                 args.instance), args.bootstrap)
+                                 args.instance, capital=args.capital, lot=args.lot,
+                                 fresh_state=args.fresh_state), args.bootstrap)
     return 0
 
 

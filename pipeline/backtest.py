@@ -81,7 +81,8 @@ from pipeline.trading.fees import GEMINI_API_FEES, FeeSchedule
 from pipeline.trading.intents import (INTENT_TYPES, CancelAllIntent, CancelIntent,
                                       OrderIntent, ReplaceIntent)
 from pipeline.trading.orders import Fill, Order, order_event
-from pipeline.trading.requests import IntentError, build_requests
+from pipeline.trading.requests import (IntentError, build_requests, event_trigger,
+                                       record_trigger, snapshot_trigger)
 from pipeline.trading.signing import client_order_id
 from pipeline.trading.simulator import (ORDER_CLOSED, QUEUE_MODELS, REQUESTED, UNKNOWN_ORDER,
                                         SimulatedExchange, SimulatorConfig)
@@ -872,23 +873,6 @@ class EngineResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def short_topic(topic: str) -> str:
-    """The catalog name of a full topic name (``sim.md.l2`` -> ``md.l2``), as triggers use
-    it: the same in every namespace."""
-    return topic.split(".", 1)[1] if "." in topic else topic
-
-
-def snapshot_trigger(snapshot: dict) -> str:
-    """The trigger of intents from a book snapshot: the ``md.l2`` record it includes up to
-    (the live strategy group derives the same from a ``book.snapshots`` record)."""
-    return f"md.l2/{snapshot['source_partition']}/{snapshot['source_offset']}"
-
-
-def event_trigger(event: dict) -> str:
-    """The trigger of intents from an order event."""
-    return f"orders.events/{event['client_order_id']}/{event['kind']}/{event['filled_amount']}"
-
-
 def _mid(snapshot: dict) -> Decimal | None:
     bids, asks = snapshot["bids"], snapshot["asks"]
     if not bids or not asks:
@@ -987,7 +971,7 @@ class Engine:
                     tracker.mark(record["symbol"], Decimal(record["close"]))
                     intents = self._call("on_bar", strategy.on_bar, record, event)
                     if intents:
-                        self._submit(intents, f"{short_topic(event[1])}/{event[2]}/{event[3]}",
+                        self._submit(intents, record_trigger(event[1], event[2], event[3]),
                                      t, event)
                 elif kind == BOOK:
                     n_book += 1
@@ -1008,7 +992,7 @@ class Engine:
                         tracker.mark(record["symbol"], Decimal(record["price"]))
                     intents = self._call("on_trade", strategy.on_trade, record, event)
                     if intents:
-                        self._submit(intents, f"{short_topic(event[1])}/{event[2]}/{event[3]}",
+                        self._submit(intents, record_trigger(event[1], event[2], event[3]),
                                      t, event)
         except _OutOfMoney:
             self.stopped = broker.stopped

@@ -24,10 +24,12 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message,
+                             TopicPartition)
 
 from pipeline.deadletter import STAGE_DECODE, STAGE_HANDLE, dead_letter_headers
 from pipeline.errors import PipelineError
@@ -380,6 +382,94 @@ class GroupRunner:
 
 def _fmt(partitions: list[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"
+
+
+# --------------------------------------------------------------------------- restore helpers
+
+
+def read_to_end(bootstrap: str, topic: str, timeout_s: float = 60.0,
+                partitions: Iterable[int] | None = None) -> Iterator[Message]:
+    """Every committed record of ``topic`` (of ``partitions``, default all), to its end.
+
+    First waits until every record written before the call is decided: the committed
+    end (the last stable offset) must reach the end including open transactions, so an
+    open transaction of a dead member (aborted when its transactional.id restarts, or
+    after transaction.timeout.ms) is never mistaken for the end of the topic.
+    """
+    group = f"restore-{uuid.uuid4()}"
+    base = {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}
+    uncommitted = Consumer({**base, "isolation.level": "read_uncommitted"})
+    consumer = Consumer({**base, "isolation.level": "read_committed"})
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        wanted = sorted(meta.partitions) if partitions is None else sorted(set(partitions))
+        deadline = time.monotonic() + timeout_s
+        ends: dict[int, int] = {}
+        for p in wanted:
+            target = uncommitted.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            while True:
+                low, stable = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                if stable >= target:
+                    break
+                if time.monotonic() > deadline:
+                    raise PipelineError(
+                        f"{topic}[{p}] still has a transaction open after {timeout_s:.0f}s "
+                        f"(stable offset {stable} < end {target}): is another instance of "
+                        "the group stuck?")
+                time.sleep(0.05)
+            if stable > low:
+                ends[p] = stable
+        if ends:
+            yield from _read_until(consumer, topic, {p: (OFFSET_BEGINNING, e)
+                                                     for p, e in ends.items()},
+                                   deadline + 60)
+    finally:
+        consumer.close()
+        uncommitted.close()
+
+
+def read_range(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]],
+               timeout_s: float = 60.0) -> Iterator[Message]:
+    """The committed records of ``topic`` in ``{partition: (first, end)}`` (end exclusive)."""
+    ranges = {p: r for p, r in ranges.items() if r[1] > r[0]}
+    if not ranges:
+        return
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"restore-{uuid.uuid4()}",
+                         "enable.auto.commit": False, "isolation.level": "read_committed"})
+    try:
+        yield from _read_until(consumer, topic, ranges, time.monotonic() + timeout_s)
+    finally:
+        consumer.close()
+
+
+def _read_until(consumer: Consumer, topic: str, ranges: dict[int, tuple[int, int]],
+                deadline: float) -> Iterator[Message]:
+    """Read each partition from its first offset until its position reaches its end
+    (transaction markers take offsets but are never delivered, so positions decide)."""
+    ends = {p: end for p, (_, end) in ranges.items()}
+    consumer.assign([TopicPartition(topic, p, first) for p, (first, _) in ranges.items()])
+    while ends:
+        for msg in consumer.consume(1000, 0.2):
+            if msg.error() is None and msg.offset() < ends.get(msg.partition(), -1):
+                yield msg
+        for tp in consumer.position([TopicPartition(topic, p) for p in ends]):
+            if tp.offset >= ends[tp.partition]:
+                del ends[tp.partition]
+        if ends and time.monotonic() > deadline:
+            raise PipelineError(f"could not read {topic} to its end: stuck at "
+                                f"{sorted(ends.items())}")
+
+
+def committed_offsets(bootstrap: str, group_id: str, topic: str, partitions: Iterable[int]
+                      ) -> dict[int, int]:
+    """The group's committed next offset per partition of ``topic`` (absent: none)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id,
+                         "enable.auto.commit": False})
+    try:
+        found = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+        return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
+    finally:
+        consumer.close()
 
 
 # --------------------------------------------------------------------------- entry points

@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from consumers.strategy import StrategyError, StrategyHandler
 from pipeline.backtest import (BAR, L2, EventMerger, backtest_events, event_time_us)
 from pipeline.backtest_run import run_backtest, sweep
 from pipeline.catalog import Namespace, ensure_topics
@@ -233,13 +232,38 @@ def test_ctrl_c_stops_cleanly_and_reports_what_was_done(kafka, registry, bars_ns
     assert (out / "trades.csv").exists() and (out / "equity.png").exists()
 
 
-def test_fraction_and_close_intents_are_refused_by_the_live_group():
-    handler = StrategyHandler.__new__(StrategyHandler)
-    handler.strategy = SmaCross(amount=None, fraction="0.5")
-    with pytest.raises(StrategyError, match="fraction 0.5 of equity .* concrete amounts"):
-        handler._request(OrderIntent("BTCUSD", "BUY", fraction="0.5"), "t/0/1", 0)
-    with pytest.raises(StrategyError, match="closing its position"):
-        handler._request(OrderIntent.close("BTCUSD"), "t/0/1", 0)
+def test_fraction_and_close_intents_are_sized_from_the_strategys_own_view_live_and_in_backtests():
+    from pipeline.trading.requests import build_requests
+    from pipeline.trading.tracker import OrderTracker
+
+    view = OrderTracker("s", cash=Decimal("10000"))
+    asks = {"BTCUSD": Decimal("100")}
+
+    def requests(*intents):
+        return build_requests(intents, strategy_id="s", tracker=view, trigger="bars/0/7",
+                              now_ms=1000, ttl_ms=5000, lot=Decimal("0.01"),
+                              price_of=lambda symbol, side: asks.get(symbol),
+                              fee_rate=Decimal("0.004"))
+
+    made, refused = requests(OrderIntent("BTCUSD", "BUY", fraction="0.5"),
+                             OrderIntent.close("BTCUSD"))
+    # 0.5 x 10000 / (100 x 1.004) = 49.80..: 49.80 in lots of 0.01, at the ask
+    assert [(r["side"], r["amount"], r["order_type"]) for r in made] == [("BUY", "49.8", "MARKET")]
+    assert [r.reason for r in refused] == ["no position to close"]
+    view.on_event({"client_order_id": made[0]["client_order_id"], "strategy_id": "s",
+                   "symbol": "BTCUSD", "kind": "FILLED", "side": "buy", "amount": "49.8",
+                   "filled_amount": "49.8", "last_fill_amount": "49.8",
+                   "last_fill_price": "100", "last_fill_fee": "19.92", "price": None})
+    view.mark("BTCUSD", Decimal("110"))
+    assert view.equity() == Decimal("10000") - Decimal("4980") - Decimal("19.92") + \
+        Decimal("49.8") * 110
+    made, refused = requests(OrderIntent.close("BTCUSD"))
+    assert [(r["side"], r["amount"]) for r in made] == [("SELL", "49.8")] and not refused
+    assert made[0]["expires_ms"] == 6000 and made[0]["trigger"] == "bars/0/7"
+    _, refused = build_requests([OrderIntent("BTCUSD", "BUY", fraction="0.5")], strategy_id="s",
+                                tracker=OrderTracker("s"), trigger="t", now_ms=0, ttl_ms=1,
+                                lot=Decimal(1), price_of=lambda *a: Decimal(1))
+    assert [r.reason for r in refused] == ["no equity or price yet to size a fraction of equity"]
 
 
 @pytest.mark.parametrize("kwargs,match", [

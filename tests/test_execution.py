@@ -20,7 +20,6 @@ from pipeline import risk
 from pipeline.catalog import Namespace
 from pipeline.errors import PipelineError
 from pipeline.gemini.rest import GeminiRestClient, NonceSource
-from pipeline.paper import PaperBook
 from pipeline.registry import SchemaRegistry
 from pipeline.risk import BookTop, RiskLimits, RiskState
 from pipeline.serde import Serde
@@ -57,12 +56,14 @@ class Env:
         self.decoder = self.serde.decoder()
         self.keys = StrategyKeys({"sma": SMA_KEY, "momo": MOMO_KEY})
         self.topic = {n: namespace.topic(n) for n in ("orders.requests", "book.snapshots",
-                                                      "orders.events", "orders.seen", "dlq")}
+                                                      "md.l2", "md.trades", "orders.events",
+                                                      "orders.seen", "paper.state", "dlq")}
         self._tail: Tail | None = None
         self._seen: Tail | None = None
         self.producer = Producer({"bootstrap.servers": kafka, "enable.idempotence": True,
                                   "linger.ms": 0})
-        for name in ("orders.requests", "book.snapshots", "orders.events", "orders.seen"):
+        for name in ("orders.requests", "book.snapshots", "md.l2", "md.trades", "orders.events",
+                     "orders.seen", "paper.state"):
             self.serde.encoder(self.topic[name])  # registers: the decoder then needs no lookups
 
     def settings(self, **kw) -> ExecutionSettings:
@@ -81,8 +82,29 @@ class Env:
         return list(requests)
 
     def snapshot(self, bids=BIDS, asks=ASKS, symbol: str = "BTCUSD", **kw) -> None:
-        produce(self.kafka, self.serde.encoder(self.topic["book.snapshots"]),
-                [book_snapshot(symbol, bids, asks, **kw)], producer=self.producer)
+        """The book as the orderbook group publishes it (sandbox/live risk) and as the
+        feed's snapshot record (paper's books)."""
+        snap = book_snapshot(symbol, bids, asks, **kw)
+        produce(self.kafka, self.serde.encoder(self.topic["book.snapshots"]), [snap],
+                producer=self.producer)
+        self.l2(symbol, [("BID", p, q) for p, q in bids] + [("ASK", p, q) for p, q in asks],
+                snapshot=True, received_us=snap["received_ts_us"])
+
+    def l2(self, symbol: str, changes: list[tuple[str, str, str]], snapshot: bool = False,
+           received_us: int | None = None) -> None:
+        produce(self.kafka, self.serde.encoder(self.topic["md.l2"]), [{
+            "symbol": symbol, "snapshot": snapshot,
+            "changes": [{"side": s, "price": p, "quantity": q} for s, p, q in changes],
+            "exchange_ts_ms": None, "received_ts_us": received_us or time.time_ns() // 1000,
+            "connection_id": "test", "sequence": 0, "event_id": None}], producer=self.producer)
+
+    def trade(self, symbol: str, taker: str, price: str, quantity: str) -> None:
+        now = time.time_ns()
+        produce(self.kafka, self.serde.encoder(self.topic["md.trades"]), [{
+            "symbol": symbol, "trade_id": now, "price": price, "quantity": quantity,
+            "taker_side": taker, "exchange_ts_ms": now // 1_000_000,
+            "received_ts_us": now // 1000, "connection_id": "test", "sequence": 0,
+            "from_snapshot": False}], producer=self.producer)
 
     @property
     def tail(self) -> Tail:
@@ -124,7 +146,8 @@ class Env:
 
 @pytest.fixture
 def env(kafka, registry, namespace, topics, tmp_path) -> Env:
-    topics("orders.requests", "book.snapshots", "orders.events", "orders.seen", "dlq")
+    topics("orders.requests", "book.snapshots", "md.l2", "md.trades", "orders.events",
+           "orders.seen", "paper.state", "dlq")
     env = Env(kafka, registry.url, namespace, tmp_path / "run")
     yield env
     env.close()
@@ -229,18 +252,21 @@ def test_a_resting_order_is_followed_until_it_fills_also_across_a_restart(
     env.requests(resting)
     cid = resting["client_order_id"]
     with env.group(settings, credentials):
-        accepted = env.tail.wait(lambda values: [e for e in values if e["client_order_id"] == cid],
-                                 30, "ACCEPTED")
-    assert [e["kind"] for e in accepted] == ["ACCEPTED"]
-    # committed with the ACCEPTED event, in the same transaction
+        accepted = env.tail.wait(lambda values: [e for e in values if e["client_order_id"] == cid
+                                                 and e["kind"] == "BOOKED"] and
+                                 [e for e in values if e["client_order_id"] == cid],
+                                 30, "ACCEPTED and BOOKED")
+    assert [e["kind"] for e in accepted] == ["ACCEPTED", "BOOKED"]
+    # committed with the ACCEPTED and BOOKED events, in the same transaction
     assert env.seen()[cid] == f"open:{accepted[0]['exchange_order_id']}"
     # While the group is down, the market comes to the order: it fills as a maker.
     move_venue_market(venue, [["sell", format(price, "f"), "1"]])
     with env.group(settings, credentials):  # restored from orders.seen + orders.events
         events = env.wait_terminal([cid])
     assert [(e["kind"], e["filled_amount"]) for e in events[cid]] == \
-        [("ACCEPTED", "0"), ("FILLED", "0.002")]
+        [("ACCEPTED", "0"), ("BOOKED", "0"), ("FILLED", "0.002")]
     assert events[cid][-1]["avg_fill_price"] == format(price, "f")
+    assert events[cid][-1]["last_fill_amount"] == "0.002"
     assert env.seen()[cid] == "sent"
     assert [e["path"] for e in venue.venue.rest_log if e["client_order_id"] == cid] == \
         ["/v1/order/new"]  # followed by order_id, never sent again
@@ -465,8 +491,9 @@ def test_nonces_grow_across_restarts_and_a_refused_nonce_is_recovered_without_a_
 # --------------------------------------------------------------------------- paper
 
 
-def test_paper_mode_fills_from_the_latest_snapshot_without_http(env):
-    env.snapshot(asks=[("35000.00", "9")], bids=[("34900.00", "9")], published_ms=int(time.time() * 1000) - 1000)
+def test_paper_orders_take_the_full_book_rest_and_fill_later_as_makers_without_http(env):
+    env.snapshot(asks=[("35000.00", "9")], bids=[("34900.00", "9")],
+                 published_ms=int(time.time() * 1000) - 1000)
     env.snapshot()  # the latest: BIDS / ASKS, mid 34000
     partial = order_request(SMA_KEY, price="34020.00", amount="1.5")
     rest = order_request(SMA_KEY, price="34060.00", amount="0.2")  # 34010/34020 are used up
@@ -474,22 +501,34 @@ def test_paper_mode_fills_from_the_latest_snapshot_without_http(env):
     fok = order_request(SMA_KEY, price="34060.00", amount="100", options=["fill-or-kill"])
     env.requests(partial, rest, market_sell, fok)
     with env.group(env.settings()) as group:
-        events = env.wait_terminal([r["client_order_id"] for r in (partial, rest, market_sell, fok)])
-        assert group.handler.client is None  # paper mode has no HTTP client at all
+        events = env.wait_terminal([r["client_order_id"] for r in (rest, market_sell, fok)])
+        assert group.handler.rest is None  # paper mode has no HTTP client at all
+        # What the taker could not fill rests at 34020; a seller trading there fills it.
+        booked = env.tail.wait(lambda values: any(e["kind"] == "BOOKED" for e in values)
+                               and values, 30, "the remainder BOOKED")
+        env.trade("BTCUSD", "SELL", "34020.00", "2")
+        events = env.wait_terminal([partial["client_order_id"]])
     got = {cid: [(e["kind"], e["filled_amount"], e["avg_fill_price"], e["reason"]) for e in evs]
            for cid, evs in events.items()}
     assert got[partial["client_order_id"]] == [
         ("ACCEPTED", "0", None, None),
+        ("PARTIALLY_FILLED", "0.5", "34010", None),
         ("PARTIALLY_FILLED", "1", "34015", None),  # 0.5 @ 34010 + 0.5 @ 34020
-        ("CANCELLED", "1", "34015", "paper:no_resting_orders")]
+        ("BOOKED", "1", "34015", None),
+        ("FILLED", "1.5", str((D("34010") * D("0.5") + D("34020")) / D("1.5")), None)]
+    fills = [(e["last_fill_price"], e["last_fill_amount"], e["liquidity"], e["last_fill_fee"])
+             for e in events[partial["client_order_id"]] if e["last_fill_amount"]]
+    assert fills == [("34010", "0.5", "TAKER", "68.02"), ("34020", "0.5", "TAKER", "68.04"),
+                     ("34020", "0.5", "MAKER", "34.02")]  # Gemini's API fees: 0.4 % / 0.2 %
     assert got[rest["client_order_id"]][-1] == ("FILLED", "0.2", "34050", None)
     assert got[market_sell["client_order_id"]][-1] == ("FILLED", "1.25", "33988", None)
     assert got[fok["client_order_id"]][-1] == ("CANCELLED", "0", None, "FillOrKillWouldNotFill")
     filled = events[partial["client_order_id"]][-1]
-    assert filled["mode"] == "PAPER" and filled["fee"] == "119.0525" and filled["fee_currency"] == "USD"
-    # A MARKET order is priced at the band's edge: mid 34000 - 5% = 32300.
+    assert filled["mode"] == "PAPER" and filled["fee"] == "170.08" and filled["fee_currency"] == "USD"
+    # A MARKET order goes out as an immediate-or-cancel at the band's edge: 34000 - 5%.
     assert events[market_sell["client_order_id"]][0]["price"] == "32300"
     assert set(env.seen().values()) == {"paper"}
+    assert booked
 
 
 # --------------------------------------------------------------------------- risk, end to end
@@ -745,19 +784,3 @@ def test_market_orders_are_priced_at_the_band_edge_on_the_tick_grid():
                           side="buy", order_type="MARKET", price=None, amount=D(1),
                           now_ms=top.ts_ms)
     assert decision.accepted and decision.price == D("101.02")
-
-
-def test_paper_fills_take_liquidity_once_per_snapshot():
-    paper = PaperBook()
-    paper.replace(book().bids, book().asks)
-    first = paper.fill("BTCUSD", "buy", D("34020"), D("0.7"))
-    assert first.fills == ((D("34010.00"), D("0.5")), (D("34020.00"), D("0.2")))
-    assert first.cancel_reason is None and first.fee == D("23809") * D("0.0035")
-    second = paper.fill("BTCUSD", "buy", D("34020"), D("0.7"), ["immediate-or-cancel"])
-    assert second.filled == D("0.3") and second.cancel_reason == "ImmediateOrCancelWouldPost"
-    assert paper.fill("BTCUSD", "sell", D("33990"), D("0.1"), ["maker-or-cancel"]).cancel_reason \
-        == "MakerOrCancelWouldTake"
-    assert paper.fill("BTCUSD", "sell", D("34000"), D("0.1"), ["maker-or-cancel"]).cancel_reason \
-        == "paper:no_resting_orders"
-    paper.replace(book().bids, book().asks)  # a new snapshot: its liquidity is fresh
-    assert paper.fill("BTCUSD", "buy", D("34010"), D("0.5")).cancel_reason is None

@@ -344,6 +344,193 @@ def test_accounts_are_separate_per_api_key(venue, client, tmp_path) -> None:
     other.close()
 
 
+# ------------------------------------------------- cancel all, cancel session, active orders
+
+
+def resting_orders(venue: Venue, client: GeminiRestClient, prefix: str) -> list[dict]:
+    """Three BTCUSD orders that rest: buys below the venue's best bid, a sell above its ask."""
+    bid = venue.on_loop(venue.book.levels, "BTCUSD", "bid")[0][0]
+    ask = venue.on_loop(venue.book.levels, "BTCUSD", "ask")[0][0]
+    specs = [("0.1", bid - 100, "buy"), ("0.2", ask + 100, "sell"), ("0.3", bid - 200, "buy")]
+    placed = [client.new_order("btcusd", amount, price, side, client_order_id=f"{prefix}-{i}")
+              for i, (amount, price, side) in enumerate(specs, 1)]
+    for order in placed:
+        assert (order["is_live"], order["executed_amount"]) == (True, "0")
+    return placed
+
+
+def ids(orders: list[dict]) -> list[int]:
+    return [int(order["order_id"]) for order in orders]
+
+
+def cancel_answer(order_ids: list[int]) -> dict:
+    return {"result": "ok", "details": {"cancelledOrders": order_ids, "cancelRejects": []}}
+
+
+def test_active_orders_lists_exactly_the_live_orders(venue, client) -> None:
+    filled = client.new_order("btcusd", "0.1", "30010", "buy", client_order_id="filled")
+    killed = client.new_order("btcusd", "0.1", "30010", "buy", client_order_id="killed",
+                              options=["maker-or-cancel"])
+    assert (filled["is_live"], killed["is_live"]) == (False, False)
+    assert client.active_orders() == []
+
+    placed = resting_orders(venue, client, "live")
+    active = client.active_orders()
+    assert ids(active) == ids(placed)  # exactly the three, by order id; not filled/killed
+    assert [(o["client_order_id"], o["side"], o["price"], o["original_amount"],
+             o["remaining_amount"], o["executed_amount"]) for o in active] == [
+        ("live-1", "buy", "29900", "0.1", "0.1", "0"),
+        ("live-2", "sell", "30110", "0.2", "0.2", "0"),
+        ("live-3", "buy", "29800", "0.3", "0.3", "0"),
+    ]
+    for order in active:  # each entry has the shape (and content) of order status
+        assert order == client.order_status(order_id=int(order["order_id"]))
+        assert (order["is_live"], order["is_cancelled"], order["symbol"]) == (
+            True, False, "btcusd")
+        assert "reason" not in order
+
+    # a partial fill shows in remaining_amount, a full fill drops the order from the list
+    venue.move_book("BTCUSD", "bid", [("30110", "0.05"), ("30000", "1")])
+    assert [(o["client_order_id"], o["remaining_amount"]) for o in client.active_orders()] == [
+        ("live-1", "0.1"), ("live-2", "0.15"), ("live-3", "0.3")]
+    venue.move_book("BTCUSD", "ask", [("29900", "5")])
+    assert [o["client_order_id"] for o in client.active_orders()] == ["live-2", "live-3"]
+    assert [e["outcome"] for e in venue.entries(path="/v1/orders")] == ["accepted"] * 4
+
+
+def test_cancel_session_cancels_the_rest_and_cancel_all_then_finds_none(venue, client) -> None:
+    first, second, third = resting_orders(venue, client, "s")
+    assert balances(client)["USD"][1] < D(1_000_000)  # the buys hold funds
+    cancelled = client.cancel_order(int(second["order_id"]))
+    assert cancelled["reason"] == "Requested"
+
+    answer = client.cancel_session()
+    assert answer == cancel_answer([int(first["order_id"]), int(third["order_id"])])
+    assert client.active_orders() == []
+    for order in (first, second, third):
+        status = client.order_status(order_id=int(order["order_id"]))
+        assert (status["is_live"], status["is_cancelled"], status["reason"]) == (
+            False, True, "Requested")
+        assert status["remaining_amount"] == order["remaining_amount"]
+    assert balances(client)["USD"] == (D(1_000_000), D(1_000_000))  # holds released
+    assert balances(client)["BTC"] == (D(10), D(10))
+
+    assert client.cancel_all() == cancel_answer([])  # nothing left to cancel
+    assert client.cancel_session() == cancel_answer([])
+    assert [(e["path"], e["outcome"], e["status"]) for e in venue.log
+            if e["path"].startswith("/v1/order/cancel/")] == [
+        ("/v1/order/cancel/session", "accepted", 200),
+        ("/v1/order/cancel/all", "accepted", 200),
+        ("/v1/order/cancel/session", "accepted", 200),
+    ]
+
+    again = resting_orders(venue, client, "again")  # the key can trade on afterwards
+    assert client.cancel_all() == cancel_answer(ids(again))
+    assert client.active_orders() == []
+
+
+def test_cancel_all_and_active_orders_leave_another_keys_orders_alone(venue, client,
+                                                                       tmp_path) -> None:
+    other = GeminiRestClient(venue.url, OTHER_KEY, OTHER_SECRET,
+                             NonceSource(tmp_path / "nonce-other"))
+    theirs = resting_orders(venue, other, "theirs")
+    mine = resting_orders(venue, client, "mine")
+    assert ids(client.active_orders()) == ids(mine)
+    assert ids(other.active_orders()) == ids(theirs)
+
+    assert client.cancel_all() == cancel_answer(ids(mine))
+    assert client.active_orders() == []
+    still = other.active_orders()
+    assert ids(still) == ids(theirs)
+    assert [(o["is_live"], o["remaining_amount"]) for o in still] == [
+        (True, "0.1"), (True, "0.2"), (True, "0.3")]
+
+    assert other.cancel_session() == cancel_answer(ids(theirs))
+    assert other.active_orders() == []
+    assert client.cancel_session() == cancel_answer([])
+    other.close()
+
+
+def test_exchange_cancel_all_returns_the_orders_it_cancelled_by_order_id() -> None:
+    exchange = Exchange(starting_book())
+    a = exchange.new_order(KEY, "ETHBTC", "1", "0.05", "buy")
+    b = exchange.new_order(KEY, "BTCUSD", "0.1", "29000", "buy")
+    done = exchange.new_order(KEY, "BTCUSD", "0.1", "30010", "buy")  # fills at once
+    c = exchange.new_order(KEY, "BTCUSD", "0.1", "31000", "sell")
+    theirs = exchange.new_order(OTHER_KEY, "BTCUSD", "0.1", "29000", "buy")
+    assert not done.is_live
+    assert exchange.active_orders(KEY) == [a, b, c]
+    assert exchange.cancel_all(KEY) == [a, b, c]
+    assert [(o.is_live, o.is_cancelled, o.cancel_reason) for o in (a, b, c)] == [
+        (False, True, "Requested")] * 3
+    assert (done.is_cancelled, done.cancel_reason) == (False, None)
+    assert exchange.active_orders(KEY) == [] and exchange.cancel_all(KEY) == []
+    assert exchange.active_orders(OTHER_KEY) == [theirs] and theirs.is_live
+
+
+CANCEL_ALL_PATHS = ["/v1/order/cancel/all", "/v1/order/cancel/session", "/v1/orders"]
+
+
+@pytest.mark.parametrize("path", CANCEL_ALL_PATHS)
+def test_bad_signature_old_nonce_and_wrong_endpoint_are_refused(venue, client, nonces,
+                                                                 path) -> None:
+    def live() -> list[int]:  # straight from the exchange: uses no nonce
+        return [o.order_id for o in venue.on_loop(venue.exchange.active_orders, KEY)]
+
+    order = client.new_order("btcusd", "0.1", "29000", "buy", client_order_id="keep")
+    nonce = nonces.next()
+    forged = sign_request(path, {}, KEY, "not-the-secret", nonce)
+    status, body = venue.raw(path, forged)
+    assert status == 400
+    assert_error_shape(body, "InvalidSignature")
+    assert live() == [int(order["order_id"])]
+
+    elsewhere = sign_request("/v1/balances", {}, KEY, SECRET, nonce)
+    status, body = venue.raw(path, elsewhere)
+    assert status == 400
+    assert_error_shape(body, "EndpointMismatch")
+    assert live() == [int(order["order_id"])]
+
+    genuine = sign_request(path, {}, KEY, SECRET, nonce)  # the refusals did not use it up
+    status, body = venue.raw(path, genuine)
+    assert status == 200
+    if path == "/v1/orders":
+        assert ids(body) == [int(order["order_id"])]
+    else:
+        assert body == cancel_answer([int(order["order_id"])])
+        assert live() == []
+
+    later = client.new_order("btcusd", "0.1", "29000", "buy", client_order_id="later")
+    status, body = venue.raw(path, genuine)  # the very same request, replayed
+    assert status == 400
+    assert_error_shape(body, "InvalidNonce")
+    lower = sign_request(path, {}, KEY, SECRET, nonce - 1)
+    status, body = venue.raw(path, lower)
+    assert status == 400
+    assert_error_shape(body, "InvalidNonce")
+    expected_live = [int(later["order_id"])]
+    if path == "/v1/orders":
+        expected_live.insert(0, int(order["order_id"]))
+    assert live() == expected_live  # the replays cancelled nothing
+
+    assert [(e["nonce"], e["outcome"], e["status"]) for e in venue.entries(path=path)] == [
+        (nonce, "InvalidSignature", 400),
+        (nonce, "EndpointMismatch", 400),
+        (nonce, "accepted", 200),
+        (nonce, "InvalidNonce", 400),
+        (nonce - 1, "InvalidNonce", 400),
+    ]
+
+
+def test_the_venue_uses_the_core_symbol_rules() -> None:
+    from pipeline.core import symbols
+    from pipeline.venue import exchange
+
+    assert exchange.split_symbol is symbols.split_symbol
+    assert exchange.LONG_QUOTES is symbols.LONG_QUOTES
+
+
+
 # --------------------------------------------------------------------- refusals
 
 

@@ -22,6 +22,7 @@ from pipeline.runtime import GroupRunner
 from pipeline.serde import Decoder, Encoder
 from pipeline.signing import client_order_id, verify
 from pipeline.strategy import MidQuoter, OrderIntent, SmaCross, load_strategy
+from pipeline.trading.requests import build_requests
 from tests.support.kafka_io import committed, read_all
 from tests.support.strategies import Exploding
 from tests.support.waiting import wait_for
@@ -91,17 +92,50 @@ def snapshot(bid: str, ask: str) -> dict:
             "asks": [{"price": ask, "quantity": "1"}]}
 
 
-def test_mid_quoter_quotes_around_the_mid_and_respects_inventory():
+def test_mid_quoter_keeps_one_quote_a_side_replaces_it_and_respects_inventory():
     quoter = MidQuoter(spread_bps=20, requote_bps=5, amount="0.01", max_inventory="0.01")
-    intents = quoter.on_book(snapshot("99.99", "100.01"))  # mid 100.00, half spread 0.10
-    assert [(i.side, i.price, i.options) for i in intents] == [
-        ("BUY", "99.90", ("maker-or-cancel",)), ("SELL", "100.10", ("maker-or-cancel",))]
+    view = quoter.tracker  # what the runner keeps: requests sent, events back
+
+    def send(intents, trigger):
+        requests, refused = build_requests(intents, strategy_id=quoter.strategy_id,
+                                           tracker=view, trigger=trigger, now_ms=0,
+                                           ttl_ms=30_000, lot=Decimal("0.01"),
+                                           price_of=lambda symbol, side: None)
+        assert not refused
+        for request in requests:
+            view.sent(request)
+        return requests
+
+    first = send(quoter.on_book(snapshot("99.99", "100.01")), "md.l2/0/1")  # mid 100.00
+    assert [(r["action"], r["side"], r["price"], r["options"]) for r in first] == [
+        ("NEW", "BUY", "99.9", ["maker-or-cancel"]), ("NEW", "SELL", "100.1", ["maker-or-cancel"])]
     assert quoter.on_book(snapshot("100.00", "100.02")) == []  # mid moved < 5 bps
-    quoter.on_order_event({"symbol": "BTCUSD", "kind": "FILLED", "client_order_id": "a",
-                           "side": "buy", "filled_amount": "0.01"})
+    bid, ask = (r["client_order_id"] for r in first)
+    # The mid moves: each quote is replaced (cancel, then new), never a second one added.
+    moved = send(quoter.on_book(snapshot("100.99", "101.01")), "md.l2/0/2")  # mid 101.00
+    assert [(r["action"], r["target_client_order_id"], r["price"]) for r in moved] == [
+        ("REPLACE", bid, "100.89"), ("REPLACE", ask, "101.11")]
+    assert [o.client_order_id for o in quoter.open_orders() if not o.cancel_requested] == \
+        [r["client_order_id"] for r in moved]
+    # The new bid fills: at the inventory limit, the bid is no longer quoted.
+    new_bid = moved[0]["client_order_id"]
+    for cid in (bid, ask):
+        view.on_event({"client_order_id": cid, "strategy_id": quoter.strategy_id,
+                       "symbol": "BTCUSD", "kind": "CANCELLED", "side": "buy",
+                       "amount": "0.01", "filled_amount": "0", "price": "99.9"})
+    view.on_event({"client_order_id": new_bid, "strategy_id": quoter.strategy_id,
+                   "symbol": "BTCUSD", "kind": "FILLED", "side": "buy", "amount": "0.01",
+                   "filled_amount": "0.01", "last_fill_amount": "0.01",
+                   "last_fill_price": "100.89", "last_fill_fee": "0.002", "price": "100.89"})
     assert quoter.inventory == Decimal("0.01")
-    intents = quoter.on_book(snapshot("101.00", "101.02"))
-    assert [i.side for i in intents] == ["SELL"], "at the inventory limit: no more buying"
+    intents = quoter.on_book(snapshot("102.00", "102.02"))
+    assert [(type(i).__name__, getattr(i, "side", None) or i.client_order_id) for i in intents] \
+        == [("ReplaceIntent", moved[1]["client_order_id"])], "no buying at the limit"
+    # Its state is JSON: a fresh instance loaded from it requotes alike.
+    saved = json.loads(json.dumps(quoter.save_state()))
+    again = MidQuoter(spread_bps=20, requote_bps=5, amount="0.01", max_inventory="0.01")
+    again.load_state(saved, again.state_version)
+    assert again.on_book(snapshot("102.00", "102.02")) == []  # same mid as last quoted
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -137,14 +171,15 @@ def publish_bars(kafka: str, registry_url: str, topic: str, closes: list[str]) -
 def expected_ids(closes: list[str], bars_topic: str, partition: int) -> list[str]:
     """The client_order_ids a run over ``closes`` must emit, in order."""
     reference = SmaCross(fast=5, slow=12)
-    return [client_order_id("sma-cross", f"{bars_topic}/{partition}/{i}", j)
+    return [client_order_id("sma-cross", f"bars/{partition}/{i}", j)
             for i, close in enumerate(closes)
             for j, _ in enumerate(reference.on_bar(bar(close, i)))]
 
 
 @pytest.mark.broker
 def test_the_group_publishes_signed_deterministic_requests(kafka, registry, namespace):
-    ensure_topics(kafka, namespace, ["bars", "orders.requests", "strategy.state", "dlq"])
+    ensure_topics(kafka, namespace, ["bars", "orders.events", "orders.requests", "strategy.state",
+                                     "dlq"])
     closes = random_walk(400, seed=8)
     bars_topic = namespace.topic("bars")
     publish_bars(kafka, registry.url, bars_topic, closes)
@@ -166,7 +201,8 @@ def test_the_group_publishes_signed_deterministic_requests(kafka, registry, name
 @pytest.mark.broker
 def test_a_strategy_that_raises_is_dead_lettered_naming_strategy_and_input(kafka, registry,
                                                                            namespace):
-    ensure_topics(kafka, namespace, ["bars", "orders.requests", "strategy.state", "dlq"])
+    ensure_topics(kafka, namespace, ["bars", "orders.events", "orders.requests", "strategy.state",
+                                     "dlq"])
     publish_bars(kafka, registry.url, namespace.topic("bars"), ["11", "12", "13", "14"])
     stats = GroupRunner(make_group(kafka, registry.url, namespace, Exploding(), KEY), kafka).run(
         max_records=4, idle_timeout_s=15)
@@ -181,7 +217,8 @@ def test_a_strategy_that_raises_is_dead_lettered_naming_strategy_and_input(kafka
 
 @pytest.mark.broker
 def test_kill_9_and_restart_emit_every_request_exactly_once(kafka, registry, namespace, tmp_path):
-    ensure_topics(kafka, namespace, ["bars", "orders.requests", "strategy.state", "dlq"])
+    ensure_topics(kafka, namespace, ["bars", "orders.events", "orders.requests", "strategy.state",
+                                     "dlq"])
     closes = random_walk(2000, seed=13)
     publish_bars(kafka, registry.url, namespace.topic("bars"), closes)
     keys = tmp_path / "keys.json"

@@ -227,6 +227,23 @@ class GeminiRestClient:
         """Cancel an order; the answer is its status afterwards."""
         return self._post("/v1/order/cancel", {"order_id": int(order_id)})
 
+    def cancel_all(self) -> dict[str, Any]:
+        """Cancel every live order of the account, from every session and the UI.
+
+        The answer: ``{"result": "ok", "details": {"cancelledOrders": [order ids],
+        "cancelRejects": [...]}}``.
+        """
+        return self._post("/v1/order/cancel/all", {})
+
+    def cancel_session(self) -> dict[str, Any]:
+        """Cancel every live order placed with this API key's session; answers as
+        ``cancel_all``."""
+        return self._post("/v1/order/cancel/session", {})
+
+    def active_orders(self) -> list[dict[str, Any]]:
+        """The account's live orders, each in the shape of ``order_status``."""
+        return self._post("/v1/orders", {})
+
     def balances(self) -> list[dict[str, Any]]:
         return self._post("/v1/balances", {})
 

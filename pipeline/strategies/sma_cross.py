@@ -42,7 +42,8 @@ class SmaCross(Strategy):
     ``position.close(); self.buy()`` on an up-cross, ``position.close(); self.sell()`` on a
     down-cross, with ``fraction=FULL_EQUITY`` being its default ``buy()``/``sell()`` size.
     (The seed's own notes were long-only: ``allow_short=False``.) ``direction`` holds the
-    side it is on (1, -1, 0); the sizes are the fills' (see :meth:`Strategy.position`).
+    side it is on (1, -1, 0). With an amount, a close undoes that amount; with a fraction
+    it closes the position the fills made (see :meth:`Strategy.position`).
     """
 
     symbol: str = "BTCUSD"
@@ -88,7 +89,11 @@ class SmaCross(Strategy):
     def _go(self, direction: int) -> list[OrderIntent]:
         intents = []
         if self.direction:  # close first, as backtesting.py's position.close()
-            intents.append(OrderIntent.close(self.symbol))
+            if self.fraction is not None:  # the fills decide how much: close the position
+                intents.append(OrderIntent.close(self.symbol))
+            else:  # a fixed amount: undo it
+                intents.append(OrderIntent(self.symbol, "SELL" if self.direction > 0 else "BUY",
+                                           self.amount))
         if direction:
             side = "BUY" if direction > 0 else "SELL"
             intents.append(OrderIntent(self.symbol, side, fraction=self.fraction)

@@ -53,10 +53,13 @@ class OrderStateError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Fill:
+    """One fill. ``liquidity`` and ``fee`` are None where the exchange's answer does not
+    say (Gemini's REST order status gives running totals only)."""
+
     price: Decimal
     amount: Decimal
-    liquidity: Liquidity
-    fee: Decimal
+    liquidity: Liquidity | None
+    fee: Decimal | None
 
 
 @dataclass(slots=True)
@@ -80,7 +83,7 @@ class Order:
     exchange_order_id: str | None = None
     filled: Decimal = ZERO
     notional: Decimal = ZERO
-    fees: Decimal = ZERO
+    fees: Decimal | None = ZERO  # None once a fill's fee was unknown
     fee_currency: str = field(default="")
 
     def __post_init__(self) -> None:
@@ -120,7 +123,7 @@ class Order:
                                   f"with {self.remaining} remaining")
         self.filled += fill.amount
         self.notional += fill.price * fill.amount
-        self.fees += fill.fee
+        self.fees = None if fill.fee is None or self.fees is None else self.fees + fill.fee
         kind = K.FILLED if self.filled == self.amount else K.PARTIALLY_FILLED
         self.step(kind)
         return kind
@@ -128,6 +131,22 @@ class Order:
     @property
     def avg_price(self) -> Decimal | None:
         return self.notional / self.filled if self.filled else None
+
+
+def order_from_event(event: OrderEvent) -> Order:
+    """The order as its latest ``OrderEvent`` tells it (to follow it after a restart)."""
+    filled = Decimal(event["filled_amount"])
+    avg = event.get("avg_fill_price")
+    price = event.get("price")
+    status = S(event["kind"]) if event["kind"] in S.__members__ else S.ACCEPTED
+    return Order(event["client_order_id"], event["strategy_id"], event["symbol"],
+                 Side.parse(event["side"]), OrderType.LIMIT if price is not None else OrderType.MARKET,
+                 Decimal(price) if price is not None else None, Decimal(event["amount"]),
+                 price_text=price, amount_text=event["amount"], status=status,
+                 exchange_order_id=event.get("exchange_order_id"), filled=filled,
+                 notional=Decimal(avg) * filled if avg is not None and filled else ZERO,
+                 fees=Decimal(event["fee"]) if event.get("fee") is not None else None,
+                 fee_currency=event.get("fee_currency") or "")
 
 
 def check_options(options: tuple[str, ...] | list[str]) -> str | None:
@@ -154,10 +173,11 @@ def order_event(order: Order, kind: OrderEventKind, when_ms: int, mode: str, *,
         "price": order.price_text, "amount": order.amount_text,
         "filled_amount": plain(filled),
         "avg_fill_price": plain(order.notional / filled) if filled else None,
-        "fee": plain(order.fees), "fee_currency": order.fee_currency, "event_ms": when_ms,
+        "fee": None if order.fees is None else plain(order.fees),
+        "fee_currency": order.fee_currency, "event_ms": when_ms,
         "last_fill_price": plain(fill.price) if last else None,
         "last_fill_amount": plain(fill.amount) if last else None,
-        "liquidity": fill.liquidity.value if last else None,
-        "last_fill_fee": plain(fill.fee) if last else None,
+        "liquidity": fill.liquidity.value if last and fill.liquidity is not None else None,
+        "last_fill_fee": plain(fill.fee) if last and fill.fee is not None else None,
         "request_id": request_id,
     }

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import ROUND_FLOOR, Decimal
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from pipeline.core.decimals import ZERO, plain
 from pipeline.core.vocabulary import OrderAction
@@ -33,6 +33,28 @@ class Refusal:
 
     intent: Intent
     reason: str
+
+
+def short_topic(topic: str) -> str:
+    """The catalog name of a full topic name (``sim.md.l2`` -> ``md.l2``): triggers are the
+    same in every namespace."""
+    return topic.split(".", 1)[1] if "." in topic else topic
+
+
+def record_trigger(topic: str, partition: int, offset: int) -> str:
+    """The trigger of intents from a consumed record (a bar, a trade)."""
+    return f"{short_topic(topic)}/{partition}/{offset}"
+
+
+def snapshot_trigger(snapshot: Mapping[str, Any]) -> str:
+    """The trigger of intents from a book snapshot: the ``md.l2`` record it includes up to,
+    whether the snapshot was published by the orderbook group or rebuilt by a backtest."""
+    return f"md.l2/{snapshot['source_partition']}/{snapshot['source_offset']}"
+
+
+def event_trigger(event: Mapping[str, Any]) -> str:
+    """The trigger of intents from an order event."""
+    return f"orders.events/{event['client_order_id']}/{event['kind']}/{event['filled_amount']}"
 
 
 def size_from_fraction(fraction: Decimal, equity: Decimal, price: Decimal, lot: Decimal,

@@ -101,6 +101,7 @@ class RiskState:
         self.positions: dict[str, Decimal] = {}
         self.open_orders: dict[str, OpenOrder] = {}  # client_order_id -> remaining
         self.recent: dict[str, deque[int]] = {}  # strategy -> accepted-at ms, oldest first
+        self._filled: dict[str, Decimal] = {}  # open order -> filled so far (on_event)
 
     def position(self, symbol: str) -> Decimal:
         return self.positions.get(symbol, ZERO)
@@ -137,9 +138,27 @@ class RiskState:
             window.popleft()
         return len(window)
 
-    def open_exposure(self, symbol: str, side: str) -> Decimal:
-        return sum((o.remaining for o in self.open_orders.values()
-                    if o.symbol == symbol and o.side == side), ZERO)
+    def open_exposure(self, symbol: str, side: str, exclude: str | None = None) -> Decimal:
+        return sum((o.remaining for cid, o in self.open_orders.items()
+                    if o.symbol == symbol and o.side == side and cid != exclude), ZERO)
+
+    def on_event(self, event: Mapping) -> None:
+        """Follow an ``OrderEvent`` of any execution client: fills (from the running
+        ``filled_amount``) move the position, open orders their remainder."""
+        cid, kind = event["client_order_id"], event["kind"]
+        if kind in ("REJECTED", "CANCEL_REJECTED", "UNKNOWN"):
+            return
+        symbol, side = event["symbol"], event["side"].lower()
+        filled = Decimal(event["filled_amount"])
+        before = self._filled.get(cid, ZERO)
+        if filled > before:
+            self.apply_fill(symbol, side, filled - before)
+        if kind in ("FILLED", "CANCELLED", "EXPIRED"):
+            self._filled.pop(cid, None)
+            self.note_closed(cid)
+        else:
+            self._filled[cid] = max(filled, before)
+            self.note_open(cid, symbol, side, Decimal(event["amount"]) - filled)
 
 
 @dataclass(frozen=True)
@@ -166,8 +185,9 @@ def band_edge(book: BookTop, side: str, band_bps: Decimal) -> Decimal:
 
 def check(limits: RiskLimits, state: RiskState, book: BookTop | None, *, strategy_id: str,
           symbol: str, side: str, order_type: str, price: Decimal | None, amount: Decimal,
-          now_ms: int, kill_switch: bool = False) -> Decision:
+          now_ms: int, kill_switch: bool = False, replacing: str | None = None) -> Decision:
     """Accept or reject one order; ``side`` is "buy"/"sell", ``order_type`` LIMIT/MARKET.
+    ``replacing``: the open order this one replaces (cancelled first, so not counted).
 
     Pure: it changes nothing. The caller records an accepted order with
     ``state.note_accepted`` (and its fills and open remainder) once it acts on it.
@@ -198,9 +218,9 @@ def check(limits: RiskLimits, state: RiskState, book: BookTop | None, *, strateg
     if cap is not None:
         position = state.position(symbol)
         if side == "buy":
-            worst = position + state.open_exposure(symbol, "buy") + amount
+            worst = position + state.open_exposure(symbol, "buy", replacing) + amount
         else:
-            worst = position - state.open_exposure(symbol, "sell") - amount
+            worst = position - state.open_exposure(symbol, "sell", replacing) - amount
         if abs(worst) > cap and abs(worst) > abs(position):  # reducing is always fine
             return Decision(MAX_POSITION, price, f"position {position} would reach {worst}, "
                             f"the limit is {cap}")

@@ -30,6 +30,10 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Callable, Iterable, Protocol
 
+# The one symbol rule of the project (core imports nothing, so the venue stays independent
+# of market/ and trading/). Both names stay importable from here: other modules use them.
+from pipeline.core.symbols import LONG_QUOTES, split_symbol
+
 ORDER_TYPE = "exchange limit"
 MAKER_OR_CANCEL = "maker-or-cancel"
 IMMEDIATE_OR_CANCEL = "immediate-or-cancel"
@@ -41,8 +45,6 @@ CANCEL_REASONS = {
     IMMEDIATE_OR_CANCEL: "ImmediateOrCancelWouldPost",
     FILL_OR_KILL: "FillOrKillWouldNotFill",
 }
-# Quote currencies longer than three letters; any other symbol's last three are its quote.
-LONG_QUOTES = ("GUSD", "USDT", "USDC", "RLUSD")
 DEFAULT_FIAT = Decimal("1000000")  # starting balance of USD and the long (stable) quotes
 DEFAULT_COIN = Decimal("10")  # starting balance of every other currency
 DEFAULT_TAKER_FEE = Decimal("0.0035")
@@ -68,15 +70,6 @@ class ExchangeError(Exception):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
-
-
-def split_symbol(symbol: str) -> tuple[str, str]:
-    """(base, quote) of a symbol: ``BTCGUSD`` -> (BTC, GUSD), ``ETHBTC`` -> (ETH, BTC)."""
-    symbol = symbol.upper()
-    for quote in LONG_QUOTES:
-        if symbol.endswith(quote) and len(symbol) > len(quote):
-            return symbol[: -len(quote)], quote
-    return symbol[:-3], symbol[-3:]
 
 
 @dataclass(slots=True)
@@ -291,6 +284,26 @@ class Exchange:
         if order.is_live:
             self._cancel(order, "Requested")
         return order
+
+    def active_orders(self, api_key: str) -> list[Order]:
+        """This key's live orders (resting, not filled, not cancelled), by order id."""
+        return sorted(
+            (o for o in self._live.values() if o.api_key == api_key), key=lambda o: o.order_id
+        )
+
+    def cancel_all(self, api_key: str) -> list[Order]:
+        """Cancel every live order of this key ("Requested"); the cancelled ones, by order id.
+
+        Serves both Gemini's "cancel all active orders" (every order of the account, from
+        every session and the UI) and "cancel all session orders" (only those placed with
+        this API key's session). The venue does not model several API keys (sessions) per
+        account: each key is its own account, so both mean "this key's live orders".
+        Nothing here can refuse a cancel of a live order, so there are never cancel rejects.
+        """
+        cancelled = self.active_orders(api_key)
+        for order in cancelled:
+            self._cancel(order, "Requested")
+        return cancelled
 
     def trades(self, api_key: str, symbol: str, limit: int = 50) -> list[Fill]:
         """This key's fills in ``symbol``, newest first."""

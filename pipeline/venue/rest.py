@@ -111,6 +111,27 @@ def trade_json(fill: Fill) -> dict[str, Any]:
     return body
 
 
+def cancel_all_json(cancelled: list[Order]) -> dict[str, Any]:
+    """The answer of Gemini's ``/v1/order/cancel/all`` and ``/v1/order/cancel/session``.
+
+    Not documented: Gemini's pages for both endpoints (developer.gemini.com "Cancel All
+    Active Orders", "Cancel All Session Orders") describe the answer only as "JSON
+    response", with no fields. The shape ``{"result": "ok", "details": {"cancelledOrders":
+    [...], "cancelRejects": [...]}}`` and the ids as JSON integers (not strings, unlike
+    ``order_id`` in order status) follow what published Gemini clients parse (both lists
+    as integer order ids). Not documented either: the order of ``cancelledOrders`` (here:
+    by order id) and what a ``cancelRejects`` entry means or looks like (the venue never
+    refuses to cancel a live order, so it is always empty here).
+    """
+    return {
+        "result": "ok",
+        "details": {
+            "cancelledOrders": [order.order_id for order in cancelled],
+            "cancelRejects": [],
+        },
+    }
+
+
 def balance_json(balance: Balance) -> dict[str, Any]:
     return {
         "type": "exchange",
@@ -164,6 +185,18 @@ def _cancel(exchange: Exchange, api_key: str, payload: dict[str, Any]) -> Any:
     return order_json(exchange.cancel(api_key, _order_id(payload)))
 
 
+def _cancel_all(exchange: Exchange, api_key: str, payload: dict[str, Any]) -> Any:
+    """Both cancel-all endpoints: the venue has one session per account (its API key)."""
+    return cancel_all_json(exchange.cancel_all(api_key))
+
+
+def _active_orders(exchange: Exchange, api_key: str, payload: dict[str, Any]) -> Any:
+    # Gemini: "Get all active orders for your account", a list of order status objects
+    # (its order events "maintain compatibility with the Order Status and Get Active
+    # Orders APIs"). The order of the list is not documented; here it is by order id.
+    return [order_json(order) for order in exchange.active_orders(api_key)]
+
+
 def _balances(exchange: Exchange, api_key: str, payload: dict[str, Any]) -> Any:
     return [balance_json(b) for b in exchange.balances(api_key)]
 
@@ -182,6 +215,9 @@ OPERATIONS: dict[str, Operation] = {
     "/v1/order/new": _new_order,
     "/v1/order/status": _order_status,
     "/v1/order/cancel": _cancel,
+    "/v1/order/cancel/all": _cancel_all,
+    "/v1/order/cancel/session": _cancel_all,
+    "/v1/orders": _active_orders,
     "/v1/balances": _balances,
     "/v1/mytrades": _my_trades,
 }
