@@ -646,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="paper: fee of fills that rested")
     ap.add_argument("--taker-fee", type=Decimal, default=GEMINI_API_FEES.taker,
                     help="paper: fee of fills that took")
+    ap.add_argument("--checkpoint-interval", type=float, default=5.0,
+                    help="paper: seconds between checkpoints of the books to paper.state")
     args = ap.parse_args(argv)
     log_to_stderr()
     run_dir = Path(args.run_dir or os.environ.get("PIPELINE_RUN_DIR") or "run")
@@ -666,7 +668,8 @@ def main(argv: list[str] | None = None) -> int:
             gemini_burst=args.gemini_burst or max(1, int(args.gemini_rate)),
             follow_interval_s=args.follow_interval, batch_size=args.batch_size,
             instance=args.instance, paper_queue=args.queue, paper_latency_ms=args.latency_ms,
-            paper_fees=FeeSchedule(maker=args.maker_fee, taker=args.taker_fee))
+            paper_fees=FeeSchedule(maker=args.maker_fee, taker=args.taker_fee),
+            checkpoint_interval_s=args.checkpoint_interval)
         check_mode(namespace, settings, credentials)
         ensure_topics(args.bootstrap, namespace,
                       TOPICS_GEMINI if settings.sends_http else TOPICS_PAPER)

@@ -870,6 +870,7 @@ class EngineResult:
     snapshots_emitted: int = 0
     interrupted: bool = False
     stopped: str | None = None
+    order_events: list[dict] = field(default_factory=list)  # every OrderEvent, in order
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -904,6 +905,7 @@ class Engine:
         self.first_us: int | None = None
         self.last_us: int | None = None
         self.stopped: str | None = None
+        self.order_events: list[dict] = []
         self._depth = 0
         self._context = Context()  # decimal defaults, whatever the caller's context is
 
@@ -1087,6 +1089,7 @@ class Engine:
                 raise StrategyFailed(f"strategy {self.name}: its orders' events kept causing "
                                      f"new intents {_FEEDBACK_DEPTH} levels deep")
             tracker, callback = self.tracker, self.strategy.on_order_event
+            self.order_events += order_events
             for order_event_ in order_events:
                 tracker.on_event(order_event_)
                 intents = self._call("on_order_event", callback, order_event_, event)
@@ -1117,7 +1120,8 @@ class Engine:
             events=self.events, by_kind=dict(self.by_kind), first_event_us=self.first_us,
             last_event_us=self.last_us, orders=broker.counts, pending_orders=broker.pending,
             books_dropped=self.books_dropped, changes_applied=self.changes,
-            snapshots_emitted=self.snapshots, interrupted=interrupted, stopped=self.stopped)
+            snapshots_emitted=self.snapshots, interrupted=interrupted, stopped=self.stopped,
+            order_events=self.order_events)
 
 
 def _describe(record: dict) -> str:

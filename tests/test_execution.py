@@ -17,7 +17,7 @@ from confluent_kafka import Producer
 from consumers.execution import (ExecutionSettings, GeminiCredentials,
                                  TokenBucket, check_mode, main, make_group)
 from pipeline import risk
-from pipeline.catalog import Namespace
+from pipeline.catalog import Namespace, ensure_topics
 from pipeline.errors import PipelineError
 from pipeline.gemini.rest import GeminiRestClient, NonceSource
 from pipeline.registry import SchemaRegistry
@@ -784,3 +784,101 @@ def test_market_orders_are_priced_at_the_band_edge_on_the_tick_grid():
                           side="buy", order_type="MARKET", price=None, amount=D(1),
                           now_ms=top.ts_ms)
     assert decision.accepted and decision.price == D("101.02")
+
+
+# --------------------------------------------------------------------------- paper restarts
+
+
+def paper_args(env: Env, keys_file: Path) -> list[str]:
+    return ["--bootstrap", env.kafka, "--registry", env.registry_url, "--namespace",
+            str(env.namespace), "--mode", "paper", "--strategy-keys", str(keys_file),
+            "--run-dir", str(env.run_dir), "--max-notional", "off", "--max-position", "off",
+            "--max-orders-per-minute", "off", "--price-band-bps", "500", "--max-book-age-s",
+            "off", "--checkpoint-interval", "600"]  # the books' checkpoint stays behind
+
+
+def committed_past(env: Env, name: str, count: int) -> bool:
+    offsets = committed(env.kafka, f"{env.namespace}.execution", env.topic[name])
+    return sum(max(o, 0) for o in offsets.values()) >= count
+
+
+def run_paper_script(env: Env, tmp_path: Path, kill: bool) -> dict[str, list[tuple]]:
+    """Resting paper orders, book changes, then trades and cancels; with ``kill``, the
+    execution process is killed -9 between the book changes and the trades."""
+    keys_file = write_secret_file(tmp_path / f"keys-{env.namespace}.json",
+                                  {"sma": SMA_KEY.decode()})
+    t0 = int(time.time() * 1000)
+
+    def req(n: int, **kw) -> dict:  # the same ids in every run: the triggers are the same
+        return order_request(SMA_KEY, trigger=f"script/{n}", created_ms=t0, **kw)
+
+    resting = [req(1, price="99.50", amount="1"), req(2, side="SELL", price="101.00", amount="2"),
+               req(3, price="100.00", amount="1")]
+    env.snapshot(bids=[("100.00", "1"), ("99.00", "5")], asks=[("101.00", "1"), ("102.00", "5")])
+    env.requests(*resting)
+    proc = ExecutionProcess(paper_args(env, keys_file), tmp_path, {})
+    try:
+        env.tail.wait(lambda v: sum(e["kind"] == "BOOKED" for e in v) >= 3 and v, 60, "3 BOOKED")
+        # The queue ahead of the bid at 100 shrinks to 0.4; at 101 others join behind us.
+        env.l2("BTCUSD", [("BID", "100.00", "0.4"), ("ASK", "101.00", "3")])
+        wait_for(lambda: committed_past(env, "md.l2", 2), 30, "the book changes committed")
+        if kill:
+            proc.kill()
+            proc = ExecutionProcess(paper_args(env, keys_file), tmp_path, {})
+        env.trade("BTCUSD", "SELL", "100.00", "0.5")  # 0.4 ahead trades, 0.1 reaches us
+        env.trade("BTCUSD", "BUY", "101.00", "1.5")  # 1 ahead, then 0.5 of ours
+        wait_for(lambda: committed_past(env, "md.trades", 2), 30, "the trades committed")
+        # 3 shown at 101 since the change before the kill: a taker gets all 3 only if the
+        # restarted books re-applied it.
+        taker = req(6, price="101.00", amount="3", options=["immediate-or-cancel"])
+        env.requests(cancel(req, 4, resting[0]), replace(req, 5, resting[1], "101.50"), taker)
+        ids = [r["client_order_id"] for r in resting]
+        env.wait_terminal([ids[0], ids[1], taker["client_order_id"]], 60)
+        assert proc.terminate() == 0
+    finally:
+        proc.ensure_dead()
+    return {cid: [(e["kind"], e["filled_amount"], e["last_fill_price"], e["last_fill_amount"],
+                   e["liquidity"], e["reason"]) for e in events]
+            for cid, events in by_id(env.events()).items()}
+
+
+def cancel(req, n: int, target: dict) -> dict:
+    request = req(n, amount="0", price=None, order_type="LIMIT")
+    return resign(request, action="CANCEL", target_client_order_id=target["client_order_id"],
+                  price=None)
+
+
+def replace(req, n: int, target: dict, price: str) -> dict:
+    request = req(n, side=target["side"], price=price, amount=target["amount"])
+    return resign(request, action="REPLACE", target_client_order_id=target["client_order_id"])
+
+
+def resign(request: dict, **changes) -> dict:
+    from pipeline.trading.signing import sign
+
+    request = {**request, **changes}
+    request["signature"] = sign(request, SMA_KEY)
+    return request
+
+
+@pytest.mark.broker
+def test_kill_9_with_resting_paper_orders_goes_on_as_an_uninterrupted_run(
+        kafka, registry, topics, tmp_path):
+    runs = {}
+    for kill in (False, True):
+        namespace = Namespace(f"sim-t{random.getrandbits(40):010x}")
+        ensure_topics(kafka, namespace, ["orders.requests", "book.snapshots", "md.l2",
+                                         "md.trades", "orders.events", "orders.seen",
+                                         "paper.state", "dlq"])
+        env = Env(kafka, registry.url, namespace, tmp_path / f"run-{kill}")
+        try:
+            runs[kill] = run_paper_script(env, tmp_path, kill)
+        finally:
+            env.close()
+    assert runs[True] == runs[False]
+    fills = sorted((f[2], f[3], f[4]) for events in runs[True].values() for f in events if f[3])
+    # Only a restored queue gives 0.1 at 100 (0.4 ahead, not 1) and 0.5 at 101, and only
+    # re-applied books the taker's 3 at 101.
+    assert fills == [("100", "0.1", "MAKER"), ("101", "0.5", "MAKER"), ("101", "3", "TAKER")]
+    reasons = sorted(f[5] for events in runs[True].values() for f in events if f[5])
+    assert reasons == ["Requested", "Requested"]

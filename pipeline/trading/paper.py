@@ -89,9 +89,9 @@ class PaperExecution:
 
     def _execute(self, request: OrderRequest, price: Decimal | None, now_ms: int
                  ) -> list[OrderEvent]:
-        market = request["order_type"] == OrderType.MARKET
-        return self.exchange.execute(request, now_ms * 1000, price=price if market else None,
-                                     options=IOC if market else None)
+        as_limit = request["order_type"] == OrderType.MARKET and price is not None
+        return self.exchange.execute(request, now_ms * 1000, price=price if as_limit else None,
+                                     options=IOC if as_limit else None)
 
     def poll(self, now_ms: int) -> list[OrderEvent]:
         if now_ms * 1000 < self.exchange.next_due_us:

@@ -1,0 +1,346 @@
+"""One trading core: the order-book backtest and paper execution fill alike, and the
+simulator agrees with the local venue (the independent oracle) where their models meet.
+Pure logic: no broker."""
+
+from __future__ import annotations
+
+import io
+from decimal import Decimal
+
+import fastavro
+
+from pipeline import schemas
+from pipeline.backtest import BookBroker
+from pipeline.market.book_policy import IGNORED, BookPolicy
+from pipeline.orderbook import L2Book
+from pipeline.trading.fees import FeeSchedule
+from pipeline.trading.paper import PaperExecution
+from pipeline.trading.signing import client_order_id
+from pipeline.trading.simulator import SimulatedExchange, SimulatorConfig
+from pipeline.core.vocabulary import OrderType, Side
+from pipeline.trading.orders import Order
+from pipeline.venue.exchange import Exchange
+
+D = Decimal
+SYMBOL = "BTCUSD"
+T0 = 1_700_000_000_000  # ms
+
+
+def l2(changes, snapshot=False):
+    return {"symbol": SYMBOL, "snapshot": snapshot,
+            "changes": [{"side": s, "price": p, "quantity": q} for s, p, q in changes],
+            "exchange_ts_ms": None, "received_ts_us": 0, "connection_id": "c", "sequence": 0,
+            "event_id": None}
+
+
+def trade(taker, price, quantity):
+    return {"symbol": SYMBOL, "trade_id": 1, "price": price, "quantity": quantity,
+            "taker_side": taker, "exchange_ts_ms": 0, "received_ts_us": 0,
+            "connection_id": "c", "sequence": 0, "from_snapshot": False}
+
+
+def request(n, side="BUY", price=None, amount="1", options=(), action="NEW", target=None,
+            ttl_ms=60_000, strategy="s"):
+    return {"client_order_id": client_order_id(strategy, f"script/{n}"), "strategy_id": strategy,
+            "symbol": SYMBOL, "side": side, "order_type": "LIMIT" if price else "MARKET",
+            "price": price, "amount": amount, "options": list(options),
+            "created_ms": T0 + n, "expires_ms": T0 + n + ttl_ms, "trigger": f"script/{n}",
+            "signature": "-", "action": action, "target_client_order_id": target}
+
+
+BOOK = [("BID", "100", "1"), ("BID", "99", "2"), ("BID", "98", "5"),
+        ("ASK", "101", "1"), ("ASK", "102", "2"), ("ASK", "103", "5")]
+
+
+def script():
+    """(ms after T0, kind, payload): book, trades and requests of every action."""
+    buy = request(1, price="102", amount="2.5")  # takes 101 and 102: filled at once
+    quote = request(2, side="SELL", price="104", amount="1")
+    steps = [
+        (0, "l2", l2(BOOK, snapshot=True)),
+        (1, "request", buy),
+        (2, "request", quote),
+        (3, "request", request(3, side="SELL", amount="1.5")),  # market: 100, then 99
+        (4, "request", request(4, price="99.5", amount="1", options=["maker-or-cancel"])),
+        (5, "l2", l2([("BID", "99.5", "3")])),  # others join at 99.5, behind ours
+        (6, "trade", trade("SELL", "99.5", "0.6")),  # ours was first: 0.6 of it fills
+        (7, "request", request(7, action="REPLACE", target=quote["client_order_id"],
+                               side="SELL", price="103.5", amount="1")),
+        (8, "request", request(8, action="CANCEL", target=buy["client_order_id"],
+                               amount="0")),  # too late: CANCEL_REJECTED
+        (9, "l2", l2([("ASK", "103", "0"), ("ASK", "103.4", "2")])),
+        (10, "trade", trade("BUY", "103.6", "0.7")),  # through the replaced quote
+        (11, "request", request(11, side="SELL", price="105", amount="2", ttl_ms=5)),
+        (20, "l2", l2([("BID", "98", "4")])),  # the 5 ms order has expired by now
+        (21, "request", request(21, action="CANCEL_ALL", amount="0")),
+        (22, "request", request(22, action="CANCEL", target="never-sent", amount="0")),
+    ]
+    return steps
+
+
+def through_backtest_broker(fees: FeeSchedule) -> list[dict]:
+    broker = BookBroker(D(1_000_000), "s", fees=fees)
+    policy = BookPolicy(10, books=broker.books)
+    events = []
+    for offset, (ms, kind, payload) in enumerate(script()):
+        t = (T0 + ms) * 1000
+        if t >= broker.exchange.next_due_us:
+            events += broker.advance(t)
+        if kind == "l2":
+            if policy.apply(payload, 0, offset)[0] != IGNORED:
+                events += broker.on_book(SYMBOL, None if payload["snapshot"] else
+                                         payload["changes"], t) or []
+        elif kind == "trade":
+            events += broker.on_trade(payload, t) or []
+        else:
+            events += broker.execute(payload, t)
+    return events
+
+
+def through_paper_execution(fees: FeeSchedule) -> list[dict]:
+    paper = PaperExecution(SimulatorConfig(fees=fees))
+    events = []
+    for offset, (ms, kind, payload) in enumerate(script()):
+        now = T0 + ms
+        events += paper.poll(now)
+        if kind == "l2":
+            events += paper.on_l2(payload, 0, offset, now)
+        elif kind == "trade":
+            events += paper.on_trade(payload, now)
+        elif payload["action"] == "NEW":
+            events += paper.place(payload, None, now)[0]
+        elif payload["action"] == "REPLACE":
+            events += paper.replace(payload, None, now)[0]
+        elif payload["action"] == "CANCEL":
+            events += paper.cancel(payload, now)[0]
+        else:
+            events += paper.cancel_all(payload, now, "Requested")[0]
+    return events
+
+
+def avro_bytes(events: list[dict]) -> list[bytes]:
+    schema = fastavro.parse_schema(schemas.load("OrderEvent"))
+    out = []
+    for event in events:
+        buffer = io.BytesIO()
+        fastavro.schemaless_writer(buffer, schema, event)
+        out.append(buffer.getvalue())
+    return out
+
+
+def test_the_backtest_broker_and_paper_execution_give_identical_events_byte_for_byte():
+    fees = FeeSchedule(maker=D("0.001"), taker=D("0.003"))
+    backtest, paper = through_backtest_broker(fees), through_paper_execution(fees)
+    assert avro_bytes(backtest) == avro_bytes(paper)
+    assert backtest == paper
+    kinds = [e["kind"] for e in paper]
+    # The script exercises every step of the lifecycle.
+    for kind in ("ACCEPTED", "BOOKED", "PARTIALLY_FILLED", "FILLED", "CANCELLED", "EXPIRED",
+                 "CANCEL_REJECTED"):
+        assert kind in kinds, kind
+    fills = [(e["last_fill_price"], e["last_fill_amount"], e["liquidity"]) for e in paper
+             if e["last_fill_amount"]]
+    assert fills == [("101", "1", "TAKER"), ("102", "1.5", "TAKER"), ("100", "1", "TAKER"),
+                     ("99", "0.5", "TAKER"), ("99.5", "0.6", "MAKER"), ("103.5", "0.7", "MAKER")]
+    reasons = [(e["kind"], e["reason"]) for e in paper if e["reason"]]
+    assert reasons == [("CANCELLED", "Requested"), ("CANCEL_REJECTED", "order_closed"),
+                       ("EXPIRED", "expired"), ("CANCELLED", "Requested"),
+                       ("CANCELLED", "Requested"), ("CANCEL_REJECTED", "unknown_order")]
+    replaced = [e for e in paper if e["kind"] == "CANCELLED"][0]
+    assert replaced["request_id"] == client_order_id("s", "script/7"), \
+        "the replaced quote is cancelled by the replacing request, which then books"
+
+
+class _VenueBook:
+    """The venue's BookSource over a book the test scripts."""
+
+    def __init__(self, book: L2Book) -> None:
+        self.book = book
+
+    def symbols(self) -> set[str]:
+        return {SYMBOL}
+
+    def levels(self, symbol: str, side: str):
+        bids, asks = self.book.depth()
+        return [(D(p), D(q)) for p, q in (bids if side == "bid" else asks)]
+
+
+def test_the_simulator_and_the_venue_fill_one_scripted_scenario_alike():
+    """The venue keeps its own matching (the oracle): without a queue model, on books
+    without trades, and with no two orders taking one level, both must fill alike."""
+    book = L2Book(SYMBOL)
+    book.apply_snapshot([{"side": s, "price": p, "quantity": q} for s, p, q in BOOK])
+    venue = Exchange(_VenueBook(book), taker_fee=D("0.0035"), maker_fee=D("0.0025"),
+                     initial_balances={"USD": D(10**6), "BTC": D(100)})
+    sim = SimulatedExchange({SYMBOL: book}, SimulatorConfig(
+        fees=FeeSchedule(maker=D("0.0025"), taker=D("0.0035")), queue="none"))
+    orders = [("a", "buy", "2", "102", ()),  # takes 101 and 102: filled
+              ("b", "buy", "1", "101", ("maker-or-cancel",)),  # would take: cancelled
+              ("c", "sell", "3", "99", ("immediate-or-cancel",)),  # 100 and 99: filled
+              ("d", "sell", "4", "99", ("fill-or-kill",)),  # 3 at or above 99: killed
+              ("e", "buy", "1", "100.5", ()),  # rests
+              ("f", "sell", "2", "102.5", ())]  # rests
+    sim_fills: dict[str, list] = {}
+    for cid, side, amount, price, options in orders:
+        venue.new_order("k", SYMBOL, amount, price, side, options=options, client_order_id=cid)
+        order = Order(cid, "s", SYMBOL, Side.parse(side), OrderType.LIMIT, D(price), D(amount),
+                      options)
+        for event in sim.submit(order, T0 * 1000):
+            if event["last_fill_amount"]:
+                sim_fills.setdefault(cid, []).append(event)
+
+    def move(changes):
+        book.apply([{"side": s, "price": p, "quantity": q} for s, p, q in changes])
+        venue.on_book_update(SYMBOL)
+        for event in sim.on_book(SYMBOL, [{"side": s, "price": p, "quantity": q}
+                                          for s, p, q in changes], T0 * 1000) or []:
+            if event["last_fill_amount"]:
+                sim_fills.setdefault(event["client_order_id"], []).append(event)
+
+    move([("ASK", "100.4", "0.6")])  # reaches e
+    move([("ASK", "100.4", "0"), ("ASK", "100.5", "1")])  # the rest of e
+    move([("ASK", s, "0") for s in ("100.5", "101", "102", "103")] +
+         [("ASK", "104", "5"), ("BID", "103", "3")])  # the market moves up through f
+    venue_fills = {}
+    for fill in sorted(venue.trades("k", SYMBOL, limit=100), key=lambda f: f.tid):
+        venue_fills.setdefault(fill.client_order_id, []).append(
+            (fill.price, fill.amount, fill.fee, "TAKER" if fill.aggressor else "MAKER"))
+    ours = {cid: [(D(e["last_fill_price"]), D(e["last_fill_amount"]), D(e["last_fill_fee"]),
+                   e["liquidity"]) for e in events] for cid, events in sim_fills.items()}
+    assert ours == venue_fills
+    assert set(ours) == {"a", "c", "e", "f"}
+    states = {cid: ("open" if o.is_live else o.cancel_reason or "filled")
+              for cid, o in ((o.client_order_id, o) for o in venue._orders.values())}
+    assert states == {"a": "filled", "b": "MakerOrCancelWouldTake", "c": "filled",
+                      "d": "FillOrKillWouldNotFill", "e": "filled", "f": "filled"}
+    assert not sim.open_orders()
+
+
+# --------------------------------------------------------------------------- on the broker
+
+import json  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from pipeline.backtest_run import run_backtest  # noqa: E402
+from pipeline.catalog import Namespace  # noqa: E402
+from pipeline.registry import SchemaRegistry  # noqa: E402
+from pipeline.serde import Decoder  # noqa: E402
+from pipeline.services import free_port  # noqa: E402
+from tests.support.kafka_io import read_all  # noqa: E402
+from tests.support.processes import CAPTURE, CAPTURE_SYMBOLS, cli  # noqa: E402
+from tests.support.waiting import wait_for  # noqa: E402
+
+QUOTER = {"symbol": "FILUSD", "tick": "0.0001", "spread_bps": 10, "requote_bps": 5}
+PARITY_TOPOLOGY = """
+namespace = "{namespace}"
+symbols = {symbols}
+[source]
+kind = "venue"
+capture = "{capture}"
+speed = 1.0
+loop = false
+port = {venue_port}
+heartbeat_s = 1.0
+[infra]
+metrics_port = {metrics_port}
+
+[[process]]
+name = "orderbook"
+run = "consumers.orderbook"
+args = {{ depth = 10 }}
+
+[[process]]
+name = "strategy"
+run = "consumers.strategy"
+args = {{ strategy = "pipeline.strategy:MidQuoter", params = {params}, inputs = "book.snapshots" }}
+
+[[process]]
+name = "execution"
+run = "consumers.execution"
+args = {{ mode = "paper" }}
+"""
+
+
+def values(kafka: str, decode, topic: str) -> list[dict]:
+    return [decode(r.value) for r in read_all(kafka, topic)]
+
+
+def fills_of(events: list[dict]) -> list[tuple]:
+    return [(e["client_order_id"], e["side"], e["last_fill_price"], e["last_fill_amount"],
+             e["liquidity"], e["last_fill_fee"])
+            for e in events if e["last_fill_amount"] and not e["client_order_id"].startswith(
+                "finalize")]
+
+
+@pytest.mark.broker
+def test_the_topology_on_the_capture_and_the_backtest_of_it_place_and_fill_the_same_orders(
+        kafka, registry, up_env, shared_data, tmp_path):
+    """The whole topology replays the capture at recorded speed with MidQuoter in paper
+    mode; a book backtest of what it recorded gives the same client order ids and the same
+    fills. Then the kill switch leaves no order open."""
+    namespace = Namespace(f"sim-t{uuid.uuid4().hex[:10]}")
+    venue_port = free_port()
+    path = tmp_path / "topology.toml"
+    params = "{ " + ", ".join(f'{k} = {json.dumps(v)}' for k, v in QUOTER.items()) + " }"
+    path.write_text(PARITY_TOPOLOGY.format(
+        namespace=namespace, symbols=json.dumps(CAPTURE_SYMBOLS), capture=shared_data / CAPTURE,
+        venue_port=venue_port, metrics_port=free_port(), params=params))
+    started = cli("up", "--topology", str(path), env=up_env)
+    assert started.returncode == 0, started.stderr + started.stdout
+    import requests as http
+    wait_for(lambda: http.get(f"http://127.0.0.1:{venue_port}/_venue/status",
+                              timeout=5).json()["source_done"], 90, "the venue to replay the capture")
+    decode = Decoder(SchemaRegistry(registry.url))
+    events_topic = namespace.topic("orders.events")
+
+    def settled():  # nothing new for 3 s: every group has drained
+        first = len(read_all(kafka, events_topic))
+        time.sleep(3)
+        return first if first == len(read_all(kafka, events_topic)) and first else None
+
+    wait_for(settled, 60, "order events to settle")
+    live = values(kafka, decode, events_topic)
+    requests = values(kafka, decode, namespace.topic("orders.requests"))
+    backtest = run_backtest(kafka, registry.url, namespace, "pipeline.strategy:MidQuoter",
+                            QUOTER, fill="book", cash="100000", finalize_trades=False)
+    replayed = backtest.engine.order_events
+    # Same orders: every request the live strategy sent is one the backtest sent, in order.
+    live_orders = [r["client_order_id"] for r in requests]
+    backtest_orders = [e["client_order_id"] for e in replayed if e["kind"] == "ACCEPTED"] + \
+        [e["request_id"] for e in replayed if e["kind"] == "CANCEL_REJECTED" and
+         e.get("request_id")]
+    print(f"live: {len(requests)} requests, {len(fills_of(live))} fills; backtest: "
+          f"{len(set(backtest_orders))} orders, {len(fills_of(replayed))} fills")
+    placed = [r["client_order_id"] for r in requests if r["action"] in ("NEW", "REPLACE")]
+    accepted_live = [e["client_order_id"] for e in live if e["kind"] == "ACCEPTED"]
+    assert len(placed) >= 10 and set(accepted_live) <= set(placed)
+    only_live = set(accepted_live) - set(backtest_orders)
+    only_backtest = set(backtest_orders) - set(accepted_live)
+    print("only live:", [(r["trigger"], r["action"], r["side"], r["price"]) for r in requests
+                         if r["client_order_id"] in only_live])
+    print("only backtest:", [(e["kind"], e["side"], e["price"], e["event_ms"]) for e in replayed
+                             if e["client_order_id"] in only_backtest])
+    assert not only_live and not only_backtest, "the same orders reach the exchange"
+    # Same fills: price, amount, liquidity and fee of each, order by order.
+    assert len(fills_of(live)) >= 3
+    assert sorted(fills_of(live)) == sorted(fills_of(replayed))
+    # The kill switch: every open order cancelled within a batch, none left open.
+    run_dir = Path(up_env["PIPELINE_RUN_DIR"])
+    (run_dir / "kill-switch").touch()
+
+    def no_open_orders():
+        open_ = set()
+        for event in values(kafka, decode, events_topic):
+            if event["kind"] in ("ACCEPTED", "BOOKED", "PARTIALLY_FILLED"):
+                open_.add(event["client_order_id"])
+            elif event["kind"] in ("FILLED", "CANCELLED", "EXPIRED", "REJECTED"):
+                open_.discard(event["client_order_id"])
+        return not open_
+
+    wait_for(no_open_orders, 10, "the kill switch to cancel every open order")
+    killed = [e for e in values(kafka, decode, events_topic) if e["reason"] == "risk:kill_switch"]
+    assert killed and all(e["kind"] == "CANCELLED" for e in killed)
