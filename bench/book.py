@@ -3,6 +3,11 @@ stream and on the real capture, next to two baselines fed the same changes in th
 run: a plain dict update per change (the floor) and the ``order-book`` package (the C
 book cryptofeed uses) with Decimal prices. Target: >= 1,000,000 changes/s and no slower
 than ``order-book``.
+
+And the simulated exchange on the same streams: the book policy (what every consumer of
+``md.l2`` runs) with the simulator watching two resting orders a side per symbol, queue
+model on (placed at the second and fourth levels of each side's first snapshot, and
+placed again where they filled), next to the bare book and to the policy alone.
 """
 
 from __future__ import annotations
@@ -15,7 +20,11 @@ from pathlib import Path
 from order_book import OrderBook
 
 from bench.figures import Figure, best_rate
+from pipeline.core.vocabulary import OrderType, Side
+from pipeline.market.book_policy import IGNORED, TOP_CHANGED, BookPolicy
 from pipeline.orderbook import L2Book
+from pipeline.trading.orders import Order
+from pipeline.trading.simulator import SimulatedExchange, SimulatorConfig
 from pipeline.venue.market import generated_events
 
 CAPTURE = Path(__file__).resolve().parents[2] / "shared" / "data" / \
@@ -55,6 +64,47 @@ def ours(updates: Updates) -> None:
             book.apply_snapshot(changes)
         else:
             book.apply(changes)
+
+
+def _records(updates: Updates) -> list[dict]:
+    return [{"symbol": s, "snapshot": snap, "changes": changes, "exchange_ts_ms": None,
+             "received_ts_us": i, "connection_id": "bench", "sequence": i, "event_id": None}
+            for i, (s, snap, changes) in enumerate(updates)]
+
+
+def policy_alone(records: list[dict]) -> None:
+    policy = BookPolicy(10)
+    for i, record in enumerate(records):
+        policy.apply(record, 0, i)
+
+
+def simulated(records: list[dict]) -> int:
+    """The policy and the simulator with two resting orders a side; returns the fills."""
+    policy = BookPolicy(10)
+    sim = SimulatedExchange(policy.books, SimulatorConfig(queue="risk-averse"))
+    resting: dict[str, int] = {}
+    fills = 0
+    for i, record in enumerate(records):
+        symbol = record["symbol"]
+        code = policy.apply(record, 0, i)[0]
+        if code == IGNORED:
+            continue
+        events = sim.on_book(symbol, None if record["snapshot"] else record["changes"], i,
+                             code == TOP_CHANGED)
+        if events:
+            fills += sum(1 for e in events if e["kind"] == "FILLED")
+            resting[symbol] = resting.get(symbol, 4) - sum(1 for e in events
+                                                           if e["kind"] == "FILLED")
+        if resting.get(symbol, 0) < 4:
+            book = policy.books[symbol]
+            bids, asks = book.depth(4)
+            for side, levels in ((Side.BUY, bids), (Side.SELL, asks)):
+                for price, _ in levels[1:4:2]:
+                    order = Order(f"b{i}{side}{price}", "bench", symbol, side, OrderType.LIMIT,
+                                  Decimal(price), Decimal("0.001"))
+                    sim.submit(order, i)
+            resting[symbol] = len(sim.open_orders(symbol=symbol))
+    return fills
 
 
 def dict_floor(updates: Updates) -> None:
@@ -102,5 +152,14 @@ def run(events: int) -> list[Figure]:
                    ">= 1,000,000/s and ratio >= 1"),
             Figure(f"book changes/s ({name}) vs the floor", rates["ours"], "changes/s", changes,
                    "plain dict update per change", rates["dict_floor"], ""),
+        ]
+        records = _records(updates)
+        policy = best_rate(lambda: policy_alone(records), changes)
+        sim = best_rate(lambda: simulated(records), changes)
+        figures += [
+            Figure(f"simulator: policy + 2 resting orders a side, queue on ({name})", sim,
+                   "changes/s", changes, "bare book (L2Book.apply)", rates["ours"], ""),
+            Figure(f"simulator vs the book policy alone ({name})", sim, "changes/s", changes,
+                   "book policy alone (snapshots, health, depth index)", policy, ""),
         ]
     return figures

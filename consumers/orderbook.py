@@ -116,7 +116,7 @@ class OrderbookHandler(Handler):
         exactly the positions these checkpoints cover."""
         out = []
         for symbol in sorted(self._touched):
-            book, source = self.books[symbol], self.policy.sources[symbol]
+            book, source = self.books[symbol], self.policy.source(symbol)
             bids, asks = book.depth()
             out.append(Output(self.topics["book.checkpoints"], self.encode["book.checkpoints"]({
                 "symbol": symbol, "source_topic": self.source_topic,
@@ -137,7 +137,7 @@ class OrderbookHandler(Handler):
     def on_revoke(self, partitions: list[TopicPartition]) -> Iterable[Output]:
         out = self._pending_snapshots() + self.checkpoint()  # the next owner restores from here
         lost = {tp.partition for tp in partitions}
-        gone = [s for s, src in self.policy.sources.items() if src.partition in lost]
+        gone = [s for s in self.policy.symbols() if self.policy.source(s).partition in lost]
         self.policy.forget(gone)
         for symbol in gone:
             self._restored.pop(symbol, None)

@@ -108,13 +108,12 @@ class StrategyHandler(Handler):
         bid = Decimal(snapshot["bids"][0]["price"]) if snapshot["bids"] else None
         ask = Decimal(snapshot["asks"][0]["price"]) if snapshot["asks"] else None
         self.tops[snapshot["symbol"]] = (bid, ask)
-        if bid is not None and ask is not None:
-            self.tracker.mark(snapshot["symbol"], (bid + ask) / 2)
+        self.tracker.mark_book(snapshot)
 
     def _price_of(self, symbol: str, side: str) -> Decimal | None:
         """What a buy (sell) would pay now: the best ask (bid), else the mark."""
         bid, ask = self.tops.get(symbol, (None, None))
-        return (ask if side == "BUY" else bid) or self.tracker.marks.get(symbol)
+        return (ask if side == "BUY" else bid) or self.tracker.mark_of(symbol)
 
     def _run(self, callback: str, value: Any, trigger: str, where: str) -> list[Output]:
         try:

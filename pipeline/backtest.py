@@ -426,7 +426,8 @@ class Broker:
     def on_bar(self, bar: dict) -> list[dict] | None:
         return None
 
-    def on_book(self, symbol: str, changes: list | None, when_us: int) -> list[dict] | None:
+    def on_book(self, symbol: str, changes: list | None, when_us: int,
+                top_changed: bool = True) -> list[dict] | None:
         return None
 
     def tick(self, when_us: int) -> None:
@@ -783,10 +784,11 @@ class BookBroker(Broker):
     def advance(self, when_us: int) -> list[dict]:
         return self._booked(self.exchange.advance(when_us))
 
-    def on_book(self, symbol: str, changes: list | None, when_us: int) -> list[dict] | None:
+    def on_book(self, symbol: str, changes: list | None, when_us: int,
+                top_changed: bool = True) -> list[dict] | None:
         if self.primary is None:
             self.primary = symbol
-        events = self.exchange.on_book(symbol, changes, when_us)
+        events = self.exchange.on_book(symbol, changes, when_us, top_changed)
         return self._booked(events) if events else None
 
     def on_trade(self, trade: dict, when_us: int) -> list[dict] | None:
@@ -874,13 +876,6 @@ class EngineResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _mid(snapshot: dict) -> Decimal | None:
-    bids, asks = snapshot["bids"], snapshot["asks"]
-    if not bids or not asks:
-        return None
-    return (price_key(bids[0]["price"])[1] + price_key(asks[0]["price"])[1]) / 2
-
-
 class Engine:
     """Drives one strategy over events with one broker. Feed batches with :meth:`run`
     (any number of times), then call :meth:`finish`."""
@@ -915,7 +910,7 @@ class Engine:
 
     @property
     def changes(self) -> int:
-        return self.policy.counts["changes"]
+        return self.policy.changes
 
     @property
     def snapshots(self) -> int:
@@ -933,6 +928,8 @@ class Engine:
         strategy, broker, policy, tracker = self.strategy, self.broker, self.policy, self.tracker
         book_mode = isinstance(broker, BookBroker)
         exchange = broker.exchange if book_mode else None  # type: ignore[attr-defined]
+        active = exchange.active if book_mode else ()  # symbols with orders or taken levels
+        wanted = strategy.symbols
         if self.first_us is None:
             self.first_us = events[0][0]
             if self.timer_us:
@@ -951,25 +948,31 @@ class Engine:
                     self._timers(t, event)
                 if policy.changed and t >= policy.next_round_us:
                     for symbol in policy.due(t):
-                        self._on_book(policy.snapshot(symbol, t), t, event)
+                        if wanted is None or symbol in wanted:
+                            self._on_book(policy.snapshot(symbol, t), t, event)
                 if kind == L2:
                     n_l2 += 1
                     code, _ = policy.apply(record, event[2], event[3])
                     if code == IGNORED:
                         continue
                     symbol = record["symbol"]
-                    fills = broker.on_book(symbol, None if record["snapshot"] else
-                                           record["changes"], t)
-                    if fills:
-                        self._feedback(fills, t, event)
-                    if code == TOP_CHANGED:
+                    if symbol in active:
+                        fills = broker.on_book(symbol, None if record["snapshot"] else
+                                               record["changes"], t, code == TOP_CHANGED)
+                        if fills:
+                            self._feedback(fills, t, event)
+                    if code == TOP_CHANGED and (wanted is None or symbol in wanted):
                         self._on_book(policy.snapshot(symbol, record["received_ts_us"]), t,
                                       event)
+                    elif code == TOP_CHANGED:
+                        policy.counts["snapshots"] += 1  # published live, unseen here
                 elif kind == BAR:
                     n_bar += 1
                     fills = broker.on_bar(record)
                     if fills:
                         self._feedback(fills, t, event)
+                    if wanted is not None and record["symbol"] not in wanted:
+                        continue
                     tracker.mark(record["symbol"], Decimal(record["close"]))
                     intents = self._call("on_bar", strategy.on_bar, record, event)
                     if intents:
@@ -984,12 +987,15 @@ class Engine:
                     fills = broker.on_book(record["symbol"], None, t)
                     if fills:
                         self._feedback(fills, t, event)
-                    self._on_book(record, t, event)
+                    if wanted is None or record["symbol"] in wanted:
+                        self._on_book(record, t, event)
                 else:
                     n_trade += 1
                     fills = broker.on_trade(record, t)
                     if fills:
                         self._feedback(fills, t, event)
+                    if wanted is not None and record["symbol"] not in wanted:
+                        continue
                     if not record.get("from_snapshot"):
                         tracker.mark(record["symbol"], Decimal(record["price"]))
                     intents = self._call("on_trade", strategy.on_trade, record, event)
@@ -1011,9 +1017,7 @@ class Engine:
         return n
 
     def _on_book(self, snapshot: dict, t: int, event: Event) -> None:
-        mid = _mid(snapshot)
-        if mid is not None:
-            self.tracker.mark(snapshot["symbol"], mid)
+        self.tracker.mark_book(snapshot)
         intents = self._call("on_book", self.strategy.on_book, snapshot, event)
         if intents:
             self._submit(intents, snapshot_trigger(snapshot), t, event)

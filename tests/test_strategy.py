@@ -262,3 +262,28 @@ def test_kill_9_and_restart_emit_every_request_exactly_once(kafka, registry, nam
     assert len(ids) == len(set(ids)), "no request twice (read_committed)"
     assert ids == want, "none lost, same ids as an uninterrupted run, in order"
     assert all(verify(r, KEY) for r in emitted)
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("state,match", [
+    ({"format": "json", "version": 3, "state": b'{"strategy": {"direction": 1}, "orders": {}}'},
+     r"saved state of strategy sma-cross \(version 3, .*does not load: KeyError"),
+    ({"format": "pickle", "version": 0, "state": b"\x80\x05K\x01."},
+     r"saved state of strategy sma-cross \(version 0, .*is a pickle .*never loaded"),
+])
+def test_a_saved_state_that_does_not_load_stops_the_group_naming_strategy_and_version(
+        kafka, registry, namespace, state, match):
+    ensure_topics(kafka, namespace, ["bars", "orders.events", "orders.requests",
+                                     "strategy.state", "dlq"])
+    encode = Encoder(SchemaRegistry(registry.url), namespace.topic("strategy.state"))
+    producer = ReliableProducer(kafka)
+    producer.produce(namespace.topic("strategy.state"), encode({
+        "strategy_id": "sma-cross", "strategy_class": "pipeline.strategies.sma_cross:SmaCross",
+        "saved_ms": 1, **state}), "sma-cross")
+    producer.flush()
+    publish_bars(kafka, registry.url, namespace.topic("bars"), ["1", "2"])
+    runner = GroupRunner(make_group(kafka, registry.url, namespace, SmaCross(fast=2, slow=3), KEY),
+                         kafka)
+    with pytest.raises(PipelineError, match=match):
+        runner.run(idle_timeout_s=15)
+    assert read_all(kafka, namespace.topic("orders.requests")) == [], "it traded nothing"

@@ -69,22 +69,31 @@ class Depth:
         self.bid_set, self.ask_set = set(book.bids), set(book.asks)
 
     def update(self, book: L2Book, changes: Iterable[LevelChange]) -> None:
-        """Follow ``changes`` that were just applied to ``book``."""
-        prices = _PRICES
+        """Follow ``changes`` that were just applied to ``book`` (most only resize a level:
+        two lookups; a level that appears or goes is one sorted insert or delete)."""
+        prices, bid_levels, ask_levels = _PRICES, book.bids, book.asks
+        bid_set, ask_set = self.bid_set, self.ask_set
         for change in changes:
             raw = change["price"]
-            canonical, value = prices.get(raw) or price_key(raw)
+            found = prices.get(raw) or price_key(raw)
+            canonical = found[0]
             if change["side"] == "BID":
-                levels, keys, known, key = book.bids, self.bids, self.bid_set, (-value, canonical)
-            else:
-                levels, keys, known, key = book.asks, self.asks, self.ask_set, (value, canonical)
-            if canonical in levels:
-                if canonical not in known:
-                    known.add(canonical)
-                    insort(keys, key)
-            elif canonical in known:
-                known.discard(canonical)
-                del keys[bisect_left(keys, key)]
+                if canonical in bid_levels:
+                    if canonical not in bid_set:
+                        bid_set.add(canonical)
+                        insort(self.bids, (-found[1], canonical))
+                elif canonical in bid_set:
+                    bid_set.discard(canonical)
+                    keys = self.bids
+                    del keys[bisect_left(keys, (-found[1], canonical))]
+            elif canonical in ask_levels:
+                if canonical not in ask_set:
+                    ask_set.add(canonical)
+                    insort(self.asks, (found[1], canonical))
+            elif canonical in ask_set:
+                ask_set.discard(canonical)
+                keys = self.asks
+                del keys[bisect_left(keys, (found[1], canonical))]
 
     def top(self, book: L2Book, n: int) -> tuple[list[dict], list[dict]]:
         bids, asks = book.bids, book.asks
@@ -103,17 +112,32 @@ class BookPolicy:
         self.snapshot_interval_us = snapshot_interval_us
         #: symbol -> book; pass a dict to share the books (e.g. with a simulated exchange).
         self.books: dict[str, L2Book] = {} if books is None else books
-        self.sources: dict[str, Source] = {}
+        #: depth > 1: each book's sorted level index (depth 1 needs only the best levels)
         self.levels: dict[str, Depth] = {}
         self.changed: set[str] = set()  # below the top since their last snapshot
         self.counts: dict[str, int] = {"resnapshot": 0, "change_before_snapshot": 0,
-                                       "crossed": 0, "locked": 0, "snapshots": 0,
-                                       "changes": 0}
+                                       "crossed": 0, "locked": 0, "snapshots": 0}
+        self.changes = 0  # level changes applied
+        self._last: dict[str, tuple] = {}  # symbol -> (partition, offset, record) applied last
+        self._restored: dict[str, Source] = {}  # symbol -> source of a restored book
         self._top: dict[str, tuple] = {}
         self._waiting: set[str] = set()  # reported as waiting for a snapshot
         self._last_round_us: int | None = None
         #: The next time :meth:`due` can have something (callers may skip it before).
         self.next_round_us: float = float("-inf")
+
+    def symbols(self) -> list[str]:
+        """Every symbol with a book, sorted."""
+        return sorted(self.books)
+
+    def source(self, symbol: str) -> Source:
+        """Where ``symbol``'s book comes from: the last record applied to it."""
+        last = self._last.get(symbol)
+        if last is None:
+            return self._restored.get(symbol) or Source()
+        partition, offset, update = last
+        return Source(partition, offset, update["connection_id"], update["sequence"],
+                      update["received_ts_us"], update["exchange_ts_ms"])
 
     # -- updates
 
@@ -125,19 +149,19 @@ class BookPolicy:
         book = self.books.get(symbol)
         if book is None:
             book = self.books[symbol] = L2Book(symbol)
-            self.levels[symbol] = Depth()
+            if self.depth > 1:
+                self.levels[symbol] = Depth()
         changes = update["changes"]
         health: tuple[Health, ...] = ()
-        self.sources[symbol] = Source(partition, offset, update["connection_id"],
-                                      update["sequence"], update["received_ts_us"],
-                                      update["exchange_ts_ms"])
+        self._last[symbol] = (partition, offset, update)
         if update["snapshot"]:
             if book.has_snapshot:
                 self.counts["resnapshot"] += 1
                 health = (self._health(book, RESNAPSHOT, "new snapshot on connection "
                                        f"{update['connection_id']} replaces the book"),)
             book.apply_snapshot(changes)
-            self.levels[symbol].rebuild(book)
+            if self.depth > 1:
+                self.levels[symbol].rebuild(book)
             self._waiting.discard(symbol)
         elif not book.has_snapshot:
             self.counts["change_before_snapshot"] += 1
@@ -148,23 +172,24 @@ class BookPolicy:
             return IGNORED, ()
         else:
             book.apply(changes)
-            self.levels[symbol].update(book, changes)
-        self.counts["changes"] += len(changes)
+            if self.depth > 1:
+                self.levels[symbol].update(book, changes)
+        self.changes += len(changes)
         bid, ask = book.best_bid(), book.best_ask()
+        top = (bid, ask)
+        if top == self._top.get(symbol):
+            self.changed.add(symbol)
+            return APPLIED, health  # the same top as the last one published: not crossed
         if bid is not None and ask is not None:
             b, a = (_PRICES.get(bid[0]) or price_key(bid[0]))[1], \
                 (_PRICES.get(ask[0]) or price_key(ask[0]))[1]
             if b >= a:
                 health = health + (self._cross(symbol, book, b > a, bid, ask),)
                 if b > a:
-                    bid = ask = None
-        top = (bid, ask)
-        if top != self._top.get(symbol):
-            self._top[symbol] = top
-            self.changed.discard(symbol)
-            return TOP_CHANGED, health
-        self.changed.add(symbol)
-        return APPLIED, health
+                    top = (None, None)
+        self._top[symbol] = top
+        self.changed.discard(symbol)
+        return TOP_CHANGED, health
 
     def _cross(self, symbol: str, book: L2Book, crossed: bool, bid: tuple, ask: tuple) -> Health:
         detail = f"best bid {bid[0]} x {bid[1]}, best ask {ask[0]} x {ask[1]}"
@@ -175,7 +200,8 @@ class BookPolicy:
         event = self._health(book, CROSSED, detail + "; book dropped, waiting for the next "
                              "snapshot")
         book.clear()  # no invented state: wait for the next snapshot
-        self.levels[symbol].rebuild(book)
+        if self.depth > 1:
+            self.levels[symbol].rebuild(book)
         self._waiting.add(symbol)
         return event
 
@@ -186,17 +212,40 @@ class BookPolicy:
 
     # -- snapshots
 
+    def top_levels(self, symbol: str) -> tuple[list[dict], list[dict]]:
+        """The best ``depth`` levels a side of ``symbol``'s book, best first."""
+        book = self.books[symbol]
+        if self.depth > 1:
+            return self.levels[symbol].top(book, self.depth)
+        bid, ask = book.best_bid(), book.best_ask()
+        return ([{"price": bid[0], "quantity": bid[1]}] if bid else [],
+                [{"price": ask[0], "quantity": ask[1]}] if ask else [])
+
     def snapshot(self, symbol: str, published_ts_us: int) -> BookSnapshot:
         """The ``BookSnapshot`` of ``symbol``'s book now."""
-        book, source = self.books[symbol], self.sources[symbol]
-        bids, asks = self.levels[symbol].top(book, self.depth)
+        if self.depth > 1:
+            bids, asks = self.levels[symbol].top(self.books[symbol], self.depth)
+        else:  # the top apply() just found (a dropped book's is empty)
+            bid, ask = self._top.get(symbol) or (None, None)
+            bids = [{"price": bid[0], "quantity": bid[1]}] if bid else []
+            asks = [{"price": ask[0], "quantity": ask[1]}] if ask else []
         self.changed.discard(symbol)
         self.counts["snapshots"] += 1
+        last = self._last.get(symbol)
+        if last is None:
+            source = self.source(symbol)
+            partition, offset, connection, sequence, received, exchange = (
+                source.partition, source.offset, source.connection_id, source.sequence,
+                source.received_ts_us, source.exchange_ts_ms)
+        else:
+            partition, offset, update = last
+            connection, sequence, received, exchange = (
+                update["connection_id"], update["sequence"], update["received_ts_us"],
+                update["exchange_ts_ms"])
         return {"symbol": symbol, "depth": self.depth, "bids": bids, "asks": asks,
-                "exchange_ts_ms": source.exchange_ts_ms,
-                "received_ts_us": source.received_ts_us, "published_ts_us": published_ts_us,
-                "source_partition": source.partition, "source_offset": source.offset,
-                "connection_id": source.connection_id, "sequence": source.sequence}
+                "exchange_ts_ms": exchange, "received_ts_us": received,
+                "published_ts_us": published_ts_us, "source_partition": partition,
+                "source_offset": offset, "connection_id": connection, "sequence": sequence}
 
     def due(self, now_us: int) -> list[str]:
         """Symbols whose deeper levels changed, once ``snapshot_interval_us`` has passed
@@ -221,16 +270,19 @@ class BookPolicy:
         if has_snapshot:
             book.apply_snapshot([{"side": "BID", **lvl} for lvl in bids] +
                                 [{"side": "ASK", **lvl} for lvl in asks])
-        depth = self.levels[symbol] = Depth()
-        depth.rebuild(book)
-        self.sources[symbol] = source
+        if self.depth > 1:
+            depth = self.levels[symbol] = Depth()
+            depth.rebuild(book)
+        self._last.pop(symbol, None)
+        self._restored[symbol] = source
         self._top[symbol] = (book.best_bid(), book.best_ask())
         if not has_snapshot:
             self._waiting.add(symbol)
 
     def forget(self, symbols: Iterable[str]) -> None:
         for symbol in list(symbols):
-            for table in (self.books, self.sources, self.levels, self._top):
+            for table in (self.books, self._last, self._restored, self.levels, self._top):
                 table.pop(symbol, None)
             self.changed.discard(symbol)
             self._waiting.discard(symbol)
+

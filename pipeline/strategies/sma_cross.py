@@ -63,6 +63,7 @@ class SmaCross(Strategy):
             raise ValueError("give SmaCross exactly one of amount and fraction (for a fraction "
                              f"pass amount=None); got amount={self.amount!r}, "
                              f"fraction={self.fraction!r}")
+        self.symbols = frozenset({self.symbol})
         self._fast, self._slow = Sma(self.fast), Sma(self.slow)
         self._previous: tuple[Decimal, Decimal] | None = None
 

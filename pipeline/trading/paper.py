@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 from pipeline.core.records import L2Update, OrderEvent, OrderRequest
 from pipeline.core.vocabulary import OrderOption, OrderType
-from pipeline.market.book_policy import IGNORED, BookPolicy, Source
+from pipeline.market.book_policy import IGNORED, TOP_CHANGED, BookPolicy, Source
 from pipeline.trading.risk import BookTop
 from pipeline.trading.simulator import SimulatedExchange, SimulatorConfig
 
@@ -54,7 +54,7 @@ class PaperExecution:
         if code == IGNORED:
             return []
         return self.exchange.on_book(symbol, None if update["snapshot"] else update["changes"],
-                                     now_ms * 1000) or []
+                                     now_ms * 1000, code == TOP_CHANGED) or []
 
     def on_trade(self, trade: Mapping[str, Any], now_ms: int) -> list[OrderEvent]:
         return self.exchange.on_trade(trade, now_ms * 1000) or []
@@ -64,9 +64,9 @@ class PaperExecution:
         book = self.policy.books.get(symbol)
         if book is None or not book.has_snapshot:
             return None
-        bids, asks = self.policy.levels[symbol].top(book, self.policy.depth)
+        bids, asks = self.policy.top_levels(symbol)
         return BookTop.from_snapshot({"symbol": symbol, "bids": bids, "asks": asks,
-                                      "published_ts_us": self.policy.sources[symbol].received_ts_us})
+                                      "published_ts_us": self.policy.source(symbol).received_ts_us})
 
     # -- orders
 
@@ -104,7 +104,7 @@ class PaperExecution:
         """ORDERS records of the symbols whose orders, queues or taken liquidity changed."""
         out = []
         for symbol in self.exchange.dirty_symbols():
-            source = self.policy.sources.get(symbol) or Source()
+            source = self.policy.source(symbol)
             out.append({"symbol": symbol, "kind": "ORDERS", "source_partition": source.partition,
                         "source_offset": source.offset, "has_snapshot": False, "bids": [],
                         "asks": [], **self.exchange.dump(symbol), "written_ts_us": now_us})
@@ -117,13 +117,13 @@ class PaperExecution:
         due = sorted(s for s in self._touched if all_touched or s not in self._written)
         out = []
         for symbol in due:
-            book, source = self.policy.books[symbol], self.policy.sources[symbol]
+            book, source = self.policy.books[symbol], self.policy.source(symbol)
             bids, asks = book.depth()
             out.append({"symbol": symbol, "kind": "BOOK", "source_partition": source.partition,
                         "source_offset": source.offset, "has_snapshot": book.has_snapshot,
                         "bids": [{"price": p, "quantity": q} for p, q in bids],
                         "asks": [{"price": p, "quantity": q} for p, q in asks], "orders": [],
-                        "taken": [], "next_order_id": 1, "written_ts_us": now_us})
+                        "taken": [], "written_ts_us": now_us})
             self._touched.discard(symbol)
             self._written.add(symbol)
         return out

@@ -51,6 +51,7 @@ as the market trades at or reaches its price).
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 from bisect import insort
 from dataclasses import dataclass, field
@@ -133,18 +134,23 @@ class _Pending:
 
 @dataclass
 class _Symbol:
-    """One symbol's orders at the exchange."""
+    """One symbol's orders at the exchange. ``levels`` and ``taken`` are per book side
+    ("BID", "ASK"), by the level's canonical price text."""
 
     bids: list[_Resting] = field(default_factory=list)  # best first
     asks: list[_Resting] = field(default_factory=list)
-    levels: dict[tuple[str, str], list[_Resting]] = field(default_factory=dict)
-    taken: dict[tuple[str, str], Decimal] = field(default_factory=dict)
-    next_id: int = 1
+    levels: dict[str, dict[str, list[_Resting]]] = field(
+        default_factory=lambda: {"BID": {}, "ASK": {}})
+    taken: dict[str, dict[str, Decimal]] = field(default_factory=lambda: {"BID": {}, "ASK": {}})
     seq: int = 0
     dirty: bool = False
 
     def side(self, side: Side) -> list[_Resting]:
         return self.bids if side is Side.BUY else self.asks
+
+    @property
+    def any_taken(self) -> bool:
+        return bool(self.taken["BID"] or self.taken["ASK"])
 
 
 class SimulatedExchange:
@@ -165,6 +171,9 @@ class SimulatedExchange:
         self._pending: list[_Pending] = []  # heap by arrival
         self._in_flight: dict[str, _Pending] = {}  # NEW/REPLACE orders on their way, by id
         self._expiring: list[tuple[int, str]] = []  # heap of (expires_ms, client_order_id)
+        #: Symbols with orders at the exchange or liquidity taken: the only ones market
+        #: data can change anything for (callers may skip the others).
+        self.active: set[str] = set()
         #: The engine calls :meth:`advance` once time reaches this (µs).
         self.next_due_us: float = float("inf")
 
@@ -180,7 +189,7 @@ class SimulatedExchange:
 
     def has_orders(self, symbol: str) -> bool:
         s = self._symbols.get(symbol)
-        return s is not None and bool(s.bids or s.asks or s.taken)
+        return s is not None and bool(s.bids or s.asks or s.any_taken)
 
     def owner(self, client_order_id: str) -> str | None:
         return self._owners.get(client_order_id)
@@ -272,37 +281,48 @@ class SimulatedExchange:
 
     # ------------------------------------------------------------------ market data
 
-    def on_book(self, symbol: str, changes: Iterable[dict] | None, now_us: int
-                ) -> list[OrderEvent] | None:
+    def on_book(self, symbol: str, changes: Iterable[dict] | None, now_us: int,
+                top_changed: bool = True) -> list[OrderEvent] | None:
         """The caller applied an ``md.l2`` update to ``symbol``'s book: its ``changes``, or
         None for a snapshot (or a book that was dropped). Moves queues, forgets what we took
-        from changed levels, and fills resting orders the book now reaches."""
+        from changed levels, and fills resting orders the book now reaches (only possible
+        when the top of book moved, ``top_changed``, or taken liquidity came back)."""
         s = self._symbols.get(symbol)
-        if s is None or not (s.bids or s.asks or s.taken):
+        if s is None or not (s.bids or s.asks or s.any_taken):
             return None
         book = self.books.get(symbol)
         if book is None or not book.has_snapshot:
             return None  # a dropped book: nothing moves until the next snapshot
         if changes is None:
-            if s.taken:
-                s.taken.clear()
+            if s.any_taken:
+                s.taken = {"BID": {}, "ASK": {}}
                 s.dirty = True
+                self._check_active(symbol, s)
             self._requeue(s, book)
+            top_changed = True
         else:
             taken, levels, queue, prices = s.taken, s.levels, self._queue, _PRICES
             for change in changes:
+                side = change["side"]
+                side_taken, side_levels = taken[side], levels[side]
+                if not side_taken and not side_levels:
+                    continue
                 raw = change["price"]
-                key = (change["side"], (prices.get(raw) or price_key(raw))[0])
-                if taken and key in taken:
-                    del taken[key]
-                    s.dirty = True
-                here = levels.get(key)
+                price = (prices.get(raw) or price_key(raw))[0]
+                if side_taken and price in side_taken:
+                    del side_taken[price]
+                    s.dirty = top_changed = True
+                    if not side_taken:
+                        self._check_active(symbol, s)
+                here = side_levels.get(price)
                 if here and queue:
                     shown = Decimal(change["quantity"])
                     for resting in here:
                         if resting.ahead > shown:
                             resting.ahead = shown
                             s.dirty = True
+        if not top_changed:
+            return None
         return self._cross(symbol, s, book, now_us // 1000)
 
     def on_trade(self, trade: Mapping[str, Any], now_us: int) -> list[OrderEvent] | None:
@@ -358,8 +378,8 @@ class SimulatedExchange:
             s.dirty = False
 
     def dump(self, symbol: str) -> dict[str, Any]:
-        """``symbol``'s orders (resting, then on their way), queues, taken liquidity and id
-        counter, JSON-safe: the fields of a ``PaperState`` ORDERS record."""
+        """``symbol``'s orders (resting, then on their way), queues and taken liquidity,
+        JSON-safe: the fields of a ``PaperState`` ORDERS record."""
         s = self._symbols.get(symbol) or _Symbol()
         resting = sorted((r for r in self._orders.values() if r.order.symbol == symbol),
                          key=lambda r: r.seq)
@@ -367,8 +387,7 @@ class SimulatedExchange:
         orders += [_pending_state(p) for p in sorted(self._pending) if p.symbol == symbol]
         return {"orders": orders,
                 "taken": [{"side": side, "price": price, "quantity": plain(qty)}
-                          for (side, price), qty in sorted(s.taken.items())],
-                "next_order_id": s.next_id}
+                          for side in ("ASK", "BID") for price, qty in sorted(s.taken[side].items())]}
 
     def load(self, symbol: str, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`dump` returned, replacing ``symbol``'s orders."""
@@ -378,8 +397,10 @@ class SimulatedExchange:
             self._pending.remove(p)
             if p.order is not None:
                 self._in_flight.pop(p.order.client_order_id, None)
-        s = self._symbols[symbol] = _Symbol(next_id=int(state.get("next_order_id", 1)))
-        s.taken = {(t["side"], t["price"]): Decimal(t["quantity"]) for t in state.get("taken", ())}
+        s = self._symbols[symbol] = _Symbol()
+        for item in state.get("taken", ()):
+            s.taken[item["side"]][item["price"]] = Decimal(item["quantity"])
+        self._check_active(symbol, s)
         for item in state.get("orders", ()):
             action = OrderAction(item.get("action") or "NEW")
             seq = int(item["seq"])
@@ -458,7 +479,6 @@ class SimulatedExchange:
     def _arrive_new(self, order: Order, now_us: int) -> list[OrderEvent]:
         when = now_us // 1000
         s = self._state(order.symbol)
-        s.dirty = True
         refusal = check_options(order.options)
         if refusal is None and (order.option in (OrderOption.AUCTION_ONLY.value,
                                                  OrderOption.INDICATION_OF_INTEREST.value)
@@ -472,8 +492,7 @@ class SimulatedExchange:
             refusal = NO_BOOK
         if refusal is not None:
             return [self._event(order, K.REJECTED, when, reason=refusal)]
-        order.exchange_order_id = f"{order.symbol}-{s.next_id}"
-        s.next_id += 1
+        order.exchange_order_id = exchange_order_id(order.client_order_id)
         events = [self._event(order, K.ACCEPTED, when)]
         option = order.option
         plan = self._plan(s, order, book) if ready else []
@@ -485,8 +504,11 @@ class SimulatedExchange:
             return events
         opposite = order.side.opposite.book_side
         rates = self._fees
+        taken = s.taken[opposite]
         for level, value, take in plan:
-            s.taken[(opposite, level)] = s.taken.get((opposite, level), ZERO) + take
+            taken[level] = taken.get(level, ZERO) + take
+            s.dirty = True
+            self.active.add(order.symbol)
             fill = Fill(value, take, Liquidity.TAKER, rates.fee(value * take, Liquidity.TAKER))
             kind = order.add_fill(fill)
             events.append(order_event(order, kind, when, self.mode, fill=fill))
@@ -501,7 +523,7 @@ class SimulatedExchange:
             levels = book.bids if order.side is Side.BUY else book.asks  # type: ignore[union-attr]
             shown = levels.get(level)
             ahead = Decimal(shown) if shown is not None else ZERO
-            for other in s.levels.get((order.side.book_side, level), ()):
+            for other in s.levels[order.side.book_side].get(level, ()):
                 ahead += other.order.remaining
         s.seq += 1
         self._rest(s, _Resting(order, level, ahead, s.seq))
@@ -561,12 +583,11 @@ class SimulatedExchange:
     def _plan(self, s: _Symbol, order: Order, book: L2Book) -> list[tuple[str, Decimal, Decimal]]:
         """(level, price, amount) the order can take now, best first."""
         buy = order.side is Side.BUY
-        opposite = "ASK" if buy else "BID"
         limit, left = order.price, order.remaining
-        taken = s.taken
+        taken = s.taken["ASK" if buy else "BID"]
         plan = []
         for level, quantity, value in _levels(book, buy, limit):
-            available = Decimal(quantity) - taken.get((opposite, level), ZERO)
+            available = Decimal(quantity) - taken.get(level, ZERO)
             if available <= 0:
                 continue
             take = min(available, left)
@@ -587,7 +608,8 @@ class SimulatedExchange:
     def _rest(self, s: _Symbol, resting: _Resting) -> None:
         order = resting.order
         insort(s.side(order.side), resting)
-        s.levels.setdefault((order.side.book_side, resting.level), []).append(resting)
+        s.levels[order.side.book_side].setdefault(resting.level, []).append(resting)
+        self.active.add(order.symbol)
         self._orders[order.client_order_id] = resting
         if order.expires_ms is not None:
             heapq.heappush(self._expiring, (order.expires_ms, order.client_order_id))
@@ -597,13 +619,20 @@ class SimulatedExchange:
         order = resting.order
         s = self._symbols[order.symbol]
         s.side(order.side).remove(resting)
-        key = (order.side.book_side, resting.level)
-        here = s.levels[key]
+        side_levels = s.levels[order.side.book_side]
+        here = side_levels[resting.level]
         here.remove(resting)
         if not here:
-            del s.levels[key]
+            del side_levels[resting.level]
         del self._orders[order.client_order_id]
         s.dirty = True
+        self._check_active(order.symbol, s)
+
+    def _check_active(self, symbol: str, s: _Symbol) -> None:
+        if s.bids or s.asks or s.any_taken:
+            self.active.add(symbol)
+        else:
+            self.active.discard(symbol)
 
     def _close(self, resting: _Resting, kind: OrderEventKind, when: int, reason: str,
                request_id: str | None = None) -> list[OrderEvent]:
@@ -637,8 +666,7 @@ class SimulatedExchange:
 
     def _fill_crossed(self, s: _Symbol, resting_side: list[_Resting], book: L2Book, buy: bool,
                       when: int) -> list[OrderEvent]:
-        opposite = "ASK" if buy else "BID"
-        taken = s.taken
+        taken = s.taken["ASK" if buy else "BID"]
         events: list[OrderEvent] = []
         levels = _levels(book, buy, resting_side[0].limit)
         for resting in list(resting_side):
@@ -647,11 +675,11 @@ class SimulatedExchange:
             for level, quantity, value in levels:
                 if value > limit if buy else value < limit:
                     break
-                available = Decimal(quantity) - taken.get((opposite, level), ZERO)
+                available = Decimal(quantity) - taken.get(level, ZERO)
                 if available <= 0:
                     continue
                 take = min(available, resting.order.remaining)
-                taken[(opposite, level)] = taken.get((opposite, level), ZERO) + take
+                taken[level] = taken.get(level, ZERO) + take
                 resting.ahead = ZERO
                 got = True
                 events += self._fill_resting(s, resting, take, when)
@@ -671,6 +699,12 @@ class SimulatedExchange:
         if kind is K.FILLED:
             self._unrest(resting)
         return [order_event(order, kind, when, self.mode, fill=fill)]
+
+
+def exchange_order_id(client_order_id: str) -> str:
+    """The simulator's order id: derived from the client's, so it needs no counter and is
+    the same after a restart (and in a backtest of the same orders)."""
+    return "P" + hashlib.sha256(client_order_id.encode()).hexdigest()[:15]
 
 
 def _levels(book: L2Book, buy: bool, limit: Decimal | None) -> list[tuple[str, str, Decimal]]:

@@ -42,6 +42,9 @@ class Strategy:
     #: Given to :meth:`load_state` with the saved state: bump it when the state's shape
     #: changes and convert old shapes there.
     state_version: int = 1
+    #: The symbols whose market data the strategy is given (book snapshots, bars, trades);
+    #: None: every symbol. A backtest still keeps every book, it only skips the callbacks.
+    symbols: frozenset[str] | None = None
 
     # -- callbacks
 

@@ -55,6 +55,7 @@ class OrderTracker:
     fees: Decimal = ZERO
     fills: int = 0
     _filled: dict[str, Decimal] = field(default_factory=dict)  # per open order, for old events
+    _books: dict[str, Mapping[str, Any]] = field(default_factory=dict)  # marks not yet read
 
     # -- in
 
@@ -125,6 +126,23 @@ class OrderTracker:
 
     def mark(self, symbol: str, price: Decimal) -> None:
         self.marks[symbol] = price
+        self._books.pop(symbol, None)
+
+    def mark_book(self, snapshot: Mapping[str, Any]) -> None:
+        """Mark ``snapshot``'s symbol at its mid, worked out only when asked for (most
+        marks are overwritten unread)."""
+        if snapshot["bids"] and snapshot["asks"]:
+            self._books[snapshot["symbol"]] = snapshot
+
+    def mark_of(self, symbol: str) -> Decimal | None:
+        self._resolve()
+        return self.marks.get(symbol)
+
+    def _resolve(self) -> None:
+        for symbol, snapshot in self._books.items():
+            self.marks[symbol] = (Decimal(snapshot["bids"][0]["price"]) +
+                                  Decimal(snapshot["asks"][0]["price"])) / 2
+        self._books.clear()
 
     # -- out
 
@@ -139,6 +157,7 @@ class OrderTracker:
         a symbol held."""
         if self.cash is None:
             return None
+        self._resolve()
         total = self.cash
         for symbol, position in self.positions.items():
             if position:
@@ -152,6 +171,7 @@ class OrderTracker:
 
     def dump(self) -> dict[str, Any]:
         """JSON-safe state, saved with the strategy's own."""
+        self._resolve()
         return {"cash": None if self.cash is None else plain(self.cash),
                 "orders": [{**asdict(o), "options": list(o.options)} for o in self.orders.values()],
                 "positions": {s: plain(p) for s, p in self.positions.items()},
@@ -168,3 +188,4 @@ class OrderTracker:
         self.fees = Decimal(state.get("fees", "0"))
         self.fills = int(state.get("fills", 0))
         self._filled = {c: Decimal(f) for c, f in state.get("filled", {}).items()}
+        self._books = {}
