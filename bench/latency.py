@@ -10,7 +10,8 @@ mid, so every snapshot gives requests) -> ``orders.requests``, in a transaction.
 What links the two ends is already in the records: the venue keeps the time it sent each
 frame (``VenueConfig.record_sends``), indexed like the producer's v2 ``sequence`` (the
 frame's index on its connection); a snapshot carries the ``sequence`` of the frame that
-moved its top, and a request's ``trigger`` names its snapshot (topic/partition/offset).
+moved its top, and a request's ``trigger`` names that frame's ``md.l2`` record
+(``md.l2/partition/offset``, the snapshot's source).
 This process reads both topics ``read_committed``: t1 is the delivery here of the first
 request of a snapshot. The venue runs in this process, so both ends use one clock. One
 symbol, so one partition all the way: requests come in frame order, and the run ends when
@@ -111,7 +112,7 @@ def measure(bootstrap: str, registry_url: str, frames: int, work: Path,
         # A wall-clock reading of perf_counter, for the stage breakdown (records carry
         # wall-clock microseconds; the latency itself uses perf_counter only).
         wall_minus_perf = time.time() - time.perf_counter()
-        by_snapshot: dict[tuple[int, int], dict] = {}  # (partition, offset) -> snapshot
+        by_snapshot: dict[tuple[int, int], dict] = {}  # md.l2 (partition, offset) -> snapshot
         arrived: list[tuple[tuple[int, int], float]] = []  # requests not matched yet
         done: dict[tuple[int, int], float] = {}  # first request per snapshot, when
         connection_id = None
@@ -131,7 +132,8 @@ def measure(bootstrap: str, registry_url: str, frames: int, work: Path,
                     value = decode(snap.value())
                     connection_id = connection_id or value["connection_id"]
                     if value["connection_id"] == connection_id:  # no reconnect mixed in
-                        by_snapshot[(snap.partition(), snap.offset())] = value
+                        # a request's trigger is the md.l2 record its snapshot includes
+                        by_snapshot[(value["source_partition"], value["source_offset"])] = value
             while arrived and arrived[0][0] in by_snapshot:
                 key, t1 = arrived.pop(0)
                 done.setdefault(key, t1)
