@@ -98,7 +98,7 @@ class StrategyHandler(Handler):
             self._mark_book(value)
             return self._run("on_book", value, snapshot_trigger(value), where)
         if kind == "bars":
-            self.tracker.mark(value["symbol"], Decimal(value["close"]))
+            self.tracker.mark_text(value["symbol"], value["close"])
         elif not value.get("from_snapshot"):
             self.tracker.mark(value["symbol"], Decimal(value["price"]))
         return self._run(INPUTS[kind], value,

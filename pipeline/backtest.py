@@ -930,6 +930,8 @@ class Engine:
         exchange = broker.exchange if book_mode else None  # type: ignore[attr-defined]
         active = exchange.active if book_mode else ()  # symbols with orders or taken levels
         wanted = strategy.symbols
+        on_bar = strategy.on_bar
+        changed = policy.changed
         if self.first_us is None:
             self.first_us = events[0][0]
             if self.timer_us:
@@ -944,9 +946,9 @@ class Engine:
                         broker.tick(t)
                     if t >= exchange.next_due_us:
                         self._feedback(broker.advance(t), t)  # type: ignore[attr-defined]
-                if self.next_timer_us is not None and t >= self.next_timer_us:
+                if self.timer_us and t >= self.next_timer_us:  # type: ignore[operator]
                     self._timers(t, event)
-                if policy.changed and t >= policy.next_round_us:
+                if changed and t >= policy.next_round_us:
                     for symbol in policy.due(t):
                         if wanted is None or symbol in wanted:
                             self._on_book(policy.snapshot(symbol, t), t, event)
@@ -973,8 +975,11 @@ class Engine:
                         self._feedback(fills, t, event)
                     if wanted is not None and record["symbol"] not in wanted:
                         continue
-                    tracker.mark(record["symbol"], Decimal(record["close"]))
-                    intents = self._call("on_bar", strategy.on_bar, record, event)
+                    tracker.mark_text(record["symbol"], record["close"])
+                    try:
+                        intents = on_bar(record)
+                    except Exception as exc:  # noqa: BLE001 - name the strategy and the input
+                        raise self._failure("on_bar", event, exc) from exc
                     if intents:
                         self._submit(intents, record_trigger(event[1], event[2], event[3]),
                                      t, event)

@@ -882,3 +882,95 @@ def test_kill_9_with_resting_paper_orders_goes_on_as_an_uninterrupted_run(
     assert fills == [("100", "0.1", "MAKER"), ("101", "0.5", "MAKER"), ("101", "3", "TAKER")]
     reasons = sorted(f[5] for events in runs[True].values() for f in events if f[5])
     assert reasons == ["Requested", "Requested"]
+
+
+# --------------------------------------------------------------------------- cancels
+
+
+def cancel_request(target: dict, n: str, key: bytes = SMA_KEY, strategy_id: str = "sma",
+                   action: str = "CANCEL", **changes) -> dict:
+    request = order_request(key, strategy_id=strategy_id, symbol=target["symbol"],
+                            side=target["side"], price=None, amount="0",
+                            trigger=f"cancel/{n}/{time.monotonic_ns()}")
+    return resign_with(request, key, action=action,
+                       target_client_order_id=target["client_order_id"], **changes)
+
+
+def resign_with(request: dict, key: bytes, **changes) -> dict:
+    from pipeline.trading.signing import sign
+
+    request = {**request, **changes}
+    request["signature"] = sign(request, key)
+    return request
+
+
+def venue_live_orders(venue) -> list[str]:
+    async def live():
+        return sorted(o.client_order_id for o in venue.venue.exchange._orders.values()
+                      if o.is_live)
+    return asyncio.run_coroutine_threadsafe(live(), venue.loop).result(10)
+
+
+def test_sandbox_cancels_replaces_and_the_kill_switch_reach_the_venue(env, venue, credentials):
+    bid, _ = publish_venue_book(env, venue)
+    low = str(bid - D("50.00"))
+    first = order_request(SMA_KEY, price=low, amount="0.001")
+    second = order_request(SMA_KEY, price=low, amount="0.002")
+    env.requests(first, second)
+    settings = sandbox(env, venue, follow_interval_s=0.2)
+    with env.group(settings, credentials):
+        env.tail.wait(lambda v: sum(e["kind"] == "BOOKED" for e in v) >= 2 and v, 30, "BOOKED")
+        cancel = cancel_request(first, "1")
+        moved = resign_with(order_request(SMA_KEY, price=str(bid - D("40.00")), amount="0.003"),
+                            SMA_KEY, action="REPLACE",
+                            target_client_order_id=second["client_order_id"])
+        nobody = cancel_request({**first, "client_order_id": "never-sent"}, "2")
+        env.requests(cancel, moved, nobody)
+        events = env.wait_terminal([first["client_order_id"], second["client_order_id"]])
+        env.tail.wait(lambda v: any(e["kind"] == "BOOKED" and e["client_order_id"] ==
+                                    moved["client_order_id"] for e in v) and v, 30,
+                      "the replacement BOOKED")
+        assert venue_live_orders(venue) == [moved["client_order_id"]]
+        (env.run_dir / "kill-switch").touch()
+        killed = env.wait_terminal([moved["client_order_id"]])[moved["client_order_id"]][-1]
+    assert (killed["kind"], killed["reason"]) == ("CANCELLED", "risk:kill_switch")
+    assert venue_live_orders(venue) == []
+    assert any(e["path"] == "/v1/order/cancel/session" for e in venue.venue.rest_log)
+    cancelled = events[first["client_order_id"]][-1]
+    assert (cancelled["kind"], cancelled["reason"], cancelled["request_id"]) == \
+        ("CANCELLED", "Requested", cancel["client_order_id"])
+    assert events[second["client_order_id"]][-1]["request_id"] == moved["client_order_id"]
+    rejected = [e for e in env.events() if e["client_order_id"] == "never-sent"]
+    assert [(e["kind"], e["reason"]) for e in rejected] == [("CANCEL_REJECTED", "unknown_order")]
+    # The unknown id never reached the venue; every other call did, once.
+    paths = [e["path"] for e in venue.venue.rest_log]
+    assert paths.count("/v1/order/new") == 3 and paths.count("/v1/order/cancel") == 2
+
+
+def test_paper_refuses_foreign_and_unknown_cancels_and_a_replace_of_a_filled_order(env):
+    env.snapshot()
+    mine = order_request(SMA_KEY, price="33000.00", amount="0.1")  # rests far below
+    filled = order_request(SMA_KEY, price="34010.00", amount="0.1")  # takes the ask
+    theirs = order_request(MOMO_KEY, strategy_id="momo", price="33100.00", amount="0.1")
+    env.requests(mine, filled, theirs)
+    with env.group(env.settings()):
+        env.tail.wait(lambda v: sum(e["kind"] == "BOOKED" for e in v) >= 2 and v, 30, "BOOKED")
+        foreign = cancel_request(mine, "f", MOMO_KEY, "momo")  # momo cancels sma's order
+        unknown = cancel_request({**mine, "client_order_id": "no-such-order"}, "u")
+        late = resign_with(order_request(SMA_KEY, price="34005.00", amount="0.1"), SMA_KEY,
+                           action="REPLACE", target_client_order_id=filled["client_order_id"])
+        env.requests(foreign, unknown, late)
+        env.wait_terminal([late["client_order_id"]])
+        env.tail.wait(lambda v: sum(e["kind"] == "CANCEL_REJECTED" for e in v) >= 3 and v, 30,
+                      "the refusals")
+    events = env.events()
+    refusals = sorted((e["client_order_id"], e["kind"], e["reason"], e["strategy_id"])
+                      for e in events if e["kind"] in ("CANCEL_REJECTED", "REJECTED"))
+    assert refusals == sorted([
+        (mine["client_order_id"], "CANCEL_REJECTED", "not_owner", "momo"),
+        ("no-such-order", "CANCEL_REJECTED", "unknown_order", "sma"),
+        (filled["client_order_id"], "CANCEL_REJECTED", "order_closed", "sma"),
+        (late["client_order_id"], "REJECTED", "replace:order_closed", "sma")])
+    # Nothing changed: sma's and momo's orders still rest.
+    last = {e["client_order_id"]: e["kind"] for e in events if e["kind"] != "CANCEL_REJECTED"}
+    assert last[mine["client_order_id"]] == "BOOKED" and last[theirs["client_order_id"]] == "BOOKED"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 # Quote currencies longer than three letters; any other symbol's last three are its quote.
 LONG_QUOTES = ("GUSD", "USDT", "USDC", "RLUSD")
 
 
+@lru_cache(maxsize=4096)
 def split_symbol(symbol: str) -> tuple[str, str]:
     """(base, quote) of a symbol: ``BTCGUSD`` -> (BTC, GUSD), ``ETHBTC`` -> (ETH, BTC)."""
     symbol = symbol.upper()

@@ -38,6 +38,7 @@ class OrderStatus(StrEnum):
 
 S = OrderStatus
 OPEN_STATUSES = frozenset({S.NEW, S.ACCEPTED, S.BOOKED, S.PARTIALLY_FILLED})
+_STATUS_OF = {kind: S(kind.value) for kind in K if kind.value in S.__members__}
 _NEXT: dict[OrderStatus, frozenset[OrderStatus]] = {
     S.NEW: frozenset({S.ACCEPTED, S.REJECTED}),
     S.ACCEPTED: frozenset({S.BOOKED, S.PARTIALLY_FILLED, S.FILLED, S.CANCELLED, S.EXPIRED}),
@@ -45,6 +46,11 @@ _NEXT: dict[OrderStatus, frozenset[OrderStatus]] = {
     S.PARTIALLY_FILLED: frozenset({S.PARTIALLY_FILLED, S.BOOKED, S.FILLED, S.CANCELLED,
                                    S.EXPIRED}),
 }
+
+
+_FILLED, _PARTIAL = K.FILLED, K.PARTIALLY_FILLED
+_WIRE = {Side.BUY: "buy", Side.SELL: "sell"}
+_TEXT = {member: member.value for enum in (K, Liquidity) for member in enum}  # plain str
 
 
 class OrderStateError(ValueError):
@@ -85,6 +91,8 @@ class Order:
     notional: Decimal = ZERO
     fees: Decimal | None = ZERO  # None once a fill's fee was unknown
     fee_currency: str = field(default="")
+    # The running totals as event text, worked out once per fill (events are many).
+    totals: tuple[str, str | None, str | None] = ("0", None, "0")  # filled, avg, fees
 
     def __post_init__(self) -> None:
         if not self.amount_text:
@@ -93,6 +101,13 @@ class Order:
             self.price_text = plain(self.price)
         if not self.fee_currency:
             self.fee_currency = quote_currency(self.symbol)
+        if self.filled or self.fees != ZERO:
+            self._totals()
+
+    def _totals(self) -> None:
+        filled = self.filled
+        self.totals = (plain(filled), plain(self.notional / filled) if filled else None,
+                       None if self.fees is None else plain(self.fees))
 
     @property
     def remaining(self) -> Decimal:
@@ -108,9 +123,9 @@ class Order:
 
     def step(self, kind: OrderEventKind) -> None:
         """Move to the status ``kind`` reports; CANCEL_REJECTED changes nothing."""
-        if kind is K.CANCEL_REJECTED:
+        target = _STATUS_OF.get(kind)
+        if target is None:  # CANCEL_REJECTED (and UNKNOWN): the order is unchanged
             return
-        target = S(kind.value)
         if target not in _NEXT.get(self.status, ()):
             raise OrderStateError(f"order {self.client_order_id}: {self.status} -> {target} "
                                   "is not a step an order can take")
@@ -124,7 +139,8 @@ class Order:
         self.filled += fill.amount
         self.notional += fill.price * fill.amount
         self.fees = None if fill.fee is None or self.fees is None else self.fees + fill.fee
-        kind = K.FILLED if self.filled == self.amount else K.PARTIALLY_FILLED
+        self._totals()
+        kind = _FILLED if self.filled == self.amount else _PARTIAL
         self.step(kind)
         return kind
 
@@ -164,20 +180,18 @@ def order_event(order: Order, kind: OrderEventKind, when_ms: int, mode: str, *,
                 reason: str | None = None, fill: Fill | None = None,
                 request_id: str | None = None) -> OrderEvent:
     """The ``OrderEvent`` record of one step of ``order`` (already applied to it)."""
-    filled = order.filled
     last = fill is not None and kind in FILL_KINDS
+    filled, avg, fees = order.totals
     return {
         "client_order_id": order.client_order_id, "strategy_id": order.strategy_id,
-        "symbol": order.symbol, "kind": kind.value, "reason": reason, "mode": mode,
-        "exchange_order_id": order.exchange_order_id, "side": order.side.wire,
+        "symbol": order.symbol, "kind": _TEXT[kind], "reason": reason, "mode": mode,
+        "exchange_order_id": order.exchange_order_id, "side": _WIRE[order.side],
         "price": order.price_text, "amount": order.amount_text,
-        "filled_amount": plain(filled),
-        "avg_fill_price": plain(order.notional / filled) if filled else None,
-        "fee": None if order.fees is None else plain(order.fees),
+        "filled_amount": filled, "avg_fill_price": avg, "fee": fees,
         "fee_currency": order.fee_currency, "event_ms": when_ms,
         "last_fill_price": plain(fill.price) if last else None,
         "last_fill_amount": plain(fill.amount) if last else None,
-        "liquidity": fill.liquidity.value if last and fill.liquidity is not None else None,
+        "liquidity": _TEXT[fill.liquidity] if last and fill.liquidity is not None else None,
         "last_fill_fee": plain(fill.fee) if last and fill.fee is not None else None,
         "request_id": request_id,
     }

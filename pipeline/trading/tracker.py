@@ -21,6 +21,8 @@ from pipeline.core.vocabulary import OrderAction, OrderEventKind
 
 K = OrderEventKind
 _CLOSING = {K.FILLED.value, K.CANCELLED.value, K.EXPIRED.value, K.REJECTED.value}
+_FILLS = {K.PARTIALLY_FILLED.value, K.FILLED.value}
+_CANCEL_REJECTED, _ACCEPTED = K.CANCEL_REJECTED.value, K.ACCEPTED.value
 
 
 @dataclass
@@ -55,7 +57,7 @@ class OrderTracker:
     fees: Decimal = ZERO
     fills: int = 0
     _filled: dict[str, Decimal] = field(default_factory=dict)  # per open order, for old events
-    _books: dict[str, Mapping[str, Any]] = field(default_factory=dict)  # marks not yet read
+    _books: dict[str, Mapping[str, Any] | str] = field(default_factory=dict)  # marks unread
 
     # -- in
 
@@ -81,7 +83,7 @@ class OrderTracker:
             return False
         cid, kind = event["client_order_id"], event["kind"]
         order = self.orders.get(cid)
-        if kind == K.CANCEL_REJECTED.value:
+        if kind == _CANCEL_REJECTED:
             if order is not None:
                 order.cancel_requested = False
             return True
@@ -90,14 +92,15 @@ class OrderTracker:
                 cid, event["symbol"], event["side"].upper(),
                 "LIMIT" if event.get("price") is not None else "MARKET", event.get("price"),
                 event["amount"])
-        if kind in (K.PARTIALLY_FILLED.value, K.FILLED.value):
+        fill = kind in _FILLS
+        if fill:
             self._fill(cid, event)
         if order is not None:
             order.filled = event["filled_amount"]
-            if kind not in (K.PARTIALLY_FILLED.value, K.FILLED.value):
+            if not fill:
                 order.status = kind
             elif order.status == "NEW":
-                order.status = K.ACCEPTED.value
+                order.status = _ACCEPTED
         if kind in _CLOSING:
             self.orders.pop(cid, None)
             self._filled.pop(cid, None)
@@ -134,14 +137,21 @@ class OrderTracker:
         if snapshot["bids"] and snapshot["asks"]:
             self._books[snapshot["symbol"]] = snapshot
 
+    def mark_text(self, symbol: str, price: str) -> None:
+        """Mark ``symbol`` at a price string (a bar's close), parsed only when asked for."""
+        self._books[symbol] = price
+
     def mark_of(self, symbol: str) -> Decimal | None:
         self._resolve()
         return self.marks.get(symbol)
 
     def _resolve(self) -> None:
-        for symbol, snapshot in self._books.items():
-            self.marks[symbol] = (Decimal(snapshot["bids"][0]["price"]) +
-                                  Decimal(snapshot["asks"][0]["price"])) / 2
+        for symbol, mark in self._books.items():
+            if isinstance(mark, str):
+                self.marks[symbol] = Decimal(mark)
+            else:
+                self.marks[symbol] = (Decimal(mark["bids"][0]["price"]) +
+                                      Decimal(mark["asks"][0]["price"])) / 2
         self._books.clear()
 
     # -- out
