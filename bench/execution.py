@@ -83,13 +83,15 @@ def _request(i: int) -> dict:
     mid, tick = SYMBOLS[symbol]
     side = "BUY" if i % 2 == 0 else "SELL"
     decimals = len(tick.split(".")[1])
-    # Five ticks through the mid: the order takes the first level of the other side.
+    # Five ticks through the mid, immediate-or-cancel: the order takes the first levels of
+    # the other side and is done (FILLED, or CANCELLED for what the book no longer had).
     price = f"{float(mid) + (5 if side == 'BUY' else -5) * float(tick):.{decimals}f}"
     now = int(time.time() * 1000)
     trigger = f"bench/{os.getpid()}/{i}/{time.monotonic_ns()}"
     request = {"client_order_id": client_order_id("bench", trigger), "strategy_id": "bench",
                "symbol": symbol, "side": side, "order_type": "LIMIT", "price": price,
-               "amount": "0.5", "options": [], "created_ms": now, "expires_ms": now + 600_000,
+               "amount": "0.5", "options": ["immediate-or-cancel"], "created_ms": now,
+               "expires_ms": now + 600_000,
                "trigger": trigger}
     request["signature"] = sign(request, KEY)
     return request

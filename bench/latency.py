@@ -5,7 +5,9 @@ The real path, every part as deployed: the local venue (generator, one symbol, p
 to the producer (``pipeline produce gemini``, its own process) -> ``md.l2`` -> the
 orderbook group (``python -m consumers.orderbook``) -> ``book.snapshots`` -> the strategy
 group (``python -m consumers.strategy``, ``MidQuoter`` requoting on every move of the
-mid, so every snapshot gives requests) -> ``orders.requests``, in a transaction.
+mid, so every snapshot gives requests) -> ``orders.requests``, in a transaction. Paper
+execution runs beside it, as deployed, so the strategy's quotes are acknowledged,
+replaced and filled and its view of its orders stays what it is in a real run.
 
 What links the two ends is already in the records: the venue keeps the time it sent each
 frame (``VenueConfig.record_sends``), indexed like the producer's v2 ``sequence`` (the
@@ -50,7 +52,8 @@ PINGS = 2_000
 STRATEGY = ("pipeline.strategy:MidQuoter", f'{{"symbol": "{SYMBOL}", "requote_bps": 0}}',
             "mid-quoter")
 TOPICS = ["raw.frames", "md.l2", "md.trades", "dlq", "book.snapshots", "book.health",
-          "book.checkpoints", "orders.requests", "strategy.state"]
+          "book.checkpoints", "orders.requests", "orders.events", "orders.seen", "paper.state",
+          "strategy.state"]
 
 
 def ping_round_trips(url: str, count: int) -> list[float]:
@@ -97,10 +100,14 @@ def measure(bootstrap: str, registry_url: str, frames: int, work: Path,
         spec, params, strategy_id = STRATEGY
         procs.append(groups.group("consumers.orderbook", "orderbook", work, bootstrap,
                                   registry_url, namespace, "--snapshot-interval", "3600"))
+        keys = {strategy_id: "bench-latency-key-0123456789abcdef"}
         procs.append(groups.group("consumers.strategy", "strategy", work, bootstrap,
                                   registry_url, namespace, "--strategy", spec, "--params",
-                                  params, "--inputs", "book.snapshots",
-                                  keys={strategy_id: "bench-latency-key-0123456789abcdef"}))
+                                  params, "--inputs", "book.snapshots", keys=keys))
+        procs.append(groups.group("consumers.execution", "execution", work, bootstrap,
+                                  registry_url, namespace, "--mode", "paper", "--run-dir",
+                                  str(work), "--max-notional", "off", "--max-position", "off",
+                                  "--max-orders-per-minute", "off", keys=keys))
         snapshots = _reader(bootstrap, namespace.topic("book.snapshots"))
         requests = _reader(bootstrap, namespace.topic("orders.requests"))
         groups.wait_for_log(procs, " assigned ")

@@ -147,6 +147,8 @@ class StrategyHandler(Handler):
         """Timers, then the state in the batch's transaction, beside its requests and
         offsets."""
         out: list[Output] = []
+        if self.tracker.expire(self.clock_ms()):
+            self._dirty = True
         if self.timer_ms:
             now = self.clock_ms()
             if self.next_timer_ms is None:

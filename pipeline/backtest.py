@@ -944,6 +944,7 @@ class Engine:
                 if book_mode:
                     if t >= broker.next_tick_us:  # type: ignore[attr-defined]
                         broker.tick(t)
+                        tracker.expire(t // 1000)
                     if t >= exchange.next_due_us:
                         self._feedback(broker.advance(t), t)  # type: ignore[attr-defined]
                 if self.timer_us and t >= self.next_timer_us:  # type: ignore[operator]

@@ -121,7 +121,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("orders.seen", MARKET_PARTITIONS, "client_order_id",
               "client_order_ids execution has acted on (at-most-once across restarts)",
               value_schema="SeenOrder", cleanup_policy="compact", retention_ms=None),
-    TopicSpec("paper.state", MARKET_PARTITIONS, "symbol|kind",
+    TopicSpec("paper.state", 1, "symbol|kind",
               "paper execution's simulated exchange per symbol: books and resting orders, "
               "written with its events (compacted)",
               value_schema="PaperState", cleanup_policy="compact", retention_ms=None),

@@ -353,13 +353,19 @@ class GeminiExecution:
         return events + placed, outcome
 
     def poll(self, now_ms: int) -> list[OrderEvent]:
-        """Status of the followed orders that are due (at most the rate's worth a call)."""
+        """Orders past their ``expires_ms`` cancelled (EXPIRED, as in paper: Gemini itself
+        has no expiry), then the status of the followed orders that are due (at most the
+        rate's worth a call)."""
         if not self.followed:
             return []
+        events: list[OrderEvent] = []
+        for cid, followed in sorted(self.followed.items()):
+            expires = followed.order.expires_ms
+            if expires is not None and expires <= now_ms and self._owns(followed.order.symbol):
+                events += self._expire(cid, followed)
         now = time.monotonic()
         due = [f for f in self.followed.values()
                if f.next_poll <= now and self._owns(f.order.symbol)]
-        events: list[OrderEvent] = []
         for followed in due[:max(1, int(self.settings.rate_per_s))]:
             followed.next_poll = now + self.settings.follow_interval_s
             cid = followed.order.client_order_id
@@ -370,6 +376,29 @@ class GeminiExecution:
                 log.warning("%s: status poll failed: %s", cid,
                             getattr(exc, "reason", type(exc).__name__))
                 continue
+            events += self._progress(followed, status)
+        return events
+
+    def _expire(self, cid: str, followed: _Followed) -> list[OrderEvent]:
+        order_id = int(followed.order.exchange_order_id)  # type: ignore[arg-type]
+        try:
+            status = self._call(f"expire {cid}", lambda: self.rest.cancel_order(order_id))
+        except GeminiError as exc:
+            log.warning("%s: cancel at expiry failed: %s", cid,
+                        getattr(exc, "reason", type(exc).__name__))
+            return []
+        events: list[OrderEvent] = []
+        order = followed.order
+        executed = Decimal(status["executed_amount"])
+        if executed > order.filled:  # fills before the cancel: told as fills first
+            events += self._progress(followed, {**status, "is_cancelled": False,
+                                                "is_live": True})
+        if order.is_open and status.get("is_cancelled"):
+            order.step(K.EXPIRED)
+            self.followed.pop(cid, None)
+            events.append(order_event(order, K.EXPIRED, self.clock_ms(), self.mode,
+                                      reason="expired"))
+        elif order.is_open:
             events += self._progress(followed, status)
         return events
 

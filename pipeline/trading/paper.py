@@ -43,6 +43,7 @@ class PaperExecution:
         self.exchange = SimulatedExchange(self.policy.books, config)
         self._touched: set[str] = set()  # books changed since book_states()
         self._written: set[str] = set()  # books ever written
+        self._tops: dict[str, BookTop] = {}  # risk's view, until the book changes
 
     # -- market data
 
@@ -51,6 +52,7 @@ class PaperExecution:
         code, _ = self.policy.apply(update, partition, offset)
         symbol = update["symbol"]
         self._touched.add(symbol)
+        self._tops.pop(symbol, None)
         if code == IGNORED:
             return []
         return self.exchange.on_book(symbol, None if update["snapshot"] else update["changes"],
@@ -61,12 +63,17 @@ class PaperExecution:
 
     def book(self, symbol: str) -> BookTop | None:
         """The top of ``symbol``'s book, stamped with the receive time of its last record."""
+        top = self._tops.get(symbol)
+        if top is not None:
+            return top
         book = self.policy.books.get(symbol)
         if book is None or not book.has_snapshot:
             return None
         bids, asks = self.policy.top_levels(symbol)
-        return BookTop.from_snapshot({"symbol": symbol, "bids": bids, "asks": asks,
-                                      "published_ts_us": self.policy.source(symbol).received_ts_us})
+        top = self._tops[symbol] = BookTop.from_snapshot({
+            "symbol": symbol, "bids": bids, "asks": asks,
+            "published_ts_us": self.policy.source(symbol).received_ts_us})
+        return top
 
     # -- orders
 
@@ -131,6 +138,7 @@ class PaperExecution:
     def restore(self, state: Mapping[str, Any]) -> None:
         """Load one ``PaperState`` record."""
         symbol = state["symbol"]
+        self._tops.pop(symbol, None)
         if state["kind"] == "BOOK":
             self.policy.restore(symbol, state["bids"], state["asks"], state["has_snapshot"],
                                 Source(state["source_partition"], state["source_offset"]))
@@ -141,6 +149,7 @@ class PaperExecution:
     def replay_book(self, update: L2Update, partition: int, offset: int) -> None:
         """Re-apply a record already handled before a restart: the book only."""
         self.policy.apply(update, partition, offset)
+        self._tops.pop(update["symbol"], None)
 
     def remember_owners(self, owners: Mapping[str, str]) -> None:
         self.exchange.remember_owners(owners)

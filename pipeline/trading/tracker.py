@@ -39,6 +39,7 @@ class OpenOrder:
     filled: str = "0"
     status: str = "NEW"  # NEW (sent), ACCEPTED, BOOKED, PARTIALLY_FILLED
     cancel_requested: bool = False  # a cancel or replace of it was sent
+    expires_ms: int | None = None
 
     @property
     def remaining(self) -> Decimal:
@@ -75,7 +76,8 @@ class OrderTracker:
             cid = request["client_order_id"]
             self.orders[cid] = OpenOrder(cid, request["symbol"], request["side"],
                                          request["order_type"], request.get("price"),
-                                         request["amount"], tuple(request.get("options") or ()))
+                                         request["amount"], tuple(request.get("options") or ()),
+                                         expires_ms=request.get("expires_ms"))
 
     def on_event(self, event: Mapping[str, Any]) -> bool:
         """An ``OrderEvent``; False (and nothing changes) when it is not this strategy's."""
@@ -126,6 +128,16 @@ class OrderTracker:
         self.fills += 1
         if self.cash is not None:
             self.cash -= signed * price + fee
+
+    def expire(self, now_ms: int) -> int:
+        """Forget orders that can no longer be live: never acknowledged and past their
+        expiry (execution refuses an expired request; resting orders expire at the
+        exchange, which tells). Returns how many were forgotten."""
+        gone = [cid for cid, o in self.orders.items() if o.status == "NEW"
+                and o.expires_ms is not None and o.expires_ms < now_ms]
+        for cid in gone:
+            del self.orders[cid]
+        return len(gone)
 
     def mark(self, symbol: str, price: Decimal) -> None:
         self.marks[symbol] = price
