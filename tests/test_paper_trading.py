@@ -328,6 +328,18 @@ def test_the_topology_on_the_capture_and_the_backtest_of_it_place_and_fill_the_s
     # Same fills: price, amount, liquidity and fee of each, order by order.
     assert len(fills_of(live)) >= 3
     assert sorted(fills_of(live)) == sorted(fills_of(replayed))
+    # Never more than one bid and one ask open: a replacement opens only once the order it
+    # replaces is closed (at the same millisecond at most).
+    spans: dict[str, list] = {}
+    for event in live:
+        if event["kind"] == "ACCEPTED":
+            spans[event["client_order_id"]] = [event["side"], event["event_ms"], 1 << 62]
+        elif event["kind"] in ("FILLED", "CANCELLED", "EXPIRED") and \
+                event["client_order_id"] in spans:
+            spans[event["client_order_id"]][2] = event["event_ms"]
+    opened = sorted(spans.values(), key=lambda s: (s[0], s[1]))
+    for (side_a, _, closed_a), (side_b, opened_b, _) in zip(opened, opened[1:]):
+        assert side_a != side_b or closed_a <= opened_b, "two quotes open on one side"
     # The kill switch: every open order cancelled within a batch, none left open.
     run_dir = Path(up_env["PIPELINE_RUN_DIR"])
     (run_dir / "kill-switch").touch()

@@ -17,10 +17,11 @@ MAKER_OR_CANCEL = ("maker-or-cancel",)
 class MidQuoter(Strategy):
     """Quote both sides ``spread_bps`` around the mid as maker-or-cancel limits of
     ``amount``. When the mid has moved ``requote_bps`` since the last quote, open quotes
-    are replaced (cancelled, then the new one placed once the cancel is confirmed), so at
-    most one bid and one ask are ever open; a side whose quote filled or expired is quoted
-    again at the next book (one that was rejected or cancelled waits for the mid to move).
-    A side whose fill would push the inventory (the position from its own fills) past
+    are replaced (cancelled, then the new one placed once the cancel is confirmed) and a
+    side without one (it filled, expired or was refused) is quoted again, so at most one
+    bid and one ask are ever open. Quoting only on moves of the mid keeps what it does
+    independent of when its order events arrive, so a backtest and a live run agree. A
+    side whose fill would push the inventory (the position from its own fills) past
     ``max_inventory`` is not quoted, and its open quote is cancelled."""
 
     symbol: str = "BTCUSD"
@@ -34,7 +35,6 @@ class MidQuoter(Strategy):
     def __post_init__(self) -> None:
         self.symbols = frozenset({self.symbol})
         self._last_mid: Decimal | None = None
-        self._refill: set[str] = set()  # sides whose quote filled or expired
 
     @property
     def inventory(self) -> Decimal:
@@ -45,49 +45,37 @@ class MidQuoter(Strategy):
             return []
         mid = (Decimal(snapshot["bids"][0]["price"]) + Decimal(snapshot["asks"][0]["price"])) / 2
         last = self._last_mid
-        moved = last is None or abs(mid - last) * 10_000 >= self.requote_bps * last
-        if not moved and not self._refill:
+        if last is not None and abs(mid - last) * 10_000 < self.requote_bps * last:
             return []
-        if moved:
-            self._last_mid = mid
+        self._last_mid = mid
         tick, half = Decimal(self.tick), mid * self.spread_bps / 20_000
         amount, limit, inventory = Decimal(self.amount), Decimal(self.max_inventory), self.inventory
         bid = ((mid - half) / tick).to_integral_value(rounding=ROUND_FLOOR) * tick
         ask = ((mid + half) / tick).to_integral_value(rounding=ROUND_CEILING) * tick
         intents: list[Intent] = []
-        intents += self._quote("BUY", bid, inventory + amount <= limit, moved)
-        intents += self._quote("SELL", ask, inventory - amount >= -limit, moved)
-        self._refill.clear()
+        intents += self._quote("BUY", bid, inventory + amount <= limit)
+        intents += self._quote("SELL", ask, inventory - amount >= -limit)
         return intents
 
-    def _quote(self, side: str, price: Decimal, allowed: bool, moved: bool) -> list[Intent]:
+    def _quote(self, side: str, price: Decimal, allowed: bool) -> list[Intent]:
         """The intents that leave exactly one quote at ``price`` on ``side`` (none when not
-        ``allowed``); without a move of the mid only a side to refill is quoted."""
+        ``allowed``)."""
         live = [o for o in self.open_orders(self.symbol)
                 if o.side == side and not o.cancel_requested]
         if not allowed:
             return [CancelIntent(o.client_order_id) for o in live]
         text = plain(price)
         if not live:
-            if moved or side in self._refill:
-                return [OrderIntent(self.symbol, side, self.amount, "LIMIT", text,
-                                    MAKER_OR_CANCEL)]
-            return []
+            return [OrderIntent(self.symbol, side, self.amount, "LIMIT", text, MAKER_OR_CANCEL)]
         keep, *extra = live
         intents: list[Intent] = [CancelIntent(o.client_order_id) for o in extra]
-        if moved and (keep.price is None or Decimal(keep.price) != price):
+        if keep.price is None or Decimal(keep.price) != price:
             intents.append(ReplaceIntent(keep.client_order_id, text, self.amount))
         return intents
 
-    def on_order_event(self, event: dict) -> None:
-        if event["symbol"] == self.symbol and event["kind"] in ("FILLED", "EXPIRED"):
-            self._refill.add(event["side"].upper())
-
     def save_state(self) -> dict[str, Any]:
-        return {"last_mid": None if self._last_mid is None else plain(self._last_mid),
-                "refill": sorted(self._refill)}
+        return {"last_mid": None if self._last_mid is None else plain(self._last_mid)}
 
     def load_state(self, state: dict[str, Any], version: int) -> None:
         last = state.get("last_mid")
         self._last_mid = None if last is None else Decimal(last)
-        self._refill = set(state.get("refill", ()))
