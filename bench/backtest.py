@@ -8,11 +8,11 @@
   A second figure puts ``pandas.read_csv`` of the file in backtesting.py's time too
   (both then start from stored data).
 * **L2**: ``events`` L2Update records (the venue's generator, and the real capture
-  repeated) replayed through the book policy into MidQuoter (``requote_bps=1``), its
-  quotes resting in the simulated exchange (queue model on, replaced as the mid moves), in level changes per
-  second, next to a plain consume + decode of the same records. MidQuoter reads only the
-  top of the book, so it is given depth-1 snapshots (``book_depth=1``). Target:
-  >= 500,000 changes/s.
+  repeated) replayed through the book policy into MidQuoter (its defaults), its quotes
+  resting in the simulated exchange (queue model on, replaced as the mid moves), in level
+  changes per second, next to a plain consume + decode of the same records. MidQuoter
+  reads only the top of the book, so it is given depth-1 snapshots (``book_depth=1``).
+  Target: >= 500,000 changes/s.
 
 Each figure is the best of three runs after an untimed warm-up.
 """
@@ -190,8 +190,7 @@ def l2(bootstrap: str, registry_url: str, events: int) -> list[Figure]:
         assert count == len(records)
         ours_s, result = _best(lambda: run_backtest(
             bootstrap, registry_url, namespace, "pipeline.strategy:MidQuoter",
-            {"symbol": symbol, "requote_bps": 1}, fill="book", book_depth=1, progress=False,
-            topics=["md.l2"]))
+            {"symbol": symbol}, fill="book", book_depth=1, progress=False, topics=["md.l2"]))
         assert result.engine.changes_applied == changes
         assert result.engine.orders.submitted > 0
         figures.append(Figure(f"L2 backtest: books + MidQuoter + simulator, queue on ({label})",

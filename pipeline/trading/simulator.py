@@ -495,8 +495,9 @@ class SimulatedExchange:
         order.exchange_order_id = exchange_order_id(order.client_order_id)
         events = [self._event(order, K.ACCEPTED, when)]
         option = order.option
-        plan = self._plan(s, order, book) if ready else []
-        if option == MOC and ready and self._reaches(order, book):
+        reaches = ready and (order.price is None or self._reaches(order, book))
+        plan = self._plan(s, order, book) if reaches else []  # a quote below the touch: none
+        if option == MOC and reaches:
             events.append(self._event(order, K.CANCELLED, when, reason=MOC_WOULD_TAKE))
             return events
         if option == FOK and sum((take for _, _, take in plan), ZERO) < order.amount:
