@@ -114,12 +114,7 @@ class ExecutionSettings:
     risk: RiskLimits = field(default_factory=RiskLimits)
     venue_url: str | None = None  # default: Gemini's sandbox / live URL for the mode
     live_confirmed: bool = False  # the --live flag: live mode needs it as well
-    gemini_rate_per_s: float = 5.0  # every private call goes through this token bucket
-    gemini_burst: int = 5
-    gemini_timeout_s: float = 10.0
-    status_attempts: int = 3  # order/status tries to settle an order in doubt
-    status_backoff_s: float = 0.5
-    follow_interval_s: float = 2.0  # how often a live order's status is polled
+    gemini: GeminiSettings = field(default_factory=GeminiSettings)  # sandbox / live
     paper_fees: FeeSchedule = GEMINI_API_FEES
     paper_queue: str = "risk-averse"  # the simulator's queue model
     paper_latency_ms: int = 0  # added to the real latency of the pipeline
@@ -127,7 +122,6 @@ class ExecutionSettings:
     book_depth: int = 10  # levels of the books risk is checked against (paper)
     hold_idle_s: float = 1.0  # paper: a market-data partition this quiet has caught up
     snapshot_lookback: int = 1000  # book.snapshots records re-read per partition on assign
-    nonce_jump_us: int = 60_000_000  # how far past the clock an InvalidNonce moves the nonce
     kill_switch_file: Path | None = None  # default: <run_dir>/kill-switch
     restore_timeout_s: float = 60.0  # waiting for a dead member's open transaction to end
     batch_size: int | None = None  # default: 500 for paper, 10 when orders go over HTTP
@@ -152,11 +146,6 @@ class ExecutionSettings:
     def simulator(self) -> SimulatorConfig:
         return SimulatorConfig(fees=self.paper_fees, queue=self.paper_queue,
                                latency_ms=self.paper_latency_ms, mode="PAPER")
-
-    def gemini(self) -> GeminiSettings:
-        return GeminiSettings(self.gemini_rate_per_s, self.gemini_burst, self.gemini_timeout_s,
-                              self.status_attempts, self.status_backoff_s,
-                              self.follow_interval_s, self.nonce_jump_us)
 
 
 def wall_clock_ms() -> int:
@@ -191,10 +180,10 @@ class ExecutionHandler(Handler):
             if credentials is None:
                 raise PipelineError(f"{settings.mode} mode needs a Gemini API key and secret")
             nonces = NonceSource(settings.nonce_path)
-            self.rest = credentials.client(settings.url, nonces, settings.gemini_timeout_s)
+            self.rest = credentials.client(settings.url, nonces, settings.gemini.timeout_s)
             self.intents = ReliableProducer(bootstrap, **{"linger.ms": 0})
             self.gemini = GeminiExecution(self.rest, nonces, self.mode, self._record_intent,
-                                          settings.gemini(), clock_ms)
+                                          settings.gemini, clock_ms)
             self.gemini.counts = self.counts
             self.client = self.gemini
         else:
@@ -309,10 +298,7 @@ class ExecutionHandler(Handler):
         client = self.client
         if action == NEW:
             self.state.note_accepted(req["strategy_id"], now)
-            if self.gemini is not None:
-                events, outcome = self.gemini.place(req, verdict.price, now, seen_ms)
-            else:
-                events, outcome = client.place(req, verdict.price, now)
+            events, outcome = client.place(req, verdict.price, now, seen_ms)
         elif action == REPLACE:
             self.state.note_accepted(req["strategy_id"], now)
             events, outcome = client.replace(req, verdict.price, now)
@@ -664,9 +650,11 @@ def main(argv: list[str] | None = None) -> int:
                             else int(args.max_book_age_s * 1000))
         settings = ExecutionSettings(
             mode=args.mode, run_dir=run_dir, risk=limits, venue_url=args.venue_url,
-            live_confirmed=args.live, gemini_rate_per_s=args.gemini_rate,
-            gemini_burst=args.gemini_burst or max(1, int(args.gemini_rate)),
-            follow_interval_s=args.follow_interval, batch_size=args.batch_size,
+            live_confirmed=args.live,
+            gemini=GeminiSettings(rate_per_s=args.gemini_rate,
+                                  burst=args.gemini_burst or max(1, int(args.gemini_rate)),
+                                  follow_interval_s=args.follow_interval),
+            batch_size=args.batch_size,
             instance=args.instance, paper_queue=args.queue, paper_latency_ms=args.latency_ms,
             paper_fees=FeeSchedule(maker=args.maker_fee, taker=args.taker_fee),
             checkpoint_interval_s=args.checkpoint_interval)

@@ -359,19 +359,14 @@ class OrderCounts:
     cancel_rejected: int = 0
 
     def count(self, event: dict) -> None:
-        kind = event["kind"]
-        if kind == "FILLED":
-            self.filled += 1
-        elif kind == "PARTIALLY_FILLED":
-            self.partially_filled += 1
-        elif kind == "CANCELLED":
-            self.cancelled += 1
-        elif kind == "EXPIRED":
-            self.expired += 1
-        elif kind == "REJECTED":
-            self.rejected += 1
-        elif kind == "CANCEL_REJECTED":
-            self.cancel_rejected += 1
+        name = _COUNTED.get(event["kind"])
+        if name is not None:
+            setattr(self, name, getattr(self, name) + 1)
+
+
+_COUNTED = {"FILLED": "filled", "PARTIALLY_FILLED": "partially_filled",
+            "CANCELLED": "cancelled", "EXPIRED": "expired", "REJECTED": "rejected",
+            "CANCEL_REJECTED": "cancel_rejected"}
 
 
 class Broker:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from consumers.execution import (ExecutionSettings, GeminiCredentials,
+from consumers.execution import (ExecutionSettings, GeminiCredentials, GeminiSettings,
                                  TokenBucket, check_mode, main, make_group)
 from pipeline import risk
 from pipeline.catalog import Namespace, ensure_topics
@@ -168,8 +168,9 @@ def credentials() -> GeminiCredentials:
 
 
 def sandbox(env: Env, venue, **kw) -> ExecutionSettings:
-    kw.setdefault("gemini_rate_per_s", 50.0)
-    kw.setdefault("gemini_burst", 10)
+    gemini = {"rate_per_s": 50.0, "burst": 10,
+              **{k: kw.pop(k) for k in ("follow_interval_s", "timeout_s") if k in kw}}
+    kw["gemini"] = GeminiSettings(**gemini)
     kw.setdefault("venue_url", venue.http_url)
     return env.settings(mode="sandbox", **kw)
 
@@ -397,7 +398,7 @@ def test_a_timeout_is_settled_by_asking_for_the_status_never_by_resending(
     proxy = FaultyProxy(venue.http_url, ["response", "request"], hold_s=1.5)
     try:
         env.requests(lost_response, lost_request)
-        settings = sandbox(env, venue, venue_url=proxy.url, gemini_timeout_s=0.5)
+        settings = sandbox(env, venue, venue_url=proxy.url, timeout_s=0.5)
         with env.group(settings, credentials) as group:
             events = env.wait_terminal([lost_response["client_order_id"],
                                         lost_request["client_order_id"]])

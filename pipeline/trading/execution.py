@@ -166,9 +166,10 @@ class ExecutionClient(Protocol):
 
     mode: str
 
-    def place(self, request: OrderRequest, price: Decimal | None, now_ms: int
-              ) -> tuple[list[OrderEvent], str]:
-        """A NEW request; ``price`` is the limit to send (a MARKET's band edge)."""
+    def place(self, request: OrderRequest, price: Decimal | None, now_ms: int,
+              seen_ms: int | None = None) -> tuple[list[OrderEvent], str]:
+        """A NEW request; ``price`` is the limit to send (a MARKET's band edge); ``seen_ms``
+        when execution first saw it (a request settled after a restart keeps its own)."""
 
     def replace(self, request: OrderRequest, price: Decimal | None, now_ms: int
                 ) -> tuple[list[OrderEvent], str]:

@@ -4,8 +4,9 @@ replaces. Execution (or the backtest's simulated exchange) decides what becomes 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
+from pipeline.core.decimals import positive
 from pipeline.core.vocabulary import OrderOption, OrderType, Side
 
 SIDES = tuple(s.value for s in Side)
@@ -18,14 +19,8 @@ FULL_EQUITY = "0.9999999999999998"
 
 
 def _positive(text: str | None, what: str) -> None:
-    if text is None:
-        return
-    try:
-        value = Decimal(text)
-    except (InvalidOperation, TypeError):
-        raise ValueError(f"{what} {text!r} is not a decimal number") from None
-    if not value.is_finite() or value <= 0:
-        raise ValueError(f"{what} must be positive, not {text}")
+    if text is not None and positive(text) is None:
+        raise ValueError(f"{what} must be a positive decimal string, not {text!r}")
 
 
 @dataclass(frozen=True)

@@ -77,8 +77,8 @@ class PaperExecution:
 
     # -- orders
 
-    def place(self, request: OrderRequest, price: Decimal | None, now_ms: int
-              ) -> tuple[list[OrderEvent], str]:
+    def place(self, request: OrderRequest, price: Decimal | None, now_ms: int,
+              seen_ms: int | None = None) -> tuple[list[OrderEvent], str]:
         return self._execute(request, price, now_ms), PAPER
 
     def replace(self, request: OrderRequest, price: Decimal | None, now_ms: int
