@@ -962,8 +962,6 @@ class Engine:
                     if code == TOP_CHANGED and (wanted is None or symbol in wanted):
                         self._on_book(policy.snapshot(symbol, record["received_ts_us"]), t,
                                       event)
-                    elif code == TOP_CHANGED:
-                        policy.counts["snapshots"] += 1  # published live, unseen here
                 elif kind == BAR:
                     n_bar += 1
                     fills = broker.on_bar(record)
