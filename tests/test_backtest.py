@@ -419,7 +419,7 @@ def test_mid_quoter_replays_the_capture_from_kafka_through_the_book_deterministi
     assert a.topics == [namespace.topic("md.l2"), namespace.topic("md.trades")]
     assert a.engine.by_kind["l2"] == counts["md.l2"] == 655
     assert a.engine.by_kind["trade"] == counts["md.trades"] == 516
-    assert a.engine.snapshots_emitted > 100
+    assert a.engine.snapshots_emitted > 50  # FILUSD's own: MidQuoter declares its symbol
     # Quotes rest, are replaced as the mid moves (cancelled first), and fill as makers when
     # FILUSD's buyers lift them.
     orders = a.engine.orders
