@@ -402,11 +402,6 @@ class GeminiExecution:
             events += self._progress(followed, status)
         return events
 
-    def outcome(self, client_order_id: str) -> str:
-        """What to remember for an order whose events were just produced by a poll."""
-        followed = self.followed.get(client_order_id)
-        return f"open:{followed.order.exchange_order_id}" if followed is not None else SENT
-
     # -- restore
 
     def restore(self, seen: Mapping[str, Seen], latest: Mapping[str, OrderEvent]) -> int:

@@ -187,13 +187,6 @@ class SimulatedExchange:
         return [o for o in found if (strategy_id is None or o.strategy_id == strategy_id)
                 and (symbol is None or o.symbol == symbol)]
 
-    def has_orders(self, symbol: str) -> bool:
-        s = self._symbols.get(symbol)
-        return s is not None and bool(s.bids or s.asks or s.any_taken)
-
-    def owner(self, client_order_id: str) -> str | None:
-        return self._owners.get(client_order_id)
-
     # ------------------------------------------------------------------ requests
 
     def submit(self, order: Order, now_us: int, immediate: bool = False) -> list[OrderEvent]:
