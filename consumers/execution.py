@@ -71,17 +71,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable
 
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from pipeline.catalog import Namespace
 from pipeline.core.decimals import plain
 from pipeline.core.records import OrderEvent
-from pipeline.core.vocabulary import TERMINAL_KINDS, OrderEventKind
+from pipeline.core.vocabulary import TERMINAL_KINDS, ExecutionMode, OrderEventKind
 from pipeline.errors import PipelineError
-from pipeline.gemini.execution import (GeminiCredentials, GeminiExecution,  # noqa: F401
-                                       GeminiSettings, TokenBucket)
+from pipeline.gemini.execution import GeminiCredentials, GeminiExecution, GeminiSettings
 from pipeline.gemini.rest import LIVE_URL, SANDBOX_URL, NonceSource
 from pipeline.kafka import ReliableProducer
 from pipeline.registry import SchemaRegistry
@@ -94,14 +93,15 @@ from pipeline.trading.execution import (CANCEL, CANCEL_ALL, CANCEL_REJECT, NEW, 
                                         REJECT, REPLACE, SENDING, ExecutionHalted, Seen,
                                         cancel_rejected, decide, request_event)
 from pipeline.trading.fees import GEMINI_API_FEES, FeeSchedule
-from pipeline.trading.paper import PAPER, PaperExecution
+from pipeline.trading.orders import REQUESTED
+from pipeline.trading.paper import PaperExecution
 from pipeline.trading.risk import RiskLimits, RiskState
 from pipeline.trading.signing import StrategyKeys
-from pipeline.trading.simulator import QUEUE_MODELS, REQUESTED, SimulatorConfig
+from pipeline.trading.simulator import QUEUE_MODELS, SimulatorConfig
 
 log = logging.getLogger(__name__)
 
-MODES = ("paper", "sandbox", "live")
+MODES = tuple(mode.value.lower() for mode in ExecutionMode)  # as --mode spells them
 KILL_SWITCH_FILE = "kill-switch"
 K = OrderEventKind
 _TERMINAL = {k.value for k in TERMINAL_KINDS}
@@ -145,7 +145,8 @@ class ExecutionSettings:
 
     def simulator(self) -> SimulatorConfig:
         return SimulatorConfig(fees=self.paper_fees, queue=self.paper_queue,
-                               latency_ms=self.paper_latency_ms, mode="PAPER")
+                               latency_ms=self.paper_latency_ms,
+                               mode=ExecutionMode.PAPER.value)
 
 
 def wall_clock_ms() -> int:
@@ -159,7 +160,7 @@ class ExecutionHandler(Handler):
                  clock_ms: Callable[[], int] = wall_clock_ms, group_id: str = "") -> None:
         self.settings, self.keys, self.clock_ms, self.bootstrap = settings, keys, clock_ms, bootstrap
         self.group_id = group_id or f"{namespace}.execution"
-        self.mode = settings.mode.upper()
+        self.mode = ExecutionMode(settings.mode.upper()).value
         self.topic = {n: namespace.topic(n) for n in (
             "orders.requests", "book.snapshots", "md.l2", "md.trades", "orders.events",
             "orders.seen", "paper.state")}

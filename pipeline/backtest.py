@@ -73,19 +73,18 @@ from decimal import ROUND_FLOOR, Context, Decimal, localcontext
 from typing import Any, Iterable, Sequence
 
 from pipeline.core.decimals import plain
-from pipeline.core.vocabulary import Liquidity, OrderEventKind, OrderType, Side
+from pipeline.core.vocabulary import ExecutionMode, Liquidity, OrderEventKind, OrderType, Side
 from pipeline.errors import PipelineError
 from pipeline.market.book_policy import IGNORED, TOP_CHANGED, BookPolicy, Source
 from pipeline.orderbook import L2Book, price_key
 from pipeline.trading.fees import GEMINI_API_FEES, FeeSchedule
 from pipeline.trading.intents import (INTENT_TYPES, CancelAllIntent, CancelIntent,
                                       OrderIntent, ReplaceIntent)
-from pipeline.trading.orders import Fill, Order, order_event
+from pipeline.trading.orders import REQUESTED, UNKNOWN_ORDER, Fill, Order, order_event
 from pipeline.trading.requests import (IntentError, build_requests, event_trigger,
                                        record_trigger, snapshot_trigger)
 from pipeline.trading.signing import client_order_id
-from pipeline.trading.simulator import (ORDER_CLOSED, QUEUE_MODELS, REQUESTED, UNKNOWN_ORDER,
-                                        SimulatedExchange, SimulatorConfig)
+from pipeline.trading.simulator import QUEUE_MODELS, SimulatedExchange, SimulatorConfig
 from pipeline.trading.strategy import Strategy
 from pipeline.trading.tracker import OrderTracker
 
@@ -95,7 +94,7 @@ KINDS = (BAR, BOOK, TRADE, L2)
 KIND_OF_SCHEMA = {"Bar": BAR, "BookSnapshot": BOOK, "Trade": TRADE, "L2Update": L2}
 NEXT_OPEN, BOOK_FILLS = "next-open", "book"
 FILL_MODELS = (NEXT_OPEN, BOOK_FILLS)
-MODE = "PAPER"  # OrderEvent.mode of backtest events
+MODE = ExecutionMode.PAPER.value  # OrderEvent.mode of backtest events
 
 Event = tuple  # (key_us, topic, partition, offset, kind, record)
 ZERO = Decimal(0)

@@ -40,10 +40,10 @@ from pipeline.core.vocabulary import OrderEventKind, OrderOption, OrderType, Sid
 from pipeline.errors import PipelineError
 from pipeline.gemini.rest import GeminiApiError, GeminiError, GeminiRestClient, NonceSource
 from pipeline.trading.execution import ExecutionHalted, Seen, request_event
-from pipeline.trading.orders import Fill, Order, order_event, order_from_event
+from pipeline.trading.orders import (EXPIRED, ORDER_CLOSED, REQUESTED, Fill, Order, new_order,
+                                     order_event, order_from_event)
 from pipeline.trading.risk import BookTop
 from pipeline.trading.signing import read_private_json
-from pipeline.trading.simulator import ORDER_CLOSED, REQUESTED, new_order
 
 log = logging.getLogger(__name__)
 K = OrderEventKind
@@ -397,7 +397,7 @@ class GeminiExecution:
             order.step(K.EXPIRED)
             self.followed.pop(cid, None)
             events.append(order_event(order, K.EXPIRED, self.clock_ms(), self.mode,
-                                      reason="expired"))
+                                      reason=EXPIRED))
         elif order.is_open:
             events += self._progress(followed, status)
         return events

@@ -34,10 +34,9 @@ from pipeline.core.decimals import ZERO, positive
 from pipeline.core.records import OrderEvent, OrderRequest
 from pipeline.core.vocabulary import OrderAction, OrderEventKind, OrderType, Side
 from pipeline.trading import risk
-from pipeline.trading.orders import Order, order_event
+from pipeline.trading.orders import NOT_OWNER, UNKNOWN_ORDER, Order, order_event
 from pipeline.trading.risk import BookTop, RiskLimits, RiskState
 from pipeline.trading.signing import StrategyKeys, verify
-from pipeline.trading.simulator import NOT_OWNER, UNKNOWN_ORDER
 
 SENDING = "sending"  # the outcome recorded before an order leaves the process
 REJECT, CANCEL_REJECT, RECONCILE = "reject", "cancel_reject", "reconcile"

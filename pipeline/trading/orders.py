@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
+from typing import Any, Mapping
 
 from pipeline.core.decimals import ZERO, plain
 from pipeline.core.records import OrderEvent
@@ -23,6 +24,14 @@ from pipeline.core.vocabulary import (FILL_KINDS, Liquidity, OrderEventKind, Ord
                                       OrderType, Side)
 
 K = OrderEventKind
+# Reasons an order is refused or closed, in Gemini's names where Gemini has one.
+MOC_WOULD_TAKE = "MakerOrCancelWouldTake"
+IOC_WOULD_POST = "ImmediateOrCancelWouldPost"
+FOK_WOULD_NOT_FILL = "FillOrKillWouldNotFill"
+REQUESTED = "Requested"
+EXPIRED = "expired"
+NO_BOOK = "no_book"  # a MARKET order for a symbol with no book yet
+UNKNOWN_ORDER, NOT_OWNER, ORDER_CLOSED = "unknown_order", "not_owner", "order_closed"
 
 
 class OrderStatus(StrEnum):
@@ -144,10 +153,6 @@ class Order:
         self.step(kind)
         return kind
 
-    @property
-    def avg_price(self) -> Decimal | None:
-        return self.notional / self.filled if self.filled else None
-
 
 def order_from_event(event: OrderEvent) -> Order:
     """The order as its latest ``OrderEvent`` tells it (to follow it after a restart)."""
@@ -195,3 +200,18 @@ def order_event(order: Order, kind: OrderEventKind, when_ms: int, mode: str, *,
         "last_fill_fee": plain(fill.fee) if last and fill.fee is not None else None,
         "request_id": request_id,
     }
+
+
+def new_order(request: Mapping[str, Any], *, price: Decimal | None = None,
+              options: tuple[str, ...] | None = None) -> Order:
+    """The :class:`Order` an ``OrderRequest`` asks for. ``price`` (and ``options``) override
+    the request's: a MARKET request goes out as an immediate-or-cancel limit at the price
+    band's edge, as at Gemini."""
+    text = request.get("price") if price is None else plain(price)
+    return Order(request["client_order_id"], request["strategy_id"], request["symbol"],
+                 Side.parse(request["side"]),
+                 OrderType(request["order_type"]) if price is None else OrderType.LIMIT,
+                 Decimal(text) if text is not None else None, Decimal(request["amount"]),
+                 tuple(request.get("options") or ()) if options is None else options,
+                 request["created_ms"], request.get("expires_ms"), price_text=text,
+                 amount_text=request["amount"])

@@ -24,7 +24,7 @@ from decimal import Decimal
 from typing import Any, Mapping
 
 from pipeline.core.records import L2Update, OrderEvent, OrderRequest
-from pipeline.core.vocabulary import OrderOption, OrderType
+from pipeline.core.vocabulary import ExecutionMode, OrderOption, OrderType
 from pipeline.market.book_policy import IGNORED, TOP_CHANGED, BookPolicy, Source
 from pipeline.trading.risk import BookTop
 from pipeline.trading.simulator import SimulatedExchange, SimulatorConfig
@@ -36,7 +36,7 @@ IOC = (OrderOption.IMMEDIATE_OR_CANCEL.value,)
 class PaperExecution:
     """See the module doc. ``now_ms`` of every call is the execution group's clock."""
 
-    mode = "PAPER"
+    mode = ExecutionMode.PAPER.value
 
     def __init__(self, config: SimulatorConfig = SimulatorConfig(), depth: int = 10) -> None:
         self.policy = BookPolicy(depth)

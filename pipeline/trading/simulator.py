@@ -60,24 +60,19 @@ from typing import Any, Iterable, Mapping
 
 from pipeline.core.decimals import ZERO, plain
 from pipeline.core.records import OrderEvent
-from pipeline.core.vocabulary import (Liquidity, OrderAction, OrderEventKind, OrderOption,
-                                      OrderType, Side)
+from pipeline.core.vocabulary import (ExecutionMode, Liquidity, OrderAction, OrderEventKind,
+                                      OrderOption, OrderType, Side)
 from pipeline.orderbook import _PRICES, L2Book, price_key
 from pipeline.trading.fees import GEMINI_API_FEES, FeeSchedule
-from pipeline.trading.orders import Fill, Order, OrderStatus, check_options, order_event
+from pipeline.trading.orders import (EXPIRED, FOK_WOULD_NOT_FILL, IOC_WOULD_POST, MOC_WOULD_TAKE,
+                                     NO_BOOK, NOT_OWNER, ORDER_CLOSED, REQUESTED, UNKNOWN_ORDER,
+                                     Fill, Order, OrderStatus, check_options, new_order,
+                                     order_event)
 
 K = OrderEventKind
 QUEUE_MODELS = ("risk-averse", "none")
 MOC, IOC, FOK = (OrderOption.MAKER_OR_CANCEL.value, OrderOption.IMMEDIATE_OR_CANCEL.value,
                  OrderOption.FILL_OR_KILL.value)
-# Reasons, in Gemini's names where Gemini has one.
-MOC_WOULD_TAKE = "MakerOrCancelWouldTake"
-IOC_WOULD_POST = "ImmediateOrCancelWouldPost"
-FOK_WOULD_NOT_FILL = "FillOrKillWouldNotFill"
-REQUESTED = "Requested"
-EXPIRED = "expired"
-NO_BOOK = "no_book"  # a MARKET order for a symbol with no book yet
-UNKNOWN_ORDER, NOT_OWNER, ORDER_CLOSED = "unknown_order", "not_owner", "order_closed"
 
 
 @dataclass(frozen=True)
@@ -86,7 +81,7 @@ class SimulatorConfig:
     queue: str = "risk-averse"  # or "none"
     latency_ms: int = 0  # an order reaches the exchange this long after it was sent
     cancel_latency_ms: int | None = None  # cancels; default latency_ms
-    mode: str = "PAPER"  # OrderEvent.mode
+    mode: str = ExecutionMode.PAPER.value  # OrderEvent.mode
 
     def __post_init__(self) -> None:
         if self.queue not in QUEUE_MODELS:
@@ -750,17 +745,3 @@ def _order_from_state(symbol: str, item: Mapping[str, Any]) -> Order:
                   fees=Decimal(item["fees"]))
     return order
 
-
-def new_order(request: Mapping[str, Any], *, price: Decimal | None = None,
-              options: tuple[str, ...] | None = None) -> Order:
-    """The :class:`Order` an ``OrderRequest`` asks for. ``price`` (and ``options``) override
-    the request's: a MARKET request goes out as an immediate-or-cancel limit at the price
-    band's edge, as at Gemini."""
-    text = request.get("price") if price is None else plain(price)
-    return Order(request["client_order_id"], request["strategy_id"], request["symbol"],
-                 Side.parse(request["side"]),
-                 OrderType(request["order_type"]) if price is None else OrderType.LIMIT,
-                 Decimal(text) if text is not None else None, Decimal(request["amount"]),
-                 tuple(request.get("options") or ()) if options is None else options,
-                 request["created_ms"], request.get("expires_ms"), price_text=text,
-                 amount_text=request["amount"])
