@@ -49,7 +49,7 @@ from pipeline.registry import SchemaRegistry
 from pipeline.runtime import (GroupConfig, Handler, Output, Record, group_parser,
                               run_until_stopped)
 from pipeline.serde import Decoder, Serde
-from pipeline.signing import client_order_id, sign
+from pipeline.trading.signing import client_order_id, sign
 
 RATE = 1000.0  # requests per second in the latency runs
 WARM_UP = 300  # requests not timed: group start, schema lookups, a cold broker

@@ -20,7 +20,7 @@ from confluent_kafka import ConsumerGroupTopicPartitions
 from pipeline.catalog import Namespace, describe_topics
 from pipeline.config import REPO_ROOT
 from pipeline.kafka import make_admin
-from pipeline.signing import env_name
+from pipeline.trading.signing import env_name
 
 
 @dataclass

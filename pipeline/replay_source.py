@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Sequence
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from pipeline.backtest import BAR, KIND_OF_SCHEMA, TRADE, Event, EventMerger
+from pipeline.backtest import KIND_OF_SCHEMA, Event, EventMerger, event_time_us
 from pipeline.catalog import split_topic
 from pipeline.errors import PipelineError
 from pipeline.ranges import Offsets, utc_text
@@ -394,8 +394,7 @@ class ReplaySource(RangePlanner):
                         continue
                     if len(value) >= 5:
                         prefix, read = value[:5], decode.reader(value[1:5])
-                # pipeline.backtest.event_time_us, inline: this is the read loop
-                t = record["end_ms"] * 1000 if kind == BAR else record["received_ts_us"]
+                t = event_time_us(kind, record)
                 if t > key:
                     key = t
                 append((key, topic, partition, offset, kind, record))

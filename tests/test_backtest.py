@@ -33,7 +33,7 @@ from pipeline.kafka import ReliableProducer
 from pipeline.registry import SchemaRegistry
 from pipeline.report import COMPARABLE, trades_csv
 from pipeline.serde import Encoder
-from pipeline.strategy import FULL_EQUITY, OrderIntent, SmaCross, Strategy
+from pipeline.strategy import FULL_EQUITY, OrderIntent, Strategy
 from producers.csv_bars import load_csv_bars
 from tests.conftest import SHARED_DATA
 from tests.support.processes import cli, cluster_env

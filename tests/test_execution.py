@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from consumers.execution import (ExecutionSettings, GeminiCredentials, GeminiSettings,
-                                 TokenBucket, check_mode, main, make_group)
-from pipeline import risk
+from consumers.execution import ExecutionSettings, check_mode, main, make_group
 from pipeline.catalog import Namespace, ensure_topics
 from pipeline.errors import PipelineError
+from pipeline.gemini.execution import GeminiCredentials, GeminiSettings, TokenBucket
 from pipeline.gemini.rest import GeminiRestClient, NonceSource
 from pipeline.registry import SchemaRegistry
-from pipeline.risk import BookTop, RiskLimits, RiskState
 from pipeline.serde import Serde
-from pipeline.signing import StrategyKeys
+from pipeline.trading import risk
+from pipeline.trading.risk import BookTop, RiskLimits, RiskState
+from pipeline.trading.signing import StrategyKeys
 from pipeline.venue.server import RunningVenue, VenueConfig
 from tests.support.kafka_io import committed, read_all
 from tests.support.orders import (ExecutionProcess, FaultyProxy, GroupThread, Tail,

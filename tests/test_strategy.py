@@ -20,7 +20,7 @@ from pipeline.kafka import ReliableProducer
 from pipeline.registry import SchemaRegistry
 from pipeline.runtime import GroupRunner
 from pipeline.serde import Decoder, Encoder
-from pipeline.signing import client_order_id, verify
+from pipeline.trading.signing import client_order_id, verify
 from pipeline.strategy import MidQuoter, OrderIntent, SmaCross, load_strategy
 from pipeline.trading.requests import build_requests
 from tests.support.kafka_io import committed, read_all

@@ -31,12 +31,14 @@ from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Iterable, Mapping
 
-from pipeline.core.decimals import plain  # noqa: F401 (re-exported)
-from pipeline.core.decimals import positive as parse_amount  # noqa: F401 (re-exported)
+from pipeline.core.decimals import ZERO
+from pipeline.core.vocabulary import TERMINAL_KINDS, OrderEventKind
 
 BPS = Decimal(10_000)
 MINUTE_MS = 60_000
-ZERO = Decimal(0)
+# Events that move neither a position nor an open order.
+_NO_CHANGE = frozenset({OrderEventKind.REJECTED, OrderEventKind.CANCEL_REJECTED,
+                        OrderEventKind.UNKNOWN})
 
 KILL_SWITCH = "risk:kill_switch"
 PRICE_BAND = "risk:price_band"
@@ -146,14 +148,14 @@ class RiskState:
         """Follow an ``OrderEvent`` of any execution client: fills (from the running
         ``filled_amount``) move the position, open orders their remainder."""
         cid, kind = event["client_order_id"], event["kind"]
-        if kind in ("REJECTED", "CANCEL_REJECTED", "UNKNOWN"):
+        if kind in _NO_CHANGE:
             return
         symbol, side = event["symbol"], event["side"].lower()
         filled = Decimal(event["filled_amount"])
         before = self._filled.get(cid, ZERO)
         if filled > before:
             self.apply_fill(symbol, side, filled - before)
-        if kind in ("FILLED", "CANCELLED", "EXPIRED"):
+        if kind in TERMINAL_KINDS:
             self._filled.pop(cid, None)
             self.note_closed(cid)
         else:

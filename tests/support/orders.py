@@ -1,6 +1,6 @@
 """Order requests, book snapshots and execution groups for tests.
 
-Requests are signed with ``pipeline.signing`` exactly as the strategy group signs them and
+Requests are signed with ``pipeline.trading.signing`` exactly as the strategy group signs them and
 encoded with the real serde; the execution group runs in a thread (``GroupThread``) or as
 a real process (``ExecutionProcess``), against the real broker and the local venue.
 """
@@ -30,7 +30,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from pipeline.config import REPO_ROOT
 from pipeline.runtime import GroupConfig, GroupRunner
 from pipeline.serde import Decoder, Encoder
-from pipeline.signing import client_order_id, sign
+from pipeline.trading.signing import client_order_id, sign
 from tests.support.kafka_io import read_all
 
 _triggers = itertools.count(1)
