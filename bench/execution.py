@@ -45,6 +45,7 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from bench.figures import Figure
 from pipeline.catalog import Namespace, end_offset, ensure_topics
 from pipeline.config import REPO_ROOT
+from pipeline.core.vocabulary import TERMINAL_KINDS
 from pipeline.registry import SchemaRegistry
 from pipeline.runtime import (GroupConfig, Handler, Output, Record, group_parser,
                               run_until_stopped)
@@ -57,7 +58,7 @@ MAX_REQUESTS = 20_000
 KEY = b"bench-strategy-key-0123456789abcdef"
 SYMBOLS = {"BTCUSD": ("34000.00", "0.01"), "ETHUSD": ("1900.00", "0.01"),
            "SOLUSD": ("35.000", "0.001")}
-TERMINAL = {"FILLED", "CANCELLED", "REJECTED"}
+TERMINAL = TERMINAL_KINDS
 TOPICS = ["orders.requests", "md.l2", "md.trades", "orders.events", "orders.seen",
           "paper.state", "dlq"]
 Item = tuple[str, bytes, str, "int | None"]  # topic, value, key, timed index or None

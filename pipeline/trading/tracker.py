@@ -17,11 +17,9 @@ from decimal import Decimal
 from typing import Any, Mapping
 
 from pipeline.core.decimals import ZERO, plain
-from pipeline.core.vocabulary import OrderAction, OrderEventKind
+from pipeline.core.vocabulary import FILL_KINDS, TERMINAL_KINDS, OrderAction, OrderEventKind
 
 K = OrderEventKind
-_CLOSING = {K.FILLED.value, K.CANCELLED.value, K.EXPIRED.value, K.REJECTED.value}
-_FILLS = {K.PARTIALLY_FILLED.value, K.FILLED.value}
 _CANCEL_REJECTED, _ACCEPTED = K.CANCEL_REJECTED.value, K.ACCEPTED.value
 
 
@@ -89,12 +87,12 @@ class OrderTracker:
             if order is not None:
                 order.cancel_requested = False
             return True
-        if order is None and kind not in _CLOSING:  # sent before this view began
+        if order is None and kind not in TERMINAL_KINDS:  # sent before this view began
             order = self.orders[cid] = OpenOrder(
                 cid, event["symbol"], event["side"].upper(),
                 "LIMIT" if event.get("price") is not None else "MARKET", event.get("price"),
                 event["amount"])
-        fill = kind in _FILLS
+        fill = kind in FILL_KINDS
         if fill:
             self._fill(cid, event)
         if order is not None:
@@ -103,7 +101,7 @@ class OrderTracker:
                 order.status = kind
             elif order.status == "NEW":
                 order.status = _ACCEPTED
-        if kind in _CLOSING:
+        if kind in TERMINAL_KINDS:
             self.orders.pop(cid, None)
             self._filled.pop(cid, None)
         return True
