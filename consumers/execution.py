@@ -66,16 +66,15 @@ import logging
 import os
 import sys
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Iterable
 
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Message, TopicPartition
 
-from pipeline.catalog import Namespace
+from pipeline.catalog import Namespace, end_offset
 from pipeline.core.decimals import plain
 from pipeline.core.records import OrderEvent
 from pipeline.core.vocabulary import TERMINAL_KINDS, ExecutionMode, OrderEventKind
@@ -86,6 +85,7 @@ from pipeline.kafka import ReliableProducer
 from pipeline.registry import SchemaRegistry
 from pipeline.runtime import (GroupConfig, Handler, Output, Record, committed_offsets,
                               group_parser, log_to_stderr, read_range, read_to_end,
+                              restore_consumer,
                               run_until_stopped)
 from pipeline.serde import Decoder, Serde
 from pipeline.trading import risk
@@ -444,14 +444,11 @@ class ExecutionHandler(Handler):
         self.client = paper
         self._marks, self._read, self._heard, self._held = {}, {}, {}, {}
         self._assigned_at = time.monotonic()
-        consumer = Consumer({"bootstrap.servers": self.bootstrap,
-                             "group.id": f"restore-{uuid.uuid4()}", "enable.auto.commit": False,
-                             "isolation.level": "read_committed"})
+        consumer = restore_consumer(self.bootstrap)
         try:
             for tp in partitions:
                 if tp.topic in (l2, self.topic["md.trades"]):
-                    self._marks[(tp.topic, tp.partition)] = \
-                        consumer.get_watermark_offsets(tp, timeout=10)[1]
+                    self._marks[(tp.topic, tp.partition)] = end_offset(consumer, tp)
         finally:
             consumer.close()
         paper.remember_owners({cid: s.strategy_id for cid, s in self.seen.items()})
@@ -508,9 +505,7 @@ class ExecutionHandler(Handler):
         offsets. Reading them in the group's own fetch instead would race the requests:
         a request could be handled before its symbol's book came back."""
         snapshots = self.topic["book.snapshots"]
-        consumer = Consumer({"bootstrap.servers": self.bootstrap,
-                             "group.id": f"restore-{uuid.uuid4()}", "enable.auto.commit": False,
-                             "isolation.level": "read_committed"})
+        consumer = restore_consumer(self.bootstrap)
         try:
             meta = consumer.list_topics(self.topic["orders.requests"], timeout=10)
             self.gemini.own(owned, len(meta.topics[self.topic["orders.requests"]].partitions))  # type: ignore[union-attr]

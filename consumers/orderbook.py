@@ -18,18 +18,17 @@ from __future__ import annotations
 import logging
 import sys
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 
 from pipeline.catalog import Namespace
 from pipeline.market.book_policy import TOP_CHANGED, BookPolicy, Health, Source
 from pipeline.registry import SchemaRegistry
 from pipeline.runtime import (GroupConfig, Handler, Output, Record, group_parser,
-                              log_to_stderr, run_until_stopped)
+                              log_to_stderr, read_to_end, run_until_stopped)
 from pipeline.serde import Decoder, Serde
 
 log = logging.getLogger(__name__)
@@ -174,33 +173,16 @@ class OrderbookHandler(Handler):
     def _read_checkpoints(self) -> list[dict]:
         """The newest checkpoint per symbol (the topic is compacted; read it to the end)."""
         topic = self.topics["book.checkpoints"]
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"restore-{uuid.uuid4()}",
-                             "enable.auto.commit": False, "isolation.level": "read_committed"})
-        try:
-            meta = consumer.list_topics(topic, timeout=10).topics[topic]
-            ends = {}
-            for p in meta.partitions:
-                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-                if high > low:
-                    ends[p] = high
-            consumer.assign([TopicPartition(topic, p, 0) for p in ends])
-            latest: dict[str, dict] = {}
-            positions = {p: 0 for p in ends}
-            while any(positions[p] < ends[p] for p in ends):
-                for msg in consumer.consume(1000, 1.0):
-                    if msg.error():
-                        continue
-                    positions[msg.partition()] = msg.offset() + 1
-                    try:
-                        value = self.checkpoint_decoder(msg.value())
-                    except Exception as exc:  # noqa: BLE001 - a bad checkpoint is skipped, loudly
-                        log.error("unreadable checkpoint at %s[%d]@%d: %s", topic,
-                                  msg.partition(), msg.offset(), exc)
-                        continue
-                    latest[value["symbol"]] = value
-            return list(latest.values())
-        finally:
-            consumer.close()
+        latest: dict[str, dict] = {}
+        for msg in read_to_end(self.bootstrap, topic):
+            try:
+                value = self.checkpoint_decoder(msg.value())
+            except Exception as exc:  # noqa: BLE001 - a bad checkpoint is skipped, loudly
+                log.error("unreadable checkpoint at %s[%d]@%d: %s", topic,
+                          msg.partition(), msg.offset(), exc)
+                continue
+            latest[value["symbol"]] = value
+        return list(latest.values())
 
 
 def make_group(bootstrap: str, registry_url: str, namespace: Namespace,

@@ -387,6 +387,13 @@ def _fmt(partitions: list[TopicPartition]) -> str:
 # --------------------------------------------------------------------------- restore helpers
 
 
+def restore_consumer(bootstrap: str, isolation: str = "read_committed") -> Consumer:
+    """A consumer outside every group (a fresh group id, never committing), to read what
+    a group needs back when it is assigned partitions."""
+    return Consumer({"bootstrap.servers": bootstrap, "group.id": f"restore-{uuid.uuid4()}",
+                     "enable.auto.commit": False, "isolation.level": isolation})
+
+
 def read_to_end(bootstrap: str, topic: str, timeout_s: float = 60.0,
                 partitions: Iterable[int] | None = None) -> Iterator[Message]:
     """Every committed record of ``topic`` (of ``partitions``, default all), to its end.
@@ -396,10 +403,8 @@ def read_to_end(bootstrap: str, topic: str, timeout_s: float = 60.0,
     open transaction of a dead member (aborted when its transactional.id restarts, or
     after transaction.timeout.ms) is never mistaken for the end of the topic.
     """
-    group = f"restore-{uuid.uuid4()}"
-    base = {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}
-    uncommitted = Consumer({**base, "isolation.level": "read_uncommitted"})
-    consumer = Consumer({**base, "isolation.level": "read_committed"})
+    uncommitted = restore_consumer(bootstrap, "read_uncommitted")
+    consumer = restore_consumer(bootstrap)
     try:
         meta = consumer.list_topics(topic, timeout=10).topics[topic]
         wanted = sorted(meta.partitions) if partitions is None else sorted(set(partitions))
@@ -434,8 +439,7 @@ def read_range(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]],
     ranges = {p: r for p, r in ranges.items() if r[1] > r[0]}
     if not ranges:
         return
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"restore-{uuid.uuid4()}",
-                         "enable.auto.commit": False, "isolation.level": "read_committed"})
+    consumer = restore_consumer(bootstrap)
     try:
         yield from _read_until(consumer, topic, ranges, time.monotonic() + timeout_s)
     finally:
