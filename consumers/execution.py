@@ -104,7 +104,6 @@ log = logging.getLogger(__name__)
 MODES = tuple(mode.value.lower() for mode in ExecutionMode)  # as --mode spells them
 KILL_SWITCH_FILE = "kill-switch"
 K = OrderEventKind
-_TERMINAL = {k.value for k in TERMINAL_KINDS}
 
 
 @dataclass(frozen=True)
@@ -336,7 +335,7 @@ class ExecutionHandler(Handler):
                               event["client_order_id"]))
             cid = event["client_order_id"]
             known = self.seen.get(cid)
-            if event["kind"] in _TERMINAL and known is not None and \
+            if event["kind"] in TERMINAL_KINDS and known is not None and \
                     known.outcome.startswith("open:"):
                 out.append(self._remember_id(cid, known.strategy_id, "sent", known.seen_ms))
         return out
