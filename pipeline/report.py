@@ -53,7 +53,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.backtest import TRADE_COLUMNS, ClosedTrade, EngineResult
+from pipeline.backtest import EngineResult
+from pipeline.trading.accounting import TRADE_COLUMNS, ClosedTrade
 from pipeline.errors import PipelineError
 
 #: The statistics backtesting.py computes the same way (the parity test compares these).

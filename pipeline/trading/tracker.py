@@ -4,10 +4,11 @@ group both keep one and show it to the strategy, so ``open_orders()``, ``positio
 ``equity()`` mean the same in a backtest and live.
 
 Orders are open from the moment they are sent (status NEW, before any answer), so a
-strategy never sends a second quote while the first is on its way. Fills move the position
-(buys add, sells subtract) and the cash (less the fill's notional and fee); equity is cash
-plus positions at the latest marks (the mid of the last book snapshot, a bar's close or a
-trade's price the strategy saw). Cash is in one quote currency: the strategy's capital.
+strategy never sends a second quote while the first is on its way. Fills go into a
+:class:`~pipeline.trading.accounting.Ledger`, the one the backtest's reports and the live
+``portfolio`` group keep: positions (FIFO lots), cash, fees, realized PnL; equity is that
+ledger at the latest marks (the mid of the last book snapshot, a bar's close or a trade's
+price the strategy saw), in the currency of the strategy's capital.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Mapping
 
 from pipeline.core.decimals import ZERO, plain
 from pipeline.core.vocabulary import FILL_KINDS, TERMINAL_KINDS, OrderAction, OrderEventKind
+from pipeline.trading.accounting import Ledger, fill_of
 
 K = OrderEventKind
 _CANCEL_REJECTED, _ACCEPTED = K.CANCEL_REJECTED.value, K.ACCEPTED.value
@@ -48,13 +50,23 @@ class OpenOrder:
 class OrderTracker:
     """See the module doc. ``cash`` None: no capital given, so no equity."""
 
+    def __post_init__(self) -> None:
+        if self.cash is not None and not self.ledger.fills:
+            self.ledger = Ledger(self.cash, keep_trades=False)
+
+    @property
+    def positions(self) -> dict[str, Decimal]:
+        return {s: p for s, p in self.ledger.position.items() if p}
+
+    @property
+    def fills(self) -> int:
+        return self.ledger.fills
+
     strategy_id: str
-    cash: Decimal | None = None
+    cash: Decimal | None = None  # the capital: None, no equity
     orders: dict[str, OpenOrder] = field(default_factory=dict)
-    positions: dict[str, Decimal] = field(default_factory=dict)
     marks: dict[str, Decimal] = field(default_factory=dict)
-    fees: Decimal = ZERO
-    fills: int = 0
+    ledger: Ledger = field(default_factory=lambda: Ledger(keep_trades=False))
     _filled: dict[str, Decimal] = field(default_factory=dict)  # per open order, for old events
     _books: dict[str, Mapping[str, Any] | str] = field(default_factory=dict)  # marks unread
 
@@ -112,20 +124,14 @@ class OrderTracker:
         if total <= before:
             return  # seen already
         self._filled[cid] = total
-        if event.get("last_fill_amount") is not None:
-            amount, price = Decimal(event["last_fill_amount"]), Decimal(event["last_fill_price"])
-            fee = Decimal(event.get("last_fill_fee") or "0")
-        else:  # an event from before per-fill fields: the change of the running totals
+        fill = fill_of(event)
+        if fill is None:  # an event from before per-fill fields: the change of the totals
             amount = total - before
-            price = Decimal(event["avg_fill_price"] or "0")
-            fee = ZERO
-        signed = amount if event["side"].lower() == "buy" else -amount
-        symbol = event["symbol"]
-        self.positions[symbol] = self.positions.get(symbol, ZERO) + signed
-        self.fees += fee
-        self.fills += 1
-        if self.cash is not None:
-            self.cash -= signed * price + fee
+            fill = (amount if event["side"].lower() == "buy" else -amount,
+                    Decimal(event["avg_fill_price"] or "0"), ZERO, None)
+        size, price, fee, fee_currency = fill
+        self.ledger.fill(event["symbol"], size, price, event.get("event_ms") or 0, fee=fee,
+                         fee_currency=fee_currency)
 
     def expire(self, now_ms: int) -> int:
         """Forget orders that can no longer be live: never acknowledged and past their
@@ -170,22 +176,21 @@ class OrderTracker:
         return [o for o in self.orders.values() if symbol is None or o.symbol == symbol]
 
     def position(self, symbol: str) -> Decimal:
-        return self.positions.get(symbol, ZERO)
+        return self.ledger.position.get(symbol, ZERO)
+
+    @property
+    def fees(self) -> Decimal:
+        """Fees paid, in the capital's currency (at the marks, for fees in another)."""
+        self._resolve()
+        return self.ledger.fees_total(self.marks) or ZERO
 
     def equity(self) -> Decimal | None:
-        """Cash plus positions at their marks; None without capital or without a mark for
-        a symbol held."""
+        """The ledger at the latest marks; None without capital or without a mark for
+        what is held."""
         if self.cash is None:
             return None
         self._resolve()
-        total = self.cash
-        for symbol, position in self.positions.items():
-            if position:
-                mark = self.marks.get(symbol)
-                if mark is None:
-                    return None
-                total += position * mark
-        return total
+        return self.ledger.equity(self.marks)
 
     # -- state
 
@@ -194,18 +199,24 @@ class OrderTracker:
         self._resolve()
         return {"cash": None if self.cash is None else plain(self.cash),
                 "orders": [{**asdict(o), "options": list(o.options)} for o in self.orders.values()],
-                "positions": {s: plain(p) for s, p in self.positions.items()},
+                "ledger": self.ledger.dump(),
                 "marks": {s: plain(p) for s, p in self.marks.items()},
-                "fees": plain(self.fees), "fills": self.fills,
                 "filled": {c: plain(f) for c, f in self._filled.items()}}
 
     def load(self, state: Mapping[str, Any]) -> None:
         self.cash = None if state.get("cash") is None else Decimal(state["cash"])
         self.orders = {o["client_order_id"]: OpenOrder(**{**o, "options": tuple(o["options"])})
                        for o in state.get("orders", ())}
-        self.positions = {s: Decimal(p) for s, p in state.get("positions", {}).items()}
         self.marks = {s: Decimal(p) for s, p in state.get("marks", {}).items()}
-        self.fees = Decimal(state.get("fees", "0"))
-        self.fills = int(state.get("fills", 0))
+        if "ledger" in state:
+            self.ledger = Ledger.load(state["ledger"])
+        else:  # saved before the ledger: positions and cash, no lots (cost at the marks)
+            self.ledger = Ledger(self.cash or ZERO, keep_trades=False)
+            for symbol, position in state.get("positions", {}).items():
+                position = Decimal(position)
+                if position:
+                    mark = self.marks.get(symbol, ZERO)
+                    self.ledger.fill(symbol, position, mark)
+                    self.ledger.cash = self.ledger.cash + position * mark
         self._filled = {c: Decimal(f) for c, f in state.get("filled", {}).items()}
         self._books = {}
