@@ -84,7 +84,8 @@ def test_dump_and_load_give_the_same_ledger():
 
 
 def _event(side: str, amount: str, price: str, fee: str, ms: int) -> dict:
-    return {"symbol": "BTCUSD", "side": side, "last_fill_amount": amount,
+    return {"symbol": "BTCUSD", "client_order_id": f"o{ms}", "filled_amount": amount,
+            "side": side, "last_fill_amount": amount,
             "last_fill_price": price, "last_fill_fee": fee, "fee_currency": "USD",
             "event_ms": ms, "kind": "FILLED"}
 

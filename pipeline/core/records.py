@@ -115,8 +115,69 @@ class OrderEvent(TypedDict):
     request_id: str | None
 
 
+class Position(TypedDict):
+    strategy_id: str
+    symbol: str
+    quantity: str
+    average_entry: str | None
+    cost: str
+    realized_pnl: str
+    unrealized_pnl: str | None
+    mark: str | None
+    mark_ms: int | None
+    currency: str
+    fills: int
+    updated_ms: int
+
+
+class StrategyPnl(TypedDict):
+    strategy_id: str
+    seq: int
+    event_ms: int
+    trigger: str  # fill | timer | control
+    currency: str
+    capital: str
+    realized_pnl: str | None
+    unrealized_pnl: str | None
+    fees: str | None
+    equity: str | None
+    peak_equity: str | None
+    drawdown: str | None
+    drawdown_pct: str | None
+    daily_pnl: str | None
+    exposure: str | None
+    fills: int
+    stale: bool
+    stale_symbols: list[str]
+    halted: bool
+
+
+class StrategyControl(TypedDict):
+    strategy_id: str
+    halted: bool
+    reason: str
+    detail: str
+    at_ms: int
+    by: str
+
+
+class ReconciliationEvent(TypedDict):
+    at_ms: int
+    mode: str
+    kind: str
+    subject: str | None
+    symbol: str | None
+    strategy_id: str | None
+    expected: str | None
+    actual: str | None
+    detail: str
+    differences: int
+
+
 #: Record type name (the schema's) -> its TypedDict.
 BY_SCHEMA: dict[str, type] = {
     "L2Update": L2Update, "BookSnapshot": BookSnapshot, "Trade": Trade, "Bar": Bar,
-    "OrderRequest": OrderRequest, "OrderEvent": OrderEvent,
+    "OrderRequest": OrderRequest, "OrderEvent": OrderEvent, "Position": Position,
+    "StrategyPnl": StrategyPnl, "StrategyControl": StrategyControl,
+    "ReconciliationEvent": ReconciliationEvent,
 }

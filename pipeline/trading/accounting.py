@@ -42,6 +42,7 @@ from typing import Any, Iterable, Mapping
 
 from pipeline.core.decimals import ZERO, plain
 from pipeline.core.symbols import split_symbol
+from pipeline.core.vocabulary import FILL_KINDS
 
 ONE = Decimal(1)
 
@@ -400,18 +401,29 @@ class Ledger:
         return ledger
 
 
-def fill_of(event: Mapping[str, Any]) -> tuple[Decimal, Decimal, Decimal, str | None] | None:
-    """(signed amount, price, fee, fee currency) of an ``OrderEvent`` that is one fill,
-    else None. Events from before per-fill fields carry no ``last_fill_amount``: the
-    caller works the fill out from the running totals (see the tracker)."""
-    amount = event.get("last_fill_amount")
-    if amount is None:
+def new_fill(event: Mapping[str, Any], filled: dict[str, Decimal]
+             ) -> tuple[Decimal, Decimal, Decimal, str | None] | None:
+    """(signed amount, price, fee, fee currency) of an ``OrderEvent`` that is a fill not
+    counted yet, else None. ``filled`` (client_order_id -> filled amount counted) is the
+    caller's memory: a fill whose order's ``filled_amount`` does not grow was seen
+    already (the caller drops an order's entry once it is closed). Events from before
+    the per-fill fields are the change of the running totals at the average price."""
+    if event["kind"] not in FILL_KINDS:
         return None
-    size = Decimal(amount)
+    cid = event["client_order_id"]
+    total = Decimal(event["filled_amount"])
+    before = filled.get(cid, ZERO)
+    if total <= before:
+        return None
+    filled[cid] = total
+    if event.get("last_fill_amount") is not None:
+        size = Decimal(event["last_fill_amount"])
+        price, fee = Decimal(event["last_fill_price"]), Decimal(event.get("last_fill_fee") or "0")
+    else:
+        size, price, fee = total - before, Decimal(event["avg_fill_price"] or "0"), ZERO
     if event["side"].lower() != "buy":
         size = -size
-    return (size, Decimal(event["last_fill_price"]), Decimal(event.get("last_fill_fee") or "0"),
-            event.get("fee_currency"))
+    return size, price, fee, event.get("fee_currency")
 
 
 def _texts(values: Mapping[str, Decimal]) -> dict[str, str]:
@@ -426,8 +438,9 @@ def fold(events: Iterable[Mapping[str, Any]], capital: Decimal = ZERO,
          currency: str | None = None) -> Ledger:
     """A ledger of the fills among ``events`` (OrderEvents, one strategy's, in order)."""
     ledger = Ledger(capital, currency=currency, keep_trades=False)
+    filled: dict[str, Decimal] = {}
     for event in events:
-        fill = fill_of(event)
+        fill = new_fill(event, filled)
         if fill is not None:
             size, price, fee, fee_currency = fill
             ledger.fill(event["symbol"], size, price, event["event_ms"], fee=fee,

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from pipeline.core.decimals import ZERO, plain
 from pipeline.core.vocabulary import FILL_KINDS, TERMINAL_KINDS, OrderAction, OrderEventKind
-from pipeline.trading.accounting import Ledger, fill_of
+from pipeline.trading.accounting import Ledger, new_fill
 
 K = OrderEventKind
 _CANCEL_REJECTED, _ACCEPTED = K.CANCEL_REJECTED.value, K.ACCEPTED.value
@@ -119,19 +119,11 @@ class OrderTracker:
         return True
 
     def _fill(self, cid: str, event: Mapping[str, Any]) -> None:
-        total = Decimal(event["filled_amount"])
-        before = self._filled.get(cid, ZERO)
-        if total <= before:
-            return  # seen already
-        self._filled[cid] = total
-        fill = fill_of(event)
-        if fill is None:  # an event from before per-fill fields: the change of the totals
-            amount = total - before
-            fill = (amount if event["side"].lower() == "buy" else -amount,
-                    Decimal(event["avg_fill_price"] or "0"), ZERO, None)
-        size, price, fee, fee_currency = fill
-        self.ledger.fill(event["symbol"], size, price, event.get("event_ms") or 0, fee=fee,
-                         fee_currency=fee_currency)
+        fill = new_fill(event, self._filled)
+        if fill is not None:
+            size, price, fee, fee_currency = fill
+            self.ledger.fill(event["symbol"], size, price, event.get("event_ms") or 0,
+                             fee=fee, fee_currency=fee_currency)
 
     def expire(self, now_ms: int) -> int:
         """Forget orders that can no longer be live: never acknowledged and past their

@@ -1,0 +1,367 @@
+"""Live portfolio: every strategy's ledger, marked to the books, with risk stops on PnL.
+
+Pure logic behind the ``portfolio`` group (``consumers/portfolio.py``), no Kafka: fills
+(``OrderEvent``) go into one :class:`~pipeline.trading.accounting.Ledger` per strategy,
+book snapshots give the marks, and every call returns the records to publish
+(``Position``, ``StrategyPnl``, ``StrategyControl``).
+
+* **Marks** are the mid of a symbol's latest snapshot, used while younger than
+  ``max_mark_age_ms`` (by the caller's clock); a figure that needs an older or missing
+  mark is null and the record says ``stale`` (never computed from an old price).
+* **Drawdown** is the peak equity seen minus equity now; **daily PnL** is equity now
+  minus the first equity of the UTC day (of the clock). Both only move on fresh figures.
+* **Risk stops** (:class:`RiskStop` per strategy): crossing ``max_drawdown`` (currency, or
+  a percentage of the peak) or ``max_daily_loss`` publishes one halt
+  (``StrategyControl``) that execution obeys. A resume (``pipeline strategy resume``)
+  starts both measures afresh from the equity at that moment.
+* **Bad fills** (unknown symbol, amount or price not positive, a fee that is not a
+  decimal) raise :class:`BadFill` before anything changes: the group dead-letters them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any, Iterable, Mapping
+
+from pipeline.core.decimals import ZERO, plain
+from pipeline.core.symbols import split_symbol
+from pipeline.core.vocabulary import TERMINAL_KINDS
+from pipeline.errors import PipelineError
+from pipeline.trading.accounting import Ledger, conversion, new_fill
+
+STATE_VERSION = 1
+DAY_MS = 86_400_000
+HALT_REASONS = ("max_drawdown", "max_daily_loss", "operator")
+
+
+class BadFill(PipelineError):
+    """A fill the portfolio refuses (it goes to the dead-letter topic, nothing changes)."""
+
+
+@dataclass(frozen=True)
+class RiskStop:
+    """Per-strategy PnL limits; None: no limit. ``max_drawdown_pct`` is a fraction."""
+
+    max_drawdown: Decimal | None = None
+    max_drawdown_pct: Decimal | None = None
+    max_daily_loss: Decimal | None = None
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> "RiskStop":
+        """From the topology: ``{max_drawdown = "100" | "5%", max_daily_loss = "50"}``."""
+        unknown = set(raw) - {"max_drawdown", "max_daily_loss"}
+        if unknown:
+            raise PipelineError(f"unknown risk limit(s) {', '.join(sorted(unknown))}: "
+                                "max_drawdown, max_daily_loss")
+        values: dict[str, Decimal | None] = {}
+        for name in ("max_drawdown", "max_daily_loss"):
+            text = raw.get(name)
+            if text is None:
+                continue
+            text = str(text).strip()
+            pct = text.endswith("%")
+            try:
+                value = Decimal(text[:-1] if pct else text)
+            except InvalidOperation:
+                raise PipelineError(f"{name} must be an amount or a percentage, not {text!r}"
+                                    ) from None
+            if not value.is_finite() or value <= 0:
+                raise PipelineError(f"{name} must be positive, not {text!r}")
+            if pct and name == "max_daily_loss":
+                raise PipelineError("max_daily_loss is an amount in the strategy's currency")
+            values[name + ("_pct" if pct else "")] = value / 100 if pct else value
+        return cls(**values)
+
+
+@dataclass
+class PortfolioConfig:
+    capital: Mapping[str, Decimal] = field(default_factory=dict)  # strategy -> capital
+    default_capital: Decimal = ZERO
+    currency: str = "USD"  # what equity is reported in
+    limits: Mapping[str, RiskStop] = field(default_factory=dict)  # strategy or "*"
+    symbols: frozenset[str] = frozenset()  # known symbols; empty: any
+    max_mark_age_ms: int | None = 60_000
+    pnl_interval_ms: int = 10_000
+
+    def capital_of(self, strategy_id: str) -> Decimal:
+        return self.capital.get(strategy_id, self.default_capital)
+
+    def limit_of(self, strategy_id: str) -> RiskStop | None:
+        return self.limits.get(strategy_id) or self.limits.get("*")
+
+
+@dataclass
+class StrategyAccount:
+    """One strategy's ledger and the peaks its risk stops measure from."""
+
+    ledger: Ledger
+    peak: Decimal | None = None
+    day: int | None = None  # UTC day number of day_start
+    day_start: Decimal | None = None
+    halted: bool = False
+    halt_reason: str | None = None
+    seq: int = 0
+    fills_by_symbol: dict[str, int] = field(default_factory=dict)
+
+    def dump(self) -> dict[str, Any]:
+        return {"ledger": self.ledger.dump(), "peak": _text(self.peak), "day": self.day,
+                "day_start": _text(self.day_start), "halted": self.halted,
+                "halt_reason": self.halt_reason, "seq": self.seq,
+                "fills_by_symbol": self.fills_by_symbol}
+
+    @classmethod
+    def load(cls, state: Mapping[str, Any]) -> "StrategyAccount":
+        return cls(Ledger.load(state["ledger"]), _number(state["peak"]), state["day"],
+                   _number(state["day_start"]), state["halted"], state["halt_reason"],
+                   state["seq"], dict(state["fills_by_symbol"]))
+
+
+@dataclass(frozen=True)
+class Valuation:
+    """A strategy's figures at the current marks (None where a mark is missing/stale)."""
+
+    realized: Decimal | None
+    unrealized: Decimal | None
+    fees: Decimal | None
+    equity: Decimal | None
+    exposure: Decimal | None
+    stale: tuple[str, ...]
+
+
+class Portfolio:
+    """See the module doc. Call :meth:`on_fill`, :meth:`on_book`, :meth:`on_control`,
+    :meth:`tick`; each returns ``(kind, record)`` pairs, kind one of ``position``,
+    ``pnl``, ``control``."""
+
+    def __init__(self, config: PortfolioConfig) -> None:
+        self.config = config
+        self.accounts: dict[str, StrategyAccount] = {}
+        self.books: dict[str, tuple[str, str, int]] = {}  # symbol -> (bid, ask, ms)
+        self._filled: dict[str, Decimal] = {}  # open orders' counted fill amounts
+        self.last_tick_ms: int | None = None
+
+    # -- in
+
+    def account(self, strategy_id: str) -> StrategyAccount:
+        account = self.accounts.get(strategy_id)
+        if account is None:
+            ledger = Ledger(self.config.capital_of(strategy_id), currency=self.config.currency,
+                            keep_trades=False)
+            account = self.accounts[strategy_id] = StrategyAccount(ledger)
+        return account
+
+    def on_fill(self, event: Mapping[str, Any], now_ms: int) -> list[tuple[str, dict]]:
+        """An ``OrderEvent``: a fill books into its strategy's ledger; the others only
+        close the order's fill memory. Raises :class:`BadFill` (nothing changed)."""
+        self._check(event)
+        fill = new_fill(event, self._filled)
+        if event["kind"] in TERMINAL_KINDS:
+            self._filled.pop(event["client_order_id"], None)
+        if fill is None:
+            return []
+        size, price, fee, fee_currency = fill
+        strategy, symbol = event["strategy_id"], event["symbol"]
+        account = self.account(strategy)
+        account.ledger.fill(symbol, size, price, event["event_ms"], fee=fee,
+                            fee_currency=fee_currency)
+        account.fills_by_symbol[symbol] = account.fills_by_symbol.get(symbol, 0) + 1
+        out = [("position", self.position(strategy, symbol, now_ms))]
+        return out + self._report(strategy, "fill", event["event_ms"], now_ms)
+
+    def _check(self, event: Mapping[str, Any]) -> None:
+        symbol = event.get("symbol")
+        where = f"order {event.get('client_order_id')!r} of {event.get('strategy_id')!r}"
+        known = self.config.symbols
+        if not isinstance(symbol, str) or (known and symbol not in known):
+            raise BadFill(f"{where}: unknown symbol {symbol!r}")
+        for name in ("filled_amount", "last_fill_amount", "last_fill_price", "last_fill_fee"):
+            text = event.get(name)
+            if text is None:
+                continue
+            try:
+                value = Decimal(text)
+            except (InvalidOperation, TypeError):
+                raise BadFill(f"{where}: {name} is not a decimal: {text!r}") from None
+            strict = name in ("last_fill_amount", "last_fill_price")
+            if not value.is_finite() or value < 0 or (strict and value == 0):
+                raise BadFill(f"{where}: {name} must be {'positive' if strict else 'zero or more'}"
+                              f", not {text!r}")
+
+    def on_book(self, snapshot: Mapping[str, Any]) -> None:
+        """A ``BookSnapshot``: the symbol's mark (its mid, worked out when used)."""
+        if snapshot["bids"] and snapshot["asks"]:
+            self.books[snapshot["symbol"]] = (snapshot["bids"][0]["price"],
+                                              snapshot["asks"][0]["price"],
+                                              snapshot["received_ts_us"] // 1000)
+
+    def on_control(self, record: Mapping[str, Any], now_ms: int) -> list[tuple[str, dict]]:
+        """A ``StrategyControl``: a resume clears the halt and measures afresh; a halt
+        (ours coming back, or an operator's) is remembered."""
+        account = self.account(record["strategy_id"])
+        if record["halted"]:
+            if account.halted:
+                return []
+            account.halted, account.halt_reason = True, record["reason"]
+        else:
+            if not account.halted:
+                return []
+            account.halted, account.halt_reason = False, None
+            value = self.valuation(record["strategy_id"], now_ms)
+            account.peak = value.equity
+            account.day, account.day_start = now_ms // DAY_MS, value.equity
+        return self._report(record["strategy_id"], "control", now_ms, now_ms)
+
+    def tick(self, now_ms: int) -> list[tuple[str, dict]]:
+        """Every ``pnl_interval_ms``: each strategy's PnL and held positions, re-marked."""
+        last = self.last_tick_ms
+        if last is not None and now_ms - last < self.config.pnl_interval_ms:
+            return []
+        self.last_tick_ms = now_ms
+        out: list[tuple[str, dict]] = []
+        for strategy in sorted(self.accounts):
+            ledger = self.accounts[strategy].ledger
+            out += [("position", self.position(strategy, s, now_ms))
+                    for s in sorted(ledger.needs_marks())]
+            out += self._report(strategy, "timer", now_ms, now_ms)
+        return out
+
+    # -- figures
+
+    def marks(self, now_ms: int) -> tuple[dict[str, Decimal], dict[str, int]]:
+        """Fresh marks (symbol -> mid) and the age of every book (ms)."""
+        limit = self.config.max_mark_age_ms
+        fresh: dict[str, Decimal] = {}
+        ages: dict[str, int] = {}
+        for symbol, (bid, ask, ms) in self.books.items():
+            ages[symbol] = now_ms - ms
+            if limit is None or now_ms - ms <= limit:
+                fresh[symbol] = (Decimal(bid) + Decimal(ask)) / 2
+        return fresh, ages
+
+    def valuation(self, strategy_id: str, now_ms: int) -> Valuation:
+        """The strategy's figures in the portfolio's currency at the fresh marks."""
+        ledger = self.account(strategy_id).ledger
+        marks, _ = self.marks(now_ms)
+        into = self.config.currency
+        stale = [s for s in sorted(ledger.needs_marks()) if s not in marks]
+        currencies = {split_symbol(s)[1] for s in ledger.realized} | \
+            {c for c, v in ledger.balances.items() if v}
+        stale += [f"{c}{into}" for c in sorted(currencies) if conversion(c, into, marks) is None]
+        unrealized: Decimal | None = ZERO
+        for symbol in ledger.needs_marks():
+            rate = conversion(split_symbol(symbol)[1], into, marks)
+            if symbol not in marks or rate is None:
+                unrealized = None
+                break
+            unrealized += ledger.unrealized_of(symbol, marks[symbol]) * rate  # type: ignore[operator]
+        return Valuation(ledger.realized_total(marks, into), unrealized,
+                         ledger.fees_total(marks, into), ledger.equity(marks, into),
+                         ledger.exposure(marks, into), tuple(stale))
+
+    def position(self, strategy_id: str, symbol: str, now_ms: int) -> dict:
+        account = self.account(strategy_id)
+        ledger = account.ledger
+        book = self.books.get(symbol)
+        marks, _ = self.marks(now_ms)
+        mark = marks.get(symbol)
+        quantity = ledger.position.get(symbol, ZERO)
+        return {"strategy_id": strategy_id, "symbol": symbol, "quantity": plain(quantity),
+                "average_entry": _text(ledger.average_entry(symbol)),
+                "cost": plain(ledger.cost.get(symbol, ZERO)),
+                "realized_pnl": plain(ledger.realized.get(symbol, ZERO)),
+                "unrealized_pnl": None if mark is None else plain(ledger.unrealized_of(symbol, mark)),
+                "mark": None if mark is None else plain(mark),
+                "mark_ms": None if mark is None or book is None else book[2],
+                "currency": split_symbol(symbol)[1],
+                "fills": account.fills_by_symbol.get(symbol, 0), "updated_ms": now_ms}
+
+    def _report(self, strategy_id: str, trigger: str, event_ms: int, now_ms: int
+                ) -> list[tuple[str, dict]]:
+        """The strategy's PnL record, and a halt if a risk stop is crossed."""
+        account = self.account(strategy_id)
+        value = self.valuation(strategy_id, now_ms)
+        equity = value.equity
+        drawdown = pct = daily = None
+        if equity is not None:
+            if account.peak is None or equity > account.peak:
+                account.peak = equity
+            day = now_ms // DAY_MS
+            if account.day != day or account.day_start is None:
+                account.day, account.day_start = day, equity
+            drawdown = account.peak - equity
+            pct = drawdown / account.peak if account.peak > 0 else None
+            daily = equity - account.day_start
+        out: list[tuple[str, dict]] = []
+        halt = None if account.halted or equity is None else \
+            _crossed(self.config.limit_of(strategy_id), drawdown, pct, daily,
+                     self.config.currency)
+        if halt is not None:
+            account.halted, account.halt_reason = True, halt[0]
+            out.append(("control", {"strategy_id": strategy_id, "halted": True,
+                                    "reason": halt[0], "detail": halt[1], "at_ms": now_ms,
+                                    "by": "portfolio"}))
+        account.seq += 1
+        ledger = account.ledger
+        out.insert(0, ("pnl", {
+            "strategy_id": strategy_id, "seq": account.seq, "event_ms": event_ms,
+            "trigger": trigger, "currency": self.config.currency,
+            "capital": plain(self.config.capital_of(strategy_id)),
+            "realized_pnl": _text(value.realized), "unrealized_pnl": _text(value.unrealized),
+            "fees": _text(value.fees), "equity": _text(equity),
+            "peak_equity": _text(account.peak), "drawdown": _text(drawdown),
+            "drawdown_pct": _text(pct), "daily_pnl": _text(daily),
+            "exposure": _text(value.exposure), "fills": ledger.fills,
+            "stale": bool(value.stale), "stale_symbols": list(value.stale),
+            "halted": account.halted}))
+        return out
+
+    # -- state
+
+    def dump(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION,
+                "accounts": {s: a.dump() for s, a in self.accounts.items()},
+                "books": {s: list(b) for s, b in self.books.items()},
+                "filled": {c: plain(f) for c, f in self._filled.items()},
+                "last_tick_ms": self.last_tick_ms}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise PipelineError(f"portfolio state version {state.get('version')!r} is not "
+                                f"{STATE_VERSION}: this code cannot read it")
+        self.accounts = {s: StrategyAccount.load(a) for s, a in state["accounts"].items()}
+        self.books = {s: (b[0], b[1], b[2]) for s, b in state["books"].items()}
+        self._filled = {c: Decimal(f) for c, f in state["filled"].items()}
+        self.last_tick_ms = state["last_tick_ms"]
+
+    def open_fill_orders(self) -> Iterable[str]:
+        return self._filled.keys()
+
+
+def _crossed(stop: RiskStop | None, drawdown: Decimal | None, pct: Decimal | None,
+             daily: Decimal | None, currency: str) -> tuple[str, str] | None:
+    if stop is None:
+        return None
+    if stop.max_drawdown is not None and drawdown is not None and drawdown > stop.max_drawdown:
+        return "max_drawdown", (f"drawdown {plain(drawdown)} {currency} > limit "
+                                f"{plain(stop.max_drawdown)}")
+    if stop.max_drawdown_pct is not None and pct is not None and pct > stop.max_drawdown_pct:
+        return "max_drawdown", (f"drawdown {plain(pct * 100)}% > limit "
+                                f"{plain(stop.max_drawdown_pct * 100)}%")
+    if stop.max_daily_loss is not None and daily is not None and -daily > stop.max_daily_loss:
+        return "max_daily_loss", (f"daily loss {plain(-daily)} {currency} > limit "
+                                  f"{plain(stop.max_daily_loss)}")
+    return None
+
+
+def day_of(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+def _text(value: Decimal | None) -> str | None:
+    return None if value is None else plain(value)
+
+
+def _number(text: str | None) -> Decimal | None:
+    return None if text is None else Decimal(text)
