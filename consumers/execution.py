@@ -24,6 +24,13 @@ every instance; remove it to resume) is read once per batch: while it exists eve
 order is rejected (``risk:kill_switch``), and when it appears every open order is
 cancelled within that batch (paper: in the simulator; Gemini: ``/v1/order/cancel/session``).
 
+**Strategy halts.** Every instance follows the compacted ``<ns>.strategy.control`` in full
+(read once per batch, like the kill switch): when a strategy's newest record halts it (the
+``portfolio`` group's risk stop on drawdown or daily loss, or ``pipeline strategy halt``),
+its open orders are cancelled within that batch and its new orders are rejected
+(``risk:strategy_halted``) until a resume (``pipeline strategy resume ID``). A restarted
+instance reads the topic to its end first, so a halt survives restarts.
+
 **Exactly one outcome per request.** The group is transactional: a batch's order events,
 its ``SeenOrder`` records, paper mode's state and the input offsets commit together. On
 assignment it reads ``orders.seen`` to its end (waiting for transactions a dead member
@@ -72,7 +79,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Iterable
 
-from confluent_kafka import Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 from pipeline.catalog import Namespace, end_offset
 from pipeline.core.decimals import plain
@@ -162,7 +169,7 @@ class ExecutionHandler(Handler):
         self.mode = ExecutionMode(settings.mode.upper()).value
         self.topic = {n: namespace.topic(n) for n in (
             "orders.requests", "book.snapshots", "md.l2", "md.trades", "orders.events",
-            "orders.seen", "paper.state")}
+            "orders.seen", "paper.state", "strategy.control")}
         self.encode_event = serde.encoder(self.topic["orders.events"])
         self.encode_seen = serde.encoder(self.topic["orders.seen"])
         self.decode = serde.decoder()
@@ -170,6 +177,11 @@ class ExecutionHandler(Handler):
         self.state = RiskState()
         self.counts: Counter = Counter()
         self.halted: str | None = None
+        # strategy.control: halted strategies (their newest record), read by every
+        # instance in full (a broadcast, not a partition of the group's input)
+        self.halts: dict[str, dict] = {}
+        self._to_cancel: set[str] = set()  # halted strategies whose orders to cancel
+        self._control: Consumer | None = None
         self._killed: bool | None = None  # this batch's reading of the kill switch
         self._kill_done = False  # open orders cancelled since the switch came on
         self.rest = None
@@ -312,7 +324,8 @@ class ExecutionHandler(Handler):
     def _decide(self, req: dict, now: int, settled: bool = False):
         return decide(req, keys=self.keys, seen=self.seen, killed=self._kill_switch(),
                       now_ms=now, limits=self.settings.risk, state=self.state,
-                      book=self.client.book(req["symbol"]), settled=settled)
+                      book=self.client.book(req["symbol"]), settled=settled,
+                      halted=self.halts)
 
     def _kill_switch(self) -> bool:
         if self._killed is None:
@@ -370,6 +383,13 @@ class ExecutionHandler(Handler):
                 self._kill_done = True
         else:
             self._kill_done = False
+        self._read_controls()
+        for strategy_id in sorted(self._to_cancel):
+            events = self.client.cancel_strategy(strategy_id, now, risk.STRATEGY_HALTED)
+            log.warning("strategy %s halted: %d open order(s) cancelled", strategy_id,
+                        sum(e["kind"] == K.CANCELLED.value for e in events))
+            out += self._events(events)
+        self._to_cancel.clear()
         if self.paper is not None:
             for partition in [p for p, held in self._held.items() if held]:
                 out += self._release(partition)
@@ -396,11 +416,56 @@ class ExecutionHandler(Handler):
                 self._held.pop(tp.partition, None)
         return self._paper_state(everything=True) if self.paper is not None else ()
 
+    # -- strategy halts
+
+    def _apply_control(self, value: dict) -> None:
+        strategy_id = value["strategy_id"]
+        if value["halted"]:
+            if strategy_id not in self.halts:
+                log.warning("strategy %s halted (%s: %s, by %s): cancelling its orders, "
+                            "rejecting new ones", strategy_id, value["reason"], value["detail"],
+                            value["by"])
+                self._to_cancel.add(strategy_id)
+            self.halts[strategy_id] = value
+        elif self.halts.pop(strategy_id, None) is not None:
+            log.warning("strategy %s resumed by %s", strategy_id, value["by"])
+            self._to_cancel.discard(strategy_id)
+
+    def _read_controls(self) -> None:
+        """New ``strategy.control`` records since the last batch."""
+        if self._control is None:
+            return
+        while True:
+            msgs = self._control.consume(100, 0)
+            if not msgs:
+                return
+            for msg in msgs:
+                value = self._decoded(msg) if msg.error() is None else None
+                if value is not None:
+                    self._apply_control(value)
+
+    def _restore_controls(self, timeout: float) -> None:
+        """Every strategy's newest control record; then follow the topic from there. A
+        strategy halted before the restart has its orders cancelled again (idempotent)."""
+        topic = self.topic["strategy.control"]
+        self.halts, self._to_cancel, starts = {}, set(), {}
+        for msg in read_to_end(self.bootstrap, topic, timeout):
+            starts[msg.partition()] = msg.offset() + 1
+            value = self._decoded(msg)
+            if value is not None:
+                self._apply_control(value)
+        if self._control is None:
+            self._control = restore_consumer(self.bootstrap)
+        parts = self._control.list_topics(topic, timeout=10).topics[topic].partitions
+        self._control.assign([TopicPartition(topic, p, starts.get(p, OFFSET_BEGINNING))
+                              for p in sorted(parts)])
+
     # -- restore
 
     def on_assign(self, partitions: list[TopicPartition]) -> list[TopicPartition] | None:
         started = time.monotonic()
         timeout = self.settings.restore_timeout_s
+        self._restore_controls(timeout)
         seen: dict[str, Seen] = {}
         for msg in read_to_end(self.bootstrap, self.topic["orders.seen"], timeout):
             value = self._decoded(msg)
@@ -526,6 +591,9 @@ class ExecutionHandler(Handler):
         return starts
 
     def close(self) -> Iterable[Output]:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
         if self.rest is not None:
             self.rest.close()
         if self.intents is not None:
@@ -550,8 +618,9 @@ def check_mode(namespace: Namespace, settings: ExecutionSettings,
 
 
 TOPICS_PAPER = ("orders.requests", "md.l2", "md.trades", "orders.events", "orders.seen",
-                "paper.state", "dlq")
-TOPICS_GEMINI = ("orders.requests", "book.snapshots", "orders.events", "orders.seen", "dlq")
+                "paper.state", "strategy.control", "dlq")
+TOPICS_GEMINI = ("orders.requests", "book.snapshots", "orders.events", "orders.seen",
+                 "strategy.control", "dlq")
 
 
 def make_group(bootstrap: str, registry_url: str, namespace: Namespace,
@@ -572,7 +641,8 @@ def make_group(bootstrap: str, registry_url: str, namespace: Namespace,
     return GroupConfig(
         group_id=group_id,
         topics=[namespace.topic(n) for n in names
-                if n not in ("orders.events", "orders.seen", "paper.state", "dlq")],
+                if n not in ("orders.events", "orders.seen", "paper.state", "strategy.control",
+                             "dlq")],
         dead_letter_topic=namespace.topic("dlq"),
         handler=lambda: ExecutionHandler(namespace, serde, bootstrap, settings, keys,
                                          credentials, clock_ms, group_id),

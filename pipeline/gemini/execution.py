@@ -341,6 +341,17 @@ class GeminiExecution:
             events += self._progress(followed, status, reason=kill)
         return events, "cancel"
 
+    def cancel_strategy(self, strategy_id: str, now_ms: int, reason: str) -> list[OrderEvent]:
+        """One cancel per open order of the strategy (the session is every strategy's)."""
+        events: list[OrderEvent] = []
+        for cid, followed in sorted(self.followed.items()):
+            order = followed.order
+            if order.strategy_id == strategy_id:
+                request = {"client_order_id": f"halt-{cid}", "strategy_id": strategy_id,
+                           "symbol": order.symbol, "side": order.side.wire}
+                events += self._cancel(cid, request, reason)  # type: ignore[arg-type]
+        return events
+
     def replace(self, request: OrderRequest, price: Decimal | None, now_ms: int
                 ) -> tuple[list[OrderEvent], str]:
         events = self._cancel(request["target_client_order_id"], request)

@@ -12,7 +12,8 @@ Checks, in order; the first that fails names the outcome:
 4. a CANCEL or CANCEL_ALL goes through from here (cancels only reduce risk: the kill
    switch and expiry do not stop them), after the target checks: an id never acted on is
    CANCEL_REJECTED ``unknown_order``, another strategy's ``not_owner``;
-5. ``risk:kill_switch``: the kill switch is on;
+5. ``risk:kill_switch``: the kill switch is on; ``risk:strategy_halted``: the strategy is
+   halted (a risk stop on its PnL, or an operator: ``strategy.control``);
 6. ``expired``: ``expires_ms`` is in the past;
 7. ``invalid_request``: amount or price is not a positive decimal (or a LIMIT without one);
    a REPLACE of an unknown or another strategy's order: ``replace:unknown_order`` /
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Mapping, Protocol
+from typing import Any, Container, Mapping, Protocol
 
 from pipeline.core.decimals import ZERO, positive
 from pipeline.core.records import OrderEvent, OrderRequest
@@ -80,7 +81,8 @@ class Verdict:
 
 def decide(request: Mapping[str, Any], *, keys: StrategyKeys, seen: Mapping[str, Seen],
            killed: bool, now_ms: int, limits: RiskLimits, state: RiskState,
-           book: BookTop | None, settled: bool = False) -> Verdict:
+           book: BookTop | None, settled: bool = False,
+           halted: Container[str] = frozenset()) -> Verdict:
     """The verdict on one request (see the module doc). ``settled``: an intent found for
     it was settled (the order is not at the exchange), so decide as for a new request."""
     cid, strategy_id = request["client_order_id"], request["strategy_id"]
@@ -103,6 +105,8 @@ def decide(request: Mapping[str, Any], *, keys: StrategyKeys, seen: Mapping[str,
         return Verdict(CANCEL_ALL)
     if killed:
         return Verdict(REJECT, risk.KILL_SWITCH)
+    if strategy_id in halted:
+        return Verdict(REJECT, risk.STRATEGY_HALTED)
     if request["expires_ms"] < now_ms:
         return Verdict(REJECT, "expired", detail=f"expired {now_ms - request['expires_ms']} ms ago")
     amount = positive(request["amount"])
@@ -181,6 +185,9 @@ class ExecutionClient(Protocol):
                    ) -> tuple[list[OrderEvent], str]:
         """The request's strategy's open orders in its symbol; with no request (the kill
         switch) every open order this client has."""
+
+    def cancel_strategy(self, strategy_id: str, now_ms: int, reason: str) -> list[OrderEvent]:
+        """Every open order of ``strategy_id``, in every symbol (a halted strategy)."""
 
     def poll(self, now_ms: int) -> list[OrderEvent]:
         """What happened since the last call (fills of resting orders, expiries)."""

@@ -94,6 +94,9 @@ class PaperExecution:
             return self.exchange.cancel_all(now_ms * 1000, reason=reason), PAPER
         return self.exchange.execute(request, now_ms * 1000), PAPER
 
+    def cancel_strategy(self, strategy_id: str, now_ms: int, reason: str) -> list[OrderEvent]:
+        return self.exchange.cancel_all(now_ms * 1000, strategy_id=strategy_id, reason=reason)
+
     def _execute(self, request: OrderRequest, price: Decimal | None, now_ms: int
                  ) -> list[OrderEvent]:
         as_limit = request["order_type"] == OrderType.MARKET and price is not None

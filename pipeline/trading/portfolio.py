@@ -2,7 +2,8 @@
 
 Pure logic behind the ``portfolio`` group (``consumers/portfolio.py``), no Kafka: fills
 (``OrderEvent``) go into one :class:`~pipeline.trading.accounting.Ledger` per strategy,
-book snapshots give the marks, and every call returns the records to publish
+book snapshots give the marks, every event keeps the open orders (what reconciliation
+compares with Gemini's), and every call returns the records to publish
 (``Position``, ``StrategyPnl``, ``StrategyControl``).
 
 * **Marks** are the mid of a symbol's latest snapshot, used while younger than
@@ -23,17 +24,18 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from pipeline.core.decimals import ZERO, plain
 from pipeline.core.symbols import split_symbol
-from pipeline.core.vocabulary import TERMINAL_KINDS
+from pipeline.core.vocabulary import FILL_KINDS, TERMINAL_KINDS, OrderEventKind
 from pipeline.errors import PipelineError
 from pipeline.trading.accounting import Ledger, conversion, new_fill
 
 STATE_VERSION = 1
 DAY_MS = 86_400_000
-HALT_REASONS = ("max_drawdown", "max_daily_loss", "operator")
+FILL_MEMORY_MS = 2 * DAY_MS  # how long an order's fills are kept for reconciliation
+K = OrderEventKind
 
 
 class BadFill(PipelineError):
@@ -131,7 +133,7 @@ class Valuation:
 
 
 class Portfolio:
-    """See the module doc. Call :meth:`on_fill`, :meth:`on_book`, :meth:`on_control`,
+    """See the module doc. Call :meth:`on_event`, :meth:`on_book`, :meth:`on_control`,
     :meth:`tick`; each returns ``(kind, record)`` pairs, kind one of ``position``,
     ``pnl``, ``control``."""
 
@@ -140,6 +142,10 @@ class Portfolio:
         self.accounts: dict[str, StrategyAccount] = {}
         self.books: dict[str, tuple[str, str, int]] = {}  # symbol -> (bid, ask, ms)
         self._filled: dict[str, Decimal] = {}  # open orders' counted fill amounts
+        self.open_orders: dict[str, dict] = {}  # client_order_id -> the order, while open
+        # exchange order id (else client order id) -> its fills' total amount and fees,
+        # for orders filled in the last FILL_MEMORY_MS (what reconciliation compares)
+        self.order_fills: dict[str, dict] = {}
         self.last_tick_ms: int | None = None
 
     # -- in
@@ -152,13 +158,24 @@ class Portfolio:
             account = self.accounts[strategy_id] = StrategyAccount(ledger)
         return account
 
-    def on_fill(self, event: Mapping[str, Any], now_ms: int) -> list[tuple[str, dict]]:
-        """An ``OrderEvent``: a fill books into its strategy's ledger; the others only
-        close the order's fill memory. Raises :class:`BadFill` (nothing changed)."""
-        self._check(event)
+    def on_event(self, event: Mapping[str, Any], now_ms: int) -> list[tuple[str, dict]]:
+        """An ``OrderEvent``: a fill books into its strategy's ledger; every event keeps
+        the open orders (for reconciliation) up to date. Raises :class:`BadFill` (nothing
+        changed)."""
+        cid, kind = event["client_order_id"], event["kind"]
+        if kind in FILL_KINDS:
+            self._check(event)
         fill = new_fill(event, self._filled)
-        if event["kind"] in TERMINAL_KINDS:
-            self._filled.pop(event["client_order_id"], None)
+        if kind in TERMINAL_KINDS:
+            self._filled.pop(cid, None)
+            self.open_orders.pop(cid, None)
+        elif kind not in (K.REJECTED.value, K.CANCEL_REJECTED.value):
+            self.open_orders[cid] = {
+                "strategy_id": event["strategy_id"], "symbol": event["symbol"],
+                "side": event["side"], "price": event.get("price"), "amount": event["amount"],
+                "filled_amount": event["filled_amount"],
+                "exchange_order_id": event.get("exchange_order_id"), "mode": event["mode"],
+                "event_ms": event["event_ms"]}
         if fill is None:
             return []
         size, price, fee, fee_currency = fill
@@ -167,6 +184,13 @@ class Portfolio:
         account.ledger.fill(symbol, size, price, event["event_ms"], fee=fee,
                             fee_currency=fee_currency)
         account.fills_by_symbol[symbol] = account.fills_by_symbol.get(symbol, 0) + 1
+        key = event.get("exchange_order_id") or cid
+        seen = self.order_fills.setdefault(key, {
+            "client_order_id": cid, "strategy_id": strategy, "symbol": symbol, "mode":
+            event["mode"], "amount": "0", "fee": "0", "last_ms": event["event_ms"]})
+        seen["amount"] = plain(Decimal(seen["amount"]) + abs(size))
+        seen["fee"] = plain(Decimal(seen["fee"]) + fee)
+        seen["last_ms"] = event["event_ms"]
         out = [("position", self.position(strategy, symbol, now_ms))]
         return out + self._report(strategy, "fill", event["event_ms"], now_ms)
 
@@ -219,6 +243,9 @@ class Portfolio:
         if last is not None and now_ms - last < self.config.pnl_interval_ms:
             return []
         self.last_tick_ms = now_ms
+        for key in [k for k, f in self.order_fills.items()
+                    if f["last_ms"] < now_ms - FILL_MEMORY_MS]:
+            del self.order_fills[key]
         out: list[tuple[str, dict]] = []
         for strategy in sorted(self.accounts):
             ledger = self.accounts[strategy].ledger
@@ -324,6 +351,7 @@ class Portfolio:
                 "accounts": {s: a.dump() for s, a in self.accounts.items()},
                 "books": {s: list(b) for s, b in self.books.items()},
                 "filled": {c: plain(f) for c, f in self._filled.items()},
+                "open_orders": self.open_orders, "order_fills": self.order_fills,
                 "last_tick_ms": self.last_tick_ms}
 
     def load(self, state: Mapping[str, Any]) -> None:
@@ -333,10 +361,20 @@ class Portfolio:
         self.accounts = {s: StrategyAccount.load(a) for s, a in state["accounts"].items()}
         self.books = {s: (b[0], b[1], b[2]) for s, b in state["books"].items()}
         self._filled = {c: Decimal(f) for c, f in state["filled"].items()}
+        self.open_orders = dict(state["open_orders"])
+        self.order_fills = dict(state["order_fills"])
         self.last_tick_ms = state["last_tick_ms"]
 
-    def open_fill_orders(self) -> Iterable[str]:
-        return self._filled.keys()
+    def holdings(self) -> dict[str, Decimal]:
+        """What every strategy's fills changed in the account, per currency (capital not
+        counted): what reconciliation expects Gemini's balances to have moved by."""
+        out: dict[str, Decimal] = {}
+        for strategy, account in self.accounts.items():
+            for currency, amount in account.ledger.holdings().items():
+                if currency == account.ledger.currency:
+                    amount -= self.config.capital_of(strategy)
+                out[currency] = out.get(currency, ZERO) + amount
+        return out
 
 
 def _crossed(stop: RiskStop | None, drawdown: Decimal | None, pct: Decimal | None,

@@ -41,6 +41,7 @@ _NO_CHANGE = frozenset({OrderEventKind.REJECTED, OrderEventKind.CANCEL_REJECTED,
                         OrderEventKind.UNKNOWN})
 
 KILL_SWITCH = "risk:kill_switch"
+STRATEGY_HALTED = "risk:strategy_halted"
 PRICE_BAND = "risk:price_band"
 MAX_NOTIONAL = "risk:max_notional"
 MAX_POSITION = "risk:max_position"
