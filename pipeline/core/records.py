@@ -147,6 +147,7 @@ class StrategyPnl(TypedDict):
     daily_pnl: str | None
     exposure: str | None
     fills: int
+    rejections: dict[str, int]
     stale: bool
     stale_symbols: list[str]
     halted: bool

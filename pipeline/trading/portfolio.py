@@ -22,6 +22,7 @@ compares with Gemini's), and every call returns the records to publish
 from __future__ import annotations
 
 import datetime as dt
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, Mapping
@@ -34,6 +35,7 @@ from pipeline.trading.accounting import Ledger, conversion, new_fill
 
 STATE_VERSION = 1
 DAY_MS = 86_400_000
+CLOSED_MEMORY = 20_000  # closed orders whose repeated events are recognised
 FILL_MEMORY_MS = 2 * DAY_MS  # how long an order's fills are kept for reconciliation
 K = OrderEventKind
 
@@ -106,18 +108,19 @@ class StrategyAccount:
     halt_reason: str | None = None
     seq: int = 0
     fills_by_symbol: dict[str, int] = field(default_factory=dict)
+    rejections: dict[str, int] = field(default_factory=dict)  # reason -> orders
 
     def dump(self) -> dict[str, Any]:
         return {"ledger": self.ledger.dump(), "peak": _text(self.peak), "day": self.day,
                 "day_start": _text(self.day_start), "halted": self.halted,
                 "halt_reason": self.halt_reason, "seq": self.seq,
-                "fills_by_symbol": self.fills_by_symbol}
+                "fills_by_symbol": self.fills_by_symbol, "rejections": self.rejections}
 
     @classmethod
     def load(cls, state: Mapping[str, Any]) -> "StrategyAccount":
         return cls(Ledger.load(state["ledger"]), _number(state["peak"]), state["day"],
                    _number(state["day_start"]), state["halted"], state["halt_reason"],
-                   state["seq"], dict(state["fills_by_symbol"]))
+                   state["seq"], dict(state["fills_by_symbol"]), dict(state["rejections"]))
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ class Portfolio:
         self.accounts: dict[str, StrategyAccount] = {}
         self.books: dict[str, tuple[str, str, int]] = {}  # symbol -> (bid, ask, ms)
         self._filled: dict[str, Decimal] = {}  # open orders' counted fill amounts
+        self._closed: OrderedDict[str, None] = OrderedDict()  # recently closed orders
         self.open_orders: dict[str, dict] = {}  # client_order_id -> the order, while open
         # exchange order id (else client order id) -> its fills' total amount and fees,
         # for orders filled in the last FILL_MEMORY_MS (what reconciliation compares)
@@ -165,10 +169,19 @@ class Portfolio:
         cid, kind = event["client_order_id"], event["kind"]
         if kind in FILL_KINDS:
             self._check(event)
+        if cid in self._closed:  # a repeat of an event of a closed order
+            return []
         fill = new_fill(event, self._filled)
+        if kind == K.REJECTED.value:
+            rejections = self.account(event["strategy_id"]).rejections
+            reason = event.get("reason") or "unknown"
+            rejections[reason] = rejections.get(reason, 0) + 1
         if kind in TERMINAL_KINDS:
             self._filled.pop(cid, None)
             self.open_orders.pop(cid, None)
+            self._closed[cid] = None
+            while len(self._closed) > CLOSED_MEMORY:
+                self._closed.popitem(last=False)
         elif kind not in (K.REJECTED.value, K.CANCEL_REJECTED.value):
             self.open_orders[cid] = {
                 "strategy_id": event["strategy_id"], "symbol": event["symbol"],
@@ -340,6 +353,7 @@ class Portfolio:
             "peak_equity": _text(account.peak), "drawdown": _text(drawdown),
             "drawdown_pct": _text(pct), "daily_pnl": _text(daily),
             "exposure": _text(value.exposure), "fills": ledger.fills,
+            "rejections": dict(account.rejections),
             "stale": bool(value.stale), "stale_symbols": list(value.stale),
             "halted": account.halted}))
         return out
@@ -351,7 +365,7 @@ class Portfolio:
                 "accounts": {s: a.dump() for s, a in self.accounts.items()},
                 "books": {s: list(b) for s, b in self.books.items()},
                 "filled": {c: plain(f) for c, f in self._filled.items()},
-                "open_orders": self.open_orders, "order_fills": self.order_fills,
+                "closed": list(self._closed), "open_orders": self.open_orders, "order_fills": self.order_fills,
                 "last_tick_ms": self.last_tick_ms}
 
     def load(self, state: Mapping[str, Any]) -> None:
@@ -361,6 +375,7 @@ class Portfolio:
         self.accounts = {s: StrategyAccount.load(a) for s, a in state["accounts"].items()}
         self.books = {s: (b[0], b[1], b[2]) for s, b in state["books"].items()}
         self._filled = {c: Decimal(f) for c, f in state["filled"].items()}
+        self._closed = OrderedDict.fromkeys(state["closed"])
         self.open_orders = dict(state["open_orders"])
         self.order_fills = dict(state["order_fills"])
         self.last_tick_ms = state["last_tick_ms"]
