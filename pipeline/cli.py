@@ -812,7 +812,15 @@ def _status_tables(snapshot, state):
               else "producer: no status yet")
     footer += (f"; execution: {snapshot.execution['mode']}, kill switch "
                f"{'ON' if snapshot.execution['kill_switch'] else 'off'}")
-    return Group(procs, groups, topics, footer)
+    view = snapshot.portfolio
+    lines = []
+    if view is not None:
+        lines = [_pnl_line(s, r, view.halts.get(s)) for s, r in sorted(view.pnl.items())]
+        lines += [f"{s}: [red]HALTED[/] ({h['reason']}: {h['detail']})"
+                  for s, h in sorted(view.halts.items()) if s not in view.pnl]
+        if view.reconciliation is not None:
+            lines.append(f"reconciliation: {view.reconciliation['detail']}")
+    return Group(procs, groups, topics, footer, *lines)
 
 
 @app.command("run")
@@ -868,6 +876,160 @@ def run_group(
     stats = runner.run()
     console.print(f"{config.group_id} stopped: {stats.records} records, {stats.outputs} outputs, "
                   f"{stats.dead_letters} dead letters")
+
+
+portfolio_app = typer.Typer(invoke_without_command=True,
+                            help="Positions and PnL per strategy, from the portfolio group.")
+app.add_typer(portfolio_app, name="portfolio")
+strategy_app = typer.Typer(no_args_is_help=True, help="Halt or resume a strategy's trading.")
+app.add_typer(strategy_app, name="strategy")
+PortfolioNamespace = typer.Option(None, "--namespace", "-n", envvar="PIPELINE_NAMESPACE",
+                                  help="\\[default: the running topology's]")
+
+
+def _endpoints(run_dir: Optional[Path], namespace: Optional[str]):
+    """(settings, bootstrap, registry URL, namespace) of the running topology, or of the
+    run directory's broker and registry."""
+    from pipeline.broker import bootstrap_servers
+    from pipeline.catalog import Namespace
+    from pipeline.registry_server import registry_url
+    from pipeline.supervisor import read_state
+
+    settings = _settings(run_dir)
+    state = read_state(settings.run_dir) or {}
+    bootstrap = state.get("bootstrap") or bootstrap_servers(settings)
+    registry = state.get("registry") or registry_url(settings)
+    return settings, bootstrap, registry, Namespace(namespace or state.get("namespace")
+                                                    or settings.namespace)
+
+
+@portfolio_app.callback()
+def portfolio(ctx: typer.Context, run_dir: Optional[Path] = RunDirOption,
+              namespace: Optional[str] = PortfolioNamespace,
+              watch: bool = typer.Option(False, "--watch", help="Refresh every 2 seconds.")
+              ) -> None:
+    """Positions and PnL per strategy (what the portfolio group last published)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import time
+
+    from rich.live import Live
+
+    from pipeline.portfolio_view import read_view
+
+    _, bootstrap, registry, ns = _endpoints(run_dir, namespace)
+    if not watch:
+        console.print(_portfolio_tables(read_view(bootstrap, registry, ns), ns))
+        return
+    with Live(_portfolio_tables(read_view(bootstrap, registry, ns), ns), console=console,
+              refresh_per_second=1) as live:
+        try:
+            while True:
+                time.sleep(2.0)
+                live.update(_portfolio_tables(read_view(bootstrap, registry, ns), ns))
+        except KeyboardInterrupt:
+            pass
+
+
+def _money(text: Optional[str], places: int = 2) -> str:
+    from decimal import Decimal
+
+    return "stale" if text is None else f"{Decimal(text):,.{places}f}"
+
+
+def _pnl_line(strategy: str, pnl: dict, halt: Optional[dict]) -> str:
+    state = f"[red]HALTED[/] ({halt['reason']}: {halt['detail']})" if halt else "trading"
+    stale = f" [yellow]stale: {', '.join(pnl['stale_symbols'])}[/]" if pnl["stale"] else ""
+    return (f"{strategy}: equity {_money(pnl['equity'])} {pnl['currency']}, realized "
+            f"{_money(pnl['realized_pnl'])}, unrealized {_money(pnl['unrealized_pnl'])}, fees "
+            f"{_money(pnl['fees'])}, drawdown {_money(pnl['drawdown'])}, {pnl['fills']} fills, "
+            f"{state}{stale}")
+
+
+def _portfolio_tables(view, namespace):
+    from rich.console import Group
+
+    positions = Table(title=f"positions (namespace {namespace})")
+    for column in ("strategy", "symbol", "quantity", "avg entry", "mark", "unrealized",
+                   "realized", "fills"):
+        positions.add_column(column, justify="left" if column in ("strategy", "symbol")
+                             else "right")
+    for p in view.positions:
+        positions.add_row(p["strategy_id"], p["symbol"], p["quantity"],
+                          p["average_entry"] or "-", p["mark"] or "stale",
+                          _money(p["unrealized_pnl"], 4), _money(p["realized_pnl"], 4),
+                          str(p["fills"]))
+    pnl = Table(title="PnL per strategy")
+    for column in ("strategy", "equity", "realized", "unrealized", "fees", "drawdown",
+                   "daily", "exposure", "fills", "rejected", "state"):
+        pnl.add_column(column, justify="left" if column in ("strategy", "state") else "right")
+    for strategy, r in sorted(view.pnl.items()):
+        halt = view.halts.get(strategy)
+        pnl.add_row(strategy, f"{_money(r['equity'])} {r['currency']}", _money(r["realized_pnl"]),
+                    _money(r["unrealized_pnl"]), _money(r["fees"]), _money(r["drawdown"]),
+                    _money(r["daily_pnl"]), _money(r["exposure"]), str(r["fills"]),
+                    str(sum(r["rejections"].values())),
+                    f"[red]HALTED[/] {halt['reason']}" if halt else
+                    ("[yellow]stale[/]" if r["stale"] else "trading"))
+    parts = [positions, pnl]
+    if not view.pnl:
+        parts.append("no PnL yet: is the portfolio group running (topology.toml), and has "
+                     "any order filled?")
+    if view.reconciliation is not None:
+        r = view.reconciliation
+        parts.append(f"reconciliation: {r['detail']}")
+        parts += [f"  {d['kind']}: {d['detail']}" for d in view.differences[:20]]
+    return Group(*parts)
+
+
+@portfolio_app.command("plot")
+def portfolio_plot(strategy: str = typer.Option(..., "--strategy", "-s", help="Strategy id."),
+                   run_dir: Optional[Path] = RunDirOption,
+                   namespace: Optional[str] = PortfolioNamespace,
+                   out: Optional[Path] = typer.Option(None, help="Directory for equity.png, "
+                                                      "equity.html, equity.csv \\[default: "
+                                                      "<run dir>/portfolio/<strategy>]"),
+                   gap_s: float = typer.Option(60.0, help="A pause longer than this breaks "
+                                               "the line.")) -> None:
+    """Draw a strategy's live equity and drawdown from the PnL Parquet files."""
+    from pipeline.portfolio_plot import plot_live
+    from pipeline.sinks.pnl import read_pnl
+
+    settings, _, _, ns = _endpoints(run_dir, namespace)
+    root = settings.run_dir / "parquet" / ns.name / "portfolio.pnl"
+    files = plot_live(read_pnl(root, strategy), strategy,
+                      out or settings.run_dir / "portfolio" / strategy, gap_s)
+    console.print(f"wrote {files['png']}, {files['html']} and {files['csv']}", highlight=False)
+
+
+def _control(strategy_id: str, halted: bool, run_dir, namespace, yes: bool) -> None:
+    from pipeline.portfolio_view import set_halt
+
+    _, bootstrap, registry, ns = _endpoints(run_dir, namespace)
+    verb = "halt" if halted else "resume"
+    if not yes and not typer.confirm(f"{verb} strategy {strategy_id!r} in namespace {ns}?"):
+        raise typer.Exit(1)
+    set_halt(bootstrap, registry, ns, strategy_id, halted)
+    console.print(f"strategy {strategy_id} {'halted' if halted else 'resumed'}: execution "
+                  "acts on it from its next batch", highlight=False)
+
+
+@strategy_app.command("halt")
+def strategy_halt(strategy_id: str = typer.Argument(..., help="The strategy's id."),
+                  run_dir: Optional[Path] = RunDirOption,
+                  namespace: Optional[str] = PortfolioNamespace,
+                  yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask.")) -> None:
+    """Stop one strategy: its open orders are cancelled and new ones rejected."""
+    _control(strategy_id, True, run_dir, namespace, yes)
+
+
+@strategy_app.command("resume")
+def strategy_resume(strategy_id: str = typer.Argument(..., help="The strategy's id."),
+                    run_dir: Optional[Path] = RunDirOption,
+                    namespace: Optional[str] = PortfolioNamespace,
+                    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask.")) -> None:
+    """Let a halted strategy trade again; its drawdown and daily loss start afresh."""
+    _control(strategy_id, False, run_dir, namespace, yes)
 
 
 @app.command("version")

@@ -8,8 +8,9 @@ The producer's last-message age, the execution mode and the kill switch.
 from __future__ import annotations
 
 import json
+import logging
 import time
-from typing import Iterable
+from typing import Any, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pipeline.catalog import Namespace, describe_topics
 from pipeline.kafka import make_admin
 
 KILL_SWITCH = "kill-switch"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Snapshot:
     rates: dict[str, float] = field(default_factory=dict)  # topic or group -> records/s
     # topic or group -> {"<topic>[<partition>]": records/s}: a topic's appends, a group's commits
     partition_rates: dict[str, dict[str, float]] = field(default_factory=dict)
+    portfolio: Any = None  # pipeline.portfolio_view.PortfolioView, when it could be read
 
 
 def partition_label(topic: str, partition: int) -> str:
@@ -99,7 +102,22 @@ def collect(run_dir: Path, state: dict, previous: Snapshot | None = None) -> Sna
             producer.get("last_message_age_s") or 0)
     execution = {"mode": _execution_mode(state), "kill_switch": (run_dir / KILL_SWITCH).exists()}
     return Snapshot(now, state.get("processes", []), topics, groups, producer, execution,
-                    state.get("phase", "unknown"), rates, partition_rates)
+                    state.get("phase", "unknown"), rates, partition_rates,
+                    _portfolio(bootstrap, state.get("registry"), namespace, topics))
+
+
+def _portfolio(bootstrap: str, registry: str | None, namespace: Namespace,
+               topics: dict[str, tuple[int, ...]]) -> Any:
+    """The portfolio topics' newest records, when the namespace has them (else None)."""
+    if not registry or namespace.topic("portfolio.pnl") not in topics:
+        return None
+    from pipeline.portfolio_view import read_view
+
+    try:
+        return read_view(bootstrap, registry, namespace, tail=500)
+    except Exception as exc:  # noqa: BLE001 - status shows what it can
+        log.warning("portfolio not readable: %s", exc)
+        return None
 
 
 def _execution_mode(state: dict) -> str:
@@ -167,6 +185,49 @@ def prometheus(snapshot: Snapshot, namespace: str) -> str:
     lines += _family("pipeline_execution_kill_switch", "gauge",
                      "1 while the kill switch file exists.",
                      [({}, int(snapshot.execution["kill_switch"]))])
+    lines += _portfolio_metrics(snapshot.portfolio)
     lines += _family("pipeline_info", "gauge", "The namespace and the execution mode.",
                      [({"namespace": namespace, "mode": snapshot.execution["mode"]}, 1)])
     return "\n".join(lines) + "\n"
+
+
+def _portfolio_metrics(view: Any) -> list[str]:
+    """Per strategy: equity, PnL, fees, drawdown, halted, positions, fills and rejections
+    by reason (a figure that needs a stale mark has no sample)."""
+    if view is None:
+        return []
+    pnl = view.pnl
+
+    def gauge(field_name: str):
+        for strategy, record in sorted(pnl.items()):
+            if record[field_name] is not None:
+                yield {"strategy": strategy, "currency": record["currency"]}, record[field_name]
+
+    lines = _family("pipeline_strategy_equity", "gauge",
+                    "Strategy equity: capital + realized + unrealized, in its currency.",
+                    gauge("equity"))
+    lines += _family("pipeline_strategy_realized_pnl", "gauge",
+                     "Realized PnL after fees.", gauge("realized_pnl"))
+    lines += _family("pipeline_strategy_unrealized_pnl", "gauge",
+                     "Open positions at the marks less their cost.", gauge("unrealized_pnl"))
+    lines += _family("pipeline_strategy_fees", "gauge", "Fees paid.", gauge("fees"))
+    lines += _family("pipeline_strategy_drawdown", "gauge",
+                     "Peak equity minus equity.", gauge("drawdown"))
+    lines += _family("pipeline_strategy_halted", "gauge",
+                     "1 while the strategy is halted (risk stop or operator).",
+                     (({"strategy": s}, int(s in view.halts or r["halted"]))
+                      for s, r in sorted(pnl.items())))
+    lines += _family("pipeline_strategy_position", "gauge", "Position size per symbol.",
+                     (({"strategy": p["strategy_id"], "symbol": p["symbol"]}, p["quantity"])
+                      for p in view.positions))
+    lines += _family("pipeline_strategy_fills_total", "counter", "Fills counted.",
+                     (({"strategy": s}, r["fills"]) for s, r in sorted(pnl.items())))
+    lines += _family("pipeline_strategy_rejections_total", "counter",
+                     "Rejected orders by reason.",
+                     (({"strategy": s, "reason": reason}, n) for s, r in sorted(pnl.items())
+                      for reason, n in sorted(r["rejections"].items())))
+    if view.reconciliation is not None:
+        lines += _family("pipeline_reconciliation_differences", "gauge",
+                         "Differences the last reconciliation with Gemini found.",
+                         [({}, view.reconciliation["differences"])])
+    return lines

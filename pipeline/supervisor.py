@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "supervisor.json"
 GEMINI_HOST = ("api.gemini.com", 443)
 SIGNING_GROUPS = ("consumers.strategy", "consumers.execution")  # get the strategy key file
+SYMBOL_GROUPS = ("consumers.portfolio",)  # get the topology's symbols (others are unknown)
 BACKOFF_MAX_S = 30.0
 
 
@@ -240,6 +241,8 @@ class Supervisor:
         args = dict(proc.args)
         if proc.run in SIGNING_GROUPS and "strategy_keys" not in args:
             args["strategy_keys"] = str(self._strategy_keys())
+        if proc.run in SYMBOL_GROUPS and "symbols" not in args:
+            args["symbols"] = ",".join(self.topology.symbols)  # a fill of another: DLQ
         if proc.instances > 1 and not proc.is_user_group and takes_instance(proc.run):
             args["instance"] = index
         if proc.is_user_group:

@@ -9,8 +9,9 @@ compares with Gemini's), and every call returns the records to publish
 * **Marks** are the mid of a symbol's latest snapshot, used while younger than
   ``max_mark_age_ms`` (by the caller's clock); a figure that needs an older or missing
   mark is null and the record says ``stale`` (never computed from an old price).
-* **Drawdown** is the peak equity seen minus equity now; **daily PnL** is equity now
-  minus the first equity of the UTC day (of the clock). Both only move on fresh figures.
+* **Drawdown** is the peak equity seen (the capital, before the first fill) minus equity
+  now; **daily PnL** is equity now minus the first equity of the UTC day (of the clock;
+  the capital on the first day). Both only move on fresh figures.
 * **Risk stops** (:class:`RiskStop` per strategy): crossing ``max_drawdown`` (currency, or
   a percentage of the peak) or ``max_daily_loss`` publishes one halt
   (``StrategyControl``) that execution obeys. A resume (``pipeline strategy resume``)
@@ -157,9 +158,11 @@ class Portfolio:
     def account(self, strategy_id: str) -> StrategyAccount:
         account = self.accounts.get(strategy_id)
         if account is None:
-            ledger = Ledger(self.config.capital_of(strategy_id), currency=self.config.currency,
-                            keep_trades=False)
-            account = self.accounts[strategy_id] = StrategyAccount(ledger)
+            capital = self.config.capital_of(strategy_id)
+            ledger = Ledger(capital, currency=self.config.currency, keep_trades=False)
+            # before its first fill a strategy is worth its capital: the first peak
+            account = self.accounts[strategy_id] = StrategyAccount(ledger, peak=capital,
+                                                                   day_start=capital)
         return account
 
     def on_event(self, event: Mapping[str, Any], now_ms: int) -> list[tuple[str, dict]]:
@@ -328,7 +331,9 @@ class Portfolio:
             if account.peak is None or equity > account.peak:
                 account.peak = equity
             day = now_ms // DAY_MS
-            if account.day != day or account.day_start is None:
+            if account.day is None and account.day_start is not None:
+                account.day = day  # the first day starts from the capital
+            elif account.day != day or account.day_start is None:
                 account.day, account.day_start = day, equity
             drawdown = account.peak - equity
             pct = drawdown / account.peak if account.peak > 0 else None
