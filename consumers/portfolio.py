@@ -41,6 +41,7 @@ import logging
 import os
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -176,8 +177,10 @@ class PortfolioHandler(Handler):
                                   f"{record['strategy_id']}|{record['symbol']}"))
             elif kind == "pnl":
                 self.pending.append(record)
+                # Kafka's timestamp stays the append time: a replay's fills are years old,
+                # and retention would delete records stamped with their event time.
                 out.append(Output(self.topic["portfolio.pnl"], self.encode["portfolio.pnl"](record),
-                                  record["strategy_id"], timestamp_ms=record["event_ms"]))
+                                  record["strategy_id"]))
             else:
                 self.counts["halts"] += 1
                 log.warning("halting strategy %s: %s", record["strategy_id"], record["detail"])
@@ -200,7 +203,7 @@ class PortfolioHandler(Handler):
                  "last_reconciled_ms": self.last_reconciled_ms}
         value = self.encode["portfolio.state"]({
             "group_id": self.group_id, "saved_ms": now, "version": 1,
-            "state": json.dumps(state, separators=(",", ":")).encode()})
+            "state": zlib.compress(json.dumps(state, separators=(",", ":")).encode(), 1)})
         return Output(self.topic["portfolio.state"], value, self.group_id)
 
     # -- reconciliation
@@ -246,7 +249,7 @@ class PortfolioHandler(Handler):
         self.baseline, self.last_reconciled_ms = None, None
         if latest is not None:
             value = self.decode(latest.value())
-            state = json.loads(value["state"])
+            state = json.loads(zlib.decompress(value["state"]))
             self.portfolio.load(state["portfolio"])
             if state["baseline"] is not None:
                 self.baseline = {c: Decimal(v) for c, v in state["baseline"].items()}

@@ -729,6 +729,8 @@ class EngineResult:
     interrupted: bool = False
     stopped: str | None = None
     order_events: list[dict] = field(default_factory=list)  # every OrderEvent, in order
+    final_marks: dict[str, Decimal] = field(default_factory=dict)  # what final_equity used
+    realized: dict[str, Decimal] = field(default_factory=dict)  # per symbol, after fees
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -985,7 +987,8 @@ class Engine:
             last_event_us=self.last_us, orders=broker.counts, pending_orders=broker.pending,
             books_dropped=self.books_dropped, changes_applied=self.changes,
             snapshots_emitted=self.snapshots, interrupted=interrupted, stopped=self.stopped,
-            order_events=self.order_events)
+            order_events=self.order_events, final_marks=dict(broker.marks),
+            realized=dict(ledger.realized))
 
 
 def _describe(record: dict) -> str:

@@ -940,10 +940,10 @@ def _money(text: Optional[str], places: int = 2) -> str:
 def _pnl_line(strategy: str, pnl: dict, halt: Optional[dict]) -> str:
     state = f"[red]HALTED[/] ({halt['reason']}: {halt['detail']})" if halt else "trading"
     stale = f" [yellow]stale: {', '.join(pnl['stale_symbols'])}[/]" if pnl["stale"] else ""
-    return (f"{strategy}: equity {_money(pnl['equity'])} {pnl['currency']}, realized "
-            f"{_money(pnl['realized_pnl'])}, unrealized {_money(pnl['unrealized_pnl'])}, fees "
-            f"{_money(pnl['fees'])}, drawdown {_money(pnl['drawdown'])}, {pnl['fills']} fills, "
-            f"{state}{stale}")
+    return (f"{strategy}: equity {_money(pnl['equity'], 4)} {pnl['currency']}, realized "
+            f"{_money(pnl['realized_pnl'], 4)}, unrealized {_money(pnl['unrealized_pnl'], 4)}, "
+            f"fees {_money(pnl['fees'], 4)}, drawdown {_money(pnl['drawdown'], 4)}, "
+            f"{pnl['fills']} fills, {state}{stale}")
 
 
 def _portfolio_tables(view, namespace):
@@ -956,7 +956,8 @@ def _portfolio_tables(view, namespace):
                              else "right")
     for p in view.positions:
         positions.add_row(p["strategy_id"], p["symbol"], p["quantity"],
-                          p["average_entry"] or "-", p["mark"] or "stale",
+                          _money(p["average_entry"], 8) if p["average_entry"] else "-",
+                          p["mark"] or "stale",
                           _money(p["unrealized_pnl"], 4), _money(p["realized_pnl"], 4),
                           str(p["fills"]))
     pnl = Table(title="PnL per strategy")
@@ -965,9 +966,10 @@ def _portfolio_tables(view, namespace):
         pnl.add_column(column, justify="left" if column in ("strategy", "state") else "right")
     for strategy, r in sorted(view.pnl.items()):
         halt = view.halts.get(strategy)
-        pnl.add_row(strategy, f"{_money(r['equity'])} {r['currency']}", _money(r["realized_pnl"]),
-                    _money(r["unrealized_pnl"]), _money(r["fees"]), _money(r["drawdown"]),
-                    _money(r["daily_pnl"]), _money(r["exposure"]), str(r["fills"]),
+        pnl.add_row(strategy, f"{_money(r['equity'], 4)} {r['currency']}",
+                    _money(r["realized_pnl"], 4), _money(r["unrealized_pnl"], 4),
+                    _money(r["fees"], 4), _money(r["drawdown"], 4), _money(r["daily_pnl"], 4),
+                    _money(r["exposure"], 4), str(r["fills"]),
                     str(sum(r["rejections"].values())),
                     f"[red]HALTED[/] {halt['reason']}" if halt else
                     ("[yellow]stale[/]" if r["stale"] else "trading"))

@@ -26,6 +26,7 @@ def serve_metrics(supervisor) -> ThreadingHTTPServer | None:
             with lock:
                 if time.time() - cache["at"] > 2.0:
                     state = {"bootstrap": supervisor.bootstrap,
+                             "registry": supervisor.registry_url,
                              "namespace": str(supervisor.topology.namespace),
                              "phase": supervisor.phase,
                              "processes": [c.public() for c in supervisor.children]}

@@ -36,8 +36,9 @@ from pipeline.trading.accounting import Ledger, conversion, new_fill
 
 STATE_VERSION = 1
 DAY_MS = 86_400_000
-CLOSED_MEMORY = 20_000  # closed orders whose repeated events are recognised
+CLOSED_MEMORY = 1_000  # closed orders whose repeated events are recognised
 FILL_MEMORY_MS = 2 * DAY_MS  # how long an order's fills are kept for reconciliation
+FILL_MEMORY_ORDERS = 5_000  # and for at most this many orders (mytrades gives 500/symbol)
 K = OrderEventKind
 
 
@@ -204,6 +205,8 @@ class Portfolio:
         seen = self.order_fills.setdefault(key, {
             "client_order_id": cid, "strategy_id": strategy, "symbol": symbol, "mode":
             event["mode"], "amount": "0", "fee": "0", "last_ms": event["event_ms"]})
+        while len(self.order_fills) > FILL_MEMORY_ORDERS:
+            del self.order_fills[next(iter(self.order_fills))]
         seen["amount"] = plain(Decimal(seen["amount"]) + abs(size))
         seen["fee"] = plain(Decimal(seen["fee"]) + fee)
         seen["last_ms"] = event["event_ms"]
