@@ -975,3 +975,152 @@ def test_paper_refuses_foreign_and_unknown_cancels_and_a_replace_of_a_filled_ord
     # Nothing changed: sma's and momo's orders still rest.
     last = {e["client_order_id"]: e["kind"] for e in events if e["kind"] != "CANCEL_REJECTED"}
     assert last[mine["client_order_id"]] == "BOOKED" and last[theirs["client_order_id"]] == "BOOKED"
+
+
+# --------------------------------------------------------------------------- portfolio
+
+
+PORTFOLIO_TOPICS = ["orders.events", "book.snapshots", "strategy.control", "portfolio.positions",
+                    "portfolio.pnl", "portfolio.reconciliation", "portfolio.state", "dlq"]
+
+
+def portfolio_group(env: Env, config, credentials=None, **kw) -> GroupThread:
+    from consumers.portfolio import PortfolioSettings, make_group as portfolio_config
+
+    ensure_topics(env.kafka, env.namespace, PORTFOLIO_TOPICS)
+    settings = PortfolioSettings(config, run_dir=env.run_dir, **kw)
+    return GroupThread(portfolio_config(env.kafka, env.registry_url, env.namespace, settings,
+                                        credentials=credentials), env.kafka)
+
+
+def test_a_strategy_crossing_its_drawdown_limit_is_halted_and_stays_halted_across_restarts(env):
+    """The portfolio's risk stop halts sma within a batch of the fill that crossed it:
+    execution cancels its resting order and rejects its new ones, also after a restart,
+    until an operator resumes it; another strategy trades on."""
+    from pipeline.portfolio_view import set_halt
+    from pipeline.trading.portfolio import PortfolioConfig, RiskStop
+
+    ensure_topics(env.kafka, env.namespace, PORTFOLIO_TOPICS)
+    env.snapshot()  # mid 34000; asks 34010 (0.5), 34020 (0.5), ...
+    config = PortfolioConfig(default_capital=D(100_000), max_mark_age_ms=None,
+                             limits={"sma": RiskStop.parse({"max_drawdown": "10"})},
+                             pnl_interval_ms=200)
+    resting = order_request(SMA_KEY, price="33000.00", amount="0.01")
+    # 0.5 at 34010 pays a 68.02 taker fee and 5 of spread: a drawdown of 73.02 > 10
+    loser = order_request(SMA_KEY, order_type="MARKET", amount="0.5")
+    after = order_request(SMA_KEY, price="33000.00", amount="0.01")
+    momo = order_request(MOMO_KEY, strategy_id="momo", price="33000.00", amount="0.01")
+    with portfolio_group(env, config), env.group(env.settings()):
+        env.requests(resting)
+        env.tail.wait(lambda v: any(e["kind"] == "BOOKED" for e in v) and v, 30, "BOOKED")
+        env.requests(loser)
+        events = env.wait_terminal([resting["client_order_id"], loser["client_order_id"]])
+        cancelled = events[resting["client_order_id"]][-1]
+        assert (cancelled["kind"], cancelled["reason"]) == ("CANCELLED", "risk:strategy_halted")
+        filled = events[loser["client_order_id"]][-1]
+        assert filled["kind"] == "FILLED"
+        halted_after_ms = cancelled["event_ms"] - filled["event_ms"]
+        print(f"halted {halted_after_ms} ms after the fill that crossed the limit")
+        assert halted_after_ms < 5_000  # a portfolio batch, then execution's next one
+        env.requests(after, momo)
+        events = env.wait_terminal([after["client_order_id"]])
+        assert [(e["kind"], e["reason"]) for e in events[after["client_order_id"]]] == \
+            [("REJECTED", "risk:strategy_halted")]
+        env.tail.wait(lambda v: any(e["client_order_id"] == momo["client_order_id"] and
+                                    e["kind"] == "BOOKED" for e in v) and v, 30, "momo BOOKED")
+    again = order_request(SMA_KEY, price="33001.00", amount="0.01")
+    resumed = order_request(SMA_KEY, price="33002.00", amount="0.01")
+    with env.group(env.settings()):  # a restarted execution: still halted
+        env.requests(again)
+        events = env.wait_terminal([again["client_order_id"]])
+        assert [(e["kind"], e["reason"]) for e in events[again["client_order_id"]]] == \
+            [("REJECTED", "risk:strategy_halted")]
+        set_halt(env.kafka, env.registry_url, env.namespace, "sma", False)
+        time.sleep(1.5)  # execution reads strategy.control once per batch
+        env.snapshot()  # a fresh book for the risk checks
+        env.requests(resumed)
+        first = env.tail.wait(lambda v: [e for e in v if e["client_order_id"] ==
+                                         resumed["client_order_id"]], 30, "the resumed order")
+        assert (first[0]["kind"], first[0]["reason"]) == ("ACCEPTED", None)
+    controls = [env.decoder(r.value) for r in read_all(env.kafka,
+                                                       env.namespace.topic("strategy.control"))]
+    assert [(c["strategy_id"], c["halted"], c["reason"], c["by"]) for c in controls] == \
+        [("sma", True, "max_drawdown", "portfolio"), ("sma", False, "operator", "operator")]
+    assert controls[0]["detail"] == "drawdown 73.02 USD > limit 10"
+
+
+def reconciliation_events(tail: Tail, kind: str, after_ms: int = 0, timeout: float = 30):
+    """The differences of the first check after ``after_ms`` that found one of ``kind``."""
+    def found(values):
+        group: list[dict] = []
+        for record in values:
+            if record["kind"] != "CHECKED":
+                group.append(record)
+                continue
+            if record["at_ms"] > after_ms and any(g["kind"] == kind for g in group):
+                return group
+            group = []
+    return tail.wait(found, timeout, f"a reconciliation finding {kind}")
+
+
+def test_reconciliation_reports_an_order_behind_the_pipelines_back_and_a_fill_while_down(
+        env, venue, credentials):
+    from pipeline.trading.portfolio import PortfolioConfig
+
+    bid, _ = publish_venue_book(env, venue)
+    price = bid - D("5.00")  # rests below the best bid
+    ours = order_request(SMA_KEY, price=str(price), amount="0.002")
+    settings = sandbox(env, venue, follow_interval_s=0.2)
+    config = PortfolioConfig(default_capital=D(0), max_mark_age_ms=None)
+    with portfolio_group(env, config, credentials, mode="sandbox", venue_url=venue.http_url,
+                         reconcile_interval_s=0.3, reconcile_grace_s=0.0):
+        checks = Tail(env.kafka, env.namespace.topic("portfolio.reconciliation"), env.decoder)
+        cid = ours["client_order_id"]
+        with env.group(settings, credentials):
+            env.requests(ours)
+            booked = env.tail.wait(lambda v: [e for e in v if e["client_order_id"] == cid and
+                                              e["kind"] == "BOOKED"], 30, "BOOKED")[0]
+            clean = checks.wait(lambda v: [r for r in v if r["kind"] == "CHECKED" and
+                                           r["at_ms"] > booked["event_ms"] + 500 and
+                                           r["differences"] == 0], 30, "a clean check")
+            assert "compared" in clean[0]["detail"] or "baseline" in clean[0]["detail"]
+            # Behind the pipeline's back: an order on the same account.
+            rest = credentials.client(venue.http_url, NonceSource(
+                env.run_dir / "execution" / "gemini-nonce"), 10)
+            foreign = rest.new_order("btcusd", "0.001", str(price - D("10.00")), "buy",
+                                     client_order_id="by-hand-1")
+            found = reconciliation_events(checks, "UNKNOWN_ORDER", clean[0]["at_ms"])
+            unknown = [r for r in found if r["kind"] == "UNKNOWN_ORDER"]
+            assert [(r["subject"], r["symbol"], r["actual"]) for r in unknown] == \
+                [(foreign["order_id"], "BTCUSD", "0.001")]
+            assert "left alone" in unknown[0]["detail"]
+            # reported, never adopted nor cancelled
+            assert rest.order_status(order_id=int(foreign["order_id"]))["is_live"] is True
+            rest.cancel_order(int(foreign["order_id"]))
+            rest.close()
+        # Execution is down: the market comes to our order and fills it.
+        move_venue_market(venue, [["sell", format(price, "f"), "1"]])
+        down_at = int(time.time() * 1000)
+        found = reconciliation_events(checks, "FILL_MISSING", down_at)
+        by_kind = {r["kind"]: r for r in found}
+        missing = by_kind["FILL_MISSING"]
+        assert (missing["subject"], missing["expected"], missing["actual"]) == \
+            (booked["exchange_order_id"], "0", "0.002")
+        assert by_kind["MISSING_ORDER"]["subject"] == cid  # open in the pipeline, not on Gemini
+        balances = {r["subject"]: r for r in found if r["kind"] == "BALANCE"}
+        assert D(balances["BTC"]["actual"]) - D(balances["BTC"]["expected"]) == D("0.002")
+        # Execution comes back, follows the order and publishes the fill: the amounts agree;
+        # the fee does not, as REST order status has no per-fill fee (mytrades has).
+        with env.group(settings, credentials):
+            env.wait_terminal([cid])
+            back_at = int(time.time() * 1000) + 1000
+            found = reconciliation_events(checks, "FILL_MISMATCH", back_at)
+        kinds_found = sorted(r["kind"] for r in found)
+        fee = [r for r in found if r["kind"] == "FILL_MISMATCH"][0]
+        assert (fee["subject"], fee["expected"]) == (booked["exchange_order_id"], "0")
+        assert D(fee["actual"]) == price * D("0.002") * venue.venue.exchange.maker_fee
+        assert "FILL_MISSING" not in kinds_found and "MISSING_ORDER" not in kinds_found
+        usd = [r for r in found if r["kind"] == "BALANCE"]
+        assert [(r["subject"], D(r["expected"]) - D(r["actual"])) for r in usd] == \
+            [("USD", D(fee["actual"]))]
+    checks.close()
