@@ -262,6 +262,11 @@ args = {{ strategy = "pipeline.strategy:MidQuoter", params = {params}, inputs = 
 name = "execution"
 run = "consumers.execution"
 args = {{ mode = "paper" }}
+
+[[process]]
+name = "portfolio"
+run = "consumers.portfolio"
+args = {{ capital = "100000", max_mark_age_s = "off", pnl_interval = 1 }}
 """
 
 
@@ -327,6 +332,35 @@ def test_the_topology_on_the_capture_and_the_backtest_of_it_place_and_fill_the_s
     # Same fills: price, amount, liquidity and fee of each, order by order.
     assert len(fills_of(live)) >= 3
     assert sorted(fills_of(live)) == sorted(fills_of(replayed))
+    # The portfolio group's position and PnL equal a fold of orders.events done here:
+    # position = signed fills, cash = capital - fills' notional - fees, marked at the mid
+    # of each symbol's last snapshot.
+    position, cash, fees = Decimal(0), Decimal(100000), Decimal(0)
+    for event in live:
+        if event["last_fill_amount"]:
+            signed = Decimal(event["last_fill_amount"]) * (1 if event["side"] == "buy" else -1)
+            position += signed
+            cash -= signed * Decimal(event["last_fill_price"]) + Decimal(event["last_fill_fee"])
+            fees += Decimal(event["last_fill_fee"])
+    book = [b for b in values(kafka, decode, namespace.topic("book.snapshots"))
+            if b["symbol"] == "FILUSD"][-1]
+    mark = (Decimal(book["bids"][0]["price"]) + Decimal(book["asks"][0]["price"])) / 2
+
+    def portfolio_caught_up():
+        mine = [r for r in values(kafka, decode, namespace.topic("portfolio.pnl"))
+                if r["strategy_id"] == "mid-quoter" and r["trigger"] == "timer"]
+        return mine and mine[-1]["fills"] == len(fills_of(live)) and mine[-1]
+
+    last = wait_for(portfolio_caught_up, 30, "the portfolio to count every fill")
+    assert Decimal(last["equity"]) == cash + position * mark
+    assert Decimal(last["fees"]) == fees and not last["stale"]
+    held = [p for p in values(kafka, decode, namespace.topic("portfolio.positions"))
+            if p["symbol"] == "FILUSD"][-1]
+    assert Decimal(held["quantity"]) == position
+    shown = cli("portfolio", "--namespace", str(namespace), env=up_env)
+    assert shown.returncode == 0, shown.stderr
+    assert "mid-quoter" in shown.stdout and held["quantity"] in shown.stdout
+    print(shown.stdout)
     # Never more than one bid and one ask open: a replacement opens only once the order it
     # replaces is closed (at the same millisecond at most).
     spans: dict[str, list] = {}

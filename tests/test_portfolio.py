@@ -149,3 +149,52 @@ def test_state_round_trip_continues_identically():
     two.load(one.dump())
     assert run(one, events[1:]) == run(two, events[1:])
     assert one.dump() == two.dump()
+
+
+def test_reconciliation_order_mismatch_grace_and_baseline():
+    from pipeline.trading.reconciliation import ExchangeView, reconcile
+
+    p = portfolio()
+    booked = dict(fill("o1", "buy", "2", "100", "0", T0), kind="BOOKED", mode="LIVE",
+                  exchange_order_id="77", last_fill_amount=None, filled_amount="0")
+    p.on_event(booked, T0)
+    order = {"order_id": "77", "client_order_id": "o1", "symbol": "btcusd", "side": "buy",
+             "price": "100", "remaining_amount": "1.5", "timestampms": T0}
+    young = {"order_id": "78", "client_order_id": None, "symbol": "btcusd", "side": "sell",
+             "price": "120", "remaining_amount": "1", "timestampms": T0 + 9_000}
+    balances = [{"currency": "USD", "amount": "500"}, {"currency": "BTC", "amount": "1"}]
+    events, baseline = reconcile(p, ExchangeView(balances, [order, young], []), None, "LIVE",
+                                 T0 + 10_000, grace_ms=5_000)
+    assert [(e["kind"], e["subject"], e["expected"], e["actual"]) for e in events[:-1]] == \
+        [("ORDER_MISMATCH", "o1", "2", "1.5")]  # the young unknown order waits a check
+    assert events[-1]["kind"] == "CHECKED" and events[-1]["differences"] == 1
+    assert "baseline taken" in events[-1]["detail"]
+    assert baseline == {"BTC": D(1), "USD": D(500)}
+    events, _ = reconcile(p, ExchangeView([{"currency": "USD", "amount": "499"},
+                                           {"currency": "BTC", "amount": "1"}], [order], []),
+                          baseline, "LIVE", T0 + 20_000, grace_ms=5_000)
+    assert [(e["kind"], e["subject"], e["expected"], e["actual"]) for e in events[:-1]] == [
+        ("ORDER_MISMATCH", "o1", "2", "1.5"), ("BALANCE", "USD", "500", "499")]
+
+
+def test_every_portfolio_metric_is_in_the_exposition():
+    from pipeline.portfolio_view import PortfolioView
+    from pipeline.status import Snapshot, prometheus
+
+    p = portfolio()
+    p.on_book(book("BTCUSD", "99", "101", T0))
+    out = p.on_event(fill("a", "buy", "2", "100", "0.4", T0), T0)
+    view = PortfolioView(positions=records(out, "position"), pnl={"s1": records(out, "pnl")[0]},
+                         reconciliation={"differences": 2, "detail": "x"})
+    text = prometheus(Snapshot(0.0, [], {}, {}, None, {"mode": "paper", "kill_switch": False},
+                               portfolio=view), "sim")
+    samples = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
+               if line and not line.startswith("#")}
+    for name in ("pipeline_strategy_equity", "pipeline_strategy_realized_pnl",
+                 "pipeline_strategy_unrealized_pnl", "pipeline_strategy_fees",
+                 "pipeline_strategy_drawdown", "pipeline_strategy_halted",
+                 "pipeline_strategy_position", "pipeline_strategy_fills_total",
+                 "pipeline_reconciliation_differences"):
+        assert name in samples, name
+    assert 'pipeline_strategy_equity{strategy="s1",currency="USD"} 999.6' in text
+    assert 'pipeline_strategy_position{strategy="s1",symbol="BTCUSD"} 2' in text

@@ -218,8 +218,8 @@ class Ledger:
              fee: Decimal | None = None, fee_currency: str | None = None) -> Decimal:
         """A signed fill: close opposite lots oldest first at ``price``, open the rest at
         ``entry_price`` (default ``price``). ``fee``: the fill's whole fee in
-        ``fee_currency`` (default the quote), shared out by size (the last part takes the
-        exact rest); None: the commission rate. Returns the fee charged in the quote."""
+        ``fee_currency`` (default the quote), shared out by size (:func:`_share`; the last
+        part takes the exact rest); None: the commission rate. Returns the fee charged in the quote."""
         self.fills += 1
         self.volume[symbol] = self.volume.get(symbol, ZERO) + abs(size) * price
         base, quote = split_symbol(symbol)
@@ -240,7 +240,7 @@ class Ledger:
             part = lot.size if abs(need) >= abs(lot.size) else -need
             share = None
             if fee is not None:
-                share = fee - charged if need + part == 0 else fee * abs(part) / total
+                share = fee - charged if need + part == 0 else _share(fee, abs(part), total)
             charged += self.close(lot, part, price, when_ms, index, bar, share)
             need += part
             if not need:
@@ -399,6 +399,13 @@ class Ledger:
             ledger.cost.setdefault(symbol, ZERO)
             ledger.gross.setdefault(symbol, ZERO)
         return ledger
+
+
+def _share(fee: Decimal, part: Decimal, total: Decimal) -> Decimal:
+    """``part / total`` of ``fee``, to 12 places below the fee's own: a share with a
+    bounded number of places keeps every sum of cash exact (the last part of a fill takes
+    the exact rest, so the fill's fees add up to its fee)."""
+    return (fee * part / total).quantize(Decimal(1).scaleb(fee.as_tuple().exponent - 12))
 
 
 def new_fill(event: Mapping[str, Any], filled: dict[str, Decimal]
