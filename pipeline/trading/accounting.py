@@ -102,6 +102,20 @@ def conversion(currency: str, into: str, marks: Mapping[str, Decimal]) -> Decima
     return None
 
 
+def converted(amounts: Iterable[tuple[str, Decimal]], into: str | None,
+              marks: Mapping[str, Decimal]) -> Decimal | None:
+    """The sum of (currency, amount) pairs in ``into``; None when one cannot be converted."""
+    total = ZERO
+    for currency, amount in amounts:
+        if not amount:
+            continue
+        rate = None if into is None else conversion(currency, into, marks)
+        if rate is None:
+            return None
+        total += amount if rate is ONE else amount * rate
+    return total
+
+
 class Ledger:
     """One strategy's positions, cash and PnL (see the module doc).
 
@@ -288,6 +302,25 @@ class Ledger:
         """Symbols whose marks valuing this ledger depends on (before conversion)."""
         return {s for s, p in self.position.items() if p or self.cost.get(s)}
 
+    def _open_values(self, marks: Mapping[str, Decimal], value
+                     ) -> list[tuple[str, Decimal]] | None:
+        """(quote, ``value(symbol, mark)``) of every symbol valuing depends on; None when
+        one has no mark."""
+        out = []
+        for symbol in self.needs_marks():
+            mark = marks.get(symbol)
+            if mark is None:
+                return None
+            out.append((split_symbol(symbol)[1], value(symbol, mark)))
+        return out
+
+    def unrealized_total(self, marks: Mapping[str, Decimal], currency: str | None = None
+                         ) -> Decimal | None:
+        """Open lots at ``marks`` less their cost, every symbol's converted into
+        ``currency`` (default the ledger's); None when something cannot be valued."""
+        values = self._open_values(marks, self.unrealized_of)
+        return None if values is None else converted(values, currency or self.currency, marks)
+
     def equity(self, marks: Mapping[str, Decimal], currency: str | None = None
                ) -> Decimal | None:
         """Cash plus open positions at ``marks``, in ``currency`` (default the ledger's),
@@ -295,63 +328,26 @@ class Ledger:
         into = currency or self.currency
         if into is None:
             return self.cash  # nothing was ever filled
-        total = ZERO
-        for held, amount in self.balances.items():
-            if amount:
-                rate = conversion(held, into, marks)
-                if rate is None:
-                    return None
-                total += amount if rate is ONE else amount * rate
-        for symbol in self.needs_marks():
-            mark = marks.get(symbol)
-            quote = split_symbol(symbol)[1]
-            rate = conversion(quote, into, marks)
-            if mark is None or rate is None:
-                return None
-            value = self.unrealized_of(symbol, mark)
-            total += value if rate is ONE else value * rate
-        return total
+        cash = converted(self.balances.items(), into, marks)
+        unrealized = self.unrealized_total(marks, into)
+        return None if cash is None or unrealized is None else cash + unrealized
 
     def exposure(self, marks: Mapping[str, Decimal], currency: str | None = None
                  ) -> Decimal | None:
         """The gross value of open positions, ``sum |position x mark|``, in ``currency``."""
-        into = currency or self.currency
-        total = ZERO
-        for symbol in self.held():
-            mark = marks.get(symbol)
-            rate = None if into is None else conversion(split_symbol(symbol)[1], into, marks)
-            if mark is None or rate is None:
-                return None
-            total += abs(self.position[symbol] * mark) * rate
-        return total
+        values = self._open_values(marks, lambda s, m: abs(self.position[s] * m))
+        return None if values is None else converted(values, currency or self.currency, marks)
 
     def realized_total(self, marks: Mapping[str, Decimal], currency: str | None = None
                        ) -> Decimal | None:
         """Realized PnL of every symbol in ``currency`` (converted at ``marks``)."""
-        into = currency or self.currency
-        total = ZERO
-        for symbol, pnl in self.realized.items():
-            if not pnl:
-                continue
-            rate = None if into is None else conversion(split_symbol(symbol)[1], into, marks)
-            if rate is None:
-                return None
-            total += pnl if rate is ONE else pnl * rate
-        return total
+        return converted(((split_symbol(s)[1], pnl) for s, pnl in self.realized.items()),
+                         currency or self.currency, marks)
 
     def fees_total(self, marks: Mapping[str, Decimal], currency: str | None = None
                    ) -> Decimal | None:
         """Every fee paid, in ``currency`` at ``marks``."""
-        into = currency or self.currency
-        total = ZERO
-        for held, fee in self.fees.items():
-            if not fee:
-                continue
-            rate = None if into is None else conversion(held, into, marks)
-            if rate is None:
-                return None
-            total += fee if rate is ONE else fee * rate
-        return total
+        return converted(self.fees.items(), currency or self.currency, marks)
 
     def holdings(self) -> dict[str, Decimal]:
         """What the account holds per currency because of these fills (a spot account's

@@ -295,13 +295,7 @@ class Portfolio:
         currencies = {split_symbol(s)[1] for s in ledger.realized} | \
             {c for c, v in ledger.balances.items() if v}
         stale += [f"{c}{into}" for c in sorted(currencies) if conversion(c, into, marks) is None]
-        unrealized: Decimal | None = ZERO
-        for symbol in ledger.needs_marks():
-            rate = conversion(split_symbol(symbol)[1], into, marks)
-            if symbol not in marks or rate is None:
-                unrealized = None
-                break
-            unrealized += ledger.unrealized_of(symbol, marks[symbol]) * rate  # type: ignore[operator]
+        unrealized = ledger.unrealized_total(marks, into)
         return Valuation(ledger.realized_total(marks, into), unrealized,
                          ledger.fees_total(marks, into), ledger.equity(marks, into),
                          ledger.exposure(marks, into), tuple(stale))
