@@ -36,7 +36,8 @@ def test_the_bench_harness_runs_and_writes_its_figures(kafka, registry):
             "scale: ingest (encode + produce), 4 producer processes, 6 partitions",
             "L2 backtest: books + MidQuoter + simulator, queue on (generator)",
             "simulator: policy + 2 resting orders a side, queue on (generator)",
-            "execution paper: request in Kafka -> order event committed, p99"} <= names
+            "execution paper: request in Kafka -> order event committed, p99",
+            "portfolio fills folded (lots, PnL, limits, 2 records each)"} <= names
     # latency counts matched samples; memory counts the L2 changes fed (2 x --events)
     latency = [f for f in data["figures"] if f["name"].startswith("end-to-end latency")]
     assert [f["name"].rsplit(", ", 1)[1] for f in latency] == ["p50", "p99", "p999"]

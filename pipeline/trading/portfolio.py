@@ -32,7 +32,7 @@ from pipeline.core.decimals import ZERO, plain
 from pipeline.core.symbols import split_symbol
 from pipeline.core.vocabulary import FILL_KINDS, TERMINAL_KINDS, OrderEventKind
 from pipeline.errors import PipelineError
-from pipeline.trading.accounting import Ledger, conversion, new_fill
+from pipeline.trading.accounting import Ledger, conversion, converted, new_fill
 
 STATE_VERSION = 1
 DAY_MS = 86_400_000
@@ -153,6 +153,9 @@ class Portfolio:
         # for orders filled in the last FILL_MEMORY_MS (what reconciliation compares)
         self.order_fills: dict[str, dict] = {}
         self.last_tick_ms: int | None = None
+        self._mids: dict[str, Decimal] = {}  # symbol -> mid of its book, once worked out
+        self._marks: dict[str, Decimal] | None = None  # marks(_marks_at), until a book moves
+        self._marks_at: int | None = None
 
     # -- in
 
@@ -235,9 +238,11 @@ class Portfolio:
     def on_book(self, snapshot: Mapping[str, Any]) -> None:
         """A ``BookSnapshot``: the symbol's mark (its mid, worked out when used)."""
         if snapshot["bids"] and snapshot["asks"]:
-            self.books[snapshot["symbol"]] = (snapshot["bids"][0]["price"],
-                                              snapshot["asks"][0]["price"],
-                                              snapshot["received_ts_us"] // 1000)
+            symbol = snapshot["symbol"]
+            self.books[symbol] = (snapshot["bids"][0]["price"], snapshot["asks"][0]["price"],
+                                  snapshot["received_ts_us"] // 1000)
+            self._mids.pop(symbol, None)
+            self._marks = None
 
     def on_control(self, record: Mapping[str, Any], now_ms: int) -> list[tuple[str, dict]]:
         """A ``StrategyControl``: a resume clears the halt and measures afresh; a halt
@@ -275,37 +280,44 @@ class Portfolio:
 
     # -- figures
 
-    def marks(self, now_ms: int) -> tuple[dict[str, Decimal], dict[str, int]]:
-        """Fresh marks (symbol -> mid) and the age of every book (ms)."""
+    def marks(self, now_ms: int) -> dict[str, Decimal]:
+        """Fresh marks: symbol -> the mid of its last book, if no older than the limit
+        (mids are worked out once per book, when first used)."""
         limit = self.config.max_mark_age_ms
+        if self._marks_at == now_ms and self._marks is not None:
+            return self._marks
         fresh: dict[str, Decimal] = {}
-        ages: dict[str, int] = {}
+        mids = self._mids
         for symbol, (bid, ask, ms) in self.books.items():
-            ages[symbol] = now_ms - ms
             if limit is None or now_ms - ms <= limit:
-                fresh[symbol] = (Decimal(bid) + Decimal(ask)) / 2
-        return fresh, ages
+                mid = mids.get(symbol)
+                if mid is None:
+                    mid = mids[symbol] = (Decimal(bid) + Decimal(ask)) / 2
+                fresh[symbol] = mid
+        self._marks_at, self._marks = now_ms, fresh
+        return fresh
 
     def valuation(self, strategy_id: str, now_ms: int) -> Valuation:
         """The strategy's figures in the portfolio's currency at the fresh marks."""
         ledger = self.account(strategy_id).ledger
-        marks, _ = self.marks(now_ms)
+        marks = self.marks(now_ms)
         into = self.config.currency
         stale = [s for s in sorted(ledger.needs_marks()) if s not in marks]
         currencies = {split_symbol(s)[1] for s in ledger.realized} | \
             {c for c, v in ledger.balances.items() if v}
         stale += [f"{c}{into}" for c in sorted(currencies) if conversion(c, into, marks) is None]
         unrealized = ledger.unrealized_total(marks, into)
+        cash = converted(ledger.balances.items(), into, marks)
+        equity = None if cash is None or unrealized is None else cash + unrealized
         return Valuation(ledger.realized_total(marks, into), unrealized,
-                         ledger.fees_total(marks, into), ledger.equity(marks, into),
+                         ledger.fees_total(marks, into), equity,
                          ledger.exposure(marks, into), tuple(stale))
 
     def position(self, strategy_id: str, symbol: str, now_ms: int) -> dict:
         account = self.account(strategy_id)
         ledger = account.ledger
         book = self.books.get(symbol)
-        marks, _ = self.marks(now_ms)
-        mark = marks.get(symbol)
+        mark = self.marks(now_ms).get(symbol)
         quantity = ledger.position.get(symbol, ZERO)
         return {"strategy_id": strategy_id, "symbol": symbol, "quantity": plain(quantity),
                 "average_entry": _text(ledger.average_entry(symbol)),
@@ -376,6 +388,7 @@ class Portfolio:
                                 f"{STATE_VERSION}: this code cannot read it")
         self.accounts = {s: StrategyAccount.load(a) for s, a in state["accounts"].items()}
         self.books = {s: (b[0], b[1], b[2]) for s, b in state["books"].items()}
+        self._mids, self._marks = {}, None
         self._filled = {c: Decimal(f) for c, f in state["filled"].items()}
         self._closed = OrderedDict.fromkeys(state["closed"])
         self.open_orders = dict(state["open_orders"])
