@@ -84,6 +84,9 @@ class PortfolioSettings:
     reconcile_interval_s: float = 300.0
     reconcile_grace_s: float = 30.0
     restore_timeout_s: float = 60.0
+    # The clock marks' age and the periodic records go by: the wall clock, or (default on
+    # replay namespaces, whose books are history) the newest event time read.
+    record_time: bool | None = None
 
     @property
     def url(self) -> str:
@@ -95,8 +98,11 @@ class PortfolioHandler(Handler):
                  settings: PortfolioSettings, group_id: str,
                  credentials: GeminiCredentials | None = None,
                  clock_ms: Callable[[], int] = wall_clock_ms) -> None:
-        self.settings, self.bootstrap, self.group_id, self.clock_ms = \
-            settings, bootstrap, group_id, clock_ms
+        self.settings, self.bootstrap, self.group_id = settings, bootstrap, group_id
+        record_time = namespace.kind == "replay" if settings.record_time is None \
+            else settings.record_time
+        self._event_ms = 0  # the newest event time read (record_time)
+        self.clock_ms = (lambda: self._event_ms) if record_time else clock_ms
         self.topic = {n: namespace.topic(n) for n in TOPICS}
         self.encode = {n: serde.encoder(self.topic[n]) for n in (
             "portfolio.positions", "portfolio.pnl", "strategy.control",
@@ -128,7 +134,13 @@ class PortfolioHandler(Handler):
     def handle(self, record: Record) -> Iterable[Output]:
         self._enter()
         self._records_in_batch += 1
-        value, topic, now = record.value, record.topic, self.clock_ms()
+        value, topic = record.value, record.topic
+        if topic == self.topic["book.snapshots"]:
+            when = value["received_ts_us"] // 1000
+        else:
+            when = value["event_ms"] if topic == self.topic["orders.events"] else value["at_ms"]
+        self._event_ms = max(self._event_ms, when)
+        now = self.clock_ms()
         if topic == self.topic["book.snapshots"]:
             self.portfolio.on_book(value)
             self.counts["marks"] += 1
@@ -200,7 +212,7 @@ class PortfolioHandler(Handler):
                  "unflushed": self.confirmed + self.pending,
                  "baseline": None if self.baseline is None else
                  {c: plain(v) for c, v in self.baseline.items()},
-                 "last_reconciled_ms": self.last_reconciled_ms}
+                 "last_reconciled_ms": self.last_reconciled_ms, "event_ms": self._event_ms}
         value = self.encode["portfolio.state"]({
             "group_id": self.group_id, "saved_ms": now, "version": 1,
             "state": zlib.compress(json.dumps(state, separators=(",", ":")).encode(), 1)})
@@ -254,6 +266,7 @@ class PortfolioHandler(Handler):
             if state["baseline"] is not None:
                 self.baseline = {c: Decimal(v) for c, v in state["baseline"].items()}
             self.last_reconciled_ms = None  # reconcile again once caught up
+            self._event_ms = max(self._event_ms, state.get("event_ms", 0))
             if state["unflushed"]:  # committed with that state: safe to write now
                 self.writer.write(state["unflushed"])
         log.info("restored the portfolio of %d strateg(ies), %d open order(s) in %.2fs",
