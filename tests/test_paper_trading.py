@@ -118,6 +118,27 @@ def through_paper_execution(fees: FeeSchedule) -> list[dict]:
     return events
 
 
+def test_a_newly_booked_order_is_in_the_next_checkpoint_and_survives_a_restart():
+    """Regression: an order that rested with nothing else changing was missing from
+    paper.state, so a restart lost it without a terminal event (its strategy then saw it
+    open for ever)."""
+    paper = PaperExecution(SimulatorConfig())
+    paper.on_l2(l2(BOOK, snapshot=True), 0, 0, T0)
+    paper.order_states(0)
+    events, _ = paper.place(request(1, price="99.5", amount="1", ttl_ms=1_000), None, T0 + 1)
+    assert [e["kind"] for e in events] == ["ACCEPTED", "BOOKED"]
+    states = paper.order_states(0)
+    assert [[o["client_order_id"] for o in s["orders"]] for s in states] == \
+        [[events[0]["client_order_id"]]]
+    restarted = PaperExecution(SimulatorConfig())
+    for state in states + paper.book_states(0, True):
+        restarted.restore(state)
+    assert restarted.open_orders() == 1
+    expired = restarted.poll(T0 + 2_000)
+    assert [(e["kind"], e["client_order_id"]) for e in expired] == \
+        [("EXPIRED", events[0]["client_order_id"])]
+
+
 def avro_bytes(events: list[dict]) -> list[bytes]:
     schema = fastavro.parse_schema(schemas.load("OrderEvent"))
     out = []

@@ -287,3 +287,21 @@ def test_a_saved_state_that_does_not_load_stops_the_group_naming_strategy_and_ve
     with pytest.raises(PipelineError, match=match):
         runner.run(idle_timeout_s=15)
     assert read_all(kafka, namespace.topic("orders.requests")) == [], "it traded nothing"
+
+
+def test_the_view_drops_an_order_the_exchange_says_is_closed():
+    """Regression: an order whose end never reached the strategy (lost in a restart) was
+    open in its view for ever, so every requote was a replace of it, refused."""
+    from pipeline.trading.tracker import OrderTracker
+
+    view = OrderTracker("s", cash=None)
+    view.sent({"client_order_id": "a", "strategy_id": "s", "symbol": "BTCUSD", "side": "BUY",
+               "order_type": "LIMIT", "price": "100", "amount": "1", "action": "NEW"})
+    base = {"client_order_id": "a", "strategy_id": "s", "symbol": "BTCUSD", "side": "buy",
+            "price": "100", "amount": "1", "filled_amount": "0", "avg_fill_price": None,
+            "last_fill_amount": None, "reason": None}
+    view.on_event({**base, "kind": "BOOKED"})
+    view.on_event({**base, "kind": "CANCEL_REJECTED", "reason": "gemini:RateLimited"})
+    assert [o.client_order_id for o in view.open_orders()] == ["a"]  # not known closed
+    view.on_event({**base, "kind": "CANCEL_REJECTED", "reason": "order_closed"})
+    assert view.open_orders() == []

@@ -600,6 +600,7 @@ class SimulatedExchange:
         s.levels[order.side.book_side].setdefault(resting.level, []).append(resting)
         self.active.add(order.symbol)
         self._orders[order.client_order_id] = resting
+        s.dirty = True  # a new resting order is state to checkpoint like any change
         if order.expires_ms is not None:
             heapq.heappush(self._expiring, (order.expires_ms, order.client_order_id))
             self._set_due()

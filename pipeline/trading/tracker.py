@@ -20,6 +20,7 @@ from typing import Any, Mapping
 from pipeline.core.decimals import ZERO, plain
 from pipeline.core.vocabulary import FILL_KINDS, TERMINAL_KINDS, OrderAction, OrderEventKind
 from pipeline.trading.accounting import Ledger, new_fill
+from pipeline.trading.orders import ORDER_CLOSED
 
 K = OrderEventKind
 _CANCEL_REJECTED, _ACCEPTED = K.CANCEL_REJECTED.value, K.ACCEPTED.value
@@ -96,7 +97,11 @@ class OrderTracker:
         cid, kind = event["client_order_id"], event["kind"]
         order = self.orders.get(cid)
         if kind == _CANCEL_REJECTED:
-            if order is not None:
+            if order is not None and event.get("reason") == ORDER_CLOSED:
+                # the exchange says it is closed: its end came (or was lost); never
+                # hold it open for ever
+                self.orders.pop(cid, None)
+            elif order is not None:
                 order.cancel_requested = False
             return True
         if order is None and kind not in TERMINAL_KINDS:  # sent before this view began
