@@ -261,7 +261,8 @@ class PortfolioHandler(Handler):
         self.baseline, self.last_reconciled_ms = None, None
         if latest is not None:
             value = self.decode(latest.value())
-            state = json.loads(zlib.decompress(value["state"]))
+            raw = value["state"]  # zlib; plain JSON in states written before that
+            state = json.loads(raw if raw[:1] == b"{" else zlib.decompress(raw))
             self.portfolio.load(state["portfolio"])
             if state["baseline"] is not None:
                 self.baseline = {c: Decimal(v) for c, v in state["baseline"].items()}

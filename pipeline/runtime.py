@@ -144,6 +144,7 @@ class GroupRunner:
         self._producer: ReliableProducer | None = None
         self._in_transaction = False
         self._closing = False
+        self._callback_error: Exception | None = None
 
     # -- lifecycle
 
@@ -210,6 +211,10 @@ class GroupRunner:
             msgs = consume(1, self.config.poll_timeout_s)
             if msgs and size > 1:
                 msgs += consume(size - 1, 0)
+        if self._callback_error is not None:
+            error, self._callback_error = self._callback_error, None
+            raise PipelineError(f"group {self.config.group_id}: restoring its state on "
+                                f"assignment failed: {type(error).__name__}: {error}") from error
         return msgs
 
     def _handle_batch(self, msgs: list[Message]) -> None:
@@ -345,7 +350,13 @@ class GroupRunner:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("group %s assigned %s", self.config.group_id, _fmt(partitions))
-        starts = self._handler.on_assign(partitions)
+        try:
+            starts = self._handler.on_assign(partitions)
+        except Exception as exc:  # noqa: BLE001 - re-raised by _next_batch, outside librdkafka
+            # An exception escaping a rebalance callback reaches the caller of consume()
+            # as a meaningless SystemError; keep it and raise it from the loop instead.
+            self._callback_error = exc
+            return
         if starts:
             consumer.assign(starts)
 

@@ -126,6 +126,30 @@ def test_unknown_topic_is_a_clear_error(kafka, relay_topics, namespace):
         GroupRunner(config, kafka).run(idle_timeout_s=1)
 
 
+class BrokenRestore(Handler):
+    """A handler whose restore fails (a corrupt checkpoint, say)."""
+
+    def handle(self, record: Record):
+        raise AssertionError("never called: the restore failed")
+
+    def on_assign(self, partitions):
+        raise ValueError("checkpoint 7 is corrupt")
+
+
+def test_a_failing_restore_on_assignment_is_a_clear_error_and_commits_nothing(
+        kafka, relay_topics, namespace):
+    """librdkafka turns an exception escaping a rebalance callback into a SystemError
+    that says nothing; the runtime raises the handler's own error instead."""
+    t = relay_topics
+    produce_json(kafka, t["md.l2"], [("k", {"i": 1})])
+    group = f"{namespace}.broken"
+    config = GroupConfig(group_id=group, topics=[t["md.l2"]], dead_letter_topic=t["dlq"],
+                         handler=BrokenRestore)
+    with pytest.raises(PipelineError, match="ValueError: checkpoint 7 is corrupt"):
+        GroupRunner(config, kafka).run(idle_timeout_s=10)
+    assert all(offset < 0 for offset in committed(kafka, group, t["md.l2"]).values())
+
+
 class Halt(BaseException):
     """Like execution's ExecutionHalted: not the handler's bug, so no dead letter."""
 
