@@ -323,10 +323,15 @@ def test_the_topology_on_the_capture_and_the_backtest_of_it_place_and_fill_the_s
     decode = Decoder(SchemaRegistry(registry.url))
     events_topic = namespace.topic("orders.events")
 
-    def settled():  # nothing new for 3 s: every group has drained
-        first = len(read_all(kafka, events_topic))
+    def settled():  # every order request decided, then nothing new for 3 s
+        placed = {r["client_order_id"] for r in values(kafka, decode,
+                                                       namespace.topic("orders.requests"))
+                  if r["action"] in ("NEW", "REPLACE")}
+        events = values(kafka, decode, events_topic)
+        if not events or placed - {e["client_order_id"] for e in events}:
+            return None
         time.sleep(3)
-        return first if first == len(read_all(kafka, events_topic)) and first else None
+        return len(events) == len(read_all(kafka, events_topic)) and len(events)
 
     wait_for(settled, 60, "order events to settle")
     live = values(kafka, decode, events_topic)
@@ -349,10 +354,24 @@ def test_the_topology_on_the_capture_and_the_backtest_of_it_place_and_fill_the_s
                          if r["client_order_id"] in only_live])
     print("only backtest:", [(e["kind"], e["side"], e["price"], e["event_ms"]) for e in replayed
                              if e["client_order_id"] in only_backtest])
-    assert not only_live and not only_backtest, "the same orders reach the exchange"
+    print("their live events:", [(e["client_order_id"][-6:], e["kind"], e["reason"])
+                                 for e in live if e["client_order_id"] in only_backtest])
+    # One race is physical, not a difference of the models: the backtest's strategy reaches
+    # the exchange at once, the live one a group hop (tens of ms) later. When a trade fills
+    # a quote inside that hop, live refuses its replace (replace:order_closed) where the
+    # backtest replaced it; the live quote's fill then stands for the replacement's.
+    raced = {cid for cid in only_backtest
+             if [e["reason"] for e in live if e["client_order_id"] == cid] ==
+             ["replace:order_closed"]}
+    targets = {r["target_client_order_id"] for r in requests if r["client_order_id"] in raced}
+    filled_live = {e["client_order_id"] for e in live if e["kind"] == "FILLED"}
+    assert not only_live and only_backtest == raced and targets <= filled_live, \
+        "the same orders reach the exchange"
+    print(f"{len(raced)} replace(s) raced by a fill inside the strategy -> execution hop")
     # Same fills: price, amount, liquidity and fee of each, order by order.
     assert len(fills_of(live)) >= 3
-    assert sorted(fills_of(live)) == sorted(fills_of(replayed))
+    assert sorted(f for f in fills_of(live) if f[0] not in targets) == \
+        sorted(f for f in fills_of(replayed) if f[0] not in raced | targets)
     # The portfolio group's position and PnL equal a fold of orders.events done here:
     # position = signed fills, cash = capital - fills' notional - fees, marked at the mid
     # of each symbol's last snapshot.
