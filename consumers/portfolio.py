@@ -60,7 +60,7 @@ from pipeline.runtime import (GroupConfig, Handler, Output, Record, group_parser
 from pipeline.serde import Decoder, Serde
 from pipeline.sinks.pnl import PnlWriter
 from pipeline.trading.portfolio import Portfolio, PortfolioConfig, RiskStop
-from pipeline.trading.reconciliation import ExchangeView, reconcile
+from pipeline.trading.reconciliation import ExchangeView, finding, reconcile
 
 log = logging.getLogger(__name__)
 TOPICS = ["orders.events", "book.snapshots", "strategy.control", "portfolio.positions",
@@ -127,7 +127,6 @@ class PortfolioHandler(Handler):
                                     "API key and secret execution uses")
             nonces = NonceSource(Path(settings.run_dir) / "execution" / "gemini-nonce")
             self.rest = credentials.client(settings.url, nonces, 10.0)
-        self.counts = {"fills": 0, "marks": 0, "halts": 0, "reconciliations": 0}
 
     # -- records
 
@@ -143,14 +142,12 @@ class PortfolioHandler(Handler):
         now = self.clock_ms()
         if topic == self.topic["book.snapshots"]:
             self.portfolio.on_book(value)
-            self.counts["marks"] += 1
             self._dirty = True
             return ()
         if topic == self.topic["strategy.control"]:
             out = self.portfolio.on_control(value, now)
         else:
             out = self.portfolio.on_event(value, now)
-            self.counts["fills"] += sum(kind == "pnl" for kind, _ in out)
         self._dirty = True
         return self._outputs(out)
 
@@ -194,7 +191,6 @@ class PortfolioHandler(Handler):
                 out.append(Output(self.topic["portfolio.pnl"], self.encode["portfolio.pnl"](record),
                                   record["strategy_id"]))
             else:
-                self.counts["halts"] += 1
                 log.warning("halting strategy %s: %s", record["strategy_id"], record["detail"])
                 out.append(Output(self.topic["strategy.control"],
                                   self.encode["strategy.control"](record), record["strategy_id"]))
@@ -232,15 +228,12 @@ class PortfolioHandler(Handler):
                       for t in self.rest.my_trades(s.lower(), 500)]  # type: ignore[union-attr]
         except GeminiError as exc:
             log.warning("reconciliation: Gemini did not answer: %s", exc)
-            events = [{"at_ms": now, "mode": mode, "kind": "ERROR", "subject": None,
-                       "symbol": None, "strategy_id": None, "expected": None, "actual": None,
-                       "detail": f"Gemini did not answer: {type(exc).__name__}",
-                       "differences": 0}]
+            events = [finding(now, mode, "ERROR", f"Gemini did not answer: "
+                              f"{type(exc).__name__}", differences=0)]
         else:
             events, self.baseline = reconcile(self.portfolio, ExchangeView(balances, orders, trades),
                                               self.baseline, mode, now,
                                               int(self.settings.reconcile_grace_s * 1000))
-        self.counts["reconciliations"] += 1
         for event in events:
             (log.warning if event["kind"] not in ("CHECKED",) else log.info)(
                 "reconciliation %s: %s", event["kind"], event["detail"])
@@ -274,9 +267,6 @@ class PortfolioHandler(Handler):
                  len(self.portfolio.accounts), len(self.portfolio.open_orders),
                  time.monotonic() - started)
         return None  # resume at the committed offsets: the state's
-
-    def on_revoke(self, partitions: list[TopicPartition]) -> Iterable[Output]:
-        return ()
 
     def close(self) -> Iterable[Output]:
         self._enter()

@@ -69,7 +69,8 @@ def staging_dir(root: Path) -> Path:
     return root.parent / f".{root.name}.staging"
 
 
-def _date(start_ms: int) -> str:
+def utc_date(start_ms: int) -> str:
+    """The UTC date of an epoch-ms time, as the partition paths spell it."""
     return datetime.fromtimestamp(start_ms / 1000, timezone.utc).strftime("%Y-%m-%d")
 
 
@@ -115,7 +116,7 @@ class BarWriter:
     def write(self, bars: Iterable[Bar]) -> WriteReport:
         groups: dict[tuple[str, str, str], list[Bar]] = {}
         for bar in bars:
-            groups.setdefault((bar.symbol, bar.interval, _date(bar.start_ms)), []).append(bar)
+            groups.setdefault((bar.symbol, bar.interval, utc_date(bar.start_ms)), []).append(bar)
         added = skipped = files = 0
         for (symbol, interval, date), rows in sorted(groups.items()):
             path = partition_file(self.root, symbol, interval, date)
@@ -225,7 +226,7 @@ def read_bars(root: str | Path, symbol: str, interval: str = "1m", start: Any = 
     tables = []
     for folder in sorted(base.glob("date=*")):
         day = folder.name[len("date="):]
-        if (lo is not None and day < _date(lo)) or (hi is not None and day > _date(hi)):
+        if (lo is not None and day < utc_date(lo)) or (hi is not None and day > utc_date(hi)):
             continue
         tables += [pq.read_table(f, schema=SCHEMA) for f in sorted(folder.glob("*.parquet"))]
     table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()

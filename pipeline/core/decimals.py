@@ -21,3 +21,15 @@ def positive(text: object) -> Decimal | None:
     except InvalidOperation:
         return None
     return number if number.is_finite() and number > 0 else None
+
+
+
+def non_negative(text: object) -> Decimal | None:
+    """A finite Decimal >= 0 from a decimal string (a fee, an amount filled), else None."""
+    if not isinstance(text, str):
+        return None
+    try:
+        number = Decimal(text)
+    except InvalidOperation:
+        return None
+    return number if number.is_finite() and number >= 0 else None

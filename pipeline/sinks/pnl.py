@@ -22,8 +22,8 @@ from typing import Any, Iterable, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.bars_store import DECIMAL, PLACES, TIME, WriteReport, _replace, staging_dir
-from pipeline.trading.portfolio import day_of
+from pipeline.bars_store import (DECIMAL, PLACES, TIME, WriteReport, _replace, staging_dir,
+                                 utc_date)
 
 MONEY = ("capital", "realized_pnl", "unrealized_pnl", "fees", "equity", "peak_equity",
          "drawdown", "drawdown_pct", "daily_pnl", "exposure")
@@ -65,7 +65,7 @@ class PnlWriter:
     def write(self, rows: Iterable[Mapping[str, Any]]) -> WriteReport:
         groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
         for row in rows:
-            groups.setdefault((row["strategy_id"], day_of(row["event_ms"])), []).append(row)
+            groups.setdefault((row["strategy_id"], utc_date(row["event_ms"])), []).append(row)
         added = skipped = files = 0
         for (strategy, date), part in sorted(groups.items()):
             path = partition_file(self.root, strategy, date)

@@ -140,9 +140,7 @@ class Ledger:
         self.realized: dict[str, Decimal] = {}  # symbol -> realized PnL in its quote
         self.fees: dict[str, Decimal] = {}  # currency -> fees paid in it
         self.closed: list[ClosedTrade] = []
-        self.trades_closed = 0
-        self.fills = 0
-        self.volume: dict[str, Decimal] = {}  # symbol -> sum of |fill| x price (quote)
+        self.fill_count: dict[str, int] = {}  # symbol -> fills booked
 
     # -- currency
 
@@ -214,7 +212,6 @@ class Ledger:
         commission = entry_fee + exit_fee
         sign = ONE if size > 0 else -ONE
         return_pct = sign * (price / entry - ONE) - commission / (abs(size) * entry)
-        self.trades_closed += 1
         if self.keep_trades:
             self.closed.append(ClosedTrade(symbol, size, entry, price, lot.entry_ms, when_ms,
                                            lot.entry_index, index, lot.entry_bar, bar,
@@ -234,8 +231,7 @@ class Ledger:
         ``entry_price`` (default ``price``). ``fee``: the fill's whole fee in
         ``fee_currency`` (default the quote), shared out by size (:func:`_share`; the last
         part takes the exact rest); None: the commission rate. Returns the fee charged in the quote."""
-        self.fills += 1
-        self.volume[symbol] = self.volume.get(symbol, ZERO) + abs(size) * price
+        self.fill_count[symbol] = self.fill_count.get(symbol, 0) + 1
         base, quote = split_symbol(symbol)
         self.quote_of(symbol)
         if fee is not None and fee_currency is not None and fee_currency.upper() != quote:
@@ -263,6 +259,11 @@ class Ledger:
             charged += self.open(symbol, need, entry_price if entry_price is not None else price,
                                  when_ms, index, bar, None if fee is None else fee - charged)
         return charged
+
+    @property
+    def fills(self) -> int:
+        """Fills booked, every symbol's."""
+        return sum(self.fill_count.values())
 
     # -- valuation
 
@@ -293,10 +294,6 @@ class Ledger:
                 m = mark if s == symbol else marks[s]
                 total += position * m - self.cost[s] - gross * m
         return total if total > 0 else ZERO
-
-    def held(self) -> list[str]:
-        """Symbols with an open position."""
-        return [s for s, p in self.position.items() if p]
 
     def needs_marks(self) -> set[str]:
         """Symbols whose marks valuing this ledger depends on (before conversion)."""
@@ -367,8 +364,7 @@ class Ledger:
         return {"currency": self.currency, "capital": plain(self._capital),
                 "rate": plain(self.rate),
                 "balances": _texts(self.balances), "realized": _texts(self.realized),
-                "fees": _texts(self.fees), "volume": _texts(self.volume),
-                "fills": self.fills, "trades_closed": self.trades_closed,
+                "fees": _texts(self.fees), "fill_count": self.fill_count,
                 "lots": [[lot.symbol, plain(lot.size), plain(lot.entry_price), lot.entry_ms,
                           None if lot.entry_fee is None else plain(lot.entry_fee)]
                          for lots in self.lots.values() for lot in lots]}
@@ -380,9 +376,7 @@ class Ledger:
         ledger.balances = _decimals(state["balances"])
         ledger.realized = _decimals(state["realized"])
         ledger.fees = _decimals(state["fees"])
-        ledger.volume = _decimals(state.get("volume", {}))
-        ledger.fills = int(state["fills"])
-        ledger.trades_closed = int(state["trades_closed"])
+        ledger.fill_count = dict(state["fill_count"])
         for symbol, size, price, when_ms, fee in state["lots"]:
             lot = Lot(symbol, Decimal(size), Decimal(price), when_ms,
                       entry_fee=None if fee is None else Decimal(fee))

@@ -22,13 +22,12 @@ compares with Gemini's), and every call returns the records to publish
 
 from __future__ import annotations
 
-import datetime as dt
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, Mapping
 
-from pipeline.core.decimals import ZERO, plain
+from pipeline.core.decimals import ZERO, non_negative, plain, positive
 from pipeline.core.symbols import split_symbol
 from pipeline.core.vocabulary import FILL_KINDS, TERMINAL_KINDS, OrderEventKind
 from pipeline.errors import PipelineError
@@ -109,20 +108,19 @@ class StrategyAccount:
     halted: bool = False
     halt_reason: str | None = None
     seq: int = 0
-    fills_by_symbol: dict[str, int] = field(default_factory=dict)
     rejections: dict[str, int] = field(default_factory=dict)  # reason -> orders
 
     def dump(self) -> dict[str, Any]:
         return {"ledger": self.ledger.dump(), "peak": _text(self.peak), "day": self.day,
                 "day_start": _text(self.day_start), "halted": self.halted,
                 "halt_reason": self.halt_reason, "seq": self.seq,
-                "fills_by_symbol": self.fills_by_symbol, "rejections": self.rejections}
+                "rejections": self.rejections}
 
     @classmethod
     def load(cls, state: Mapping[str, Any]) -> "StrategyAccount":
         return cls(Ledger.load(state["ledger"]), _number(state["peak"]), state["day"],
                    _number(state["day_start"]), state["halted"], state["halt_reason"],
-                   state["seq"], dict(state["fills_by_symbol"]), dict(state["rejections"]))
+                   state["seq"], dict(state["rejections"]))
 
 
 @dataclass(frozen=True)
@@ -203,7 +201,6 @@ class Portfolio:
         account = self.account(strategy)
         account.ledger.fill(symbol, size, price, event["event_ms"], fee=fee,
                             fee_currency=fee_currency)
-        account.fills_by_symbol[symbol] = account.fills_by_symbol.get(symbol, 0) + 1
         key = event.get("exchange_order_id") or cid
         seen = self.order_fills.setdefault(key, {
             "client_order_id": cid, "strategy_id": strategy, "symbol": symbol, "mode":
@@ -227,11 +224,11 @@ class Portfolio:
             if text is None:
                 continue
             try:
-                value = Decimal(text)
+                Decimal(text)
             except (InvalidOperation, TypeError):
                 raise BadFill(f"{where}: {name} is not a decimal: {text!r}") from None
             strict = name in ("last_fill_amount", "last_fill_price")
-            if not value.is_finite() or value < 0 or (strict and value == 0):
+            if (positive(text) if strict else non_negative(text)) is None:
                 raise BadFill(f"{where}: {name} must be {'positive' if strict else 'zero or more'}"
                               f", not {text!r}")
 
@@ -327,7 +324,7 @@ class Portfolio:
                 "mark": None if mark is None else plain(mark),
                 "mark_ms": None if mark is None or book is None else book[2],
                 "currency": split_symbol(symbol)[1],
-                "fills": account.fills_by_symbol.get(symbol, 0), "updated_ms": now_ms}
+                "fills": ledger.fill_count.get(symbol, 0), "updated_ms": now_ms}
 
     def _report(self, strategy_id: str, trigger: str, event_ms: int, now_ms: int
                 ) -> list[tuple[str, dict]]:
@@ -421,10 +418,6 @@ def _crossed(stop: RiskStop | None, drawdown: Decimal | None, pct: Decimal | Non
         return "max_daily_loss", (f"daily loss {plain(-daily)} {currency} > limit "
                                   f"{plain(stop.max_daily_loss)}")
     return None
-
-
-def day_of(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%d")
 
 
 def _text(value: Decimal | None) -> str | None:

@@ -50,10 +50,11 @@ def _number(value: Any) -> Decimal:
         return ZERO
 
 
-def _event(at_ms: int, mode: str, kind: str, detail: str, *, subject: str | None = None,
-           symbol: str | None = None, strategy_id: str | None = None,
-           expected: Decimal | str | None = None, actual: Decimal | str | None = None,
-           differences: int = 1) -> dict:
+def finding(at_ms: int, mode: str, kind: str, detail: str, *, subject: str | None = None,
+            symbol: str | None = None, strategy_id: str | None = None,
+            expected: Decimal | str | None = None, actual: Decimal | str | None = None,
+            differences: int = 1) -> dict:
+    """One ``ReconciliationEvent``."""
     def text(v: Decimal | str | None) -> str | None:
         return plain(v) if isinstance(v, Decimal) else v
     return {"at_ms": at_ms, "mode": mode, "kind": kind, "subject": subject,
@@ -79,30 +80,30 @@ def reconcile(portfolio: Portfolio, exchange: ExchangeView, baseline: dict[str, 
         if known is None:
             if int(order.get("timestampms") or 0) > settled:
                 continue
-            out.append(_event(now_ms, mode, "UNKNOWN_ORDER",
-                              f"Gemini has order {oid} open ({order.get('side')} "
-                              f"{order.get('remaining_amount')} @ {order.get('price')}, "
-                              f"client_order_id {cid!r}) that the pipeline did not place "
-                              "or does not know: left alone", subject=oid, symbol=symbol,
-                              actual=str(order.get("remaining_amount"))))
+            out.append(finding(now_ms, mode, "UNKNOWN_ORDER",
+                               f"Gemini has order {oid} open ({order.get('side')} "
+                               f"{order.get('remaining_amount')} @ {order.get('price')}, "
+                               f"client_order_id {cid!r}) that the pipeline did not place "
+                               "or does not know: left alone", subject=oid, symbol=symbol,
+                               actual=str(order.get("remaining_amount"))))
             continue
         on_exchange.add(known)
         ours = mine[known]
         expected = Decimal(ours["amount"]) - Decimal(ours["filled_amount"])
         actual = _number(order.get("remaining_amount"))
         if expected != actual:
-            out.append(_event(now_ms, mode, "ORDER_MISMATCH",
-                              f"order {known} has {plain(actual)} remaining on Gemini, "
-                              f"{plain(expected)} in the pipeline", subject=known,
-                              symbol=ours["symbol"], strategy_id=ours["strategy_id"],
-                              expected=expected, actual=actual))
+            out.append(finding(now_ms, mode, "ORDER_MISMATCH",
+                               f"order {known} has {plain(actual)} remaining on Gemini, "
+                               f"{plain(expected)} in the pipeline", subject=known,
+                               symbol=ours["symbol"], strategy_id=ours["strategy_id"],
+                               expected=expected, actual=actual))
     for cid, ours in sorted(mine.items()):
         if cid not in on_exchange and ours["event_ms"] <= settled:
-            out.append(_event(now_ms, mode, "MISSING_ORDER",
-                              f"the pipeline holds order {cid} open ({ours['side']} "
-                              f"{ours['amount']} {ours['symbol']}); Gemini does not have it "
-                              "open", subject=cid, symbol=ours["symbol"],
-                              strategy_id=ours["strategy_id"], expected="open", actual="absent"))
+            out.append(finding(now_ms, mode, "MISSING_ORDER",
+                               f"the pipeline holds order {cid} open ({ours['side']} "
+                               f"{ours['amount']} {ours['symbol']}); Gemini does not have it "
+                               "open", subject=cid, symbol=ours["symbol"],
+                               strategy_id=ours["strategy_id"], expected="open", actual="absent"))
     recent = _fills(portfolio, exchange.trades, mode, now_ms, settled, out)
     if baseline is None:
         baseline = _baseline(exchange.balances, portfolio.holdings())
@@ -113,9 +114,9 @@ def reconcile(portfolio: Portfolio, exchange: ExchangeView, baseline: dict[str, 
         out += _balances(exchange.balances, portfolio.holdings(), baseline, mode, now_ms)
         note = "balances compared"
     found = len(out)
-    out.append(_event(now_ms, mode, "CHECKED",
-                      f"{found} difference(s); {len(exchange.orders)} open order(s), "
-                      f"{len(exchange.trades)} trade(s) seen; {note}", differences=found))
+    out.append(finding(now_ms, mode, "CHECKED",
+                       f"{found} difference(s); {len(exchange.orders)} open order(s), "
+                       f"{len(exchange.trades)} trade(s) seen; {note}", differences=found))
     return out, baseline
 
 
@@ -149,17 +150,17 @@ def _fills(portfolio: Portfolio, trades: Iterable[Mapping[str, Any]], mode: str,
         if counted != amount:
             why = "not placed by the pipeline" if ours is None and cid is None else \
                 "filled while the pipeline was not told (e.g. execution was down)"
-            out.append(_event(now_ms, mode, "FILL_MISSING",
-                              f"order {oid}: Gemini filled {plain(amount)}, the pipeline "
-                              f"counted {plain(counted)} ({why})", subject=oid,
-                              symbol=symbol or (ours or {}).get("symbol"),
-                              strategy_id=strategy, expected=counted, actual=amount))
+            out.append(finding(now_ms, mode, "FILL_MISSING",
+                               f"order {oid}: Gemini filled {plain(amount)}, the pipeline "
+                               f"counted {plain(counted)} ({why})", subject=oid,
+                               symbol=symbol or (ours or {}).get("symbol"),
+                               strategy_id=strategy, expected=counted, actual=amount))
         elif Decimal(ours["fee"]) != fee:  # type: ignore[index]
-            out.append(_event(now_ms, mode, "FILL_MISMATCH",
-                              f"order {oid}: fees {plain(fee)} on Gemini, "
-                              f"{ours['fee']} in the pipeline", subject=oid,  # type: ignore[index]
-                              symbol=ours["symbol"], strategy_id=strategy,  # type: ignore[index]
-                              expected=ours["fee"], actual=fee))  # type: ignore[index]
+            out.append(finding(now_ms, mode, "FILL_MISMATCH",
+                               f"order {oid}: fees {plain(fee)} on Gemini, "
+                               f"{ours['fee']} in the pipeline", subject=oid,  # type: ignore[index]
+                               symbol=ours["symbol"], strategy_id=strategy,  # type: ignore[index]
+                               expected=ours["fee"], actual=fee))  # type: ignore[index]
     return recent
 
 
@@ -181,9 +182,9 @@ def _balances(balances: Iterable[Mapping[str, Any]], change: Mapping[str, Decima
         expected = baseline.get(currency, ZERO) + change.get(currency, ZERO)
         actual = have.get(currency, ZERO)
         if expected != actual:
-            out.append(_event(now_ms, mode, "BALANCE",
-                              f"{currency}: Gemini has {plain(actual)}, the pipeline expects "
-                              f"{plain(expected)} (baseline {plain(baseline.get(currency, ZERO))}"
-                              f" + its fills {plain(change.get(currency, ZERO))})",
-                              subject=currency, expected=expected, actual=actual))
+            out.append(finding(now_ms, mode, "BALANCE",
+                               f"{currency}: Gemini has {plain(actual)}, the pipeline expects "
+                               f"{plain(expected)} (baseline {plain(baseline.get(currency, ZERO))}"
+                               f" + its fills {plain(change.get(currency, ZERO))})",
+                               subject=currency, expected=expected, actual=actual))
     return out
