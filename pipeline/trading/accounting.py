@@ -376,7 +376,7 @@ class Ledger:
         ledger.balances = _decimals(state["balances"])
         ledger.realized = _decimals(state["realized"])
         ledger.fees = _decimals(state["fees"])
-        ledger.fill_count = dict(state["fill_count"])
+        ledger.fill_count = dict(state.get("fill_count", {}))  # absent: counted afresh
         for symbol, size, price, when_ms, fee in state["lots"]:
             lot = Lot(symbol, Decimal(size), Decimal(price), when_ms,
                       entry_fee=None if fee is None else Decimal(fee))
