@@ -259,10 +259,14 @@ def produce_gemini(
     namespace: str = typer.Option(None, "--namespace", "-n", envvar="PIPELINE_NAMESPACE",
                                   help="Topic namespace \\[default: live for Gemini, sim for "
                                        "any other URL]."),
-    url: str = typer.Option("wss://api.gemini.com", help="Gemini, or the local venue "
-                                                         "(e.g. ws://127.0.0.1:8090)."),
+    url: Optional[str] = typer.Option(None, help="Gemini, or the local venue (e.g. "
+                                                 "ws://127.0.0.1:8090) \\[default: "
+                                                 "wss://ws.gemini.com for ws, "
+                                                 "wss://api.gemini.com for v1/v2]."),
     symbols: str = typer.Option("BTCUSD,ETHUSD", help="Comma-separated Gemini symbols."),
-    protocol: str = typer.Option("v2", help="v2 (one connection, l2) or v1 (one per symbol)."),
+    protocol: str = typer.Option("ws", help="ws (Gemini's new WebSocket API, one connection), "
+                                            "v2 (archived, one connection, l2) or v1 "
+                                            "(archived, one per symbol)."),
     heartbeat_timeout: float = typer.Option(10.0, help="Seconds without a message that count "
                                                        "as a disconnect."),
 ) -> None:
@@ -272,16 +276,18 @@ def produce_gemini(
     from pipeline.registry import SchemaRegistry
     from pipeline.registry_server import registry_url
     from pipeline.serde import Serde
-    from producers.gemini_ws import FeedConfig, run_producer
+    from producers.gemini_ws import (GEMINI_NEW_WS, GEMINI_WS, PROTOCOLS, FeedConfig, base_for,
+                                     run_producer)
 
+    if protocol not in PROTOCOLS:
+        raise PipelineError(f"unknown protocol {protocol!r}: {', '.join(PROTOCOLS)}")
+    url = base_for(protocol, url or (GEMINI_NEW_WS if protocol == "ws" else GEMINI_WS))
     settings = _settings(run_dir)
     is_gemini = "gemini.com" in url
     ns = Namespace(namespace or ("live" if is_gemini else "sim"))
     if ns.is_live and not is_gemini:
         raise PipelineError(f"namespace {ns} is for Gemini's own data; {url} is not Gemini: "
                             "use a sim namespace")
-    if protocol not in ("v1", "v2"):
-        raise PipelineError(f"unknown protocol {protocol!r}: v1 or v2")
     bootstrap = bootstrap_servers(settings)
     ensure_topics(bootstrap, ns, ["raw.frames", "md.l2", "md.trades", "dlq"])
     serde = Serde(SchemaRegistry(registry_url(settings)))
@@ -292,7 +298,8 @@ def produce_gemini(
     stats = run_producer(config, bootstrap, serde, ns,
                          status_file=settings.run_dir / "status" / "producer-gemini.json")
     console.print(f"stopped: {stats.frames} frames, {stats.records} records, "
-                  f"{stats.dead_letters} dead letters, {stats.reconnects} reconnects")
+                  f"{stats.dead_letters} dead letters, {stats.reconnects} reconnects, "
+                  f"{stats.update_gaps} update gaps")
 
 
 load_app = typer.Typer(no_args_is_help=True, help="Load historical data into Kafka.")

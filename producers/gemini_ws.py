@@ -1,15 +1,29 @@
 """The Gemini WebSocket producer: market data frames into Kafka.
 
-One connection for all symbols (v2, ``l2``) or one per symbol (v1). Every frame is kept
-on the raw topic; valid frames become ``L2Update``/``Trade`` records keyed by symbol;
-anything else goes to the dead-letter topic with its text. A disconnect, a heartbeat
-timeout or a v1 ``socket_sequence`` gap ends the connection; the producer reconnects
-with capped exponential backoff and jitter, and the new connection's first book is
-flagged as a snapshot, so consumers reset rather than merge into a stale book.
+Three protocols:
+
+- ``ws``, Gemini's new WebSocket API (the default): one connection to
+  ``{ws base}/?snapshot=-1`` subscribing ``{symbol}@depth@100ms`` and ``{symbol}@trade`` for
+  every symbol. An update-id gap (:class:`UpdateGap`) resnapshots only that symbol, on the
+  same connection: UNSUBSCRIBE then SUBSCRIBE its depth stream, whose new initial book is
+  the symbol's next ``L2Update``, flagged ``snapshot: true``; the other symbols go on.
+  The API sends no heartbeats, so after half the heartbeat timeout of silence the feed
+  sends a ``ping`` request; only a connection that does not even answer that times out.
+- ``v2``, the archived ``/v2/marketdata``: one connection, the ``l2`` subscription.
+- ``v1``, the archived ``/v1/marketdata/{symbol}``: one connection per symbol, opened
+  ``v1_stagger_s`` apart (Gemini rate-limits new connections).
+
+Every frame is kept on the raw topic; valid frames become ``L2Update``/``Trade`` records
+keyed by symbol; frames that are not valid market data go to the dead-letter topic with
+their text; valid frames carrying nothing kept are counted in ``FeedStats.skipped``. A
+disconnect, a heartbeat timeout or a v1 ``socket_sequence`` gap ends the connection; the
+producer reconnects with capped exponential backoff and jitter, and the new connection's
+first book is flagged as a snapshot, so consumers reset rather than merge into a stale book.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -17,33 +31,51 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import websocket
 
 from pipeline.catalog import Namespace
 from pipeline.deadletter import STAGE_INGEST, dead_letter_headers
-from pipeline.gemini.marketdata import FrameError, SequenceGap, V1Normalizer, V2Normalizer
+from pipeline.gemini.marketdata import (FrameError, SequenceGap, UpdateGap, V1Normalizer,
+                                       V2Normalizer, WsNormalizer)
 from pipeline.kafka import ReliableProducer
 from pipeline.serde import Serde
 
 log = logging.getLogger(__name__)
 
-GEMINI_WS = "wss://api.gemini.com"
+GEMINI_WS = "wss://api.gemini.com"  # v1 and v2
 SANDBOX_WS = "wss://api.sandbox.gemini.com"
+GEMINI_NEW_WS = "wss://ws.gemini.com"  # the new API
+SANDBOX_NEW_WS = "wss://ws.sandbox.gemini.com"  # assumed by analogy (see base_for)
+PROTOCOLS = ("ws", "v2", "v1")
+Normalizer = WsNormalizer | V2Normalizer | V1Normalizer
+
+
+def base_for(protocol: str, base_url: str) -> str:
+    """The base URL a protocol connects to. Gemini serves the new API on its own host, so
+    Gemini's v1/v2 host given for ``ws`` maps to it (and back); any other host (the local
+    venue) serves all three."""
+    base_url = base_url.rstrip("/")
+    pairs = {GEMINI_WS: GEMINI_NEW_WS, SANDBOX_WS: SANDBOX_NEW_WS}
+    if protocol == "ws":
+        return pairs.get(base_url, base_url)
+    return {new: old for old, new in pairs.items()}.get(base_url, base_url)
 
 
 @dataclass
 class FeedConfig:
-    base_url: str = GEMINI_WS  # scheme://host[:port], the paths are Gemini's
+    base_url: str = GEMINI_NEW_WS  # scheme://host[:port], the paths are Gemini's
     symbols: list[str] = field(default_factory=lambda: ["BTCUSD", "ETHUSD"])
-    protocol: str = "v2"  # "v2" (one connection, l2) or "v1" (one connection per symbol)
-    heartbeat_timeout_s: float = 10.0  # Gemini sends heartbeats every 5 s
+    protocol: str = "ws"  # "ws" (new API), "v2" (one connection, l2), "v1" (one per symbol)
+    heartbeat_timeout_s: float = 10.0  # v1/v2 heartbeats come every 5 s; ws: pinged
     connect_timeout_s: float = 10.0
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
     progress_interval_s: float = 10.0
+    v1_stagger_s: float = 0.5  # between opening v1's per-symbol connections
 
 
 @dataclass
@@ -55,13 +87,17 @@ class FeedStats:
     reconnects: int = 0
     heartbeat_timeouts: int = 0
     sequence_gaps: int = 0
+    update_gaps: int = 0  # ws: update-id gaps, each resnapshotting one symbol
+    pings: int = 0  # ws: ping requests sent on quiet connections
+    skipped: Counter = field(default_factory=Counter)  # valid frames not kept, by kind
     delivery_failures: int = 0
     last_message_at: float = 0.0
     last_error: str | None = None
 
     def snapshot(self) -> dict:
         age = time.time() - self.last_message_at if self.last_message_at else None
-        return {**asdict(self), "last_message_age_s": age}
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**values, "skipped": dict(self.skipped), "last_message_age_s": age}
 
 
 class Disconnected(Exception):
@@ -79,15 +115,16 @@ class IngestSink:
         self.encode = {name: serde.encoder(self.topics[name])
                        for name in ("raw.frames", "md.l2", "md.trades")}
 
-    def frame(self, text: str, received_us: int, normalizer: V1Normalizer | V2Normalizer,
+    def frame(self, text: str, received_us: int, normalizer: Normalizer,
               url: str, index: int) -> None:
-        """Publish one received frame. Raises SequenceGap (the caller resubscribes)."""
+        """Publish one received frame. Raises SequenceGap or UpdateGap (the caller
+        resubscribes)."""
         self.stats.frames += 1
         self.stats.last_message_at = received_us / 1e6
         conn = normalizer.connection_id
         try:
             records = normalizer.normalize_text(text, received_us)
-        except SequenceGap:
+        except (SequenceGap, UpdateGap):
             self._raw(text, received_us, conn, url, index, conn)  # kept, then resubscribe
             raise
         except FrameError as exc:
@@ -115,15 +152,22 @@ class IngestSink:
 class GeminiFeed:
     """Keeps one WebSocket connection alive and feeds its frames to the sink."""
 
-    def __init__(self, config: FeedConfig, sink: IngestSink, symbol: str | None = None) -> None:
+    def __init__(self, config: FeedConfig, sink: IngestSink, symbol: str | None = None,
+                 start_delay_s: float = 0.0) -> None:
         self.config, self.sink, self.symbol = config, sink, symbol
-        if config.protocol == "v2":
-            self.url = f"{config.base_url}/v2/marketdata"
+        self.start_delay_s = start_delay_s
+        base = base_for(config.protocol, config.base_url)
+        if config.protocol == "ws":
+            self.url = f"{base}/?snapshot=-1"
+        elif config.protocol == "v2":
+            self.url = f"{base}/v2/marketdata"
         else:
-            self.url = f"{config.base_url}/v1/marketdata/{symbol}?heartbeat=true"
+            self.url = f"{base}/v1/marketdata/{symbol}?heartbeat=true"
+        self._request_ids = itertools.count(1)
 
     def run(self, stop: threading.Event) -> None:
         stats, attempt = self.sink.stats, 0
+        stop.wait(self.start_delay_s)
         while not stop.is_set():
             received_any = False
             try:
@@ -145,23 +189,34 @@ class GeminiFeed:
         ws = websocket.create_connection(self.url, timeout=self.config.connect_timeout_s,
                                          enable_multithread=True)
         conn_id = uuid.uuid4().hex[:12]
-        self.sink.stats.connections += 1
-        normalizer: V1Normalizer | V2Normalizer
-        if self.config.protocol == "v2":
-            normalizer = V2Normalizer(conn_id)
+        stats = self.sink.stats
+        stats.connections += 1
+        normalizer: Normalizer
+        if self.config.protocol == "ws":
+            normalizer = WsNormalizer(conn_id, stats.skipped)
+            self._request(ws, "SUBSCRIBE", [stream for s in self.config.symbols
+                                            for stream in _streams(s)])
+        elif self.config.protocol == "v2":
+            normalizer = V2Normalizer(conn_id, stats.skipped)
             ws.send(json.dumps({"type": "subscribe", "subscriptions": [
                 {"name": "l2", "symbols": [s.upper() for s in self.config.symbols]}]}))
         else:
-            normalizer = V1Normalizer(conn_id, self.symbol or "")
+            normalizer = V1Normalizer(conn_id, self.symbol or "", stats.skipped)
         log.info("connected to %s (connection %s)", self.url, conn_id)
         ws.settimeout(0.25)  # short, so stop requests and heartbeat timeouts are noticed
-        last, index = time.monotonic(), 0
+        last, pinged, index = time.monotonic(), False, 0
         try:
             while not stop.is_set():
                 try:
                     opcode, data = ws.recv_data()
                 except websocket.WebSocketTimeoutException:
-                    if time.monotonic() - last > self.config.heartbeat_timeout_s:
+                    quiet = time.monotonic() - last
+                    if (self.config.protocol == "ws" and not pinged
+                            and quiet > self.config.heartbeat_timeout_s / 2):
+                        self._request(ws, "ping")  # the new API sends no heartbeats
+                        stats.pings += 1
+                        pinged = True
+                    if quiet > self.config.heartbeat_timeout_s:
                         self.sink.stats.heartbeat_timeouts += 1
                         raise _ended(Disconnected(f"no message for "
                                                   f"{self.config.heartbeat_timeout_s:g} s "
@@ -173,17 +228,36 @@ class GeminiFeed:
                     raise _ended(Disconnected("closed by the server"), index)
                 if opcode not in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
                     continue
-                last = time.monotonic()
+                last, pinged = time.monotonic(), False
                 text = data.decode("utf-8", errors="replace")
                 try:
                     self.sink.frame(text, time.time_ns() // 1000, normalizer, self.url, index)
                 except SequenceGap as gap:
-                    self.sink.stats.sequence_gaps += 1
+                    stats.sequence_gaps += 1
                     raise _ended(gap, index + 1)
+                except UpdateGap as gap:
+                    stats.update_gaps += 1
+                    stats.last_error = f"UpdateGap: {gap}"
+                    log.warning("%s; resnapshotting %s", gap, gap.symbol)
+                    depth = _streams(gap.symbol)[:1]
+                    self._request(ws, "UNSUBSCRIBE", depth)
+                    self._request(ws, "SUBSCRIBE", depth)  # its initial book comes again
                 index += 1
         finally:
             ws.close(timeout=1)
         return index > 0
+
+    def _request(self, ws: websocket.WebSocket, method: str, params: object = None) -> None:
+        """Send a new-API request; its answer comes back as a frame like any other."""
+        request: dict = {"id": str(next(self._request_ids)), "method": method}
+        if params is not None:
+            request["params"] = params
+        ws.send(json.dumps(request))
+
+
+def _streams(symbol: str) -> list[str]:
+    """The new API's streams of one symbol: its book (first) and its trades."""
+    return [f"{symbol.lower()}@depth@100ms", f"{symbol.lower()}@trade"]
 
 
 def _ended(exc: Exception, frames: int) -> Exception:
@@ -201,8 +275,9 @@ def run_producer(config: FeedConfig, bootstrap: str, serde: Serde, namespace: Na
     stats = FeedStats()
     producer = ReliableProducer(bootstrap)
     sink = IngestSink(producer, serde, namespace, stats)
-    feeds = ([GeminiFeed(config, sink)] if config.protocol == "v2"
-             else [GeminiFeed(config, sink, s.upper()) for s in config.symbols])
+    feeds = ([GeminiFeed(config, sink)] if config.protocol != "v1"
+             else [GeminiFeed(config, sink, s.upper(), start_delay_s=i * config.v1_stagger_s)
+                   for i, s in enumerate(config.symbols)])
     threads = [threading.Thread(target=feed.run, args=(stop,), name=f"feed-{i}", daemon=True)
                for i, feed in enumerate(feeds)]
     for thread in threads:
@@ -215,8 +290,9 @@ def run_producer(config: FeedConfig, bootstrap: str, serde: Serde, namespace: Na
         last_frames, last_at = stats.frames, now
         report = stats.snapshot() | {"frames_per_s": rate}
         log.info("frames %d (%.0f/s), records %d, dead letters %d, reconnects %d, "
-                 "last message %.1fs ago, delivery failures %d", stats.frames, rate,
-                 stats.records, stats.dead_letters, stats.reconnects,
+                 "update gaps %d, skipped %d, last message %.1fs ago, delivery failures %d",
+                 stats.frames, rate, stats.records, stats.dead_letters, stats.reconnects,
+                 stats.update_gaps, sum(stats.skipped.values()),
                  report["last_message_age_s"] or 0, stats.delivery_failures)
         if status_file is not None:
             status_file.parent.mkdir(parents=True, exist_ok=True)
@@ -225,6 +301,7 @@ def run_producer(config: FeedConfig, bootstrap: str, serde: Serde, namespace: Na
         thread.join(10)
     producer.flush()  # raises DeliveryFailed if anything was not acknowledged
     stats.delivery_failures = producer.tracker.failed_total
-    log.info("producer stopped: %d frames, %d records, %d dead letters", stats.frames,
-             stats.records, stats.dead_letters)
+    log.info("producer stopped: %d frames, %d records, %d dead letters, %d update gaps, "
+             "skipped %s", stats.frames, stats.records, stats.dead_letters, stats.update_gaps,
+             dict(stats.skipped))
     return stats

@@ -28,6 +28,9 @@ class L2Update(TypedDict):
     connection_id: str
     sequence: int
     event_id: int | None
+    first_update_id: int | None  # new API: U of a depthUpdate
+    last_update_id: int | None  # new API: u, or a snapshot's lastUpdateId
+    exchange_ts_ns: int | None  # new API: E, nanoseconds
 
 
 class BookSnapshot(TypedDict):
@@ -55,6 +58,7 @@ class Trade(TypedDict):
     connection_id: str
     sequence: int
     from_snapshot: bool
+    exchange_ts_ns: int | None  # new API: E, nanoseconds
 
 
 class Bar(TypedDict):

@@ -1,17 +1,50 @@
 """Gemini market-data frames to the pipeline's records. Pure logic: no I/O, no Kafka.
 
-v2 (``/v2/marketdata``, ``l2`` subscription): the first ``l2_updates`` of a symbol on a
-connection is its full book (a snapshot) and carries recent ``trades``; later ones are
-incremental. ``trade`` frames are trades; ``heartbeat`` frames carry nothing to keep.
+Three feeds, one normalizer each, all with ``normalize_text``/``normalize`` returning
+:class:`Normalized` records:
+
+- ``WsNormalizer``, Gemini's new WebSocket API (``wss://ws.gemini.com``): ``depthUpdate``
+  frames of ``{symbol}@depth@100ms`` with Binance-style update ids, ``trade`` frames of
+  ``{symbol}@trade``, the initial book that the connection's ``?snapshot=`` parameter
+  delivers, and method responses (``{id,status,result}`` / ``{id,status,error}``), which
+  carry no data.
+- ``V2Normalizer``, the archived ``/v2/marketdata`` (``l2`` subscription): the first
+  ``l2_updates`` of a symbol on a connection is its full book (a snapshot) and carries
+  recent ``trades``; later ones are incremental. ``trade`` frames are trades;
+  ``heartbeat`` frames carry nothing to keep; ``auction_*`` frames are skipped (counted).
+- ``V1Normalizer``, the archived per-symbol ``/v1/marketdata/{symbol}`` with
+  ``socket_sequence``.
+
 Prices and quantities stay the exact decimal strings Gemini sent (see schemas/README.md).
+Frames that are valid but carry nothing the pipeline keeps (auctions, a type or stream
+this code does not know) are counted in ``skipped`` by kind, never dead-lettered; frames
+that are not valid market data raise :class:`FrameError` (the producer dead-letters them).
+
+The new API's update-id rule (Binance's): after a symbol's snapshot with ``lastUpdateId``
+L, updates entirely older (``u <= L``) are skipped; the first one applied must straddle
+it, ``U <= L+1 <= u``; every later one must start right after the previous,
+``U == previous u + 1``. Anything else is an :class:`UpdateGap`: the symbol's book is
+unreliable, the normalizer ignores its updates until a new snapshot arrives, and the
+caller asks for one (the producer resubscribes that symbol's depth stream).
+
+ASSUMPTION (not stated by Gemini's docs, see /work/gemini_ws_spec.md): the initial book
+of a subscription made on a ``?snapshot=`` connection is a frame shaped like the
+``depth`` method's result plus the symbol, ``{"lastUpdateId": L, "s": "btcusd",
+"bids": [[p, q], ...], "asks": [[p, q], ...]}``. The local venue sends exactly this
+(``pipeline/venue/wsapi.py``, ``snapshot_frame``); this module reads it in one place,
+:func:`ws_snapshot`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 DECIMAL = re.compile(r"^\d+(\.\d+)?$")
 _BOOK_SIDES = {"buy": "BID", "bid": "BID", "sell": "ASK", "ask": "ASK"}
@@ -24,6 +57,15 @@ class FrameError(ValueError):
 
 class SequenceGap(Exception):
     """A v1 feed skipped a ``socket_sequence``: frames were lost, the book is unreliable."""
+
+
+class UpdateGap(Exception):
+    """A new-API ``depthUpdate`` does not continue its symbol's update ids: changes were
+    lost, that symbol's book is unreliable until a new snapshot (other symbols are fine)."""
+
+    def __init__(self, symbol: str, message: str) -> None:
+        super().__init__(message)
+        self.symbol = symbol
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +81,22 @@ def _decimal(value: Any, what: str) -> str:
     return value
 
 
-def _symbol(frame: dict) -> str:
-    symbol = frame.get("symbol")
+def _symbol(frame: dict, key: str = "symbol") -> str:
+    symbol = frame.get(key)
     if not isinstance(symbol, str) or not symbol.isalnum():
         raise FrameError(f"missing or invalid symbol {symbol!r}")
     return symbol.upper()
+
+
+def _skip(skipped: Counter, kind: str) -> list:
+    """Count a frame (or event) that is valid but carries nothing kept; log a kind once."""
+    if not skipped[kind]:
+        log.info("skipping Gemini market-data frames of kind %r (logged once, counted)", kind)
+    skipped[kind] += 1
+    return []
+
+
+AUCTION_TYPES = ("auction_open", "auction_indicative", "auction_result")
 
 
 class V2Normalizer:
@@ -51,11 +104,14 @@ class V2Normalizer:
 
     It numbers frames (``sequence``) and marks the first ``l2_updates`` per symbol as the
     snapshot. Make a new one for every connection: a new connection starts new epochs.
+    ``skipped`` counts frames kept out of the records by kind (pass the feed's own to
+    share it across connections).
     """
 
-    def __init__(self, connection_id: str) -> None:
+    def __init__(self, connection_id: str, skipped: Counter | None = None) -> None:
         self.connection_id = connection_id
         self.sequence = -1
+        self.skipped = Counter() if skipped is None else skipped
         self._books: set[str] = set()
 
     def normalize_text(self, text: str, received_us: int) -> list[Normalized]:
@@ -77,6 +133,8 @@ class V2Normalizer:
             return [self._trade(frame, received_us, from_snapshot=False)]
         if kind in ("heartbeat", "subscription_ack"):
             return []
+        if kind in AUCTION_TYPES:
+            return _skip(self.skipped, kind)  # auctions carry no book change
         raise FrameError(f"unknown frame type {kind!r}")
 
     def _l2(self, frame: dict, received_us: int) -> list[Normalized]:
@@ -99,17 +157,21 @@ class V2Normalizer:
         out = [Normalized("md.l2", symbol, {
             "symbol": symbol, "snapshot": snapshot, "changes": changes, "exchange_ts_ms": None,
             "received_ts_us": received_us, "connection_id": self.connection_id,
-            "sequence": self.sequence, "event_id": None})]
+            "sequence": self.sequence, "event_id": None, "first_update_id": None,
+            "last_update_id": None, "exchange_ts_ns": None})]
         for trade in frame.get("trades") or ():
             out.append(self._trade(trade, received_us, from_snapshot=True))
         return out
 
     def _trade(self, frame: dict, received_us: int, from_snapshot: bool) -> Normalized:
         symbol = _symbol(frame)
-        trade_id = frame.get("event_id", frame.get("tid"))
+        # Gemini's trade id is ``tid``; captures older than it (the 2021 one) only carry the
+        # ``event_id`` of the event that printed the trade, unique per trade there too.
+        trade_id = frame.get("tid", frame.get("event_id"))
         timestamp = frame.get("timestamp")
         if not isinstance(trade_id, int) or not isinstance(timestamp, int):
-            raise FrameError(f"{symbol}: trade without integer event_id and timestamp: {frame!r}")
+            raise FrameError(f"{symbol}: trade without integer tid/event_id and timestamp: "
+                             f"{frame!r}")
         return Normalized("md.trades", symbol, {
             "symbol": symbol, "trade_id": trade_id,
             "price": _decimal(frame.get("price"), f"{symbol}: trade price"),
@@ -117,7 +179,7 @@ class V2Normalizer:
             "taker_side": _TAKER_SIDES.get(frame.get("side"), "UNKNOWN"),
             "exchange_ts_ms": timestamp, "received_ts_us": received_us,
             "connection_id": self.connection_id, "sequence": self.sequence,
-            "from_snapshot": from_snapshot})
+            "from_snapshot": from_snapshot, "exchange_ts_ns": None})
 
 
 class V1Normalizer:
@@ -128,10 +190,11 @@ class V1Normalizer:
     have reason ``initial``) is the snapshot.
     """
 
-    def __init__(self, connection_id: str, symbol: str) -> None:
+    def __init__(self, connection_id: str, symbol: str, skipped: Counter | None = None) -> None:
         self.connection_id = connection_id
         self.symbol = symbol.upper()
         self.sequence = -1
+        self.skipped = Counter() if skipped is None else skipped
         self._snapshot_seen = False
 
     def normalize_text(self, text: str, received_us: int) -> list[Normalized]:
@@ -187,9 +250,9 @@ class V1Normalizer:
                     "taker_side": {"bid": "SELL", "ask": "BUY"}.get(maker, "UNKNOWN"),
                     "exchange_ts_ms": timestamp_ms, "received_ts_us": received_us,
                     "connection_id": self.connection_id, "sequence": sequence,
-                    "from_snapshot": False}))
-            elif etype in ("auction_open", "auction_indicative", "auction_result", "block_trade"):
-                continue  # auctions carry no book change
+                    "from_snapshot": False, "exchange_ts_ns": None}))
+            elif etype in AUCTION_TYPES or etype == "block_trade":
+                _skip(self.skipped, etype)  # auctions carry no book change
             else:
                 raise FrameError(f"{self.symbol}: event {i} of unknown type {etype!r}")
         out = []
@@ -202,5 +265,166 @@ class V1Normalizer:
                 "symbol": self.symbol, "snapshot": snapshot, "changes": changes,
                 "exchange_ts_ms": timestamp_ms if isinstance(timestamp_ms, int) else None,
                 "received_ts_us": received_us, "connection_id": self.connection_id,
-                "sequence": sequence, "event_id": event_id if isinstance(event_id, int) else None}))
+                "sequence": sequence, "event_id": event_id if isinstance(event_id, int) else None,
+                "first_update_id": None, "last_update_id": None, "exchange_ts_ns": None}))
         return out + trades
+
+
+# --------------------------------------------------------------------------- the new API
+
+_STALE, _BEFORE_SNAPSHOT = "stale depthUpdate", "depthUpdate awaiting a snapshot"
+
+
+def ws_snapshot(frame: dict) -> tuple[str, int, list, list]:
+    """(symbol, lastUpdateId, bids, asks) of an initial-book frame (see the module's
+    ASSUMPTION: the ``depth`` method's result shape plus ``s``, the symbol)."""
+    return frame.get("s"), frame.get("lastUpdateId"), frame.get("bids"), frame.get("asks")
+
+
+def _int(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise FrameError(f"{what} {value!r} is not a non-negative integer")
+    return value
+
+
+def _levels(raw: Any, side: str, what: str) -> list[dict]:
+    if not isinstance(raw, list):
+        raise FrameError(f"{what}: {side} is not a list of [price, quantity]")
+    out = []
+    for i, level in enumerate(raw):
+        if not (isinstance(level, list) and len(level) == 2):
+            raise FrameError(f"{what}: {side} level {i} is not [price, quantity]: {level!r}")
+        out.append({"side": side, "price": _decimal(level[0], f"{what}: {side} {i} price"),
+                    "quantity": _decimal(level[1], f"{what}: {side} {i} quantity")})
+    return out
+
+
+class WsNormalizer:
+    """Normalizes the frames of one connection to Gemini's new WebSocket API, in order.
+
+    It numbers frames (``sequence``: the 0-based index of the frame on its connection, as
+    for v2) and keeps, per symbol, the last update id applied to its book; the update-id
+    rule is in the module docstring. A gap raises :class:`UpdateGap` and the symbol's
+    updates are skipped until its next snapshot, which is flagged ``snapshot: true``.
+    Make a new one for every connection.
+    """
+
+    def __init__(self, connection_id: str, skipped: Counter | None = None) -> None:
+        self.connection_id = connection_id
+        self.sequence = -1
+        self.skipped = Counter() if skipped is None else skipped
+        # symbol -> (last update id, whether no update was applied since the snapshot);
+        # a symbol absent has no reliable book (never snapshotted, or after a gap)
+        self._books: dict[str, tuple[int, bool]] = {}
+        self._depth_requests: dict[Any, str] = {}  # request id of a ``depth`` call -> symbol
+
+    def expect_depth(self, request_id: Any, symbol: str) -> None:
+        """The response to request ``request_id`` (a ``depth`` call) is ``symbol``'s book."""
+        self._depth_requests[request_id] = symbol.upper()
+
+    def has_book(self, symbol: str) -> bool:
+        return symbol.upper() in self._books
+
+    def normalize_text(self, text: str, received_us: int) -> list[Normalized]:
+        try:
+            frame = json.loads(text)
+        except ValueError as exc:
+            self.sequence += 1
+            raise FrameError(f"not JSON: {exc}") from None
+        return self.normalize(frame, received_us)
+
+    def normalize(self, frame: Any, received_us: int) -> list[Normalized]:
+        self.sequence += 1
+        if not isinstance(frame, dict):
+            raise FrameError(f"expected a JSON object, got {type(frame).__name__}")
+        if isinstance(frame.get("stream"), str) and isinstance(frame.get("data"), dict):
+            frame = frame["data"]  # a combined-stream envelope
+        kind = frame.get("e")
+        if kind == "depthUpdate":
+            return self._update(frame, received_us)
+        if kind == "trade":
+            return [self._trade(frame, received_us)]
+        if kind is None and "id" in frame and ("result" in frame or "error" in frame
+                                               or "status" in frame):
+            return self._response(frame, received_us)
+        if kind is None and "lastUpdateId" in frame:
+            symbol, last_id, bids, asks = ws_snapshot(frame)
+            return [self._snapshot(symbol, last_id, bids, asks, frame.get("E"), received_us)]
+        return _skip(self.skipped, f"unknown {kind!r}" if kind is not None
+                     else f"unknown frame with keys {','.join(sorted(frame)[:6])}")
+
+    def _response(self, frame: dict, received_us: int) -> list[Normalized]:
+        symbol = self._depth_requests.pop(frame.get("id"), None)
+        error = frame.get("error")
+        if error is not None:
+            log.warning("Gemini refused request %r (status %s): %s", frame.get("id"),
+                        frame.get("status"), error)
+            return _skip(self.skipped, "error response")
+        result = frame.get("result")
+        if symbol is not None and isinstance(result, dict) and "lastUpdateId" in result:
+            return [self._snapshot(symbol, result.get("lastUpdateId"), result.get("bids"),
+                                   result.get("asks"), result.get("E"), received_us)]
+        return []  # SUBSCRIBE, ping, time...: an answer, no market data
+
+    def _snapshot(self, raw_symbol: Any, last_id: Any, bids: Any, asks: Any, event_ns: Any,
+                  received_us: int) -> Normalized:
+        symbol = _symbol({"s": raw_symbol}, "s")
+        last_id = _int(last_id, f"{symbol}: snapshot lastUpdateId")
+        changes = (_levels(bids, "BID", f"{symbol}: snapshot")
+                   + _levels(asks, "ASK", f"{symbol}: snapshot"))
+        event_ns = _int(event_ns, f"{symbol}: snapshot E") if event_ns is not None else None
+        self._books[symbol] = (last_id, True)
+        return self._l2(symbol, True, changes, None, last_id, event_ns, received_us)
+
+    def _update(self, frame: dict, received_us: int) -> list[Normalized]:
+        symbol = _symbol(frame, "s")
+        first = _int(frame.get("U"), f"{symbol}: depthUpdate U")
+        last = _int(frame.get("u"), f"{symbol}: depthUpdate u")
+        event_ns = _int(frame.get("E"), f"{symbol}: depthUpdate E")
+        if first > last:
+            raise FrameError(f"{symbol}: depthUpdate U {first} > u {last}")
+        changes = (_levels(frame.get("b"), "BID", f"{symbol}: depthUpdate")
+                   + _levels(frame.get("a"), "ASK", f"{symbol}: depthUpdate"))
+        book = self._books.get(symbol)
+        if book is None:
+            return _skip(self.skipped, _BEFORE_SNAPSHOT)
+        applied, fresh = book
+        if fresh and last <= applied:
+            return _skip(self.skipped, _STALE)  # entirely older than the snapshot
+        if (first > applied + 1) if fresh else (first != applied + 1):
+            del self._books[symbol]
+            raise UpdateGap(symbol, f"{symbol}: depthUpdate {first}..{last} after update id "
+                                    f"{applied}{' (the snapshot)' if fresh else ''} on "
+                                    f"connection {self.connection_id}")
+        self._books[symbol] = (last, False)
+        return [self._l2(symbol, False, changes, first, last, event_ns, received_us)]
+
+    def _l2(self, symbol: str, snapshot: bool, changes: list[dict], first: int | None,
+            last: int, event_ns: int | None, received_us: int) -> Normalized:
+        return Normalized("md.l2", symbol, {
+            "symbol": symbol, "snapshot": snapshot, "changes": changes,
+            "exchange_ts_ms": event_ns // 1_000_000 if event_ns is not None else None,
+            "received_ts_us": received_us, "connection_id": self.connection_id,
+            "sequence": self.sequence, "event_id": None, "first_update_id": first,
+            "last_update_id": last, "exchange_ts_ns": event_ns})
+
+    def _trade(self, frame: dict, received_us: int) -> Normalized:
+        symbol = _symbol(frame, "s")
+        trade_id = _int(frame.get("t"), f"{symbol}: trade id t")
+        event_ns = _int(frame.get("E"), f"{symbol}: trade E")
+        return Normalized("md.trades", symbol, {
+            "symbol": symbol, "trade_id": trade_id,
+            "price": _decimal(frame.get("p"), f"{symbol}: trade price"),
+            "quantity": _decimal(frame.get("q"), f"{symbol}: trade quantity"),
+            "taker_side": _ws_taker_side(frame),
+            "exchange_ts_ms": event_ns // 1_000_000, "received_ts_us": received_us,
+            "connection_id": self.connection_id, "sequence": self.sequence,
+            "from_snapshot": False, "exchange_ts_ns": event_ns})
+
+
+def _ws_taker_side(frame: dict) -> str:
+    """``m`` true: the buyer was the maker, so the taker sold (Binance's convention)."""
+    maker_buyer = frame.get("m")
+    if isinstance(maker_buyer, bool):
+        return "SELL" if maker_buyer else "BUY"
+    return _TAKER_SIDES.get(str(frame.get("S") or frame.get("side") or "").lower(), "UNKNOWN")

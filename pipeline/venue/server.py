@@ -1,5 +1,6 @@
-"""The local Gemini venue's server: market data over WebSockets (v2 and v1), the private
-REST API, and a control endpoint for fault injection. Everything listens on loopback.
+"""The local Gemini venue's server: market data over WebSockets (the new API at ``/``, in
+``pipeline/venue/wsapi.py``; the archived v2 and v1), the private REST API, and a control
+endpoint for fault injection. Everything listens on loopback.
 
 A single market task moves the books (replaying a capture or generating) and fans each
 event out to the connections subscribed to its symbol. Every connection gets its own
@@ -7,8 +8,11 @@ snapshot first, exactly as Gemini does: the recorded snapshot frame if it was th
 the start, otherwise the venue's current book.
 
 Control (JSON over HTTP, for tests and demos):
-    POST /_venue/faults {"action": "drop" | "stall" | "skip_sequence" | "malformed",
+    POST /_venue/faults {"action": "drop" | "stall" | "skip_sequence" | "malformed"
+                                   | "skip_update_id",
                          "seconds": 3, "after_events": 200}
+    (skip_sequence: v1's next socket_sequence jumps; skip_update_id: the new API's next
+    depthUpdate of a symbol, ``"symbol"`` or any, is lost, so the following one's U jumps)
     GET  /_venue/status
 """
 
@@ -30,10 +34,11 @@ from aiohttp import WSMsgType, web
 from pipeline.errors import PipelineError
 from pipeline.venue.market import (Book, Market, MarketEvent, capture_events, generated_events,
                                    render_v2)
+from pipeline.venue.wsapi import WsApi
 
 log = logging.getLogger(__name__)
 MALFORMED = '{"type":"l2_updates","symbol":"BTCUSD","changes":[["buy","1'
-FAULTS = ("drop", "stall", "skip_sequence", "malformed")
+FAULTS = ("drop", "stall", "skip_sequence", "malformed", "skip_update_id")
 
 
 @dataclass
@@ -118,8 +123,10 @@ class Venue:
         self.source_done = False
         self._scheduled: list[tuple[int, dict]] = []
         self._subscribed = asyncio.Event()
+        self.wsapi = WsApi(self)
         self.app = web.Application()
         self.app.add_routes([
+            *self.wsapi.routes(),
             web.get("/v2/marketdata", self.handle_v2),
             web.get("/v2/marketdata/", self.handle_v2),
             web.get("/v1/marketdata/{symbol}", self.handle_v1),
@@ -194,7 +201,8 @@ class Venue:
         log.info("venue: source exhausted after %d events", self.events)
 
     async def _publish(self, event: MarketEvent) -> None:
-        subscribers = [c for c in self.connections if event.symbol in c.symbols and not c.closed]
+        subscribers = [c for c in self.connections if event.symbol in c.symbols and not c.closed
+                       and c.version != "ws"]  # the new API's are the wsapi's to serve
         book = self.market.books.get(event.symbol)
         # Only v1 deltas and the diff of a new full book need the state before the event.
         needs_before = event.snapshot or any(c.version == "v1" for c in subscribers)
@@ -203,6 +211,8 @@ class Venue:
         after = self.market.books[event.symbol]
         if hasattr(self, "exchange"):
             self.exchange.on_book_update(event.symbol)
+        await self.wsapi.publish(event, _book_diff(before, after) if event.snapshot
+                                 else event.changes)
         for conn in subscribers:
             if conn.version == "v2":
                 for frame in self._v2_frames(conn, event, before, after):
@@ -365,6 +375,8 @@ class Venue:
                 conn.socket_sequence += int(fault.get("count", 1))
             elif action == "malformed":
                 await conn.put(MALFORMED)
+            elif action == "skip_update_id":
+                self.wsapi.lose_update_ids(conn, fault)
         return len(targets)
 
     async def handle_status(self, request: web.Request) -> web.Response:
