@@ -53,7 +53,7 @@ from pipeline.catalog import Namespace
 from pipeline.core.decimals import plain
 from pipeline.errors import PipelineError
 from pipeline.gemini.execution import GeminiCredentials
-from pipeline.gemini.rest import LIVE_URL, SANDBOX_URL, GeminiError, NonceSource
+from pipeline.gemini.rest import LIVE_URL, SANDBOX_URL, GeminiError
 from pipeline.registry import SchemaRegistry
 from pipeline.runtime import (GroupConfig, Handler, Output, Record, group_parser, log_to_stderr,
                               read_to_end, run_until_stopped)
@@ -125,7 +125,7 @@ class PortfolioHandler(Handler):
             if credentials is None:
                 raise PipelineError(f"reconciliation in {settings.mode} mode needs the Gemini "
                                     "API key and secret execution uses")
-            nonces = NonceSource(Path(settings.run_dir) / "execution" / "gemini-nonce")
+            nonces = credentials.nonces(Path(settings.run_dir) / "execution" / "gemini-nonce")
             self.rest = credentials.client(settings.url, nonces, 10.0)
 
     # -- records

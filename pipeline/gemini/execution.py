@@ -3,8 +3,10 @@ client interface (:class:`~pipeline.trading.execution.ExecutionClient`).
 
 An order is sent as ``POST /v1/order/new`` (``exchange limit``, with the request's
 ``client_order_id``; a MARKET request as an immediate-or-cancel limit at the price band's
-edge), signed with a nonce from a :class:`~pipeline.gemini.rest.NonceSource` file (strictly
-increasing across restarts), through a token bucket that every private call shares.
+edge), signed with the key's nonces (:class:`~pipeline.gemini.rest.NonceSource`, a file
+strictly increasing across restarts, or :class:`~pipeline.gemini.rest.TimeNonce` for a key
+with a time-based nonce), through a token bucket that every private call shares (a
+:class:`~pipeline.gemini.ratelimit.SharedTokenBucket` when several processes use one key).
 Orders still live after placement are followed with ``order/status`` every
 ``follow_interval_s`` until they fill or are cancelled; their fills are the changes of
 the running ``executed_amount`` (the REST status gives neither per-fill fees nor
@@ -13,14 +15,20 @@ then places the new order once the cancel is confirmed; the kill switch cancels 
 session's orders (``/v1/order/cancel/session``).
 
 **At most once.** Before any order leaves the process, ``record_intent`` (the execution
-group's durable write of ``SeenOrder(outcome="sending")``) must succeed. An HTTP timeout
-or connection error while sending is "in doubt": ``order/status`` by client_order_id
-decides, never a blind resend; "not found" is final, because that status call's nonce is
-above the lost request's and Gemini refuses any nonce at or below the last it accepted.
-If the status cannot be had either, :class:`ExecutionHalted` stops the group without
-committing, and the restarted group reconciles (:meth:`GeminiExecution.reconcile`). A
-request refused with ``InvalidNonce`` was not executed: the nonce file moves forward and
-the call is retried once.
+group's durable write of ``SeenOrder(outcome="sending")``) must succeed. A timeout, a lost
+connection, a 5xx or an answer that is not JSON while sending is "in doubt": ``order/status``
+by client_order_id decides, never a blind resend. "Not found" is final once the lost
+request can no longer be executed: at once with increasing nonces (the status call's nonce
+is above the lost request's, and Gemini refuses any nonce at or below the last it
+accepted); with a time-based nonce only after the lost request's nonce has left Gemini's
++/- 30 s window, so the status is asked again then. If the status cannot be had either,
+:class:`ExecutionHalted` stops the group without committing, and the restarted group
+reconciles (:meth:`GeminiExecution.reconcile`).
+
+**Refusals that executed nothing** are not final rejections of the request: an
+``InvalidNonce`` moves the nonce file forward and is retried once; a 429 (``RateLimit``) is
+retried after a doubling pause. ``Maintenance`` and ``MarketNotOpen`` reject the order and
+pause the symbol: its next orders are rejected here, without a call, for ``pause_s``.
 """
 
 from __future__ import annotations
@@ -38,7 +46,9 @@ from pipeline.core.decimals import ZERO, plain
 from pipeline.core.records import OrderEvent, OrderRequest
 from pipeline.core.vocabulary import OrderEventKind, OrderOption, OrderType, Side
 from pipeline.errors import PipelineError
-from pipeline.gemini.rest import GeminiApiError, GeminiError, GeminiRestClient, NonceSource
+from pipeline.gemini.ratelimit import SharedTokenBucket, TokenBucket
+from pipeline.gemini.rest import (NONCE_WINDOW_S, GeminiApiError, GeminiError, GeminiRateLimited,
+                                  GeminiRestClient, Nonces, NonceSource, TimeNonce)
 from pipeline.trading.execution import ExecutionHalted, Seen, request_event
 from pipeline.trading.orders import (EXPIRED, ORDER_CLOSED, REQUESTED, Fill, Order, new_order,
                                      order_event, order_from_event)
@@ -51,28 +61,50 @@ IOC = (OrderOption.IMMEDIATE_OR_CANCEL.value,)
 SENT = "sent"
 
 
-class GeminiCredentials:
-    """A Gemini API key and secret; the secret is never shown (repr, str, logs)."""
+NONCE_SETTINGS = ("increasing", "time")
 
-    def __init__(self, api_key: str, api_secret: str) -> None:
+
+class GeminiCredentials:
+    """A Gemini API key and secret, the key's nonce setting (``increasing``, or ``time``
+    for a key with "Uses a time-based nonce") and, for a master key, the ``account`` its
+    orders go to. The secret is never shown (repr, str, logs)."""
+
+    def __init__(self, api_key: str, api_secret: str, nonce: str = "increasing",
+                 account: str | None = None) -> None:
         if not api_key or not api_secret:
             raise PipelineError("a Gemini API key and secret are both needed")
+        if nonce not in NONCE_SETTINGS:
+            raise PipelineError(f"unknown Gemini nonce setting {nonce!r}: increasing or time")
         self.api_key = api_key
         self.__secret = api_secret
+        self.nonce, self.account = nonce, account or None
 
     def __repr__(self) -> str:
-        return f"GeminiCredentials(api_key={self.api_key!r}, api_secret=***)"
+        return (f"GeminiCredentials(api_key={self.api_key!r}, api_secret=***, "
+                f"nonce={self.nonce!r}, account={self.account!r})")
 
     __str__ = __repr__
 
-    def client(self, url: str, nonces: NonceSource, timeout_s: float) -> GeminiRestClient:
-        return GeminiRestClient(url, self.api_key, self.__secret, nonces, timeout_s)
+    def nonces(self, nonce_file: Path) -> Nonces:
+        """The key's nonce source: the durable file for increasing nonces, else the clock."""
+        return TimeNonce() if self.nonce == "time" else NonceSource(nonce_file)
+
+    def client(self, url: str, nonces: Nonces, timeout_s: float) -> GeminiRestClient:
+        return GeminiRestClient(url, self.api_key, self.__secret, nonces, timeout_s,
+                                account=self.account)
+
+    def secret_for_signing(self) -> str:
+        """The secret, for a signer that needs it (the WebSocket handshake); never log it."""
+        return self.__secret
 
     @classmethod
     def load(cls, key_file: str | Path | None = None,
              environ: Mapping[str, str] | None = None) -> "GeminiCredentials | None":
-        """From a 0600 JSON file ``{"api_key": ..., "api_secret": ...}``, else from
-        ``GEMINI_API_KEY``/``GEMINI_API_SECRET``; None when neither has them."""
+        """From a 0600 JSON file ``{"api_key": ..., "api_secret": ..., "nonce": "time",
+        "account": ...}`` (the last two optional), else from ``GEMINI_API_KEY``,
+        ``GEMINI_API_SECRET``, ``GEMINI_NONCE`` and ``GEMINI_ACCOUNT``; None when neither
+        has a key and secret."""
+        env = os.environ if environ is None else environ
         if key_file is not None:
             path = Path(key_file)
             data = read_private_json(path, "API key file")
@@ -80,35 +112,13 @@ class GeminiCredentials:
                                                      for k in ("api_key", "api_secret")):
                 raise PipelineError(f"API key file {path} must be a JSON object with "
                                     "\"api_key\" and \"api_secret\"")
-            return cls(data["api_key"], data["api_secret"])
-        env = os.environ if environ is None else environ
+            return cls(data["api_key"], data["api_secret"],
+                       str(data.get("nonce") or env.get("GEMINI_NONCE") or "increasing"),
+                       data.get("account") or env.get("GEMINI_ACCOUNT"))
         if env.get("GEMINI_API_KEY") and env.get("GEMINI_API_SECRET"):
-            return cls(env["GEMINI_API_KEY"], env["GEMINI_API_SECRET"])
+            return cls(env["GEMINI_API_KEY"], env["GEMINI_API_SECRET"],
+                       env.get("GEMINI_NONCE") or "increasing", env.get("GEMINI_ACCOUNT"))
         return None
-
-
-class TokenBucket:
-    """``rate`` calls per second sustained, bursts of ``burst``; ``take`` blocks."""
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        if rate <= 0 or burst < 1:
-            raise PipelineError("the Gemini rate limit needs rate > 0 and burst >= 1")
-        self.rate, self.burst, self.clock, self.sleep = rate, burst, clock, sleep
-        self.tokens = float(burst)
-        self.at = clock()
-
-    def take(self) -> None:
-        self._refill()
-        if self.tokens < 1:
-            self.sleep((1 - self.tokens) / self.rate)
-            self._refill()
-        self.tokens -= 1
-
-    def _refill(self) -> None:
-        now = self.clock()
-        self.tokens = min(float(self.burst), self.tokens + (now - self.at) * self.rate)
-        self.at = now
 
 
 @dataclass(frozen=True)
@@ -120,6 +130,11 @@ class GeminiSettings:
     status_backoff_s: float = 0.5
     follow_interval_s: float = 2.0  # how often a live order's status is polled
     nonce_jump_us: int = 60_000_000  # how far past the clock an InvalidNonce moves the nonce
+    rate_limit_retries: int = 5  # a 429 is retried this often (nothing was executed)
+    rate_limit_backoff_s: float = 0.5  # first pause after a 429, doubled each time (max 8 s)
+    pause_s: float = 30.0  # Maintenance / MarketNotOpen: the symbol's orders wait this long
+    fence_margin_s: float = 5.0  # time-based nonces: clock skew allowed past the window
+    check_key: bool = True  # one harmless call at start-up tells the key's nonce setting
 
 
 class _Followed:
@@ -135,16 +150,20 @@ class GeminiExecution:
     """See the module doc. ``record_intent(client_order_id, strategy_id, seen_ms)`` must
     make the intent durable or raise."""
 
-    def __init__(self, rest: GeminiRestClient, nonces: NonceSource, mode: str,
+    def __init__(self, rest: GeminiRestClient, nonces: Nonces, mode: str,
                  record_intent: Callable[[str, str, int], None],
                  settings: GeminiSettings = GeminiSettings(),
-                 clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
+                 clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+                 bucket: TokenBucket | SharedTokenBucket | None = None) -> None:
         self.rest, self.nonces, self.mode = rest, nonces, mode
         self.record_intent, self.settings, self.clock_ms = record_intent, settings, clock_ms
-        self.bucket = TokenBucket(settings.rate_per_s, settings.burst)
+        # One budget per key: pass a SharedTokenBucket when several processes use the key.
+        self.bucket = bucket or TokenBucket(settings.rate_per_s, settings.burst)
         self.followed: dict[str, _Followed] = {}
         self.books: dict[str, BookTop] = {}
-        self.counts: dict[str, int] = {"in_doubt": 0, "reconciled": 0, "invalid_nonce": 0}
+        self.paused: dict[str, tuple[float, str]] = {}  # symbol -> (until, Gemini's reason)
+        self.counts: dict[str, int] = {"in_doubt": 0, "reconciled": 0, "invalid_nonce": 0,
+                                       "rate_limited": 0}
         self.halted: str | None = None
         self._owned: set[int] = set()
         self._partitions = 0
@@ -179,6 +198,11 @@ class GeminiExecution:
                           options=IOC if request["order_type"] == OrderType.MARKET else None)
         seen_ms = now_ms if seen_ms is None else seen_ms
         cid = order.client_order_id
+        paused = self._paused(order.symbol)
+        if paused is not None:  # Gemini said the market is shut: do not ask again yet
+            reason = f"gemini:{paused}"
+            return [request_event(request, K.REJECTED, self.clock_ms(), self.mode,
+                                  reason=reason, price=order.price_text)], f"rejected:{reason}"
         try:
             self.record_intent(cid, order.strategy_id, seen_ms)
         except Exception as exc:  # noqa: BLE001 - without the intent nothing may be sent
@@ -196,7 +220,9 @@ class GeminiExecution:
         found at Gemini is adopted (its events published, nothing sent); None when it is
         not there, which is final (see the module doc)."""
         self.counts["reconciled"] += 1
-        found = self._status_fence(request["client_order_id"])
+        # The lost request went out after its intent was recorded, within the rate's wait.
+        found = self._status_fence(request["client_order_id"],
+                                   sent_by_s=seen.seen_ms / 1000 + self.settings.timeout_s)
         if found is None:
             log.info("%s: in doubt after a restart; not at the exchange (fenced)",
                      request["client_order_id"])
@@ -223,16 +249,18 @@ class GeminiExecution:
             try:
                 found = self._call(f"new order {cid}", send)
                 break
-            except GeminiApiError as exc:
+            except GeminiApiError as exc:  # refused: nothing was executed
                 log.info("REJECTED %s by Gemini: %s (HTTP %s)", cid, exc.reason, exc.http_status)
+                if exc.reason in PAUSING:
+                    self._pause(order.symbol, exc.reason)
                 reason = f"gemini:{exc.reason}"
                 return [request_event(request, K.REJECTED, self.clock_ms(), self.mode,
                                       reason=reason, price=price_text)], f"rejected:{reason}"
-            except GeminiError as exc:  # timeout or connection failure: in doubt
+            except GeminiError as exc:  # timeout, lost connection, 5xx, not JSON: in doubt
                 self.counts["in_doubt"] += 1
                 log.warning("%s: %s while sending; asking for its status instead of resending",
-                            cid, type(exc).__name__)
-                status = self._status_fence(cid)
+                            cid, exc)
+                status = self._status_fence(cid, sent_by_s=_nonce_time(exc))
                 if status is not None:
                     found = status
                     break
@@ -433,25 +461,71 @@ class GeminiExecution:
 
     # -- calls
 
-    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
-        """One private call through the rate limit; an InvalidNonce refusal (nothing was
-        executed) moves the nonce source forward and retries once."""
-        self.bucket.take()
-        try:
-            return fn()
-        except GeminiApiError as exc:
-            if exc.reason != "InvalidNonce":
-                raise
-            self.counts["invalid_nonce"] += 1
-            moved = self.nonces.advance(self.settings.nonce_jump_us)
-            log.warning("%s: Gemini refused the nonce; nonce file moved forward to %d, "
-                        "retrying once", what, moved)
-            self.bucket.take()
-            return fn()
+    def check_key(self) -> str:
+        """One harmless call (``/v1/balances``) that proves the key works with the configured
+        nonce setting, or raises a PipelineError that says which setting the key has."""
+        return check_key(self.rest, self.nonces, self.settings.nonce_jump_us)
 
-    def _status_fence(self, cid: str) -> dict | None:
+    def _paused(self, symbol: str) -> str | None:
+        until, reason = self.paused.get(symbol, (0.0, ""))
+        if until <= time.monotonic():
+            self.paused.pop(symbol, None)
+            return None
+        return reason
+
+    def _pause(self, symbol: str, reason: str) -> None:
+        log.warning("%s: Gemini answered %s; its orders are rejected here for %g s",
+                    symbol, reason, self.settings.pause_s)
+        self.paused[symbol] = (time.monotonic() + self.settings.pause_s, reason)
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """One private call through the rate limit. Refusals that executed nothing are
+        retried: an InvalidNonce once, after moving the nonce source forward; a 429 with a
+        doubling pause, ``rate_limit_retries`` times, then the refusal stands."""
+        nonce_retried, limited = False, 0
+        while True:
+            self.bucket.take()
+            try:
+                return fn()
+            except GeminiRateLimited:
+                self.counts["rate_limited"] += 1
+                if limited >= self.settings.rate_limit_retries:
+                    raise
+                pause = min(8.0, self.settings.rate_limit_backoff_s * 2 ** limited)
+                limited += 1
+                log.warning("%s: Gemini's rate limit (429); retrying in %.1f s", what, pause)
+                time.sleep(pause)
+            except GeminiApiError as exc:
+                if exc.reason != "InvalidNonce" or nonce_retried:
+                    raise
+                nonce_retried = True
+                self.counts["invalid_nonce"] += 1
+                moved = self.nonces.advance(self.settings.nonce_jump_us)
+                log.warning("%s: Gemini refused the nonce; nonce file moved forward to %d, "
+                            "retrying once", what, moved)
+
+    def _status_fence(self, cid: str, sent_by_s: float | None = None) -> dict | None:
         """The order with ``cid`` at the exchange, or None if it is not there (final: see
-        the module doc). Raises ExecutionHalted when the exchange cannot be asked."""
+        the module doc). Raises ExecutionHalted when the exchange cannot be asked.
+
+        With increasing nonces, "not found" is final at once: the status call's nonce is
+        above the lost request's. A time-based nonce fences nothing (any nonce within 30 s
+        of Gemini's clock is good), so "not found" is only final once the lost request,
+        sent by ``sent_by_s``, is too old to be accepted: until then it is asked again."""
+        while True:
+            found = self._status_once(cid)
+            if found is not None or not self.nonces.time_based:
+                return found
+            final_at = (sent_by_s if sent_by_s is not None else time.time()) + \
+                NONCE_WINDOW_S + self.settings.fence_margin_s
+            if time.time() >= final_at:
+                return None
+            log.info("%s: not at the exchange yet; a time-based nonce is good for %d s, so "
+                     "asking again at %.0f", cid, NONCE_WINDOW_S, final_at)
+            time.sleep(max(0.0, final_at - time.time()))
+            sent_by_s = time.time() - NONCE_WINDOW_S - self.settings.fence_margin_s
+
+    def _status_once(self, cid: str) -> dict | None:
         for attempt in range(self.settings.status_attempts):
             try:
                 return self._call(f"status {cid}",
@@ -475,3 +549,82 @@ class GeminiExecution:
 
     def close(self) -> None:
         self.rest.close()
+
+
+PAUSING = frozenset({"Maintenance", "MarketNotOpen"})  # the symbol's market is shut for now
+
+
+def _nonce_time(exc: GeminiError) -> float | None:
+    """When a request was sent, from its nonce (a time-based nonce is in seconds)."""
+    return float(exc.nonce) if exc.nonce is not None else None
+
+
+def check_key(rest: GeminiRestClient, nonces: Nonces, jump_us: int) -> str:
+    """Prove the key works with the configured nonce setting by harmless balance reads, or
+    raise a PipelineError that says which setting the key has.
+
+    A key with "Uses a time-based nonce" refuses an increasing (microsecond) nonce, which
+    is far outside its 30 s window, even after the nonce file moved forward. A key with
+    increasing nonces refuses a time-based nonce once it has seen a larger one, and in any
+    case refuses the same seconds nonce twice."""
+    setting = "time-based" if nonces.time_based else "increasing"
+    try:
+        return _check_key(rest, nonces, jump_us, setting)
+    except GeminiApiError:
+        raise
+    except GeminiError as exc:  # unreachable: nothing learnt; orders will tell (in doubt)
+        log.warning("could not check the Gemini API key (%s); going on", exc)
+        return f"Gemini API key {rest.api_key}: not checked ({type(exc).__name__})"
+
+
+def _check_key(rest: GeminiRestClient, nonces: Nonces, jump_us: int, setting: str) -> str:
+    try:
+        if nonces.time_based:
+            nonce = nonces.next()
+            _balances_with(rest, nonce)
+            _balances_with(rest, nonce)  # an increasing key refuses a repeated nonce
+        else:
+            try:
+                rest.balances()
+            except GeminiApiError as exc:
+                if exc.reason != "InvalidNonce":
+                    raise
+                nonces.advance(jump_us)  # a stale nonce file: move past what Gemini saw
+                rest.balances()
+    except GeminiApiError as exc:
+        if exc.reason == "InvalidNonce" and nonces.time_based:
+            raise PipelineError(
+                "Gemini refused a time-based nonce (seconds): the API key uses increasing "
+                "nonces (\"Uses a time-based nonce\" is not set), or this machine's clock "
+                "is more than 30 s off. Configure nonce = \"increasing\" for this key "
+                "(GEMINI_NONCE or \"nonce\" in the key file), or create a key with a "
+                "time-based nonce") from None
+        if exc.reason == "InvalidNonce":
+            raise PipelineError(
+                "Gemini refused increasing nonces even after moving past its last one: the "
+                "API key has \"Uses a time-based nonce\" set. Configure nonce = \"time\" for "
+                "this key (GEMINI_NONCE=time or \"nonce\": \"time\" in the key file)") from None
+        raise PipelineError(f"the Gemini API key does not work: {exc.reason} "
+                            f"(HTTP {exc.http_status})") from None
+    return f"Gemini API key {rest.api_key} works with {setting} nonces"
+
+
+def _balances_with(rest: GeminiRestClient, nonce: int) -> None:
+    """A balance read signed with exactly ``nonce`` (the key check's repeated nonce)."""
+    fixed = _FixedNonce(nonce, rest.nonce_source)
+    saved, rest.nonce_source = rest.nonce_source, fixed
+    try:
+        rest.balances()
+    finally:
+        rest.nonce_source = saved
+
+
+class _FixedNonce:
+    def __init__(self, nonce: int, like: Nonces) -> None:
+        self.nonce, self.time_based = nonce, like.time_based
+
+    def next(self) -> int:
+        return self.nonce
+
+    def advance(self, jump_us: int) -> int:
+        return self.nonce

@@ -1,11 +1,23 @@
-"""Gemini's private REST API, client side: request signing, durable nonces, order calls.
+"""Gemini's private REST API, client side: request signing, nonces, order calls, errors.
 
 Gemini authenticates a private call by three headers instead of a body: the JSON payload
 (with ``request`` = the path and a ``nonce``) base64-encoded in ``X-GEMINI-PAYLOAD``, its
 hex HMAC-SHA384 under the API secret in ``X-GEMINI-SIGNATURE``, and the key in
-``X-GEMINI-APIKEY``. The nonce must grow strictly per API key, forever: a nonce the
-exchange has seen is refused, also after our process restarts, so ``NonceSource`` keeps
-the last one in a file. The secret never appears in a log line, a repr or an exception.
+``X-GEMINI-APIKEY``. The secret never appears in a log line, a repr or an exception.
+
+A key has one of two nonce settings (developer.gemini.com/authentication/api-key):
+- increasing (the default): the nonce must grow strictly per key, forever, also after our
+  process restarts, so :class:`NonceSource` keeps the last one in a file;
+- "Uses a time-based nonce": the nonce is the time in **seconds** and must be within
+  +/- 30 s of Gemini's clock (:class:`TimeNonce`). The WebSocket API accepts only such keys.
+Which one a key has cannot be read from Gemini; :func:`check_key` tells by a harmless call.
+
+Answers are classified so that the caller never mistakes "maybe executed" for "refused":
+- :class:`GeminiApiError`: Gemini refused (its ``reason``), nothing was executed;
+- :class:`GeminiRateLimited` (429 / ``RateLimit``): refused for the rate, nothing executed,
+  worth retrying after a pause;
+- :class:`GeminiInDoubt`: a timeout, a lost connection, a 5xx or an answer that is not
+  JSON: the request may have been executed (an order may be live), ask before resending.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ import tempfile
 import time
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import requests
 
@@ -34,6 +46,8 @@ SANDBOX_URL = "https://api.sandbox.gemini.com"
 class GeminiError(PipelineError):
     """A private API call did not give an answer we can use."""
 
+    nonce: int | None = None  # the request's nonce, when one was sent
+
 
 class GeminiApiError(GeminiError):
     """Gemini answered ``{"result": "error", "reason": ..., "message": ...}``."""
@@ -45,11 +59,25 @@ class GeminiApiError(GeminiError):
         self.http_status = http_status
 
 
-class GeminiTimeout(GeminiError):
-    """No answer in time: the request may or may not have been executed.
+class GeminiRateLimited(GeminiApiError):
+    """429 / ``RateLimit``: over the key's rate; nothing was executed, retry later."""
 
-    Never resend an order after this; ask for its status by ``client_order_id`` instead.
-    """
+
+class GeminiInDoubt(GeminiError):
+    """The request may or may not have been executed (timeout, lost connection, 5xx,
+    an answer that is not JSON). Never resend an order after this; ask for its status by
+    ``client_order_id`` instead."""
+
+
+class GeminiTimeout(GeminiInDoubt):
+    """No answer in time: the request may or may not have been executed."""
+
+
+# Refusals that say nothing was executed, whatever the HTTP status (Maintenance is a
+# 503): every other 5xx is in doubt.
+NOT_EXECUTED = frozenset({"RateLimit", "RateLimited", "Maintenance", "MarketNotOpen",
+                          "InvalidNonce", "InvalidSignature"})
+NONCE_WINDOW_S = 30  # a time-based nonce: within +/- 30 s of Gemini's clock
 
 
 def sign_request(
@@ -75,6 +103,39 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
+class Nonces(Protocol):
+    """Where a key's nonces come from (see the module doc for the two settings)."""
+
+    time_based: bool
+
+    def next(self) -> int: ...
+
+    def advance(self, jump_us: int) -> int: ...
+
+
+class TimeNonce:
+    """Nonces for a key with "Uses a time-based nonce": the clock in whole seconds.
+
+    Gemini only asks that such a nonce be within +/- 30 s of its clock; several calls in
+    one second share a nonce (the docs ask for no more). Nothing is stored, and after an
+    ``InvalidNonce`` there is nothing to move: the local clock is off.
+    """
+
+    time_based = True
+
+    def __init__(self, clock_s: Callable[[], float] = time.time) -> None:
+        self._clock_s = clock_s
+
+    def next(self) -> int:
+        return int(self._clock_s())
+
+    def advance(self, jump_us: int) -> int:
+        raise PipelineError(
+            "Gemini refused a time-based nonce: this machine's clock is more than "
+            f"{NONCE_WINDOW_S} s from Gemini's (synchronise it with NTP), or the key does not "
+            "have 'Uses a time-based nonce' set (then configure nonce = \"increasing\")")
+
+
 class NonceSource:
     """Nonces strictly increasing for one API key, across restarts and processes.
 
@@ -84,6 +145,8 @@ class NonceSource:
     returning it: a nonce handed out is never handed out again, even after a crash.
     Processes that share one API key must share one file.
     """
+
+    time_based = False
 
     def __init__(self, path: str | Path, clock_us: Callable[[], int] = _now_us) -> None:
         self.path = Path(path)
@@ -153,9 +216,9 @@ def _decimal_text(value: Decimal | str | int, what: str) -> str:
 class GeminiRestClient:
     """Gemini's private order and account calls over one ``requests`` session.
 
-    Every method returns Gemini's JSON as parsed (amounts stay strings), raises
-    ``GeminiApiError`` when Gemini refuses, ``GeminiTimeout`` when it does not answer in
-    ``timeout_s``, and ``GeminiError`` when it cannot be reached or answers garbage.
+    Every method returns Gemini's JSON as parsed (amounts stay strings) and raises the
+    classified errors of the module doc. With ``account`` (a master key's sub-account,
+    which Gemini requires on a master key's order calls) every payload names it.
     """
 
     def __init__(
@@ -163,14 +226,16 @@ class GeminiRestClient:
         base_url: str,
         api_key: str,
         api_secret: str,
-        nonce_source: NonceSource,
+        nonce_source: Nonces,
         timeout_s: float = 10.0,
+        account: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.__secret = api_secret
         self.nonce_source = nonce_source
         self.timeout_s = timeout_s
+        self.account = account
         self.session = requests.Session()
 
     def __repr__(self) -> str:
@@ -247,35 +312,59 @@ class GeminiRestClient:
     def balances(self) -> list[dict[str, Any]]:
         return self._post("/v1/balances", {})
 
-    def my_trades(self, symbol: str, limit_trades: int | None = None) -> list[dict[str, Any]]:
-        """This key's trades in ``symbol``, newest first."""
+    def my_trades(self, symbol: str, limit_trades: int | None = None,
+                  timestamp_ms: int | None = None) -> list[dict[str, Any]]:
+        """This key's trades in ``symbol``, newest first; with ``timestamp_ms`` only those
+        at or after it (Gemini's ``timestamp`` parameter, given here in milliseconds)."""
         payload: dict[str, Any] = {"symbol": symbol}
         if limit_trades is not None:
             payload["limit_trades"] = int(limit_trades)
+        if timestamp_ms is not None:
+            payload["timestamp"] = int(timestamp_ms)
         return self._post("/v1/mytrades", payload)
 
     def _post(self, path: str, payload: dict[str, Any]) -> Any:
-        headers = sign_request(path, payload, self.api_key, self.__secret, self.nonce_source.next())
+        if self.account is not None:
+            payload = {**payload, "account": self.account}
+        nonce = self.nonce_source.next()
+        headers = sign_request(path, payload, self.api_key, self.__secret, nonce)
         url = self.base_url + path
         try:
-            response = self.session.post(url, headers=headers, timeout=self.timeout_s)
+            return _classify(url, self.session.post(url, headers=headers, timeout=self.timeout_s))
         except requests.Timeout:
-            raise GeminiTimeout(
+            error: GeminiError = GeminiTimeout(
                 f"POST {url}: no answer within {self.timeout_s}s; the request may have been"
-                " executed, check the order status before sending it again"
-            ) from None
+                " executed, check the order status before sending it again")
         except requests.RequestException as exc:
-            raise GeminiError(f"POST {url}: {type(exc).__name__}: {exc}") from None
-        try:
-            answer = response.json()
-        except ValueError:
-            raise GeminiApiError(
-                "System", f"not JSON: {response.text[:200]!r}", response.status_code
-            ) from None
-        if isinstance(answer, dict) and answer.get("result") == "error":
-            raise GeminiApiError(
-                str(answer.get("reason")), str(answer.get("message")), response.status_code
-            )
-        if response.status_code != 200:
-            raise GeminiApiError("System", f"unexpected answer {answer!r:.200}", response.status_code)
-        return answer
+            error = GeminiInDoubt(f"POST {url}: {type(exc).__name__}: {exc}")
+        except GeminiError as exc:
+            error = exc
+        error.nonce = nonce
+        raise error from None
+
+
+def _classify(url: str, response: requests.Response) -> Any:
+    """Gemini's answer, or the classified error (see the module doc)."""
+    status = response.status_code
+    try:
+        answer = response.json()
+    except ValueError:
+        if status == 429:
+            raise GeminiRateLimited("RateLimit", "429 Too Many Requests", status) from None
+        raise GeminiInDoubt(f"POST {url}: HTTP {status}, not JSON: {response.text[:200]!r}; "
+                            "the request may have been executed") from None
+    if isinstance(answer, dict) and answer.get("result") == "error":
+        reason = str(answer.get("reason"))
+        if status == 429 or reason in ("RateLimit", "RateLimited"):
+            raise GeminiRateLimited(reason, str(answer.get("message")), status)
+        if status >= 500 and reason not in NOT_EXECUTED:
+            raise GeminiInDoubt(f"POST {url}: HTTP {status} {reason}: "
+                                f"{str(answer.get('message'))[:200]}; the request may have "
+                                "been executed")
+        raise GeminiApiError(reason, str(answer.get("message")), status)
+    if status == 429:
+        raise GeminiRateLimited("RateLimit", "429 Too Many Requests", status)
+    if status != 200:
+        raise GeminiInDoubt(f"POST {url}: HTTP {status}, unexpected answer {answer!r:.200}; "
+                            "the request may have been executed")
+    return answer
