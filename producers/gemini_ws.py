@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 GEMINI_WS = "wss://api.gemini.com"  # v1 and v2
 SANDBOX_WS = "wss://api.sandbox.gemini.com"
 GEMINI_NEW_WS = "wss://ws.gemini.com"  # the new API
-SANDBOX_NEW_WS = "wss://ws.sandbox.gemini.com"  # assumed by analogy (see base_for)
+SANDBOX_NEW_WS = "wss://ws.sandbox.gemini.com"  # Gemini's AsyncAPI contract names it
 PROTOCOLS = ("ws", "v2", "v1")
 Normalizer = WsNormalizer | V2Normalizer | V1Normalizer
 
@@ -194,6 +194,8 @@ class GeminiFeed:
         normalizer: Normalizer
         if self.config.protocol == "ws":
             normalizer = WsNormalizer(conn_id, stats.skipped)
+            for symbol in self.config.symbols:
+                normalizer.expect_snapshot(symbol)  # ?snapshot=-1: each one's first frame
             self._request(ws, "SUBSCRIBE", [stream for s in self.config.symbols
                                             for stream in _streams(s)])
         elif self.config.protocol == "v2":
@@ -240,19 +242,22 @@ class GeminiFeed:
                     stats.last_error = f"UpdateGap: {gap}"
                     log.warning("%s; resnapshotting %s", gap, gap.symbol)
                     depth = _streams(gap.symbol)[:1]
-                    self._request(ws, "UNSUBSCRIBE", depth)
+                    ended = self._request(ws, "UNSUBSCRIBE", depth)
                     self._request(ws, "SUBSCRIBE", depth)  # its initial book comes again
+                    assert isinstance(normalizer, WsNormalizer)
+                    normalizer.expect_snapshot(gap.symbol, after=ended)
                 index += 1
         finally:
             ws.close(timeout=1)
         return index > 0
 
-    def _request(self, ws: websocket.WebSocket, method: str, params: object = None) -> None:
+    def _request(self, ws: websocket.WebSocket, method: str, params: object = None) -> str:
         """Send a new-API request; its answer comes back as a frame like any other."""
         request: dict = {"id": str(next(self._request_ids)), "method": method}
         if params is not None:
             request["params"] = params
         ws.send(json.dumps(request))
+        return request["id"]
 
 
 def _streams(symbol: str) -> list[str]:

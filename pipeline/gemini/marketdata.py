@@ -20,19 +20,28 @@ Frames that are valid but carry nothing the pipeline keeps (auctions, a type or 
 this code does not know) are counted in ``skipped`` by kind, never dead-lettered; frames
 that are not valid market data raise :class:`FrameError` (the producer dead-letters them).
 
-The new API's update-id rule (Binance's): after a symbol's snapshot with ``lastUpdateId``
-L, updates entirely older (``u <= L``) are skipped; the first one applied must straddle
-it, ``U <= L+1 <= u``; every later one must start right after the previous,
-``U == previous u + 1``. Anything else is an :class:`UpdateGap`: the symbol's book is
-unreliable, the normalizer ignores its updates until a new snapshot arrives, and the
-caller asks for one (the producer resubscribes that symbol's depth stream).
+The new API's initial book (/work/gemini_ws_spec.md section 4.3, from Gemini's AsyncAPI
+contract): on a connection opened with ``?snapshot=-1`` (or N), the FIRST ``depthUpdate``
+of a symbol after subscribing its depth stream holds absolute levels: the snapshot. There
+is no separate snapshot message and no marker, so the caller says when one is due
+(:meth:`WsNormalizer.expect_snapshot`).
 
-ASSUMPTION (not stated by Gemini's docs, see /work/gemini_ws_spec.md): the initial book
-of a subscription made on a ``?snapshot=`` connection is a frame shaped like the
-``depth`` method's result plus the symbol, ``{"lastUpdateId": L, "s": "btcusd",
-"bids": [[p, q], ...], "asks": [[p, q], ...]}``. The local venue sends exactly this
-(``pipeline/venue/wsapi.py``, ``snapshot_frame``); this module reads it in one place,
-:func:`ws_snapshot`.
+The update-id rule. Gemini documents only "if a frame's U skips ahead of the last applied
+u, discard the book and resubscribe"; this module uses Binance's rule for the first update
+after a snapshot and applies it to every update. With L the last applied ``u``:
+
+- ``u <= L``: entirely older, skipped (counted);
+- ``U <= L + 1 <= u``: applied. For later updates Binance's contiguity is ``U == L + 1``;
+  the rule also accepts an overlap such as ``U == L``, which third parties observe on
+  every frame of Gemini's live feed: levels are absolute, so applying one twice is harmless
+  (a strict ``U == L + 1`` would resnapshot on every live frame);
+- ``U > L + 1``: an :class:`UpdateGap`. The symbol's book is unreliable: its updates are
+  skipped until a new snapshot, and the caller resubscribes its depth stream.
+
+ASSUMPTION (not documented): after a gap the caller sends UNSUBSCRIBE then SUBSCRIBE;
+requests on one connection are handled in order, so once the UNSUBSCRIBE's answer arrives
+no frame of the old subscription follows, and the symbol's next ``depthUpdate`` is the new
+snapshot (see ``expect_snapshot(symbol, after=...)``).
 """
 
 from __future__ import annotations
@@ -272,14 +281,6 @@ class V1Normalizer:
 
 # --------------------------------------------------------------------------- the new API
 
-_STALE, _BEFORE_SNAPSHOT = "stale depthUpdate", "depthUpdate awaiting a snapshot"
-
-
-def ws_snapshot(frame: dict) -> tuple[str, int, list, list]:
-    """(symbol, lastUpdateId, bids, asks) of an initial-book frame (see the module's
-    ASSUMPTION: the ``depth`` method's result shape plus ``s``, the symbol)."""
-    return frame.get("s"), frame.get("lastUpdateId"), frame.get("bids"), frame.get("asks")
-
 
 def _int(value: Any, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -303,24 +304,27 @@ class WsNormalizer:
     """Normalizes the frames of one connection to Gemini's new WebSocket API, in order.
 
     It numbers frames (``sequence``: the 0-based index of the frame on its connection, as
-    for v2) and keeps, per symbol, the last update id applied to its book; the update-id
-    rule is in the module docstring. A gap raises :class:`UpdateGap` and the symbol's
-    updates are skipped until its next snapshot, which is flagged ``snapshot: true``.
-    Make a new one for every connection.
+    for v2) and keeps, per symbol, the last update id applied to its book; the snapshot and
+    update-id rules are in the module docstring. A gap raises :class:`UpdateGap`; the
+    symbol's next snapshot is flagged ``snapshot: true``. Make a new one for every
+    connection.
     """
 
     def __init__(self, connection_id: str, skipped: Counter | None = None) -> None:
         self.connection_id = connection_id
         self.sequence = -1
         self.skipped = Counter() if skipped is None else skipped
-        # symbol -> (last update id, whether no update was applied since the snapshot);
-        # a symbol absent has no reliable book (never snapshotted, or after a gap)
-        self._books: dict[str, tuple[int, bool]] = {}
-        self._depth_requests: dict[Any, str] = {}  # request id of a ``depth`` call -> symbol
+        self._books: dict[str, int] = {}  # symbol -> last update id applied to its book
+        # symbol -> the request whose answer must come before its snapshot (None: none)
+        self._expected: dict[str, Any] = {}
 
-    def expect_depth(self, request_id: Any, symbol: str) -> None:
-        """The response to request ``request_id`` (a ``depth`` call) is ``symbol``'s book."""
-        self._depth_requests[request_id] = symbol.upper()
+    def expect_snapshot(self, symbol: str, after: Any = None) -> None:
+        """``symbol``'s depth stream was (re)subscribed on a ``?snapshot=`` connection: its
+        next ``depthUpdate`` is the initial book, or, with ``after`` (the id of the
+        UNSUBSCRIBE sent first), the first one after that request's answer."""
+        symbol = symbol.upper()
+        self._books.pop(symbol, None)
+        self._expected[symbol] = after
 
     def has_book(self, symbol: str) -> bool:
         return symbol.upper() in self._books
@@ -337,44 +341,31 @@ class WsNormalizer:
         self.sequence += 1
         if not isinstance(frame, dict):
             raise FrameError(f"expected a JSON object, got {type(frame).__name__}")
-        if isinstance(frame.get("stream"), str) and isinstance(frame.get("data"), dict):
-            frame = frame["data"]  # a combined-stream envelope
         kind = frame.get("e")
         if kind == "depthUpdate":
             return self._update(frame, received_us)
-        if kind == "trade":
+        if kind == "trade" or (kind is None and "t" in frame and "p" in frame
+                               and "q" in frame):  # documented trade frames have no ``e``
             return [self._trade(frame, received_us)]
-        if kind is None and "id" in frame and ("result" in frame or "error" in frame
-                                               or "status" in frame):
-            return self._response(frame, received_us)
-        if kind is None and "lastUpdateId" in frame:
-            symbol, last_id, bids, asks = ws_snapshot(frame)
-            return [self._snapshot(symbol, last_id, bids, asks, frame.get("E"), received_us)]
-        return _skip(self.skipped, f"unknown {kind!r}" if kind is not None
-                     else f"unknown frame with keys {','.join(sorted(frame)[:6])}")
+        if kind is None and "id" in frame and "status" in frame:
+            return self._response(frame)
+        if kind is None:
+            name = ("bookTicker" if "B" in frame and "A" in frame else
+                    "partial depth" if "lastUpdateId" in frame else
+                    f"frame with keys {','.join(sorted(frame)[:8])}")
+            return _skip(self.skipped, f"unknown {name}")
+        return _skip(self.skipped, f"unknown {kind!r}")
 
-    def _response(self, frame: dict, received_us: int) -> list[Normalized]:
-        symbol = self._depth_requests.pop(frame.get("id"), None)
-        error = frame.get("error")
-        if error is not None:
+    def _response(self, frame: dict) -> list[Normalized]:
+        """An answer carries no market data; one the feed waits for releases a snapshot."""
+        for symbol, after in list(self._expected.items()):
+            if after is not None and after == frame.get("id"):
+                self._expected[symbol] = None  # the old subscription has ended
+        if frame.get("error") is not None:
             log.warning("Gemini refused request %r (status %s): %s", frame.get("id"),
-                        frame.get("status"), error)
+                        frame.get("status"), frame.get("error"))
             return _skip(self.skipped, "error response")
-        result = frame.get("result")
-        if symbol is not None and isinstance(result, dict) and "lastUpdateId" in result:
-            return [self._snapshot(symbol, result.get("lastUpdateId"), result.get("bids"),
-                                   result.get("asks"), result.get("E"), received_us)]
-        return []  # SUBSCRIBE, ping, time...: an answer, no market data
-
-    def _snapshot(self, raw_symbol: Any, last_id: Any, bids: Any, asks: Any, event_ns: Any,
-                  received_us: int) -> Normalized:
-        symbol = _symbol({"s": raw_symbol}, "s")
-        last_id = _int(last_id, f"{symbol}: snapshot lastUpdateId")
-        changes = (_levels(bids, "BID", f"{symbol}: snapshot")
-                   + _levels(asks, "ASK", f"{symbol}: snapshot"))
-        event_ns = _int(event_ns, f"{symbol}: snapshot E") if event_ns is not None else None
-        self._books[symbol] = (last_id, True)
-        return self._l2(symbol, True, changes, None, last_id, event_ns, received_us)
+        return []
 
     def _update(self, frame: dict, received_us: int) -> list[Normalized]:
         symbol = _symbol(frame, "s")
@@ -385,46 +376,43 @@ class WsNormalizer:
             raise FrameError(f"{symbol}: depthUpdate U {first} > u {last}")
         changes = (_levels(frame.get("b"), "BID", f"{symbol}: depthUpdate")
                    + _levels(frame.get("a"), "ASK", f"{symbol}: depthUpdate"))
-        book = self._books.get(symbol)
-        if book is None:
-            return _skip(self.skipped, _BEFORE_SNAPSHOT)
-        applied, fresh = book
-        if fresh and last <= applied:
-            return _skip(self.skipped, _STALE)  # entirely older than the snapshot
-        if (first > applied + 1) if fresh else (first != applied + 1):
+        if symbol in self._expected:
+            if self._expected[symbol] is not None:
+                return _skip(self.skipped, "depthUpdate of an ended subscription")
+            del self._expected[symbol]
+            self._books[symbol] = last
+            return [self._l2(symbol, True, changes, first, last, event_ns, received_us)]
+        applied = self._books.get(symbol)
+        if applied is None:
+            return _skip(self.skipped, "depthUpdate awaiting a snapshot")
+        if last <= applied:
+            return _skip(self.skipped, "stale depthUpdate")  # entirely older
+        if first > applied + 1:
             del self._books[symbol]
             raise UpdateGap(symbol, f"{symbol}: depthUpdate {first}..{last} after update id "
-                                    f"{applied}{' (the snapshot)' if fresh else ''} on "
-                                    f"connection {self.connection_id}")
-        self._books[symbol] = (last, False)
+                                    f"{applied} on connection {self.connection_id}")
+        self._books[symbol] = last
         return [self._l2(symbol, False, changes, first, last, event_ns, received_us)]
 
-    def _l2(self, symbol: str, snapshot: bool, changes: list[dict], first: int | None,
-            last: int, event_ns: int | None, received_us: int) -> Normalized:
+    def _l2(self, symbol: str, snapshot: bool, changes: list[dict], first: int, last: int,
+            event_ns: int, received_us: int) -> Normalized:
         return Normalized("md.l2", symbol, {
             "symbol": symbol, "snapshot": snapshot, "changes": changes,
-            "exchange_ts_ms": event_ns // 1_000_000 if event_ns is not None else None,
-            "received_ts_us": received_us, "connection_id": self.connection_id,
-            "sequence": self.sequence, "event_id": None, "first_update_id": first,
-            "last_update_id": last, "exchange_ts_ns": event_ns})
+            "exchange_ts_ms": event_ns // 1_000_000, "received_ts_us": received_us,
+            "connection_id": self.connection_id, "sequence": self.sequence, "event_id": None,
+            "first_update_id": first, "last_update_id": last, "exchange_ts_ns": event_ns})
 
     def _trade(self, frame: dict, received_us: int) -> Normalized:
         symbol = _symbol(frame, "s")
         trade_id = _int(frame.get("t"), f"{symbol}: trade id t")
         event_ns = _int(frame.get("E"), f"{symbol}: trade E")
+        maker_buyer = frame.get("m")  # the buyer was the maker, so the taker sold
         return Normalized("md.trades", symbol, {
             "symbol": symbol, "trade_id": trade_id,
             "price": _decimal(frame.get("p"), f"{symbol}: trade price"),
             "quantity": _decimal(frame.get("q"), f"{symbol}: trade quantity"),
-            "taker_side": _ws_taker_side(frame),
+            "taker_side": ("SELL" if maker_buyer else "BUY") if isinstance(maker_buyer, bool)
+            else "UNKNOWN",
             "exchange_ts_ms": event_ns // 1_000_000, "received_ts_us": received_us,
             "connection_id": self.connection_id, "sequence": self.sequence,
             "from_snapshot": False, "exchange_ts_ns": event_ns})
-
-
-def _ws_taker_side(frame: dict) -> str:
-    """``m`` true: the buyer was the maker, so the taker sold (Binance's convention)."""
-    maker_buyer = frame.get("m")
-    if isinstance(maker_buyer, bool):
-        return "SELL" if maker_buyer else "BUY"
-    return _TAKER_SIDES.get(str(frame.get("S") or frame.get("side") or "").lower(), "UNKNOWN")

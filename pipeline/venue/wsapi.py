@@ -1,34 +1,39 @@
 """The venue's side of Gemini's new WebSocket API (``wss://ws.gemini.com``), market data only.
 
-Served at ``/`` on the venue's aiohttp app, from the same :class:`MarketEvent`s the v1 and v2
-endpoints render. A connection may ask for an initial book per depth subscription with
-``?snapshot=-1`` (the whole book) or ``?snapshot=N`` (N levels a side). Requests are
-``{"id", "method", "params"}``; answers ``{"id", "status": 200, "result"}`` or
-``{"id", "status": 4xx, "error": {"code", "msg"}}``.
+Served at ``/`` (the only path Gemini documents) on the venue's aiohttp app, from the same
+:class:`MarketEvent`s the v1 and v2 endpoints render; shapes follow /work/gemini_ws_spec.md.
+A connection may ask for an initial book per depth subscription with ``?snapshot=-1`` (the
+whole book) or ``?snapshot=N`` (N levels a side); without it (or 0) only updates come.
+Requests are ``{"id", "method", "params"}``; answers ``{"id", "status": 200[, "result"]}``
+(SUBSCRIBE, UNSUBSCRIBE and ping carry no result, as Gemini's examples) or
+``{"id", "status": 4xx, "error": {"code", "msg"}}`` with Gemini's documented codes.
 
 Streams: ``{symbol}@depth@100ms`` and ``{symbol}@depth`` (``depthUpdate`` frames) and
-``{symbol}@trade`` (``trade`` frames), symbols in lower case.
+``{symbol}@trade`` (trade frames, which have no ``e``, as documented).
 
 Update ids: the venue keeps one counter per symbol, moved by one for every market event
-that changes the symbol's book; a ``depthUpdate``'s ``U``..``u`` are the ids it covers and a
-snapshot's ``lastUpdateId`` is the id of the last event in it. The venue sends one
-``depthUpdate`` per market event (so ``U == u``) and does NOT batch by 100 ms: clients must
-accept any batching, and one frame per event lets tests compare books at every change.
+that changes the symbol's book; a ``depthUpdate``'s ``U``..``u`` are the ids it covers
+(Binance's inclusive reading: the next frame starts at ``u + 1``). The initial book is, as
+Gemini's AsyncAPI contract says, the first ``depthUpdate`` after subscribing, holding
+absolute levels, with ``U == u`` the id of the last event in it; it is sent before the
+subscription's answer (as third parties observe on Gemini) or, when the symbol has no book
+yet, with the event that creates it. The venue sends one ``depthUpdate`` per market event
+and does NOT batch by 100 ms: clients must accept any batching, and one frame per event
+lets tests compare books at every change.
 
-What the docs leave open, and this venue does (the client reads the same; see
-``pipeline/gemini/marketdata.py``):
-
-- the initial book is one frame ``{"lastUpdateId", "s", "bids", "asks"}`` (the ``depth``
-  method's result plus the symbol), sent when the depth subscription is made, or, when the
-  symbol has no book yet, with the event that creates it (:func:`snapshot_frame`);
-- the recent trades a recorded v2 snapshot carries are history, not sent as ``trade`` frames;
-- event times ``E`` are nanoseconds: the event's exchange time, else its recorded time.
+Also emulated where the docs are silent: the recent trades a recorded v2 snapshot carries
+are history and are not sent as trade frames; event times ``E`` (nanoseconds) are the
+event's exchange time, else its recorded time; ``time`` answers milliseconds as a bare
+number; stream names are read case-insensitively; WebSocket pings every 20 s.
 
 Adding methods: every request goes through :attr:`WsApi.methods`, a table of method name to
-``async handler(conn, params) -> result`` (raise :class:`ApiError` to refuse). Authenticated
-trading (``order.place``, ``order.cancel``...) and an ``orders@account`` stream belong in this
-module later: register the handlers in ``WsApi.__init__`` (authentication per connection on
-:class:`WsConnection`) and add the stream kind to :data:`STREAM_KINDS`. Not implemented here.
+``async handler(conn, params) -> result`` (return :data:`NO_RESULT` for a bare answer, raise
+:class:`ApiError` to refuse). Authenticated trading (``order.place``, ``order.cancel``,
+``order.cancel_all``, ``order.cancel_session``) and the ``orders@account`` stream belong in
+this module: today they answer ``-1002 Authentication required`` (no connection here is
+authenticated); to implement them, authenticate the handshake in :meth:`WsApi.handle`
+(``WsConnection.account``), register the handlers in ``WsApi.__init__`` and serve the
+account streams beside :meth:`WsApi.publish`. Not implemented here.
 """
 
 from __future__ import annotations
@@ -46,15 +51,18 @@ from pipeline.venue.market import Book, MarketEvent, capture_events
 if TYPE_CHECKING:
     from pipeline.venue.server import Venue
 
-# The status and error code of each way a request can be refused, in one place.
-BAD_REQUEST = (400, -1102)  # not JSON, no method, params of the wrong shape
-UNKNOWN_METHOD = (400, -1002)
-UNKNOWN_SYMBOL = (400, -1121)
-UNKNOWN_STREAM = (400, -1100)
+# Gemini's documented (status, code) of each way a request can be refused, in one place.
+INVALID_PARAMETERS = (400, -1013)  # also unknown streams and symbols, and unparsable requests
+UNSUPPORTED = (400, -1020)  # an unknown method
+AUTH_REQUIRED = (401, -1002)
 
 STREAM = re.compile(r"^([a-z0-9]+)@([a-z0-9@]+)$")
 DEPTH_STREAMS = ("depth@100ms", "depth")
-STREAM_KINDS = DEPTH_STREAMS + ("trade",)  # an orders@account stream would join here
+STREAM_KINDS = DEPTH_STREAMS + ("trade",)
+ACCOUNT_STREAMS = ("orders@account", "orders@session", "balances@account",
+                   "balances@account@1s")  # need an authenticated connection
+TRADING_METHODS = ("order.place", "order.cancel", "order.cancel_all", "order.cancel_session")
+NO_RESULT = object()  # a handler's answer without a ``result`` key
 _JSON = {"separators": (",", ":")}
 
 
@@ -66,10 +74,13 @@ class ApiError(Exception):
         self.status, self.code, self.msg = kind[0], kind[1], msg
 
 
-def snapshot_frame(symbol: str, last_update_id: int, book: Book, levels: int | None) -> str:
-    """The initial-book frame of a depth subscription (this venue's reading of the docs)."""
-    return json.dumps({"lastUpdateId": last_update_id, "s": symbol.lower(),
-                       **_depth(book, levels)}, **_JSON)
+def snapshot_frame(symbol: str, update_id: int, book: Book, levels: int | None,
+                   event_ns: int) -> str:
+    """The initial book of a depth subscription: a ``depthUpdate`` of absolute levels."""
+    depth = _depth(book, levels)
+    return _DEPTH % (event_ns, symbol.lower(), update_id, update_id,
+                     ",".join(_LEVEL % tuple(level) for level in depth["bids"]),
+                     ",".join(_LEVEL % tuple(level) for level in depth["asks"]))
 
 
 def _depth(book: Book, levels: int | None) -> dict:
@@ -97,13 +108,15 @@ class WsApi:
         self._known: set[str] | None = None
         Handler = Callable[["WsConnection", Any], Awaitable[Any]]
         self.methods: dict[str, Handler] = {
-            "SUBSCRIBE": self._subscribe,
-            "UNSUBSCRIBE": self._unsubscribe,
+            "SUBSCRIBE": self._subscribe, "subscribe": self._subscribe,
+            "UNSUBSCRIBE": self._unsubscribe, "unsubscribe": self._unsubscribe,
             "LIST_SUBSCRIPTIONS": self._list_subscriptions,
+            "list_subscriptions": self._list_subscriptions,
             "depth": self._depth_method,
             "ping": self._ping,
             "time": self._time,
-            # trading methods (order.place, ...) register here, see the module docstring
+            # trading: replace these with real handlers, see the module docstring
+            **{name: self._authentication_required for name in TRADING_METHODS},
         }
 
     def routes(self) -> list[web.RouteDef]:
@@ -114,15 +127,12 @@ class WsApi:
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
         from pipeline.venue.server import Connection  # the venue's, not re-implemented
 
-        raw = request.query.get("snapshot")
+        raw = request.query.get("snapshot", "0")
         try:
-            levels = None if raw is None else int(raw)
-            if levels is not None and levels < -1:
-                raise ValueError(raw)
+            levels = int(raw)  # 0: none (the default), negative: the whole book, N: N levels
         except ValueError:
-            raise web.HTTPBadRequest(text=f"snapshot must be -1 or a number of levels, "
-                                          f"not {raw!r}") from None
-        ws = web.WebSocketResponse(autoping=True, max_msg_size=2**20)
+            raise web.HTTPBadRequest(text=f"snapshot must be an integer, not {raw!r}") from None
+        ws = web.WebSocketResponse(autoping=True, heartbeat=20.0, max_msg_size=2**20)
         await ws.prepare(request)
         conn = WsConnection(Connection(ws, request, "ws"), levels)
         self.connections.add(conn)
@@ -138,44 +148,45 @@ class WsApi:
             try:
                 message = json.loads(text)
             except ValueError:
-                raise ApiError(BAD_REQUEST, "the request is not JSON") from None
+                raise ApiError(INVALID_PARAMETERS, "Invalid parameters: not JSON") from None
             if not isinstance(message, dict):
-                raise ApiError(BAD_REQUEST, "the request is not a JSON object")
+                raise ApiError(INVALID_PARAMETERS, "Invalid parameters: not a JSON object")
             request_id = message.get("id")
-            method = message.get("method")
-            if not isinstance(method, str):
-                raise ApiError(BAD_REQUEST, "the request has no method")
-            handler = self.methods.get(method)
+            handler = self.methods.get(message.get("method"))
             if handler is None:
-                raise ApiError(UNKNOWN_METHOD, f"unknown method {method!r}")
+                raise ApiError(UNSUPPORTED, "Unsupported operation")
             result = await handler(conn, message.get("params"))
         except ApiError as exc:
             await conn.put(json.dumps({"id": request_id, "status": exc.status,
                                        "error": {"code": exc.code, "msg": exc.msg}}, **_JSON))
             return
-        finally:
-            follow, conn.follow = conn.follow, []
-        await conn.put(json.dumps({"id": request_id, "status": 200, "result": result}, **_JSON))
-        for frame in follow:  # what the method started comes after its answer
-            await conn.put(frame)
+        answer = {"id": request_id, "status": 200}
+        if result is not NO_RESULT:
+            answer["result"] = result
+        await conn.put(json.dumps(answer, **_JSON))
 
     # -- methods
 
     def _streams(self, params: Any) -> list[tuple[str, str, str]]:
+        """(name, SYMBOL, kind) of each stream; one bad name refuses them all (as Gemini)."""
         if not (isinstance(params, list) and params and all(isinstance(p, str) for p in params)):
-            raise ApiError(BAD_REQUEST, "params must be a list of stream names")
+            raise ApiError(INVALID_PARAMETERS, "Invalid parameters: params must be an array "
+                                               "of stream names")
+        if any(name in ACCOUNT_STREAMS for name in params):
+            raise ApiError(AUTH_REQUIRED, "Authentication required")
         out = []
         for name in params:
-            match = STREAM.match(name)
-            if match is None or match.group(2) not in STREAM_KINDS:
-                raise ApiError(UNKNOWN_STREAM, f"unknown stream {name!r}")
-            out.append((name, self._symbol(match.group(1)), match.group(2)))
+            match = STREAM.match(name.lower())
+            if (match is None or match.group(2) not in STREAM_KINDS
+                    or match.group(1).upper() not in self._known_symbols()):
+                raise ApiError(INVALID_PARAMETERS, f"Invalid stream name: {name}")
+            out.append((name.lower(), match.group(1).upper(), match.group(2)))
         return out
 
     def _symbol(self, raw: Any) -> str:
         symbol = raw.upper() if isinstance(raw, str) else ""
         if symbol not in self._known_symbols():
-            raise ApiError(UNKNOWN_SYMBOL, f"unknown symbol {raw!r}")
+            raise ApiError(INVALID_PARAMETERS, f"Invalid symbol: {raw}")
         return symbol
 
     def _known_symbols(self) -> set[str]:
@@ -185,51 +196,58 @@ class WsApi:
                            if config.capture is not None else {s.upper() for s in config.symbols})
         return self._known | set(self.venue.market.books)
 
-    async def _subscribe(self, conn: WsConnection, params: Any) -> None:
+    async def _subscribe(self, conn: WsConnection, params: Any) -> object:
         for name, symbol, kind in self._streams(params):
             new_depth = kind in DEPTH_STREAMS and not conn.has_depth(symbol)
             conn.streams.add(name)
             conn.base.symbols.add(symbol)
-            if new_depth and conn.snapshot_levels is not None:
+            if new_depth and conn.snapshot_levels:
                 if self.venue.market.has_book(symbol):
-                    conn.follow.append(self._snapshot(conn, symbol))
+                    await conn.put(self._snapshot(conn, symbol, time.time_ns()))
                 else:
                     conn.awaiting.add(symbol)  # sent with the event that creates the book
         self.venue._subscribed.set()
+        return NO_RESULT
 
-    async def _unsubscribe(self, conn: WsConnection, params: Any) -> None:
+    async def _unsubscribe(self, conn: WsConnection, params: Any) -> object:
         for name, symbol, kind in self._streams(params):
             conn.streams.discard(name)
             if not conn.has_depth(symbol):
                 conn.awaiting.discard(symbol)
             if not any(STREAM.match(s).group(1) == symbol.lower() for s in conn.streams):
                 conn.base.symbols.discard(symbol)
+        return NO_RESULT
 
-    async def _list_subscriptions(self, conn: WsConnection, params: Any) -> list[str]:
-        return sorted(conn.streams)
+    async def _list_subscriptions(self, conn: WsConnection, params: Any) -> list[str] | None:
+        return sorted(conn.streams) or None  # Gemini's example: null with none
 
     async def _depth_method(self, conn: WsConnection, params: Any) -> dict:
         if not isinstance(params, dict):
-            raise ApiError(BAD_REQUEST, "params must be {symbol, limit}")
+            raise ApiError(INVALID_PARAMETERS, "Invalid parameters: params must be "
+                                               "{symbol, limit}")
         symbol = self._symbol(params.get("symbol"))
-        limit = params.get("limit")
-        if limit is not None and (not isinstance(limit, int) or limit < 1):
-            raise ApiError(BAD_REQUEST, f"limit must be a positive integer, not {limit!r}")
+        limit = params.get("limit", 100)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 5000:
+            raise ApiError(INVALID_PARAMETERS, f"Invalid parameters: limit {limit!r} is not "
+                                               "1 to 5000")
         book = self.venue.market.books.get(symbol, Book())
         return {"lastUpdateId": self.update_ids[symbol], **_depth(book, limit)}
 
-    async def _ping(self, conn: WsConnection, params: Any) -> dict:
-        return {}
+    async def _ping(self, conn: WsConnection, params: Any) -> object:
+        return NO_RESULT
 
-    async def _time(self, conn: WsConnection, params: Any) -> dict:
-        return {"serverTime": time.time_ns()}
+    async def _time(self, conn: WsConnection, params: Any) -> int:
+        return time.time_ns() // 1_000_000  # "milliseconds since Unix epoch"
+
+    async def _authentication_required(self, conn: WsConnection, params: Any) -> object:
+        raise ApiError(AUTH_REQUIRED, "Authentication required")
 
     # -- market events
 
-    def _snapshot(self, conn: WsConnection, symbol: str) -> str:
-        levels = None if conn.snapshot_levels in (-1, 0) else conn.snapshot_levels
+    def _snapshot(self, conn: WsConnection, symbol: str, event_ns: int) -> str:
+        levels = None if conn.snapshot_levels < 0 else conn.snapshot_levels
         return snapshot_frame(symbol, self.update_ids[symbol], self.venue.market.books[symbol],
-                              levels)
+                              levels, event_ns)
 
     async def publish(self, event: MarketEvent, changes: list[list[str]]) -> None:
         """After the market applied ``event``: give it its update id, send its frames.
@@ -257,7 +275,7 @@ class WsApi:
                 continue
             if symbol in conn.awaiting:
                 conn.awaiting.discard(symbol)
-                await conn.put(self._snapshot(conn, symbol))
+                await conn.put(self._snapshot(conn, symbol, event_ns))
             elif not conn.lose_update(symbol):
                 await conn.put(update)
 
@@ -278,11 +296,10 @@ class WsConnection:
 
     def __init__(self, base: Any, snapshot_levels: int | None) -> None:
         self.base = base
-        self.snapshot_levels = snapshot_levels  # None: no initial book; -1: whole book
+        self.snapshot_levels = snapshot_levels  # 0: no initial book; < 0: the whole book
         self.streams: set[str] = set()
         self.awaiting: set[str] = set()  # depth subscriptions whose book does not exist yet
         self.lost: Counter[str] = Counter()  # skip_update_id faults still to apply
-        self.follow: list[str] = []  # frames to send after the answer being prepared
 
     def has_depth(self, symbol: str) -> bool:
         low = symbol.lower()
@@ -300,15 +317,13 @@ class WsConnection:
 
 
 def _trade_frame(trade: dict, symbol: str) -> str:
-    trade_id = trade.get("tid", trade.get("event_id"))
-    side = trade.get("side")
-    maker = "" if side not in ("buy", "sell") else \
-        f',"m":{"true" if side == "sell" else "false"}'  # the buyer made the market
-    return _TRADE % (trade["timestamp"] * 1_000_000, symbol, trade_id, trade["price"],
-                     trade["quantity"], trade["timestamp"], maker)
+    # v2's side is the taker's: a taker selling hit a buyer who was the maker
+    return _TRADE % (trade["timestamp"] * 1_000_000, symbol,
+                     trade.get("tid", trade.get("event_id")), trade["price"], trade["quantity"],
+                     "true" if trade.get("side") == "sell" else "false")
 
 
 # Hand-built like render_v2: symbols and decimal strings never need JSON escaping.
 _DEPTH = '{"e":"depthUpdate","E":%d,"s":"%s","U":%d,"u":%d,"b":[%s],"a":[%s]}'
 _LEVEL = '["%s","%s"]'
-_TRADE = '{"e":"trade","E":%d,"s":"%s","t":%d,"p":"%s","q":"%s","T":%d%s}'
+_TRADE = '{"E":%d,"s":"%s","t":%d,"p":"%s","q":"%s","m":%s}'

@@ -13,7 +13,7 @@ SAMPLES: dict[str, dict] = {
                              {"side": "ASK", "price": "34568.00", "quantity": "1.50"},
                              {"side": "ASK", "price": "34570.1", "quantity": "0"}],
                  "exchange_ts_ms": None, "received_ts_us": RECV_US, "connection_id": "c-1",
-                 "sequence": 7, "event_id": None, "first_update_id": None,
+                 "sequence": 7, "event_id": None, "first_update_id": 4812,
                  "last_update_id": 4815, "exchange_ts_ns": 1624493666638480123},
     "Trade": {"symbol": "ETHUSD", "trade_id": 45465818387, "price": "1987.65",
               "quantity": "0.000100", "taker_side": "SELL", "exchange_ts_ms": 1624493670759,
