@@ -139,7 +139,7 @@ def test_fill_or_kill_fills_whole_or_not_at_all():
 def test_two_options_and_options_the_simulator_cannot_honour_are_rejected():
     m = Market()
     _, two = m.submit("BUY", "1", "100", options=["maker-or-cancel", "immediate-or-cancel"])
-    assert kinds(two) == ["REJECTED"] and two[0]["reason"] == "ConflictingOptions"
+    assert kinds(two) == ["REJECTED"] and two[0]["reason"] == "rules:ConflictingOptions"
     _, auction = m.submit("BUY", "1", "100", options=["auction-only"])
     assert kinds(auction) == ["REJECTED"] and auction[0]["reason"] == "UnsupportedOption"
 

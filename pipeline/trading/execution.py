@@ -11,15 +11,19 @@ Checks, in order; the first that fails names the outcome:
    (:data:`RECONCILE`), and the request is decided again once it is known not to be live;
 4. a CANCEL or CANCEL_ALL goes through from here (cancels only reduce risk: the kill
    switch and expiry do not stop them), after the target checks: an id never acted on is
-   CANCEL_REJECTED ``unknown_order``, another strategy's ``not_owner``;
+   CANCEL_REJECTED ``unknown_order``, another strategy's ``not_owner``; in a ``closed``
+   market, ``rules:MarketNotOpen``;
 5. ``risk:kill_switch``: the kill switch is on; ``risk:strategy_halted``: the strategy is
    halted (a risk stop on its PnL, or an operator: ``strategy.control``);
 6. ``expired``: ``expires_ms`` is in the past;
 7. ``invalid_request``: amount or price is not a positive decimal (or a LIMIT without one);
    a REPLACE of an unknown or another strategy's order: ``replace:unknown_order`` /
    ``replace:not_owner``;
-8. the risk limits of :mod:`pipeline.trading.risk` (a replace is checked without the order
-   it replaces).
+8. Gemini's rules for the symbol (:func:`pipeline.trading.rules.check_order`: the
+   client_order_id, the options, the market's status, the price and amount steps, the
+   minimum amount), as ``rules:<Gemini's reason>``, before any client sees the order;
+9. the risk limits of :mod:`pipeline.trading.risk` (a replace is checked without the order
+   it replaces; a MARKET order's band edge is on the rules' price step).
 
 A request that fails 1 or 2 is not remembered (a forger must not be able to burn a real
 strategy's id); every other decision is remembered, whatever it is.
@@ -37,6 +41,7 @@ from pipeline.core.vocabulary import OrderAction, OrderEventKind, OrderType, Sid
 from pipeline.trading import risk
 from pipeline.trading.orders import NOT_OWNER, UNKNOWN_ORDER, Order, order_event
 from pipeline.trading.risk import BookTop, RiskLimits, RiskState
+from pipeline.trading.rules import RulesTable, check_order, refusal
 from pipeline.trading.signing import StrategyKeys, verify
 
 SENDING = "sending"  # the outcome recorded before an order leaves the process
@@ -82,9 +87,10 @@ class Verdict:
 def decide(request: Mapping[str, Any], *, keys: StrategyKeys, seen: Mapping[str, Seen],
            killed: bool, now_ms: int, limits: RiskLimits, state: RiskState,
            book: BookTop | None, settled: bool = False,
-           halted: Container[str] = frozenset()) -> Verdict:
+           halted: Container[str] = frozenset(), rules: RulesTable | None = None) -> Verdict:
     """The verdict on one request (see the module doc). ``settled``: an intent found for
-    it was settled (the order is not at the exchange), so decide as for a new request."""
+    it was settled (the order is not at the exchange), so decide as for a new request.
+    ``rules``: Gemini's symbol rules by symbol; None: none known (ids and options only)."""
     cid, strategy_id = request["client_order_id"], request["strategy_id"]
     key = keys.key(strategy_id)
     if key is None:
@@ -98,11 +104,12 @@ def decide(request: Mapping[str, Any], *, keys: StrategyKeys, seen: Mapping[str,
         return Verdict(RECONCILE)
     action = request.get("action") or NEW
     target = request.get("target_client_order_id")
-    if action == CANCEL:
-        why = _target_problem(target, strategy_id, seen)
-        return Verdict(CANCEL_REJECT, why) if why else Verdict(CANCEL)
-    if action == CANCEL_ALL:
-        return Verdict(CANCEL_ALL)
+    if action in (CANCEL, CANCEL_ALL):
+        why = _target_problem(target, strategy_id, seen) if action == CANCEL else None
+        closed = check_order(rules, symbol=request["symbol"], order_type=request["order_type"],
+                             price=None, amount=ZERO, action=action)
+        why = why or (refusal(closed) if closed else None)
+        return Verdict(CANCEL_REJECT, why) if why else Verdict(action)
     if killed:
         return Verdict(REJECT, risk.KILL_SWITCH)
     if strategy_id in halted:
@@ -120,13 +127,29 @@ def decide(request: Mapping[str, Any], *, keys: StrategyKeys, seen: Mapping[str,
             return Verdict(REJECT, f"replace:{why}")
     elif action != NEW:
         return Verdict(REJECT, "invalid_request", detail=f"unknown action {action!r}")
+    symbol = request["symbol"]
+    why = check_order(rules, symbol=symbol, order_type=request["order_type"], price=price,
+                      amount=amount, options=request.get("options") or (),
+                      client_order_id=cid, action=action)
+    if why:
+        return Verdict(REJECT, refusal(why), detail=_rules_detail(rules, symbol))
+    rule = rules.get(symbol) if rules is not None else None
     decision = risk.check(limits, state, book, strategy_id=strategy_id,
-                          symbol=request["symbol"], side=Side.parse(request["side"]).wire,
+                          symbol=symbol, side=Side.parse(request["side"]).wire,
                           order_type=request["order_type"], price=price, amount=amount,
-                          now_ms=now_ms, replacing=target if action == REPLACE else None)
+                          now_ms=now_ms, replacing=target if action == REPLACE else None,
+                          price_step=rule.price_step if rule is not None else None)
     if not decision.accepted:
         return Verdict(REJECT, decision.reason, price=decision.price, detail=decision.detail)
     return Verdict(action, price=decision.price)
+
+
+def _rules_detail(rules: RulesTable | None, symbol: str) -> str:
+    rule = rules.get(symbol) if rules is not None else None
+    if rule is None:
+        return ""
+    return (f"{symbol} {rule.status}: price step {rule.price_step}, amount step "
+            f"{rule.amount_step}, min amount {rule.min_amount}")
 
 
 def _target_problem(target: str | None, strategy_id: str, seen: Mapping[str, Seen]) -> str | None:

@@ -11,8 +11,10 @@ Rules, in the order they are checked (the first that fails names the rejection):
                        ``max_book_age_ms`` or one-sided, or the limit price is more than
                        ``price_band_bps`` away from the mid ((best bid + best ask) / 2).
                        A MARKET order gets the band's edge as its price (mid x (1 + band)
-                       for a buy, rounded down to the tick; mid x (1 - band) for a sell,
-                       rounded up), so it can never trade outside the band.
+                       for a buy, rounded down to the price step; mid x (1 - band) for a
+                       sell, rounded up), so it can never trade outside the band. The step
+                       is the symbol's rules' ``price_step`` where known, else
+                       ``RiskLimits.price_steps``, else the book's finest decimals.
 ``risk:max_notional``  price x amount (in the quote currency) is above ``max_notional``.
 ``risk:max_position``  the symbol's position if this order and every open order on the
                        same side filled completely would exceed ``max_position`` (base
@@ -58,7 +60,16 @@ class RiskLimits:
     price_band_bps: Decimal = Decimal("100")  # 1% either side of the mid
     max_orders_per_minute: int | None = 60  # per strategy
     max_book_age_ms: int | None = 60_000
-    tick_sizes: Mapping[str, Decimal] = field(default_factory=dict)  # else from the book
+    #: The price step per symbol that a MARKET order's band edge is rounded to (Gemini's
+    #: ``quote_increment``, :attr:`SymbolRules.price_step`); else the book's finest
+    #: decimals. It used to be called ``tick_sizes``, which in Gemini's symbol details is
+    #: the *amount* step: :attr:`tick_sizes` still reads it.
+    price_steps: Mapping[str, Decimal] = field(default_factory=dict)
+
+    @property
+    def tick_sizes(self) -> Mapping[str, Decimal]:
+        """The old name of :attr:`price_steps` (a price step, not Gemini's tick_size)."""
+        return self.price_steps
 
     def position_limit(self, symbol: str) -> Decimal | None:
         return self.max_position_by_symbol.get(symbol, self.max_position)
@@ -188,9 +199,11 @@ def band_edge(book: BookTop, side: str, band_bps: Decimal) -> Decimal:
 
 def check(limits: RiskLimits, state: RiskState, book: BookTop | None, *, strategy_id: str,
           symbol: str, side: str, order_type: str, price: Decimal | None, amount: Decimal,
-          now_ms: int, kill_switch: bool = False, replacing: str | None = None) -> Decision:
+          now_ms: int, kill_switch: bool = False, replacing: str | None = None,
+          price_step: Decimal | None = None) -> Decision:
     """Accept or reject one order; ``side`` is "buy"/"sell", ``order_type`` LIMIT/MARKET.
     ``replacing``: the open order this one replaces (cancelled first, so not counted).
+    ``price_step``: the symbol's (its rules'), before ``limits.price_steps`` and the book's.
 
     Pure: it changes nothing. The caller records an accepted order with
     ``state.note_accepted`` (and its fills and open remainder) once it acts on it.
@@ -204,8 +217,9 @@ def check(limits: RiskLimits, state: RiskState, book: BookTop | None, *, strateg
     mid = book.mid
     if mid is None:
         return Decision(PRICE_BAND, None, f"book of {symbol} is one-sided")
-    if symbol in limits.tick_sizes:
-        book = BookTop(book.symbol, book.bids, book.asks, book.ts_ms, limits.tick_sizes[symbol])
+    step = price_step or limits.price_steps.get(symbol)
+    if step is not None and step != book.tick:
+        book = BookTop(book.symbol, book.bids, book.asks, book.ts_ms, step)
     if order_type == "MARKET":
         price = band_edge(book, side, limits.price_band_bps)
     elif price is None:

@@ -26,6 +26,8 @@ from typing import Mapping
 from pipeline.errors import PipelineError
 
 ENV_PREFIX = "PIPELINE_STRATEGY_KEY_"
+MAX_ID_PREFIX = 15  # + "-" + 20 hex digits = Gemini's 36 characters
+_ID_UNSAFE = re.compile(r"[^:\-_.#a-zA-Z0-9]")
 
 
 # Fields added after the first OrderRequest schema, with the default a reader fills in.
@@ -53,9 +55,16 @@ def verify(request: Mapping, key: bytes) -> bool:
 def client_order_id(strategy_id: str, trigger: str, index: int = 0) -> str:
     """Deterministic id from the strategy and the input that caused the order (e.g.
     ``topic/partition/offset``) and the order's position among that input's intents, so
-    reprocessing the same input yields the same id and execution can refuse a repeat."""
+    reprocessing the same input yields the same id and execution can refuse a repeat.
+
+    Always Gemini-valid (``[:\\-_.#a-zA-Z0-9]{1,36}``), whatever the strategy id: the
+    prefix is the strategy id with other characters as ``_``, cut to 15 characters, then
+    ``-`` and 20 hex digits of a digest that covers the *whole* strategy id, so two long
+    ids with the same first 15 characters still make different order ids. A strategy id
+    that is already valid and at most 15 characters keeps the ids it always had."""
     digest = hashlib.sha256(f"{strategy_id}\x1f{trigger}\x1f{index}".encode()).hexdigest()
-    return f"{strategy_id}-{digest[:20]}"
+    prefix = _ID_UNSAFE.sub("_", strategy_id)[:MAX_ID_PREFIX]
+    return f"{prefix}-{digest[:20]}"
 
 
 def env_name(strategy_id: str) -> str:

@@ -18,9 +18,16 @@ its limit (a MARKET order has none), each fill at the level's price, paying the 
 ``maker-or-cancel``: cancelled unfilled (MakerOrCancelWouldTake) if its limit reaches the
 best opposite price. ``fill-or-kill``: cancelled unfilled (FillOrKillWouldNotFill) unless
 everything fills now. ``immediate-or-cancel`` and MARKET: the rest is cancelled
-(ImmediateOrCancelWouldPost). Otherwise the rest is BOOKED at its limit. More than one
-option is REJECTED (ConflictingOptions); auction-only and indication-of-interest are
-REJECTED (UnsupportedOption: not simulated).
+(ImmediateOrCancelWouldPost). Otherwise the rest is BOOKED at its limit.
+
+**The symbol's rules.** Every arriving order is checked by
+:func:`pipeline.trading.rules.check_order`, the very function execution's ``decide``
+calls, against ``SimulatorConfig.rules`` (Gemini's price and amount steps, minimum
+amount and market status per symbol; None: no symbol rules, the id and options are still
+checked): a refused order is REJECTED ``rules:<Gemini's reason>`` (``rules:InvalidPrice``,
+``rules:ConflictingOptions``...), as paper execution rejects it before it gets here.
+Auction-only and indication-of-interest orders, and a MARKET order with an option, are
+REJECTED UnsupportedOption (not simulated).
 
 **Liquidity is taken once.** The replayed book is the market without us, so our fills do
 not change it. What our orders took from a level is remembered until the feed changes
@@ -66,8 +73,8 @@ from pipeline.orderbook import _PRICES, L2Book, price_key
 from pipeline.trading.fees import GEMINI_API_FEES, FeeSchedule
 from pipeline.trading.orders import (EXPIRED, FOK_WOULD_NOT_FILL, IOC_WOULD_POST, MOC_WOULD_TAKE,
                                      NO_BOOK, NOT_OWNER, ORDER_CLOSED, REQUESTED, UNKNOWN_ORDER,
-                                     Fill, Order, OrderStatus, check_options, new_order,
-                                     order_event)
+                                     Fill, Order, OrderStatus, new_order, order_event)
+from pipeline.trading.rules import RulesTable, check_order, refusal
 
 K = OrderEventKind
 QUEUE_MODELS = ("risk-averse", "none")
@@ -82,6 +89,7 @@ class SimulatorConfig:
     latency_ms: int = 0  # an order reaches the exchange this long after it was sent
     cancel_latency_ms: int | None = None  # cancels; default latency_ms
     mode: str = ExecutionMode.PAPER.value  # OrderEvent.mode
+    rules: RulesTable | None = None  # Gemini's symbol rules; None: no symbol rules
 
     def __post_init__(self) -> None:
         if self.queue not in QUEUE_MODELS:
@@ -160,6 +168,7 @@ class SimulatedExchange:
         self._latency_us = config.latency_ms * 1000
         self._cancel_latency_us = config.cancel_latency * 1000
         self._fees = config.fees
+        self._rules = config.rules
         self._symbols: dict[str, _Symbol] = {}
         self._orders: dict[str, _Resting] = {}  # open at the exchange, by client_order_id
         self._owners: dict[str, str] = {}  # every order ever sent: client_order_id -> strategy
@@ -467,19 +476,22 @@ class SimulatedExchange:
     def _arrive_new(self, order: Order, now_us: int) -> list[OrderEvent]:
         when = now_us // 1000
         s = self._state(order.symbol)
-        refusal = check_options(order.options)
-        if refusal is None and (order.option in (OrderOption.AUCTION_ONLY.value,
+        why = check_order(self._rules, symbol=order.symbol, order_type=order.order_type.value,
+                          price=order.price, amount=order.amount, options=order.options,
+                          client_order_id=order.client_order_id)
+        refused = refusal(why) if why else None
+        if refused is None and (order.option in (OrderOption.AUCTION_ONLY.value,
                                                  OrderOption.INDICATION_OF_INTEREST.value)
                                 or (order.price is None and order.options)):
-            refusal = "UnsupportedOption"  # not simulated; a MARKET order takes no option
-        if refusal is None and order.expires_ms is not None and order.expires_ms <= when:
-            refusal = EXPIRED
+            refused = "UnsupportedOption"  # not simulated; a MARKET order takes no option
+        if refused is None and order.expires_ms is not None and order.expires_ms <= when:
+            refused = EXPIRED
         book = self.books.get(order.symbol)
         ready = book is not None and book.has_snapshot
-        if refusal is None and order.price is None and not ready:
-            refusal = NO_BOOK
-        if refusal is not None:
-            return [self._event(order, K.REJECTED, when, reason=refusal)]
+        if refused is None and order.price is None and not ready:
+            refused = NO_BOOK
+        if refused is not None:
+            return [self._event(order, K.REJECTED, when, reason=refused)]
         order.exchange_order_id = exchange_order_id(order.client_order_id)
         events = [self._event(order, K.ACCEPTED, when)]
         option = order.option
