@@ -70,6 +70,30 @@ def test_v2_normalizer_refuses_bad_frames_with_a_reason(text, match):
         V2Normalizer("c").normalize_text(text, 0)
 
 
+def test_v2_trade_id_is_gemini_tid_and_falls_back_to_event_id_in_older_frames():
+    n = V2Normalizer("c")
+    (current,) = n.normalize({"type": "trade", "symbol": "BTCUSD", "event_id": 3575573053,
+                              "tid": 2840140800, "timestamp": 1624493651491, "price": "1",
+                              "quantity": "2", "side": "buy"}, 1)
+    assert current.value["trade_id"] == 2840140800 and current.value["taker_side"] == "BUY"
+    # The 2021 capture's trades predate tid: their event_id is their only id.
+    (older,) = n.normalize({"type": "trade", "symbol": "ALCXUSD", "event_id": 45465785975,
+                            "timestamp": 1624493651491, "price": "302.53",
+                            "quantity": "0.992143", "side": "buy"}, 2)
+    assert older.value["trade_id"] == 45465785975
+
+
+def test_v2_auction_frames_are_skipped_and_counted_not_refused():
+    n = V2Normalizer("c")
+    auction = {"symbol": "BTCUSD", "time_ms": 1560974400000, "result": "success",
+               "highest_bid_price": "9150.80", "lowest_ask_price": "9150.81",
+               "collar_price": "9146.93"}
+    for kind in ("auction_open", "auction_indicative", "auction_result", "auction_result"):
+        assert n.normalize({"type": kind, **auction}, 1) == []
+    assert n.skipped == {"auction_open": 1, "auction_indicative": 1, "auction_result": 2}
+    assert n.sequence == 3, "counted as frames of the connection all the same"
+
+
 def test_v1_normalizer_detects_a_socket_sequence_gap_and_flags_the_initial_book():
     n = V1Normalizer("c", "BTCUSD")
     initial = n.normalize({"type": "update", "eventId": 1, "socket_sequence": 0, "events": [
