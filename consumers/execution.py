@@ -31,6 +31,14 @@ its open orders are cancelled within that batch and its new orders are rejected
 (``risk:strategy_halted``) until a resume (``pipeline strategy resume ID``). A restarted
 instance reads the topic to its end first, so a halt survives restarts.
 
+**Symbol rules.** Every NEW and REPLACE is checked against Gemini's rules for its symbol
+(price and amount steps, minimum amount, market status, options, client_order_id:
+:mod:`pipeline.trading.rules`) before any client sees it, and refused
+``rules:<Gemini's reason>``, in every mode. They are loaded once at start-up
+(:func:`pipeline.gemini.symbols.startup_rules`): sandbox and live from the mode's own URL,
+cached per day in ``<run_dir>/gemini``; paper from ``--rules-url`` or ``--rules-file``
+when given, else none (only ids and options are checked).
+
 **Exactly one outcome per request.** The group is transactional: a batch's order events,
 its ``SeenOrder`` records, paper mode's state and the input offsets commit together. On
 assignment it reads ``orders.seen`` to its end (waiting for transactions a dead member
@@ -74,7 +82,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Iterable
@@ -88,6 +96,7 @@ from pipeline.core.vocabulary import TERMINAL_KINDS, ExecutionMode, OrderEventKi
 from pipeline.errors import PipelineError
 from pipeline.gemini.execution import GeminiCredentials, GeminiExecution, GeminiSettings
 from pipeline.gemini.rest import LIVE_URL, SANDBOX_URL, NonceSource
+from pipeline.gemini.symbols import startup_rules
 from pipeline.kafka import ReliableProducer
 from pipeline.registry import SchemaRegistry
 from pipeline.runtime import (GroupConfig, Handler, Output, Record, committed_offsets,
@@ -103,6 +112,7 @@ from pipeline.trading.fees import GEMINI_API_FEES, FeeSchedule
 from pipeline.trading.orders import REQUESTED
 from pipeline.trading.paper import PaperExecution
 from pipeline.trading.risk import RiskLimits, RiskState
+from pipeline.trading.rules import RulesTable
 from pipeline.trading.signing import StrategyKeys
 from pipeline.trading.simulator import QUEUE_MODELS, SimulatorConfig
 
@@ -132,6 +142,7 @@ class ExecutionSettings:
     restore_timeout_s: float = 60.0  # waiting for a dead member's open transaction to end
     batch_size: int | None = None  # default: 500 for paper, 10 when orders go over HTTP
     instance: str = "0"  # with the group id: transactional.id and group.instance.id
+    symbol_rules: RulesTable | None = None  # Gemini's, by symbol (main loads them); None: none
 
     @property
     def sends_http(self) -> bool:
@@ -152,7 +163,7 @@ class ExecutionSettings:
     def simulator(self) -> SimulatorConfig:
         return SimulatorConfig(fees=self.paper_fees, queue=self.paper_queue,
                                latency_ms=self.paper_latency_ms,
-                               mode=ExecutionMode.PAPER.value)
+                               mode=ExecutionMode.PAPER.value, rules=self.symbol_rules)
 
 
 def wall_clock_ms() -> int:
@@ -325,7 +336,7 @@ class ExecutionHandler(Handler):
         return decide(req, keys=self.keys, seen=self.seen, killed=self._kill_switch(),
                       now_ms=now, limits=self.settings.risk, state=self.state,
                       book=self.client.book(req["symbol"]), settled=settled,
-                      halted=self.halts)
+                      halted=self.halts, rules=self.settings.symbol_rules)
 
     def _kill_switch(self) -> bool:
         if self._killed is None:
@@ -687,6 +698,13 @@ def main(argv: list[str] | None = None) -> int:
                     default=RiskLimits.max_orders_per_minute, help="per strategy, or off")
     ap.add_argument("--max-book-age-s", type=_limit,
                     default=RiskLimits.max_book_age_ms / 1000, help="seconds, or off")
+    ap.add_argument("--symbols", help="symbols whose rules to load, comma-separated "
+                    "[default: every symbol Gemini lists]")
+    ap.add_argument("--rules-url", help="load Gemini's symbol rules from this URL (cached "
+                    "per day in <run_dir>/gemini) [default: the mode's URL; paper: none]")
+    ap.add_argument("--rules-file", help="symbol rules from a file: a rules cache or recorded "
+                    "/v1/symbols/details responses (paper, or when Gemini is unreachable)")
+    ap.add_argument("--no-rules", action="store_true", help="paper only: no symbol rules")
     ap.add_argument("--follow-interval", type=float, default=2.0)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--queue", choices=QUEUE_MODELS, default="risk-averse",
@@ -724,6 +742,9 @@ def main(argv: list[str] | None = None) -> int:
             paper_fees=FeeSchedule(maker=args.maker_fee, taker=args.taker_fee),
             checkpoint_interval_s=args.checkpoint_interval)
         check_mode(namespace, settings, credentials)
+        settings = replace(settings, symbol_rules=startup_rules(
+            args.mode, settings.url, run_dir, args.symbols.split(",") if args.symbols else None,
+            args.rules_url, args.rules_file, args.no_rules))
         ensure_topics(args.bootstrap, namespace,
                       TOPICS_GEMINI if settings.sends_http else TOPICS_PAPER)
         config = make_group(args.bootstrap, args.registry, namespace, settings, keys=keys,

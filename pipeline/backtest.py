@@ -85,6 +85,7 @@ from pipeline.trading.orders import REQUESTED, UNKNOWN_ORDER, Fill, Order, order
 from pipeline.trading.requests import (IntentError, build_requests, event_trigger,
                                        record_trigger, snapshot_trigger)
 from pipeline.trading.signing import client_order_id
+from pipeline.trading.rules import RulesTable
 from pipeline.trading.simulator import QUEUE_MODELS, SimulatedExchange, SimulatorConfig
 from pipeline.trading.strategy import Strategy
 from pipeline.trading.tracker import OrderTracker
@@ -578,7 +579,7 @@ class BookBroker(Broker):
     def __init__(self, cash: Decimal, strategy_id: str, lot: Decimal = ONE,
                  sample_ms: int = 1000, finalize_trades: bool = True,
                  fees: FeeSchedule = GEMINI_API_FEES, queue: str = "risk-averse",
-                 latency_ms: int = 0) -> None:
+                 latency_ms: int = 0, rules: RulesTable | None = None) -> None:
         super().__init__(cash, ZERO, strategy_id, lot)
         if sample_ms <= 0:
             raise PipelineError(f"sample_ms must be positive, not {sample_ms}")
@@ -591,7 +592,7 @@ class BookBroker(Broker):
         self.fees = fees
         self.books: dict[str, L2Book] = {}  # shared with the engine's book policy
         self.exchange = SimulatedExchange(self.books, SimulatorConfig(
-            fees=fees, queue=queue, latency_ms=latency_ms, mode=MODE))
+            fees=fees, queue=queue, latency_ms=latency_ms, mode=MODE, rules=rules))
         self._cell: int | None = None
         self.next_tick_us = -1  # the engine calls tick() once time reaches this
 
@@ -1002,10 +1003,11 @@ def make_broker(fill: str, cash: Decimal, commission: Decimal | None, strategy_i
                 lot: Decimal = ONE, slippage: Decimal = ZERO, interval: str | None = None,
                 finalize_trades: bool = True, sample_ms: int = 1000,
                 fees: FeeSchedule | None = None, queue: str = "risk-averse",
-                latency_ms: int = 0) -> Broker:
+                latency_ms: int = 0, rules: RulesTable | None = None) -> Broker:
     """The broker of a fill model. ``commission`` is the next-open model's rate (default
     0); book fills pay ``fees`` (maker and taker; default Gemini's API schedule, or
-    ``commission`` for both when only that is given)."""
+    ``commission`` for both when only that is given) and obey Gemini's symbol ``rules``
+    (None: no symbol rules; the simulator still checks ids and options)."""
     if fill == NEXT_OPEN:
         if fees is not None:
             raise PipelineError("maker and taker fees apply to book fills; the next-open "
@@ -1020,7 +1022,7 @@ def make_broker(fill: str, cash: Decimal, commission: Decimal | None, strategy_i
             fees = GEMINI_API_FEES if commission is None else \
                 FeeSchedule(maker=commission, taker=commission)
         return BookBroker(cash, strategy_id, lot, sample_ms, finalize_trades, fees, queue,
-                          latency_ms)
+                          latency_ms, rules)
     raise PipelineError(f"unknown fill model {fill!r}: one of {', '.join(FILL_MODELS)}")
 
 

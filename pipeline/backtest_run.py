@@ -28,6 +28,7 @@ from pipeline.backtest import (BOOK_FILLS, FILL_MODELS, NEXT_OPEN, EngineResult,
 from pipeline.trading.fees import GEMINI_API_FEES, FeeSchedule
 from pipeline.catalog import Namespace
 from pipeline.errors import PipelineError
+from pipeline.gemini.symbols import read_rules_file
 from pipeline.progress import progress_bar, stop_on_ctrl_c
 from pipeline.ranges import Offsets, TimeLike, range_text, resolve_topics, to_ms
 from pipeline.replay_source import ReadStats, ReplaySource
@@ -170,7 +171,12 @@ class BacktestConfig:
     backtesting.py's spread) and ``lot`` (fraction sizing rounds down to whole lots) are
     decimals. Book fills only: ``queue`` ("risk-averse" or "none"), ``latency_ms`` (orders
     and cancels reach the simulated exchange this long after their trigger), ``book_depth``
-    (levels in the snapshots given to ``on_book``), ``sample_ms`` (equity points)."""
+    (levels in the snapshots given to ``on_book``), ``sample_ms`` (equity points),
+    ``rules_file`` (Gemini's symbol rules the simulated exchange refuses orders by, as paper
+    execution does: a rules cache of :mod:`pipeline.gemini.symbols` or recorded
+    ``/v1/symbols/details`` responses). Without it there are no symbol rules (ids and
+    options are still checked): a backtest is not quietly checked against whatever table
+    happens to be cached today, so the same inputs give the same result."""
 
     fill: str = NEXT_OPEN
     cash: str = "1000000"
@@ -185,6 +191,7 @@ class BacktestConfig:
     taker_fee: str | None = None
     queue: str = "risk-averse"
     latency_ms: int = 0
+    rules_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.fill not in FILL_MODELS:
@@ -226,7 +233,8 @@ class BacktestConfig:
                                        finalize_trades=self.finalize_trades,
                                        sample_ms=self.sample_ms)
         if self.fill == BOOK_FILLS:
-            options.update(fees=fees, queue=self.queue, latency_ms=self.latency_ms)
+            options.update(fees=fees, queue=self.queue, latency_ms=self.latency_ms,
+                           rules=read_rules_file(self.rules_file) if self.rules_file else None)
         return make_broker(self.fill, Decimal(self.cash),
                            None if commission is None else Decimal(commission), strategy_id,
                            **options)
