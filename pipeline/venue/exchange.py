@@ -20,18 +20,34 @@ crosses, cancel the remainder), ``fill-or-kill`` (fill all at once or cancel unf
 
 Funds: a live buy holds price x remaining x (1 + max fee) of the quote currency, a live
 sell holds its remaining base amount; ``available`` is the balance minus these holds.
+
+Symbol rules (Gemini's ``/v1/symbols/details``), enforced here with the venue's own code
+(it is the oracle the pipeline's ``trading.rules`` is compared against; only the value
+type ``SymbolRules`` is shared, from ``core``): a market whose status is ``closed`` or
+``cancel_only`` refuses new orders, ``post_only`` all but maker-or-cancel ones
+(MarketNotOpen; ``limit_only`` refuses market orders, and the venue has none); a price
+off the price step is InvalidPrice; an amount below the minimum or off the amount step is
+InvalidQuantity. A client_order_id must match ``[:\\-_.#a-zA-Z0-9]{1,36}`` (Gemini's
+client order id page): longer is ClientOrderIdTooLong, another character
+InvalidClientOrderId (a name of ours: Gemini documents none). The rules are the table
+given (``rules=``, e.g. read from recorded responses by the caller), else
+Gemini's own values for the symbols the venue usually serves (``KNOWN_RULES``), else for
+a symbol first seen in the market: price step the finer of 0.01 and the book's decimals
+then, amount step 1e-8, minimum 0.00001.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Mapping, Protocol
 
 # The one symbol rule of the project (core imports nothing, so the venue stays independent
 # of market/ and trading/). Both names stay importable from here: other modules use them.
+from pipeline.core.rules import CANCEL_ONLY, CLOSED, POST_ONLY, SymbolRules
 from pipeline.core.symbols import LONG_QUOTES, split_symbol
 
 ORDER_TYPE = "exchange limit"
@@ -49,8 +65,31 @@ DEFAULT_FIAT = Decimal("1000000")  # starting balance of USD and the long (stabl
 DEFAULT_COIN = Decimal("10")  # starting balance of every other currency
 DEFAULT_TAKER_FEE = Decimal("0.0035")
 DEFAULT_MAKER_FEE = Decimal("0.0025")
-MAX_CLIENT_ORDER_ID = 100
+MAX_CLIENT_ORDER_ID = 36
+CLIENT_ORDER_ID = re.compile(r"[:\-_.#a-zA-Z0-9]{1,36}")
 ZERO = Decimal(0)
+D = Decimal
+# Gemini's /v1/symbols/details of 2021-06-24 for the symbols the venue serves by default
+# (its generator's BTCUSD and ETHUSD, and the recorded capture's): price step
+# (quote_increment), amount step (tick_size), minimum amount, status.
+KNOWN_RULES: dict[str, SymbolRules] = {
+    symbol: SymbolRules(symbol, D(price), D(amount), D(minimum), status, *split_symbol(symbol))
+    for symbol, price, amount, minimum, status in (
+        ("BTCUSD", "0.01", "1E-8", "0.00001", "open"),
+        ("ETHUSD", "0.01", "0.000001", "0.001", "open"),
+        ("ETHBTC", "0.00001", "0.000001", "0.001", "open"),
+        ("BTCGBP", "0.01", "1E-8", "0.00001", "open"),
+        ("LINKETH", "1E-7", "0.000001", "0.1", "limit_only"),
+        ("FILUSD", "0.0001", "0.000001", "0.1", "open"),
+        ("ZECLTC", "0.001", "0.000001", "0.001", "open"),
+        ("BATBTC", "1E-8", "0.000001", "1", "limit_only"),
+        ("ETHEUR", "0.01", "0.000001", "0.001", "open"),
+        ("LTCETH", "0.0001", "0.00001", "0.01", "open"),
+        ("GRTUSD", "0.0001", "0.000001", "0.1", "open"),
+        ("ANKRUSD", "0.00001", "0.000001", "0.1", "open"),
+        ("ALCXUSD", "0.01", "0.000001", "0.00001", "open"),
+    )}
+DEFAULT_PRICE_STEP, DEFAULT_AMOUNT_STEP, DEFAULT_MIN_AMOUNT = D("0.01"), D("1E-8"), D("0.00001")
 
 
 class BookSource(Protocol):
@@ -137,6 +176,13 @@ def parse_decimal(value: object, reason: str, what: str) -> Decimal:
     return number
 
 
+def _on_step(value: Decimal, step: Decimal) -> bool:
+    try:
+        return value % step == 0
+    except InvalidOperation:
+        return False
+
+
 class Exchange:
     """Accounts (one per API key), orders, fills and trade history of the local venue."""
 
@@ -149,8 +195,11 @@ class Exchange:
         maker_fee: Decimal = DEFAULT_MAKER_FEE,
         allow_duplicate_client_order_id: bool = True,
         clock: Callable[[], float] = time.time,
+        rules: Mapping[str, SymbolRules] | None = None,
     ) -> None:
         self.book = book
+        self.given_rules = None if rules is None else {k.upper(): v for k, v in rules.items()}
+        self._defaults: dict[str, SymbolRules] = {}
         self.initial_balances = initial_balances
         self.taker_fee = Decimal(taker_fee)
         self.maker_fee = Decimal(maker_fee)
@@ -162,6 +211,10 @@ class Exchange:
         self._fills: list[Fill] = []
         self._order_ids = itertools.count(1)
         self._tids = itertools.count(1)
+        # Called with (status, order, fill or None) at each step of an order, in order:
+        # NEW, OPEN (rests), PARTIALLY_FILLED / FILLED (each fill), CANCELED. The venue's
+        # WebSocket order events (pipeline.venue.wstrading) listen here.
+        self.listeners: list[Callable[[str, Order, Fill | None], None]] = []
 
     # -- accounts --------------------------------------------------------------------
 
@@ -208,6 +261,48 @@ class Exchange:
     def available(self, api_key: str, currency: str) -> Decimal:
         return self._account(api_key).get(currency, ZERO) - self._held(api_key, currency)
 
+    # -- symbol rules ----------------------------------------------------------------
+
+    def rules(self, symbol: str) -> SymbolRules | None:
+        """The rules of a symbol the venue trades; None: not one (InvalidSymbol)."""
+        symbol = symbol.upper()
+        if self.given_rules is not None:
+            return self.given_rules.get(symbol) if symbol in self.book.symbols() else None
+        if symbol not in self.book.symbols():
+            return None
+        rule = KNOWN_RULES.get(symbol) or self._defaults.get(symbol)
+        if rule is None:
+            prices = [p for side in ("bid", "ask") for p, _ in self.book.levels(symbol, side)]
+            step = min([DEFAULT_PRICE_STEP] + [D(1).scaleb(p.as_tuple().exponent)
+                                               for p in prices if p.as_tuple().exponent < 0])
+            base, quote = split_symbol(symbol)
+            rule = self._defaults[symbol] = SymbolRules(
+                symbol, step, DEFAULT_AMOUNT_STEP, DEFAULT_MIN_AMOUNT, base=base, quote=quote)
+        return rule
+
+    def symbol_rules(self) -> list[SymbolRules]:
+        """The rules of every symbol the venue trades, by symbol."""
+        found = (self.rules(symbol) for symbol in sorted(self.book.symbols()))
+        return [rule for rule in found if rule is not None]
+
+    def _check_rules(self, symbol: str, amount: Decimal, price: Decimal,
+                     options: tuple[str, ...]) -> None:
+        rule = self.rules(symbol)
+        if rule is None:
+            raise ExchangeError("InvalidSymbol", f"no trading rules for {symbol}")
+        if rule.status in (CLOSED, CANCEL_ONLY) or \
+                (rule.status == POST_ONLY and options != (MAKER_OR_CANCEL,)):
+            raise ExchangeError("MarketNotOpen", f"{symbol} is {rule.status}")
+        if not _on_step(price, rule.price_step):
+            raise ExchangeError("InvalidPrice", f"price {price} is not a multiple of "
+                                f"{symbol}'s price step {rule.price_step}")
+        if amount < rule.min_amount:
+            raise ExchangeError("InvalidQuantity", f"amount {amount} is below {symbol}'s "
+                                f"minimum {rule.min_amount}")
+        if not _on_step(amount, rule.amount_step):
+            raise ExchangeError("InvalidQuantity", f"amount {amount} is not a multiple of "
+                                f"{symbol}'s amount step {rule.amount_step}")
+
     # -- orders ----------------------------------------------------------------------
 
     def new_order(
@@ -235,6 +330,7 @@ class Exchange:
             raise ExchangeError("ConflictingOptions", "at most one order execution option")
         amount = parse_decimal(amount, "InvalidQuantity", "amount")
         price = parse_decimal(price, "InvalidPrice", "price")
+        self._check_rules(symbol, amount, price, options)
         self._check_client_order_id(api_key, client_order_id)
         self._check_funds(api_key, symbol, side, amount, price)
 
@@ -250,6 +346,7 @@ class Exchange:
             timestamp_ms=self._now_ms(),
         )
         self._orders[order.order_id] = self._live[order.order_id] = order
+        self._emit("NEW", order)
         plan = self._crossing(order)
         planned = sum((qty for _, qty in plan), ZERO)
         option = options[0] if options else None
@@ -262,6 +359,8 @@ class Exchange:
             self._close(order)
         elif option == IMMEDIATE_OR_CANCEL:
             self._cancel(order, CANCEL_REASONS[option])
+        else:
+            self._emit("OPEN", order)
         return order
 
     def order(
@@ -339,9 +438,14 @@ class Exchange:
             return
         if not isinstance(client_order_id, str):
             raise ExchangeError("ClientOrderIdMustBeString", "client_order_id must be a string")
-        if len(client_order_id) >= MAX_CLIENT_ORDER_ID:
+        if len(client_order_id) > MAX_CLIENT_ORDER_ID:
             raise ExchangeError(
-                "ClientOrderIdTooLong", f"client_order_id must be under {MAX_CLIENT_ORDER_ID} characters"
+                "ClientOrderIdTooLong",
+                f"client_order_id must be at most {MAX_CLIENT_ORDER_ID} characters",
+            )
+        if CLIENT_ORDER_ID.fullmatch(client_order_id) is None:
+            raise ExchangeError(
+                "InvalidClientOrderId", "client_order_id must match [:\\-_.#a-zA-Z0-9]{1,36}"
             )
         if not self.allow_duplicate_client_order_id and any(
             o.api_key == api_key and o.client_order_id == client_order_id
@@ -415,7 +519,12 @@ class Exchange:
             timestamp_ms=self._now_ms(),
         )
         self._fills.append(fill)
+        self._emit("FILLED" if order.remaining_amount == 0 else "PARTIALLY_FILLED", order, fill)
         return fill
+
+    def _emit(self, status: str, order: Order, fill: Fill | None = None) -> None:
+        for listener in self.listeners:
+            listener(status, order, fill)
 
     def _close(self, order: Order) -> None:
         order.is_live = False
@@ -425,3 +534,4 @@ class Exchange:
         self._close(order)
         order.is_cancelled = True
         order.cancel_reason = reason
+        self._emit("CANCELED", order)

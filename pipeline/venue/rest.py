@@ -340,3 +340,23 @@ def add_rest_routes(
 
     for path, operation in OPERATIONS.items():
         app.router.add_post(path, handler(path, operation))
+    add_symbol_routes(app, exchange)
+
+
+def add_symbol_routes(app: web.Application, exchange: Exchange) -> None:
+    """Gemini's public, unsigned ``GET /v1/symbols`` (the symbols, lower case) and
+    ``GET /v1/symbols/details/{symbol}`` (its rules; an unknown symbol is 400
+    InvalidSymbol), from the exchange's rules table. Not in the request log: that one
+    tells what private (signed) requests reached the venue."""
+
+    async def symbols(request: web.Request) -> web.Response:
+        return web.json_response([rule.symbol.lower() for rule in exchange.symbol_rules()])
+
+    async def details(request: web.Request) -> web.Response:
+        rule = exchange.rules(request.match_info["symbol"])
+        if rule is None:
+            return _error("InvalidSymbol", f"unknown symbol {request.match_info['symbol']!r}")
+        return web.json_response(rule.to_details())
+
+    app.router.add_get("/v1/symbols", symbols)
+    app.router.add_get("/v1/symbols/details/{symbol}", details)
