@@ -29,11 +29,11 @@ number; stream names are read case-insensitively; WebSocket pings every 20 s.
 Adding methods: every request goes through :attr:`WsApi.methods`, a table of method name to
 ``async handler(conn, params) -> result`` (return :data:`NO_RESULT` for a bare answer, raise
 :class:`ApiError` to refuse). Authenticated trading (``order.place``, ``order.cancel``,
-``order.cancel_all``, ``order.cancel_session``) and the ``orders@account`` stream belong in
-this module: today they answer ``-1002 Authentication required`` (no connection here is
-authenticated); to implement them, authenticate the handshake in :meth:`WsApi.handle`
-(``WsConnection.account``), register the handlers in ``WsApi.__init__`` and serve the
-account streams beside :meth:`WsApi.publish`. Not implemented here.
+``order.cancel_all``, ``order.cancel_session``) and the ``orders@account`` stream plug in
+here: until they do, they answer ``-1002 Authentication required`` (no connection is
+authenticated); a trading module replaces those entries of :attr:`WsApi.methods`,
+authenticates the handshake in :meth:`WsApi.handle` (a session per connection) and serves
+the account streams beside :meth:`WsApi.publish`. This module implements none of it.
 """
 
 from __future__ import annotations
