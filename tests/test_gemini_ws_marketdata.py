@@ -434,3 +434,33 @@ def test_the_new_fields_are_backward_compatible_and_old_records_still_read(regis
         assert Decoder(reg, [new])(data) == {**record, **{f: None for f in added}}
         # and the other way: a reader still on the old schema reads a new-API record
         assert Decoder(reg, [old])(Encoder(reg, namespace.topic(topic))(SAMPLES[name])) == record
+
+
+@pytest.mark.broker
+def test_a_dropped_connection_reconnects_and_every_symbol_starts_from_a_new_snapshot(
+        kafka, registry, namespace, ingest_topics, shared_data, tmp_path):
+    capture = shared_data / CAPTURE
+    venue = RunningVenue(VenueConfig(capture=capture, speed=8.0))
+    assert requests.post(f"{venue.http_url}/_venue/faults",
+                         json={"action": "drop", "after_events": 250}, timeout=5).ok
+    producer = Producer(kafka, registry.url, namespace, venue.ws_url, CAPTURE_SYMBOLS, tmp_path,
+                        protocol="ws", heartbeat_timeout=2.0)
+    try:
+        wait_for(lambda: status(venue)["source_done"], 60, "the venue to replay the capture")
+        time.sleep(1.5)
+        l2 = decoded(kafka, registry.url, ingest_topics["md.l2"])
+        final_books = venue_books(venue)
+    finally:
+        code, out = producer.stop()
+        venue.stop()
+    assert code == 0, producer.log_text()[-2000:]
+    assert "connection lost" in producer.log_text() and "1 reconnects, 0 update gaps" in out
+    by_epoch = defaultdict(list)
+    for record in l2:
+        by_epoch[(record["connection_id"], record["symbol"])].append(record)
+    assert len({conn for conn, _ in by_epoch}) == 2
+    for records in by_epoch.values():
+        records.sort(key=lambda r: r["sequence"])
+        assert records[0]["snapshot"] and not any(r["snapshot"] for r in records[1:])
+    ordered = sorted(l2, key=lambda r: r["received_ts_us"])
+    assert books_from_records(ordered) == final_books
