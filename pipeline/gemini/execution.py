@@ -135,6 +135,7 @@ class GeminiSettings:
     pause_s: float = 30.0  # Maintenance / MarketNotOpen: the symbol's orders wait this long
     fence_margin_s: float = 5.0  # time-based nonces: clock skew allowed past the window
     check_key: bool = True  # one harmless call at start-up tells the key's nonce setting
+    transport: str = "ws"  # orders over the WebSocket API ("ws") or REST ("rest")
 
 
 class _Followed:
