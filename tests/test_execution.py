@@ -4,6 +4,7 @@ real sockets for sandbox mode (no mocks of HTTP or Kafka)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import shutil
@@ -23,7 +24,9 @@ from pipeline.registry import SchemaRegistry
 from pipeline.serde import Serde
 from pipeline.trading import risk
 from pipeline.trading.risk import BookTop, RiskLimits, RiskState
-from pipeline.trading.signing import StrategyKeys
+from pipeline.trading.signing import StrategyKeys, sign
+from pipeline.core.rules import SymbolRules
+from pipeline.gemini.symbols import load_rules
 from pipeline.venue.server import RunningVenue, VenueConfig
 from tests.support.kafka_io import committed, read_all
 from tests.support.orders import (ExecutionProcess, FaultyProxy, GroupThread, Tail,
@@ -432,6 +435,10 @@ def test_an_order_in_doubt_that_cannot_be_settled_stops_the_process_without_comm
     args = process_args(env, None, keys_file)
     # Nothing listens on port 9: the status cannot be had, so the order stays in doubt.
     args[args.index("--venue-url") + 1] = "http://127.0.0.1:9"
+    rules = tmp_path / "rules.json"  # nor its symbol rules: they come from a file instead
+    rules.write_text(json.dumps({"symbols": [
+        SymbolRules("BTCUSD", D("0.01"), D("1E-8"), D("0.00001")).to_details()]}))
+    args += ["--rules-file", str(rules)]
     proc = ExecutionProcess(args, tmp_path, {"GEMINI_API_KEY": API_KEY,
                                              "GEMINI_API_SECRET": API_SECRET})
     try:
@@ -1124,3 +1131,44 @@ def test_reconciliation_reports_an_order_behind_the_pipelines_back_and_a_fill_wh
         assert [(r["subject"], D(r["expected"]) - D(r["actual"])) for r in usd] == \
             [("USD", D(fee["actual"]))]
     checks.close()
+
+
+# --------------------------------------------------------------------------- symbol rules
+
+
+def rule_breakers() -> list[tuple[dict, str]]:
+    """Requests Gemini's rules refuse, each with the reason execution must give."""
+    long_id = order_request(SMA_KEY, price="34000.00", amount="0.001")
+    long_id["client_order_id"] += "-too-long-for-gemini"  # 44 characters: over the 36
+    long_id["signature"] = sign({k: v for k, v in long_id.items() if k != "signature"}, SMA_KEY)
+    return [
+        (order_request(SMA_KEY, price="34000.005", amount="0.001"), "rules:InvalidPrice"),
+        (order_request(SMA_KEY, price="34000.00", amount="0.000001"), "rules:InvalidQuantity"),
+        (order_request(SMA_KEY, symbol="ETHUSD", price="2000.00", amount="0.01"),
+         "rules:MarketNotOpen"),  # post_only: a GTC limit is refused
+        (order_request(SMA_KEY, price="34000.00", amount="0.001",
+                       options=["maker-or-cancel", "fill-or-kill"]), "rules:ConflictingOptions"),
+        (long_id, "rules:ClientOrderIdTooLong"),
+    ]
+
+
+def test_orders_breaking_the_symbol_rules_are_refused_before_any_http_and_alike_in_paper(
+        env, venue, credentials):
+    rules = load_rules(venue.http_url, env.run_dir, ["BTCUSD"])  # the venue's own table
+    assert rules == {"BTCUSD": SymbolRules("BTCUSD", D("0.01"), D("1E-8"), D("0.00001"),
+                                           "open", "BTC", "USD")}
+    table = {**rules, "ETHUSD": SymbolRules("ETHUSD", D("0.01"), D("0.000001"), D("0.001"),
+                                            "post_only")}
+    publish_venue_book(env, venue)
+    outcomes = {}
+    for mode in ("SANDBOX", "PAPER"):
+        cases = rule_breakers()
+        env.requests(*(request for request, _ in cases))
+        settings = sandbox(env, venue, symbol_rules=table) if mode == "SANDBOX" else \
+            env.settings(symbol_rules=table)
+        with env.group(settings, credentials if mode == "SANDBOX" else None):
+            events = env.wait_terminal([r["client_order_id"] for r, _ in cases])
+        outcomes[mode] = [[(e["kind"], e["reason"], e["mode"]) for e in
+                           events[r["client_order_id"]]] for r, _ in cases]
+        assert outcomes[mode] == [[("REJECTED", reason, mode)] for _, reason in cases]
+        assert venue.venue.rest_log == []  # not one call reached the venue, in either mode
