@@ -91,18 +91,26 @@ def fetch_rules(base_url: str, symbols: Iterable[str] | None = None, *,
     wanted (all listed when ``symbols`` is None). A wanted symbol Gemini does not list
     is left out: orders for it are then refused ``InvalidSymbol``."""
     http = session or requests.Session()
-    base = base_url.rstrip("/")
-    listed = _get(http, f"{base}/v1/symbols", timeout_s)
-    if not isinstance(listed, list):
-        raise ValueError(f"{base}/v1/symbols answered {listed!r}, not a list")
-    names = [str(name).lower() for name in listed]
-    wanted = names if symbols is None else [s.lower() for s in symbols if s.lower() in names]
-    table: RulesTable = {}
-    for name in wanted:
-        rule = SymbolRules.from_details(_get(http, f"{base}/v1/symbols/details/{name}",
-                                             timeout_s))
-        table[rule.symbol] = rule
-    return table
+    try:
+        base = base_url.rstrip("/")
+        listed = _get(http, f"{base}/v1/symbols", timeout_s)
+        if not isinstance(listed, list):
+            raise ValueError(f"{base}/v1/symbols answered {listed!r}, not a list")
+        names = [str(name).lower() for name in listed]
+        asked = names if symbols is None else [s.lower() for s in symbols]
+        missing = sorted(name.upper() for name in asked if name not in names)
+        if missing:
+            log.warning("%s does not list %s: orders for them will be refused InvalidSymbol",
+                        base, ", ".join(missing))
+        table: RulesTable = {}
+        for name in (name for name in asked if name in names):
+            rule = SymbolRules.from_details(_get(http, f"{base}/v1/symbols/details/{name}",
+                                                 timeout_s))
+            table[rule.symbol] = rule
+        return table
+    finally:
+        if session is None:
+            http.close()
 
 
 def load_rules(base_url: str, run_dir: str | Path, symbols: Iterable[str] | None = None, *,

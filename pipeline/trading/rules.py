@@ -29,11 +29,17 @@ Checks, in this order (the first that fails names the refusal):
                                amount step
 =============================  =====================================================
 
-Gemini documents "Market not open" as its 400 for a market not accepting orders
-(``MarketNotOpen``); which reason it gives for a GTC order on a ``post_only`` market, or a
-market order on a ``limit_only`` one, is not documented: we assume the same. Its docs say
-both "under 100 characters" (the error table) and ``{1,36}`` (the client order id page)
-for the id; the stricter 36 is enforced.
+The names are those of Gemini's REST error table (docs.gemini.com/error-codes: "InvalidPrice:
+for new orders, the price was invalid", "InvalidQuantity", "InvalidSymbol", "MarketNotOpen:
+the market is not accepting new orders", "ConflictingOptions"...), the API orders go
+through today. The new WebSocket API's order events use the same names for most
+(``MarketNotOpen`` "closed or paused", ``InvalidQuantity`` "below minimum or off
+increment") but call an off-tick price ``LimitPriceOffTick`` and an unknown pair
+``UnknownInstrument``; REST's names are kept, so that a refusal reads the same whichever
+transport would have carried the order. Which reason Gemini gives for a GTC order on a
+``post_only`` market, or a market order on a ``limit_only`` one, is not documented: we
+assume ``MarketNotOpen``. Its docs say both "under 100 characters" (the error table) and
+``{1,36}`` (the client order id page) for the id; the stricter 36 is enforced.
 
 A MARKET order is checked as a market order (``limit_only`` refuses it; it has no price to
 check): execution sends it as an immediate-or-cancel limit at the price band's edge, and
