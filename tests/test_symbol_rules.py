@@ -352,3 +352,37 @@ def test_execution_start_up_picks_its_rules_by_mode(shared_data, tmp_path) -> No
     with pytest.raises(PipelineError, match="always checks"):
         startup_rules("live", nowhere, tmp_path, None, off=True)
     assert startup_rules("paper", nowhere, tmp_path, None, off=True) is None
+
+
+def test_the_captures_quotes_are_valid_under_that_days_rules(shared_data) -> None:
+    """MidQuoter on the recorded FILUSD book, in memory, with and without Gemini's rules of
+    the same day: quotes of 0.1 FIL at 0.0001 steps are all valid (the same events either
+    way); the strategy's default 0.001 FIL is dust there (FILUSD's minimum is 0.1)."""
+    from pipeline.backtest import L2, backtest_events, event_time_us
+    from pipeline.gemini.capture import received_frames
+    from pipeline.gemini.marketdata import V2Normalizer
+    from pipeline.strategy import load_strategy
+
+    rules = read_rules_file(shared_data / "gemini_rest_symbols_2021-06-24.txt")
+    events, offsets = [], Counter()
+    normalizer = V2Normalizer("c")
+    for frame in received_frames(shared_data / "gemini_v2_l2_capture_2021-06-24.txt"):
+        for record in normalizer.normalize_text(frame.text, frame.received_us):
+            kind = L2 if record.topic == "md.l2" else "trade"
+            events.append((event_time_us(kind, record.value), "c." + record.topic, 0,
+                           offsets[record.topic], kind, record.value))
+            offsets[record.topic] += 1
+    events.sort(key=lambda e: e[:4])
+
+    def run(amount: str, table):
+        strategy = load_strategy("pipeline.strategy:MidQuoter", {
+            "symbol": "FILUSD", "tick": "0.0001", "spread_bps": 10, "requote_bps": 5,
+            "amount": amount, "max_inventory": "1"})
+        return backtest_events(strategy, events, fill="book", cash="100000", rules=table)
+
+    free, ruled = run("0.1", None), run("0.1", rules)
+    assert ruled.order_events == free.order_events and len(free.trades) >= 2
+    assert free.orders.submitted > 10 and not free.orders.rejected
+    dust = run("0.001", rules)
+    reasons = Counter(e["reason"] for e in dust.order_events if e["kind"] == "REJECTED")
+    assert reasons == {"rules:InvalidQuantity": dust.orders.submitted} and not dust.trades
