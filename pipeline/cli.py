@@ -269,6 +269,9 @@ def produce_gemini(
                                             "(archived, one per symbol)."),
     heartbeat_timeout: float = typer.Option(10.0, help="Seconds without a message that count "
                                                        "as a disconnect."),
+    sandbox: bool = typer.Option(False, "--sandbox", help="Gemini's sandbox market data "
+                                 "(wss://ws.sandbox.gemini.com), into the sandbox namespace: "
+                                 "the books sandbox execution checks its orders against."),
 ) -> None:
     """Stream Gemini market data into Kafka until SIGTERM/Ctrl-C."""
     from pipeline.broker import bootstrap_servers
@@ -276,18 +279,21 @@ def produce_gemini(
     from pipeline.registry import SchemaRegistry
     from pipeline.registry_server import registry_url
     from pipeline.serde import Serde
-    from producers.gemini_ws import (GEMINI_NEW_WS, GEMINI_WS, PROTOCOLS, FeedConfig, base_for,
-                                     run_producer)
+    from producers.gemini_ws import (GEMINI_NEW_WS, GEMINI_WS, PROTOCOLS, SANDBOX_NEW_WS,
+                                     SANDBOX_WS, FeedConfig, base_for, run_producer)
 
     if protocol not in PROTOCOLS:
         raise PipelineError(f"unknown protocol {protocol!r}: {', '.join(PROTOCOLS)}")
+    if sandbox and url is None:
+        url = SANDBOX_NEW_WS if protocol == "ws" else SANDBOX_WS
     url = base_for(protocol, url or (GEMINI_NEW_WS if protocol == "ws" else GEMINI_WS))
     settings = _settings(run_dir)
-    is_gemini = "gemini.com" in url
-    ns = Namespace(namespace or ("live" if is_gemini else "sim"))
+    is_sandbox = "sandbox.gemini.com" in url
+    is_gemini = "gemini.com" in url and not is_sandbox
+    ns = Namespace(namespace or ("live" if is_gemini else "sandbox" if is_sandbox else "sim"))
     if ns.is_live and not is_gemini:
-        raise PipelineError(f"namespace {ns} is for Gemini's own data; {url} is not Gemini: "
-                            "use a sim namespace")
+        raise PipelineError(f"namespace {ns} is for Gemini's own data; {url} is not Gemini's "
+                            "live market: use a sandbox or sim namespace")
     bootstrap = bootstrap_servers(settings)
     ensure_topics(bootstrap, ns, ["raw.frames", "md.l2", "md.trades", "dlq"])
     serde = Serde(SchemaRegistry(registry_url(settings)))
@@ -618,8 +624,9 @@ def venue(
     seed: int = typer.Option(1, help="Generator seed: same seed, same market."),
     heartbeat: float = typer.Option(5.0, help="Seconds between heartbeats."),
     loop: bool = typer.Option(False, help="Replay the capture again when it ends."),
-    keys_file: Optional[Path] = typer.Option(None, "--keys", help="JSON {api_key: secret} "
-                                             "accepted by the REST side."),
+    keys_file: Optional[Path] = typer.Option(None, "--keys", help="JSON {api_key: secret, "
+                                             "or {\"secret\", \"time_nonce\": true, "
+                                             "\"accounts\": [...]}} accepted by the venue."),
 ) -> None:
     """Run the local Gemini-compatible venue (WebSocket market data + REST) in the foreground."""
     import json as _json

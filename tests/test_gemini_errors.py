@@ -41,7 +41,7 @@ def venue():
 
 
 def arm(venue, **fault) -> None:
-    answer = requests.post(venue.http_url + "/_venue/rest-faults", json=fault, timeout=5)
+    answer = requests.post(venue.http_url + "/_venue/order-faults", json=fault, timeout=5)
     assert answer.status_code == 200, answer.text
 
 

@@ -377,11 +377,11 @@ class Exchange:
                 return order
         raise ExchangeError("OrderNotFound", f"no order with client_order_id {client_order_id!r}")
 
-    def cancel(self, api_key: str, order_id: int) -> Order:
+    def cancel(self, api_key: str, order_id: int, reason: str = "Requested") -> Order:
         """Cancel a live order; a finished one is returned as it is."""
         order = self.order(api_key, order_id=order_id)
         if order.is_live:
-            self._cancel(order, "Requested")
+            self._cancel(order, reason)
         return order
 
     def active_orders(self, api_key: str) -> list[Order]:

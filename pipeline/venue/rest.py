@@ -15,7 +15,25 @@ payload is base64 of a JSON object    InvalidJson                 400
 payload ``request`` is present        EndpointNotFound            400
 payload ``request`` equals the path   EndpointMismatch            400
 nonce > last accepted for the key     InvalidNonce                400
+(time-based key) nonce within 30 s    InvalidNonce                400
+(master key) ``account`` is its own   MissingAccount              400
+under the key's rate                  RateLimit                   429
 ====================================  ==========================  ======
+
+A key is an increasing-nonce key unless configured (:class:`VenueKey`) with a time-based
+nonce: then the nonce is in seconds and must be within +/- 30 s of the venue's clock, as
+Gemini documents; Gemini does not say whether a time-based nonce may repeat, and here it
+may (several calls in one second share one). A master key names the sub-account of each
+call in ``account``; Gemini documents no reason for a missing one, so it is
+``MissingAccount`` here. The rate follows developer.gemini.com/rate-limit: 600 requests a
+minute per key (10 a second), five more queued and served late, any further one refused
+with 429 until the rate drops.
+
+Faults for tests (:class:`RestFaults`, ``POST /_venue/order-faults``): the next matching
+calls (a REST path, or a WebSocket method such as ``order.place``) can answer 500 after the
+exchange executed them, an error (500, 429 or a given reason and status) before, a text
+that is not JSON after executing (REST), stall past the client's timeout after executing,
+or (WebSocket) drop the connection after executing, before the answer.
 
 Gemini documents no reason for an unknown key, so it gets ``InvalidSignature`` (the
 message says "unknown API key"). Gemini answers 400 to missing or malformed
@@ -30,20 +48,92 @@ replayed to succeed later.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
 import json
+import time
+from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from aiohttp import web
 
 from pipeline.venue.exchange import Balance, Exchange, ExchangeError, Fill, Order
 
-HTTP_STATUS = {"OrderNotFound": 404, "InsufficientFunds": 406}  # every other reason: 400
+HTTP_STATUS = {"OrderNotFound": 404, "InsufficientFunds": 406, "RateLimit": 429,
+               "Maintenance": 503, "System": 500}  # every other reason: 400
 MAX_TRADES = 500
+NONCE_WINDOW_S = 30
+RATE_PER_S, RATE_QUEUED = 10.0, 5  # 600 a minute; five more are queued
+
+
+@dataclass(frozen=True)
+class VenueKey:
+    """An API key's settings at the venue: its secret, whether its nonce is time-based,
+    and (a master key) the sub-accounts its calls must name in ``account``."""
+
+    secret: str
+    time_nonce: bool = False
+    accounts: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, value: "str | VenueKey | Mapping[str, Any]") -> "VenueKey":
+        """From a secret (an increasing-nonce account key), a VenueKey, or a mapping
+        ``{"secret", "time_nonce", "accounts"}`` (the venue's keys file)."""
+        if isinstance(value, VenueKey):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        return cls(str(value["secret"]), bool(value.get("time_nonce", False)),
+                   tuple(value.get("accounts") or ()))
+
+
+class RateGate:
+    """Gemini's rate rule per key: RATE_PER_S sustained (a bucket of that many), up to
+    RATE_QUEUED more waiting for their turn, any further one refused."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._state: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def admit(self, api_key: str) -> float | None:
+        """Seconds this request must wait before it is served, or None: refused (429)."""
+        now = self.clock()
+        tokens, at = self._state.get(api_key, (RATE_PER_S, now))
+        tokens = min(RATE_PER_S, tokens + (now - at) * RATE_PER_S) - 1
+        if tokens < -RATE_QUEUED:
+            return None
+        self._state[api_key] = (tokens, now)
+        return max(0.0, -tokens / RATE_PER_S)
+
+
+REST_FAULTS = ("error_after", "error_before", "rate_limit", "not_json_after", "stall_after",
+               "drop_after")
+
+
+class RestFaults:
+    """Armed faults: each ``{"action", "path", "count", "status", "seconds"}`` hits the
+    next ``count`` calls of ``path`` (any path when absent)."""
+
+    def __init__(self) -> None:
+        self.armed: list[dict[str, Any]] = []
+
+    def arm(self, fault: dict[str, Any]) -> None:
+        if fault.get("action") not in REST_FAULTS:
+            raise ValueError(f"unknown REST fault {fault.get('action')!r}: {REST_FAULTS}")
+        self.armed.append({"count": 1, **fault})
+
+    def take(self, path: str) -> dict[str, Any] | None:
+        for fault in self.armed:
+            if fault.get("path") in (None, path):
+                fault["count"] -= 1
+                if fault["count"] <= 0:
+                    self.armed.remove(fault)
+                return fault
+        return None
 
 
 class Refused(Exception):
@@ -226,9 +316,12 @@ OPERATIONS: dict[str, Operation] = {
 class Authenticator:
     """Checks Gemini's headers and keeps the last accepted nonce of each API key."""
 
-    def __init__(self, secrets: dict[str, str]) -> None:
-        self._secrets = {key: secret.encode("utf-8") for key, secret in secrets.items()}
+    def __init__(self, keys: Mapping[str, "str | VenueKey"],
+                 clock_s: Callable[[], float] = time.time) -> None:
+        self.keys = {key: VenueKey.of(value) for key, value in keys.items()}
+        self._secrets = {key: k.secret.encode("utf-8") for key, k in self.keys.items()}
         self.last_nonce: dict[str, int] = {}
+        self.clock_s = clock_s
 
     def check(self, path: str, headers: Any) -> tuple[dict[str, Any], int]:
         """The decoded payload and its nonce; raises ``Refused``. Uses up the nonce."""
@@ -254,10 +347,22 @@ class Authenticator:
             message = f"payload request {payload['request']!r} was sent to {path!r}"
             raise Refused("EndpointMismatch", message, payload)
         nonce = _nonce(payload)
-        last = self.last_nonce.get(api_key)
-        if last is not None and nonce <= last:
-            raise Refused("InvalidNonce", f"nonce {nonce} is not greater than {last}", payload)
-        self.last_nonce[api_key] = nonce
+        key = self.keys[api_key]
+        if key.time_nonce:
+            now = self.clock_s()
+            if abs(nonce - now) > NONCE_WINDOW_S:
+                raise Refused("InvalidNonce", f"nonce {nonce} is not within {NONCE_WINDOW_S} "
+                              f"seconds of the server time {int(now)} (this key uses a "
+                              "time-based nonce, in seconds)", payload)
+        else:
+            last = self.last_nonce.get(api_key)
+            if last is not None and nonce <= last:
+                raise Refused("InvalidNonce", f"nonce {nonce} is not greater than {last}",
+                              payload)
+            self.last_nonce[api_key] = nonce
+        if key.accounts and payload.get("account") not in key.accounts:
+            raise Refused("MissingAccount", "a master key must name one of its accounts in "
+                          f"'account', got {payload.get('account')!r}", payload)
         return payload, nonce
 
 
@@ -297,30 +402,67 @@ def _error(reason: str, message: str) -> web.Response:
 def add_rest_routes(
     app: web.Application,
     exchange: Exchange,
-    secrets: dict[str, str],
+    secrets: Mapping[str, "str | VenueKey"],
     log: list | None = None,
-) -> None:
+    faults: RestFaults | None = None,
+) -> Authenticator:
     """Serve Gemini's private order and account endpoints on ``app``.
 
-    ``secrets`` maps API keys to their secrets. With ``log``, one dict per request is
-    appended (path, api_key, nonce, outcome "accepted" or the reason, client_order_id,
-    status), so tests can prove what reached the venue; secrets are never in it. The
-    nonce and client_order_id are as the payload claimed, also when it was refused.
+    ``secrets`` maps API keys to their secrets (or :class:`VenueKey` settings). With
+    ``log``, one dict per request is appended (path, api_key, nonce, outcome "accepted" or
+    the reason, client_order_id, status), so tests can prove what reached the venue;
+    secrets are never in it. The nonce and client_order_id are as the payload claimed,
+    also when it was refused. ``faults`` are served on ``POST /_venue/order-faults``.
     """
     auth = Authenticator(secrets)
+    gate = RateGate()
+    faults = faults if faults is not None else RestFaults()
+
+    async def arm(request: web.Request) -> web.Response:
+        try:
+            faults.arm(await request.json())
+        except (ValueError, TypeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response({"armed": len(faults.armed)})
+
+    app.router.add_post("/_venue/order-faults", arm)
 
     def handler(path: str, operation: Operation) -> Callable:
         async def handle(request: web.Request) -> web.Response:
             payload: dict[str, Any] = {}
+            fault = faults.take(path)
+            action = fault["action"] if fault else None
             try:
+                wait = gate.admit(request.headers.get("X-GEMINI-APIKEY") or "")
+                if wait is None or action == "rate_limit":
+                    raise Refused("RateLimit", "Requests were made too frequently",
+                                  _peek(request.headers.get("X-GEMINI-PAYLOAD")))
+                if wait:
+                    await asyncio.sleep(wait)  # queued, as Gemini queues a burst of five
+                if action == "error_before":
+                    raise Refused(str(fault.get("reason", "System")),
+                                  "injected error before executing",
+                                  _peek(request.headers.get("X-GEMINI-PAYLOAD")))
                 payload, _ = auth.check(path, request.headers)
-                response = web.json_response(
-                    operation(exchange, request.headers["X-GEMINI-APIKEY"], payload)
-                )
+                result = operation(exchange, request.headers["X-GEMINI-APIKEY"], payload)
+                response = web.json_response(result)
                 outcome = "accepted"
+                if action == "error_after":
+                    response = web.json_response({"result": "error", "reason": "System",
+                                                  "message": "injected server error"},
+                                                 status=int(fault.get("status", 500)))
+                elif action == "not_json_after":
+                    response = web.Response(text="<html>502 Bad Gateway</html>", status=502,
+                                            content_type="text/html")
+                elif action == "stall_after":
+                    await asyncio.sleep(float(fault.get("seconds", 2.0)))
             except Refused as refusal:
                 payload = refusal.payload or _peek(request.headers.get("X-GEMINI-PAYLOAD"))
                 response = _error(refusal.reason, refusal.message)
+                if action == "error_before" and "status" in fault:  # type: ignore[operator]
+                    response = web.json_response(
+                        {"result": "error", "reason": refusal.reason, "message": refusal.message},
+                        status=int(fault["status"]))  # type: ignore[index]
                 outcome = refusal.reason
             except ExchangeError as refusal:
                 response = _error(refusal.reason, refusal.message)
@@ -341,6 +483,7 @@ def add_rest_routes(
     for path, operation in OPERATIONS.items():
         app.router.add_post(path, handler(path, operation))
     add_symbol_routes(app, exchange)
+    return auth
 
 
 def add_symbol_routes(app: web.Application, exchange: Exchange) -> None:

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from aiohttp import WSMsgType, web
 
@@ -54,7 +54,8 @@ class VenueConfig:
     heartbeat_s: float = 5.0
     start_on_subscribe: bool = True  # the market waits for the first subscriber
     loop: bool = False  # replay the capture again when it ends
-    api_keys: dict[str, str] = field(default_factory=dict)  # REST: key -> secret
+    # REST: key -> secret, or VenueKey / {"secret", "time_nonce", "accounts"}
+    api_keys: dict[str, Any] = field(default_factory=dict)
     record_sends: bool = False  # keep each connection's frame send times (latency benchmark)
 
 
@@ -142,11 +143,15 @@ class Venue:
         if not self.config.api_keys:
             return
         from pipeline.venue.exchange import Exchange
-        from pipeline.venue.rest import add_rest_routes
+        from pipeline.venue.rest import RestFaults, add_rest_routes
+        from pipeline.venue.wstrading import WsTrading
 
         self.rest_log: list = []
         self.exchange = Exchange(self.market)
-        add_rest_routes(self.app, self.exchange, self.config.api_keys, self.rest_log)
+        self.order_faults = RestFaults()  # one set for both ways of trading
+        auth = add_rest_routes(self.app, self.exchange, self.config.api_keys, self.rest_log,
+                               self.order_faults)
+        self.wstrading = WsTrading(self.wsapi, self.exchange, auth.keys, self.order_faults)
 
     # -- the market
 

@@ -115,9 +115,13 @@ class WsApi:
             "depth": self._depth_method,
             "ping": self._ping,
             "time": self._time,
-            # trading: replace these with real handlers, see the module docstring
+            # trading: pipeline.venue.wstrading replaces these when the venue has API keys
             **{name: self._authentication_required for name in TRADING_METHODS},
         }
+        # The trading side's hooks (pipeline.venue.wstrading): the upgrade's session (None:
+        # market data only; it may refuse the upgrade with a 401), and a connection's end.
+        self.authenticate: Callable[[web.Request], Any] | None = None
+        self.on_close: list[Callable[["WsConnection"], Awaitable[None]]] = []
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get("/", self.handle)]
@@ -132,15 +136,19 @@ class WsApi:
             levels = int(raw)  # 0: none (the default), negative: the whole book, N: N levels
         except ValueError:
             raise web.HTTPBadRequest(text=f"snapshot must be an integer, not {raw!r}") from None
+        session = self.authenticate(request) if self.authenticate is not None else None
         ws = web.WebSocketResponse(autoping=True, heartbeat=20.0, max_msg_size=2**20)
         await ws.prepare(request)
         conn = WsConnection(Connection(ws, request, "ws"), levels)
+        conn.session = session
         self.connections.add(conn)
         try:
             return await self.venue._serve(request, conn.base,
                                            lambda text: self._on_text(conn, text))
         finally:
             self.connections.discard(conn)
+            for hook in self.on_close:
+                await hook(conn)
 
     async def _on_text(self, conn: WsConnection, text: str) -> None:
         request_id = None
@@ -300,6 +308,7 @@ class WsConnection:
         self.streams: set[str] = set()
         self.awaiting: set[str] = set()  # depth subscriptions whose book does not exist yet
         self.lost: Counter[str] = Counter()  # skip_update_id faults still to apply
+        self.session: Any = None  # the authenticated trading session (wstrading), if any
 
     def has_depth(self, symbol: str) -> bool:
         low = symbol.lower()

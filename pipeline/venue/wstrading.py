@@ -24,7 +24,8 @@ What the docs leave open, and this venue does (one place: the client in
 - ``order.cancel`` answers ``{"orderId", "status"}``; an unknown order is ``400, -1013``
   with ``msg`` ``"OrderNotFound: ..."``; ``order.cancel_all`` / ``order.cancel_session``
   answer ``{"cancelledOrders": [ids]}``. The session is the connection: cancel_session and
-  ``cancelOnDisconnect=true`` cancel the live orders placed over this connection;
+  ``cancelOnDisconnect=true`` cancel the live orders placed over this connection (the
+  latter with the reason ``CancelOnDisconnect``, in its events and the REST status);
 - order events (``e: orderUpdate``): NEW when accepted, OPEN when it rests, PARTIALLY_FILLED
   / FILLED per fill (``Z`` the fill's amount, ``L`` its price, ``t`` its trade id, ``n`` its
   fee, ``N`` the fee currency as Gemini's Go SDK names it, ``m`` true for a maker fill),
@@ -49,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from pipeline.venue.exchange import Exchange, ExchangeError, Fill, Order
-from pipeline.venue.rest import NONCE_WINDOW_S, RateGate, VenueKey
+from pipeline.venue.rest import NONCE_WINDOW_S, RateGate, RestFaults, VenueKey
 
 if TYPE_CHECKING:
     from pipeline.venue.wsapi import WsApi, WsConnection
@@ -80,8 +81,10 @@ class Session:
 class WsTrading:
     """Registers the trading methods and streams on ``api``; listens to ``exchange``."""
 
-    def __init__(self, api: "WsApi", exchange: Exchange, keys: dict[str, VenueKey]) -> None:
+    def __init__(self, api: "WsApi", exchange: Exchange, keys: dict[str, VenueKey],
+                 faults: RestFaults | None = None) -> None:
         self.api, self.exchange, self.keys = api, exchange, keys
+        self.faults = faults if faults is not None else RestFaults()
         self.gate = RateGate()
         self.log: list[dict[str, Any]] = []  # one per order method call (tests' witness)
         self._public = {name: api.methods[name] for name in
@@ -134,7 +137,7 @@ class WsTrading:
             for order_id in sorted(session.placed):
                 order = self.exchange._orders.get(order_id)
                 if order is not None and order.is_live:
-                    self.exchange.cancel(session.api_key, order_id)
+                    self.exchange.cancel(session.api_key, order_id, "CancelOnDisconnect")
 
     def _session(self, conn: "WsConnection") -> Session:
         session = conn.session
@@ -183,6 +186,16 @@ class WsTrading:
         if not isinstance(params, dict):
             raise ApiError(INVALID, "params must be an object")
         cid = params.get("clientOrderId")
+        fault = self.faults.take("order.place")
+        action = fault["action"] if fault else None
+        if action == "rate_limit":
+            self.log.append({"method": "order.place", "api_key": session.api_key,
+                             "client_order_id": cid, "outcome": "RateLimit"})
+            raise ApiError(RATE_LIMITED, "Rate limit exceeded")
+        if action == "error_before":
+            self.log.append({"method": "order.place", "api_key": session.api_key,
+                             "client_order_id": cid, "outcome": "System"})
+            raise ApiError((int(fault.get("status", 500)), -1000), "Internal server error")
         await self._admit(session)
         entry = {"method": "order.place", "api_key": session.api_key, "client_order_id": cid}
         self.log.append(entry)
@@ -208,6 +221,13 @@ class WsTrading:
             raise ApiError(ORDER_REJECTED, f"{reason}: {exc.message}") from None
         entry["outcome"] = "accepted"
         session.placed.add(order.order_id)
+        if action == "error_after":
+            raise ApiError((int(fault.get("status", 500)), -1000), "Internal server error")
+        if action == "drop_after":
+            conn.base.drop()  # executed; the answer never leaves
+        if action == "stall_after":
+            import asyncio
+            await asyncio.sleep(float(fault.get("seconds", 2.0)))
         return {"orderId": str(order.order_id), "clientOrderId": cid}
 
     async def _cancel(self, conn: "WsConnection", params: Any) -> dict:
