@@ -95,7 +95,10 @@ from pipeline.core.records import OrderEvent
 from pipeline.core.vocabulary import TERMINAL_KINDS, ExecutionMode, OrderEventKind
 from pipeline.errors import PipelineError
 from pipeline.gemini.execution import GeminiCredentials, GeminiExecution, GeminiSettings
-from pipeline.gemini.rest import LIVE_URL, SANDBOX_URL, NonceSource
+from pipeline.gemini.ratelimit import SharedTokenBucket
+from pipeline.gemini.rest import LIVE_URL, SANDBOX_URL
+from pipeline.gemini.ws_execution import GeminiWsExecution
+from pipeline.gemini.ws_session import WS_LIVE, WS_SANDBOX, WsSession
 from pipeline.gemini.symbols import startup_rules
 from pipeline.kafka import ReliableProducer
 from pipeline.registry import SchemaRegistry
@@ -129,6 +132,7 @@ class ExecutionSettings:
     run_dir: Path = Path("run")  # the pipeline's run directory: kill switch, execution/
     risk: RiskLimits = field(default_factory=RiskLimits)
     venue_url: str | None = None  # default: Gemini's sandbox / live URL for the mode
+    venue_ws_url: str | None = None  # default: from venue_url, else Gemini's WebSocket API
     live_confirmed: bool = False  # the --live flag: live mode needs it as well
     gemini: GeminiSettings = field(default_factory=GeminiSettings)  # sandbox / live
     paper_fees: FeeSchedule = GEMINI_API_FEES
@@ -153,12 +157,27 @@ class ExecutionSettings:
         return self.venue_url or (LIVE_URL if self.mode == "live" else SANDBOX_URL)
 
     @property
+    def ws_url(self) -> str:
+        """The WebSocket API for orders: the venue's, else Gemini's sandbox / live one."""
+        if self.venue_ws_url:
+            return self.venue_ws_url
+        if self.venue_url:  # the local venue serves the WebSocket API on the same port
+            return "ws" + self.venue_url[4:] if self.venue_url.startswith("http") else \
+                self.venue_url
+        return WS_LIVE if self.mode == "live" else WS_SANDBOX
+
+    @property
     def kill_switch_path(self) -> Path:
         return self.kill_switch_file or Path(self.run_dir) / KILL_SWITCH_FILE
 
     @property
     def nonce_path(self) -> Path:
         return Path(self.run_dir) / "execution" / "gemini-nonce"
+
+    @property
+    def rate_path(self) -> Path:
+        """The key's shared rate budget (see pipeline.gemini.ratelimit), beside its nonces."""
+        return Path(self.run_dir) / "execution" / "gemini-rate"
 
     def simulator(self) -> SimulatorConfig:
         return SimulatorConfig(fees=self.paper_fees, queue=self.paper_queue,
@@ -202,12 +221,24 @@ class ExecutionHandler(Handler):
         if settings.sends_http:
             if credentials is None:
                 raise PipelineError(f"{settings.mode} mode needs a Gemini API key and secret")
-            nonces = NonceSource(settings.nonce_path)
+            nonces = credentials.nonces(settings.nonce_path)
             self.rest = credentials.client(settings.url, nonces, settings.gemini.timeout_s)
             self.intents = ReliableProducer(bootstrap, **{"linger.ms": 0})
-            self.gemini = GeminiExecution(self.rest, nonces, self.mode, self._record_intent,
-                                          settings.gemini, clock_ms)
+            # One rate budget per key, shared by every instance on this run directory.
+            bucket = SharedTokenBucket(settings.rate_path, settings.gemini.rate_per_s,
+                                       settings.gemini.burst)
+            if settings.gemini.transport == "ws":
+                session = WsSession(settings.ws_url, credentials.api_key,
+                                    credentials.secret_for_signing(), settings.gemini.timeout_s)
+                self.gemini = GeminiWsExecution(session, self.rest, nonces, self.mode,
+                                                self._record_intent, settings.gemini, clock_ms,
+                                                bucket)
+            else:
+                self.gemini = GeminiExecution(self.rest, nonces, self.mode, self._record_intent,
+                                              settings.gemini, clock_ms, bucket)
             self.gemini.counts = self.counts
+            if settings.gemini.check_key:
+                log.info("%s", self.gemini.check_key())
             self.client = self.gemini
         else:
             self.encode_state = serde.encoder(self.topic["paper.state"])
@@ -623,9 +654,19 @@ def check_mode(namespace: Namespace, settings: ExecutionSettings,
         if not namespace.is_live:
             raise PipelineError(f"live mode refuses namespace {namespace}: live orders only "
                                 "from live data (a live or live-<suffix> namespace)")
+    if settings.mode == "sandbox" and namespace.is_live:
+        raise PipelineError(f"sandbox mode refuses namespace {namespace}: its risk checks "
+                            "need the sandbox's own books (pipeline produce gemini --sandbox, "
+                            "namespace sandbox), never live ones")
     if settings.sends_http and credentials is None:
         raise PipelineError(f"{settings.mode} mode needs a Gemini API key and secret: set "
                             "GEMINI_API_KEY and GEMINI_API_SECRET or pass --api-key-file")
+    if settings.sends_http and settings.gemini.transport == "ws" and \
+            credentials is not None and credentials.nonce != "time":
+        raise PipelineError(
+            "orders over Gemini's WebSocket API need an account key with \"Uses a time-based "
+            "nonce\": set GEMINI_NONCE=time (or \"nonce\": \"time\" in the key file) for such "
+            "a key, or send orders over REST with --gemini-transport rest")
 
 
 TOPICS_PAPER = ("orders.requests", "md.l2", "md.trades", "orders.events", "orders.seen",
@@ -687,6 +728,11 @@ def main(argv: list[str] | None = None) -> int:
                     "<run-dir>/execution/gemini-nonce [default: $PIPELINE_RUN_DIR or ./run]")
     ap.add_argument("--group", default=None, help="group id [default: <namespace>.execution]")
     ap.add_argument("--instance", default="0", help="this instance's name within the group")
+    ap.add_argument("--gemini-transport", choices=("ws", "rest"), default="ws",
+                    help="sandbox/live: orders over the WebSocket API (ws: a time-based nonce "
+                    "key) or REST")
+    ap.add_argument("--venue-ws-url", help="the WebSocket API's URL [default: from "
+                    "--venue-url, else Gemini's for the mode]")
     ap.add_argument("--gemini-rate", type=float, default=5.0, help="private calls per second")
     ap.add_argument("--gemini-burst", type=int, default=None)
     ap.add_argument("--max-notional", type=_limit, default=RiskLimits.max_notional,
@@ -734,7 +780,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = ExecutionSettings(
             mode=args.mode, run_dir=run_dir, risk=limits, venue_url=args.venue_url,
             live_confirmed=args.live,
-            gemini=GeminiSettings(rate_per_s=args.gemini_rate,
+            venue_ws_url=args.venue_ws_url,
+            gemini=GeminiSettings(rate_per_s=args.gemini_rate, transport=args.gemini_transport,
                                   burst=args.gemini_burst or max(1, int(args.gemini_rate)),
                                   follow_interval_s=args.follow_interval),
             batch_size=args.batch_size,

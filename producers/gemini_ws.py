@@ -39,6 +39,8 @@ import websocket
 
 from pipeline.catalog import Namespace
 from pipeline.deadletter import STAGE_INGEST, dead_letter_headers
+from pipeline.gemini.ws_session import WS_LIVE as GEMINI_NEW_WS  # the new API
+from pipeline.gemini.ws_session import WS_SANDBOX as SANDBOX_NEW_WS
 from pipeline.gemini.marketdata import (FrameError, SequenceGap, UpdateGap, V1Normalizer,
                                        V2Normalizer, WsNormalizer)
 from pipeline.kafka import ReliableProducer
@@ -48,8 +50,6 @@ log = logging.getLogger(__name__)
 
 GEMINI_WS = "wss://api.gemini.com"  # v1 and v2
 SANDBOX_WS = "wss://api.sandbox.gemini.com"
-GEMINI_NEW_WS = "wss://ws.gemini.com"  # the new API
-SANDBOX_NEW_WS = "wss://ws.sandbox.gemini.com"  # Gemini's AsyncAPI contract names it
 PROTOCOLS = ("ws", "v2", "v1")
 Normalizer = WsNormalizer | V2Normalizer | V1Normalizer
 

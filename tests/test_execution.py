@@ -18,7 +18,8 @@ from confluent_kafka import Producer
 from consumers.execution import ExecutionSettings, check_mode, main, make_group
 from pipeline.catalog import Namespace, ensure_topics
 from pipeline.errors import PipelineError
-from pipeline.gemini.execution import GeminiCredentials, GeminiSettings, TokenBucket
+from pipeline.gemini.execution import GeminiCredentials, GeminiSettings
+from pipeline.gemini.ratelimit import TokenBucket
 from pipeline.gemini.rest import GeminiRestClient, NonceSource
 from pipeline.registry import SchemaRegistry
 from pipeline.serde import Serde
@@ -171,8 +172,11 @@ def credentials() -> GeminiCredentials:
 
 
 def sandbox(env: Env, venue, **kw) -> ExecutionSettings:
-    gemini = {"rate_per_s": 50.0, "burst": 10,
-              **{k: kw.pop(k) for k in ("follow_interval_s", "timeout_s") if k in kw}}
+    # The venue serves 10 calls a second per key, as Gemini does; the start-up key check
+    # has tests of its own, so the call logs here hold only the orders' calls.
+    gemini = {"rate_per_s": 10.0, "burst": 10, "check_key": False, "transport": "rest",
+              **{k: kw.pop(k) for k in ("follow_interval_s", "timeout_s", "check_key",
+                                        "transport") if k in kw}}
     kw["gemini"] = GeminiSettings(**gemini)
     kw.setdefault("venue_url", venue.http_url)
     return env.settings(mode="sandbox", **kw)
@@ -296,7 +300,8 @@ def process_args(env: Env, venue, keys_file: Path, *extra: str) -> list[str]:
             str(env.namespace), "--mode", "sandbox",
             "--venue-url", venue.http_url if venue else "http://127.0.0.1:9",
             "--strategy-keys", str(keys_file), "--run-dir", str(env.run_dir),
-            "--gemini-rate", "300", "--gemini-burst", "20", "--max-notional", "off",
+            "--gemini-transport", "rest",  # the WebSocket path: tests/test_gemini_ws_orders.py
+            "--gemini-rate", "10", "--gemini-burst", "10", "--max-notional", "off",
             "--max-position", "off", "--max-orders-per-minute", "off", "--price-band-bps", "500",
             "--max-book-age-s", "off", *extra]
 
@@ -668,9 +673,15 @@ def replace_limits(**kw) -> RiskLimits:
 
 
 def test_live_mode_needs_the_flag_keys_and_a_live_namespace(tmp_path):
-    creds = GeminiCredentials("k", "s")
+    creds = GeminiCredentials("k", "s", nonce="time")
     live = ExecutionSettings(mode="live", live_confirmed=True)
     check_mode(Namespace("live"), live, creds)  # all three: allowed
+    # Orders over the WebSocket API (the default) need a key with a time-based nonce.
+    with pytest.raises(PipelineError, match="time-based nonce.*--gemini-transport rest"):
+        check_mode(Namespace("live"), live, GeminiCredentials("k", "s"))
+    check_mode(Namespace("live"), ExecutionSettings(
+        mode="live", live_confirmed=True, gemini=GeminiSettings(transport="rest")),
+        GeminiCredentials("k", "s"))
     with pytest.raises(PipelineError, match="--live"):
         check_mode(Namespace("live"), ExecutionSettings(mode="live"), creds)
     with pytest.raises(PipelineError, match="refuses namespace sim-x"):
@@ -681,6 +692,8 @@ def test_live_mode_needs_the_flag_keys_and_a_live_namespace(tmp_path):
         check_mode(Namespace("live"), live, None)
     with pytest.raises(PipelineError, match="API key and secret"):
         check_mode(Namespace("sim"), ExecutionSettings(mode="sandbox"), None)
+    with pytest.raises(PipelineError, match="sandbox mode refuses namespace live"):
+        check_mode(Namespace("live"), ExecutionSettings(mode="sandbox"), creds)
     # The command line refuses before touching Kafka (nothing listens on port 9).
     key_file = write_secret_file(tmp_path / "gemini.json", {"api_key": "k", "api_secret": "s"})
     common = ["--bootstrap", "127.0.0.1:9", "--registry", "http://127.0.0.1:9",

@@ -192,3 +192,42 @@ def test_the_handshake_headers_are_geminis():
     import hmac
     assert headers["X-GEMINI-SIGNATURE"] == hmac.new(b"secret", b"MTcwMDAwMDAwMA==",
                                                      hashlib.sha384).hexdigest()
+
+
+def arm(venue, **fault) -> None:
+    import requests
+    answer = requests.post(venue.http_url + "/_venue/order-faults", json=fault, timeout=5)
+    assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize("fault", ["error_after", "drop_after"])
+def test_a_5xx_or_a_drop_after_the_venue_placed_the_order_is_followed_not_rejected(
+        env, venue, credentials, fault):
+    _, ask = publish_venue_book(env, venue)
+    taker = order_request(SMA_KEY, price=str(ask + 5), amount="0.001")
+    after = order_request(SMA_KEY, price=str(ask + 5), amount="0.001")
+    arm(venue, action=fault, path="order.place")
+    env.requests(taker, after)
+    with env.group(ws_settings(env, venue), credentials) as group:
+        events = env.wait_terminal([taker["client_order_id"], after["client_order_id"]])
+        assert group.handler.counts["in_doubt"] == 1
+    for request in (taker, after):
+        got = events[request["client_order_id"]]
+        assert [e["kind"] for e in got] == ["ACCEPTED", "FILLED"], got
+        assert got[-1]["last_fill_fee"] is not None and got[-1]["liquidity"] == "TAKER"
+    assert exchange_orders_per_id(venue) == {taker["client_order_id"]: 1,
+                                             after["client_order_id"]: 1}
+    status = [e for e in venue.venue.rest_log if e["path"] == "/v1/order/status"]
+    assert [e["client_order_id"] for e in status] == [taker["client_order_id"]]
+
+
+def test_a_rate_limited_order_is_retried_not_rejected(env, venue, credentials):
+    _, ask = publish_venue_book(env, venue)
+    taker = order_request(SMA_KEY, price=str(ask + 5), amount="0.001")
+    arm(venue, action="rate_limit", path="order.place", count=2)
+    env.requests(taker)
+    with env.group(ws_settings(env, venue), credentials):
+        events = env.wait_terminal([taker["client_order_id"]])
+    assert [e["kind"] for e in events[taker["client_order_id"]]] == ["ACCEPTED", "FILLED"]
+    assert [o for m, c, o in ws_calls(venue) if m == "order.place"] == [
+        "RateLimit", "RateLimit", "accepted"]

@@ -111,8 +111,7 @@ class GeminiWsExecution(GeminiExecution):
                                     lambda: self.rest.order_status(order_id=order_id))
             except GeminiError as exc:
                 self._halt(f"cannot re-read order {cid} after a reconnect: {exc}")
-            events += self._progress(followed, status, reason="CancelOnDisconnect"
-                                     if status.get("is_cancelled") else None)
+            events += self._progress(followed, status)  # its cancel reason, as Gemini says
         return events
 
     def _missed_fills(self, followed: _Followed, trades: list[dict]) -> list[OrderEvent]:
@@ -164,7 +163,7 @@ class GeminiWsExecution(GeminiExecution):
                 return events + [request_event(request, K.REJECTED, self.clock_ms(),
                                                self.mode, reason=reason,
                                                price=order.price_text)], f"rejected:{reason}"
-            placed, outcome = self._adopt(order, found, seen_ms)
+            placed, outcome = self._adopt_found(order, found, seen_ms)
             return events + placed, outcome
         error = answer.get("error") or {}
         if answer.get("status") != 200:
@@ -186,6 +185,27 @@ class GeminiWsExecution(GeminiExecution):
         if order.exchange_order_id:
             self._by_order_id[order.exchange_order_id] = cid
         events += self._drain()  # its events so far (they may come before the answer)
+        if order.is_open:
+            return events, f"open:{order.exchange_order_id}"
+        return events, "sent"
+
+    def _adopt_found(self, order: Order, status: dict, seen_ms: int
+                     ) -> tuple[list[OrderEvent], str]:
+        """An order in doubt that Gemini has: its fills exactly, from ``mytrades``, then
+        what its status says (booked, cancelled by the disconnect, ...)."""
+        order.exchange_order_id = str(status["order_id"])
+        self._by_order_id[order.exchange_order_id] = order.client_order_id
+        order.step(K.ACCEPTED)
+        events = [order_event(order, K.ACCEPTED, self.clock_ms(), self.mode)]
+        followed = self.followed[order.client_order_id] = _Followed(order, seen_ms)
+        if Decimal(status.get("executed_amount") or "0") > 0:
+            try:
+                trades = self._call(f"mytrades {order.symbol}", lambda: self.rest.my_trades(
+                    order.symbol, limit_trades=500, timestamp_ms=order.created_ms or seen_ms))
+            except GeminiError as exc:
+                self._halt(f"cannot read the fills of order {order.client_order_id}: {exc}")
+            events += self._missed_fills(followed, trades)
+        events += self._progress(followed, status)
         if order.is_open:
             return events, f"open:{order.exchange_order_id}"
         return events, "sent"

@@ -35,7 +35,7 @@ from pipeline.errors import PipelineError
 log = logging.getLogger(__name__)
 
 WS_LIVE = "wss://ws.gemini.com"
-WS_SANDBOX = "wss://ws.sandbox.gemini.com"
+WS_SANDBOX = "wss://ws.sandbox.gemini.com"  # Gemini's AsyncAPI contract names it
 
 
 class WsError(PipelineError):
