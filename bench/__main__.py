@@ -12,7 +12,7 @@ import sys
 import typer
 
 from bench import (backtest, bars, book, consume, execution, ingest, latency, memory,
-                   portfolio, scale, serde)
+                   orders_ack, portfolio, scale, serde)
 from bench.figures import report
 from pipeline.broker import LocalBroker
 from pipeline.config import REPO_ROOT
@@ -35,6 +35,7 @@ def main(events: int = typer.Option(200_000, help="records per benchmark (defaul
         figures += book.run(events)
         figures += bars.run(bootstrap, registry_url, events)
         figures += execution.run(bootstrap, registry_url, events)
+        figures += orders_ack.run(events)
         figures += portfolio.run(events)
         figures += consume.run(bootstrap, registry_url, events)
         figures += backtest.run(bootstrap, registry_url, events)

@@ -46,10 +46,14 @@ def test_the_bench_harness_runs_and_writes_its_figures(kafka, registry):
     assert [f["name"].split(", ")[1] for f in memory] == [
         "producer ingest path (IngestSink)", "orderbook group", "bars group", "strategy group"]
     assert all(f["unit"] == "MB" and f["events"] >= 600 for f in memory)
+    acked = [f for f in data["figures"] if f["name"].startswith("Gemini order -> acknowledged")]
+    assert [f["name"].rsplit(", ", 1)[1] for f in acked] == ["p50", "p99"]
+    assert all(f["unit"] == "ms" and f["events"] >= 40 and "REST" in f["baseline"]
+               for f in acked)
     for figure in data["figures"]:
         assert figure["value"] > 0 and figure["baseline_value"] > 0 and figure["unit"]
         # figures count frames or records (300 asked for), or the changes inside them, or
         # the bars of the hourly file (a fixed data set)
         assert figure["events"] == 300 or figure["unit"] in ("changes/s", "records/s") or \
             (figure["unit"] == "bars/s" and figure["name"].startswith("backtest")) or \
-            figure in latency + memory
+            figure in latency + memory + acked
