@@ -19,17 +19,15 @@ from pipeline import schemas
 from pipeline.catalog import ensure_topics
 from pipeline.gemini.capture import received_frames
 from pipeline.gemini.marketdata import FrameError, UpdateGap, WsNormalizer
-from pipeline.orderbook import L2Book
 from pipeline.registry import SchemaRegistry
 from pipeline.serde import Decoder, Encoder
 from pipeline.venue.server import RunningVenue, VenueConfig
-from tests.support.books import apply as reference_apply
-from tests.support.books import books_from_records
-from tests.support.kafka_io import read_all
+from tests.support.books import books_from_records, follow_capture
 from tests.support.processes import CAPTURE, CAPTURE_SYMBOLS, Producer
 from tests.support.processes import venue_status as status
 from tests.support.records import SAMPLES
 from tests.support.waiting import wait_for
+from tests.test_ingest import decoded
 
 RELEASED = Path(__file__).parent / "support" / "schemas_md_released"
 SNAPSHOT = ('{"e":"depthUpdate","E":1700000000000000001,"s":"btcusd","U":10,"u":10,'
@@ -285,21 +283,11 @@ def ingest_topics(kafka, namespace):
     return {name: namespace.topic(name) for name in ("raw.frames", "md.l2", "md.trades", "dlq")}
 
 
-def decoded(kafka: str, registry_url: str, topic: str, expect: int | None = None) -> list[dict]:
-    decode = Decoder(SchemaRegistry(registry_url))
-    return [decode(r.value) for r in read_all(kafka, topic, expect=expect, timeout=60)]
-
-
 def per_symbol(records: list[dict]) -> dict[str, list[dict]]:
     out = defaultdict(list)
     for record in sorted(records, key=lambda r: (r["connection_id"], r["sequence"])):
         out[record["symbol"]].append(record)
     return out
-
-
-def as_decimals(book: L2Book) -> dict:
-    return {side: {Decimal(p): Decimal(q) for p, q in levels.items()}
-            for side, levels in book.levels().items()}
 
 
 def venue_books(venue: RunningVenue) -> dict:
@@ -353,15 +341,8 @@ def test_the_capture_over_the_new_api_gives_the_same_book_after_every_update(
                                               for i, (first, last) in enumerate(ids[1:]))
         assert all(r["exchange_ts_ns"] and r["exchange_ts_ms"] == r["exchange_ts_ns"] // 10**6
                    for r in records)
-        book, reference = L2Book(symbol), {}
-        for record, raw in zip(records, raw_per_symbol[symbol]):
-            book.apply_snapshot(record["changes"]) if record["snapshot"] else \
-                book.apply(record["changes"])
-            for side, price, quantity in raw["changes"]:
-                reference_apply(reference, symbol, "BID" if side == "buy" else "ASK", price,
-                                quantity)
-            assert as_decimals(book) == reference[symbol], f"{symbol} after update {compared}"
-            compared += 1
+        reference = follow_capture(symbol, records, raw_per_symbol[symbol])
+        compared += len(records)
         assert reference[symbol] == final_books[symbol]
     assert compared == 655
     # Live trades only (a v2 snapshot's recent trades are history), with their exact times.

@@ -28,7 +28,7 @@ from pipeline.registry import SchemaRegistry
 from pipeline.runtime import GroupRunner
 from pipeline.serde import HEADER, Decoder, Encoder
 from pipeline.venue.market import generated_events
-from tests.support.books import apply as reference_apply
+from tests.support.books import as_decimals, follow_capture
 from tests.support.kafka_io import committed, read_all
 from tests.support.waiting import wait_for
 
@@ -39,9 +39,6 @@ def ch(side: str, price: str, quantity: str) -> dict:
     return {"side": side, "price": price, "quantity": quantity}
 
 
-def as_decimals(book: L2Book) -> dict:
-    return {side: {Decimal(p): Decimal(q) for p, q in levels.items()}
-            for side, levels in book.levels().items()}
 
 
 # --------------------------------------------------------------------------- the book alone
@@ -145,16 +142,8 @@ def test_books_from_kafka_equal_books_from_the_raw_capture_after_every_frame(
     assert sorted(per_symbol) == sorted(raw_per_symbol)
     compared = 0
     for symbol, records in per_symbol.items():
-        book, reference = L2Book(symbol), {}
-        assert len(records) == len(raw_per_symbol[symbol])
-        for record, raw in zip(records, raw_per_symbol[symbol]):
-            book.apply_snapshot(record["changes"]) if record["snapshot"] else \
-                book.apply(record["changes"])
-            for side, price, quantity in raw["changes"]:
-                reference_apply(reference, symbol, "BID" if side == "buy" else "ASK", price,
-                                quantity)
-            assert as_decimals(book) == reference[symbol], f"{symbol} after frame {compared}"
-            compared += 1
+        follow_capture(symbol, records, raw_per_symbol[symbol])
+        compared += len(records)
     assert compared == 655
 
     # The group publishes the same books: its last snapshot per symbol is their top 10.

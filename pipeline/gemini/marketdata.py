@@ -108,7 +108,31 @@ def _skip(skipped: Counter, kind: str) -> list:
 AUCTION_TYPES = ("auction_open", "auction_indicative", "auction_result")
 
 
-class V2Normalizer:
+class _Numbered:
+    """What the one-connection normalizers share: every frame is numbered on its connection
+    (``sequence``, also a frame that is not JSON) and must be a JSON object."""
+
+    sequence: int
+
+    def normalize_text(self, text: str, received_us: int) -> list[Normalized]:
+        try:
+            frame = json.loads(text)
+        except ValueError as exc:
+            self.sequence += 1
+            raise FrameError(f"not JSON: {exc}") from None
+        return self.normalize(frame, received_us)
+
+    def normalize(self, frame: Any, received_us: int) -> list[Normalized]:
+        raise NotImplementedError
+
+    def _numbered(self, frame: Any) -> dict:
+        self.sequence += 1
+        if not isinstance(frame, dict):
+            raise FrameError(f"expected a JSON object, got {type(frame).__name__}")
+        return frame
+
+
+class V2Normalizer(_Numbered):
     """Normalizes the frames of one v2 connection, in order.
 
     It numbers frames (``sequence``) and marks the first ``l2_updates`` per symbol as the
@@ -123,18 +147,8 @@ class V2Normalizer:
         self.skipped = Counter() if skipped is None else skipped
         self._books: set[str] = set()
 
-    def normalize_text(self, text: str, received_us: int) -> list[Normalized]:
-        try:
-            frame = json.loads(text)
-        except ValueError as exc:
-            self.sequence += 1
-            raise FrameError(f"not JSON: {exc}") from None
-        return self.normalize(frame, received_us)
-
     def normalize(self, frame: Any, received_us: int) -> list[Normalized]:
-        self.sequence += 1
-        if not isinstance(frame, dict):
-            raise FrameError(f"expected a JSON object, got {type(frame).__name__}")
+        frame = self._numbered(frame)
         kind = frame.get("type")
         if kind == "l2_updates":
             return self._l2(frame, received_us)
@@ -300,7 +314,7 @@ def _levels(raw: Any, side: str, what: str) -> list[dict]:
     return out
 
 
-class WsNormalizer:
+class WsNormalizer(_Numbered):
     """Normalizes the frames of one connection to Gemini's new WebSocket API, in order.
 
     It numbers frames (``sequence``: the 0-based index of the frame on its connection, as
@@ -329,18 +343,8 @@ class WsNormalizer:
     def has_book(self, symbol: str) -> bool:
         return symbol.upper() in self._books
 
-    def normalize_text(self, text: str, received_us: int) -> list[Normalized]:
-        try:
-            frame = json.loads(text)
-        except ValueError as exc:
-            self.sequence += 1
-            raise FrameError(f"not JSON: {exc}") from None
-        return self.normalize(frame, received_us)
-
     def normalize(self, frame: Any, received_us: int) -> list[Normalized]:
-        self.sequence += 1
-        if not isinstance(frame, dict):
-            raise FrameError(f"expected a JSON object, got {type(frame).__name__}")
+        frame = self._numbered(frame)
         kind = frame.get("e")
         if kind == "depthUpdate":
             return self._update(frame, received_us)
