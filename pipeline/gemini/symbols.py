@@ -94,8 +94,8 @@ def fetch_rules(base_url: str, symbols: Iterable[str] | None = None, *,
     try:
         base = base_url.rstrip("/")
         listed = _get(http, f"{base}/v1/symbols", timeout_s)
-        if not isinstance(listed, list):
-            raise ValueError(f"{base}/v1/symbols answered {listed!r}, not a list")
+        if not isinstance(listed, list) or not listed:
+            raise ValueError(f"{base}/v1/symbols answered {listed!r}, not a list of symbols")
         names = [str(name).lower() for name in listed]
         asked = names if symbols is None else [s.lower() for s in symbols]
         missing = sorted(name.upper() for name in asked if name not in names)

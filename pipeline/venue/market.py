@@ -68,10 +68,13 @@ class Book:
 class Market:
     """Books and recent trades per symbol; also the venue's ``BookSource`` for REST fills."""
 
-    def __init__(self) -> None:
+    def __init__(self, listed: set[str] | None = None) -> None:
         self.books: dict[str, Book] = {}
         self.recent_trades: dict[str, deque] = {}
         self.events_applied = 0
+        # The symbols the venue trades before their first book arrives (Gemini lists a
+        # symbol whether or not its market has moved yet).
+        self.listed: set[str] = set(listed or ())
 
     def apply(self, event: MarketEvent) -> None:
         book = self.books.get(event.symbol)
@@ -90,7 +93,7 @@ class Market:
 
     # BookSource for the REST exchange
     def symbols(self) -> set[str]:
-        return set(self.books)
+        return set(self.books) | self.listed
 
     def levels(self, symbol: str, side: str) -> list[tuple[Decimal, Decimal]]:
         book = self.books.get(symbol)

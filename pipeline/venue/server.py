@@ -118,7 +118,9 @@ class Connection:
 class Venue:
     def __init__(self, config: VenueConfig) -> None:
         self.config = config
-        self.market = Market()
+        self.market = Market(listed=({e.symbol for e in capture_events(config.capture)}
+                                     if config.capture is not None
+                                     else {s.upper() for s in config.symbols}))
         self.connections: set[Connection] = set()
         self.events = 0
         self.source_done = False
