@@ -35,7 +35,7 @@ def main(events: int = typer.Option(200_000, help="records per benchmark (defaul
         figures += book.run(events)
         figures += bars.run(bootstrap, registry_url, events)
         figures += execution.run(bootstrap, registry_url, events)
-        figures += orders_ack.run(events)
+        figures += orders_ack.run(bootstrap, registry_url, events)
         figures += portfolio.run(events)
         figures += consume.run(bootstrap, registry_url, events)
         figures += backtest.run(bootstrap, registry_url, events)

@@ -35,14 +35,16 @@ class Proc:
 
 
 def start(name: str, argv: list[str], work: Path, bootstrap: str, registry_url: str,
-          keys: dict[str, str] | None = None) -> Proc:
+          keys: dict[str, str] | None = None, extra_env: dict[str, str] | None = None) -> Proc:
     """``python <argv>`` in the repo, logging to ``work/<name>.log``; ``keys`` are strategy
-    signing keys, passed as the environment variables the strategy group reads."""
+    signing keys, passed as the environment variables the strategy group reads;
+    ``extra_env`` more variables (a Gemini key)."""
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "SCHEMA_REGISTRY_URL": registry_url,
            "PIPELINE_RUN_DIR": str(work),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                        os.environ.get("PYTHONPATH")]))}
     env.update({env_name(sid): secret for sid, secret in (keys or {}).items()})
+    env.update(extra_env or {})
     log = work / f"{name}.log"
     with open(log, "wb") as out:
         popen = subprocess.Popen([sys.executable, *argv], cwd=REPO_ROOT, env=env,
@@ -51,11 +53,12 @@ def start(name: str, argv: list[str], work: Path, bootstrap: str, registry_url: 
 
 
 def group(module: str, name: str, work: Path, bootstrap: str, registry_url: str,
-          namespace: Namespace, *flags: str, keys: dict[str, str] | None = None) -> Proc:
+          namespace: Namespace, *flags: str, keys: dict[str, str] | None = None,
+          env: dict[str, str] | None = None) -> Proc:
     """A consumer group's own entry point, as the supervisor launches it."""
     return start(name, ["-m", module, "--bootstrap", bootstrap, "--registry", registry_url,
                         "--namespace", str(namespace), *flags], work, bootstrap, registry_url,
-                 keys)
+                 keys, env)
 
 
 def wait_for_log(procs: list[Proc], text: str, timeout_s: float = 90.0) -> None:

@@ -1,8 +1,8 @@
 """End-to-end latency: a venue frame sent -> the order request it triggers committed.
 
 The real path, every part as deployed: the local venue (generator, one symbol, paced at
-``RATE`` events per second: latency, not queueing) serves v2 frames over a real WebSocket
-to the producer (``pipeline produce gemini``, its own process) -> ``md.l2`` -> the
+``RATE`` events per second: latency, not queueing) serves frames of Gemini's WebSocket API
+(the producer's default protocol) over a real WebSocket to the producer (``pipeline produce gemini``, its own process) -> ``md.l2`` -> the
 orderbook group (``python -m consumers.orderbook``) -> ``book.snapshots`` -> the strategy
 group (``python -m consumers.strategy``, ``MidQuoter`` requoting on every move of the
 mid, so every snapshot gives requests) -> ``orders.requests``, in a transaction. Paper
@@ -10,7 +10,7 @@ execution runs beside it, as deployed, so the strategy's quotes are acknowledged
 replaced and filled and its view of its orders stays what it is in a real run.
 
 What links the two ends is already in the records: the venue keeps the time it sent each
-frame (``VenueConfig.record_sends``), indexed like the producer's v2 ``sequence`` (the
+frame (``VenueConfig.record_sends``), indexed like the producer's ``sequence`` (the
 frame's index on its connection); a snapshot carries the ``sequence`` of the frame that
 moved its top, and a request's ``trigger`` names that frame's ``md.l2`` record
 (``md.l2/partition/offset``, the snapshot's source).
@@ -33,6 +33,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import websocket
 
@@ -85,15 +86,26 @@ def _subscribed(venue: RunningVenue, timeout_s: float = 60.0) -> Connection:
     raise RuntimeError("the producer never subscribed to the venue")
 
 
-def measure(bootstrap: str, registry_url: str, frames: int, work: Path,
+PAPER = ("--mode", "paper")
+
+
+def measure(bootstrap: str, registry_url: str, frames: int, work: Path, *,
+            rate: float = RATE, execution: tuple[str, ...] = PAPER,
+            venue_keys: dict | None = None, env: dict[str, str] | None = None,
+            acked: Callable[[RunningVenue], dict[str, float]] | None = None,
             ) -> tuple[list[tuple[float, float]], list[float], dict[str, list[float]]]:
     """Over ``frames`` paced frames after the warm-up: (frame sent (perf_counter), latency
-    ms) per frame that moved the top, by send time; ping round trips in ms; per stage ms."""
+    ms) per frame that moved the top, by send time; ping round trips in ms; per stage ms.
+
+    The sample ends when the frame's first request is visible, or, with ``acked`` (the
+    venue's acknowledgement time per client_order_id), when the venue acknowledged that
+    request's order: then ``execution`` names how orders reach the venue (its ``--mode``
+    and transport), with ``venue_keys`` and the key in ``env``."""
     namespace = Namespace(f"sim-benchlat{int(time.time())}")
     ensure_topics(bootstrap, namespace, TOPICS)
     decode = Serde(SchemaRegistry(registry_url)).decoder()
-    venue = RunningVenue(VenueConfig(symbols=[SYMBOL], rate=RATE, record_sends=True,
-                                     seed=11))
+    venue = RunningVenue(VenueConfig(symbols=[SYMBOL], rate=rate, record_sends=True,
+                                     seed=11, api_keys=venue_keys or {}))
     procs: list[groups.Proc] = []
     try:
         pings = ping_round_trips(f"{venue.ws_url}/v2/marketdata", PINGS)  # market not started
@@ -104,10 +116,11 @@ def measure(bootstrap: str, registry_url: str, frames: int, work: Path,
         procs.append(groups.group("consumers.strategy", "strategy", work, bootstrap,
                                   registry_url, namespace, "--strategy", spec, "--params",
                                   params, "--inputs", "book.snapshots", keys=keys))
+        execution = tuple(a.replace("{venue}", venue.http_url) for a in execution)
         procs.append(groups.group("consumers.execution", "execution", work, bootstrap,
-                                  registry_url, namespace, "--mode", "paper", "--run-dir",
+                                  registry_url, namespace, *execution, "--run-dir",
                                   str(work), "--max-notional", "off", "--max-position", "off",
-                                  "--max-orders-per-minute", "off", keys=keys))
+                                  "--max-orders-per-minute", "off", keys=keys, env=env))
         snapshots = _reader(bootstrap, namespace.topic("book.snapshots"))
         requests = _reader(bootstrap, namespace.topic("orders.requests"))
         groups.wait_for_log(procs, " assigned ")
@@ -125,15 +138,20 @@ def measure(bootstrap: str, registry_url: str, frames: int, work: Path,
         connection_id = None
         first = last = None  # the frames measured: indices first .. last-1
         newest = -1  # the newest frame whose request has arrived
-        deadline = time.monotonic() + 120 + frames / RATE
+        first_id: dict[tuple[int, int], str] = {}  # snapshot -> its first request's id
+        deadline = time.monotonic() + 120 + frames / rate
         while last is None or newest < last:  # one symbol: one partition, in order
             if time.monotonic() > deadline:
                 raise RuntimeError(f"latency bench: requests stopped coming "
                                    f"({groups.tail(procs[0])})")
             msg = requests.poll(0.002)
             if msg is not None and msg.error() is None:
-                _, partition, offset = decode(msg.value())["trigger"].rsplit("/", 2)
-                arrived.append(((int(partition), int(offset)), time.perf_counter()))
+                request = decode(msg.value())
+                _, partition, offset = request["trigger"].rsplit("/", 2)
+                key = (int(partition), int(offset))
+                arrived.append((key, time.perf_counter()))
+                if request.get("action", "NEW") in ("NEW", "REPLACE"):
+                    first_id.setdefault(key, request["client_order_id"])
             while (snap := snapshots.poll(0)) is not None:
                 if snap.error() is None:
                     value = decode(snap.value())
@@ -153,6 +171,11 @@ def measure(bootstrap: str, registry_url: str, frames: int, work: Path,
         snapshots.close()
         requests.close()
         sent = list(conn.sent_at)
+        if acked is not None:
+            time.sleep(2.0)  # the last orders' acknowledgements
+            acks = acked(venue)
+            done = {key: acks[first_id[key]] for key in done
+                    if key in first_id and first_id[key] in acks}
         samples: list[tuple[float, float]] = []
         stages: dict[str, list[float]] = {"venue send -> producer receive": [],
                                           "producer receive -> snapshot published": [],

@@ -1,4 +1,5 @@
-"""Order -> acknowledged by the venue: Gemini's WebSocket API beside its REST API.
+"""Order -> acknowledged by the venue: Gemini's WebSocket API beside its REST API, alone
+and end to end (a venue frame -> the order it triggers acknowledged by the venue).
 
 The execution client as deployed (:class:`~pipeline.gemini.ws_execution.GeminiWsExecution`
 and :class:`~pipeline.gemini.execution.GeminiExecution`), each placing the same kind of
@@ -10,8 +11,15 @@ over the open, authenticated socket, or to a signed ``POST /v1/order/new`` (a ke
 HTTP connection). Orders are paced under Gemini's 10 a second, so neither path waits on
 the rate limit. The two run alternately in one process, on one venue, in the same run.
 
-The frame -> order request part of the path is the end-to-end latency bench; this one is
-what the transport adds after it.
+End to end (:func:`frame_to_ack`): the end-to-end latency bench's path (venue frame ->
+producer -> orderbook group -> MidQuoter's strategy group -> ``orders.requests``), then
+the execution group in sandbox mode sending to the same venue over the WebSocket API or
+REST; a sample runs from the frame's send to the venue's acknowledgement of the frame's
+first order (its ``order.place`` answered, or its ``POST /v1/order/new``), both read on
+the venue's clock in this process. The frames are paced at ``E2E_RATE`` a second, so
+MidQuoter's requotes (a replace per side per frame that moves the mid: a cancel and an
+order each) stay under Gemini's 10 calls a second and nothing waits on the rate limit.
+Only frames that moved the mid give a sample (a third to a half of them).
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from pipeline.venue.server import RunningVenue, VenueConfig
 # client's orders would be events of orders the WebSocket client does not follow.
 KEYS = {"ws": ("account-bench-ws", "bench-api-secret-13579bdf"),
         "rest": ("account-bench-rest", "bench-api-secret-2468ace0")}
+E2E_RATE = 3.0  # venue events a second end to end
+E2E_FRAMES = (30, 150)  # frames measured per transport, from --events
 PACE_S = 0.11  # under Gemini's 10 calls a second per key
 MIN_ORDERS, MAX_ORDERS = 40, 150
 
@@ -99,17 +109,61 @@ def _price_through_ask(venue: RunningVenue) -> str:
     return format((ask + 50).quantize(Decimal("0.01")), "f")
 
 
-def run(events: int) -> list[Figure]:
+def frame_to_ack(bootstrap: str, registry_url: str, frames: int) -> dict[str, list[float]]:
+    """Frame sent -> first order acknowledged, in ms, per transport (see the module doc)."""
+    from bench import latency
+
+    samples: dict[str, list[float]] = {}
+    for transport in ("rest", "ws"):
+        key, secret = KEYS[transport]
+        work = Path(tempfile.mkdtemp(prefix=f"bench-ack-{transport}-"))
+
+        def acked(venue: RunningVenue, transport: str = transport) -> dict[str, float]:
+            if transport == "ws":
+                log = list(venue.venue.wstrading.log)
+                return {e["client_order_id"]: e["at"] for e in log if e.get("at")}
+            return {e["client_order_id"]: e["at"] for e in list(venue.venue.rest_log)
+                    if e["path"] == "/v1/order/new" and e["outcome"] == "accepted"}
+
+        try:
+            found, _, _ = latency.measure(
+                bootstrap, registry_url, frames, work, rate=E2E_RATE, acked=acked,
+                execution=("--mode", "sandbox", "--gemini-transport", transport,
+                           "--venue-url", "{venue}", "--gemini-rate", "10",
+                           "--gemini-burst", "10", "--price-band-bps", "500",
+                           "--max-book-age-s", "off"),
+                venue_keys={key: VenueKey(secret, time_nonce=True)},
+                env={"GEMINI_API_KEY": key, "GEMINI_API_SECRET": secret,
+                     "GEMINI_NONCE": "time"})
+        finally:
+            import shutil
+            shutil.rmtree(work, ignore_errors=True)
+        samples[transport] = [ms for _, ms in found]
+    return samples
+
+
+def run(bootstrap: str, registry_url: str, events: int) -> list[Figure]:
     n = max(MIN_ORDERS, min(events // 1000, MAX_ORDERS))
     samples = measure(n)
     name = "Gemini order -> acknowledged by the venue, WebSocket API (order.place)"
     base = "the same over REST (signed POST /v1/order/new, kept-alive connection)"
-    return [Figure(f"{name}, {label}", _percentile(samples["ws"], q), "ms", len(samples["ws"]),
-                   f"{base}, {label}", _percentile(samples["rest"], q), "")
-            for label, q in (("p50", 0.5), ("p99", 0.99))]
+    figures = [Figure(f"{name}, {label}", _percentile(samples["ws"], q), "ms",
+                      len(samples["ws"]), f"{base}, {label}", _percentile(samples["rest"], q),
+                      "") for label, q in (("p50", 0.5), ("p99", 0.99))]
+    low, high = E2E_FRAMES
+    e2e = frame_to_ack(bootstrap, registry_url, max(low, min(events // 2000, high)))
+    name = (f"end to end @{E2E_RATE:.0f} events/s: venue frame sent -> its order acknowledged "
+            "by the venue, WebSocket API (sandbox execution)")
+    base = "the same, orders over REST"
+    figures += [Figure(f"{name}, {label}", _percentile(e2e["ws"], q), "ms", len(e2e["ws"]),
+                       f"{base}, {label}", _percentile(e2e["rest"], q), "")
+                for label, q in (("p50", 0.5), ("p99", 0.99))]
+    return figures
 
 
 if __name__ == "__main__":
-    for figure in run(40_000):
+    import os
+    for figure in run(os.environ["KAFKA_BOOTSTRAP_SERVERS"], os.environ["SCHEMA_REGISTRY_URL"],
+                      40_000):
         print(f"{figure.name}: {figure.value:.2f} ms vs {figure.baseline}: "
               f"{figure.baseline_value:.2f} ms (x{figure.ratio:.2f})")

@@ -116,7 +116,9 @@ class Venue:
         return response.status_code, response.json()
 
     def entries(self, **match) -> list[dict]:
-        return [e for e in self.log if all(e.get(k) == v for k, v in match.items())]
+        """Log entries matching ``match``, without their timing (``at``)."""
+        return [{k: v for k, v in e.items() if k != "at"} for e in self.log
+                if all(e.get(k) == v for k, v in match.items())]
 
 
 @pytest.fixture

@@ -410,7 +410,8 @@ def add_rest_routes(
 
     ``secrets`` maps API keys to their secrets (or :class:`VenueKey` settings). With
     ``log``, one dict per request is appended (path, api_key, nonce, outcome "accepted" or
-    the reason, client_order_id, status), so tests can prove what reached the venue;
+    the reason, client_order_id, status, and ``at``: perf_counter when answered), so tests
+    can prove what reached the venue and benchmarks time it;
     secrets are never in it. The nonce and client_order_id are as the payload claimed,
     also when it was refused. ``faults`` are served on ``POST /_venue/order-faults``.
     """
@@ -475,6 +476,7 @@ def add_rest_routes(
                     "outcome": outcome,
                     "client_order_id": payload.get("client_order_id"),
                     "status": response.status,
+                    "at": time.perf_counter(),  # when answered (latency benchmarks)
                 })
             return response
 

@@ -141,6 +141,8 @@ class WsApi:
         await ws.prepare(request)
         conn = WsConnection(Connection(ws, request, "ws"), levels)
         conn.session = session
+        if self.venue.config.record_sends:  # every frame, as the producer numbers them
+            conn.base.sent_at = []
         self.connections.add(conn)
         try:
             return await self.venue._serve(request, conn.base,

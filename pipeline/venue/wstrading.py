@@ -220,6 +220,7 @@ class WsTrading:
             self._broadcast(session.api_key, None, _rejected(params, reason))
             raise ApiError(ORDER_REJECTED, f"{reason}: {exc.message}") from None
         entry["outcome"] = "accepted"
+        entry["at"] = time.perf_counter()  # when acknowledged (latency benchmarks)
         session.placed.add(order.order_id)
         if action == "error_after":
             raise ApiError((int(fault.get("status", 500)), -1000), "Internal server error")
