@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 STATE_FILE = "supervisor.json"
 GEMINI_HOST = ("api.gemini.com", 443)
 SIGNING_GROUPS = ("consumers.strategy", "consumers.execution")  # get the strategy key file
-SYMBOL_GROUPS = ("consumers.portfolio",)  # get the topology's symbols (others are unknown)
+# Get the topology's symbols: the portfolio (a fill of another is dead-lettered) and
+# execution (whose symbol rules are loaded for them, not for every symbol Gemini lists).
+SYMBOL_GROUPS = ("consumers.portfolio", "consumers.execution")
 BACKOFF_MAX_S = 30.0
 
 
