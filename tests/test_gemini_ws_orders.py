@@ -231,3 +231,28 @@ def test_a_rate_limited_order_is_retried_not_rejected(env, venue, credentials):
     assert [e["kind"] for e in events[taker["client_order_id"]]] == ["ACCEPTED", "FILLED"]
     assert [o for m, c, o in ws_calls(venue) if m == "order.place"] == [
         "RateLimit", "RateLimit", "accepted"]
+
+
+def test_a_strategys_cancel_all_cancels_its_orders_of_the_symbol_and_no_one_elses(
+        env, venue, credentials):
+    """CANCEL_ALL is one strategy's orders of one symbol: one order.cancel each (Gemini's
+    order.cancel_all would take every strategy's orders on the account with it)."""
+    from tests.test_execution import MOMO_KEY
+
+    bid, _ = publish_venue_book(env, venue)
+    mine = [order_request(SMA_KEY, price=str(bid - D(step)), amount="0.001")
+            for step in ("30.00", "40.00")]
+    theirs = order_request(MOMO_KEY, strategy_id="momo", price=str(bid - 35), amount="0.001")
+    env.requests(*mine, theirs)
+    with env.group(ws_settings(env, venue), credentials):
+        env.tail.wait(lambda v: sum(e["kind"] == "BOOKED" for e in v) >= 3 and v, 30, "BOOKED")
+        cancel_all = cancel_request(mine[0], "all", action="CANCEL_ALL")
+        env.requests(cancel_all)
+        events = env.wait_terminal([r["client_order_id"] for r in mine])
+        assert venue_live_orders(venue) == [theirs["client_order_id"]]
+    for request in mine:
+        last = events[request["client_order_id"]][-1]
+        assert (last["kind"], last["reason"], last["request_id"]) == \
+            ("CANCELLED", "Requested", cancel_all["client_order_id"])
+    methods = [m for m, _, _ in ws_calls(venue)]
+    assert methods.count("order.cancel") == 2 and "order.cancel_all" not in methods
