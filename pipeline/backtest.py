@@ -254,6 +254,9 @@ class Broker:
         self.values: list[Decimal] = []  # equity points: value
         self.primary: str | None = None  # symbol buy & hold is measured on
         self.primary_marks: list[Decimal | None] = []  # its mark at each equity point
+        # every marked symbol's mark at each equity point (None before its first mark), for
+        # the report's buy & hold of the symbols actually traded
+        self.mark_series: dict[str, list[Decimal | None]] = {}
         self.stopped: str | None = None  # why the broker stopped the run early
 
     # -- equity
@@ -268,10 +271,32 @@ class Broker:
         if self.labels and self.labels[-1] == label_ms:
             self.values[-1] = value
             self.primary_marks[-1] = mark
-            return
-        self.labels.append(label_ms)
-        self.values.append(value)
-        self.primary_marks.append(mark)
+        else:
+            self.labels.append(label_ms)
+            self.values.append(value)
+            self.primary_marks.append(mark)
+        self._record_marks()
+
+    def _record_marks(self) -> None:
+        """Every mark at the last equity point (written again when that point is)."""
+        n = len(self.labels)
+        series_of = self.mark_series
+        for symbol, mark in self.marks.items():
+            series = series_of.get(symbol)
+            if series is None:
+                series = series_of[symbol] = []
+            if len(series) == n:
+                series[-1] = mark
+            else:
+                if len(series) < n - 1:
+                    series.extend([None] * (n - 1 - len(series)))
+                series.append(mark)
+
+    def marks_by_point(self) -> dict[str, list[Decimal | None]]:
+        """:attr:`mark_series`, each as long as the equity points."""
+        n = len(self.labels)
+        return {symbol: series + [None] * (n - len(series))
+                for symbol, series in self.mark_series.items()}
 
     def _counted(self, events: list[dict]) -> list[dict]:
         for event in events:
@@ -446,6 +471,7 @@ class NextOpenBroker(Broker):
             labels.append(label)
             self.values.append(value)
             self.primary_marks.append(primary_mark)
+        self._record_marks()
         if value <= 0:
             self._out_of_money(symbol, bar)
         return events
@@ -619,6 +645,15 @@ class BookBroker(Broker):
                     self.marks[symbol] = (price_key(bid[0])[1] + price_key(ask[0])[1]) / 2
         return super().equity()
 
+    def _record(self, label_ms: int) -> None:
+        """An equity point, with every book's mid (not only the held symbols') recorded for
+        the report's buy & hold, whichever symbols the strategy ends up trading."""
+        for symbol, book in self.books.items():
+            bid, ask = book.best_bid(), book.best_ask()
+            if bid is not None and ask is not None:
+                self.marks[symbol] = (price_key(bid[0])[1] + price_key(ask[0])[1]) / 2
+        super()._record(label_ms)
+
     @property
     def _index(self) -> int:
         return len(self.values)
@@ -732,6 +767,10 @@ class EngineResult:
     order_events: list[dict] = field(default_factory=list)  # every OrderEvent, in order
     final_marks: dict[str, Decimal] = field(default_factory=dict)  # what final_equity used
     realized: dict[str, Decimal] = field(default_factory=dict)  # per symbol, after fees
+    # each symbol's mark (bar close, book mid, or last trade without a book) at each equity
+    # point, None before its first: what the report's buy & hold is computed from
+    marks: dict[str, list[Decimal | None]] = field(default_factory=dict)
+    fill_count: dict[str, int] = field(default_factory=dict)  # per symbol, the ledger's
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -989,7 +1028,8 @@ class Engine:
             books_dropped=self.books_dropped, changes_applied=self.changes,
             snapshots_emitted=self.snapshots, interrupted=interrupted, stopped=self.stopped,
             order_events=self.order_events, final_marks=dict(broker.marks),
-            realized=dict(ledger.realized))
+            realized=dict(ledger.realized), marks=broker.marks_by_point(),
+            fill_count=dict(ledger.fill_count))
 
 
 def _describe(record: dict) -> str:
