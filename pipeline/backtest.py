@@ -275,13 +275,17 @@ class Broker:
             self.labels.append(label_ms)
             self.values.append(value)
             self.primary_marks.append(mark)
-        self._record_marks()
+        self._record_marks(self._point_marks())
 
-    def _record_marks(self) -> None:
+    def _point_marks(self) -> dict[str, Decimal]:
+        """The marks an equity point records for the report."""
+        return self.marks
+
+    def _record_marks(self, marks: dict[str, Decimal]) -> None:
         """Every mark at the last equity point (written again when that point is)."""
         n = len(self.labels)
         series_of = self.mark_series
-        for symbol, mark in self.marks.items():
+        for symbol, mark in marks.items():
             series = series_of.get(symbol)
             if series is None:
                 series = series_of[symbol] = []
@@ -471,7 +475,7 @@ class NextOpenBroker(Broker):
             labels.append(label)
             self.values.append(value)
             self.primary_marks.append(primary_mark)
-        self._record_marks()
+        self._record_marks(self.marks)
         if value <= 0:
             self._out_of_money(symbol, bar)
         return events
@@ -645,14 +649,16 @@ class BookBroker(Broker):
                     self.marks[symbol] = (price_key(bid[0])[1] + price_key(ask[0])[1]) / 2
         return super().equity()
 
-    def _record(self, label_ms: int) -> None:
-        """An equity point, with every book's mid (not only the held symbols') recorded for
-        the report's buy & hold, whichever symbols the strategy ends up trading."""
+    def _point_marks(self) -> dict[str, Decimal]:
+        """Every book's mid (not only the held symbols', which are all :attr:`marks`
+        values), for the report's buy & hold of whichever symbols the strategy trades;
+        kept apart from :attr:`marks` so the simulation is unchanged."""
+        marks = dict(self.marks)
         for symbol, book in self.books.items():
             bid, ask = book.best_bid(), book.best_ask()
             if bid is not None and ask is not None:
-                self.marks[symbol] = (price_key(bid[0])[1] + price_key(ask[0])[1]) / 2
-        super()._record(label_ms)
+                marks[symbol] = (price_key(bid[0])[1] + price_key(ask[0])[1]) / 2
+        return marks
 
     @property
     def _index(self) -> int:

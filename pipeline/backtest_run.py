@@ -360,7 +360,8 @@ def _run_combination(index: int, spec: str, params: dict[str, Any],
     engine.run(_WORKER_EVENTS or [])
     result = engine.finish()
     stats = report.compute_stats(result)
-    return index, {**params, **stats, "Equity Final (exact)": str(result.final_equity)}
+    return index, {**params, **stats, "Equity Final (exact)": str(result.final_equity),
+                   **report.breakdown_columns(result)}
 
 
 def sweep(bootstrap: str, registry_url: str, namespace: Namespace | str,
@@ -371,7 +372,9 @@ def sweep(bootstrap: str, registry_url: str, namespace: Namespace | str,
           **settings: Any) -> pd.DataFrame:
     """Backtest every combination of ``grid`` (``{"fast": [5, 10], "slow": [20, 30]}``,
     on top of ``params``) in ``workers`` processes; one row per combination, in the
-    grid's order (the last key varies fastest), with the parameters then the statistics.
+    grid's order (the last key varies fastest), with the parameters, the statistics (with
+    what they cover: Symbols, Buy & Hold Of, Span, Gaps) and per traded symbol its trades,
+    P&L, fees and exposure (:func:`pipeline.report.breakdown_columns`).
     ``config`` and ``settings`` are :func:`run_backtest`'s.
 
     Each worker reads and decodes the replay once and keeps it in memory for all the

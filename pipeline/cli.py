@@ -491,12 +491,19 @@ def _json_object(text: str, option: str) -> dict:
 
 
 def _print_stats(result) -> None:
-    from pipeline.report import stats_json
+    from pipeline.report import breakdown_json, stats_rows
 
     table = Table("statistic", "value", title=f"{result.strategy} {result.params}")
-    for key, value in stats_json(result.stats).items():
-        table.add_row(key, str(value))
+    for key, value in stats_rows(result.stats):
+        table.add_row(key, value)
     console.print(table)
+    per = Table("symbol", "trades", "fills", "P&L", "fees", "exposure time %", "buy & hold %",
+                title="per symbol")
+    for symbol, row in breakdown_json(result.engine).items():
+        hold = row["buy_and_hold_pct"]
+        per.add_row(symbol, str(row["trades"]), str(row["fills"]), row["pnl"], row["fees"],
+                    f"{row['exposure_pct']:.2f}", "n/a" if hold is None else f"{hold:+.4f}")
+    console.print(per)
     read = result.read
     console.print(f"{result.engine.events:,} events from {', '.join(result.topics)} in "
                   f"{result.elapsed_s:.2f}s ({result.events_per_s:,.0f}/s; "

@@ -477,7 +477,7 @@ def plot_equity(result: EngineResult, path: Path, title: str = "") -> pd.DataFra
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     data = plot_frame(result)
     gaps = find_gaps(result.equity_labels_ms)
@@ -485,7 +485,9 @@ def plot_equity(result: EngineResult, path: Path, title: str = "") -> pd.DataFra
                                               gridspec_kw={"height_ratios": [3, 1.5, 1]})
     try:
         start = float(data["equity"].dropna().iloc[0])
-        top.plot(data.index, data["equity"], color="#1f77b4", linewidth=0.9, label="equity")
+        axis = _GapAxis(result.equity_labels_ms, gaps)
+        x = axis.x(data.index.as_unit("ms").asi8)
+        top.plot(x, data["equity"], color="#1f77b4", linewidth=0.9, label="equity")
         shown = data["equity"][data["equity"] > 0]
         if len(shown) and shown.max() / shown.min() > 20:  # e.g. a ruin next to a bull run
             top.set_yscale("log")
@@ -508,13 +510,13 @@ def plot_equity(result: EngineResult, path: Path, title: str = "") -> pd.DataFra
         label += ", equal weight)" if len(symbols) > 1 else ")"
         bh = data["buy_hold_pct"].dropna()
         if len(bh):
-            middle.plot(data.index, data["buy_hold_pct"], color="#7f7f7f", linewidth=0.8,
+            middle.plot(x, data["buy_hold_pct"], color="#7f7f7f", linewidth=0.8,
                         label=f"{label}: {bh.iloc[-1]:+.4g}%")
             middle.legend(loc="upper left")
         bh_digits = _digits(data["buy_hold_pct"])
         middle.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:+.{bh_digits}f}%"))
         middle.set_ylabel("buy & hold %")
-        bottom.fill_between(data.index, data["drawdown_pct"], 0, color="#d62728", alpha=0.5,
+        bottom.fill_between(x, data["drawdown_pct"], 0, color="#d62728", alpha=0.5,
                             linewidth=0)
         dd_digits = _digits(data["drawdown_pct"])
         bottom.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.{dd_digits}f}%"))
@@ -522,17 +524,53 @@ def plot_equity(result: EngineResult, path: Path, title: str = "") -> pd.DataFra
         for ax in (top, middle, bottom):
             ax.grid(alpha=0.3)
             for a, b in gaps:
-                ax.axvspan(pd.Timestamp(a, unit="ms"), pd.Timestamp(b, unit="ms"),
-                           color="#cccccc", alpha=0.4, linewidth=0,
-                           label="no data" if ax is bottom and (a, b) == gaps[0] else None)
+                ax.axvspan(*axis.x(np.array([a, b])), color="#cccccc", alpha=0.5,
+                           linewidth=0)
+        for a, b in gaps[:20]:
+            middle.annotate(f"{pd.Timedelta(b - a, unit='ms')} without data".replace(
+                "0 days ", ""), (float(axis.x(np.array([(a + b) // 2]))[0]), 0.5),
+                xycoords=("data", "axes fraction"), rotation=90, ha="center", va="center",
+                fontsize=7, color="#555555")
+        bottom.xaxis.set_major_locator(MaxNLocator(8))
+        bottom.xaxis.set_major_formatter(FuncFormatter(lambda v, _: axis.label(v)))
         if gaps:
-            bottom.legend(loc="lower left")
+            bottom.set_xlabel(f"UTC; shaded: gaps (no market event for over "
+                              f"{gap_threshold_ms(result.equity_labels_ms) / 1000:g} s), "
+                              "drawn narrower than their length")
         fig.autofmt_xdate()
         fig.tight_layout()
         fig.savefig(path, dpi=100)
     finally:
         plt.close(fig)
     return data
+
+
+class _GapAxis:
+    """The plot's x axis: time in ms, with each gap drawn at most a few percent of the
+    covered time wide (a 30-minute pause beside 2 minutes of data would otherwise squeeze
+    the data to the edges); :meth:`label` gives a position's real UTC time."""
+
+    def __init__(self, labels_ms: list[int], gaps: list[tuple[int, int]]) -> None:
+        span = (labels_ms[-1] - labels_ms[0]) if labels_ms else 0
+        covered = span - sum(b - a for a, b in gaps)
+        self.real = [labels_ms[0] if labels_ms else 0]
+        self.drawn = [0.0]
+        for a, b in gaps:
+            before = self.drawn[-1] + (a - self.real[-1])
+            self.real += [a, b]
+            self.drawn += [before, before + min(b - a, max(0.03 * covered, 1.0))]
+        self.real.append(labels_ms[-1] if labels_ms else 0)
+        self.drawn.append(self.drawn[-1] + (self.real[-1] - self.real[-2]))
+        self.span = span
+
+    def x(self, ms: np.ndarray) -> np.ndarray:
+        return np.interp(np.asarray(ms, dtype=float), self.real, self.drawn)
+
+    def label(self, drawn: float) -> str:
+        when = pd.Timestamp(int(np.interp(drawn, self.drawn, self.real)), unit="ms")
+        fmt = "%Y-%m-%d" if self.span > 4 * 86_400_000 else \
+            "%m-%d %H:%M" if self.span > 3_600_000 else "%H:%M:%S"
+        return when.strftime(fmt)
 
 
 def _digits(values: pd.Series) -> int:
@@ -583,6 +621,19 @@ def breakdown_json(result: EngineResult) -> dict[str, dict[str, Any]]:
             "buy_and_hold_from": None if hold.get("first_ms") is None else _iso(hold["first_ms"]),
             "buy_and_hold_to": None if hold.get("last_ms") is None else _iso(hold["last_ms"]),
         }
+    return out
+
+
+def breakdown_columns(result: EngineResult) -> dict[str, Any]:
+    """:func:`symbol_breakdown` as flat columns (``FILUSD Trades``, ``FILUSD PnL``, ...)
+    for a sweep's table; exact decimals as text."""
+    out: dict[str, Any] = {}
+    for symbol, row in symbol_breakdown(result).items():
+        out[f"{symbol} Trades"] = row["trades"]
+        out[f"{symbol} PnL"] = str(row["pnl"])
+        out[f"{symbol} Fees"] = str(row["fees"])
+        out[f"{symbol} Exposure Time [%]"] = row["exposure_pct"]
+        out[f"{symbol} Buy & Hold Return [%]"] = row["buy_and_hold_pct"]
     return out
 
 

@@ -31,7 +31,7 @@ from pipeline.core.decimals import plain
 from pipeline.errors import PipelineError
 from pipeline.kafka import ReliableProducer
 from pipeline.registry import SchemaRegistry
-from pipeline.report import COMPARABLE, trades_csv
+from pipeline.report import COMPARABLE, find_gaps, trades_csv
 from pipeline.serde import Encoder
 from pipeline.strategy import FULL_EQUITY, OrderIntent, Strategy
 from producers.csv_bars import load_csv_bars
@@ -137,8 +137,23 @@ def test_parity_with_backtesting_py_on_the_real_hourly_file(kafka, registry, bar
     # the frame and the files
     frame = ours.trades
     assert list(frame["Size"]) == list(trades["Size"].astype(float))
-    assert sorted(p.name for p in out.iterdir()) == ["equity.csv", "equity.png", "report.html",
+    assert sorted(p.name for p in out.iterdir()) == ["equity.csv", "equity.png",
+                                                    "equity_plot.csv", "report.html",
                                                     "stats.json", "trades.csv"]
+    # What the report says it covers: the one symbol, the whole file, its gaps as gaps.
+    assert ours.stats["Symbols"] == ours.engine.primary == "BTCUSD"
+    assert ours.stats["Buy & Hold Of"].startswith("equal-weight BTCUSD (bar close)")
+    gaps = find_gaps(ours.engine.equity_labels_ms)
+    assert ours.stats["Gaps"] == len(gaps)
+    plotted = pd.read_csv(out / "equity_plot.csv", parse_dates=["time"])
+    assert len(plotted) == len(ours.engine.equity) + len(gaps)
+    times = plotted["time"].astype("int64") // 10**6
+    for a, b in gaps:
+        assert plotted[(times > a) & (times < b)]["equity"].isna().all()
+    shots = REPO_ROOT / "run" / "test-screenshots" / "report-truth" / f"smacross-{allow_short}"
+    shots.mkdir(parents=True, exist_ok=True)
+    for name in ("equity.png", "report.html", "stats.json"):
+        (shots / name).write_bytes((out / name).read_bytes())
     assert (out / "trades.csv").read_text() == ours.trades_csv
     assert (out / "equity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "stats.json").read_text())["summary"]
@@ -583,7 +598,7 @@ def test_the_backtest_command_prints_the_statistics_and_writes_the_same_trades(
     api = run_backtest(kafka, registry.url, bars_ns, SMA, PARITY)
     assert (out / "trades.csv").read_text() == api.trades_csv
     assert {p.name for p in out.iterdir()} == {"trades.csv", "equity.csv", "stats.json",
-                                               "equity.png"}
+                                               "equity.png", "equity_plot.csv"}
     stats = json.loads((out / "stats.json").read_text())["stats"]
     assert stats["# Trades"] == len(api.engine.trades) == 1879
     assert re.search(r"# Trades\s*│\s*1879", done.stdout)
