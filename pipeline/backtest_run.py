@@ -258,8 +258,9 @@ def run_backtest(bootstrap: str, registry_url: str, namespace: Namespace | str,
     compute the statistics.
 
     With ``out_dir`` it writes ``trades.csv``, ``equity.csv``, ``stats.json``,
-    ``equity.png`` (and ``report.html`` with ``html``), all or nothing: into a temporary
-    directory renamed at the end; an existing non-empty ``out_dir`` is refused before
+    ``equity.png``, ``equity_plot.csv`` (and ``report.html`` with ``html``), all or
+    nothing: into a temporary directory renamed at the end; an existing non-empty
+    ``out_dir`` is refused before
     anything runs.
 
     Ctrl-C stops after the current batch: the result (and the files) cover what was

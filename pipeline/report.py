@@ -496,10 +496,12 @@ def plot_equity(result: EngineResult, path: Path, title: str = "") -> pd.DataFra
         digits = _digits(data["equity"])
         top.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.{digits}f}"))
         top.set_ylabel("equity")
-        right = top.secondary_yaxis("right", functions=(lambda v: (v / start - 1) * 100,
-                                                        lambda p: (p / 100 + 1) * start))
+        right = top.twinx()  # the same scale and limits, its ticks read as percent
+        right.set_yscale(top.get_yscale())
+        right.set_ylim(top.get_ylim())
         pct_digits = _digits(data["return_pct"])
-        right.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:+.{pct_digits}f}%"))
+        right.yaxis.set_major_formatter(FuncFormatter(
+            lambda v, _: f"{(v / start - 1) * 100:+.{pct_digits}f}%"))
         right.set_ylabel("return %")
         final = data["return_pct"].dropna()
         top.set_title(title or "equity")
@@ -688,6 +690,8 @@ def write_html(path: Path, title: str, stats: dict[str, Any], trades_text: str,
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
+        if value and abs(value) < 0.01:  # a tiny return is not "-0.0000"
+            return f"{value:.4g}"
         return f"{value:,.4f}"
     return str(value)
 

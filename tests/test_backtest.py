@@ -665,4 +665,8 @@ def test_the_backtest_command_sweeps_a_grid(kafka, registry, bars_ns, tmp_path):
     table = pd.read_csv(out / "sweep.csv")
     assert list(zip(table["fast"], table["slow"])) == [(10, 20), (10, 30)]
     assert table["# Trades"].iloc[0] == 1879
+    # what the rows cover, and the per-symbol columns
+    assert list(table["Symbols"]) == ["BTCUSD"] * 2 and list(table["Gaps"]) == [0, 0]
+    assert table["BTCUSD Trades"].iloc[0] == 1879
+    assert list(table["BTCUSD Buy & Hold Return [%]"]) == list(table["Buy & Hold Return [%]"])
     assert "2 of 2 combination(s)" in done.stdout
