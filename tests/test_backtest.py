@@ -31,7 +31,7 @@ from pipeline.core.decimals import plain
 from pipeline.errors import PipelineError
 from pipeline.kafka import ReliableProducer
 from pipeline.registry import SchemaRegistry
-from pipeline.report import COMPARABLE, find_gaps, trades_csv
+from pipeline.report import COMPARABLE, buy_and_hold, find_gaps, trades_csv
 from pipeline.serde import Encoder
 from pipeline.strategy import FULL_EQUITY, OrderIntent, Strategy
 from producers.csv_bars import load_csv_bars
@@ -442,6 +442,11 @@ def test_mid_quoter_replays_the_capture_from_kafka_through_the_book_deterministi
     assert len(a.engine.trades) >= 2 and a.engine.pending_orders <= 2
     assert a.trades_csv == b.trades_csv and a.final_equity == b.final_equity
     assert a.summary()["orders"] == b.summary()["orders"]
+    # The report's benchmark is the symbol traded, not the topic's first one.
+    assert a.stats["Symbols"] == "FILUSD" and a.stats["Buy & Hold Of"].startswith(
+        "equal-weight FILUSD (book mid)")
+    assert a.stats["Buy & Hold Return [%]"] == b.stats["Buy & Hold Return [%]"] == \
+        buy_and_hold(a.engine)["FILUSD"]["return_pct"]
 
 
 # --------------------------------------------------------------------------- merging
