@@ -50,6 +50,11 @@ def test_the_bench_harness_runs_and_writes_its_figures(kafka, registry):
     assert [f["name"].rsplit(", ", 1)[1] for f in acked] == ["p50", "p99"]
     assert all(f["unit"] == "ms" and f["events"] >= 40 and "REST" in f["baseline"]
                for f in acked)
+    # frame -> order acknowledged end to end: as many samples as frames moved the mid
+    e2e = [f for f in data["figures"] if f["name"].startswith("end to end @")]
+    assert [f["name"].rsplit(", ", 1)[1] for f in e2e] == ["p50", "p99"]
+    assert all(f["unit"] == "ms" and f["events"] > 0 and "REST" in f["baseline"] for f in e2e)
+    acked += e2e
     for figure in data["figures"]:
         assert figure["value"] > 0 and figure["baseline_value"] > 0 and figure["unit"]
         # figures count frames or records (300 asked for), or the changes inside them, or
