@@ -414,6 +414,10 @@ def backtest(
                                                   "at the price) or none (at the front)."),
     latency_ms: int = typer.Option(0, help="book: orders and cancels reach the simulated "
                                            "exchange this long after their trigger."),
+    rules_file: Optional[Path] = typer.Option(None, help="book: Gemini's symbol rules the "
+                                              "simulated exchange refuses orders by (a rules "
+                                              "cache, or recorded /v1/symbols/details "
+                                              "responses) \[default: none]."),
     slippage: str = typer.Option("0", help="next-open: a fraction added to buys' and taken "
                                            "from sells' prices (backtesting.py's spread)."),
     lot: str = typer.Option("1", help="Fraction sizing rounds down to whole lots of this."),
@@ -449,7 +453,8 @@ def backtest(
     config = BacktestConfig(fill=fill, cash=cash, commission=commission, slippage=slippage,
                             lot=lot, interval=interval, finalize_trades=finalize,
                             book_depth=book_depth, maker_fee=maker_fee, taker_fee=taker_fee,
-                            queue=queue, latency_ms=latency_ms)
+                            queue=queue, latency_ms=latency_ms,
+                            rules_file=str(rules_file) if rules_file else None)
     common = dict(start=start, end=end, config=config,
                   topics=topics.split(",") if topics else None,
                   offsets=parse_offsets(offsets, namespace) if offsets else None)

@@ -410,7 +410,7 @@ def test_book_fills_are_settled_at_the_end_and_sampled_equity_is_marked_at_the_m
 
 @pytest.mark.broker
 def test_mid_quoter_replays_the_capture_from_kafka_through_the_book_deterministically(
-        kafka, registry, namespace, shared_data):
+        kafka, registry, namespace, shared_data, tmp_path):
     from pipeline.gemini.capture import received_frames
     from pipeline.gemini.marketdata import V2Normalizer
 
@@ -447,6 +447,18 @@ def test_mid_quoter_replays_the_capture_from_kafka_through_the_book_deterministi
         "equal-weight FILUSD (book mid)")
     assert a.stats["Buy & Hold Return [%]"] == b.stats["Buy & Hold Return [%]"] == \
         buy_and_hold(a.engine)["FILUSD"]["return_pct"]
+    # The command line with that day's symbol rules: MidQuoter's default 0.001 FIL is below
+    # FILUSD's minimum of 0.1, so every order is refused as Gemini would, and nothing trades.
+    out = tmp_path / "ruled"
+    done = pipeline_cli(kafka, registry, "backtest", "pipeline.strategy:MidQuoter", "-n",
+                        str(namespace), "--fill", "book", "--cash", "100000",
+                        "--params", json.dumps(params), "--out", str(out), "--no-progress",
+                        "--rules-file", str(shared_data / "gemini_rest_symbols_2021-06-24.txt"))
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "stats.json").read_text())
+    assert report["stats"]["# Trades"] == 0
+    orders = report["summary"]["orders"]
+    assert orders["rejected"] == orders["submitted"] > 10 and orders["filled"] == 0
 
 
 # --------------------------------------------------------------------------- merging
