@@ -636,7 +636,11 @@ class ExecutionHandler(Handler):
         if self._control is not None:
             self._control.close()
             self._control = None
-        if self.rest is not None:
+        if self.gemini is not None:
+            # The WebSocket's end cancels the orders it placed (cancel-on-disconnect); the
+            # next start re-reads them. Closes the REST session as well.
+            self.gemini.close()
+        elif self.rest is not None:
             self.rest.close()
         if self.intents is not None:
             self.intents.flush(10)
