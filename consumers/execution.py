@@ -549,7 +549,6 @@ class ExecutionHandler(Handler):
         paper = self.paper = PaperExecution(self.settings.simulator(), self.settings.book_depth)
         self.client = paper
         self._marks, self._read, self._heard, self._held = {}, {}, {}, {}
-        self._assigned_at = time.monotonic()
         consumer = restore_consumer(self.bootstrap)
         try:
             for tp in partitions:
@@ -589,6 +588,9 @@ class ExecutionHandler(Handler):
             paper.replay_book(value, msg.partition(), msg.offset())
             replayed += 1
         self._last_checkpoint = time.monotonic()
+        # The market data's silence counts from now, when reading can start: the restore
+        # above (reading paper.state to its end) may itself take longer than hold_idle_s.
+        self._assigned_at = time.monotonic()
         log.info("paper: %d book(s) and %d orders state(s) restored, %d md.l2 record(s) "
                  "re-applied to the books", len(books), len(latest) - len(books), replayed)
         return paper.open_orders()
