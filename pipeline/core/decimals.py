@@ -12,24 +12,25 @@ def plain(number: Decimal) -> str:
     return format(number.normalize(), "f") if number else "0"
 
 
-def positive(text: object) -> Decimal | None:
-    """A positive finite Decimal from a decimal string, else None."""
+def finite(text: object) -> Decimal | None:
+    """A finite Decimal from a decimal string, else None (not a string, not a number,
+    infinite or NaN)."""
     if not isinstance(text, str):
         return None
     try:
         number = Decimal(text)
     except InvalidOperation:
         return None
-    return number if number.is_finite() and number > 0 else None
+    return number if number.is_finite() else None
 
+
+def positive(text: object) -> Decimal | None:
+    """A positive finite Decimal from a decimal string, else None."""
+    number = finite(text)
+    return number if number is not None and number > 0 else None
 
 
 def non_negative(text: object) -> Decimal | None:
     """A finite Decimal >= 0 from a decimal string (a fee, an amount filled), else None."""
-    if not isinstance(text, str):
-        return None
-    try:
-        number = Decimal(text)
-    except InvalidOperation:
-        return None
-    return number if number.is_finite() and number >= 0 else None
+    number = finite(text)
+    return number if number is not None and number >= 0 else None
