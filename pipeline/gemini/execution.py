@@ -141,10 +141,11 @@ class GeminiSettings:
 class _Followed:
     """An order live at Gemini whose fills we still publish."""
 
-    __slots__ = ("order", "seen_ms", "next_poll", "booked")
+    __slots__ = ("order", "seen_ms", "next_poll", "booked", "tids")
 
     def __init__(self, order: Order, seen_ms: int, booked: bool = False) -> None:
         self.order, self.seen_ms, self.next_poll, self.booked = order, seen_ms, 0.0, booked
+        self.tids: set[int] = set()  # trade ids of the fills published (WebSocket, mytrades)
 
 
 class GeminiExecution:
@@ -280,12 +281,19 @@ class GeminiExecution:
         order.step(K.ACCEPTED)
         events = [order_event(order, K.ACCEPTED, now, self.mode)]
         followed = _Followed(order, seen_ms)
+        events += self._exact_fills(followed, status)
         events += self._progress(followed, status)
         if order.is_open:
             self.followed[order.client_order_id] = followed
             followed.next_poll = time.monotonic() + self.settings.follow_interval_s
             return events, f"open:{order.exchange_order_id}"
         return events, SENT
+
+    def _exact_fills(self, followed: _Followed, status: dict) -> list[OrderEvent]:
+        """Fill events with their own price, fee and liquidity, where the client can have
+        them; REST's status gives only the running totals, so here none (``_progress``
+        tells the change of ``executed_amount`` as one fill)."""
+        return []
 
     def _progress(self, followed: _Followed, status: dict, request_id: str | None = None,
                   reason: str | None = None) -> list[OrderEvent]:

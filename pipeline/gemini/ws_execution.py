@@ -30,6 +30,7 @@ reconciliation reports such orders.
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from decimal import Decimal
 from typing import Any, Callable, Mapping
@@ -62,8 +63,6 @@ class GeminiWsExecution(GeminiExecution):
         super().__init__(rest, nonces, mode, record_intent, settings, clock_ms, bucket)
         self.session = session
         self.counts.update({"ws_connections": 0, "recovered_fills": 0, "unknown_events": 0})
-        self._tids: dict[str, set[int]] = {}  # client_order_id -> trade ids published
-        self._by_order_id: dict[str, str] = {}  # Gemini order id -> client_order_id
         self._refused: dict[str, None] = {}  # recently refused ids (their REJECTED events)
         self._pending: list[OrderEvent] = []  # events made outside a call, for the next one
 
@@ -120,24 +119,33 @@ class GeminiWsExecution(GeminiExecution):
         mine = sorted((t for t in trades if str(t.get("order_id")) == order.exchange_order_id),
                       key=lambda t: (t.get("timestampms", 0), t.get("tid", 0)))
         seen_amount, events = Decimal(0), []
-        tids = self._tids.setdefault(order.client_order_id, set())
         for trade in mine:
             amount = Decimal(trade["amount"])
-            if trade.get("tid") in tids or seen_amount + amount <= order.filled:
-                seen_amount += amount  # published before (by the stream, or before a restart)
-                tids.add(trade.get("tid"))
-                continue
+            # published before (by the stream, or before a restart: within its running amount)
+            known = trade.get("tid") in followed.tids or seen_amount + amount <= order.filled
             seen_amount += amount
-            tids.add(trade.get("tid"))
+            followed.tids.add(trade.get("tid"))
+            if known or amount > order.remaining:
+                continue
             fill = Fill(Decimal(trade["price"]), amount,
                         Liquidity.TAKER if trade.get("aggressor") else Liquidity.MAKER,
                         Decimal(trade["fee_amount"]) if trade.get("fee_amount") else None)
-            if fill.amount > order.remaining:
-                continue
             self.counts["recovered_fills"] += 1
             events.append(order_event(order, order.add_fill(fill), self.clock_ms(), self.mode,
                                       fill=fill))
         return events
+
+    def _exact_fills(self, followed: _Followed, status: dict) -> list[OrderEvent]:
+        """An order found over REST (in doubt, reconciled): its fills from ``mytrades``."""
+        order = followed.order
+        if Decimal(status.get("executed_amount") or "0") <= order.filled:
+            return []
+        try:
+            trades = self._call(f"mytrades {order.symbol}", lambda: self.rest.my_trades(
+                order.symbol, limit_trades=500, timestamp_ms=order.created_ms or followed.seen_ms))
+        except GeminiError as exc:
+            self._halt(f"cannot read the fills of order {order.client_order_id}: {exc}")
+        return self._missed_fills(followed, trades)
 
     # -- orders
 
@@ -163,7 +171,7 @@ class GeminiWsExecution(GeminiExecution):
                 return events + [request_event(request, K.REJECTED, self.clock_ms(),
                                                self.mode, reason=reason,
                                                price=order.price_text)], f"rejected:{reason}"
-            placed, outcome = self._adopt_found(order, found, seen_ms)
+            placed, outcome = self._adopt(order, found, seen_ms)
             return events + placed, outcome
         error = answer.get("error") or {}
         if answer.get("status") != 200:
@@ -179,33 +187,8 @@ class GeminiWsExecution(GeminiExecution):
         order.exchange_order_id = str((answer.get("result") or {}).get("orderId") or "") or None
         order.step(K.ACCEPTED)
         events.append(order_event(order, K.ACCEPTED, self.clock_ms(), self.mode))
-        followed = _Followed(order, seen_ms)
-        self.followed[cid] = followed
-        self._tids.setdefault(cid, set())
-        if order.exchange_order_id:
-            self._by_order_id[order.exchange_order_id] = cid
+        self.followed[cid] = _Followed(order, seen_ms)
         events += self._drain()  # its events so far (they may come before the answer)
-        if order.is_open:
-            return events, f"open:{order.exchange_order_id}"
-        return events, "sent"
-
-    def _adopt_found(self, order: Order, status: dict, seen_ms: int
-                     ) -> tuple[list[OrderEvent], str]:
-        """An order in doubt that Gemini has: its fills exactly, from ``mytrades``, then
-        what its status says (booked, cancelled by the disconnect, ...)."""
-        order.exchange_order_id = str(status["order_id"])
-        self._by_order_id[order.exchange_order_id] = order.client_order_id
-        order.step(K.ACCEPTED)
-        events = [order_event(order, K.ACCEPTED, self.clock_ms(), self.mode)]
-        followed = self.followed[order.client_order_id] = _Followed(order, seen_ms)
-        if Decimal(status.get("executed_amount") or "0") > 0:
-            try:
-                trades = self._call(f"mytrades {order.symbol}", lambda: self.rest.my_trades(
-                    order.symbol, limit_trades=500, timestamp_ms=order.created_ms or seen_ms))
-            except GeminiError as exc:
-                self._halt(f"cannot read the fills of order {order.client_order_id}: {exc}")
-            events += self._missed_fills(followed, trades)
-        events += self._progress(followed, status)
         if order.is_open:
             return events, f"open:{order.exchange_order_id}"
         return events, "sent"
@@ -226,7 +209,7 @@ class GeminiWsExecution(GeminiExecution):
             if isinstance(status, int) and status >= 500:
                 raise WsError(f"{what}: Gemini answered {status} {answer.get('error')}")
             return answer
-        return answer
+        raise AssertionError("unreachable: the last attempt returns")
 
     def _cancel(self, target: str, request: OrderRequest, reason: str = REQUESTED
                 ) -> list[OrderEvent]:
@@ -270,7 +253,7 @@ class GeminiWsExecution(GeminiExecution):
                 return events
             try:
                 update = self.session.events.get(timeout=0.05)
-            except Exception:  # noqa: BLE001 - queue.Empty: nothing yet
+            except queue.Empty:
                 continue
             events += self._apply(update, request_id, reason)
 
@@ -339,14 +322,15 @@ class GeminiWsExecution(GeminiExecution):
         while True:
             try:
                 update = self.session.events.get_nowait()
-            except Exception:  # noqa: BLE001 - queue.Empty
+            except queue.Empty:
                 return events
             events += self._apply(update, request_id, reason)
 
     def _apply(self, update: Mapping[str, Any], request_id: str | None = None,
                reason: str = REQUESTED) -> list[OrderEvent]:
         """Events for one ``orderUpdate``."""
-        cid = update.get("c") or self._by_order_id.get(str(update.get("i")))
+        cid = update.get("c") or next((c for c, f in self.followed.items() if
+                                       f.order.exchange_order_id == str(update.get("i"))), None)
         followed = self.followed.get(cid) if cid else None
         if followed is None:
             if update.get("X") == "REJECTED" and cid in self._refused:
@@ -355,14 +339,12 @@ class GeminiWsExecution(GeminiExecution):
         order, status, now = followed.order, update.get("X"), self.clock_ms()
         if order.exchange_order_id is None and update.get("i") is not None:
             order.exchange_order_id = str(update["i"])
-            self._by_order_id[order.exchange_order_id] = order.client_order_id
         events: list[OrderEvent] = []
         if status in ("PARTIALLY_FILLED", "FILLED"):
             tid = update.get("t")
-            tids = self._tids.setdefault(order.client_order_id, set())
-            if tid is not None and tid in tids:
+            if tid is not None and tid in followed.tids:
                 return []
-            tids.add(tid)
+            followed.tids.add(tid)
             fill = Fill(Decimal(update["L"]), Decimal(update["Z"]),
                         Liquidity.MAKER if update.get("m") else Liquidity.TAKER,
                         Decimal(update["n"]) if update.get("n") not in (None, "") else None)
