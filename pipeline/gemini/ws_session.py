@@ -139,12 +139,6 @@ class WsSession:
             self._reader.join(2)
         self._fail("connection closed")
 
-    def drop(self) -> None:
-        """Cut the TCP connection without a close frame (tests: a network failure)."""
-        ws = self._ws
-        if ws is not None and ws.sock is not None:
-            ws.sock.shutdown(2)
-
     # -- the reader
 
     def _read(self, ws: websocket.WebSocket) -> None:
