@@ -146,7 +146,7 @@ class Refused(Exception):
         self.payload = payload or {}  # as decoded, if it got that far (for the log only)
 
 
-def _text(number: Decimal) -> str:
+def decimal_text(number: Decimal) -> str:
     """A Decimal as a plain decimal string, without exponent or trailing zeros."""
     return format(number.normalize(), "f") if number else "0"
 
@@ -158,7 +158,8 @@ def order_json(order: Order) -> dict[str, Any]:
         "id": str(order.order_id),
         "symbol": order.symbol.lower(),
         "exchange": "gemini",
-        "avg_execution_price": _text(order.avg_execution_price) if order.executed_amount else "0.00",
+        "avg_execution_price": decimal_text(order.avg_execution_price)
+        if order.executed_amount else "0.00",
         "side": order.side,
         "type": "exchange limit",
         "timestamp": str(order.timestamp_ms // 1000),
@@ -167,11 +168,11 @@ def order_json(order: Order) -> dict[str, Any]:
         "is_cancelled": order.is_cancelled,
         "is_hidden": False,
         "was_forced": False,
-        "executed_amount": _text(order.executed_amount),
-        "remaining_amount": _text(order.remaining_amount),
+        "executed_amount": decimal_text(order.executed_amount),
+        "remaining_amount": decimal_text(order.remaining_amount),
         "options": list(order.options),
-        "price": _text(order.price),
-        "original_amount": _text(order.original_amount),
+        "price": decimal_text(order.price),
+        "original_amount": decimal_text(order.original_amount),
     }
     if order.client_order_id is not None:
         body["client_order_id"] = order.client_order_id
@@ -183,14 +184,14 @@ def order_json(order: Order) -> dict[str, Any]:
 def trade_json(fill: Fill) -> dict[str, Any]:
     """A fill in the shape of Gemini's ``mytrades`` entries."""
     body: dict[str, Any] = {
-        "price": _text(fill.price),
-        "amount": _text(fill.amount),
+        "price": decimal_text(fill.price),
+        "amount": decimal_text(fill.amount),
         "timestamp": fill.timestamp_ms // 1000,
         "timestampms": fill.timestamp_ms,
         "type": "Buy" if fill.side == "buy" else "Sell",
         "aggressor": fill.aggressor,
         "fee_currency": fill.fee_currency,
-        "fee_amount": _text(fill.fee),
+        "fee_amount": decimal_text(fill.fee),
         "tid": fill.tid,
         "order_id": str(fill.order_id),
         "exchange": "gemini",
@@ -226,9 +227,9 @@ def balance_json(balance: Balance) -> dict[str, Any]:
     return {
         "type": "exchange",
         "currency": balance.currency,
-        "amount": _text(balance.amount),
-        "available": _text(balance.available),
-        "availableForWithdrawal": _text(balance.available),
+        "amount": decimal_text(balance.amount),
+        "available": decimal_text(balance.available),
+        "availableForWithdrawal": decimal_text(balance.available),
     }
 
 

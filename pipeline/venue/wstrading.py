@@ -37,6 +37,7 @@ What the docs leave open, and this venue does (one place: the client in
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -44,13 +45,12 @@ import hmac
 import json
 import time
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from pipeline.venue.exchange import Exchange, ExchangeError, Fill, Order
-from pipeline.venue.rest import NONCE_WINDOW_S, RateGate, RestFaults, VenueKey
+from pipeline.venue.rest import NONCE_WINDOW_S, RateGate, RestFaults, VenueKey, decimal_text
 
 if TYPE_CHECKING:
     from pipeline.venue.wsapi import WsApi, WsConnection
@@ -58,7 +58,6 @@ if TYPE_CHECKING:
 from pipeline.venue.wsapi import AUTH_REQUIRED, INVALID_PARAMETERS, NO_RESULT, ApiError
 
 RATE_LIMITED = (429, -1003)
-INVALID = INVALID_PARAMETERS
 ORDER_REJECTED = (400, -2010)
 PRIVATE_STREAMS = ("orders@account", "orders@session")  # balances@account: not emulated
 TIME_IN_FORCE = {"GTC": (), "IOC": ("immediate-or-cancel",), "FOK": ("fill-or-kill",),
@@ -110,7 +109,8 @@ class WsTrading:
         if not any(given):
             return None
         if not all(given):
-            raise web.HTTPUnauthorized(text=f"missing {[n for n, v in zip(names, given) if not v]}")
+            missing = [name for name, value in zip(names, given) if not value]
+            raise web.HTTPUnauthorized(text=f"missing {missing}")
         api_key, nonce, payload, signature = given
         key = self.keys.get(api_key)
         if key is None:
@@ -134,10 +134,13 @@ class WsTrading:
     async def closed(self, conn: "WsConnection") -> None:
         session = conn.session
         if session is not None and session.cancel_on_disconnect:
-            for order_id in sorted(session.placed):
-                order = self.exchange._orders.get(order_id)
-                if order is not None and order.is_live:
-                    self.exchange.cancel(session.api_key, order_id, "CancelOnDisconnect")
+            for order in self._live_placed(session):
+                self.exchange.cancel(session.api_key, order.order_id, "CancelOnDisconnect")
+
+    def _live_placed(self, session: Session) -> list[Order]:
+        """The live orders placed over this connection, by order id."""
+        return [order for order in self.exchange.active_orders(session.api_key)
+                if order.order_id in session.placed]
 
     def _session(self, conn: "WsConnection") -> Session:
         session = conn.session
@@ -149,8 +152,8 @@ class WsTrading:
 
     def _split(self, params: Any) -> tuple[list[str], list[str]]:
         if not (isinstance(params, list) and all(isinstance(p, str) for p in params)):
-            raise ApiError(INVALID, "Invalid parameters: params must be an array of stream "
-                                    "names")
+            raise ApiError(INVALID_PARAMETERS,
+                           "Invalid parameters: params must be an array of stream names")
         return ([p for p in params if p in PRIVATE_STREAMS],
                 [p for p in params if p not in PRIVATE_STREAMS])
 
@@ -178,37 +181,34 @@ class WsTrading:
         if wait is None:
             raise ApiError(RATE_LIMITED, "Rate limit exceeded")
         if wait:
-            import asyncio
             await asyncio.sleep(wait)
 
     async def _place(self, conn: "WsConnection", params: Any) -> dict:
         session = self._session(conn)
         if not isinstance(params, dict):
-            raise ApiError(INVALID, "params must be an object")
+            raise ApiError(INVALID_PARAMETERS, "params must be an object")
         cid = params.get("clientOrderId")
         fault = self.faults.take("order.place")
         action = fault["action"] if fault else None
-        if action == "rate_limit":
-            self.log.append({"method": "order.place", "api_key": session.api_key,
-                             "client_order_id": cid, "outcome": "RateLimit"})
-            raise ApiError(RATE_LIMITED, "Rate limit exceeded")
-        if action == "error_before":
-            self.log.append({"method": "order.place", "api_key": session.api_key,
-                             "client_order_id": cid, "outcome": "System"})
-            raise ApiError((int(fault.get("status", 500)), -1000), "Internal server error")
-        await self._admit(session)
         entry = {"method": "order.place", "api_key": session.api_key, "client_order_id": cid}
         self.log.append(entry)
+        if action == "rate_limit":
+            entry["outcome"] = "RateLimit"
+            raise ApiError(RATE_LIMITED, "Rate limit exceeded")
+        if action == "error_before":
+            entry["outcome"] = "System"
+            raise ApiError((int(fault.get("status", 500)), -1000), "Internal server error")
+        await self._admit(session)
         missing = [f for f in ("symbol", "side", "type", "timeInForce", "quantity")
                    if f not in params]
         if missing:
             entry["outcome"] = "InvalidParameters"
-            raise ApiError(INVALID, f"missing {', '.join(missing)}")
+            raise ApiError(INVALID_PARAMETERS, f"missing {', '.join(missing)}")
         if params["type"] != "LIMIT" or params["timeInForce"] not in TIME_IN_FORCE or \
                 params["side"] not in ("BUY", "SELL") or "price" not in params:
             entry["outcome"] = "InvalidParameters"
-            raise ApiError(INVALID, "the venue takes LIMIT orders with a price, side BUY or "
-                                    "SELL and timeInForce GTC, IOC, FOK or MOC")
+            raise ApiError(INVALID_PARAMETERS, "the venue takes LIMIT orders with a price, side "
+                           "BUY or SELL and timeInForce GTC, IOC, FOK or MOC")
         try:
             order = self.exchange.new_order(
                 session.api_key, str(params["symbol"]), params["quantity"], params["price"],
@@ -227,7 +227,6 @@ class WsTrading:
         if action == "drop_after":
             conn.base.drop()  # executed; the answer never leaves
         if action == "stall_after":
-            import asyncio
             await asyncio.sleep(float(fault.get("seconds", 2.0)))
         return {"orderId": str(order.order_id), "clientOrderId": cid}
 
@@ -235,14 +234,14 @@ class WsTrading:
         session = self._session(conn)
         order_id = params.get("orderId") if isinstance(params, dict) else None
         if isinstance(order_id, bool) or not str(order_id).isdigit():
-            raise ApiError(INVALID, f"orderId must be an order id, got {order_id!r}")
+            raise ApiError(INVALID_PARAMETERS, f"orderId must be an order id, got {order_id!r}")
         await self._admit(session)
         self.log.append({"method": "order.cancel", "api_key": session.api_key,
                          "order_id": int(order_id)})
         try:
             order = self.exchange.cancel(session.api_key, int(order_id))
         except ExchangeError as exc:
-            raise ApiError(INVALID, f"{exc.reason}: {exc.message}") from None
+            raise ApiError(INVALID_PARAMETERS, f"{exc.reason}: {exc.message}") from None
         return {"orderId": str(order.order_id), "status": _status(order)}
 
     async def _cancel_all(self, conn: "WsConnection", params: Any) -> dict:
@@ -256,12 +255,9 @@ class WsTrading:
         session = self._session(conn)
         await self._admit(session)
         self.log.append({"method": "order.cancel_session", "api_key": session.api_key})
-        cancelled = []
-        for order_id in sorted(session.placed):
-            order = self.exchange._orders.get(order_id)
-            if order is not None and order.is_live:
-                cancelled.append(str(self.exchange.cancel(session.api_key, order_id).order_id))
-        return {"cancelledOrders": cancelled}
+        cancelled = [self.exchange.cancel(session.api_key, order.order_id)
+                     for order in self._live_placed(session)]
+        return {"cancelledOrders": [str(order.order_id) for order in cancelled]}
 
     # -- events
 
@@ -285,11 +281,6 @@ def _ns() -> int:
     return time.time_ns()
 
 
-def _text(number: Decimal) -> str:
-    text = format(number.normalize(), "f")
-    return text if "." not in text else text.rstrip("0").rstrip(".") or "0"
-
-
 def _status(order: Order) -> str:
     if order.is_cancelled:
         return "CANCELED"
@@ -303,13 +294,14 @@ def _order_update(status: str, order: Order, fill: Fill | None) -> str:
     event: dict[str, Any] = {
         "e": "orderUpdate", "E": now, "s": order.symbol, "i": order.order_id,
         "c": order.client_order_id, "S": order.side.upper(), "o": "LIMIT", "X": status,
-        "p": _text(order.price), "q": _text(order.original_amount),
-        "z": _text(order.remaining_amount), "T": now}
+        "p": decimal_text(order.price), "q": decimal_text(order.original_amount),
+        "z": decimal_text(order.remaining_amount), "T": now}
     if fill is not None:
-        event.update({"Z": _text(fill.amount), "L": _text(fill.price), "t": fill.tid,
-                      "n": _text(fill.fee), "N": fill.fee_currency, "m": not fill.aggressor})
+        event.update({"Z": decimal_text(fill.amount), "L": decimal_text(fill.price), "t": fill.tid,
+                      "n": decimal_text(fill.fee), "N": fill.fee_currency,
+                      "m": not fill.aggressor})
     else:
-        event["Z"] = _text(order.executed_amount)
+        event["Z"] = decimal_text(order.executed_amount)
     if status == "CANCELED":
         event["r"] = order.cancel_reason or "Requested"
     return json.dumps(event, **_JSON)
