@@ -590,8 +590,8 @@ def _check_key(rest: GeminiRestClient, nonces: Nonces, jump_us: int, setting: st
     try:
         if nonces.time_based:
             nonce = nonces.next()
-            _balances_with(rest, nonce)
-            _balances_with(rest, nonce)  # an increasing key refuses a repeated nonce
+            rest.balances(nonce)
+            rest.balances(nonce)  # an increasing key refuses a repeated nonce
         else:
             try:
                 rest.balances()
@@ -616,24 +616,3 @@ def _check_key(rest: GeminiRestClient, nonces: Nonces, jump_us: int, setting: st
         raise PipelineError(f"the Gemini API key does not work: {exc.reason} "
                             f"(HTTP {exc.http_status})") from None
     return f"Gemini API key {rest.api_key} works with {setting} nonces"
-
-
-def _balances_with(rest: GeminiRestClient, nonce: int) -> None:
-    """A balance read signed with exactly ``nonce`` (the key check's repeated nonce)."""
-    fixed = _FixedNonce(nonce, rest.nonce_source)
-    saved, rest.nonce_source = rest.nonce_source, fixed
-    try:
-        rest.balances()
-    finally:
-        rest.nonce_source = saved
-
-
-class _FixedNonce:
-    def __init__(self, nonce: int, like: Nonces) -> None:
-        self.nonce, self.time_based = nonce, like.time_based
-
-    def next(self) -> int:
-        return self.nonce
-
-    def advance(self, jump_us: int) -> int:
-        return self.nonce

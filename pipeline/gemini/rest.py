@@ -309,8 +309,10 @@ class GeminiRestClient:
         """The account's live orders, each in the shape of ``order_status``."""
         return self._post("/v1/orders", {})
 
-    def balances(self) -> list[dict[str, Any]]:
-        return self._post("/v1/balances", {})
+    def balances(self, nonce: int | None = None) -> list[dict[str, Any]]:
+        """The account's balances; ``nonce`` signs with exactly that nonce instead of the
+        next one (the key check's repeated time-based nonce)."""
+        return self._post("/v1/balances", {}, nonce)
 
     def my_trades(self, symbol: str, limit_trades: int | None = None,
                   timestamp_ms: int | None = None) -> list[dict[str, Any]]:
@@ -323,10 +325,10 @@ class GeminiRestClient:
             payload["timestamp"] = int(timestamp_ms)
         return self._post("/v1/mytrades", payload)
 
-    def _post(self, path: str, payload: dict[str, Any]) -> Any:
+    def _post(self, path: str, payload: dict[str, Any], nonce: int | None = None) -> Any:
         if self.account is not None:
             payload = {**payload, "account": self.account}
-        nonce = self.nonce_source.next()
+        nonce = self.nonce_source.next() if nonce is None else nonce
         headers = sign_request(path, payload, self.api_key, self.__secret, nonce)
         url = self.base_url + path
         try:
