@@ -97,11 +97,16 @@ def _symbol(frame: dict, key: str = "symbol") -> str:
     return symbol.upper()
 
 
+def count_once(counter: Counter, kind: str, what: str) -> None:
+    """Count a frame of ``kind`` that is not kept; log the first of each kind only."""
+    if not counter[kind]:
+        log.info("%s of kind %r: not kept (logged once, counted)", what, kind)
+    counter[kind] += 1
+
+
 def _skip(skipped: Counter, kind: str) -> list:
     """Count a frame (or event) that is valid but carries nothing kept; log a kind once."""
-    if not skipped[kind]:
-        log.info("skipping Gemini market-data frames of kind %r (logged once, counted)", kind)
-    skipped[kind] += 1
+    count_once(skipped, kind, "Gemini market-data frames")
     return []
 
 

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import websocket
 
 from pipeline.errors import PipelineError
+from pipeline.gemini.marketdata import count_once
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +174,7 @@ class WsSession:
         self._fail("connection lost")
 
     def _unknown(self, kind: str) -> None:
-        self.unknown[kind] += 1
-        if self.unknown[kind] == 1:
-            log.warning("Gemini WebSocket: a frame of an unknown kind %s (counted, not kept)",
-                        kind)
+        count_once(self.unknown, kind, "Gemini WebSocket frames on the order session")
 
     def _fail(self, why: str) -> None:
         with self._lock:
