@@ -130,12 +130,18 @@ def _warmup(result: EngineResult) -> int:
                max(len(result.equity_labels_ms) - 1, 0))
 
 
-def _series(result: EngineResult, symbol: str) -> np.ndarray:
+def _marks_of(result: EngineResult, symbol: str) -> list[Decimal | None]:
+    """A symbol's mark at each equity point (the primary's own marks when none recorded)."""
     marks = result.marks.get(symbol)
-    if marks is None and symbol == result.primary:
+    if not marks and symbol == result.primary:
         marks = result.primary_marks
+    return list(marks or [])
+
+
+def _series(result: EngineResult, symbol: str) -> np.ndarray:
+    marks = _marks_of(result, symbol)
     n = len(result.equity_labels_ms)
-    values = [float(m) if m is not None else math.nan for m in (marks or [])]
+    values = [float(m) if m is not None else math.nan for m in marks]
     return np.array(values + [math.nan] * (n - len(values)), dtype=float)
 
 
@@ -147,8 +153,7 @@ def buy_and_hold(result: EngineResult) -> dict[str, dict[str, Any]]:
     start = _warmup(result)
     labels = result.equity_labels_ms
     for symbol in traded_symbols(result):
-        marks = result.marks.get(symbol) or (result.primary_marks
-                                             if symbol == result.primary else [])
+        marks = _marks_of(result, symbol)
         known = [(i, m) for i, m in enumerate(marks) if m is not None]
         after = [(i, m) for i, m in known if i >= start]
         if not after:
