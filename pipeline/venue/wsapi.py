@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
 
-from pipeline.venue.market import Book, MarketEvent, capture_events
+from pipeline.venue.market import Book, MarketEvent
 
 if TYPE_CHECKING:
     from pipeline.venue.server import Venue
@@ -105,7 +105,6 @@ class WsApi:
         self.venue = venue
         self.update_ids: Counter[str] = Counter()  # symbol -> id of its last book change
         self.connections: set[WsConnection] = set()
-        self._known: set[str] | None = None
         Handler = Callable[["WsConnection", Any], Awaitable[Any]]
         self.methods: dict[str, Handler] = {
             "SUBSCRIBE": self._subscribe, "subscribe": self._subscribe,
@@ -200,11 +199,8 @@ class WsApi:
         return symbol
 
     def _known_symbols(self) -> set[str]:
-        if self._known is None:
-            config = self.venue.config
-            self._known = ({e.symbol for e in capture_events(config.capture)}
-                           if config.capture is not None else {s.upper() for s in config.symbols})
-        return self._known | set(self.venue.market.books)
+        """What the venue serves: the capture's or generator's symbols, and any book."""
+        return self.venue.market.symbols()
 
     async def _subscribe(self, conn: WsConnection, params: Any) -> object:
         for name, symbol, kind in self._streams(params):
