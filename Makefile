@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py pipeline/_avro.c | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install broker registry up demo down status test bench fuzz clean
+.PHONY: install broker cluster registry up demo down status test chaos bench fuzz clean
 
 install: $(STAMP)
 
@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml setup.py pipeline/_avro.c
 
 broker: install
 	$(BIN)/pipeline broker start
+
+# A 3-node KRaft cluster in the run directory (each node a broker and a controller voter);
+# `make up`/`make demo` then run on it, every topic replicated 3 ways.
+cluster: install
+	$(BIN)/pipeline broker start --nodes 3
 
 registry: broker
 	$(BIN)/pipeline registry start
@@ -42,6 +47,13 @@ status: install
 # also when tests fail; with KAFKA_BOOTSTRAP_SERVERS set they use that cluster instead.
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The slow fault run: the demo topology on its own 3-node cluster for CHAOS_MINUTES under a
+# seeded schedule of kill -9s and venue faults, then invariants over every record written.
+CHAOS_MINUTES ?= 10
+CHAOS_SEED ?= 1
+chaos: install
+	$(BIN)/pipeline chaos --minutes $(CHAOS_MINUTES) --seed $(CHAOS_SEED) --nodes 3
 
 # Benchmarks start their own broker and registry under run/bench; EVENTS sizes them.
 EVENTS ?= 200000
