@@ -176,11 +176,19 @@ def fill(cid: str, amount: str, price: str, side: str, total: str) -> dict:
 
 def test_positions_equal_the_fold_of_the_fills():
     events = [fill("a", "2", "10", "BUY", "2"), fill("b", "1", "12", "SELL", "1")]
-    good = {"strategy_id": "s", "symbol": "BTCUSD", "quantity": "1", "realized_pnl": "2"}
+    good = {"strategy_id": "s", "symbol": "BTCUSD", "quantity": "1", "realized_pnl": "2",
+            "unrealized_pnl": "1", "mark": "11", "fills": 2}
     assert check_positions(events, [good]).held
     wrong = dict(good, quantity="2")
     assert "position 2, fills fold to 1" in check_positions(events, [good, wrong]).counterexample
     assert "no position record" in check_positions(events, []).counterexample
+    # Realized and unrealized may split differently (FIFO over another interleaving)...
+    assert check_positions(events, [dict(good, realized_pnl="1.5", unrealized_pnl="1.5")]).held
+    # ...but their sum may not differ, nor the count of fills.
+    lost = check_positions(events, [dict(good, unrealized_pnl="0.5")])
+    assert "PnL at mark 11 is 2.5 in the position, the fills fold to 3" in lost.counterexample
+    assert "3 fills in the position" in check_positions(
+        events, [dict(good, fills=3)]).counterexample
 
 
 def test_dlq_holds_exactly_the_injected_frames():

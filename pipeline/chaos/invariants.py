@@ -263,7 +263,14 @@ def check_orders(requests: Sequence[Record], events: Sequence[Record],
 
 
 def check_positions(events: Sequence[Record], positions: Iterable[Record]) -> Check:
-    """Each strategy's newest position per symbol equals the fold of its fill events."""
+    """Each strategy's newest position per symbol equals the fold of its fill events:
+    the same quantity, fills, and PnL (realized plus unrealized at the record's mark).
+
+    Realized PnL alone is not compared: FIFO lots split it from unrealized PnL by the
+    order fills were booked in, and a strategy's fills of different orders sit in
+    different partitions of ``orders.events`` (keyed by order), which no two readers
+    interleave alike. Their sum is the same in any order.
+    """
     check = Check("positions = fold of the fill events")
     latest: dict[tuple[str, str], Record] = {}
     for rec in positions:
@@ -276,16 +283,23 @@ def check_positions(events: Sequence[Record], positions: Iterable[Record]) -> Ch
         ledger = fold(own)
         for symbol, size in sorted(ledger.position.items()):
             got = latest.get((strategy, symbol))
+            where = f"{strategy} {symbol}"
             if got is None:
                 if size:
-                    check.fail(f"{strategy} {symbol}: fills fold to {size}, no position record")
+                    check.fail(f"{where}: fills fold to {size}, no position record")
                 continue
             if Decimal(got["quantity"]) != size:
-                check.fail(f"{strategy} {symbol}: position {got['quantity']}, fills fold to {size}")
-            realized = ledger.realized.get(symbol, Decimal(0))
-            if Decimal(got["realized_pnl"]) != realized:
-                check.fail(f"{strategy} {symbol}: realized PnL {got['realized_pnl']}, fills fold "
-                           f"to {realized}")
+                check.fail(f"{where}: position {got['quantity']}, fills fold to {size}")
+            fills = ledger.fill_count.get(symbol, 0)
+            if got.get("fills") is not None and got["fills"] != fills:
+                check.fail(f"{where}: {got['fills']} fills in the position, {fills} fill events")
+            if got.get("mark") is not None:
+                mark = Decimal(got["mark"])
+                want = ledger.realized.get(symbol, Decimal(0)) + ledger.unrealized_of(symbol, mark)
+                have = Decimal(got["realized_pnl"]) + Decimal(got["unrealized_pnl"] or 0)
+                if have != want:
+                    check.fail(f"{where}: PnL at mark {mark} is {have} in the position, the "
+                               f"fills fold to {want}")
     check.notes.append(f"{len(latest)} positions of {len(by_strategy)} strategies")
     return check
 
