@@ -247,7 +247,13 @@ class GroupRunner:
     def _on_consume_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._PARTITION_EOF:
             return
-        if err.fatal() or err.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART,
+        # A fatal error arrives as a message error of code _FATAL whose fatal() is False
+        # (librdkafka flags the handle, not the message): e.g. a static member fenced by
+        # its own rejoin after the group coordinator's broker died. The consumer is dead
+        # then, so the group must exit and be restarted, not idle on (found by `pipeline
+        # chaos`: the portfolio group stopped for good after a broker kill).
+        if err.fatal() or err.code() in (KafkaError._FATAL, KafkaError.FENCED_INSTANCE_ID,
+                                         KafkaError.UNKNOWN_TOPIC_OR_PART,
                                          KafkaError.TOPIC_AUTHORIZATION_FAILED):
             raise PipelineError(f"group {self.config.group_id}: {err.str()}")
         log.warning("group %s: consume error: %s", self.config.group_id, err.str())

@@ -173,6 +173,7 @@ def test_too_few_in_sync_replicas_make_producers_fail_loudly(cluster):
     assert [v for p, v in read_keyed(bootstrap, topic, 1)] == [b"after"]
 
 
+@pytest.mark.timeout(900)  # a cluster, the registry, 90 s of faults, the drain, the checks
 def test_short_chaos_run_on_a_cluster_holds_every_invariant(tmp_path):
     """The partition leader of orders.requests killed mid stream and restarted, a group and
     the producer killed: producer, groups and registry go on, nothing lost or doubled."""
@@ -180,7 +181,7 @@ def test_short_chaos_run_on_a_cluster_holds_every_invariant(tmp_path):
               Fault(55.0, "venue_malformed"), Fault(62.0, "kill_producer")]
     report = run_chaos(ChaosConfig(tmp_path / "chaos", minutes=1.5, seed=5, nodes=3,
                                    rate=40.0, faults=faults, drain_timeout_s=180),
-                       say=lambda line: None)
+                       say=lambda line: print(f"chaos: {line}", flush=True))
     failed = [f"{c.name}: {c.counterexample}" for c in report.checks if not c.held]
     assert not failed, failed
     assert report.injected == {"kill_leader": 1, "kill_group": 1, "venue_malformed": 1,

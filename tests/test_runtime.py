@@ -343,3 +343,20 @@ def test_transactional_group_is_exactly_once_across_sigkill(kafka, relay_topics,
     # The aborted transaction's records are in the log, invisible to read_committed readers.
     everything = read_all(kafka, t["md.trades"], isolation="read_uncommitted")
     assert len(everything) >= 600
+
+
+def test_a_fatal_consumer_error_ends_the_group_instead_of_idling():
+    """librdkafka hands a fatal error (a static member fenced after the coordinator's
+    broker died) to the application as a message error whose ``fatal()`` is False; the
+    group must stop on it (and be restarted), not log it and consume nothing forever."""
+    from types import SimpleNamespace
+
+    from confluent_kafka import KafkaError
+
+    runner = GroupRunner.__new__(GroupRunner)
+    runner.config = SimpleNamespace(group_id="sim.portfolio")
+    fenced = KafkaError(KafkaError._FATAL, "Fatal error: Broker: Static consumer fenced by "
+                                           "other consumer with same group.instance.id")
+    with pytest.raises(PipelineError, match="sim.portfolio: Fatal error: Broker: Static"):
+        runner._on_consume_error(fenced)
+    runner._on_consume_error(KafkaError(KafkaError._TRANSPORT, "broker down"))  # goes on
