@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import broker_secure
 from pipeline.config import REPO_ROOT, Settings, ensure_writable_dir
 from pipeline.errors import PipelineError
 from pipeline.services import (DetachedService, ServiceState, answers, find_java, free_port,
@@ -99,6 +100,12 @@ class LocalBroker(DetachedService[BrokerState]):
     def from_settings(cls, settings: Settings) -> "LocalBroker":
         return cls(settings.run_dir)
 
+    def state(self) -> BrokerState | None:
+        state = super().state()
+        if state is not None:  # secured: this process's clients connect as its operator
+            broker_secure.remember(self.home, state.bootstrap_servers)
+        return state
+
     def is_ready(self, timeout: float = 3.0) -> bool:
         state = self.state()
         return state is not None and broker_answers(state.bootstrap_servers, timeout)
@@ -106,8 +113,12 @@ class LocalBroker(DetachedService[BrokerState]):
     # -- start
 
     def start(self, port: int = DEFAULT_PORT, controller_port: int = DEFAULT_CONTROLLER_PORT,
-              timeout: float = START_TIMEOUT_S, quiet: bool = True) -> BrokerState:
-        """Start the broker, or return the running one; raise PipelineError on any failure."""
+              timeout: float = START_TIMEOUT_S, quiet: bool = True,
+              secure: bool = False) -> BrokerState:
+        """Start the broker, or return the running one; raise PipelineError on any failure.
+        ``secure`` (and always once a run directory's broker was): SASL_SSL, SCRAM users and
+        ACLs per role (pipeline/broker_secure.py)."""
+        secure = secure or broker_secure.is_secure(self.home)
         running = self.state()
         if running is not None:
             if not broker_answers(running.bootstrap_servers, timeout=timeout):
@@ -129,9 +140,26 @@ class LocalBroker(DetachedService[BrokerState]):
         find_java(17, "to run Apache Kafka 4")
         libs = kafka_libs(quiet=quiet)
         self._write_configs(port, controller_port)
+        scram = self._secure(port, controller_port) if secure else []
         if not (self.data_dir / "meta.properties").exists():
-            self._format(libs)
-        return self._launch(libs, port, controller_port, timeout)
+            self._format(libs, scram)
+        state = self._launch(libs, port, controller_port, timeout)
+        if secure:
+            broker_secure.grant_defaults(state.bootstrap_servers)
+        return state
+
+    def _secure(self, port: int, controller_port: int) -> list[str]:
+        """The secured broker's settings (appended to server.properties) and its users."""
+        formatted = (self.data_dir / "meta.properties").exists()
+        if formatted and not broker_secure.is_secure(self.home):
+            raise PipelineError(f"the broker of {self.home} was formatted without --secure, so "
+                                "it has no SCRAM users: use another run directory, or stop it "
+                                f"and delete {self.data_dir}")
+        files = broker_secure.prepare(self.home, self.host)
+        with self.config_file.open("a") as out:
+            out.write(broker_secure.server_properties(files, self.host, port, controller_port))
+        broker_secure.remember(self.home, f"{self.host}:{port}")
+        return [] if formatted else broker_secure.format_arguments(files)
 
     def _write_configs(self, port: int, controller_port: int) -> None:
         ensure_writable_dir(self.log_dir)
@@ -145,12 +173,13 @@ class LocalBroker(DetachedService[BrokerState]):
         self.log_config.write_text(_log4j_properties(self.log_dir / "server.log", "INFO"))
         self.tools_log_config.write_text(_log4j_properties(self.log_dir / "tools.log", "WARN"))
 
-    def _format(self, libs: Path) -> None:
+    def _format(self, libs: Path, extra: list[str]) -> None:
         cluster_id = "-"
         while cluster_id.startswith("-"):  # as Kafka's Uuid.randomUuid: "-x" reads as an option
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         cmd = java_command(libs, "kafka.tools.StorageTool", "format", "--cluster-id", cluster_id,
-                           "--config", str(self.config_file), log_config=self.tools_log_config)
+                           "--config", str(self.config_file), *extra,
+                           log_config=self.tools_log_config)
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise PipelineError(
@@ -210,10 +239,10 @@ def _log4j_properties(log_file: Path, level: str) -> str:
 
 def broker_answers(bootstrap: str, timeout: float = 3.0) -> bool:
     """True if a Kafka cluster at ``bootstrap`` returns metadata within ``timeout``."""
-    from confluent_kafka.admin import AdminClient  # local: keeps `pipeline --help` fast
+    from pipeline.kafka import make_admin  # local: keeps `pipeline --help` fast
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0,
-                         "logger": _SILENT_LOGGER})
+    admin = make_admin(bootstrap, log_level=0, logger=_SILENT_LOGGER,
+                       error_cb=_SILENT_LOGGER.log)
     try:
         admin.list_topics(timeout=timeout)
         return True

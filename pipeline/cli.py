@@ -34,7 +34,14 @@ RunDirOption = typer.Option(None, "--run-dir", envvar="PIPELINE_RUN_DIR",
 def _settings(run_dir: Optional[Path]):
     from pipeline.config import Settings
 
-    return Settings.from_env(run_dir)
+    settings = Settings.from_env(run_dir)
+    if not settings.bootstrap_servers:
+        from pipeline.broker import LocalBroker
+
+        # The run dir's broker, if secured, is the operator's: commands connect as admin
+        # unless KAFKA_SECURITY_*/KAFKA_CLIENT_PROPERTIES say otherwise.
+        LocalBroker.from_settings(settings).state()
+    return settings
 
 
 @broker_app.command("start")
@@ -42,6 +49,9 @@ def broker_start(
     run_dir: Optional[Path] = RunDirOption,
     port: int = typer.Option(9092, help="Client port (0 picks a free one)."),
     controller_port: int = typer.Option(9093, help="KRaft controller port (0 picks a free one)."),
+    secure: bool = typer.Option(False, "--secure", help="SASL_SSL with SCRAM users and ACLs, "
+                                "one principal per role (pipeline/broker_secure.py); a run "
+                                "directory's broker stays secured once it was."),
 ) -> None:
     """Start the broker (a second start is harmless); download the jars on first use."""
     from pipeline.broker import LocalBroker
@@ -50,11 +60,17 @@ def broker_start(
     broker = LocalBroker.from_settings(settings)
     started = _start_service("KAFKA_BOOTSTRAP_SERVERS", settings.bootstrap_servers, broker,
                              lambda: broker.start(port=port, controller_port=controller_port,
-                                                  quiet=False))
+                                                  quiet=False, secure=secure))
     if started:
         state, verb = started
         console.print(f"Kafka {state.kafka_version} {verb} on {state.bootstrap_servers} "
                       f"(pid {state.pid}, logs in {broker.log_dir})")
+        from pipeline.broker_secure import SecureFiles
+
+        files = SecureFiles(broker.home)
+        if files.exists:
+            console.print(f"secured: SASL_SSL/SCRAM-SHA-512, CA {files.ca}, one principal per "
+                          f"role, passwords (mode 0600) in {files.secrets}")
 
 
 def _start_service(env_var: str, external: str | None, service: DetachedService,
