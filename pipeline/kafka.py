@@ -10,6 +10,7 @@ fully handled.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -25,10 +26,15 @@ _client_log = logging.getLogger("librdkafka")
 
 class _RefusalFilter(logging.Filter):
     """librdkafka logs a refused password at every reconnect; the pipeline says it once,
-    naming the principal (:func:`raise_if_refused`)."""
+    naming the principal (:func:`raise_if_refused`). While :func:`check_reachable` serves
+    a client's events only to learn of a refusal, the log lines queued with them (one per
+    failed connect) are dropped too: its error says what happened."""
+
+    quiet = threading.local()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "SASL authentication error" not in record.getMessage()
+        return not getattr(self.quiet, "on", False) and \
+            "SASL authentication error" not in record.getMessage()
 
 
 _client_log.addFilter(_RefusalFilter())
@@ -110,7 +116,11 @@ def check_reachable(admin: AdminClient, bootstrap: str, timeout: float = 10.0):
         try:
             return admin.list_topics(timeout=max(min(1.0, deadline - time.monotonic()), 0.1))
         except KafkaException as exc:
-            admin.poll(0)  # serves the error events: a refused password is one of them
+            _RefusalFilter.quiet.on = True
+            try:
+                admin.poll(0)  # serves the error events: a refused password is one of them
+            finally:
+                _RefusalFilter.quiet.on = False
             raise_if_refused(bootstrap)
             if time.monotonic() >= deadline:
                 raise PipelineError(
