@@ -120,6 +120,9 @@ class LocalBroker(DetachedService[BrokerState]):
         ACLs per role (pipeline/broker_secure.py)."""
         secure = secure or broker_secure.is_secure(self.home)
         running = self.state()
+        if running is not None and secure and not broker_secure.is_secure(self.home):
+            raise PipelineError(f"the broker running from {self.home} (pid {running.pid}) is "
+                                "not secured: stop it first (`pipeline broker stop`)")
         if running is not None:
             if not broker_answers(running.bootstrap_servers, timeout=timeout):
                 raise PipelineError(
@@ -283,8 +286,9 @@ def reported_version(settings: Settings) -> dict[str, str]:
     cluster runs; it is asked of the broker with Kafka's own FeatureCommand.
     """
     bootstrap = bootstrap_servers(settings)
-    out = LocalBroker.from_settings(settings).run_tool(
-        "org.apache.kafka.tools.FeatureCommand", "--bootstrap-server", bootstrap, "describe")
+    broker = LocalBroker.from_settings(settings)
+    out = broker.run_tool("org.apache.kafka.tools.FeatureCommand", "--bootstrap-server", bootstrap,
+                          *broker_secure.tool_options(broker.home, bootstrap), "describe")
     features = {}
     for line in out.splitlines():
         match = re.match(r"Feature:\s*(\S+).*FinalizedVersionLevel:\s*(\S+)", line)

@@ -33,7 +33,7 @@ from typing import Iterable
 
 from pipeline.errors import PipelineError
 from pipeline.kafka_security import (SECURITY_ENV, KafkaSecurity, remember_security,
-                                     security_environment)
+                                     security_environment, write_java_properties, write_secret)
 
 MECHANISM = "SCRAM-SHA-512"
 SCRAM_ITERATIONS = 8192
@@ -113,13 +113,6 @@ class SecureFiles:
                              source=str(self.password_file(role)))
 
 
-def _write_secret(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    os.chmod(path, 0o600)
-
-
 def prepare(kafka_home: Path, host: str) -> SecureFiles:
     """Passwords, the CA and the broker's certificate, made once per run directory."""
     files = SecureFiles(kafka_home)
@@ -127,11 +120,11 @@ def prepare(kafka_home: Path, host: str) -> SecureFiles:
     os.chmod(files.secrets, 0o700)
     for role in ROLES:
         if not files.password_file(role).exists():
-            _write_secret(files.password_file(role), secrets.token_urlsafe(32))
+            write_secret(files.password_file(role), secrets.token_urlsafe(32))
     if not files.exists:
         key_password = secrets.token_urlsafe(32)
         _make_certificates(files, host, key_password)
-        _write_secret(files.broker_secrets, f"key.password={key_password}\n"
+        write_secret(files.broker_secrets, f"key.password={key_password}\n"
                                             f"admin.password={files.password(ADMIN)}\n")
     return files
 
@@ -168,7 +161,7 @@ def _make_certificates(files: SecureFiles, host: str, key_password: str) -> None
              "-passout", "stdin", stdin=key_password + "\n")
     for path in (ca_key, key, encrypted):
         os.chmod(path, 0o600)
-    _write_secret(files.broker_pem, encrypted.read_text() + cert.read_text() + files.ca.read_text())
+    write_secret(files.broker_pem, encrypted.read_text() + cert.read_text() + files.ca.read_text())
     key.unlink()
     encrypted.unlink()
     csr.unlink()
@@ -319,6 +312,21 @@ def grant(bootstrap: str, namespace: str, user_groups: Iterable[str] = (),
         except Exception as exc:  # noqa: BLE001 - one line naming the ACL
             raise PipelineError(f"could not create the ACL {binding}: {exc}") from None
     return len(bindings)
+
+
+def tool_options(kafka_home: Path, bootstrap: str) -> list[str]:
+    """``--command-config FILE`` for Kafka's own Java tools on a secured cluster (this
+    process's settings, as admin on the local one); the file is its owner's only."""
+    from pipeline.kafka_security import load_security
+
+    security = load_security(bootstrap=bootstrap)
+    if security.protocol == "PLAINTEXT":
+        return []
+    secrets_dir = SecureFiles(kafka_home).secrets
+    secrets_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(secrets_dir, 0o700)
+    path = write_java_properties(secrets_dir / "tools-client.properties", security)
+    return ["--command-config", str(path)]
 
 
 def grant_topology(kafka_home: Path, bootstrap: str, topology) -> int:

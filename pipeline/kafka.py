@@ -54,8 +54,6 @@ class _ClientErrors:
     def __call__(self, err: KafkaError) -> None:
         if err.name() in AUTH_FAILURE_CODES:
             _refused[self.key] = err.str()
-        elif err.fatal():
-            log.error("kafka client: %s", err.str())
 
 
 def client_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:

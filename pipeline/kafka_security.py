@@ -246,6 +246,29 @@ def _validated(values: dict[str, str], origin: dict[str, str], source: str) -> K
                          values.get("sasl.password"), ca, extra, source)
 
 
+def write_secret(path: Path, text: str) -> None:
+    """Write a file only its owner can read (mode 0600, also when it existed)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.chmod(path, 0o600)
+
+
+def write_java_properties(path: Path, security: KafkaSecurity, prefix: str = "",
+                          quarkus: bool = False) -> Path:
+    """A Java client's settings (:meth:`KafkaSecurity.java_settings`) as a properties file
+    of mode 0600, each key behind ``prefix``; ``quarkus``: ``$`` escaped from Quarkus's
+    own ``${...}`` expressions."""
+    lines = []
+    for key, value in security.java_settings().items():
+        value = value.replace("\\", "\\\\")
+        if quarkus:
+            value = value.replace("$", "\\\\$")
+        lines.append(f"{prefix}{key}={value}\n")
+    write_secret(path, "".join(lines))
+    return path
+
+
 def security_environment(security: KafkaSecurity, password_file: Path | None) -> dict[str, str]:
     """The environment that makes a child process use ``security``: the password only by
     the name of its file, never its value."""

@@ -151,14 +151,13 @@ class LocalRegistry(DetachedService[RegistryState]):
             proc, state, lambda: storage_ready(self.host, management_port, timeout=2)
             and ccompat_answers(url, timeout=2), timeout, url)
 
-
     def _kafka_security(self, bootstrap: str) -> list[str]:
         """How the registry's Kafka clients authenticate: as ``registry`` on the run
         directory's secured broker, else as this process's settings say (an external
         cluster). The settings, password included, go to a file readable only by its owner
         that Quarkus reads (``quarkus.config.locations``), never to the command line."""
         from pipeline import broker_secure
-        from pipeline.kafka_security import load_security
+        from pipeline.kafka_security import load_security, write_java_properties
 
         kafka_home = self.home.parent / "kafka"
         local = broker_secure.registry_settings(kafka_home)
@@ -169,11 +168,9 @@ class LocalRegistry(DetachedService[RegistryState]):
             return []
         secrets_dir = ensure_writable_dir(self.home / "secrets")
         os.chmod(secrets_dir, 0o700)
-        path = secrets_dir / "kafka-client.properties"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:  # apicurio.kafka.common.*: its producer, consumer, admin
-            out.writelines(f"apicurio.kafka.common.{key}={value}\n"
-                           for key, value in security.java_settings().items())
+        # apicurio.kafka.common.*: the settings of its producer, consumer and admin client
+        path = write_java_properties(secrets_dir / "kafka-client.properties", security,
+                                     "apicurio.kafka.common.", quarkus=True)
         return [f"-Dquarkus.config.locations={path}"]
 
 
