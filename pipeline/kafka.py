@@ -46,7 +46,8 @@ _refused: dict[tuple[str, str | None], str] = {}
 
 
 class _ClientErrors:
-    """A client's ``error_cb``: remembers refused credentials for :func:`raise_if_refused`."""
+    """A client's ``error_cb``: remembers refused credentials for :func:`raise_if_refused`;
+    logs any other error, as librdkafka does for a client without an ``error_cb``."""
 
     def __init__(self, bootstrap: str, username: str | None) -> None:
         self.key = (bootstrap, username)
@@ -54,6 +55,8 @@ class _ClientErrors:
     def __call__(self, err: KafkaError) -> None:
         if err.name() in AUTH_FAILURE_CODES:
             _refused[self.key] = err.str()
+        else:
+            _client_log.error("%s", err.str())
 
 
 def client_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
