@@ -66,7 +66,7 @@ GRANTS: dict[str, Grant] = {
                              "strategy.state"),
                       writes=("orders.requests", "strategy.state", "dlq"), prefix="strategy."),
     "execution": Grant(reads=("orders.requests", "book.snapshots", "md.l2", "md.trades",
-                              "orders.seen", "paper.state", "strategy.control"),
+                              "orders.seen", "orders.events", "paper.state", "strategy.control"),
                        writes=("orders.events", "orders.seen", "paper.state", "dlq"),
                        prefix="execution"),
     "portfolio": Grant(reads=("orders.events", "book.snapshots", "strategy.control",
