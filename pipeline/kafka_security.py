@@ -40,6 +40,7 @@ ENV_KEYS = {  # environment variable -> the librdkafka key it sets
 }
 # Every variable that selects the client's security, e.g. to clear them for a child.
 SECURITY_ENV = (PROPERTIES_ENV, PASSWORD_FILE_ENV, *ENV_KEYS)
+_SECURITY_PREFIXES = ("KAFKA_SECURITY_", "KAFKA_SASL_", "KAFKA_SSL_")  # a typo is an error
 PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 # client.properties keys: Java's spelling -> librdkafka's (None: read here, not passed on).
@@ -135,6 +136,11 @@ def load_security(environ: Mapping[str, str] | None = None,
     """The security settings of this process: the properties file, then the environment;
     with neither, what was remembered for ``bootstrap``, else none (PLAINTEXT)."""
     env = os.environ if environ is None else environ
+    unknown = sorted(var for var in env if var.startswith(_SECURITY_PREFIXES)
+                     and var not in SECURITY_ENV)
+    if unknown:
+        raise PipelineError(f"unknown Kafka client security variable {unknown[0]} (known: "
+                            f"{', '.join(SECURITY_ENV)})")
     values: dict[str, str] = {}
     origin: dict[str, str] = {}
     path = env.get(PROPERTIES_ENV)
@@ -186,8 +192,8 @@ def read_properties(path: Path) -> dict[str, str]:
         if "username" not in found or "password" not in found:
             raise PipelineError(f"{path}: sasl.jaas.config needs username=\"...\" and "
                                 "password=\"...\" (a PlainLoginModule or ScramLoginModule)")
-        out.setdefault("sasl.username", found["username"].replace('\\"', '"'))
-        out.setdefault("sasl.password", found["password"].replace('\\"', '"'))
+        out.setdefault("sasl.username", re.sub(r"\\(.)", r"\1", found["username"]))
+        out.setdefault("sasl.password", re.sub(r"\\(.)", r"\1", found["password"]))
     return out
 
 

@@ -144,6 +144,8 @@ def test_security_comes_from_the_environment_or_a_properties_file(tmp_path):
     ("ssl.truststore.type=JKS\nssl.truststore.location=/x.jks\n", {}, r"give the CA as a PEM"),
     ("", {"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_MECHANISM": "GSSAPI"},
      r"KAFKA_SASL_MECHANISM: SASL_SSL needs a SASL mechanism, one of PLAIN, SCRAM-SHA-256"),
+    ("", {"KAFKA_SASL_PASWORD": "x"}, r"unknown Kafka client security variable "
+                                      r"KAFKA_SASL_PASWORD \(known: KAFKA_CLIENT_PROPERTIES"),
 ])
 def test_a_bad_client_configuration_is_one_error_naming_the_setting(tmp_path, text, env, match):
     props = tmp_path / "client.properties"
