@@ -76,6 +76,10 @@ static int read_block_count(Cursor *c, long long *count) {
         return -1;
     if (*count < 0) {
         long long size;
+        if (*count == LLONG_MIN) {  /* -LLONG_MIN overflows: undefined behaviour */
+            PyErr_SetString(PyExc_ValueError, "block count out of range");
+            return -1;
+        }
         *count = -*count;
         if (read_long(c, &size) < 0)
             return -1;
@@ -98,6 +102,11 @@ static PyObject *decode_value(PyObject *prog, Cursor *c) {
         long long v;
         if (read_long(c, &v) < 0)
             return NULL;
+        if (PyTuple_GET_SIZE(prog) > 1 && (v < INT32_MIN || v > INT32_MAX)) {
+            /* an Avro int: a value no writer of this schema writes (nor encode() takes) */
+            PyErr_Format(PyExc_ValueError, "int %lld out of the 32-bit range", v);
+            return NULL;
+        }
         return PyLong_FromLongLong(v);
     }
     case OP_FLOAT:
@@ -312,6 +321,8 @@ static int out_reserve(Out *o, Py_ssize_t more) {
 }
 
 static int out_bytes(Out *o, const char *data, Py_ssize_t n) {
+    if (n == 0)  /* nothing to copy, and o->buf may still be NULL: memcpy(NULL, ...) is UB */
+        return 0;
     if (out_reserve(o, n) < 0)
         return -1;
     memcpy(o->buf + o->len, data, n);
@@ -577,7 +588,9 @@ static PyObject *encode(PyObject *module, PyObject *const *args, Py_ssize_t narg
         if (path != NULL && exc != NULL) {
             PyObject *text = PyObject_Str(exc);
             if (text != NULL) {
-                PyErr_Format(type, "%U: %U", path, text);
+                /* A UnicodeError cannot be made from one message: its base ValueError. */
+                PyErr_Format(PyObject_IsSubclass(type, PyExc_UnicodeError) == 1
+                             ? PyExc_ValueError : type, "%U: %U", path, text);
                 Py_DECREF(text);
                 Py_DECREF(path);
                 Py_XDECREF(type);

@@ -175,6 +175,21 @@ def split_topic(full_name: str) -> tuple[Namespace, TopicSpec] | None:
     return Namespace(namespace), _BY_NAME[name]
 
 
+# On 3+ brokers every topic has 3 replicas and an acks=all write needs 2 of them in sync:
+# one broker may die (or restart) without losing an acknowledged record or stopping writes.
+CLUSTER_REPLICATION = 3
+CLUSTER_MIN_INSYNC = 2
+
+
+def replication_for(brokers: int) -> dict:
+    """How topics are replicated on a cluster of ``brokers``: nothing is asked of one or
+    two brokers (the cluster's defaults hold), 3 replicas and min ISR 2 from three up."""
+    if brokers < CLUSTER_REPLICATION:
+        return {}
+    return {"replication": CLUSTER_REPLICATION,
+            "config": {"min.insync.replicas": str(CLUSTER_MIN_INSYNC)}}
+
+
 def ensure_topics(bootstrap: str, namespace: Namespace,
                   names: Iterable[str] | None = None, timeout: float = 30.0) -> list[str]:
     """Create the namespace's topics that do not exist yet; return the names created.
@@ -184,7 +199,9 @@ def ensure_topics(bootstrap: str, namespace: Namespace,
     """
     wanted = [spec(name) for name in (names or _BY_NAME)]
     admin = make_admin(bootstrap)
-    existing = check_reachable(admin, bootstrap, timeout).topics
+    meta = check_reachable(admin, bootstrap, timeout)
+    existing = meta.topics
+    durability = replication_for(len(meta.brokers))
     missing = []
     for topic in wanted:
         full = namespace.topic(topic.name)
@@ -194,9 +211,10 @@ def ensure_topics(bootstrap: str, namespace: Namespace,
                 raise PipelineError(f"topic {full} has {have} partitions, the catalog wants "
                                     f"{topic.partitions}: recreate it or raise its partitions")
             continue
+        replication = topic.replication or durability.get("replication", -1)
+        config = {**topic.configs(), **durability.get("config", {})}
         missing.append(NewTopic(full, num_partitions=topic.partitions,
-                                replication_factor=topic.replication or -1,
-                                config=topic.configs()))
+                                replication_factor=replication, config=config))
     if not missing:
         return []
     created = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 from confluent_kafka import KafkaException
@@ -13,6 +13,9 @@ from rich.table import Table
 
 from pipeline.errors import PipelineError
 from pipeline.services import DetachedService, ServiceState
+
+if TYPE_CHECKING:
+    from pipeline.broker import LocalCluster
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Gemini market data and trading on Apache Kafka.")
@@ -47,33 +50,42 @@ def _settings(run_dir: Optional[Path]):
 @broker_app.command("start")
 def broker_start(
     run_dir: Optional[Path] = RunDirOption,
-    port: int = typer.Option(9092, help="Client port (0 picks a free one)."),
-    controller_port: int = typer.Option(9093, help="KRaft controller port (0 picks a free one)."),
+    port: int = typer.Option(9092, help="Client port (0 picks a free one); node i of a "
+                             "cluster listens on port + 10*(i-1)."),
+    controller_port: int = typer.Option(9093, help="KRaft controller port (0 picks a free "
+                                        "one); node i of a cluster: + 10*(i-1)."),
+    nodes: int = typer.Option(1, min=1, help="Nodes: 1 broker, or a cluster of N (each a "
+                              "broker and controller voter; 3+ replicate every topic 3 ways)."),
     secure: bool = typer.Option(False, "--secure", help="SASL_SSL with SCRAM users and ACLs, "
-                                "one principal per role (pipeline/broker_secure.py); a run "
-                                "directory's broker stays secured once it was."),
+                                "one principal per role (pipeline/broker_secure.py), one node; "
+                                "a run directory's broker stays secured once it was."),
 ) -> None:
-    """Start the broker (a second start is harmless); download the jars on first use."""
-    from pipeline.broker import LocalBroker
+    """Start the broker or cluster (a second start is harmless, and restarts a node that
+    died); download the jars on first use."""
+    from pipeline.broker import local_kafka
 
     settings = _settings(run_dir)
-    broker = LocalBroker.from_settings(settings)
-    started = _start_service("KAFKA_BOOTSTRAP_SERVERS", settings.bootstrap_servers, broker,
-                             lambda: broker.start(port=port, controller_port=controller_port,
-                                                  quiet=False, secure=secure))
+    if secure and nodes != 1:
+        raise PipelineError("--secure runs one node: a secured cluster is not built yet")
+    kafka = local_kafka(settings.run_dir, nodes=nodes)
+    secured = {"secure": True} if secure else {}  # an option of the single broker's start
+    started = _start_service("KAFKA_BOOTSTRAP_SERVERS", settings.bootstrap_servers, kafka,
+                             lambda: kafka.start(port=port, controller_port=controller_port,
+                                                 quiet=False, **secured))
     if started:
         state, verb = started
+        what = f"pid {state.pid}" if nodes == 1 else f"{nodes} nodes, KRaft quorum of {nodes}"
         console.print(f"Kafka {state.kafka_version} {verb} on {state.bootstrap_servers} "
-                      f"(pid {state.pid}, logs in {broker.log_dir})")
+                      f"({what}, logs in {kafka.log_dir})")
         from pipeline.broker_secure import SecureFiles
 
-        files = SecureFiles(broker.home)
+        files = SecureFiles(kafka.home)
         if files.exists:
             console.print(f"secured: SASL_SSL/SCRAM-SHA-512, CA {files.ca}, one principal per "
                           f"role, passwords (mode 0600) in {files.secrets}")
 
 
-def _start_service(env_var: str, external: str | None, service: DetachedService,
+def _start_service(env_var: str, external: str | None, service: "DetachedService | LocalCluster",
                    start: Callable[[], ServiceState]) -> tuple[ServiceState, str] | None:
     """What `broker start` and `registry start` share: an external service (``env_var``
     set) means starting nothing; else start ours, a second start being harmless. Returns
@@ -85,7 +97,7 @@ def _start_service(env_var: str, external: str | None, service: DetachedService,
     return start(), "already running" if already else "started"
 
 
-def _stop_service(env_var: str, external: str | None, service: DetachedService,
+def _stop_service(env_var: str, external: str | None, service: "DetachedService | LocalCluster",
                   what: str) -> None:
     """What `broker stop` and `registry stop` share."""
     if external:
@@ -96,28 +108,37 @@ def _stop_service(env_var: str, external: str | None, service: DetachedService,
 
 @broker_app.command("stop")
 def broker_stop(run_dir: Optional[Path] = RunDirOption) -> None:
-    """Stop the broker gracefully; nothing is left running."""
-    from pipeline.broker import LocalBroker
+    """Stop the broker (or every node of the cluster) gracefully; nothing is left running."""
+    from pipeline.broker import local_kafka
 
     settings = _settings(run_dir)
-    _stop_service("KAFKA_BOOTSTRAP_SERVERS", settings.bootstrap_servers,
-                  LocalBroker.from_settings(settings), "Kafka broker")
+    kafka = local_kafka(settings.run_dir)
+    _stop_service("KAFKA_BOOTSTRAP_SERVERS", settings.bootstrap_servers, kafka, kafka.what)
 
 
 @broker_app.command("status")
 def broker_status(run_dir: Optional[Path] = RunDirOption) -> None:
     """Where the broker is, whether it answers, and the version it reports."""
-    from pipeline.broker import LocalBroker, bootstrap_servers, broker_answers, reported_version
+    from pipeline.broker import (LocalBroker, bootstrap_servers, broker_answers, local_kafka,
+                                 reported_version)
+    from pipeline.cluster_health import describe_cluster
 
     settings = _settings(run_dir)
     bootstrap = bootstrap_servers(settings)
     if not broker_answers(bootstrap):
         raise PipelineError(f"Kafka at {bootstrap} does not answer")
     features = reported_version(settings)
-    state = None if settings.external_kafka else LocalBroker.from_settings(settings).state()
-    where = "external cluster" if state is None else f"local broker, pid {state.pid}"
+    kafka = None if settings.external_kafka else local_kafka(settings.run_dir)
+    state = None if kafka is None else kafka.state()
+    if state is None:
+        where = "external cluster"
+    elif isinstance(kafka, LocalBroker):
+        where = f"local broker, pid {state.pid}"
+    else:
+        where = f"local cluster of {state.nodes}"
     console.print(f"Kafka at {bootstrap} ({where}) answers; "
                   f"metadata.version {features['metadata.version']}")
+    console.print(_cluster_tables(describe_cluster(bootstrap)))
 
 
 @registry_app.command("start")
@@ -760,7 +781,7 @@ def down(run_dir: Optional[Path] = RunDirOption) -> None:
     """Stop everything `up` started, in reverse order; nothing is left running."""
     import time
 
-    from pipeline.broker import LocalBroker
+    from pipeline.broker import local_kafka
     from pipeline.registry_server import LocalRegistry
     from pipeline.services import runs_command, terminate
     from pipeline.supervisor import read_state, supervisor_running
@@ -773,13 +794,57 @@ def down(run_dir: Optional[Path] = RunDirOption) -> None:
     for proc in leftover.get("processes", []):  # a supervisor killed -9 leaves its children
         if proc.get("pid") and runs_command(proc["pid"], *proc["cmd"][1:3]):
             terminate(proc["pid"], 20.0)
+    kafka = local_kafka(settings.run_dir)
     stopped = [name for name, service in (("schema registry", LocalRegistry(settings.run_dir)),
-                                          ("Kafka broker", LocalBroker(settings.run_dir)))
+                                          (kafka.what, kafka))
                if not settings.external_kafka and service.stop()]
     (settings.run_dir / "supervisor.json").unlink(missing_ok=True)
     time.sleep(0.1)
     what = (["the topology"] if state else []) + stopped
     console.print(f"stopped {', '.join(what)}" if what else "nothing was running")
+
+
+@app.command("chaos")
+def chaos(
+    minutes: float = typer.Option(10.0, help="How long the topology runs under faults."),
+    seed: int = typer.Option(1, help="Seeds the fault schedule: same seed, same schedule."),
+    nodes: int = typer.Option(3, min=1, help="Kafka nodes (broker faults need 3)."),
+    rate: Optional[float] = typer.Option(None, help="The venue's generator at this many "
+                                         "events/s instead of looping the real capture."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="\\[default: <run>/chaos]"),
+    keep: bool = typer.Option(False, help="Leave the cluster, registry and topics running."),
+    schedule_only: bool = typer.Option(False, "--schedule", help="Print the schedule, run nothing."),
+) -> None:
+    """Run the demo topology under seeded faults (kill -9 of every group, the producer and
+    brokers, a registry restart, venue faults), then check invariants over every record;
+    exit 1 if any broke."""
+    from pipeline.chaos.run import GROUPS, ChaosConfig, fault_rows, run_chaos
+    from pipeline.chaos.schedule import make_schedule
+
+    if schedule_only:
+        for fault in make_schedule(seed, minutes, list(GROUPS), nodes):
+            console.print(fault.describe())
+        return
+    where = run_dir or _settings(None).run_dir / "chaos"
+    report = run_chaos(ChaosConfig(where, minutes, seed, nodes, rate, keep=keep),
+                       say=lambda line: console.print(line, highlight=False))
+    faults = Table(title=f"faults injected (seed {seed}, {minutes:g} min, {nodes} node(s))")
+    for column in ("fault", "scheduled", "injected", "what"):
+        faults.add_column(column)
+    for kind, scheduled, injected, what in fault_rows(report):
+        faults.add_row(kind, str(scheduled), str(injected), what)
+    console.print(faults)
+    console.print("restarts: " + ", ".join(f"{n} {r}" for n, r in report.restarts.items()))
+    checks = Table(title="invariants")
+    for column in ("invariant", "records", "held", "first counterexample / notes"):
+        checks.add_column(column)
+    for check in report.checks:
+        checks.add_row(check.name, str(check.records),
+                       "[green]held[/]" if check.held else "[red]BROKEN[/]",
+                       check.counterexample or "; ".join(check.notes))
+    console.print(checks)
+    if not report.held:
+        raise typer.Exit(1)
 
 
 @app.command("status")
@@ -862,7 +927,34 @@ def _status_tables(snapshot, state):
                   for s, h in sorted(view.halts.items()) if s not in view.pnl]
         if view.reconciliation is not None:
             lines.append(f"reconciliation: {view.reconciliation['detail']}")
-    return Group(procs, groups, topics, footer, *lines)
+    cluster = [_cluster_tables(snapshot.cluster)] if snapshot.cluster is not None else []
+    return Group(procs, groups, topics, *cluster, footer, *lines)
+
+
+def _cluster_tables(health):
+    """Brokers (address, partitions led) and, per topic, each partition's leader and ISR;
+    partitions below min.insync.replicas (acks=all writes wait) in red."""
+    from rich.console import Group
+
+    brokers = Table(title="brokers")
+    for column in ("node", "address", "partitions led"):
+        brokers.add_column(column)
+    for node, address in sorted(health.brokers.items()):
+        brokers.add_row(str(node), address, str(health.led_by(node)))
+    waiting = {p.label for p in health.below_min_insync}
+    parts = Table(title=f"partitions: leader/ISR ({len(health.under_replicated)} under-replicated, "
+                        f"{len(waiting)} below min.insync.replicas)")
+    for column in ("topic", "replicas", "min ISR", "leader/ISR per partition"):
+        parts.add_column(column)
+    for topic, partitions in health.by_topic().items():
+        cells = []
+        for p in partitions:
+            cell = f"{p.leader if p.leader >= 0 else '-'}/{','.join(map(str, p.isr)) or '-'}"
+            cells.append(f"[red]{cell}[/]" if p.label in waiting
+                         else f"[yellow]{cell}[/]" if p.under_replicated else cell)
+        parts.add_row(topic, str(len(partitions[0].replicas)),
+                      str(health.min_insync.get(topic, "")), " ".join(cells))
+    return Group(brokers, parts)
 
 
 @app.command("run")

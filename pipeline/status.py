@@ -17,6 +17,7 @@ from pathlib import Path
 from confluent_kafka import ConsumerGroupTopicPartitions
 
 from pipeline.catalog import Namespace, describe_topics
+from pipeline.cluster_health import INTERNAL_TOPICS, describe_cluster
 from pipeline.kafka import make_admin
 
 KILL_SWITCH = "kill-switch"
@@ -37,6 +38,7 @@ class Snapshot:
     # topic or group -> {"<topic>[<partition>]": records/s}: a topic's appends, a group's commits
     partition_rates: dict[str, dict[str, float]] = field(default_factory=dict)
     portfolio: Any = None  # pipeline.portfolio_view.PortfolioView, when it could be read
+    cluster: Any = None  # pipeline.cluster_health.ClusterHealth of the namespace's topics
 
 
 def partition_label(topic: str, partition: int) -> str:
@@ -63,24 +65,7 @@ def _end_offsets(topic: str, ends: tuple[int, ...]) -> dict[str, int]:
 def collect(run_dir: Path, state: dict, previous: Snapshot | None = None) -> Snapshot:
     bootstrap, namespace = state["bootstrap"], Namespace(state["namespace"])
     topics = {t.name: t.end_offsets for t in describe_topics(bootstrap, namespace, timeout=5)}
-    admin = make_admin(bootstrap)
-    groups = {}
-    listed = admin.list_consumer_groups(request_timeout=5).result()
-    ids = sorted(g.group_id for g in listed.valid if g.group_id.startswith(f"{namespace}."))
-    described = admin.describe_consumer_groups(ids, request_timeout=5) if ids else {}
-    for group_id in ids:
-        members = len(described[group_id].result().members)
-        offsets = admin.list_consumer_group_offsets(
-            [ConsumerGroupTopicPartitions(group_id)], request_timeout=5)[group_id].result()
-        lag, committed = {}, {}
-        for tp in offsets.topic_partitions:
-            if tp.offset < 0 or tp.topic not in topics:
-                continue
-            label = partition_label(tp.topic, tp.partition)
-            lag[label] = max(topics[tp.topic][tp.partition] - tp.offset, 0)
-            committed[label] = tp.offset
-        groups[group_id] = {"members": members, "lag": lag, "offsets": committed,
-                            "committed": sum(committed.values())}
+    groups = group_lags(bootstrap, namespace, topics)
     now = time.time()
     partition_rates: dict[str, dict[str, float]] = {}
     if previous is not None and now > previous.taken_at:
@@ -103,7 +88,33 @@ def collect(run_dir: Path, state: dict, previous: Snapshot | None = None) -> Sna
     execution = {"mode": _execution_mode(state), "kill_switch": (run_dir / KILL_SWITCH).exists()}
     return Snapshot(now, state.get("processes", []), topics, groups, producer, execution,
                     state.get("phase", "unknown"), rates, partition_rates,
-                    _portfolio(bootstrap, state.get("registry"), namespace, topics))
+                    _portfolio(bootstrap, state.get("registry"), namespace, topics),
+                    describe_cluster(bootstrap, [*topics, *INTERNAL_TOPICS], timeout=5))
+
+
+def group_lags(bootstrap: str, namespace: Namespace, topics: dict[str, tuple[int, ...]]
+               ) -> dict[str, dict]:
+    """The namespace's consumer groups: members, lag and committed offset per partition
+    (``topics``: end offsets per topic, as :func:`describe_topics` gives them)."""
+    admin = make_admin(bootstrap)
+    groups = {}
+    listed = admin.list_consumer_groups(request_timeout=5).result()
+    ids = sorted(g.group_id for g in listed.valid if g.group_id.startswith(f"{namespace}."))
+    described = admin.describe_consumer_groups(ids, request_timeout=5) if ids else {}
+    for group_id in ids:
+        members = len(described[group_id].result().members)
+        offsets = admin.list_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(group_id)], request_timeout=5)[group_id].result()
+        lag, committed = {}, {}
+        for tp in offsets.topic_partitions:
+            if tp.offset < 0 or tp.topic not in topics:
+                continue
+            label = partition_label(tp.topic, tp.partition)
+            lag[label] = max(topics[tp.topic][tp.partition] - tp.offset, 0)
+            committed[label] = tp.offset
+        groups[group_id] = {"members": members, "lag": lag, "offsets": committed,
+                            "committed": sum(committed.values())}
+    return groups
 
 
 def _portfolio(bootstrap: str, registry: str | None, namespace: Namespace,

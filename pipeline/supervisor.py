@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from pipeline.broker import LocalBroker
+from pipeline.broker import local_kafka
 from pipeline.catalog import TopicSpec, declare, ensure_topics
 from pipeline.config import REPO_ROOT, Settings, ensure_writable_dir
 from pipeline.errors import PipelineError
@@ -154,9 +154,9 @@ class Supervisor:
         if self.settings.bootstrap_servers:
             self.bootstrap = self.settings.bootstrap_servers
         else:
-            broker = LocalBroker(self.run_dir, infra.listen)
-            self._started_broker = broker.state() is None
-            self.bootstrap = broker.start(infra.kafka_port, infra.controller_port).bootstrap_servers
+            kafka = local_kafka(self.run_dir, infra.listen)  # a cluster started here, or one node
+            self._started_broker = kafka.state() is None
+            self.bootstrap = kafka.start(infra.kafka_port, infra.controller_port).bootstrap_servers
         log.info("kafka at %s", self.bootstrap)
         if self.settings.schema_registry_url:
             self.registry_url = self.settings.schema_registry_url
@@ -202,7 +202,7 @@ class Supervisor:
         Republisher(self.bootstrap, request).close()
 
     def _source(self) -> None:
-        source, ns = self.topology.source, self.topology.namespace
+        source = self.topology.source
         if source.kind == "replay":
             # Replaces venue + producer; a failed replay is not repeated (it would double
             # what it already copied): `pipeline replay clean` and up again.
@@ -234,6 +234,11 @@ class Supervisor:
             self._launch(venue)
             self._wait_port(venue, source.port)
             url = f"ws://127.0.0.1:{source.port}"
+        self._launch_producer(url)
+
+    def _launch_producer(self, url: str) -> None:
+        """The market-data producer on ``url`` (Gemini's, or a venue's)."""
+        source, ns = self.topology.source, self.topology.namespace
         producer = Child("producer", _cli(
             "produce", "gemini", "--url", url, "-n", str(ns), "--protocol", source.protocol,
             "--symbols", ",".join(self.topology.symbols), "--run-dir", str(self.run_dir)),
@@ -358,7 +363,7 @@ class Supervisor:
         if self._started_registry:
             LocalRegistry(self.run_dir).stop()
         if self._started_broker:
-            LocalBroker(self.run_dir).stop()
+            local_kafka(self.run_dir).stop()
         self.phase = "stopped"
         self.save()
 

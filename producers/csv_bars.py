@@ -40,8 +40,12 @@ SEED, CRYPTODATADOWNLOAD = "seed", "cryptodatadownload"
 SEED_HEADER = "Date,Symbol,Open,High,Low,Close,Volume"
 CDD_HEADER = "Unix Timestamp,Date,Symbol,Open,High,Low,Close,Volume <BASE>,Volume <QUOTE>"
 
-_PLAIN_DECIMAL = re.compile(r"^-?\d+(\.\d+)?$")
-_EXPONENT = re.compile(r"^-?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+# ASCII digits only (``\d`` also takes other scripts' digits, which Decimal reads).
+_PLAIN_DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+_EXPONENT = re.compile(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
+# An exponent beyond this is no price or volume (the bars store holds 38 digits); written
+# out plain, ``1e999999999`` would be a string of a billion digits.
+_MAX_EXPONENT = 38
 _UNIX_COLUMNS = ("unix timestamp", "unix")
 _PRICES = ("open", "high", "low", "close")
 _FIELDS = _PRICES + ("volume",)
@@ -276,19 +280,24 @@ def _plain(name: str, text: str) -> str:
     """The value as a plain decimal string: unchanged when it is one already; exponent
     notation (``8e-05``, as some exports write tiny volumes) rewritten exactly through
     ``Decimal`` (``0.00008``), never through a float."""
-    if _PLAIN_DECIMAL.match(text):
+    if _PLAIN_DECIMAL.fullmatch(text):
         return text
     if "," in text:
         raise _RowError(f"{name} {text!r} has a thousands separator")
-    if _EXPONENT.match(text):
-        return format(Decimal(text), "f")
+    if _EXPONENT.fullmatch(text):
+        number = Decimal(text)
+        if abs(number.adjusted()) > _MAX_EXPONENT:
+            raise _RowError(f"{name} {text!r} is out of range")
+        return format(number, "f")
     raise _RowError(f"{name} {text!r} is not a decimal number")
 
 
 def _unix_ms(text: str) -> int:
     text = text.strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # "²".isdigit(), but int("²") fails
         raise _RowError(f"unix timestamp {text!r} is not an integer")
+    if len(text.lstrip("0")) > len(str(_MILLIS_BELOW)):  # int() refuses 4300+ digits
+        raise _RowError(f"unix timestamp {text[:20]}... is neither seconds nor milliseconds")
     value = int(text)
     if value < _SECONDS_BELOW:
         return value * 1000

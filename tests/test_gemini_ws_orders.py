@@ -256,3 +256,23 @@ def test_a_strategys_cancel_all_cancels_its_orders_of_the_symbol_and_no_one_else
             ("CANCELLED", "Requested", cancel_all["client_order_id"])
     methods = [m for m, _, _ in ws_calls(venue)]
     assert methods.count("order.cancel") == 2 and "order.cancel_all" not in methods
+
+
+def test_an_order_resting_when_execution_stopped_is_closed_by_the_next_one(
+        env, venue, credentials):
+    """The session that placed an order dies with its process, and cancel-on-disconnect
+    cancels the order at Gemini. The next process's key check logs in before it restores
+    what was open; it must still re-read the restored order and publish its CANCELLED
+    (found by `pipeline chaos`: the order stayed followed, with no terminal event)."""
+    bid, _ = publish_venue_book(env, venue)
+    resting = order_request(SMA_KEY, price=str(bid - D("50.00")), amount="0.002")
+    env.requests(resting)
+    cid = resting["client_order_id"]
+    with env.group(ws_settings(env, venue), credentials):
+        env.tail.wait(lambda v: any(e["kind"] == "BOOKED" for e in v) and v, 30, "BOOKED")
+    wait_for(lambda: venue_live_orders(venue) == [], 10, "cancel-on-disconnect")
+    assert [e["kind"] for e in by_id(env.events())[cid]] == ["ACCEPTED", "BOOKED"]
+    with env.group(ws_settings(env, venue, check_key=True), credentials):
+        events = env.wait_terminal([cid])
+    story = [(e["kind"], e["reason"]) for e in events[cid]]
+    assert story == [("ACCEPTED", None), ("BOOKED", None), ("CANCELLED", "CancelOnDisconnect")]

@@ -55,7 +55,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-DECIMAL = re.compile(r"^\d+(\.\d+)?$")
+# ASCII digits only, the whole string (``\d`` would take other scripts' digits, ``$`` a
+# trailing newline).
+DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
+LONG_MAX = 2**63 - 1  # Avro long: a larger id or time cannot be published
 _BOOK_SIDES = {"buy": "BID", "bid": "BID", "sell": "ASK", "ask": "ASK"}
 _TAKER_SIDES = {"buy": "BUY", "sell": "SELL"}
 
@@ -85,16 +88,27 @@ class Normalized:
 
 
 def _decimal(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not DECIMAL.match(value):
+    if not isinstance(value, str) or not DECIMAL.fullmatch(value):
         raise FrameError(f"{what} {value!r} is not a non-negative decimal string")
     return value
 
 
 def _symbol(frame: dict, key: str = "symbol") -> str:
     symbol = frame.get(key)
-    if not isinstance(symbol, str) or not symbol.isalnum():
+    if not isinstance(symbol, str) or not (symbol.isascii() and symbol.isalnum()):
         raise FrameError(f"missing or invalid symbol {symbol!r}")
     return symbol.upper()
+
+
+def _long(value: Any) -> bool:
+    """An integer an Avro long holds (JSON ``true`` is not one)."""
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and -LONG_MAX - 1 <= value <= LONG_MAX)
+
+
+def _lookup(table: dict[str, str], value: Any) -> str | None:
+    """``table[value]`` for a string, else None (a JSON list or object is not hashable)."""
+    return table.get(value) if isinstance(value, str) else None
 
 
 def count_once(counter: Counter, kind: str, what: str) -> None:
@@ -122,7 +136,7 @@ class _Numbered:
     def normalize_text(self, text: str, received_us: int) -> list[Normalized]:
         try:
             frame = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             self.sequence += 1
             raise FrameError(f"not JSON: {exc}") from None
         return self.normalize(frame, received_us)
@@ -174,7 +188,7 @@ class V2Normalizer(_Numbered):
         for i, change in enumerate(raw_changes):
             if not (isinstance(change, list) and len(change) == 3):
                 raise FrameError(f"{symbol}: change {i} is not [side, price, quantity]: {change!r}")
-            side = _BOOK_SIDES.get(change[0])
+            side = _lookup(_BOOK_SIDES, change[0])
             if side is None:
                 raise FrameError(f"{symbol}: change {i} has unknown side {change[0]!r}")
             changes.append({"side": side,
@@ -187,24 +201,29 @@ class V2Normalizer(_Numbered):
             "received_ts_us": received_us, "connection_id": self.connection_id,
             "sequence": self.sequence, "event_id": None, "first_update_id": None,
             "last_update_id": None, "exchange_ts_ns": None})]
-        for trade in frame.get("trades") or ():
+        trades = frame.get("trades") or []
+        if not isinstance(trades, list):
+            raise FrameError(f"{symbol}: l2_updates trades is not a list")
+        for trade in trades:
             out.append(self._trade(trade, received_us, from_snapshot=True))
         return out
 
-    def _trade(self, frame: dict, received_us: int, from_snapshot: bool) -> Normalized:
+    def _trade(self, frame: Any, received_us: int, from_snapshot: bool) -> Normalized:
+        if not isinstance(frame, dict):
+            raise FrameError(f"a trade is not a JSON object: {type(frame).__name__}")
         symbol = _symbol(frame)
         # Gemini's trade id is ``tid``; captures older than it (the 2021 one) only carry the
         # ``event_id`` of the event that printed the trade, unique per trade there too.
         trade_id = frame.get("tid", frame.get("event_id"))
         timestamp = frame.get("timestamp")
-        if not isinstance(trade_id, int) or not isinstance(timestamp, int):
+        if not _long(trade_id) or not _long(timestamp):
             raise FrameError(f"{symbol}: trade without integer tid/event_id and timestamp: "
                              f"{frame!r}")
         return Normalized("md.trades", symbol, {
             "symbol": symbol, "trade_id": trade_id,
             "price": _decimal(frame.get("price"), f"{symbol}: trade price"),
             "quantity": _decimal(frame.get("quantity"), f"{symbol}: trade quantity"),
-            "taker_side": _TAKER_SIDES.get(frame.get("side"), "UNKNOWN"),
+            "taker_side": _lookup(_TAKER_SIDES, frame.get("side")) or "UNKNOWN",
             "exchange_ts_ms": timestamp, "received_ts_us": received_us,
             "connection_id": self.connection_id, "sequence": self.sequence,
             "from_snapshot": from_snapshot, "exchange_ts_ns": None})
@@ -228,7 +247,7 @@ class V1Normalizer:
     def normalize_text(self, text: str, received_us: int) -> list[Normalized]:
         try:
             frame = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             raise FrameError(f"not JSON: {exc}") from None
         return self.normalize(frame, received_us)
 
@@ -236,7 +255,7 @@ class V1Normalizer:
         if not isinstance(frame, dict):
             raise FrameError(f"expected a JSON object, got {type(frame).__name__}")
         sequence = frame.get("socket_sequence")
-        if not isinstance(sequence, int):
+        if not _long(sequence):
             raise FrameError(f"{self.symbol}: frame without an integer socket_sequence")
         if sequence != self.sequence + 1:
             expected, self.sequence = self.sequence + 1, sequence
@@ -257,7 +276,7 @@ class V1Normalizer:
         for i, event in enumerate(events):
             etype = event.get("type") if isinstance(event, dict) else None
             if etype == "change":
-                side = _BOOK_SIDES.get(event.get("side"))
+                side = _lookup(_BOOK_SIDES, event.get("side"))
                 if side is None:
                     raise FrameError(f"{self.symbol}: event {i} has unknown side {event.get('side')!r}")
                 changes.append({"side": side,
@@ -267,7 +286,7 @@ class V1Normalizer:
                 initial = initial or event.get("reason") == "initial"
             elif etype == "trade":
                 tid = event.get("tid")
-                if not isinstance(tid, int) or not isinstance(timestamp_ms, int):
+                if not _long(tid) or not _long(timestamp_ms):
                     raise FrameError(f"{self.symbol}: trade event {i} without tid/timestampms")
                 maker = event.get("makerSide")
                 trades.append(Normalized("md.trades", self.symbol, {
@@ -275,7 +294,7 @@ class V1Normalizer:
                     "price": _decimal(event.get("price"), f"{self.symbol}: trade {i} price"),
                     "quantity": _decimal(event.get("amount"), f"{self.symbol}: trade {i} amount"),
                     # the maker rested on one side, so the taker came from the other
-                    "taker_side": {"bid": "SELL", "ask": "BUY"}.get(maker, "UNKNOWN"),
+                    "taker_side": _lookup({"bid": "SELL", "ask": "BUY"}, maker) or "UNKNOWN",
                     "exchange_ts_ms": timestamp_ms, "received_ts_us": received_us,
                     "connection_id": self.connection_id, "sequence": sequence,
                     "from_snapshot": False, "exchange_ts_ns": None}))
@@ -291,9 +310,9 @@ class V1Normalizer:
             self._snapshot_seen = True
             out.append(Normalized("md.l2", self.symbol, {
                 "symbol": self.symbol, "snapshot": snapshot, "changes": changes,
-                "exchange_ts_ms": timestamp_ms if isinstance(timestamp_ms, int) else None,
+                "exchange_ts_ms": timestamp_ms if _long(timestamp_ms) else None,
                 "received_ts_us": received_us, "connection_id": self.connection_id,
-                "sequence": sequence, "event_id": event_id if isinstance(event_id, int) else None,
+                "sequence": sequence, "event_id": event_id if _long(event_id) else None,
                 "first_update_id": None, "last_update_id": None, "exchange_ts_ns": None}))
         return out + trades
 
@@ -302,8 +321,8 @@ class V1Normalizer:
 
 
 def _int(value: Any, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise FrameError(f"{what} {value!r} is not a non-negative integer")
+    if not _long(value) or value < 0:
+        raise FrameError(f"{what} {value!r} is not a non-negative 64-bit integer")
     return value
 
 

@@ -65,13 +65,28 @@ class GeminiWsExecution(GeminiExecution):
         self.counts.update({"ws_connections": 0, "recovered_fills": 0, "unknown_events": 0})
         self._refused: dict[str, None] = {}  # recently refused ids (their REJECTED events)
         self._pending: list[OrderEvent] = []  # events made outside a call, for the next one
+        self._recover_due = False  # restored orders not re-read yet (see restore)
 
     # -- the connection
+
+    def restore(self, seen, latest) -> int:
+        """Follow the restored orders, and re-read each of them before the next call: the
+        session that placed them died with the last process, and Gemini's cancel-on-
+        disconnect (or a fill) closed them meanwhile; the startup key check may already
+        have connected this process's session, so a reconnect alone would not re-read
+        them (their CANCELLED was never published, and they stayed followed forever)."""
+        restored = super().restore(seen, latest)
+        self._recover_due = restored > 0
+        return restored
 
     def _ensure_connected(self) -> None:
         """Connect (again) if needed; after a reconnect, recover before anything is sent."""
         if self.session.alive:
+            if self._recover_due:
+                self._recover_due = False
+                self._pending += self._recover()
             return
+        self._recover_due = False  # the (re)connect below re-reads every followed order
         reconnect = self.session.connections > 0
         try:
             self.session.connect()
@@ -238,6 +253,7 @@ class GeminiWsExecution(GeminiExecution):
                     target, request, f"gemini:{_reason(answer.get('error') or {})}"))
             return events
         events += self._wait_closed({target}, request["client_order_id"], reason)
+        events += self._settle({target}, request["client_order_id"], reason)
         if target in self.followed:
             events.append(self._cancel_rejected(target, request, ORDER_CLOSED))
         return events
@@ -257,6 +273,24 @@ class GeminiWsExecution(GeminiExecution):
                 continue
             events += self._apply(update, request_id, reason)
 
+    def _settle(self, targets: set[str], request_id: str | None, reason: str
+                ) -> list[OrderEvent]:
+        """Orders a cancel was answered for but the stream never closed: their status over
+        REST says what happened (closed before the cancel, e.g. by a disconnect; filled)."""
+        events: list[OrderEvent] = []
+        for cid in sorted(targets & set(self.followed)):
+            followed = self.followed[cid]
+            order_id = int(followed.order.exchange_order_id)  # type: ignore[arg-type]
+            try:
+                status = self._call(f"status {cid}",
+                                    lambda: self.rest.order_status(order_id=order_id))
+            except GeminiError as exc:
+                log.warning("%s: no order event after its cancel, and no status: %s", cid, exc)
+                continue
+            events += self._progress(followed, status, request_id=request_id,
+                                     reason=None if status.get("reason") else reason)
+        return events
+
     def cancel_all(self, request: OrderRequest | None, now_ms: int, reason: str
                    ) -> tuple[list[OrderEvent], str]:
         if request is not None:
@@ -272,6 +306,7 @@ class GeminiWsExecution(GeminiExecution):
             self._halt(f"the kill switch could not cancel the session's orders: "
                        f"{answer.get('error')}")
         events += self._wait_closed(set(self.followed), None, reason)
+        events += self._settle(set(self.followed), None, reason)
         return events, "cancel"
 
     def poll(self, now_ms: int) -> list[OrderEvent]:

@@ -16,7 +16,8 @@ Checks, in order; the first that fails names the outcome:
 5. ``risk:kill_switch``: the kill switch is on; ``risk:strategy_halted``: the strategy is
    halted (a risk stop on its PnL, or an operator: ``strategy.control``);
 6. ``expired``: ``expires_ms`` is in the past;
-7. ``invalid_request``: amount or price is not a positive decimal (or a LIMIT without one);
+7. ``invalid_request``: amount or price is not a positive decimal (or a LIMIT without one,
+   or one so large that the risk checks' Decimal arithmetic overflows, e.g. ``9e999999``);
    a REPLACE of an unknown or another strategy's order: ``replace:unknown_order`` /
    ``replace:not_owner``;
 8. Gemini's rules for the symbol (:func:`pipeline.trading.rules.check_order`: the
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Container, Mapping, Protocol
 
-from pipeline.core.decimals import ZERO, positive
+from pipeline.core.decimals import ZERO, finite, positive
 from pipeline.core.records import OrderEvent, OrderRequest
 from pipeline.core.vocabulary import OrderAction, OrderEventKind, OrderType, Side
 from pipeline.trading import risk
@@ -134,11 +135,15 @@ def decide(request: Mapping[str, Any], *, keys: StrategyKeys, seen: Mapping[str,
     if why:
         return Verdict(REJECT, refusal(why), detail=_rules_detail(rules, symbol))
     rule = rules.get(symbol) if rules is not None else None
-    decision = risk.check(limits, state, book, strategy_id=strategy_id,
-                          symbol=symbol, side=Side.parse(request["side"]).wire,
-                          order_type=request["order_type"], price=price, amount=amount,
-                          now_ms=now_ms, replacing=target if action == REPLACE else None,
-                          price_step=rule.price_step if rule is not None else None)
+    try:
+        decision = risk.check(limits, state, book, strategy_id=strategy_id,
+                              symbol=symbol, side=Side.parse(request["side"]).wire,
+                              order_type=request["order_type"], price=price, amount=amount,
+                              now_ms=now_ms, replacing=target if action == REPLACE else None,
+                              price_step=rule.price_step if rule is not None else None)
+    except ArithmeticError as exc:  # e.g. a price of 9e999999: decimal.Overflow
+        return Verdict(REJECT, "invalid_request",
+                       detail=f"amount or price out of range ({type(exc).__name__})")
     if not decision.accepted:
         return Verdict(REJECT, decision.reason, price=decision.price, detail=decision.detail)
     return Verdict(action, price=decision.price)
@@ -168,7 +173,7 @@ def request_event(request: Mapping[str, Any], kind: OrderEventKind, when_ms: int
     text = price if price is not None else request.get("price")
     order = Order(request["client_order_id"], request["strategy_id"], request["symbol"] or "-",
                   Side.parse(request["side"]), OrderType(request["order_type"]),
-                  Decimal(text) if text is not None else None,
+                  finite(text),  # a forged request's price may be any text
                   positive(request["amount"]) or ZERO, price_text=text,
                   amount_text=request["amount"])
     order.step(kind)

@@ -49,7 +49,9 @@ def sign(request: Mapping, key: bytes) -> str:
 def verify(request: Mapping, key: bytes) -> bool:
     """True if ``request["signature"]`` is this key's signature of the request."""
     signature = request.get("signature")
-    return isinstance(signature, str) and hmac.compare_digest(sign(request, key), signature)
+    # compare_digest raises TypeError on a str that is not ASCII: such a one is no hex digest
+    return isinstance(signature, str) and signature.isascii() and \
+        hmac.compare_digest(sign(request, key), signature)
 
 
 def client_order_id(strategy_id: str, trigger: str, index: int = 0) -> str:

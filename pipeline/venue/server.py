@@ -57,6 +57,9 @@ class VenueConfig:
     # REST: key -> secret, or VenueKey / {"secret", "time_nonce", "accounts"}
     api_keys: dict[str, Any] = field(default_factory=dict)
     record_sends: bool = False  # keep each connection's frame send times (latency benchmark)
+    # keep the text of every frame sent on every connection, closed ones too (the chaos
+    # run's witness of what the producer must have written to raw.frames)
+    record_frames: bool = False
 
 
 class Connection:
@@ -78,6 +81,13 @@ class Connection:
         # time.perf_counter() as each frame went out, indexed like the producer's v2
         # ``sequence`` (the frame's 0-based index on its connection); None: not recorded.
         self.sent_at: list[float] | None = None
+        self.sent: list[str] | None = None  # each frame's text, in order (record_frames)
+        self.dropped = False  # ended by a drop fault (frames in flight are lost with it)
+
+    @property
+    def is_trading(self) -> bool:
+        """An authenticated (order entry) connection of the new API, not market data."""
+        return "X-GEMINI-APIKEY" in self.request.headers
 
     def next_sequence(self) -> int:
         sequence, self.socket_sequence = self.socket_sequence, self.socket_sequence + 1
@@ -95,6 +105,8 @@ class Connection:
                     await asyncio.sleep(min(0.05, self.stalled_until - time.monotonic()))
                 if self.sent_at is not None:
                     self.sent_at.append(time.perf_counter())
+                if self.sent is not None:
+                    self.sent.append(frame)
                 await self.ws.send_str(frame)
                 self.frames_sent += 1
         except (ConnectionError, RuntimeError, asyncio.CancelledError):
@@ -112,6 +124,7 @@ class Connection:
         transport = self.request.transport
         if transport is not None:
             transport.abort()
+        self.dropped = True
         self.close()
 
 
@@ -122,6 +135,8 @@ class Venue:
                                      if config.capture is not None
                                      else {s.upper() for s in config.symbols}))
         self.connections: set[Connection] = set()
+        self.history: list[Connection] = []  # every connection ever (record_frames)
+        self.paused = False  # the market holds still (pause()) until resumed
         self.events = 0
         self.source_done = False
         self._scheduled: list[tuple[int, dict]] = []
@@ -187,6 +202,11 @@ class Venue:
         pace = (1.0 / self.config.rate) if (self.config.capture is None and self.config.rate) \
             else None
         for n, event in enumerate(self._source()):
+            if self.paused:
+                held = time.monotonic()
+                while self.paused:
+                    await asyncio.sleep(0.05)
+                started += time.monotonic() - held  # paced sources go on where they were
             if self.config.capture is not None and self.config.speed:
                 first_at = event.at_s if first_at is None else first_at
                 if last_at is not None and event.at_s < last_at:  # the capture starts again
@@ -266,6 +286,9 @@ class Venue:
 
     async def _serve(self, request: web.Request, conn: Connection, on_text=None) -> web.WebSocketResponse:
         self.connections.add(conn)
+        if self.config.record_frames:
+            conn.sent = []
+            self.history.append(conn)
         sender = asyncio.create_task(conn.sender())
         beats = asyncio.create_task(self._heartbeats(conn))
         try:
@@ -367,9 +390,15 @@ class Venue:
             for fault in due:
                 await self._apply_fault(fault)
 
-    async def _apply_fault(self, fault: dict) -> int:
+    async def apply_fault(self, fault: dict, market_only: bool = False) -> int:
+        """Apply ``fault`` (as ``POST /_venue/faults`` takes it) now; ``market_only``: only
+        to market-data connections, not to authenticated trading ones. How many it hit."""
+        return await self._apply_fault(fault, market_only)
+
+    async def _apply_fault(self, fault: dict, market_only: bool = False) -> int:
         targets = [c for c in self.connections if not c.closed and
-                   (not fault.get("version") or c.version == fault["version"])]
+                   (not fault.get("version") or c.version == fault["version"]) and
+                   not (market_only and c.is_trading)]
         log.info("venue: fault %s on %d connection(s) at event %d", fault, len(targets),
                  self.events)
         for conn in targets:
