@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py pipeline/_avro.c | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install broker cluster registry up demo down status test chaos bench fuzz clean
+.PHONY: install broker broker-secure cluster registry up demo down status test chaos bench fuzz clean
 
 install: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml setup.py pipeline/_avro.c
 
 broker: install
 	$(BIN)/pipeline broker start
+
+# The same broker secured: SASL_SSL/SCRAM, one principal per role, ACLs (pipeline/broker_secure.py).
+broker-secure: install
+	$(BIN)/pipeline broker start --secure
 
 # A 3-node KRaft cluster in the run directory (each node a broker and a controller voter);
 # `make up`/`make demo` then run on it, every topic replicated 3 ways.

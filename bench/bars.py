@@ -25,6 +25,7 @@ from bench.figures import Figure, best_rate
 from consumers.bars import BarsHandler, make_group
 from pipeline.bars import build_bars
 from pipeline.catalog import Namespace, ensure_topics
+from pipeline.kafka import client_config, reader_config
 from pipeline.registry import SchemaRegistry
 from pipeline.runtime import GroupRunner
 from pipeline.serde import Decoder, publish
@@ -82,8 +83,7 @@ class _Timed(BarsHandler):
 
 def _consume_decode(bootstrap: str, registry_url: str, topic: str, n: int) -> float:
     decode = Decoder(SchemaRegistry(registry_url))
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4()}",
-                         "enable.auto.commit": False})
+    consumer = Consumer(reader_config(bootstrap, f"bench-{uuid.uuid4()}"))
     meta = consumer.list_topics(topic, timeout=10).topics[topic]
     consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
     seen, start = 0, None

@@ -45,6 +45,7 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from bench.figures import Figure
 from pipeline.catalog import Namespace, end_offset, ensure_topics
 from pipeline.config import REPO_ROOT
+from pipeline.kafka import client_config, reader_config
 from pipeline.core.vocabulary import TERMINAL_KINDS
 from pipeline.registry import SchemaRegistry
 from pipeline.runtime import (GroupConfig, Handler, Output, Record, group_parser,
@@ -105,9 +106,8 @@ def _percentile(values: list[float], q: float) -> float:
 
 def _reader(bootstrap: str, topic: str) -> Consumer:
     """A read_committed consumer of ``topic`` from its current end."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4()}",
-                         "enable.auto.commit": False, "isolation.level": "read_committed",
-                         "fetch.wait.max.ms": 50})
+    consumer = Consumer(reader_config(bootstrap, f"bench-{uuid.uuid4()}", **{
+        "isolation.level": "read_committed", "fetch.wait.max.ms": 50}))
     meta = consumer.list_topics(topic, timeout=10).topics[topic]
     consumer.assign([TopicPartition(topic, p, end_offset(consumer, TopicPartition(topic, p)))
                      for p in meta.partitions])  # explicit offsets: nothing from now is missed
@@ -197,8 +197,8 @@ class _Setup:
                 ) -> tuple[list[float], float]:
         """Start ``command`` (a group over this namespace); latencies in ms of ``n`` paced
         requests, then the throughput of a burst of ``n``."""
-        producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True,
-                             "linger.ms": 0})
+        producer = Producer(client_config(self.bootstrap, **{"enable.idempotence": True,
+                                                            "linger.ms": 0}))
         for symbol in SYMBOLS:
             producer.produce(self.topic["md.l2"],
                              self.encode_snapshot(_snapshot(symbol)), symbol)
@@ -230,8 +230,7 @@ def _kafka_alone(bootstrap: str, n: int) -> tuple[list[float], float]:
     namespace = Namespace(f"sim-benchrt{int(time.time())}")
     ensure_topics(bootstrap, namespace, ["raw.frames"])
     topic = namespace.topic("raw.frames")
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
-                         "linger.ms": 0})
+    producer = Producer(client_config(bootstrap, **{"enable.idempotence": True, "linger.ms": 0}))
     consumer = _reader(bootstrap, topic)
 
     def small(count: int) -> list[Item]:

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Union
 
+from pipeline import broker_secure
 from pipeline.catalog import CLUSTER_MIN_INSYNC, CLUSTER_REPLICATION
 from pipeline.config import REPO_ROOT, Settings, ensure_writable_dir
 from pipeline.errors import PipelineError
@@ -117,6 +118,12 @@ class LocalBroker(DetachedService[BrokerState]):
     def from_settings(cls, settings: Settings) -> "LocalBroker":
         return cls(settings.run_dir)
 
+    def state(self) -> BrokerState | None:
+        state = super().state()
+        if state is not None:  # secured: this process's clients connect as its operator
+            broker_secure.remember(self.home, state.bootstrap_servers)
+        return state
+
     def is_ready(self, timeout: float = 3.0) -> bool:
         state = self.state()
         return state is not None and broker_answers(state.bootstrap_servers, timeout)
@@ -125,12 +132,18 @@ class LocalBroker(DetachedService[BrokerState]):
 
     def start(self, port: int = DEFAULT_PORT, controller_port: int = DEFAULT_CONTROLLER_PORT,
               timeout: float = START_TIMEOUT_S, quiet: bool = True,
-              wait: bool = True) -> BrokerState:
+              wait: bool = True, secure: bool = False) -> BrokerState:
         """Start the broker, or return the running one; raise PipelineError on any failure.
 
         ``wait=False`` (a cluster node) returns once the process runs: a node answers only
-        when a majority of the controller voters does, so the cluster waits for all."""
+        when a majority of the controller voters does, so the cluster waits for all.
+        ``secure`` (and always once a run directory's broker was): SASL_SSL, SCRAM users and
+        ACLs per role (pipeline/broker_secure.py)."""
+        secure = secure or broker_secure.is_secure(self.home)
         running = self.state()
+        if running is not None and secure and not broker_secure.is_secure(self.home):
+            raise PipelineError(f"the broker running from {self.home} (pid {running.pid}) is "
+                                "not secured: stop it first (`pipeline broker stop`)")
         if running is not None and not wait:
             return running
         if running is not None:
@@ -153,9 +166,26 @@ class LocalBroker(DetachedService[BrokerState]):
         find_java(17, "to run Apache Kafka 4")
         libs = kafka_libs(quiet=quiet)
         self._write_configs(port, controller_port)
+        scram = self._secure(port, controller_port) if secure else []
         if not (self.data_dir / "meta.properties").exists():
-            self._format(libs)
-        return self._launch(libs, port, controller_port, timeout, wait)
+            self._format(libs, scram)
+        state = self._launch(libs, port, controller_port, timeout, wait)
+        if secure:
+            broker_secure.grant_defaults(state.bootstrap_servers)
+        return state
+
+    def _secure(self, port: int, controller_port: int) -> list[str]:
+        """The secured broker's settings (appended to server.properties) and its users."""
+        formatted = (self.data_dir / "meta.properties").exists()
+        if formatted and not broker_secure.is_secure(self.home):
+            raise PipelineError(f"the broker of {self.home} was formatted without --secure, so "
+                                "it has no SCRAM users: use another run directory, or stop it "
+                                f"and delete {self.data_dir}")
+        files = broker_secure.prepare(self.home, self.host)
+        with self.config_file.open("a") as out:
+            out.write(broker_secure.server_properties(files, self.host, port, controller_port))
+        broker_secure.remember(self.home, f"{self.host}:{port}")
+        return [] if formatted else broker_secure.format_arguments(files)
 
     def await_started(self, state: BrokerState, timeout: float = START_TIMEOUT_S) -> BrokerState:
         """Wait until a node started with ``wait=False`` answers (see :meth:`start`)."""
@@ -190,10 +220,11 @@ class LocalBroker(DetachedService[BrokerState]):
         self.log_config.write_text(_log4j_properties(self.log_dir / "server.log", "INFO"))
         self.tools_log_config.write_text(_log4j_properties(self.log_dir / "tools.log", "WARN"))
 
-    def _format(self, libs: Path) -> None:
+    def _format(self, libs: Path, extra: list[str]) -> None:
         cluster_id = self._cluster_id or new_cluster_id()
         cmd = java_command(libs, "kafka.tools.StorageTool", "format", "--cluster-id", cluster_id,
-                           "--config", str(self.config_file), log_config=self.tools_log_config)
+                           "--config", str(self.config_file), *extra,
+                           log_config=self.tools_log_config)
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise PipelineError(
@@ -354,10 +385,10 @@ class LocalCluster:
     def _await_members(self, described: ClusterState, timeout: float) -> None:
         """Until every node is registered with the controller (a node answers metadata
         before the others have joined; a client arriving then sees a smaller cluster)."""
-        from confluent_kafka.admin import AdminClient
+        from pipeline.kafka import make_admin
 
-        admin = AdminClient({"bootstrap.servers": described.bootstrap_servers,
-                             "logger": _SILENT_LOGGER})
+        admin = make_admin(described.bootstrap_servers, logger=_SILENT_LOGGER,
+                           error_cb=_SILENT_LOGGER.log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -445,10 +476,10 @@ def _log4j_properties(log_file: Path, level: str) -> str:
 
 def broker_answers(bootstrap: str, timeout: float = 3.0) -> bool:
     """True if a Kafka cluster at ``bootstrap`` returns metadata within ``timeout``."""
-    from confluent_kafka.admin import AdminClient  # local: keeps `pipeline --help` fast
+    from pipeline.kafka import make_admin  # local: keeps `pipeline --help` fast
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0,
-                         "logger": _SILENT_LOGGER})
+    admin = make_admin(bootstrap, log_level=0, logger=_SILENT_LOGGER,
+                       error_cb=_SILENT_LOGGER.log)
     try:
         admin.list_topics(timeout=timeout)
         return True
@@ -489,8 +520,9 @@ def reported_version(settings: Settings) -> dict[str, str]:
     cluster runs; it is asked of the broker with Kafka's own FeatureCommand.
     """
     bootstrap = bootstrap_servers(settings)
-    out = LocalBroker.from_settings(settings).run_tool(
-        "org.apache.kafka.tools.FeatureCommand", "--bootstrap-server", bootstrap, "describe")
+    broker = LocalBroker.from_settings(settings)
+    out = broker.run_tool("org.apache.kafka.tools.FeatureCommand", "--bootstrap-server", bootstrap,
+                          *broker_secure.tool_options(broker.home, bootstrap), "describe")
     features = {}
     for line in out.splitlines():
         match = re.match(r"Feature:\s*(\S+).*FinalizedVersionLevel:\s*(\S+)", line)

@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from pipeline.errors import PipelineError
-from pipeline.kafka import check_reachable, make_admin
+from pipeline.kafka import check_reachable, make_admin, reader_config
 
 DAY_MS = 24 * 3600 * 1000
 NAMESPACE_KINDS = ("live", "sim", "replay")
@@ -242,7 +242,7 @@ def _wait_until_served(bootstrap: str, admin: AdminClient, topics: list[str],
                and all(p.leader >= 0 for p in meta[t].partitions.values()) for t in topics):
             break
         time.sleep(0.1)
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "pipeline-topics-cli"})
+    consumer = Consumer(reader_config(bootstrap, "pipeline-topics-cli"))
     try:
         for t in topics:
             for p in meta[t].partitions:
@@ -300,8 +300,7 @@ def describe_topics(bootstrap: str, namespace: Namespace | None = None,
     meta = check_reachable(make_admin(bootstrap), bootstrap, timeout).topics
     ours = sorted(t for t in meta
                   if (parsed := split_topic(t)) and (namespace is None or parsed[0] == namespace))
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "pipeline-topics-cli",
-                         "enable.auto.commit": False})
+    consumer = Consumer(reader_config(bootstrap, "pipeline-topics-cli"))
     try:
         infos = []
         for full in ours:

@@ -37,7 +37,14 @@ RunDirOption = typer.Option(None, "--run-dir", envvar="PIPELINE_RUN_DIR",
 def _settings(run_dir: Optional[Path]):
     from pipeline.config import Settings
 
-    return Settings.from_env(run_dir)
+    settings = Settings.from_env(run_dir)
+    if not settings.bootstrap_servers:
+        from pipeline.broker import LocalBroker
+
+        # The run dir's broker, if secured, is the operator's: commands connect as admin
+        # unless KAFKA_SECURITY_*/KAFKA_CLIENT_PROPERTIES say otherwise.
+        LocalBroker.from_settings(settings).state()
+    return settings
 
 
 @broker_app.command("start")
@@ -49,21 +56,33 @@ def broker_start(
                                         "one); node i of a cluster: + 10*(i-1)."),
     nodes: int = typer.Option(1, min=1, help="Nodes: 1 broker, or a cluster of N (each a "
                               "broker and controller voter; 3+ replicate every topic 3 ways)."),
+    secure: bool = typer.Option(False, "--secure", help="SASL_SSL with SCRAM users and ACLs, "
+                                "one principal per role (pipeline/broker_secure.py), one node; "
+                                "a run directory's broker stays secured once it was."),
 ) -> None:
     """Start the broker or cluster (a second start is harmless, and restarts a node that
     died); download the jars on first use."""
     from pipeline.broker import local_kafka
 
     settings = _settings(run_dir)
+    if secure and nodes != 1:
+        raise PipelineError("--secure runs one node: a secured cluster is not built yet")
     kafka = local_kafka(settings.run_dir, nodes=nodes)
+    secured = {"secure": True} if secure else {}  # an option of the single broker's start
     started = _start_service("KAFKA_BOOTSTRAP_SERVERS", settings.bootstrap_servers, kafka,
                              lambda: kafka.start(port=port, controller_port=controller_port,
-                                                 quiet=False))
+                                                 quiet=False, **secured))
     if started:
         state, verb = started
         what = f"pid {state.pid}" if nodes == 1 else f"{nodes} nodes, KRaft quorum of {nodes}"
         console.print(f"Kafka {state.kafka_version} {verb} on {state.bootstrap_servers} "
                       f"({what}, logs in {kafka.log_dir})")
+        from pipeline.broker_secure import SecureFiles
+
+        files = SecureFiles(kafka.home)
+        if files.exists:
+            console.print(f"secured: SASL_SSL/SCRAM-SHA-512, CA {files.ca}, one principal per "
+                          f"role, passwords (mode 0600) in {files.secrets}")
 
 
 def _start_service(env_var: str, external: str | None, service: "DetachedService | LocalCluster",

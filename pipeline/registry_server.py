@@ -10,6 +10,7 @@ JAVA_HOME, PATH and /usr/lib/jvm. The pipeline talks to it only through the Conf
 
 from __future__ import annotations
 
+import os
 import tarfile
 import time
 from dataclasses import dataclass
@@ -139,6 +140,7 @@ class LocalRegistry(DetachedService[RegistryState]):
                "-Dapicurio.ccompat.legacy-id-mode.enabled=false",
                "-Dquarkus.http.access-log.enabled=false",
                "-Dquarkus.otel.sdk.disabled=true",
+               *self._kafka_security(bootstrap),
                "-jar", str(dist / "quarkus-run.jar")]
         proc = spawn(cmd, self.log_file, self.home)
         url = f"http://{self.host}:{port}{CCOMPAT_PATH}"
@@ -148,6 +150,35 @@ class LocalRegistry(DetachedService[RegistryState]):
         return self.await_ready(
             proc, state, lambda: storage_ready(self.host, management_port, timeout=2)
             and ccompat_answers(url, timeout=2), timeout, url)
+
+    def _kafka_security(self, bootstrap: str) -> list[str]:
+        """How the registry's Kafka clients authenticate: as ``registry`` on the run
+        directory's secured broker, else as this process's settings say (an external
+        cluster). The settings, password included, go to a file readable only by its owner
+        that Quarkus reads (``quarkus.config.locations``), never to the command line."""
+        from pipeline import broker_secure
+        from pipeline.kafka_security import load_security, write_java_properties
+
+        kafka_home = self.home.parent / "kafka"
+        local = broker_secure.registry_settings(kafka_home)
+        broker = _local_broker_bootstrap(kafka_home)
+        security = local if local is not None and broker == bootstrap else \
+            load_security(bootstrap=bootstrap)
+        if security.protocol == "PLAINTEXT":
+            return []
+        secrets_dir = ensure_writable_dir(self.home / "secrets")
+        os.chmod(secrets_dir, 0o700)
+        # apicurio.kafka.common.*: the settings of its producer, consumer and admin client
+        path = write_java_properties(secrets_dir / "kafka-client.properties", security,
+                                     "apicurio.kafka.common.", quarkus=True)
+        return [f"-Dquarkus.config.locations={path}"]
+
+
+def _local_broker_bootstrap(kafka_home: Path) -> str | None:
+    from pipeline.broker import LocalBroker
+
+    state = LocalBroker(kafka_home.parent).state()
+    return state.bootstrap_servers if state else None
 
 
 def registry_url(settings: Settings) -> str:

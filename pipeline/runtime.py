@@ -33,7 +33,8 @@ from confluent_kafka import (OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcept
 
 from pipeline.deadletter import STAGE_DECODE, STAGE_HANDLE, dead_letter_headers
 from pipeline.errors import PipelineError
-from pipeline.kafka import ReliableProducer, check_reachable, consumer_config, make_admin
+from pipeline.kafka import (ReliableProducer, check_reachable, consumer_config, make_admin,
+                            reader_config)
 
 log = logging.getLogger(__name__)
 
@@ -403,12 +404,14 @@ def _fmt(partitions: list[TopicPartition]) -> str:
 
 # --------------------------------------------------------------------------- restore helpers
 
+RESTORE_GROUP_PREFIX = "restore-"  # a secured broker grants its readers this group prefix
+
 
 def restore_consumer(bootstrap: str, isolation: str = "read_committed") -> Consumer:
     """A consumer outside every group (a fresh group id, never committing), to read what
     a group needs back when it is assigned partitions."""
-    return Consumer({"bootstrap.servers": bootstrap, "group.id": f"restore-{uuid.uuid4()}",
-                     "enable.auto.commit": False, "isolation.level": isolation})
+    return Consumer(reader_config(bootstrap, f"{RESTORE_GROUP_PREFIX}{uuid.uuid4()}",
+                                  **{"isolation.level": isolation}))
 
 
 def read_to_end(bootstrap: str, topic: str, timeout_s: float = 60.0,
@@ -484,8 +487,7 @@ def _read_until(consumer: Consumer, topic: str, ranges: dict[int, tuple[int, int
 def committed_offsets(bootstrap: str, group_id: str, topic: str, partitions: Iterable[int]
                       ) -> dict[int, int]:
     """The group's committed next offset per partition of ``topic`` (absent: none)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id,
-                         "enable.auto.commit": False})
+    consumer = Consumer(reader_config(bootstrap, group_id))
     try:
         found = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
         return {tp.partition: tp.offset for tp in found if tp.offset >= 0}

@@ -172,6 +172,10 @@ class Supervisor:
         if self.topology.source.kind == "replay":
             self._check_replay()  # before the namespace's topics are created
         ensure_topics(self.bootstrap, self.topology.namespace)
+        if not self.settings.bootstrap_servers:  # a secured local broker: the topology's ACLs
+            from pipeline.broker_secure import grant_topology
+
+            grant_topology(self.run_dir / "kafka", self.bootstrap, self.topology)
         register_namespace(SchemaRegistry(self.registry_url), self.topology.namespace)
         self.save()
 
@@ -276,6 +280,10 @@ class Supervisor:
         env = {**os.environ, "PIPELINE_RUN_DIR": str(self.run_dir),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                            os.environ.get("PYTHONPATH")]))}
+        if not self.settings.bootstrap_servers:  # a secured local broker: the child's role
+            from pipeline.broker_secure import role_environment
+
+            env.update(role_environment(self.run_dir / "kafka", child.cmd))
         with open(child.log_file, "ab") as out:
             out.write(f"\n--- {time.strftime('%F %T')} starting: {' '.join(child.cmd)}\n".encode())
         import subprocess
