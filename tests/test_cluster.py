@@ -188,7 +188,7 @@ def test_short_chaos_run_on_a_cluster_holds_every_invariant(tmp_path):
                                "kill_producer": 1}, report.log
     assert report.restarts["execution"] == 1 and report.restarts["producer"] == 1
     by_name = {c.name.split(" ")[0]: c for c in report.checks}
-    assert len(report.checks) == 6
+    assert len(report.checks) == 7  # the drain, then the six over the records
     assert all(c.records > 0 for c in report.checks)
     assert "2 connections" in by_name["raw.frames"].notes[0]  # the kill made a new one
     orders = next(c for c in report.checks if c.name.startswith("orders"))

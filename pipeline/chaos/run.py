@@ -107,6 +107,7 @@ class ChaosRun:
         self.report = ChaosReport(config.faults if config.faults is not None else make_schedule(
             config.seed, config.minutes, self.groups, config.nodes))
         self.malformed_hits = 0
+        self.drained = Check("every group caught up, no order live, after the sources stopped")
         self._restarts: list[threading.Thread] = []
 
     # -- the whole run
@@ -321,6 +322,7 @@ class ChaosRun:
 
         self.sent_at_stop = self._venue_call(sent_now())
         self.say("sources stopped; kill switch on; draining")
+        started = time.monotonic()
         self._await_in_sync(120)
         (self.run_dir / "kill-switch").touch()
         deadline = time.monotonic() + self.config.drain_timeout_s
@@ -341,14 +343,20 @@ class ChaosRun:
                 stable_since, last = time.monotonic(), view
             if not behind and not live and time.monotonic() - stable_since >= 8.0 and \
                     len(lags) >= len(self.groups):
+                took = time.monotonic() - started
                 self.say(f"drained: {len(lags)} groups caught up, no order live at the venue")
+                self.drained.records = sum(v["committed"] for v in lags.values())
+                self.drained.notes.append(f"{len(lags)} groups caught up {took:.0f}s after "
+                                          "the sources stopped")
                 return
             time.sleep(1.0)
         lagging = {g: sum(v["lag"].values()) for g, v in lags.items() if sum(v["lag"].values())}
-        self.say(f"drain timed out after {self.config.drain_timeout_s:.0f}s (groups "
-                 f"{len(lags)}, lag {lagging or 0}, {len(live)} order(s) live at the venue, "
-                 f"committed offsets last moved {time.monotonic() - stable_since:.0f}s ago): "
-                 "checking what there is")
+        problem = (f"not drained {self.config.drain_timeout_s:.0f}s after the sources stopped: "
+                   f"{len(lags)} groups, lag {lagging or 0}, {len(live)} order(s) live at the "
+                   f"venue, committed offsets last moved {time.monotonic() - stable_since:.0f}s "
+                   "ago")
+        self.drained.fail(problem)
+        self.say(f"{problem}: checking what there is")
 
     async def _live_orders(self) -> list[str | None]:
         exchange = self.venue.venue.exchange
@@ -417,6 +425,7 @@ class ChaosRun:
         from pipeline.venue.server import MALFORMED
 
         self.report.checks = [
+            self.drained,
             check_frames(sent, records("raw.frames")),
             check_books(books, records("book.snapshots"), DEPTH),
             check_bars(trades, records("bars.late"), records("bars"), parquet, INTERVALS),
