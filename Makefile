@@ -66,7 +66,8 @@ bench: install
 
 # The C Avro codec (pipeline/_avro.c) built with AddressSanitizer and UBSan into build/asan/
 # (the normal extension is untouched), fed FUZZ_RECORDS mutated records per schema (and a
-# quarter as many mutated values to encode); about 25 minutes on 2 cores. FUZZ_SEED reruns
+# quarter as many mutated values to encode); 53 minutes measured on the shared 2-core
+# machine under load. FUZZ_SEED reruns
 # a run (each run prints its seed and the command repeating it).
 FUZZ_RECORDS ?= 1000000
 FUZZ_SEED ?=
