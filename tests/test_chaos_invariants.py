@@ -58,6 +58,20 @@ def test_frames_held_with_a_cut_tail_and_a_complete_last_connection():
     assert "2 frames in flight" in check.notes[0]
 
 
+def test_a_killed_producer_may_miss_only_its_last_frames():
+    sent = [SentConnection(tuple("abcdef"), None, killed=True)]
+    # e and its neighbours went to partitions whose batches died with the process
+    recent = [r for r in raw("p1", list("abcdef"), ts=0) if r["sequence"] not in (3, 4)]
+    recent[-1]["received_ts_us"] = 1_000_000
+    check = check_frames(sent, recent)
+    assert check.held and "2 read by a producer killed" in check.notes[0]
+    old = [dict(r) for r in recent]
+    old[-1]["received_ts_us"] = 60_000_000  # a frame missing a minute before the end
+    assert "frame 3 missing" in check_frames(sent, old).counterexample
+    alive = [SentConnection(tuple("abcdef"), None, killed=False)]
+    assert "the producer was not killed" in check_frames(alive, recent).counterexample
+
+
 def test_frames_doubled_skipped_foreign_or_short_at_the_end_break():
     sent = [SentConnection(("a", "b", "c"), 3)]
     doubled = raw("p1", ["a", "b", "c"]) + raw("p1", ["b"], start=1)

@@ -107,6 +107,7 @@ class ChaosRun:
         self.report = ChaosReport(config.faults if config.faults is not None else make_schedule(
             config.seed, config.minutes, self.groups, config.nodes))
         self.malformed_hits = 0
+        self.killed_connections: set[int] = set()  # venue connections open at a producer kill
         self.drained = Check("every group caught up, no order live, after the sources stopped")
         self._restarts: list[threading.Thread] = []
 
@@ -230,6 +231,8 @@ class ChaosRun:
             child = self.supervisor.child(fault.target if kind == "kill_group" else "producer")
             if child.pid is None or not child.up:
                 return f"not applied: {child.name} is not running (restarting)"
+            if kind == "kill_producer":  # its open connections may lose frames it had read
+                self.killed_connections |= self._venue_call(self._open_connections())
             os.kill(child.pid, 9)
             return f"killed {child.name} (pid {child.pid})"
         if kind in BROKER_FAULTS:
@@ -303,6 +306,9 @@ class ChaosRun:
             except PipelineError:
                 pass
             time.sleep(1.0)
+
+    async def _open_connections(self) -> set[int]:
+        return {id(c) for c in self.venue.venue.connections if not c.closed and not c.is_trading}
 
     def _venue_call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.venue.loop).result(15)
@@ -394,10 +400,10 @@ class ChaosRun:
 
         self.say("reading every topic back")
         venue = self.venue.venue
-        sent_at_stop = self.sent_at_stop
+        sent_at_stop, killed = self.sent_at_stop, self.killed_connections
 
         async def witness():
-            sent = [SentConnection(tuple(c.sent or ()), sent_at_stop.get(id(c)))
+            sent = [SentConnection(tuple(c.sent or ()), sent_at_stop.get(id(c)), id(c) in killed)
                     for c in venue.history if not c.is_trading]
             books = {s: ([(format(p, "f"), format(q, "f"))
                           for p, q in venue.market.levels(s, "bid")[:DEPTH]],
