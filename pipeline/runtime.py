@@ -19,7 +19,9 @@ committed, the handler flushes, and the consumer leaves the group before exit.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import os
 import signal
 import sys
 import threading
@@ -37,6 +39,8 @@ from pipeline.kafka import (ReliableProducer, check_reachable, consumer_config, 
                             reader_config)
 
 log = logging.getLogger(__name__)
+DEFAULT_STALL_LIMIT_S = 240.0  # beyond every Kafka call's own timeout (commit: 60 s)
+EXIT_STALLED = 75  # the exit code of a process its watchdog ended (EX_TEMPFAIL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +150,7 @@ class GroupRunner:
         self._in_transaction = False
         self._closing = False
         self._callback_error: Exception | None = None
+        self.alive_at = time.monotonic()  # when the loop last began a step (the watchdog's)
 
     # -- lifecycle
 
@@ -153,9 +158,31 @@ class GroupRunner:
         """Ask the loop to finish its batch, commit and exit (safe from signal handlers)."""
         self._stop.set()
 
-    def install_signal_handlers(self) -> None:
+    def install_signal_handlers(self, stall_limit_s: float | None = None) -> None:
+        """For a runner that is its process: SIGTERM/SIGINT stop it, and a watchdog ends
+        the process when one step of the loop (a Kafka call, a batch, a restore) has not
+        returned for ``stall_limit_s`` (default ``PIPELINE_STALL_LIMIT_S`` or 240 s), with
+        every thread's stack in the log, so that the supervisor restarts it. librdkafka
+        calls are bounded by their timeouts, but a process that is alive and consumes
+        nothing helps no one (the chaos run saw a strategy do that after a broker kill);
+        a restart loses nothing: the transaction in flight is aborted, the offsets hold."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self.stop())
+        limit = stall_limit_s if stall_limit_s is not None else float(
+            os.environ.get("PIPELINE_STALL_LIMIT_S") or DEFAULT_STALL_LIMIT_S)
+        threading.Thread(target=self._watchdog, args=(limit,), name="stall-watchdog",
+                         daemon=True).start()
+
+    def _watchdog(self, limit_s: float) -> None:
+        while not self._stop.wait(min(5.0, limit_s / 4)):
+            stalled = time.monotonic() - self.alive_at
+            if stalled > limit_s:
+                log.error("group %s: one step has not returned for %.0f s (limit %.0f s): "
+                          "exiting so that it is restarted; the stacks follow",
+                          self.config.group_id, stalled, limit_s)
+                faulthandler.dump_traceback(all_threads=True)
+                sys.stderr.flush()
+                os._exit(EXIT_STALLED)
 
     def run(self, *, idle_timeout_s: float | None = None, max_records: int | None = None,
             ) -> GroupStats:
@@ -180,6 +207,7 @@ class GroupRunner:
         last_data = last_batch = time.monotonic()
         try:
             while not self._stop.is_set():
+                self.alive_at = time.monotonic()
                 msgs = self._next_batch()
                 now = time.monotonic()
                 if msgs:

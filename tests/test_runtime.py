@@ -360,3 +360,28 @@ def test_a_fatal_consumer_error_ends_the_group_instead_of_idling():
     with pytest.raises(PipelineError, match="sim.portfolio: Fatal error: Broker: Static"):
         runner._on_consume_error(fenced)
     runner._on_consume_error(KafkaError(KafkaError._TRANSPORT, "broker down"))  # goes on
+
+
+def test_a_group_process_stuck_in_one_step_is_ended_by_its_watchdog(kafka, relay_topics,
+                                                                    tmp_path):
+    """A handler that never returns stands in for a Kafka call that does not: the process
+    exits with EXIT_STALLED and every thread's stack in its log, so the supervisor can
+    restart it, instead of staying alive and consuming nothing."""
+    from pipeline.runtime import EXIT_STALLED
+
+    produce_json(kafka, relay_topics["md.l2"], [("k", {"key": "k", "seq": 0, "hang": True})])
+    log_file = tmp_path / "stuck.log"
+    with open(log_file, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.relay", "--bootstrap", kafka, "--in",
+             relay_topics["md.l2"], "--out", relay_topics["md.trades"], "--dlq", relay_topics["dlq"],
+             "--group", "stuck-relay"],
+            cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
+            env={**__import__("os").environ, "PIPELINE_STALL_LIMIT_S": "3"})
+    try:
+        assert proc.wait(90) == EXIT_STALLED
+    finally:
+        proc.kill()
+    text = log_file.read_text()
+    assert "one step has not returned for" in text and "stuck-relay" in text
+    assert "Thread" in text and "in handle" in text  # faulthandler's stacks

@@ -2,7 +2,7 @@
 
 It reads JSON records, copies each to an output topic tagged with the instance name and
 the source position, raises on the value "POISON" and can sleep per record, so a test
-can kill it mid-batch. Run: ``python -m tests.support.relay --bootstrap ... --in T --out T``.
+can kill it mid-batch; a record with "hang" never returns (the stall watchdog's test). Run: ``python -m tests.support.relay --bootstrap ... --in T --out T``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import threading
 import time
 
 from pipeline.runtime import GroupConfig, GroupRunner, Handler, Output, Record
@@ -27,6 +28,8 @@ class Relay(Handler):
     def handle(self, record: Record):
         if record.value.get("poison"):
             raise ValueError(f"poison record {record.value}")
+        if record.value.get("hang"):  # a step that never returns (the watchdog's test)
+            threading.Event().wait()
         if self.delay_s:
             time.sleep(self.delay_s)
         tagged = {**record.value, "instance": self.instance, "src_partition": record.partition,
