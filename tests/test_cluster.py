@@ -177,9 +177,9 @@ def test_too_few_in_sync_replicas_make_producers_fail_loudly(cluster):
 def test_short_chaos_run_on_a_cluster_holds_every_invariant(tmp_path):
     """The partition leader of orders.requests killed mid stream and restarted, a group and
     the producer killed: producer, groups and registry go on, nothing lost or doubled."""
-    faults = [Fault(20.0, "kill_leader", down_s=8.0), Fault(45.0, "kill_group", "execution"),
-              Fault(55.0, "venue_malformed"), Fault(62.0, "kill_producer")]
-    report = run_chaos(ChaosConfig(tmp_path / "chaos", minutes=1.5, seed=5, nodes=3,
+    faults = [Fault(15.0, "kill_leader", down_s=6.0), Fault(32.0, "kill_group", "execution"),
+              Fault(38.0, "venue_malformed"), Fault(44.0, "kill_producer")]
+    report = run_chaos(ChaosConfig(tmp_path / "chaos", minutes=1.0, seed=5, nodes=3,
                                    rate=40.0, faults=faults, drain_timeout_s=180),
                        say=lambda line: print(f"chaos: {line}", flush=True))
     failed = [f"{c.name}: {c.counterexample}" for c in report.checks if not c.held]
