@@ -13,8 +13,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import re
+import signal
 import subprocess
 import time
 import uuid
@@ -26,9 +26,9 @@ from pipeline import broker_secure
 from pipeline.catalog import CLUSTER_MIN_INSYNC, CLUSTER_REPLICATION
 from pipeline.config import REPO_ROOT, Settings, ensure_writable_dir
 from pipeline.errors import PipelineError
-from pipeline.services import (DetachedService, ServiceState, answers, find_java, free_port,
-                               maven_artifacts, pom_property, require_free_port, require_tool,
-                               spawn)
+from pipeline.services import (DetachedService, ServiceState, alive, answers, find_java,
+                               free_port, maven_artifacts, pom_property, require_free_port,
+                               require_tool, spawn)
 
 POM = REPO_ROOT / "docker" / "kafka" / "pom.xml"
 SERVER_TEMPLATE = REPO_ROOT / "docker" / "kafka" / "server.properties"
@@ -201,7 +201,8 @@ class LocalBroker(DetachedService[BrokerState]):
         if state is None:
             return None
         os.kill(state.pid, signal.SIGKILL)
-        _reap(state.pid)
+        while alive(state.pid):  # reaped if it is our child
+            time.sleep(0.05)
         return state.pid
 
     def _write_configs(self, port: int, controller_port: int) -> None:
@@ -270,21 +271,6 @@ def new_cluster_id() -> str:
     return cluster_id
 
 
-def _reap(pid: int, timeout: float = 10.0) -> None:
-    """Wait for a killed process to be gone (reaping it if it is our child)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        except ChildProcessError:  # not our child: poll until it is gone
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-        time.sleep(0.05)
-
-
 # --------------------------------------------------------------------------- cluster
 
 
@@ -321,11 +307,6 @@ class LocalCluster:
         self.state_file = self.home / "cluster.json"
         self.log_dir = self.home
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> "LocalCluster":
-        described = read_cluster(settings.run_dir)
-        return cls(settings.run_dir, described.nodes if described else 3)
-
     def recorded(self) -> ClusterState | None:
         """The cluster's description, whether or not its nodes run."""
         return read_cluster(self.run_dir)
@@ -342,20 +323,16 @@ class LocalCluster:
                            cluster_id=cluster_id, replication=min(self.size, CLUSTER_REPLICATION),
                            heap=CLUSTER_HEAP_OPTS)
 
-    def nodes(self) -> list[LocalBroker]:
-        described = self.recorded()
+    def nodes(self, described: ClusterState | None = None) -> list[LocalBroker]:
+        described = described or self.recorded()
         return [self.node(i, described) for i in range(1, self.size + 1)]
 
     def state(self) -> ClusterState | None:
         """The description if at least one node runs (a cluster with a node down is running)."""
         described = self.recorded()
-        if described is None or not any(n.state() for n in self.nodes()):
+        if described is None or not any(n.state() for n in self.nodes(described)):
             return None
         return described
-
-    def is_ready(self, timeout: float = 3.0) -> bool:
-        state = self.state()
-        return state is not None and broker_answers(state.bootstrap_servers, timeout)
 
     def start(self, port: int = DEFAULT_PORT, controller_port: int = DEFAULT_CONTROLLER_PORT,
               timeout: float = START_TIMEOUT_S, quiet: bool = True) -> ClusterState:
@@ -370,7 +347,7 @@ class LocalCluster:
             described = self._describe(port, controller_port)
         require_tool("java", "to run the Apache Kafka broker")
         kafka_libs(quiet=quiet)
-        nodes = [self.node(i, described) for i in range(1, self.size + 1)]
+        nodes = self.nodes(described)
         started = []
         for i, node in enumerate(nodes):
             if node.state() is None:

@@ -71,18 +71,15 @@ class ClusterHealth:
         return topics
 
 
-def describe_cluster(bootstrap: str, topics: list[str] | None = None, timeout: float = 10.0,
-                     internal: bool = True) -> ClusterHealth:
-    """Brokers and partitions of ``topics`` (all, by default; Kafka's own internal topics
-    ``__consumer_offsets`` and ``__transaction_state`` included unless ``internal`` is
-    False)."""
+def describe_cluster(bootstrap: str, topics: list[str] | None = None,
+                     timeout: float = 10.0) -> ClusterHealth:
+    """Brokers and partitions of ``topics`` (default: every topic, Kafka's own included)."""
     from confluent_kafka.admin import ConfigResource, ResourceType
 
     admin = make_admin(bootstrap)
     meta = check_reachable(admin, bootstrap, timeout)
     brokers = {b.id: f"{b.host}:{b.port}" for b in meta.brokers.values()}
-    names = sorted(t for t in meta.topics if (topics is None or t in topics)
-                   and (internal or not t.startswith("__")))
+    names = sorted(t for t in meta.topics if topics is None or t in topics)
     partitions = tuple(
         PartitionHealth(name, p.id, p.leader, tuple(p.replicas), tuple(p.isrs))
         for name in names for p in sorted(meta.topics[name].partitions.values(),

@@ -2,9 +2,9 @@
 
 Every client the pipeline makes starts from :func:`client_config`, which merges in the
 security settings of :mod:`pipeline.kafka_security` (SASL_SSL/SCRAM, the CA), so one
-environment or ``client.properties`` file secures them all. Producers are idempotent with ``acks=all`` and track every delivery report, so a failed
-delivery is never silent. Consumers never auto-commit: the runtime commits what it has
-fully handled.
+environment or ``client.properties`` file secures them all. Producers are idempotent with
+``acks=all`` and track every delivery report, so a failed delivery is never silent.
+Consumers never auto-commit: the runtime commits what it has fully handled.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import threading
 import time
 from collections import Counter
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.broker import LocalBroker, LocalCluster, LocalKafka
+from pipeline.broker import LocalCluster, LocalKafka, local_kafka
 from pipeline.catalog import Namespace
 from pipeline.chaos.invariants import (Check, SentConnection, VenueOrders, check_bars,
                                        check_books, check_dlq, check_frames, check_orders,
@@ -35,6 +36,7 @@ from pipeline.chaos.schedule import BROKER_FAULTS, FAULT_KINDS, Fault, make_sche
 from pipeline.cluster_health import describe_cluster
 from pipeline.config import REPO_ROOT, Settings, ensure_writable_dir
 from pipeline.errors import PipelineError
+from pipeline.kafka_security import write_secret
 from pipeline.registry_server import LocalRegistry
 from pipeline.services import free_port
 from pipeline.supervisor import Supervisor
@@ -98,8 +100,7 @@ class ChaosRun:
     def __init__(self, config: ChaosConfig, say: Callable[[str], None] = print) -> None:
         self.config, self.say = config, say
         self.run_dir = Path(config.run_dir).resolve()
-        self.kafka: LocalKafka = (LocalCluster(self.run_dir, config.nodes) if config.nodes > 1
-                                  else LocalBroker(self.run_dir))
+        self.kafka: LocalKafka = local_kafka(self.run_dir, nodes=config.nodes)
         self.registry = LocalRegistry(self.run_dir)
         self.namespace = Namespace(NAMESPACE)
         self.symbols = GENERATOR_SYMBOLS if config.rate else CAPTURE_SYMBOLS
@@ -139,7 +140,6 @@ class ChaosRun:
         for leftover in ("kafka", "registry", "parquet", "logs", "kill-switch"):
             path = self.run_dir / leftover
             if path.is_dir():
-                import shutil
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
@@ -159,9 +159,8 @@ class ChaosRun:
             record_frames=True, api_keys={API_KEY: {"secret": secret, "time_nonce": True}}))
         secrets_dir = ensure_writable_dir(self.run_dir / "secrets")
         key_file = secrets_dir / "chaos-venue-key.json"
-        key_file.touch(mode=0o600)
-        key_file.write_text(json.dumps({"api_key": API_KEY, "api_secret": secret,
-                                        "nonce": "time"}))
+        write_secret(key_file, json.dumps({"api_key": API_KEY, "api_secret": secret,
+                                           "nonce": "time"}))
         topology_file = self.run_dir / "topology.chaos.toml"
         topology_file.write_text(self._topology_text(key_file))
         from pipeline.topology import load

@@ -380,7 +380,7 @@ class Venue:
         if after is not None and after > self.events:
             self._scheduled.append((int(after), fault))
             return web.json_response({"result": "scheduled", "at_event": after})
-        hit = await self._apply_fault(fault)
+        hit = await self.apply_fault(fault)
         return web.json_response({"result": "applied", "connections": hit})
 
     async def _fire_scheduled(self) -> None:
@@ -388,14 +388,11 @@ class Venue:
         if due:
             self._scheduled = [(at, f) for at, f in self._scheduled if at > self.events]
             for fault in due:
-                await self._apply_fault(fault)
+                await self.apply_fault(fault)
 
     async def apply_fault(self, fault: dict, market_only: bool = False) -> int:
         """Apply ``fault`` (as ``POST /_venue/faults`` takes it) now; ``market_only``: only
         to market-data connections, not to authenticated trading ones. How many it hit."""
-        return await self._apply_fault(fault, market_only)
-
-    async def _apply_fault(self, fault: dict, market_only: bool = False) -> int:
         targets = [c for c in self.connections if not c.closed and
                    (not fault.get("version") or c.version == fault["version"]) and
                    not (market_only and c.is_trading)]
