@@ -251,8 +251,11 @@ def _wait_until_served(bootstrap: str, admin: AdminClient, topics: list[str],
         consumer.close()
 
 
+# _UNKNOWN_PARTITION: on a cluster, a client may ask a broker that has not yet learned of
+# a new topic (metadata reaches the brokers one by one); it knows a moment later.
 _TRANSIENT = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
-              KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._TRANSPORT)
+              KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION,
+              KafkaError._TRANSPORT)
 
 
 def end_offset(consumer: Consumer, tp: TopicPartition, timeout: float = 10.0) -> int:
