@@ -186,7 +186,11 @@ def test_short_chaos_run_on_a_cluster_holds_every_invariant(tmp_path):
     assert not failed, failed
     assert report.injected == {"kill_leader": 1, "kill_group": 1, "venue_malformed": 1,
                                "kill_producer": 1}, report.log
-    assert report.restarts["execution"] == 1 and report.restarts["producer"] == 1
+    # Each killed process is restarted. A group may restart once more: a static member whose
+    # coordinator was on the killed node can be fenced by its own rejoin (librdkafka), and the
+    # runtime exits on that fatal error for the supervisor to restart it (nothing is lost).
+    assert report.restarts["execution"] >= 1 and report.restarts["producer"] >= 1
+    assert all(n <= 2 for n in report.restarts.values()), report.restarts
     by_name = {c.name.split(" ")[0]: c for c in report.checks}
     assert len(report.checks) == 7  # the drain, then the six over the records
     assert all(c.records > 0 for c in report.checks)
