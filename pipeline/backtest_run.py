@@ -249,6 +249,7 @@ def run_backtest(bootstrap: str, registry_url: str, namespace: Namespace | str,
                  config: BacktestConfig | None = None, out_dir: str | Path | None = None,
                  topics: Sequence[str] | None = None, offsets: Offsets | None = None,
                  html: bool = False, progress: bool | None = None, title: str | None = None,
+                 source: str = "kafka", archive_root: str | Path | None = None,
                  **settings: Any) -> BacktestResult:
     """Replay ``topics`` of ``namespace`` (default: what the strategy needs, see
     :func:`default_topics`) over ``[start, end)`` (Kafka timestamps: epoch ms, ISO text
@@ -262,6 +263,10 @@ def run_backtest(bootstrap: str, registry_url: str, namespace: Namespace | str,
     nothing: into a temporary directory renamed at the end; an existing non-empty
     ``out_dir`` is refused before
     anything runs.
+
+    ``source="archive"`` reads the same records from the Parquet archive instead
+    (:mod:`pipeline.archive`; ``archive_root`` default ``<run dir>/parquet/<ns>/archive``):
+    the same trades for the same range, ``bootstrap`` and ``registry_url`` unused.
 
     Ctrl-C stops after the current batch: the result (and the files) cover what was
     replayed, with ``interrupted=True``; open trades are then not closed. Errors are
@@ -279,7 +284,8 @@ def run_backtest(bootstrap: str, registry_url: str, namespace: Namespace | str,
     output = report.OutputDir(out_dir) if out_dir is not None else None
     began = time.perf_counter()
     try:
-        with _replay(bootstrap, registry_url, names, start_ms, end_ms, offsets) as source:
+        with _replay(bootstrap, registry_url, names, start_ms, end_ms, offsets,
+                     _origin(source, ns, archive_root)) as source:
             show = sys.stderr.isatty() if progress is None else progress
             with stop_on_ctrl_c() as stop, gc_tuned(), \
                     progress_bar(show, source.total, f"backtest {spec_name}") as update:
@@ -314,12 +320,32 @@ def run_backtest(bootstrap: str, registry_url: str, namespace: Namespace | str,
             output.discard()
 
 
+def _origin(source: str, namespace: Namespace, root: str | Path | None) -> Path | None:
+    """Where a backtest reads: None for Kafka, else the archive's root."""
+    if source == "kafka":
+        return None
+    if source != "archive":
+        raise PipelineError(f"source {source!r}: use kafka or archive")
+    from pipeline.archive import archive_root
+
+    return Path(root) if root is not None else archive_root(namespace)
+
+
 @contextmanager
 def _replay(bootstrap: str, registry_url: str, topics: list[str], start_ms: int | None,
-            end_ms: int | None, offsets: Offsets | None) -> Iterator[ReplaySource]:
-    """The planned replay, or one clear error when the range holds no record."""
-    with ReplaySource(bootstrap, registry_url, topics, start_ms=start_ms, end_ms=end_ms,
-                      offsets=offsets) as source:
+            end_ms: int | None, offsets: Offsets | None, archive: Path | None = None
+            ) -> Iterator[Any]:
+    """The planned replay (from Kafka, or the archive at ``archive``), or one clear error
+    when the range holds no record."""
+    if archive is not None:
+        from pipeline.archive import ArchiveSource
+
+        opened: Any = ArchiveSource(archive, topics, start_ms=start_ms, end_ms=end_ms,
+                                    offsets=offsets)
+    else:
+        opened = ReplaySource(bootstrap, registry_url, topics, start_ms=start_ms,
+                              end_ms=end_ms, offsets=offsets)
+    with opened as source:
         if not source.total:
             raise PipelineError(f"no records to replay in {', '.join(topics)}"
                                 f"{range_text(start_ms, end_ms, offsets)}: "
@@ -337,8 +363,8 @@ _WORKER_EVENTS: list | None = None
 
 
 def _read_all(bootstrap: str, registry_url: str, topics: list[str], start_ms: int | None,
-              end_ms: int | None, offsets: Offsets | None) -> list:
-    with _replay(bootstrap, registry_url, topics, start_ms, end_ms, offsets) as source:
+              end_ms: int | None, offsets: Offsets | None, archive: Path | None = None) -> list:
+    with _replay(bootstrap, registry_url, topics, start_ms, end_ms, offsets, archive) as source:
         events: list = []
         for batch in source.batches():
             events += batch
@@ -346,12 +372,13 @@ def _read_all(bootstrap: str, registry_url: str, topics: list[str], start_ms: in
 
 
 def _init_worker(bootstrap: str, registry_url: str, topics: list[str], start_ms: int | None,
-                 end_ms: int | None, offsets: Offsets | None) -> None:
+                 end_ms: int | None, offsets: Offsets | None, archive: Path | None) -> None:
     """Each worker reads and decodes the replay once, then runs its combinations on it.
     Ctrl-C is the parent's to handle: it lets running combinations finish."""
     global _WORKER_EVENTS
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _WORKER_EVENTS = _read_all(bootstrap, registry_url, topics, start_ms, end_ms, offsets)
+    _WORKER_EVENTS = _read_all(bootstrap, registry_url, topics, start_ms, end_ms, offsets,
+                               archive)
 
 
 def _run_combination(index: int, spec: str, params: dict[str, Any],
@@ -370,6 +397,7 @@ def sweep(bootstrap: str, registry_url: str, namespace: Namespace | str,
           params: Mapping[str, Any] | None = None, start: TimeLike = None, end: TimeLike = None,
           *, config: BacktestConfig | None = None, topics: Sequence[str] | None = None,
           offsets: Offsets | None = None, workers: int = 2, progress: bool | None = None,
+          source: str = "kafka", archive_root: str | Path | None = None,
           **settings: Any) -> pd.DataFrame:
     """Backtest every combination of ``grid`` (``{"fast": [5, 10], "slow": [20, 30]}``,
     on top of ``params``) in ``workers`` processes; one row per combination, in the
@@ -399,7 +427,8 @@ def sweep(bootstrap: str, registry_url: str, namespace: Namespace | str,
     names = resolve_topics(ns, list(topics) if topics else
                            default_topics(strategies[0], config.fill))
     config.broker("check")  # bad settings fail here
-    with _replay(bootstrap, registry_url, names, start_ms, end_ms, offsets):
+    archive = _origin(source, ns, archive_root)
+    with _replay(bootstrap, registry_url, names, start_ms, end_ms, offsets, archive):
         pass  # unknown topics and empty ranges fail here, before any process starts
     rows: list[dict[str, Any] | None] = [None] * len(combos)
     workers = max(1, min(workers, len(combos)))
@@ -409,7 +438,7 @@ def sweep(bootstrap: str, registry_url: str, namespace: Namespace | str,
             ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
                                 initializer=_init_worker,
                                 initargs=(bootstrap, registry_url, names, start_ms, end_ms,
-                                          offsets)) as pool:
+                                          offsets, archive)) as pool:
         pending = {pool.submit(_run_combination, i, strategy_spec, combo, config)
                    for i, combo in enumerate(combos)}
         done_count = 0

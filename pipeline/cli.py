@@ -412,6 +412,88 @@ def bars_read(
     console.print(f"{len(frame)} bar(s)")
 
 
+archive_app = typer.Typer(no_args_is_help=True,
+                          help="The Parquet market-data archive written by the archive group.")
+app.add_typer(archive_app, name="archive")
+ArchiveRootOption = typer.Option(None, "--root", help="The archive \\[default: "
+                                 "<run_dir>/parquet/<namespace>/archive].")
+
+
+def _archive_root(run_dir: Optional[Path], namespace: str, root: Optional[Path]) -> Path:
+    from pipeline.archive import archive_root
+
+    return root or archive_root(namespace, run_dir)
+
+
+@archive_app.command("query")
+def archive_query(
+    sql: str = typer.Argument(..., help="SQL over the views l2, l2_changes, trades, bars, "
+                                        "frames (DuckDB)."),
+    namespace: str = typer.Option("sim", "--namespace", "-n"),
+    run_dir: Optional[Path] = RunDirOption, root: Optional[Path] = ArchiveRootOption,
+    csv: Optional[Path] = typer.Option(None, help="Write the result to this CSV file."),
+    parquet: Optional[Path] = typer.Option(None, help="Write the result to this Parquet file."),
+    limit: int = typer.Option(50, help="Rows printed (files get every row)."),
+) -> None:
+    """Run SQL on the archive with DuckDB; print a table or write CSV/Parquet."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from pipeline.archive import query
+
+    table = query(sql, namespace, root=_archive_root(run_dir, namespace, root))
+    if csv is not None:
+        pacsv.write_csv(table, csv)
+    if parquet is not None:
+        pq.write_table(table, parquet)
+    if csv is not None or parquet is not None:
+        console.print(f"{table.num_rows:,} row(s) written to "
+                      f"{', '.join(str(p) for p in (csv, parquet) if p)}", highlight=False)
+        return
+    view = Table(*table.column_names, box=None)
+    for row in table.slice(0, limit).to_pylist():
+        view.add_row(*("" if v is None else str(v) for v in row.values()))
+    console.print(view)
+    if table.num_rows > limit:
+        console.print(f"({table.num_rows:,} rows; {limit} shown: --limit, --csv or --parquet "
+                      "for more)", highlight=False)
+
+
+@archive_app.command("compact")
+def archive_compact(
+    namespace: str = typer.Option("sim", "--namespace", "-n"),
+    run_dir: Optional[Path] = RunDirOption, root: Optional[Path] = ArchiveRootOption,
+    before: Optional[str] = typer.Option(None, help="Compact days before this one "
+                                                    "(YYYY-MM-DD) \\[default: today, UTC]."),
+) -> None:
+    """Merge the small files of each closed day into one file per directory."""
+    from pipeline.sinks.archive import compact
+
+    report = compact(_archive_root(run_dir, namespace, root), before_day=before)
+    console.print(f"{report.files_merged} file(s) in {report.directories} director"
+                  f"{'y' if report.directories == 1 else 'ies'} merged into "
+                  f"{report.files_written} ({report.rows:,} rows)", highlight=False)
+
+
+@archive_app.command("ls")
+def archive_ls(namespace: str = typer.Option("sim", "--namespace", "-n"),
+               run_dir: Optional[Path] = RunDirOption,
+               root: Optional[Path] = ArchiveRootOption) -> None:
+    """What the archive holds: files, records and days per topic."""
+    from pipeline.sinks.archive import ARCHIVED, data_files, file_metadata
+
+    base = _archive_root(run_dir, namespace, root)
+    view = Table("topic", "files", "records", "first day", "last day", box=None)
+    for topic in ARCHIVED:
+        files = data_files(base, topic)
+        if not files:
+            continue
+        days = sorted(p.parent.name[len("date="):] for p in files)
+        view.add_row(topic, f"{len(files):,}", f"{sum(file_metadata(f).num_rows for f in files):,}",
+                     days[0], days[-1])
+    console.print(view if view.row_count else f"nothing archived under {base}")
+
+
 @app.command("backtest")
 def backtest(
     strategy: str = typer.Argument(..., help="The strategy, module:Class "
@@ -471,6 +553,10 @@ def backtest(
     html: bool = typer.Option(False, help="Also write report.html."),
     progress: bool = typer.Option(True, "--progress/--no-progress",
                                   help="A progress bar on stderr (events/s, ETA)."),
+    source: str = typer.Option("kafka", help="kafka: the topics; archive: the same records "
+                                             "from the Parquet archive (beyond retention)."),
+    archive_root: Optional[Path] = typer.Option(None, help="The archive \\[default: "
+                                                "<run_dir>/parquet/<namespace>/archive]."),
 ) -> None:
     """Replay topics of a namespace through a strategy with a simulated broker; print the
     statistics and write the trade list, equity curve and report. Ctrl-C stops after the
@@ -483,7 +569,11 @@ def backtest(
     from pipeline.registry_server import registry_url
 
     settings = _settings(run_dir)
-    bootstrap, registry = bootstrap_servers(settings), registry_url(settings)
+    if source == "archive":  # no Kafka needed
+        bootstrap = registry = ""
+        archive_root = archive_root or settings.run_dir / "parquet" / namespace / "archive"
+    else:
+        bootstrap, registry = bootstrap_servers(settings), registry_url(settings)
     strategy_params = _json_object(params, "--params")
     from pipeline.backtest_run import BacktestConfig
 
@@ -494,7 +584,8 @@ def backtest(
                             rules_file=str(rules_file) if rules_file else None)
     common = dict(start=start, end=end, config=config,
                   topics=topics.split(",") if topics else None,
-                  offsets=parse_offsets(offsets, namespace) if offsets else None)
+                  offsets=parse_offsets(offsets, namespace) if offsets else None,
+                  source=source, archive_root=archive_root)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = out or settings.run_dir / "backtests" / f"{strategy.rpartition(':')[2]}-{stamp}"
     if grid is not None:
