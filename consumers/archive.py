@@ -79,6 +79,7 @@ class ArchiveHandler(Handler):
         self.writers = {full: ArchiveWriter(opts.root, name, fsync=opts.fsync)
                         for full, name in self.names.items()}
         self._buffers: dict[tuple[str, int], _Buffer] = {}
+        self._resume: dict[tuple[str, int], int] = {}  # the journal's next offset
         self.flushed_rows = 0
 
     def on_assign(self, partitions: list[TopicPartition]) -> list[TopicPartition] | None:
@@ -91,11 +92,16 @@ class ArchiveHandler(Handler):
             log.info("archive: %s[%d] resumes at %s", tp.topic, tp.partition,
                      "the beginning" if resume is None else f"offset {resume}")
             self._buffers[(tp.topic, tp.partition)] = _Buffer()
+            self._resume[(tp.topic, tp.partition)] = resume or 0
+            # One record early, skipped: reading it makes the runtime track and commit the
+            # partition even when nothing new comes (a kill after a flush, before its commit).
             starts.append(TopicPartition(tp.topic, tp.partition,
-                                         OFFSET_BEGINNING if resume is None else resume))
+                                         OFFSET_BEGINNING if not resume else resume - 1))
         return starts
 
     def handle(self, record: Record) -> Iterable[Output]:
+        if record.offset < self._resume.get((record.topic, record.partition), 0):
+            return ()  # archived before the restart
         row = to_row(self.names[record.topic], record.value, record.partition, record.offset,
                      record.timestamp_ms)
         buffer = self._buffers.setdefault((record.topic, record.partition), _Buffer())

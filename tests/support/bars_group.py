@@ -62,14 +62,16 @@ def read_records(kafka: str, registry_url: str, topic: str, **kw) -> list[dict]:
 
 
 class BarsProcess:
-    """One ``python -m consumers.bars`` process with its log file; with ``crash_at`` one
-    that dies at that point of its protocol (tests/support/bars_crash.py)."""
+    """One ``python -m consumers.bars`` (or ``program``) process with its log file; with
+    ``crash_at`` one that dies at that point of its protocol (``crashing``, e.g.
+    tests/support/bars_crash.py)."""
 
     def __init__(self, kafka: str, registry_url: str, namespace: str, log_dir: Path,
-                 *args: str, crash_at: tuple[str, int] | None = None) -> None:
-        self.log = log_dir / f"bars-{time.monotonic_ns()}.log"
-        module = ["consumers.bars"] if crash_at is None else \
-            ["tests.support.bars_crash", crash_at[0], str(crash_at[1])]
+                 *args: str, crash_at: tuple[str, int] | None = None,
+                 program: str = "consumers.bars",
+                 crashing: str = "tests.support.bars_crash") -> None:
+        self.log = log_dir / f"{program.rpartition('.')[2]}-{time.monotonic_ns()}.log"
+        module = [program] if crash_at is None else [crashing, crash_at[0], str(crash_at[1])]
         cmd = [sys.executable, "-m", *module, "--bootstrap", kafka, "--registry",
                registry_url, "--namespace", namespace, *args]
         self._log_file = open(self.log, "w")
