@@ -415,8 +415,7 @@ def load_gemini_trades(
     max_pages: Optional[int] = typer.Option(None, help="Stop after this many pages (the next "
                                                        "run goes on from there)."),
 ) -> None:
-    """Load Gemini's public trade history onto <namespace>.md.trades, oldest first, each
-    trade once (a second run loads only what is new)."""
+    """Load Gemini's public trade history onto <namespace>.md.trades, each trade once."""
     from pipeline.catalog import Namespace
     from pipeline.gemini.history import parse_since
     from pipeline.ranges import to_ms, utc_text

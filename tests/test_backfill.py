@@ -4,6 +4,8 @@ command."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +14,7 @@ import pytest
 import requests
 
 from pipeline.catalog import Namespace, ensure_topics
+from pipeline.config import REPO_ROOT
 from pipeline.errors import PipelineError
 from pipeline.gemini.history import Since
 from pipeline.gemini.public_rest import PublicClient
@@ -21,7 +24,7 @@ from pipeline.runtime import read_to_end
 from pipeline.serde import Decoder
 from pipeline.venue.server import RunningVenue, VenueConfig
 from producers.gemini_history import backfill_candles, backfill_trades
-from tests.support.processes import cli, cluster_env
+from tests.support.processes import PIPELINE, cli, cluster_env
 
 END_MS = 1_750_000_000_000  # the venue's history ends here (2025-06-15 15:06:40 UTC)
 DEPTH = 1200
@@ -118,6 +121,39 @@ def test_a_run_stopped_halfway_resumes_and_loads_each_trade_once(venue, kafka, r
     assert f"0 trades loaded: {namespace}.md.trades already has every BTCUSD trade" in again.stdout
     assert f"up to tid {wanted[-1].tid}" in again.stdout
     assert len(topic_records(kafka, registry, namespace.topic("md.trades"))) == len(wanted)
+
+
+def test_a_command_killed_mid_run_then_run_again_loads_every_trade_once(venue, kafka, registry,
+                                                                       namespace):
+    """`kill -9` of `pipeline load gemini trades` between or inside pages (50 trades a
+    page at one request a second, after a burst of five): the next run finishes the job."""
+    fresh_rate(venue)
+    expected = history(venue)[DEPTH - 500:]
+    args = [PIPELINE, "load", "gemini", "trades", "--symbol", "BTCUSD", "--since",
+            f"tid:{history(venue)[DEPTH - 501].tid}", "-n", str(namespace), "--rest-url",
+            venue.http_url, "--limit-trades", "50"]
+    env = cluster_env(kafka, registry.url)
+    proc = subprocess.Popen(args, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    topic = namespace.topic("md.trades")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            if len(topic_records(kafka, registry, topic)) >= 250:
+                break
+        except Exception:  # noqa: BLE001 - the topic may not exist yet
+            continue
+    assert proc.poll() is None, "the backfill ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    partial = topic_records(kafka, registry, topic)
+    assert 250 <= len(partial) < 500
+    assert_trades_equal(partial, expected[:len(partial)])  # a prefix, nothing doubled
+    done = cli(*args[1:], env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"{500 - len(partial)} BTCUSD trades loaded" in done.stdout
+    assert_trades_equal(topic_records(kafka, registry, topic), expected)
 
 
 def test_the_command_loads_a_symbol_next_to_another(venue, kafka, registry, namespace):

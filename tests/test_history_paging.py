@@ -189,7 +189,8 @@ def test_query_parameters_as_gemini_reads_them():
     assert trades_query({"timestamp": "1749945600"})[1] == 1_749_945_600_000  # seconds
     assert trades_query({"since": "1749945600123"})[1] == 1_749_945_600_123  # alias, ms
     assert trades_query({"since_tid": "0", "include_breaks": "true"}) == (0, None, 50, True)
-    assert trades_query({"include_breaks": "1"})[3] and not trades_query({"include_breaks": "no"})[3]
+    assert trades_query({"include_breaks": "1"})[3]
+    assert not trades_query({"include_breaks": "no"})[3]
     for query, reason in (({"timestamp": "soon"}, "InvalidTimestampInPayload"),
                           ({"limit_trades": "0"}, "InvalidQuantity"),
                           ({"limit_trades": "-5"}, "InvalidQuantity"),
@@ -234,9 +235,9 @@ def test_paging_forward_reads_every_trade_once_even_across_shared_milliseconds(h
     boundaries fall inside runs of trades with one timestamp."""
     btc = history.trades("BTCUSD")
     assert any(a.timestamp_ms == b.timestamp_ms for a, b in zip(btc, btc[1:]))
+    at = btc[500].timestamp_ms
     for since, expected in ((Since(), btc), (Since(tid=btc[99].tid), btc[100:]),
-                            (Since(ms=btc[500].timestamp_ms), [t for t in btc if
-                                                               t.timestamp_ms >= btc[500].timestamp_ms])):
+                            (Since(ms=at), [t for t in btc if t.timestamp_ms >= at])):
         cursor, got, pages = start_cursor(since, None, limit=7), [], 0
         while True:
             params = cursor.params()
