@@ -380,6 +380,103 @@ def load_csv(
                   f"{already}) in {report.parse_seconds + report.publish_seconds:.1f}s")
 
 
+load_gemini_app = typer.Typer(no_args_is_help=True,
+                              help="Backfill from Gemini's public history (REST).")
+load_app.add_typer(load_gemini_app, name="gemini")
+RestUrlOption = typer.Option(None, "--rest-url", help="Gemini's REST API, or the local venue "
+                             "(e.g. http://127.0.0.1:8090) \\[default: GEMINI_REST_URL, else "
+                             "https://api.gemini.com].")
+BackfillNamespaceOption = typer.Option("sim", "--namespace", "-n",
+                                       help="Topic namespace (sim or replay-x; never live).")
+
+
+def _backfill_endpoints(run_dir: Optional[Path], rest_url: Optional[str]):
+    from pipeline.broker import bootstrap_servers
+    from pipeline.registry_server import registry_url
+
+    settings = _settings(run_dir)
+    return (rest_url or settings.gemini_rest_url, bootstrap_servers(settings),
+            registry_url(settings))
+
+
+@load_gemini_app.command("trades")
+def load_gemini_trades(
+    symbol: str = typer.Option(..., "--symbol", "-s", help="Gemini symbol, e.g. BTCUSD."),
+    since: Optional[str] = typer.Option(None, help="Start: an ISO time (UTC unless it says), "
+                                                   "epoch ms, or tid:N (after trade N) "
+                                                   "\\[default: the earliest trade Gemini has]."
+                                                   " A run goes on after the newest trade "
+                                                   "already in the topic."),
+    until: Optional[str] = typer.Option(None, help="End (exclusive): an ISO time or epoch ms."),
+    namespace: str = BackfillNamespaceOption,
+    rest_url: Optional[str] = RestUrlOption,
+    run_dir: Optional[Path] = RunDirOption,
+    limit_trades: int = typer.Option(500, help="Trades per request (Gemini's maximum: 500)."),
+    max_pages: Optional[int] = typer.Option(None, help="Stop after this many pages (the next "
+                                                       "run goes on from there)."),
+) -> None:
+    """Load Gemini's public trade history onto <namespace>.md.trades, each trade once."""
+    from pipeline.catalog import Namespace
+    from pipeline.gemini.history import parse_since
+    from pipeline.ranges import to_ms, utc_text
+    from producers.gemini_history import backfill_trades, refuse_live
+
+    ns = Namespace(namespace)
+    refuse_live(ns)
+    start = parse_since(since)
+    until_ms = to_ms(until, "--until")
+    url, bootstrap, registry = _backfill_endpoints(run_dir, rest_url)
+    report = backfill_trades(url, bootstrap, registry, ns, symbol, start, until_ms,
+                             limit_trades, max_pages)
+    calls = (f"{report.pages} page(s), {report.requests} request(s)"
+             + (f", {report.rate_limited} rate-limited and retried" if report.rate_limited
+                else ""))
+    if report.loaded:
+        console.print(f"{report.loaded} {report.symbol} trades loaded into {report.topic} "
+                      f"(tid {report.first_tid} to {report.last_tid}; {calls})", highlight=False)
+        if not report.complete:
+            console.print(f"stopped after {report.pages} page(s) (--max-pages): run it again "
+                          "to go on", highlight=False)
+    elif report.resumed_from is not None:
+        console.print(f"0 trades loaded: {report.topic} already has every {report.symbol} trade "
+                      f"Gemini has after {start} (up to tid {report.resumed_from}"
+                      f"{', before ' + utc_text(until_ms) if until_ms is not None else ''})",
+                      highlight=False)
+    else:
+        console.print(f"nothing to load: Gemini has no {report.symbol} trades after {start}"
+                      f"{' before ' + utc_text(until_ms) if until_ms is not None else ''}; "
+                      "nothing was written", highlight=False)
+
+
+@load_gemini_app.command("candles")
+def load_gemini_candles(
+    symbol: str = typer.Option(..., "--symbol", "-s", help="Gemini symbol, e.g. BTCUSD."),
+    interval: str = typer.Option("1h", help="1m, 5m, 15m, 1h or 1d (Gemini's 1hr, 1day "
+                                            "are taken too)."),
+    namespace: str = BackfillNamespaceOption,
+    rest_url: Optional[str] = RestUrlOption,
+    run_dir: Optional[Path] = RunDirOption,
+) -> None:
+    """Load Gemini's closed candles as bars onto <namespace>.bars, none twice."""
+    from pipeline.catalog import Namespace
+    from pipeline.gemini.history import time_frame
+    from producers.gemini_history import backfill_candles, refuse_live
+
+    ns = Namespace(namespace)
+    refuse_live(ns)
+    time_frame(interval)  # an unknown interval fails before anything connects
+    url, bootstrap, registry = _backfill_endpoints(run_dir, rest_url)
+    report = backfill_candles(url, bootstrap, registry, ns, symbol, interval)
+    if not report.candles:
+        console.print(f"nothing to load: Gemini has no closed {report.time_frame} "
+                      f"{report.symbol} candles; nothing was written", highlight=False)
+        return
+    already = f", {report.already} already there" if report.already else ""
+    console.print(f"{report.published} {report.interval} {report.symbol} bars published to "
+                  f"{report.topic} from {report.candles} {report.time_frame} candles{already}",
+                  highlight=False)
+
+
 bars_app = typer.Typer(no_args_is_help=True, help="OHLCV bars written by the bars group.")
 app.add_typer(bars_app, name="bars")
 

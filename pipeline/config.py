@@ -1,7 +1,8 @@
 """Settings read from the environment, with the defaults a fresh checkout needs.
 
 Everything that decides *where* the pipeline runs lives here: the run directory (logs,
-broker data, state), an external Kafka cluster or registry, and the topic namespace.
+broker data, state), an external Kafka cluster or registry, the topic namespace, and
+Gemini's REST API (for backfills).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.gemini.rest import LIVE_URL
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,6 +23,7 @@ class Settings:
     bootstrap_servers: str | None
     schema_registry_url: str | None
     namespace: str
+    gemini_rest_url: str = LIVE_URL  # GEMINI_REST_URL: Gemini's REST API, or the local venue
 
     @classmethod
     def from_env(cls, run_dir: str | Path | None = None) -> "Settings":
@@ -30,6 +33,7 @@ class Settings:
             bootstrap_servers=os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or None,
             schema_registry_url=os.environ.get("SCHEMA_REGISTRY_URL") or None,
             namespace=os.environ.get("PIPELINE_NAMESPACE", "live"),
+            gemini_rest_url=os.environ.get("GEMINI_REST_URL") or LIVE_URL,
         )
 
     @property

@@ -359,14 +359,32 @@ def load_csv_bars(path: str | Path, bootstrap: str, registry_url: str, namespace
     parsed = parse_ohlcv_csv(path, symbol=symbol, interval=interval)
     parsed_at = time.monotonic()
 
+    topic, published, already = publish_bars(parsed.bars, bootstrap, registry_url, namespace,
+                                             parsed.symbol, parsed.interval, parsed.path.name,
+                                             progress)
+    bars = parsed.bars
+    return LoadReport(
+        path=parsed.path, topic=topic, format=parsed.format, symbol=parsed.symbol,
+        interval=parsed.interval, rows_read=parsed.rows, published=published,
+        already=already, problems=tuple(parsed.problems),
+        first_start_ms=bars[0]["start_ms"] if bars else None,
+        last_start_ms=bars[-1]["start_ms"] if bars else None,
+        parse_seconds=parsed_at - began, publish_seconds=time.monotonic() - parsed_at)
+
+
+def publish_bars(bars: list[dict], bootstrap: str, registry_url: str, namespace: Namespace,
+                 symbol: str, interval: str, source: str,
+                 progress: bool | None = None) -> tuple[str, int, int]:
+    """Publish those of ``bars`` (one symbol and interval, oldest first) that are not in
+    ``<namespace>.bars`` yet; (topic, published, already there). Every historical loader
+    (this file's, the Gemini candles backfill) publishes bars this one way."""
     ensure_topics(bootstrap, namespace, ["bars"])
     topic = namespace.topic("bars")
-    fresh = _not_yet_published(parsed, topic, _published_bars(
-        bootstrap, registry_url, topic, parsed.symbol, parsed.interval))
+    fresh = _not_yet_published(bars, source, symbol, interval, topic, _published_bars(
+        bootstrap, registry_url, topic, symbol, interval))
     encode = Encoder(SchemaRegistry(registry_url), topic)
     producer = ReliableProducer(bootstrap)
-    with progress_bar(bool(progress), len(fresh), f"{parsed.path.name} → {topic}",
-                      "bars") as update:
+    with progress_bar(bool(progress), len(fresh), f"{source} → {topic}", "bars") as update:
         for i, bar in enumerate(fresh, 1):
             producer.produce(topic, encode(bar), key=bar["symbol"], timestamp=bar["start_ms"])
             if i % 1000 == 0:
@@ -374,15 +392,7 @@ def load_csv_bars(path: str | Path, bootstrap: str, registry_url: str, namespace
                 update(i)
         producer.flush()
         update(len(fresh))
-
-    bars = parsed.bars
-    return LoadReport(
-        path=parsed.path, topic=topic, format=parsed.format, symbol=parsed.symbol,
-        interval=parsed.interval, rows_read=parsed.rows, published=producer.tracker.delivered,
-        already=len(parsed.bars) - len(fresh), problems=tuple(parsed.problems),
-        first_start_ms=bars[0]["start_ms"] if bars else None,
-        last_start_ms=bars[-1]["start_ms"] if bars else None,
-        parse_seconds=parsed_at - began, publish_seconds=time.monotonic() - parsed_at)
+    return topic, producer.tracker.delivered, len(bars) - len(fresh)
 
 
 _OHLCV = ("end_ms", "open", "high", "low", "close", "volume")
@@ -403,24 +413,25 @@ def _published_bars(bootstrap: str, registry_url: str, topic: str, symbol: str,
     return found
 
 
-def _not_yet_published(parsed: ParsedCsv, topic: str, published: dict[int, dict]) -> list[dict]:
+def _not_yet_published(bars: list[dict], source: str, symbol: str, interval: str, topic: str,
+                       published: dict[int, dict]) -> list[dict]:
     if not published:
-        return parsed.bars
+        return bars
     fresh = []
-    for bar in parsed.bars:
+    for bar in bars:
         there = published.get(bar["start_ms"])
         if there is None:
             fresh.append(bar)
         elif any(there[k] != bar[k] for k in _OHLCV):
             field = next(k for k in _OHLCV if there[k] != bar[k])
             raise PipelineError(
-                f"{parsed.path.name}: {topic} already holds a different {parsed.interval} "
-                f"{parsed.symbol} bar at {utc_text(bar['start_ms'])} ({field} {there[field]} "
-                f"there, {bar[field]} in the file): load it into another namespace")
+                f"{source}: {topic} already holds a different {interval} "
+                f"{symbol} bar at {utc_text(bar['start_ms'])} ({field} {there[field]} "
+                f"there, {bar[field]} in {source}): load it into another namespace")
     newest = max(published)
     if fresh and fresh[0]["start_ms"] < newest:
         raise PipelineError(
-            f"{parsed.path.name}: {len(fresh)} of its bars are not in {topic} yet, the first "
+            f"{source}: {len(fresh)} of its bars are not in {topic} yet, the first "
             f"at {utc_text(fresh[0]['start_ms'])}, before the newest bar there "
             f"({utc_text(newest)}): they would be out of time order; load them into another "
             "namespace")

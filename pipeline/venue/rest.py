@@ -92,22 +92,25 @@ class VenueKey:
 
 
 class RateGate:
-    """Gemini's rate rule per key: RATE_PER_S sustained (a bucket of that many), up to
-    RATE_QUEUED more waiting for their turn, any further one refused."""
+    """Gemini's rate rule per key (or, public endpoints, per client): ``rate_per_s``
+    sustained (a bucket of one second's worth), up to ``queued`` more waiting for their
+    turn, any further one refused."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 rate_per_s: float = RATE_PER_S, queued: int = RATE_QUEUED) -> None:
+        self.clock, self.rate, self.queued = clock, rate_per_s, queued
+        self.size = max(1.0, rate_per_s)
         self._state: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
 
     def admit(self, api_key: str) -> float | None:
         """Seconds this request must wait before it is served, or None: refused (429)."""
         now = self.clock()
-        tokens, at = self._state.get(api_key, (RATE_PER_S, now))
-        tokens = min(RATE_PER_S, tokens + (now - at) * RATE_PER_S) - 1
-        if tokens < -RATE_QUEUED:
+        tokens, at = self._state.get(api_key, (self.size, now))
+        tokens = min(self.size, tokens + (now - at) * self.rate) - 1
+        if tokens < -self.queued:
             return None
         self._state[api_key] = (tokens, now)
-        return max(0.0, -tokens / RATE_PER_S)
+        return max(0.0, -tokens / self.rate)
 
 
 REST_FAULTS = ("error_after", "error_before", "rate_limit", "not_json_after", "stall_after",

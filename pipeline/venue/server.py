@@ -14,6 +14,9 @@ Control (JSON over HTTP, for tests and demos):
     (skip_sequence: v1's next socket_sequence jumps; skip_update_id: the new API's next
     depthUpdate of a symbol, ``"symbol"`` or any, is lost, so the following one's U jumps)
     GET  /_venue/status
+
+Public history, served whatever the keys (``pipeline/venue/history.py``):
+    GET /v1/trades/{symbol}, GET /v2/candles/{symbol}/{time_frame}
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any, Iterator
 from aiohttp import WSMsgType, web
 
 from pipeline.errors import PipelineError
+from pipeline.venue.history import HistoryApi, TradeHistory
 from pipeline.venue.market import (Book, Market, MarketEvent, capture_events, generated_events,
                                    render_v2)
 from pipeline.venue.wsapi import WsApi
@@ -60,6 +64,13 @@ class VenueConfig:
     # keep the text of every frame sent on every connection, closed ones too (the chaos
     # run's witness of what the producer must have written to raw.frames)
     record_frames: bool = False
+    # Public history (GET /v1/trades, /v2/candles; pipeline/venue/history.py): how many
+    # trades each listed symbol has, ending when (epoch ms; None: the venue's start, to the
+    # minute) and spanning how long; the public rate (Gemini: 120 requests a minute).
+    history_trades: int = 2000
+    history_end_ms: int | None = None
+    history_span_ms: int = 3 * 86_400_000
+    public_rate_per_min: int = 120
 
 
 class Connection:
@@ -152,6 +163,11 @@ class Venue:
             web.get("/_venue/status", self.handle_status),
         ])
         self._add_rest()
+        self.public_history = HistoryApi(TradeHistory(self.market.listed, config.history_trades,
+                                               config.seed, config.history_end_ms,
+                                               config.history_span_ms),
+                                  config.public_rate_per_min)
+        self.public_history.add_routes(self.app)
         self.app.on_startup.append(self._start_market)
         self.app.on_shutdown.append(self._close_connections)
         self.app.on_cleanup.append(self._stop_market)
