@@ -15,7 +15,6 @@ The archive group (``consumers/archive.py``) writes ``md.l2``, ``md.trades`` and
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
