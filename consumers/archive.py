@@ -30,24 +30,20 @@ from typing import Callable, Iterable
 
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
+from pipeline.archive import archive_root
 from pipeline.catalog import Namespace
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
 from pipeline.registry import SchemaRegistry
-from pipeline.runtime import GroupConfig, GroupRunner, Handler, Output, Record
+from pipeline.runtime import (GroupConfig, GroupRunner, Handler, Output, Record,
+                              group_endpoints)
 from pipeline.serde import Serde
 from pipeline.sinks.archive import ArchiveWriter, to_row
 
 log = logging.getLogger(__name__)
 MARKET_TOPICS = ("md.l2", "md.trades", "bars")
 
-__all__ = ["ArchiveHandler", "ArchiveOptions", "archive_root", "make_group", "main"]
-
-
-def archive_root(run_dir: str | Path | None, namespace: str) -> Path:
-    """Where a namespace's archive lives: ``<run dir>/parquet/<namespace>/archive``."""
-    return (Settings.from_env(run_dir).run_dir / "parquet" / Namespace(namespace).name
-            / "archive").resolve()
+__all__ = ["ArchiveHandler", "ArchiveOptions", "make_group", "main"]
 
 
 @dataclass(frozen=True)
@@ -157,8 +153,8 @@ def make_group(bootstrap: str, registry_url: str, namespace: str, *,
     """The archive group's configuration for the runtime (``raw``: archive raw.frames too)."""
     ns = Namespace(namespace)
     topics = MARKET_TOPICS + (("raw.frames",) if raw else ())
-    opts = ArchiveOptions(ns.name, Path(root).resolve() if root else archive_root(run_dir, ns.name),
-                          topics, roll_records, roll_seconds, fsync)
+    base = Path(root) if root else archive_root(ns, run_dir)
+    opts = ArchiveOptions(ns.name, base.resolve(), topics, roll_records, roll_seconds, fsync)
     group_id = group_id or f"{ns}.archive"
     return GroupConfig(
         group_id=group_id, topics=[ns.topic(t) for t in topics],
@@ -187,18 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        settings = Settings.from_env(args.run_dir)
-        if args.bootstrap:
-            bootstrap = args.bootstrap
-        else:
-            from pipeline.broker import bootstrap_servers
-            bootstrap = bootstrap_servers(settings)
-        if args.registry:
-            registry = args.registry
-        else:
-            from pipeline.registry_server import registry_url
-            registry = registry_url(settings)
-        config = make_group(bootstrap, registry, args.namespace or settings.namespace,
+        bootstrap, registry = group_endpoints(args.run_dir, args.bootstrap, args.registry)
+        config = make_group(bootstrap, registry,
+                            args.namespace or Settings.from_env(args.run_dir).namespace,
                             root=args.root, run_dir=args.run_dir, raw=args.raw,
                             group_id=args.group_id, instance=args.instance,
                             roll_records=args.roll_records, roll_seconds=args.roll_seconds,

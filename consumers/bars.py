@@ -75,7 +75,8 @@ from pipeline.config import Settings
 from pipeline.errors import PipelineError
 from pipeline.kafka import consumer_config
 from pipeline.registry import SchemaRegistry
-from pipeline.runtime import GroupConfig, GroupRunner, Handler, Output, Record
+from pipeline.runtime import (GroupConfig, GroupRunner, Handler, Output, Record,
+                              group_endpoints)
 from pipeline.serde import Serde
 
 log = logging.getLogger(__name__)
@@ -407,16 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings.from_env(args.run_dir)
-        if args.bootstrap:
-            bootstrap = args.bootstrap
-        else:
-            from pipeline.broker import bootstrap_servers
-            bootstrap = bootstrap_servers(settings)
-        if args.registry:
-            registry = args.registry
-        else:
-            from pipeline.registry_server import registry_url
-            registry = registry_url(settings)
+        bootstrap, registry = group_endpoints(args.run_dir, args.bootstrap, args.registry)
         config = make_group(
             bootstrap, registry, args.namespace or settings.namespace, group_id=args.group_id,
             parquet_root=args.parquet_root, state_dir=args.state_dir,

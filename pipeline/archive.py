@@ -33,7 +33,7 @@ from pipeline.sinks.archive import (ARCHIVED, DECIMAL_FIELDS, TEXT_SUFFIX, Archi
                                     record_fields, utc_day)
 
 __all__ = ["ArchiveError", "ArchiveSource", "VIEWS", "archive_root", "connect", "query", "read",
-           "read_records"]
+           "read_records", "resolve_root"]
 
 # DuckDB view -> archived topic
 VIEWS = {"l2": "md.l2", "trades": "md.trades", "bars": "bars", "frames": "raw.frames"}
@@ -47,8 +47,9 @@ def archive_root(namespace: Namespace | str, run_dir: str | Path | None = None) 
         / "archive"
 
 
-def _root(namespace: Namespace | str, run_dir: str | Path | None, root: str | Path | None
-          ) -> Path:
+def resolve_root(namespace: Namespace | str, run_dir: str | Path | None,
+                 root: str | Path | None) -> Path:
+    """``root`` when given, else the namespace's :func:`archive_root`."""
     return Path(root) if root is not None else archive_root(namespace, run_dir)
 
 
@@ -97,7 +98,7 @@ def read(topic: str, namespace: Namespace | str = "sim", *, symbols: Sequence[st
     if name not in ARCHIVED:
         raise PipelineError(f"{topic} is not archived: read one of "
                             f"{', '.join([*VIEWS, *ARCHIVED])}")
-    table = _table(_root(namespace, run_dir, root), name, symbols, to_ms(start, "start"),
+    table = _table(resolve_root(namespace, run_dir, root), name, symbols, to_ms(start, "start"),
                    to_ms(end, "end"))
     if not text:
         table = _drop_text(table)
@@ -138,7 +139,7 @@ def connect(namespace: Namespace | str = "sim", *, run_dir: str | Path | None = 
     arithmetic such as VWAP, or to a narrower ``DECIMAL`` to stay exact.)"""
     import duckdb
 
-    base = _root(namespace, run_dir, root)
+    base = resolve_root(namespace, run_dir, root)
     con = duckdb.connect()
     con.execute("SET TimeZone='UTC'")
     for view, topic in VIEWS.items():

@@ -285,12 +285,12 @@ def run_backtest(bootstrap: str, registry_url: str, namespace: Namespace | str,
     began = time.perf_counter()
     try:
         with _replay(bootstrap, registry_url, names, start_ms, end_ms, offsets,
-                     _origin(source, ns, archive_root)) as source:
+                     _origin(source, ns, archive_root)) as reader:
             show = sys.stderr.isatty() if progress is None else progress
             with stop_on_ctrl_c() as stop, gc_tuned(), \
-                    progress_bar(show, source.total, f"backtest {spec_name}") as update:
-                for batch in source.batches(stop.is_set,
-                                            lambda position: update(position - _firsts(source),
+                    progress_bar(show, reader.total, f"backtest {spec_name}") as update:
+                for batch in reader.batches(stop.is_set,
+                                            lambda position: update(position - _firsts(reader),
                                                                     engine.events)):
                     engine.run(batch)
                     if engine.stopped:
@@ -299,9 +299,9 @@ def run_backtest(bootstrap: str, registry_url: str, namespace: Namespace | str,
             if not engine.events:
                 raise PipelineError(f"no records to replay in {', '.join(names)}"
                                     f"{range_text(start_ms, end_ms, offsets)}: the "
-                                    f"{source.total} record(s) in the offset window are "
+                                    f"{reader.total} record(s) in the offset window are "
                                     "all stamped outside the time range or unreadable")
-            read = source.stats
+            read = reader.stats
         result_engine = engine.finish(interrupted=interrupted)
         stats = report.compute_stats(result_engine)
         result = BacktestResult(spec_name, dict(params or {}), fill, names, start_ms, end_ms,
@@ -353,7 +353,7 @@ def _replay(bootstrap: str, registry_url: str, topics: list[str], start_ms: int 
         yield source
 
 
-def _firsts(source: ReplaySource) -> int:
+def _firsts(source: Any) -> int:  # a ReplaySource or an ArchiveSource
     return sum(p.first for p in source.plan if p.first < p.end)
 
 

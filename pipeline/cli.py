@@ -516,12 +516,6 @@ ArchiveRootOption = typer.Option(None, "--root", help="The archive \\[default: "
                                  "<run_dir>/parquet/<namespace>/archive].")
 
 
-def _archive_root(run_dir: Optional[Path], namespace: str, root: Optional[Path]) -> Path:
-    from pipeline.archive import archive_root
-
-    return root or archive_root(namespace, run_dir)
-
-
 @archive_app.command("query")
 def archive_query(
     sql: str = typer.Argument(..., help="SQL over the views l2, l2_changes, trades, bars, "
@@ -538,7 +532,7 @@ def archive_query(
 
     from pipeline.archive import query
 
-    table = query(sql, namespace, root=_archive_root(run_dir, namespace, root))
+    table = query(sql, namespace, run_dir=run_dir, root=root)
     if csv is not None:
         pacsv.write_csv(table, csv)
     if parquet is not None:
@@ -564,9 +558,10 @@ def archive_compact(
                                                     "(YYYY-MM-DD) \\[default: today, UTC]."),
 ) -> None:
     """Merge the small files of each closed day into one file per directory."""
+    from pipeline.archive import resolve_root
     from pipeline.sinks.archive import compact
 
-    report = compact(_archive_root(run_dir, namespace, root), before_day=before)
+    report = compact(resolve_root(namespace, run_dir, root), before_day=before)
     console.print(f"{report.files_merged} file(s) in {report.directories} director"
                   f"{'y' if report.directories == 1 else 'ies'} merged into "
                   f"{report.files_written} ({report.rows:,} rows)", highlight=False)
@@ -577,9 +572,10 @@ def archive_ls(namespace: str = typer.Option("sim", "--namespace", "-n"),
                run_dir: Optional[Path] = RunDirOption,
                root: Optional[Path] = ArchiveRootOption) -> None:
     """What the archive holds: files, records and days per topic."""
+    from pipeline.archive import resolve_root
     from pipeline.sinks.archive import ARCHIVED, data_files, file_metadata
 
-    base = _archive_root(run_dir, namespace, root)
+    base = resolve_root(namespace, run_dir, root)
     view = Table("topic", "files", "records", "first day", "last day", box=None)
     for topic in ARCHIVED:
         files = data_files(base, topic)
@@ -667,8 +663,10 @@ def backtest(
 
     settings = _settings(run_dir)
     if source == "archive":  # no Kafka needed
+        from pipeline.archive import resolve_root
+
         bootstrap = registry = ""
-        archive_root = archive_root or settings.run_dir / "parquet" / namespace / "archive"
+        archive_root = resolve_root(namespace, run_dir, archive_root)
     else:
         bootstrap, registry = bootstrap_servers(settings), registry_url(settings)
     strategy_params = _json_object(params, "--params")

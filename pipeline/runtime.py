@@ -547,6 +547,21 @@ def group_parser(prog: str, description: str | None = None) -> argparse.Argument
     return ap
 
 
+def group_endpoints(run_dir: str | None, bootstrap: str | None, registry: str | None
+                    ) -> tuple[str, str]:
+    """Kafka and the registry for a group's ``main``: as given, else the run dir's."""
+    from pipeline.config import Settings
+
+    settings = Settings.from_env(run_dir)
+    if not bootstrap:
+        from pipeline.broker import bootstrap_servers
+        bootstrap = bootstrap_servers(settings)
+    if not registry:
+        from pipeline.registry_server import registry_url
+        registry = registry_url(settings)
+    return bootstrap, registry
+
+
 def run_until_stopped(config: GroupConfig, bootstrap: str) -> GroupStats:
     """Run a group in this process until SIGTERM or Ctrl-C, as the supervisor runs it."""
     runner = GroupRunner(config, bootstrap)

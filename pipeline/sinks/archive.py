@@ -46,7 +46,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -57,6 +57,7 @@ import pyarrow.parquet as pq
 from pipeline import schemas
 from pipeline.bars_store import DECIMAL, PLACES, _replace
 from pipeline.catalog import spec
+from pipeline.core.decimals import finite
 from pipeline.errors import PipelineError
 
 # Fields of the archived records that hold exact decimal text.
@@ -164,12 +165,9 @@ def record_fields(topic: str) -> list[dict]:
 def _exact(text: Any, where: str) -> Decimal | None:
     if text is None:
         return None
-    try:
-        number = Decimal(text)
-    except (InvalidOperation, TypeError):
-        raise ArchiveError(f"{where}: {text!r} is not a decimal") from None
-    if not number.is_finite():
-        raise ArchiveError(f"{where}: {text!r} is not a finite decimal")
+    number = finite(text)
+    if number is None:
+        raise ArchiveError(f"{where}: {text!r} is not a decimal")
     exponent = number.as_tuple().exponent
     if isinstance(exponent, int) and -exponent > PLACES:
         raise ArchiveError(f"{where}: {text!r} has more than {PLACES} decimal places")
