@@ -74,6 +74,8 @@ GRANTS: dict[str, Grant] = {
                        writes=("portfolio.positions", "portfolio.pnl", "portfolio.reconciliation",
                                "portfolio.state", "strategy.control", "dlq"),
                        prefix="portfolio"),
+    "archive": Grant(reads=("md.l2", "md.trades", "raw.frames"), writes=("dlq",),
+                     prefix="archive"),
     # User groups of the topology ([[process]] run = "module:make_group"): the market data
     # and books they read, the [[topic]]s they write (added per topology), their group ids.
     "groups": Grant(reads=("md.l2", "md.trades", "book.snapshots", "book.health", "bars"),
@@ -84,7 +86,7 @@ ROLES = (ADMIN, *GRANTS, REGISTRY)
 # The supervisor's programs -> their role (pipeline/supervisor.py runs these modules).
 MODULE_ROLES = {"consumers.orderbook": "orderbook", "consumers.bars": "bars",
                 "consumers.strategy": "strategy", "consumers.execution": "execution",
-                "consumers.portfolio": "portfolio"}
+                "consumers.portfolio": "portfolio", "consumers.archive": "archive"}
 
 
 class SecureFiles:
