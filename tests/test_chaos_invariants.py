@@ -8,11 +8,11 @@ from decimal import Decimal as D
 from pipeline.bars import Bar
 from pipeline.catalog import replication_for
 from pipeline.chaos.invariants import (SentConnection, VenueOrders, check_bars, check_books,
-                                       check_dlq, check_frames, check_orders, check_positions,
-                                       recompute_bars)
+                                       check_archive, check_dlq, check_frames, check_orders,
+                                       check_positions, recompute_bars)
 from pipeline.chaos.schedule import BROKER_FAULTS, FAULT_KINDS, make_schedule
 
-GROUPS = ["orderbook", "bars", "strategy", "execution", "portfolio"]
+GROUPS = ["orderbook", "bars", "strategy", "execution", "portfolio", "archive"]
 
 
 # --------------------------------------------------------------------------- schedule
@@ -210,3 +210,28 @@ def test_dlq_holds_exactly_the_injected_frames():
     assert check_dlq([bad, bad], 2, bad).held
     assert "2 malformed frames injected, 1 in the DLQ" in check_dlq([bad], 2, bad).counterexample
     assert "1 other dead letter" in check_dlq([bad, b"other"], 1, bad).counterexample
+
+
+# --------------------------------------------------------------------------- archive
+
+
+def test_the_archive_check_names_a_missing_doubled_extra_or_changed_record():
+    def trade(i: int, price: str = "1.50") -> dict:
+        return {"symbol": "BTCUSD", "trade_id": i, "price": price, "amount": "0.1"}
+
+    topic = [(0, 0, trade(1)), (0, 1, trade(2)), (1, 0, trade(3))]
+    topics = {"md.trades": topic, "md.l2": []}
+    held = check_archive(topics, {"md.trades": list(reversed(topic))})
+    assert held.held and held.records == 6
+    assert held.notes == ["md.l2: 0 records, 0 archived", "md.trades: 3 records, 3 archived"]
+    missing = check_archive(topics, {"md.trades": topic[:2]})
+    assert missing.counterexample == ("md.trades[1] offset 0 missing from the archive "
+                                      "(1 of 3 records)")
+    doubled = check_archive(topics, {"md.trades": topic + topic[1:2]})
+    assert doubled.counterexample == "md.trades[0] offset 1 archived 2 times"
+    extra = check_archive(topics, {"md.trades": topic + [(0, 2, trade(4))]})
+    assert extra.counterexample == "md.trades[0] offset 2 is archived but not in the topic"
+    changed = check_archive(topics, {"md.trades": [topic[0], (0, 1, trade(2, "1.5")),
+                                                   topic[2]]})
+    assert not changed.held and "md.trades[0] offset 1: archived" in changed.counterexample
+    assert "'1.5'" in changed.counterexample  # decimal text, not just the value, must match

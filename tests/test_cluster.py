@@ -175,24 +175,27 @@ def test_too_few_in_sync_replicas_make_producers_fail_loudly(cluster):
 
 @pytest.mark.timeout(900)  # a cluster, the registry, 90 s of faults, the drain, the checks
 def test_short_chaos_run_on_a_cluster_holds_every_invariant(tmp_path):
-    """The partition leader of orders.requests killed mid stream and restarted, a group and
-    the producer killed: producer, groups and registry go on, nothing lost or doubled."""
-    faults = [Fault(15.0, "kill_leader", down_s=6.0), Fault(32.0, "kill_group", "execution"),
+    """The partition leader of orders.requests killed mid stream and restarted, execution,
+    the archive and the producer killed: producer, groups and registry go on, nothing lost
+    or doubled (the archive equal to its topics included)."""
+    faults = [Fault(15.0, "kill_leader", down_s=6.0), Fault(26.0, "kill_group", "archive"),
+              Fault(32.0, "kill_group", "execution"),
               Fault(38.0, "venue_malformed"), Fault(44.0, "kill_producer")]
     report = run_chaos(ChaosConfig(tmp_path / "chaos", minutes=1.0, seed=5, nodes=3,
                                    rate=40.0, faults=faults, drain_timeout_s=180),
                        say=lambda line: print(f"chaos: {line}", flush=True))
     failed = [f"{c.name}: {c.counterexample}" for c in report.checks if not c.held]
     assert not failed, failed
-    assert report.injected == {"kill_leader": 1, "kill_group": 1, "venue_malformed": 1,
+    assert report.injected == {"kill_leader": 1, "kill_group": 2, "venue_malformed": 1,
                                "kill_producer": 1}, report.log
     # Each killed process is restarted. A group may restart once more: a static member whose
     # coordinator was on the killed node can be fenced by its own rejoin (librdkafka), and the
     # runtime exits on that fatal error for the supervisor to restart it (nothing is lost).
     assert report.restarts["execution"] >= 1 and report.restarts["producer"] >= 1
+    assert report.restarts["archive"] >= 1
     assert all(n <= 2 for n in report.restarts.values()), report.restarts
     by_name = {c.name.split(" ")[0]: c for c in report.checks}
-    assert len(report.checks) == 7  # the drain, then the six over the records
+    assert len(report.checks) == 8  # the drain, then the seven over the records
     assert all(c.records > 0 for c in report.checks)
     assert "2 connections" in by_name["raw.frames"].notes[0]  # the kill made a new one
     orders = next(c for c in report.checks if c.name.startswith("orders"))

@@ -328,6 +328,43 @@ def check_positions(events: Sequence[Record], positions: Iterable[Record]) -> Ch
     return check
 
 
+# --------------------------------------------------------------------------- archive
+
+Positioned = tuple[int, int, Record]  # (partition, offset, record)
+
+
+def check_archive(topics: Mapping[str, Sequence[Positioned]],
+                  archived: Mapping[str, Sequence[Positioned]]) -> Check:
+    """The Parquet archive equals its topics: every committed record of each archived topic
+    is in it once, at its partition and offset, with the same fields (decimal text
+    included); none it holds is missing from the topic. Checked after the topology
+    stopped, when the group has flushed every buffer."""
+    check = Check("archive = md.l2 and md.trades (Parquet, once each)")
+    for topic in sorted(topics):
+        want = {(p, o): r for p, o, r in topics[topic]}
+        got = Counter((p, o) for p, o, _ in archived.get(topic, ()))
+        check.records += len(want) + sum(got.values())
+        doubled = sorted(k for k, n in got.items() if n > 1)
+        if doubled:
+            check.fail(f"{topic}[{doubled[0][0]}] offset {doubled[0][1]} archived "
+                       f"{got[doubled[0]]} times")
+        extra = sorted(set(got) - set(want))
+        if extra:
+            check.fail(f"{topic}[{extra[0][0]}] offset {extra[0][1]} is archived but not "
+                       "in the topic")
+        missing = sorted(set(want) - set(got))
+        if missing:
+            check.fail(f"{topic}[{missing[0][0]}] offset {missing[0][1]} missing from the "
+                       f"archive ({len(missing)} of {len(want)} records)")
+        for p, o, record in archived.get(topic, ()):
+            if (p, o) in want and dict(record) != dict(want[p, o]):
+                check.fail(f"{topic}[{p}] offset {o}: archived {dict(record)}, topic "
+                           f"{dict(want[p, o])}")
+                break
+        check.notes.append(f"{topic}: {len(want)} records, {sum(got.values())} archived")
+    return check
+
+
 # --------------------------------------------------------------------------- dead letters
 
 

@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.archive import read_records as read_archive
 from pipeline.broker import LocalCluster, LocalKafka, local_kafka
 from pipeline.catalog import Namespace
-from pipeline.chaos.invariants import (Check, SentConnection, VenueOrders, check_bars,
-                                       check_books, check_dlq, check_frames, check_orders,
-                                       check_positions)
+from pipeline.chaos.invariants import (Check, SentConnection, VenueOrders, check_archive,
+                                       check_bars, check_books, check_dlq, check_frames,
+                                       check_orders, check_positions)
 from pipeline.chaos.schedule import BROKER_FAULTS, FAULT_KINDS, Fault, make_schedule
 from pipeline.cluster_health import describe_cluster
 from pipeline.config import REPO_ROOT, Settings, ensure_writable_dir
@@ -50,7 +51,9 @@ CAPTURE_SYMBOLS = ("BTCGBP", "LINKETH", "FILUSD", "ZECLTC", "BATBTC", "ETHEUR", 
 GENERATOR_SYMBOLS = ("BTCUSD", "ETHUSD", "SOLUSD")
 INTERVALS = ("1m", "5m", "1h", "1d")
 DEPTH = 10
-GROUPS = ("orderbook", "bars", "strategy", "execution", "portfolio")
+GROUPS = ("orderbook", "bars", "strategy", "execution", "portfolio", "archive")
+ARCHIVED = ("md.l2", "md.trades")  # the archive group's topics (raw.frames is not archived)
+ARCHIVE_ROLL_S = 5.0  # files rolled often, so kills land between and inside flushes
 API_KEY = "account-chaos-key"
 
 
@@ -193,6 +196,7 @@ class ChaosRun:
              f'{{ mode = "sandbox", venue_url = "{self.venue.http_url}", venue_ws_url = '
              f'"{self.venue.ws_url}", api_key_file = "{key_file}" }}'),
             ("portfolio", "consumers.portfolio", '{ capital = "10000" }'),
+            ("archive", "consumers.archive", f"{{ roll_seconds = {ARCHIVE_ROLL_S} }}"),
         ]
         blocks = "\n".join(f'[[process]]\nname = "{n}"\nrun = "{r}"\nargs = {a}\n'
                            f"restart_limit = {limit}\n" for n, r, a in processes)
@@ -396,10 +400,13 @@ class ChaosRun:
 
         decoder = Serde(SchemaRegistry(self.registry_state.url)).decoder()
 
-        def records(name: str) -> list[dict]:
+        def positioned(name: str) -> list[tuple[int, int, dict]]:
             topic = self.namespace.topic(name)
-            return [decoder(m.value()) for m in read_to_end(self.bootstrap, topic, 120)
-                    if m.value() is not None]
+            return [(m.partition(), m.offset(), decoder(m.value()))
+                    for m in read_to_end(self.bootstrap, topic, 120) if m.value() is not None]
+
+        def records(name: str) -> list[dict]:
+            return [record for _, _, record in positioned(name)]
 
         self.say("reading every topic back")
         venue = self.venue.venue
@@ -426,7 +433,11 @@ class ChaosRun:
             return sent, books, witness_orders
 
         sent, books, venue_orders = self._venue_call(witness())
-        trades = records("md.trades")
+        in_topics = {name: positioned(name) for name in ARCHIVED}
+        trades = [record for _, _, record in in_topics["md.trades"]]
+        archive_root = self.run_dir / "parquet" / NAMESPACE / "archive"
+        in_archive = {name: list(read_archive(archive_root, name))
+                      if (archive_root / name).is_dir() else [] for name in ARCHIVED}
         events = records("orders.events")
         dead = [m.value() for m in read_to_end(self.bootstrap, self.namespace.topic("dlq"), 60)]
         parquet = read_all_bars(self.run_dir / "parquet" / NAMESPACE / "bars") \
@@ -441,6 +452,8 @@ class ChaosRun:
             check_orders(records("orders.requests"), events, venue_orders),
             check_positions(events, records("portfolio.positions")),
             check_dlq(dead, self.malformed_hits, MALFORMED.encode()),
+            check_archive(in_topics, {name: [(p, o, r) for p, o, _, r in rows]
+                                      for name, rows in in_archive.items()}),
         ]
 
 
