@@ -573,7 +573,7 @@ def archive_ls(namespace: str = typer.Option("sim", "--namespace", "-n"),
                root: Optional[Path] = ArchiveRootOption) -> None:
     """What the archive holds: files, records and days per topic."""
     from pipeline.archive import resolve_root
-    from pipeline.sinks.archive import ARCHIVED, data_files, file_metadata
+    from pipeline.sinks.archive import ARCHIVED, data_files, file_metadata, period_value
 
     base = resolve_root(namespace, run_dir, root)
     view = Table("topic", "files", "records", "first day", "last day", box=None)
@@ -581,7 +581,7 @@ def archive_ls(namespace: str = typer.Option("sim", "--namespace", "-n"),
         files = data_files(base, topic)
         if not files:
             continue
-        days = sorted(p.parent.name[len("date="):] for p in files)
+        days = sorted(period_value(p.parent) for p in files)
         view.add_row(topic, f"{len(files):,}", f"{sum(file_metadata(f).num_rows for f in files):,}",
                      days[0], days[-1])
     console.print(view if view.row_count else f"nothing archived under {base}")
@@ -778,10 +778,17 @@ def replay(
     run_dir: Optional[Path] = RunDirOption,
     progress: bool = typer.Option(True, "--progress/--no-progress",
                                   help="A progress bar on stderr (records/s, ETA)."),
+    from_archive: bool = typer.Option(False, "--from-archive",
+                                      help="Read the range from the Parquet archive of --from "
+                                           "(history beyond the topics' retention)."),
+    archive_root: Optional[Path] = typer.Option(None, help="The archive \\[default: "
+                                                "<run_dir>/parquet/<namespace>/archive]."),
 ) -> None:
     """Copy a time range of a namespace's topics into a replay namespace, byte for byte
     (key, partition, headers, timestamps), in time order at the chosen speed; run the
-    topology on it with `pipeline up --replay-from`. Ctrl-C stops cleanly (exit 130)."""
+    topology on it with `pipeline up --replay-from`. With --from-archive the records come
+    from the archive, re-encoded (same schemas, same bytes; headers are not archived).
+    Ctrl-C stops cleanly (exit 130)."""
     if ctx.invoked_subcommand is not None:
         return
     if not source or not into:
@@ -795,13 +802,21 @@ def replay(
     from pipeline.catalog import Namespace
     from pipeline.progress import progress_bar, stop_on_ctrl_c
     from pipeline.registry_server import registry_url
-    from pipeline.replay import ReplayRequest, Republisher, catalog_names, parse_speed
+    from pipeline.replay import (ArchiveRepublisher, ReplayRequest, Republisher, catalog_names,
+                                 parse_speed)
 
     settings = _settings(run_dir)
     request = ReplayRequest(Namespace(source), Namespace(into), catalog_names(topics.split(",")),
                             to_ms(start, "--start"), to_ms(end, "--end"),
                             parse_offsets(offsets, source) if offsets else {}, parse_speed(speed))
-    with Republisher(bootstrap_servers(settings), request) as republisher:
+    if from_archive:
+        from pipeline.archive import resolve_root
+
+        opened = ArchiveRepublisher(bootstrap_servers(settings), request,
+                                    resolve_root(source, run_dir, archive_root))
+    else:
+        opened = Republisher(bootstrap_servers(settings), request)
+    with opened as republisher:
         republisher.prepare(registry_url(settings))
         pace = "as fast as possible" if request.speed is None else f"at {request.speed:g}x"
         console.print(f"replaying {republisher.total} record(s) of {', '.join(republisher.names)} "

@@ -31,7 +31,7 @@ from confluent_kafka import KafkaError, TopicPartition
 
 from pipeline.catalog import Namespace, ensure_topics, spec
 from pipeline.errors import PipelineError
-from pipeline.kafka import ReliableProducer, check_reachable, make_admin
+from pipeline.kafka import ReliableProducer, check_reachable, make_admin, reader_config
 from pipeline.ranges import Offsets, utc_text
 from pipeline.replay_source import RangePlanner
 
@@ -126,41 +126,15 @@ class Republisher:
         partitions: dict[str, int] = {}
         for p in self.planner.plan:
             partitions[p.topic] = max(partitions.get(p.topic, 0), p.partition + 1)
-        meta = check_reachable(make_admin(self.bootstrap), self.bootstrap, self.timeout).topics
-        for full, name in self.names.items():
-            into = req.target.topic(name)
-            have = len(meta[into].partitions) if into in meta else spec(name).partitions
-            if have != partitions[full]:
-                raise PipelineError(f"{full} has {partitions[full]} partitions but {into} "
-                                    f"{'has' if into in meta else 'would have'} {have}: a replay "
-                                    "keeps every record in its partition")
-            if into in meta:
-                held = self._records_in(into, len(meta[into].partitions))
-                if held:
-                    raise PipelineError(f"{into} already holds {held} record(s): replay into a "
-                                        f"new namespace, or `pipeline replay clean {req.target}` "
-                                        "first")
-
-    def _records_in(self, topic: str, partitions: int) -> int:
-        consumer = self.planner.consumer
-        total = 0
-        for p in range(partitions):
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p),
-                                                       timeout=self.timeout)
-            total += high - low
-        return total
+        check_target(self.bootstrap, req, self.planner.consumer, self.timeout,
+                     {self.names[full]: (full, n) for full, n in partitions.items()}, exact=True)
 
     # -- writing
 
     def prepare(self, registry_url: str) -> list[str]:
         """Create the target namespace's topics (all of the catalog's, so the topology can
         run there) and register its schemas; return the topics created."""
-        from pipeline.registry import SchemaRegistry
-        from pipeline.schemas import register_namespace
-
-        created = ensure_topics(self.bootstrap, self.request.target, timeout=self.timeout)
-        register_namespace(SchemaRegistry(registry_url), self.request.target)
-        return created
+        return prepare_target(self.bootstrap, registry_url, self.request.target, self.timeout)
 
     def run(self, should_stop: Callable[[], bool] = lambda: False,
             progress: Callable[[int, int], None] | None = None) -> ReplayStats:
@@ -253,7 +227,7 @@ class Republisher:
                     if req.speed is not None:
                         if pace_from is None:
                             pace_from = (stamp, time.monotonic())
-                        self._wait_until(pace_from[1] + (stamp - pace_from[0]) / 1000 / req.speed,
+                        _wait_until(pace_from[1] + (stamp - pace_from[0]) / 1000 / req.speed,
                                          producer, should_stop)
                     producer.produce(into[source[0]], msg.value(), msg.key(),
                                      headers=msg.headers(), timestamp=stamp, partition=source[1])
@@ -287,15 +261,145 @@ class Republisher:
             if tp.offset >= 0 and tp.offset >= ends.get((tp.topic, tp.partition), 1 << 62):
                 finish((tp.topic, tp.partition))
 
-    @staticmethod
-    def _wait_until(due: float, producer: ReliableProducer, should_stop: Callable[[], bool]) -> None:
-        while (left := due - time.monotonic()) > 0 and not should_stop():
-            producer.poll(min(left, 0.1))
-
     def close(self) -> None:
         self.planner.close()
 
     def __enter__(self) -> "Republisher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_target(bootstrap: str, request: ReplayRequest, consumer, timeout: float,
+                 partitions: dict[str, tuple[str, int]], exact: bool) -> None:
+    """Refuse a target that would not keep every record in its partition, or that already
+    holds records (a replay into a half-filled namespace would double them).
+    ``partitions``: catalog name -> (where it is read from, partitions it needs); ``exact``:
+    the source's partition count is known (Kafka) and must match, not just fit (archive)."""
+    meta = check_reachable(make_admin(bootstrap), bootstrap, timeout).topics
+    for name, (source, needed) in partitions.items():
+        into = request.target.topic(name)
+        have = len(meta[into].partitions) if into in meta else spec(name).partitions
+        if have != needed if exact else have < needed:
+            raise PipelineError(f"{source} has {needed} partitions but {into} "
+                                f"{'has' if into in meta else 'would have'} {have}: a replay "
+                                "keeps every record in its partition")
+        if into in meta:
+            held = sum(high - low for low, high in (
+                consumer.get_watermark_offsets(TopicPartition(into, p), timeout=timeout)
+                for p in range(len(meta[into].partitions))))
+            if held:
+                raise PipelineError(f"{into} already holds {held} record(s): replay into a "
+                                    f"new namespace, or `pipeline replay clean {request.target}` "
+                                    "first")
+
+
+def prepare_target(bootstrap: str, registry_url: str, target: Namespace,
+                   timeout: float) -> list[str]:
+    """Every catalog topic of ``target`` and its schemas registered; the topics created."""
+    from pipeline.registry import SchemaRegistry
+    from pipeline.schemas import register_namespace
+
+    created = ensure_topics(bootstrap, target, timeout=timeout)
+    register_namespace(SchemaRegistry(registry_url), target)
+    return created
+
+
+def _wait_until(due: float, producer: ReliableProducer, should_stop: Callable[[], bool]) -> None:
+    while (left := due - time.monotonic()) > 0 and not should_stop():
+        producer.poll(min(left, 0.1))
+
+
+class ArchiveRepublisher:
+    """:class:`Republisher` for history older than Kafka's retention: the same range (Kafka
+    timestamps, offsets windows; :class:`~pipeline.archive.ArchiveSource`'s semantics) read
+    from the Parquet archive, re-encoded with the registry's schemas (the same schema ids,
+    so the same bytes) and written to the record's partition with its symbol as key and its
+    original timestamp, in timestamp order, paced alike."""
+
+    def __init__(self, bootstrap: str, request: ReplayRequest, root: str | Path,
+                 timeout: float = 30.0) -> None:
+        from pipeline.archive import ArchiveSource
+
+        self.bootstrap, self.request, self.timeout = bootstrap, request, timeout
+        self.root = Path(root)
+        self.names = {request.source.topic(name): name for name in request.topics}
+        self.source = ArchiveSource(self.root, list(self.names), start_ms=request.start_ms,
+                                    end_ms=request.end_ms, offsets=request.offsets)
+        self.total = self.source.total
+        if not self.total:
+            raise PipelineError(f"nothing to replay: the archive under {self.root} holds no "
+                                f"record of {', '.join(self.names)} in "
+                                f"{describe_range(request.start_ms, request.end_ms)} "
+                                f"({self.source.describe_empty()})")
+        needed: dict[str, tuple[str, int]] = {}
+        for p in self.source.plan:
+            name = self.names[p.topic]
+            needed[name] = (f"the archive of {p.topic}",
+                            max(needed.get(name, ("", 0))[1], p.partition + 1))
+        from confluent_kafka import Consumer
+
+        probe = Consumer(reader_config(bootstrap, f"restore-replay-{time.monotonic_ns()}"))
+        try:
+            check_target(bootstrap, request, probe, timeout, needed, exact=False)
+        finally:
+            probe.close()
+        self.registry_url: str | None = None
+
+    def prepare(self, registry_url: str) -> list[str]:
+        self.registry_url = registry_url
+        return prepare_target(self.bootstrap, registry_url, self.request.target, self.timeout)
+
+    def run(self, should_stop: Callable[[], bool] = lambda: False,
+            progress: Callable[[int, int], None] | None = None) -> ReplayStats:
+        """As :meth:`Republisher.run`, from the archive (call :meth:`prepare` first)."""
+        from pipeline.registry import SchemaRegistry
+        from pipeline.serde import Serde
+
+        if self.registry_url is None:
+            raise PipelineError("prepare(registry_url) first: the records are re-encoded")
+        req, stats = self.request, ReplayStats()
+        serde = Serde(SchemaRegistry(self.registry_url))
+        into = {full: req.target.topic(name) for full, name in self.names.items()}
+        encode = {full: serde.encoder(target) for full, target in into.items()}
+        began, last_progress = time.monotonic(), 0.0
+        pace_from: tuple[int, float] | None = None
+        producer = ReliableProducer(self.bootstrap, **{"linger.ms": 20})
+        try:
+            for stamp, topic, partition, _, record in self.source.in_time_order():
+                if should_stop():
+                    stats.stopped = True
+                    break
+                if req.speed is not None:
+                    if pace_from is None:
+                        pace_from = (stamp, time.monotonic())
+                    _wait_until(pace_from[1] + (stamp - pace_from[0]) / 1000 / req.speed,
+                                producer, should_stop)
+                producer.produce(into[topic], encode[topic](record), record["symbol"],
+                                 timestamp=stamp, partition=partition)
+                stats.records += 1
+                name = self.names[topic]
+                stats.per_topic[name] = stats.per_topic.get(name, 0) + 1
+                stats.first_ms = stamp if stats.first_ms is None else stats.first_ms
+                stats.last_ms = stamp
+                if stats.records % 5000 == 0:
+                    producer.poll(0)
+                    now = time.monotonic()
+                    if progress is not None and now - last_progress > 0.2:
+                        last_progress = now
+                        progress(stats.records, self.total)
+        finally:
+            producer.flush()
+            stats.seconds = time.monotonic() - began
+        if progress is not None:
+            progress(stats.records, self.total)
+        return stats
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self) -> "ArchiveRepublisher":
         return self
 
     def __exit__(self, *exc) -> None:

@@ -4,10 +4,12 @@
 
     <root>/md.trades/symbol=BTCUSD/date=2021-06-24/p3-000000000120-000000000499.parquet
     <root>/raw.frames/date=2021-06-24/p0-000000000000-000000000911.parquet
+    <root>/bars/symbol=BTCUSD/month=2021-06/p0-000000000000-000000000719.parquet
 
 (``<root>`` is ``<run dir>/parquet/<namespace>/archive``.) A file holds the records of one
 Kafka partition over one offset range (the name says which), of one symbol and one UTC day
-(the record's own time: a trade's exchange time, a bar's start, a frame's receive time).
+(the record's own time: a trade's exchange time, a frame's receive time), or for bars one
+UTC month of bar starts.
 
 **Columns.** ``kafka_partition``, ``kafka_offset`` and ``kafka_timestamp`` say where the
 record was in the topic; then the record's fields as the Avro schema has them (times as
@@ -33,7 +35,7 @@ So a kill at any point loses nothing and writes nothing twice. A file that is no
 Parquet file (written outside this protocol, or damaged) is named by every reader, never
 read as data.
 
-**Compaction** (:func:`compact`) merges the small files of closed days into one per
+**Compaction** (:func:`compact`) merges the small files of closed days (months) into one per
 directory, which lists the files it replaces in its metadata; readers skip files a
 compacted file lists, so a crash between its rename and the deletes shows nothing twice.
 """
@@ -80,12 +82,20 @@ class ArchiveError(PipelineError):
 @dataclass(frozen=True)
 class ArchivedTopic:
     """How one catalog topic is archived: its record type, whether files are split by
-    symbol, and which field dates a record (epoch ms, or µs when ``micros``)."""
+    symbol, which field dates a record (epoch ms, or µs when ``micros``), and the period a
+    directory holds: ``date`` (a UTC day) for market data, ``month`` for bars (an hourly
+    bar file per day would be 24 rows: years of them are thousands of tiny files)."""
 
     name: str
     by_symbol: bool
     time_field: str
     micros: bool = False
+    period: str = "date"
+
+    def period_of(self, ms: int) -> str:
+        """The directory value of a record stamped ``ms``: ``YYYY-MM-DD`` or ``YYYY-MM``."""
+        day = utc_day(ms)
+        return day if self.period == "date" else day[:7]
 
     @property
     def record_type(self) -> str:
@@ -95,7 +105,7 @@ class ArchivedTopic:
 ARCHIVED: dict[str, ArchivedTopic] = {t.name: t for t in (
     ArchivedTopic("md.l2", True, "received_ts_us", micros=True),
     ArchivedTopic("md.trades", True, "exchange_ts_ms"),
-    ArchivedTopic("bars", True, "start_ms"),
+    ArchivedTopic("bars", True, "start_ms", period="month"),
     ArchivedTopic("raw.frames", False, "received_ts_us", micros=True),
 )}
 
@@ -215,12 +225,13 @@ def _safe(value: str) -> str:
 
 
 def placement(topic: ArchivedTopic, row: Mapping[str, Any]) -> tuple[str, ...]:
-    """The partition directories of a row: (symbol=..., date=...) or (date=...)."""
+    """The partition directories of a row: (symbol=..., date=...) or (date=...) (``month=``
+    for bars)."""
     stamp = row[topic.time_field]
-    day = utc_day(stamp // 1000 if topic.micros else stamp)
+    period = f"{topic.period}={topic.period_of(stamp // 1000 if topic.micros else stamp)}"
     if topic.by_symbol:
-        return (f"symbol={_safe(str(row['symbol']))}", f"date={day}")
-    return (f"date={day}",)
+        return (f"symbol={_safe(str(row['symbol']))}", period)
+    return (period,)
 
 
 def file_name(partition: int, first: int, last: int) -> str:
@@ -388,12 +399,23 @@ def data_files(root: Path, topic: str, symbols: Iterable[str] | None = None,
         folders = [f for f in sorted(base.glob("symbol=*")) if _dir_matches(f, "symbol", wanted)]
     days = []
     for folder in folders:
-        for day in sorted(folder.glob("date=*")):
-            name = day.name[len("date="):]
-            if (start_day and name < start_day) or (end_day and name > end_day):
+        for day in sorted(folder.glob(f"{spec_.period}=*")):
+            if not in_days(period_value(day), start_day, end_day):
                 continue
             days.append(day)
     return [f for day in days for f in live_files(day)]
+
+
+def period_value(directory: Path) -> str:
+    """``2021-06-24`` of ``date=2021-06-24``, ``2021-06`` of ``month=2021-06``."""
+    return directory.name.partition("=")[2]
+
+
+def in_days(period: str, start_day: str | None, end_day: str | None) -> bool:
+    """Whether a directory's period (a day, or a month: a prefix of its days) meets the
+    days ``start_day``..``end_day`` (inclusive)."""
+    cut = len(period)
+    return not ((start_day and period < start_day[:cut]) or (end_day and period > end_day[:cut]))
 
 
 def read_table(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
@@ -419,8 +441,8 @@ class CompactReport:
 
 def compact(root: Path, topics: Iterable[str] | None = None, *, before_day: str | None = None,
             fsync: bool = True) -> CompactReport:
-    """Merge the files of each closed day (before ``before_day``, default today UTC) into
-    one per directory, rows in (partition, offset) order. One compaction at a time per
+    """Merge the files of each closed day (before ``before_day``, default today UTC; for
+    bars each closed month) into one per directory, rows in (partition, offset) order. One compaction at a time per
     archive (a lock file); the group may keep writing meanwhile."""
     root = Path(root)
     before = before_day or datetime.now(timezone.utc).strftime("%Y-%m-%d")
@@ -433,9 +455,10 @@ def compact(root: Path, topics: Iterable[str] | None = None, *, before_day: str 
             raise ArchiveError(f"another compaction of {root} is running") from None
         for topic in topics or ARCHIVED:
             schema = arrow_schema(topic)
-            for day in sorted((root / topic).glob("**/date=*")):
-                if day.name[len("date="):] >= before:
-                    continue
+            for day in sorted((root / topic).glob(f"**/{archived(topic).period}=*")):
+                period = period_value(day)
+                if period >= before[:len(period)]:
+                    continue  # still open: today, or this month for bars
                 files = live_files(day)
                 stale = [p for p in day.glob("*.parquet") if p not in files]
                 for old in stale:  # replaced by a compacted file, left by a killed compaction
