@@ -74,7 +74,7 @@ GRANTS: dict[str, Grant] = {
                        writes=("portfolio.positions", "portfolio.pnl", "portfolio.reconciliation",
                                "portfolio.state", "strategy.control", "dlq"),
                        prefix="portfolio"),
-    "archive": Grant(reads=("md.l2", "md.trades", "raw.frames"), writes=("dlq",),
+    "archive": Grant(reads=("md.l2", "md.trades", "bars", "raw.frames"), writes=("dlq",),
                      prefix="archive"),
     # User groups of the topology ([[process]] run = "module:make_group"): the market data
     # and books they read, the [[topic]]s they write (added per topology), their group ids.

@@ -40,6 +40,11 @@ from pipeline.kafka import (ReliableProducer, check_reachable, consumer_config, 
 
 log = logging.getLogger(__name__)
 DEFAULT_STALL_LIMIT_S = 240.0  # beyond every Kafka call's own timeout (commit: 60 s)
+OFFSETS_TIMEOUT_S = 30.0  # send_offsets_to_transaction's timeout
+# librdkafka ignores that timeout while the group coordinator is down or decommissioned
+# (confluentinc/librdkafka#5456 and #5511, open in 2.16): the call can hang for good, as
+# the chaos run saw after a broker kill. The watchdog ends the process this long past it.
+OFFSETS_GRACE_S = 30.0
 EXIT_STALLED = 75  # the exit code of a process its watchdog ended (EX_TEMPFAIL)
 
 
@@ -135,6 +140,19 @@ class GroupStats:
     last_error: str | None = None
 
 
+def stall_reason(now: float, alive_at: float, limit_s: float,
+                 bounded: tuple[float, str] | None) -> str | None:
+    """Why the watchdog must end the process, or None: one step of the loop has not
+    returned for ``limit_s``, or a call known to overrun its own timeout is past the
+    deadline it was given (``bounded``: the deadline and the call's name)."""
+    if bounded is not None and now > bounded[0]:
+        return f"{bounded[1]} is {now - bounded[0]:.0f} s past its timeout and grace " \
+               "(a librdkafka hang)"
+    if now - alive_at > limit_s:
+        return f"one step has not returned for {now - alive_at:.0f} s (limit {limit_s:.0f} s)"
+    return None
+
+
 class GroupRunner:
     """Runs one instance of a consumer group until stopped."""
 
@@ -151,6 +169,7 @@ class GroupRunner:
         self._closing = False
         self._callback_error: Exception | None = None
         self.alive_at = time.monotonic()  # when the loop last began a step (the watchdog's)
+        self._bounded: tuple[float, str] | None = None  # a call's own deadline, and its name
 
     # -- lifecycle
 
@@ -175,11 +194,10 @@ class GroupRunner:
 
     def _watchdog(self, limit_s: float) -> None:
         while not self._stop.wait(min(5.0, limit_s / 4)):
-            stalled = time.monotonic() - self.alive_at
-            if stalled > limit_s:
-                log.error("group %s: one step has not returned for %.0f s (limit %.0f s): "
-                          "exiting so that it is restarted; the stacks follow",
-                          self.config.group_id, stalled, limit_s)
+            reason = stall_reason(time.monotonic(), self.alive_at, limit_s, self._bounded)
+            if reason is not None:
+                log.error("group %s: %s: exiting so that it is restarted; the stacks follow",
+                          self.config.group_id, reason)
                 faulthandler.dump_traceback(all_threads=True)
                 sys.stderr.flush()
                 os._exit(EXIT_STALLED)
@@ -327,8 +345,13 @@ class GroupRunner:
             if not self._in_transaction:
                 return
             if offsets:
-                self._producer.raw.send_offsets_to_transaction(
-                    offsets, self._consumer.consumer_group_metadata(), 30)
+                self._bounded = (time.monotonic() + OFFSETS_TIMEOUT_S + OFFSETS_GRACE_S,
+                                 "send_offsets_to_transaction")
+                try:
+                    self._producer.raw.send_offsets_to_transaction(
+                        offsets, self._consumer.consumer_group_metadata(), OFFSETS_TIMEOUT_S)
+                finally:
+                    self._bounded = None
             self._producer.raw.commit_transaction(60)
             self._in_transaction = False
             self._producer.tracker.raise_if_failed()

@@ -385,3 +385,17 @@ def test_a_group_process_stuck_in_one_step_is_ended_by_its_watchdog(kafka, relay
     text = log_file.read_text()
     assert "one step has not returned for" in text and "stuck-relay" in text
     assert "Thread" in text and "in handle" in text  # faulthandler's stacks
+
+
+def test_the_watchdog_ends_a_call_past_its_own_deadline_before_the_stall_limit():
+    """send_offsets_to_transaction can hang past its timeout while the group coordinator is
+    down (librdkafka#5456): the watchdog does not wait the whole stall limit for it."""
+    from pipeline.runtime import stall_reason
+
+    assert stall_reason(100.0, 90.0, 240.0, None) is None
+    assert stall_reason(100.0, 90.0, 240.0, (120.0, "send_offsets_to_transaction")) is None
+    late = stall_reason(130.0, 90.0, 240.0, (120.0, "send_offsets_to_transaction"))
+    assert late == ("send_offsets_to_transaction is 10 s past its timeout and grace "
+                    "(a librdkafka hang)")
+    assert stall_reason(400.0, 100.0, 240.0, None) == \
+        "one step has not returned for 300 s (limit 240 s)"
