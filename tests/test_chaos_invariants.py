@@ -205,11 +205,20 @@ def test_positions_equal_the_fold_of_the_fills():
         events, [dict(good, fills=3)]).counterexample
 
 
-def test_dlq_holds_exactly_the_injected_frames():
-    bad = b'{"broken'
-    assert check_dlq([bad, bad], 2, bad).held
-    assert "2 malformed frames injected, 1 in the DLQ" in check_dlq([bad], 2, bad).counterexample
-    assert "1 other dead letter" in check_dlq([bad, b"other"], 1, bad).counterexample
+def test_dlq_holds_exactly_the_malformed_frames_the_producer_read():
+    bad = '{"broken'
+    sent = [SentConnection(("a", bad, "b", bad), None), SentConnection(("c", bad), None)]
+    read = raw("p1", ["a", bad, "b", bad]) + raw("p2", ["c"])  # the last one cut in flight
+    held = check_dlq([bad.encode()] * 2, sent, read, bad.encode(), faults=4)
+    assert held.held, held.counterexample
+    assert held.notes == ["4 malformed fault(s), 3 frame(s) sent, 2 read by the producer, "
+                          "2 in the DLQ"]
+    lost = check_dlq([bad.encode()], sent, read, bad.encode(), faults=3)
+    assert lost.counterexample == "the producer read 2 malformed frame(s), 1 in the DLQ"
+    other = check_dlq([bad.encode()] * 2 + [b"other"], sent, read, bad.encode(), faults=3)
+    assert "1 other dead letter" in other.counterexample
+    forged = check_dlq([bad.encode()] * 3, sent[:1], read + raw("p3", [bad]), bad.encode(), 2)
+    assert forged.counterexample == "raw.frames holds 3 malformed frame(s), the venue sent 2"
 
 
 # --------------------------------------------------------------------------- archive

@@ -368,13 +368,25 @@ def check_archive(topics: Mapping[str, Sequence[Positioned]],
 # --------------------------------------------------------------------------- dead letters
 
 
-def check_dlq(dead_letters: Sequence[bytes], injected: int, malformed: bytes) -> Check:
-    """The DLQ holds exactly the injected malformed frames: as many, and nothing else."""
-    check = Check("DLQ = the injected malformed frames", records=len(dead_letters))
+def check_dlq(dead_letters: Sequence[bytes], sent: Sequence[SentConnection],
+              raw: Iterable[Record], malformed: bytes, faults: int) -> Check:
+    """The DLQ holds exactly the malformed frames the producer read: every one of them
+    (``raw.frames`` has each frame the producer read, the frames invariant ties it to
+    what the venue sent), once, and nothing else. The venue's own record of the frames it
+    sent is the witness, not the fault calls: a malformed frame still in flight when its
+    connection was cut never reached the producer."""
+    text = malformed.decode()
+    went_out = sum(1 for c in sent for f in c.frames if f == text)
+    read = sum(1 for r in raw if r["text"] == text)
+    check = Check("DLQ = the malformed frames the producer read", records=len(dead_letters))
     ours = sum(1 for value in dead_letters if value == malformed)
     others = [value for value in dead_letters if value != malformed]
     if others:
         check.fail(f"{len(others)} other dead letter(s), first {others[0][:80]!r}")
-    if ours != injected:
-        check.fail(f"{injected} malformed frames injected, {ours} in the DLQ")
+    if ours != read:
+        check.fail(f"the producer read {read} malformed frame(s), {ours} in the DLQ")
+    if read > went_out:
+        check.fail(f"raw.frames holds {read} malformed frame(s), the venue sent {went_out}")
+    check.notes.append(f"{faults} malformed fault(s), {went_out} frame(s) sent, {read} read "
+                       f"by the producer, {ours} in the DLQ")
     return check

@@ -433,6 +433,7 @@ class ChaosRun:
             return sent, books, witness_orders
 
         sent, books, venue_orders = self._venue_call(witness())
+        raw_frames = records("raw.frames")
         in_topics = {name: positioned(name) for name in ARCHIVED}
         trades = [record for _, _, record in in_topics["md.trades"]]
         archive_root = self.run_dir / "parquet" / NAMESPACE / "archive"
@@ -446,12 +447,12 @@ class ChaosRun:
 
         self.report.checks = [
             self.drained,
-            check_frames(sent, records("raw.frames")),
+            check_frames(sent, raw_frames),
             check_books(books, records("book.snapshots"), DEPTH),
             check_bars(trades, records("bars.late"), records("bars"), parquet, INTERVALS),
             check_orders(records("orders.requests"), events, venue_orders),
             check_positions(events, records("portfolio.positions")),
-            check_dlq(dead, self.malformed_hits, MALFORMED.encode()),
+            check_dlq(dead, sent, raw_frames, MALFORMED.encode(), self.malformed_hits),
             check_archive(in_topics, {name: [(p, o, r) for p, o, _, r in rows]
                                       for name, rows in in_archive.items()}),
         ]
