@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py pipeline/_avro.c | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install broker broker-secure cluster registry up demo down status test chaos bench fuzz clean
+.PHONY: install broker broker-secure cluster registry up demo down status test test-unit chaos bench fuzz clean
 
 install: $(STAMP)
 
@@ -51,6 +51,11 @@ status: install
 # also when tests fail; with KAFKA_BOOTSTRAP_SERVERS set they use that cluster instead.
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The tests that need no Kafka (tests/conftest.py marks the others integration); no broker
+# starts. make test runs these too.
+test-unit: install
+	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
 
 # The slow fault run: the demo topology on its own 3-node cluster for CHAOS_MINUTES under a
 # seeded schedule of kill -9s and venue faults, then invariants over every record written.

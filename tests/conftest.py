@@ -108,3 +108,19 @@ def up_env(kafka, registry, tmp_path):
     env = cluster_env(kafka, registry.url, PIPELINE_RUN_DIR=str(tmp_path / "run"))
     yield env
     cli("down", env=env, timeout=200)
+
+
+# `make test-unit` runs what needs no broker: every test but those marked integration here.
+# A test is integration when it asks for the session's broker or registry (directly or
+# through another fixture), a cluster or the secured broker, or sits in a module whose tests
+# start Kafka themselves.
+INFRA_FIXTURES = {"kafka", "registry", "secured", "cluster"}
+STARTS_KAFKA_ITSELF = {"test_broker", "test_cluster", "test_secure_kafka", "test_bench"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        if INFRA_FIXTURES & set(getattr(item, "fixturenames", ())) or \
+                item.get_closest_marker("broker") or module in STARTS_KAFKA_ITSELF:
+            item.add_marker(pytest.mark.integration)
