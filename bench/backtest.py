@@ -211,14 +211,14 @@ def l2(bootstrap: str, registry_url: str, events: int) -> list[Figure]:
         changes = sum(len(r["changes"]) for r in records)
 
         def raw() -> int:
-            with gc_tuned(), ReplaySource(bootstrap, registry_url, [topic]) as source:
+            with gc_tuned(), ReplaySource(bootstrap, registry_url, [topic]) as source:  # noqa: B023 - _best calls it at once
                 return sum(len(batch) for batch in source.batches())
 
         raw_s, count = _best(raw)
         assert count == len(records)
         ours_s, result = _best(lambda: run_backtest(
-            bootstrap, registry_url, namespace, "pipeline.strategy:MidQuoter",
-            {"symbol": symbol}, fill="book", book_depth=1, progress=False, topics=["md.l2"]))
+            bootstrap, registry_url, namespace, "pipeline.strategy:MidQuoter",  # noqa: B023 - _best calls it at once
+            {"symbol": symbol}, fill="book", book_depth=1, progress=False, topics=["md.l2"]))  # noqa: B023 - _best calls it at once
         assert result.engine.changes_applied == changes
         assert result.engine.orders.submitted > 0
         figures.append(Figure(f"L2 backtest: books + MidQuoter + simulator, queue on ({label})",
@@ -227,9 +227,9 @@ def l2(bootstrap: str, registry_url: str, events: int) -> list[Figure]:
                               ">= 500,000 changes/s"))
         root = _archive(bootstrap, registry_url, namespace)
         archive_s, archived = _best(lambda: run_backtest(
-            None, None, namespace, "pipeline.strategy:MidQuoter", {"symbol": symbol},
+            None, None, namespace, "pipeline.strategy:MidQuoter", {"symbol": symbol},  # noqa: B023 - _best calls it at once
             fill="book", book_depth=1, progress=False, topics=["md.l2"], source="archive",
-            archive_root=root))
+            archive_root=root))  # noqa: B023 - _best calls it at once
         assert archived.trades_csv == result.trades_csv
         figures.append(Figure(f"L2 backtest from the archive ({label})", changes / archive_s,
                               "changes/s", changes, "the same backtest from Kafka",

@@ -25,7 +25,7 @@ from bench.figures import Figure, best_rate
 from consumers.bars import BarsHandler, make_group
 from pipeline.bars import build_bars
 from pipeline.catalog import Namespace, ensure_topics
-from pipeline.kafka import client_config, reader_config
+from pipeline.kafka import reader_config
 from pipeline.registry import SchemaRegistry
 from pipeline.runtime import GroupRunner
 from pipeline.serde import Decoder, publish

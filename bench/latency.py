@@ -2,12 +2,13 @@
 
 The real path, every part as deployed: the local venue (generator, one symbol, paced at
 ``RATE`` events per second: latency, not queueing) serves frames of Gemini's WebSocket API
-(the producer's default protocol) over a real WebSocket to the producer (``pipeline produce gemini``, its own process) -> ``md.l2`` -> the
-orderbook group (``python -m consumers.orderbook``) -> ``book.snapshots`` -> the strategy
-group (``python -m consumers.strategy``, ``MidQuoter`` requoting on every move of the
-mid, so every snapshot gives requests) -> ``orders.requests``, in a transaction. Paper
-execution runs beside it, as deployed, so the strategy's quotes are acknowledged,
-replaced and filled and its view of its orders stays what it is in a real run.
+(the producer's default protocol) over a real WebSocket to the producer (``pipeline
+produce gemini``, its own process) -> ``md.l2`` -> the orderbook group (``python -m
+consumers.orderbook``) -> ``book.snapshots`` -> the strategy group (``python -m
+consumers.strategy``, ``MidQuoter`` requoting on every move of the mid, so every
+snapshot gives requests) -> ``orders.requests``, in a transaction. Paper execution runs
+beside it, as deployed, so the strategy's quotes are acknowledged, replaced and filled
+and its view of its orders stays what it is in a real run.
 
 What links the two ends is already in the records: the venue keeps the time it sent each
 frame (``VenueConfig.record_sends``), indexed like the producer's ``sequence`` (the

@@ -258,7 +258,8 @@ class BarsHandler(Handler):
         part.seq, part.next_offset, part.commit_value, part.dirty = part.seq + 1, n, value, False
 
     def _restore(self, p: int, committed: int | None) -> _Part:
-        store = Checkpoints(self.opts.state_dir / self.source_topic / f"p{p}", fsync=self.opts.fsync)
+        store = Checkpoints(self.opts.state_dir / self.source_topic / f"p{p}",
+                            fsync=self.opts.fsync)
         store.clear_staging()  # a write a kill interrupted; the partition is ours now
         found = store.latest(2)  # oldest first; only the newest can be in doubt
         if not found and committed is None:
@@ -388,10 +389,12 @@ def make_group(bootstrap: str, registry_url: str, namespace: str, *,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m consumers.bars", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m consumers.bars",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the run dir's broker)")
     ap.add_argument("--registry", help="schema registry URL (default: the run dir's registry)")
-    ap.add_argument("--namespace", "-n", help="namespace of the trades (default: PIPELINE_NAMESPACE)")
+    ap.add_argument("--namespace", "-n",
+                    help="namespace of the trades (default: PIPELINE_NAMESPACE)")
     ap.add_argument("--output-namespace", help="namespace for bars and late trades (default: same)")
     ap.add_argument("--parquet-root", help="default <run dir>/parquet/<namespace>/bars")
     ap.add_argument("--state-dir", help="checkpoints (default <parquet root>.state/<group>)")

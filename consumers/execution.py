@@ -194,7 +194,8 @@ class ExecutionHandler(Handler):
                  settings: ExecutionSettings, keys: StrategyKeys,
                  credentials: GeminiCredentials | None = None,
                  clock_ms: Callable[[], int] = wall_clock_ms, group_id: str = "") -> None:
-        self.settings, self.keys, self.clock_ms, self.bootstrap = settings, keys, clock_ms, bootstrap
+        self.settings, self.keys, self.clock_ms = settings, keys, clock_ms
+        self.bootstrap = bootstrap
         self.group_id = group_id or f"{namespace}.execution"
         self.mode = ExecutionMode(settings.mode.upper()).value
         self.topic = {n: namespace.topic(n) for n in (
@@ -571,7 +572,7 @@ class ExecutionHandler(Handler):
         self._read.update({(l2, p): o for p, o in committed.items()})
         self._read.update({(self.topic["md.trades"], p): o for p, o in trades.items()})
         ranges: dict[int, tuple[int, int]] = {}
-        for symbol, book in books.items():
+        for book in books.values():
             p = book["source_partition"]
             if p in committed and book["source_offset"] + 1 < committed[p]:
                 first = min(ranges.get(p, (book["source_offset"] + 1,))[0],

@@ -192,7 +192,8 @@ def make_group(bootstrap: str, registry_url: str, namespace: Namespace,
     different namespaces (live, sim, a replay) never share offsets or members."""
     registry = SchemaRegistry(registry_url)
     serde = Serde(registry)
-    return GroupConfig(group_id=group_id or f"{namespace}.orderbook", topics=[namespace.topic("md.l2")],
+    return GroupConfig(group_id=group_id or f"{namespace}.orderbook",
+                       topics=[namespace.topic("md.l2")],
                        dead_letter_topic=namespace.topic("dlq"),
                        handler=lambda: OrderbookHandler(namespace, serde, bootstrap, settings),
                        decoder=Decoder(registry), batch_size=1000)

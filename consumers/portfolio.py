@@ -231,7 +231,8 @@ class PortfolioHandler(Handler):
             events = [finding(now, mode, "ERROR", f"Gemini did not answer: "
                               f"{type(exc).__name__}", differences=0)]
         else:
-            events, self.baseline = reconcile(self.portfolio, ExchangeView(balances, orders, trades),
+            events, self.baseline = reconcile(self.portfolio,
+                                              ExchangeView(balances, orders, trades),
                                               self.baseline, mode, now,
                                               int(self.settings.reconcile_grace_s * 1000))
         for event in events:

@@ -31,18 +31,16 @@ from __future__ import annotations
 import argparse
 import importlib.machinery
 import importlib.util
-import json
 import os
 import random
 import shlex
-import struct
 import subprocess
 import sys
 import sysconfig
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "pipeline" / "_avro.c"

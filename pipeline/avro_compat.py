@@ -99,7 +99,8 @@ class _Checker:
         if isinstance(node, str) and node not in PRIMITIVES:
             return names.get(node, node)
         if isinstance(node, dict) and node.get("type") in PRIMITIVES and len(node) > 0:
-            return node["type"]  # {"type": "long", "logicalType": ...}: logical types resolve as their base
+            # {"type": "long", "logicalType": ...}: logical types resolve as their base
+            return node["type"]
         if isinstance(node, dict) and isinstance(node.get("type"), (dict, list)):
             return self._resolve(node["type"], names)
         return node

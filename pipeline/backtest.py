@@ -188,7 +188,7 @@ class EventMerger:
         else:
             bound = None
         runs = []
-        for source, buffer in self._buffers.items():
+        for buffer in self._buffers.values():
             if not buffer:
                 continue
             if bound is None:
@@ -550,7 +550,8 @@ class NextOpenBroker(Broker):
             per_unit = adjusted + price * self.ledger.rate
             if queued.fraction is not None:
                 margin = ledger.margin(self.marks, symbol, open_)
-                units = (margin * queued.fraction / per_unit / self.lot).to_integral_value(ROUND_FLOOR)
+                units = margin * queued.fraction / per_unit / self.lot
+                units = units.to_integral_value(ROUND_FLOOR)
                 if not units:
                     queue.remove(queued)
                     order.step(K.CANCELLED)

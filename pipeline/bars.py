@@ -145,7 +145,8 @@ class BarSettings:
     def __post_init__(self) -> None:
         unknown = [i for i in self.intervals if i not in INTERVALS_MS]
         if unknown or not self.intervals:
-            raise ValueError(f"unknown interval(s) {unknown or '(none)'}: use {', '.join(INTERVALS_MS)}")
+            raise ValueError(f"unknown interval(s) {unknown or '(none)'}: "
+                             f"use {', '.join(INTERVALS_MS)}")
         ordered = sorted(set(self.intervals), key=INTERVALS_MS.__getitem__)
         if list(self.intervals) != ordered:
             object.__setattr__(self, "intervals", tuple(ordered))
@@ -340,7 +341,8 @@ class _Agg:
         (o, ok, h, low, c, ck, v, n, agg.count, b, sl) = s
         agg.open, agg.high, agg.low, agg.close = Decimal(o), Decimal(h), Decimal(low), Decimal(c)
         agg.open_key, agg.close_key = tuple(ok), tuple(ck)  # type: ignore[assignment]
-        agg.volume, agg.notional, agg.buy, agg.sell = Decimal(v), Decimal(n), Decimal(b), Decimal(sl)
+        agg.volume, agg.notional = Decimal(v), Decimal(n)
+        agg.buy, agg.sell = Decimal(b), Decimal(sl)
         return agg
 
 
@@ -552,7 +554,8 @@ class BarBuilder:
             raise ValueError(f"bar state version {state.get('version')!r} is not {STATE_VERSION}")
         if list(state["intervals"]) != list(builder._names):
             raise ValueError(f"bar state is for intervals {state['intervals']}, "
-                             f"not {list(builder._names)}: start a new state (group) for new intervals")
+                             f"not {list(builder._names)}: start a new state (group) for "
+                             "new intervals")
         now = clock()
         for name, s in state["symbols"].items():
             sym = _Symbol(name, len(builder._lengths))

@@ -132,7 +132,7 @@ class BarWriter:
                 fresh, table = rows, bars_table(rows)
             table = table.sort_by("start_time")
             added += len(fresh)
-            _replace(path, lambda tmp: pq.write_table(table, tmp), staging_dir(self.root),
+            _replace(path, lambda tmp: pq.write_table(table, tmp), staging_dir(self.root),  # noqa: B023 - _replace calls it at once
                      self.fsync)
             self._remember(path, table)
             files += 1

@@ -506,5 +506,6 @@ def reported_version(settings: Settings) -> dict[str, str]:
         if match:
             features[match.group(1)] = match.group(2)
     if "metadata.version" not in features:
-        raise PipelineError(f"the cluster at {bootstrap} did not report metadata.version: {out[:300]}")
+        raise PipelineError(f"the cluster at {bootstrap} did not report metadata.version: "
+                            f"{out[:300]}")
     return features

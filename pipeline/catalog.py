@@ -263,7 +263,8 @@ def end_offset(consumer: Consumer, tp: TopicPartition, timeout: float = 10.0) ->
     deadline = time.monotonic() + max(timeout, 1.0)
     while True:
         try:
-            return consumer.get_watermark_offsets(tp, timeout=max(deadline - time.monotonic(), 0.5))[1]
+            left = max(deadline - time.monotonic(), 0.5)
+            return consumer.get_watermark_offsets(tp, timeout=left)[1]
         except KafkaException as exc:
             if exc.args[0].code() not in _TRANSIENT or time.monotonic() > deadline:
                 raise PipelineError(f"cannot read the end offset of {tp.topic}[{tp.partition}]: "
@@ -278,7 +279,7 @@ def delete_namespace(bootstrap: str, namespace: Namespace, timeout: float = 30.0
               if (parsed := split_topic(t)) and parsed[0] == namespace]
     if not topics:
         return []
-    for full, future in admin.delete_topics(topics, request_timeout=timeout).items():
+    for future in admin.delete_topics(topics, request_timeout=timeout).values():
         future.result()
     return sorted(topics)
 

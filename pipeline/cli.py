@@ -629,7 +629,7 @@ def backtest(
     rules_file: Optional[Path] = typer.Option(None, help="book: Gemini's symbol rules the "
                                               "simulated exchange refuses orders by (a rules "
                                               "cache, or recorded /v1/symbols/details "
-                                              "responses) \[default: none]."),
+                                              "responses) \\[default: none]."),
     slippage: str = typer.Option("0", help="next-open: a fraction added to buys' and taken "
                                            "from sells' prices (backtesting.py's spread)."),
     lot: str = typer.Option("1", help="Fraction sizing rounds down to whole lots of this."),
@@ -970,10 +970,10 @@ def up(run_dir: Optional[Path] = RunDirOption, topology: Optional[Path] = Topolo
 
 def _last_line(path: Path) -> str:
     try:
-        lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return "no log"
-    errors = [l for l in lines if "ERROR" in l or "Error" in l]
+    errors = [line for line in lines if "ERROR" in line or "Error" in line]
     return (errors or lines or ["no log"])[-1][-400:]
 
 
@@ -1014,7 +1014,8 @@ def chaos(
                                          "events/s instead of looping the real capture."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="\\[default: <run>/chaos]"),
     keep: bool = typer.Option(False, help="Leave the cluster, registry and topics running."),
-    schedule_only: bool = typer.Option(False, "--schedule", help="Print the schedule, run nothing."),
+    schedule_only: bool = typer.Option(False, "--schedule",
+                                       help="Print the schedule, run nothing."),
 ) -> None:
     """Run the demo topology under seeded faults (kill -9 of every group, the producer and
     brokers, a registry restart, venue faults), then check invariants over every record;

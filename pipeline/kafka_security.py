@@ -169,7 +169,7 @@ def read_properties(path: Path) -> dict[str, str]:
         raise PipelineError(f"{PROPERTIES_ENV}={path}: cannot read it ({exc.strerror})") from None
     out: dict[str, str] = {}
     jaas = truststore_type = None
-    for number, line in enumerate(_logical_lines(text), 1):
+    for line in _logical_lines(text):
         if not line or line[0] in "#!":
             continue
         key, value = _split_property(line)
@@ -223,7 +223,8 @@ def _read_password(path: Path) -> str:
     try:
         return path.read_text().strip()
     except OSError as exc:
-        raise PipelineError(f"{PASSWORD_FILE_ENV}={path}: cannot read it ({exc.strerror})") from None
+        raise PipelineError(f"{PASSWORD_FILE_ENV}={path}: cannot read it "
+                            f"({exc.strerror})") from None
 
 
 def _validated(values: dict[str, str], origin: dict[str, str], source: str) -> KafkaSecurity:

@@ -134,8 +134,8 @@ class SchemaRegistry:
         body = {"schema": json.dumps(schema), "schemaType": "AVRO"}
         url = f"{self.url}/compatibility/subjects/{subject}/versions/latest?verbose=true"
         try:
-            response = requests.post(url, json=body, timeout=self.timeout_s,
-                                     headers={"Content-Type": "application/vnd.schemaregistry.v1+json"})
+            response = requests.post(url, json=body, timeout=self.timeout_s, headers={
+                "Content-Type": "application/vnd.schemaregistry.v1+json"})
         except requests.RequestException as exc:
             raise self._down(exc) from None
         if response.status_code == 404:

@@ -4,8 +4,9 @@ The distribution comes from Maven Central through ``docker/registry/pom.xml`` an
 cached per user. Registered schemas live in a Kafka topic (``_apicurio-kafkasql-journal``),
 so they and their ids survive restarts, as with Confluent's registry and its
 ``_schemas`` topic. It needs Java 21+ (Apicurio 3.3 is built for it); ``find_java`` looks in
-JAVA_HOME, PATH and /usr/lib/jvm. The pipeline talks to it only through the Confluent-compatible API at
-``/apis/ccompat/v7``. With ``SCHEMA_REGISTRY_URL`` set none of this runs.
+JAVA_HOME, PATH and /usr/lib/jvm. The pipeline talks to it only through the
+Confluent-compatible API at ``/apis/ccompat/v7``. With ``SCHEMA_REGISTRY_URL`` set none of
+this runs.
 """
 
 from __future__ import annotations

@@ -175,7 +175,8 @@ class Republisher:
                 starving = [s for s in ends if not buffers[s]]
                 if ends and (starving or not heap):
                     if paused:  # never hold back a partition the merge waits for
-                        wanted = [s for s in paused if not buffers[s] or len(buffers[s]) < MAX_BUFFERED // 2]
+                        wanted = [s for s in paused
+                                  if not buffers[s] or len(buffers[s]) < MAX_BUFFERED // 2]
                         if wanted:
                             consumer.resume([TopicPartition(*s) for s in wanted])
                             paused.difference_update(wanted)

@@ -28,7 +28,8 @@ def names() -> list[str]:
 def _load_text(name: str, directory: Path = SCHEMA_DIR) -> str:
     path = directory / f"{name}.avsc"
     if not path.exists():
-        raise PipelineError(f"no schema {name!r}: {path} does not exist (have {', '.join(names())})")
+        raise PipelineError(f"no schema {name!r}: {path} does not exist "
+                            f"(have {', '.join(names())})")
     return path.read_text()
 
 

@@ -233,7 +233,8 @@ def _replay_source(raw: dict, where: _Locator) -> Source:
     if not topics or not all(isinstance(t, str) for t in topics):
         raise where.error("source.topics", "must be a list of catalog topics like \"md.l2\"")
     times = {k: _typed(raw, k, (str, int), where, "source", None) for k in ("start", "end")}
-    checks = [("source.from", lambda: Namespace(from_ns)), ("source.speed", lambda: parse_speed(speed)),
+    checks = [("source.from", lambda: Namespace(from_ns)),
+              ("source.speed", lambda: parse_speed(speed)),
               ("source.topics", lambda: catalog_names(topics))]
     checks += [(f"source.{k}", lambda k=k, v=v: to_ms(v, k)) for k, v in times.items()]
     for key, check in checks:

@@ -137,7 +137,8 @@ class IngestSink:
             records = []
         self._raw(text, received_us, conn, url, index, records[0].key if records else conn)
         for record in records:
-            self.producer.produce(self.topics[record.topic], self.encode[record.topic](record.value),
+            self.producer.produce(self.topics[record.topic],
+                                  self.encode[record.topic](record.value),
                                   record.key, timestamp=received_us // 1000)
         self.stats.records += len(records)
         if self.stats.frames % 256 == 0:
@@ -222,10 +223,10 @@ class GeminiFeed:
                         self.sink.stats.heartbeat_timeouts += 1
                         raise _ended(Disconnected(f"no message for "
                                                   f"{self.config.heartbeat_timeout_s:g} s "
-                                                  "(heartbeat timeout)"), index)
+                                                  "(heartbeat timeout)"), index) from None
                     continue
                 except (websocket.WebSocketConnectionClosedException, OSError) as exc:
-                    raise _ended(Disconnected(f"connection lost: {exc}"), index)
+                    raise _ended(Disconnected(f"connection lost: {exc}"), index) from exc
                 if opcode == websocket.ABNF.OPCODE_CLOSE:
                     raise _ended(Disconnected("closed by the server"), index)
                 if opcode not in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
@@ -236,7 +237,7 @@ class GeminiFeed:
                     self.sink.frame(text, time.time_ns() // 1000, normalizer, self.url, index)
                 except SequenceGap as gap:
                     stats.sequence_gaps += 1
-                    raise _ended(gap, index + 1)
+                    raise _ended(gap, index + 1) from None  # the gap itself, marked
                 except UpdateGap as gap:
                     stats.update_gaps += 1
                     stats.last_error = f"UpdateGap: {gap}"

@@ -98,7 +98,7 @@ def test_kill_9_at_each_protocol_point_leaves_the_archive_equal_to_the_topics(
                                crash_at=crash_at, program="consumers.archive",
                                crashing="tests.support.archive_crash")
             if crash_at is None:
-                wait_for(lambda: " assigned " in proc.log_text(), 60, "its partitions")
+                wait_for(lambda: " assigned " in proc.log_text(), 60, "its partitions")  # noqa: B023 - wait_for calls it at once
                 time.sleep(rng.uniform(0.2, 0.8))
                 proc.kill()
             proc.wait_dead(90)
@@ -141,7 +141,8 @@ def test_a_backtest_from_the_archive_gives_the_same_trades_as_from_kafka(
     assert len(from_kafka.engine.trades) >= 2
     assert from_archive.trades_csv == from_kafka.trades_csv
     for name in ("trades.csv", "equity.csv"):
-        assert (tmp_path / "parquet" / name).read_bytes() == (tmp_path / "kafka" / name).read_bytes()
+        assert ((tmp_path / "parquet" / name).read_bytes()
+                == (tmp_path / "kafka" / name).read_bytes())
     assert texts(from_archive.stats) == texts(from_kafka.stats)  # NaN is not NaN
     # A time range means the same from both: Kafka record timestamps, per partition.
     stamps = sorted(s for _, _, s, _ in archive.read_records(root, "md.l2"))

@@ -61,9 +61,10 @@ def test_records_read_back_are_the_records_written_decimal_text_and_all(tmp_path
     assert back(tmp_path, "md.l2") == [(3, 10 + i, b) for i, b in enumerate(books)]
     # One file per symbol and day, named by partition and offsets, under Hive partitions.
     names = sorted(str(p.relative_to(tmp_path)) for p in data_files(tmp_path, "md.trades"))
-    assert names == ["md.trades/symbol=ALCXUSD/date=2021-06-24/p0-000000000000-000000000002.parquet",
-                     "md.trades/symbol=ALCXUSD/date=2021-06-25/p0-000000000000-000000000002.parquet",
-                     "md.trades/symbol=BTCUSD/date=2021-06-24/p0-000000000000-000000000002.parquet"]
+    assert names == [
+        "md.trades/symbol=ALCXUSD/date=2021-06-24/p0-000000000000-000000000002.parquet",
+        "md.trades/symbol=ALCXUSD/date=2021-06-25/p0-000000000000-000000000002.parquet",
+        "md.trades/symbol=BTCUSD/date=2021-06-24/p0-000000000000-000000000002.parquet"]
     # Columns are exact decimals for readers, the text beside them.
     frame = archive.read("trades", root=tmp_path)
     assert list(frame["price"]) == [Decimal("302.75"), Decimal("5"), Decimal("0.1")]
@@ -181,7 +182,8 @@ def test_queries_run_on_views_named_after_the_topics_and_errors_are_one_line(tmp
     ArchiveWriter(tmp_path, "md.l2").write(0, 0, 0, rows("md.l2", [
         l2(0, T0 * 1000, [("BID", "99.5", "1"), ("ASK", "100.5", "2")], snapshot=True)]))
     vwap = archive.query("SELECT symbol, sum(price::DOUBLE * quantity::DOUBLE) / "
-                         "sum(quantity::DOUBLE) AS vwap FROM trades GROUP BY symbol ORDER BY symbol", root=tmp_path).to_pylist()
+                         "sum(quantity::DOUBLE) AS vwap FROM trades GROUP BY symbol "
+                         "ORDER BY symbol", root=tmp_path).to_pylist()
     assert [(r["symbol"], Decimal(str(r["vwap"])).quantize(Decimal("0.0001"))) for r in vwap] == \
         [("ALCXUSD", Decimal("101.5000")), ("BTCUSD", Decimal("50.5000"))]
     levels = archive.query("SELECT side, price, quantity FROM l2_changes ORDER BY side",

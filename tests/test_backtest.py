@@ -223,7 +223,8 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(kafka, registry, bars_n
     fails("not epoch ms or an ISO date-time", bars_ns, SMA, PARITY, start="yesterday")
     # a strategy that raises: which strategy, which record
     fails(r"strategy tests.support.backtest_strategies:RaisesAt \(id raises-at\) raised "
-          r"ZeroDivisionError in on_bar on sim-\w+\.bars\[\d\]@98 \(event time 1444672800000000 µs, bar .*start_ms=1444669200000.*"
+          r"ZeroDivisionError in on_bar on sim-\w+\.bars\[\d\]@98 \(event time "
+          r"1444672800000000 µs, bar .*start_ms=1444669200000.*"
           r"unlucky bar", bars_ns, "tests.support.backtest_strategies:RaisesAt",
           {"start_ms": 1444669200000})  # the 99th bar (offset 98): 2015-10-12 17:00 UTC
     # an existing, non-empty output directory is refused before anything runs
@@ -347,8 +348,8 @@ def test_a_buy_limit_takes_the_ask_levels_up_to_its_limit():
                                           ("FILLED", "102", "1.5", "TAKER")]
     event = strategy.events[-1]
     assert event["filled_amount"] == "2.5"
-    assert Decimal(event["avg_fill_price"]) == (Decimal("101") + Decimal("102") * Decimal("1.5")) / \
-        Decimal("2.5")
+    assert Decimal(event["avg_fill_price"]) == \
+        (Decimal("101") + Decimal("102") * Decimal("1.5")) / Decimal("2.5")
     lots = result.open_lots
     assert [(lot.size, lot.entry_price) for lot in lots] == [(Decimal(1), Decimal(101)),
                                                              (Decimal("1.5"), Decimal(102))]
@@ -373,7 +374,8 @@ def test_resting_orders_fill_when_the_book_reaches_them_and_options_are_honoured
     strategy, result = scripted(script, events, finalize_trades=False)
     seen = [(e["kind"], e["side"], e["filled_amount"], e["avg_fill_price"], e["reason"])
             for e in strategy.events]
-    ioc = [plain(Decimal(101) / 1), plain(Decimal(101 + 204) / 3), plain(Decimal(101 + 204 + 515) / 8)]
+    ioc = [plain(Decimal(101) / 1), plain(Decimal(101 + 204) / 3),
+           plain(Decimal(101 + 204 + 515) / 8)]
     assert seen == [
         ("ACCEPTED", "buy", "0", None, None),
         ("CANCELLED", "buy", "0", None, "MakerOrCancelWouldTake"),

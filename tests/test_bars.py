@@ -232,7 +232,8 @@ def test_snapshot_replay_is_deduped_and_applied_oldest_first():
 def test_a_held_snapshot_run_is_applied_after_the_hold_time():
     clock = Clock(NOON)
     b = BarBuilder(only_1m(snapshot_hold_ms=1000), clock=clock)
-    for t in (trade(3, NOON - 2 * S, "3", snapshot=True), trade(2, NOON - 3 * S, "2", snapshot=True)):
+    for t in (trade(3, NOON - 2 * S, "3", snapshot=True),
+              trade(2, NOON - 3 * S, "2", snapshot=True)):
         b.add(t)
     clock.now += 999
     b.advance()

@@ -145,7 +145,8 @@ def test_cryptodatadownload_file_with_seconds_and_milliseconds(tmp_path):
     assert parsed.problems == []
     assert [(b["start_ms"], b["end_ms"], b["open"], b["high"], b["low"], b["close"], b["volume"])
             for b in parsed.bars] == [
-        (ms("2019-07-08 00:15"), ms("2019-07-08 00:20"), "11466.5", "11471", "11466.5", "11470", "0"),
+        (ms("2019-07-08 00:15"), ms("2019-07-08 00:20"), "11466.5", "11471", "11466.5", "11470",
+         "0"),
         (ms("2019-07-08 00:20"), ms("2019-07-08 00:25"), "11470", "11476", "11469.53", "11475.07",
          "0.00000001"),
         (ms("2019-07-08 00:25"), ms("2019-07-08 00:30"), "11475.07", "11481", "11475.07",
@@ -158,7 +159,8 @@ def test_cryptodatadownload_file_with_seconds_and_milliseconds(tmp_path):
 
 
 def test_base_volume_is_found_whatever_the_column_order(tmp_path):
-    text = CDD.replace("Volume BTC,Volume USD", "Volume USD,Volume BTC").replace("BTCUSD", "btc/usd")
+    text = (CDD.replace("Volume BTC,Volume USD", "Volume USD,Volume BTC")
+            .replace("BTCUSD", "btc/usd"))
     parsed = parse_ohlcv_csv(write(tmp_path / "f.csv", text))
     assert parsed.symbol == "BTCUSD"
     assert [b["volume"] for b in parsed.bars] == ["0", "0.0001", "5740.05", "14356.25"]

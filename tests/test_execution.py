@@ -238,7 +238,8 @@ def test_forged_expired_and_replayed_requests_are_rejected_and_never_reach_the_v
     events = by_id(env.events())
     reasons = {cid: [(e["kind"], e["reason"]) for e in evs] for cid, evs in events.items()}
     assert reasons[good["client_order_id"]] == [("ACCEPTED", None), ("FILLED", None),
-                                                ("REJECTED", "duplicate"), ("REJECTED", "duplicate")]
+                                                ("REJECTED", "duplicate"),
+                                                ("REJECTED", "duplicate")]
     assert reasons[wrong_key["client_order_id"]] == [("REJECTED", "bad_signature")]
     assert reasons[tampered["client_order_id"]] == [("REJECTED", "bad_signature")]
     assert reasons[expired["client_order_id"]] == [("REJECTED", "expired")]
@@ -324,7 +325,7 @@ def test_kill_9_at_random_points_gives_exactly_one_order_and_one_outcome_per_req
         for threshold in (rng.randint(5, 45), rng.randint(70, 110), rng.randint(135, 175)):
             proc = ExecutionProcess(process_args(env, venue, keys_file), tmp_path, secrets)
             processes.append(proc)
-            wait_for(lambda: len(new_orders(venue, None)) >= threshold, 60,
+            wait_for(lambda: len(new_orders(venue, None)) >= threshold, 60,  # noqa: B023 - wait_for calls it at once
                      f"{threshold} orders at the venue", interval=0.002)
             time.sleep(rng.random() * 0.02)
             proc.kill()
@@ -537,7 +538,8 @@ def test_paper_orders_take_the_full_book_rest_and_fill_later_as_makers_without_h
     assert got[market_sell["client_order_id"]][-1] == ("FILLED", "1.25", "33988", None)
     assert got[fok["client_order_id"]][-1] == ("CANCELLED", "0", None, "FillOrKillWouldNotFill")
     filled = events[partial["client_order_id"]][-1]
-    assert filled["mode"] == "PAPER" and filled["fee"] == "170.08" and filled["fee_currency"] == "USD"
+    assert (filled["mode"] == "PAPER" and filled["fee"] == "170.08"
+            and filled["fee_currency"] == "USD")
     # A MARKET order goes out as an immediate-or-cancel at the band's edge: 34000 - 5%.
     assert events[market_sell["client_order_id"]][0]["price"] == "32300"
     assert set(env.seen().values()) == {"paper"}

@@ -134,9 +134,11 @@ def test_a_dropped_socket_cancels_the_session_and_fills_while_away_come_once(
         events = env.wait_terminal([half["client_order_id"], other["client_order_id"]])
         assert group.handler.counts["recovered_fills"] == 1
         assert group.handler.counts["ws_connections"] >= 2
-    kinds = [(e["kind"], e["last_fill_amount"], e["reason"]) for e in events[half["client_order_id"]]]
+    kinds = [(e["kind"], e["last_fill_amount"], e["reason"])
+             for e in events[half["client_order_id"]]]
     assert kinds == [("ACCEPTED", None, None), ("BOOKED", None, None),
-                     ("PARTIALLY_FILLED", "0.0015", None), ("CANCELLED", None, "CancelOnDisconnect")]
+                     ("PARTIALLY_FILLED", "0.0015", None),
+                     ("CANCELLED", None, "CancelOnDisconnect")]
     assert events[half["client_order_id"]][2]["last_fill_fee"] is not None
     assert [e["kind"] for e in events[other["client_order_id"]]][-1] == "CANCELLED"
     assert venue_live_orders(venue) == []

@@ -51,7 +51,8 @@ def test_v2_normalizer_flags_the_first_book_per_symbol_and_keeps_strings_exact()
     assert first[0].value["snapshot"] is True and first[0].value["sequence"] == 0
     assert first[0].value["changes"][0] == {"side": "BID", "price": "1.50", "quantity": "0.00001"}
     assert first[1].value["from_snapshot"] and first[1].value["taker_side"] == "SELL"
-    again = n.normalize_text('{"type":"l2_updates","symbol":"BTCUSD","changes":[["sell","2","0"]]}', 12)
+    again = n.normalize_text('{"type":"l2_updates","symbol":"BTCUSD",'
+                             '"changes":[["sell","2","0"]]}', 12)
     assert again[0].value["snapshot"] is False and again[0].value["sequence"] == 1
 
 

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat", reason="nbformat is in the test extra: pip install -e '.[test]'")
-nbclient = pytest.importorskip("nbclient", reason="nbclient is in the test extra: pip install -e '.[test]'")
+nbformat = pytest.importorskip("nbformat",
+                               reason="nbformat is in the test extra: pip install -e '.[test]'")
+nbclient = pytest.importorskip("nbclient",
+                               reason="nbclient is in the test extra: pip install -e '.[test]'")
 
 from consumers.archive import make_group  # noqa: E402
 from pipeline.backtest_run import run_backtest  # noqa: E402

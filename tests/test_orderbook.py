@@ -287,7 +287,8 @@ def test_killed_and_restarted_the_group_resumes_from_checkpoints(kafka, registry
             cwd=REPO_ROOT, stderr=log, stdout=log)
 
     def done() -> int:
-        return sum(max(o, 0) for o in committed(kafka, f"{crash}.orderbook", crash.topic("md.l2")).values())
+        return sum(max(o, 0) for o in committed(kafka, f"{crash}.orderbook",
+                                                crash.topic("md.l2")).values())
 
     first = group_process("first.log")
     try:

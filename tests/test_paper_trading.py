@@ -319,7 +319,8 @@ def test_the_topology_on_the_capture_and_the_backtest_of_it_place_and_fill_the_s
     assert started.returncode == 0, started.stderr + started.stdout
     import requests as http
     wait_for(lambda: http.get(f"http://127.0.0.1:{venue_port}/_venue/status",
-                              timeout=5).json()["source_done"], 90, "the venue to replay the capture")
+                              timeout=5).json()["source_done"], 90,
+             "the venue to replay the capture")
     decode = Decoder(SchemaRegistry(registry.url))
     events_topic = namespace.topic("orders.events")
 

@@ -44,7 +44,8 @@ def test_fills_give_positions_and_pnl_marked_at_the_mid():
     out = p.on_event(fill("a", "buy", "2", "100", "0.4", T0), T0)
     position, = records(out, "position")
     assert (position["quantity"], position["average_entry"], position["mark"],
-            position["unrealized_pnl"], position["realized_pnl"]) == ("2", "100", "100", "0", "-0.4")
+            position["unrealized_pnl"], position["realized_pnl"]) == \
+        ("2", "100", "100", "0", "-0.4")
     pnl, = records(out, "pnl")
     assert (pnl["equity"], pnl["realized_pnl"], pnl["fees"], pnl["seq"], pnl["stale"]) == \
         ("999.6", "-0.4", "0.4", 1, False)

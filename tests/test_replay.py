@@ -63,7 +63,7 @@ args = {{ strategy = "pipeline.strategy:MidQuoter", params = {{ symbol = "FILUSD
 name = "execution"
 run = "consumers.execution"
 args = {{ mode = "paper" }}
-"""
+"""  # noqa: E501 - TOML 1.0 inline tables (the strategy's args) cannot span lines
 
 
 def latest_books(kafka: str, decode: Decoder, namespace: Namespace) -> dict[str, tuple]:
@@ -115,7 +115,8 @@ def test_a_replay_of_the_real_capture_gives_the_same_books_and_bars(kafka, regis
     # fed by `pipeline replay` at full speed instead of venue + producer.
     into = replay_namespace()
     path = tmp_path / "topology.toml"
-    path.write_text(TOPOLOGY.format(namespace=original, symbols=str(CAPTURE_SYMBOLS).replace("'", '"'),
+    path.write_text(TOPOLOGY.format(namespace=original,
+                                    symbols=str(CAPTURE_SYMBOLS).replace("'", '"'),
                                     metrics_port=free_port(), lateness=LATENESS_MS))
     try:
         started = cli("up", "--topology", str(path), "--replay-from", str(original), "-n",
@@ -272,10 +273,14 @@ def test_on_replays_bars_close_by_record_time_and_after_the_replay_ends():
 
 @pytest.mark.parametrize("source,match", [
     ('kind = "replay"\nspeed = "max"', r"topology.toml:4: key 'source.kind': .*needs `from`"),
-    ('kind = "replay"\nfrom = "sim"\nspeed = "fast"', r"topology.toml:6: key 'source.speed': speed 'fast': use max"),
-    ('kind = "replay"\nfrom = "sim"\nstart = "June"', r"topology.toml:6: key 'source.start': start 'June' is not epoch ms or an ISO"),
-    ('kind = "replay"\nfrom = "sim"\ntopics = ["md.quotes"]', r":6: key 'source.topics': unknown topic 'md.quotes'"),
-    ('kind = "replay"\nfrom = "replay-x"', r":5: key 'source.from': a replay cannot read and write namespace replay-x"),
+    ('kind = "replay"\nfrom = "sim"\nspeed = "fast"',
+     r"topology.toml:6: key 'source.speed': speed 'fast': use max"),
+    ('kind = "replay"\nfrom = "sim"\nstart = "June"',
+     r"topology.toml:6: key 'source.start': start 'June' is not epoch ms or an ISO"),
+    ('kind = "replay"\nfrom = "sim"\ntopics = ["md.quotes"]',
+     r":6: key 'source.topics': unknown topic 'md.quotes'"),
+    ('kind = "replay"\nfrom = "replay-x"',
+     r":5: key 'source.from': a replay cannot read and write namespace replay-x"),
 ])
 def test_a_bad_replay_source_names_the_line_and_the_key(tmp_path, source, match):
     path = tmp_path / "topology.toml"

@@ -208,7 +208,8 @@ def test_two_instances_split_the_partitions_and_see_every_record_once(kafka, rel
                 if not lines or lines[-1].endswith("nothing"):
                     return None
                 shares.append(set(lines[-1].split(" assigned ")[1].split(", ")))
-            return shares if not (shares[0] & shares[1]) and len(shares[0] | shares[1]) == 6 else None
+            disjoint = not (shares[0] & shares[1])
+            return shares if disjoint and len(shares[0] | shares[1]) == 6 else None
 
         shares = wait_for(settled, 60, "both instances to share the 6 partitions")
         items = keyed_items(2400)
@@ -284,7 +285,8 @@ def test_poison_and_undecodable_records_are_dead_lettered_and_the_group_goes_on(
     assert [(d.source_topic, d.source_offset, d.stage) for d in letters] == [
         (t["md.l2"], 3, STAGE_DECODE), (t["md.l2"], 7, STAGE_HANDLE)]
     assert letters[0].value == b"\xff\xfe not json" and letters[0].key == b"SYM00"
-    assert "JSONDecodeError" in letters[0].error_class or "UnicodeDecodeError" in letters[0].error_class
+    assert ("JSONDecodeError" in letters[0].error_class
+            or "UnicodeDecodeError" in letters[0].error_class)
     assert letters[1].error_class.endswith("ValueError") and "poison" in letters[1].error_message
     assert all(d.owner == "poison" and d.failed_at_ms > 0 for d in letters)
     assert done(kafka, "poison", t["md.l2"]) == 12
@@ -374,8 +376,8 @@ def test_a_group_process_stuck_in_one_step_is_ended_by_its_watchdog(kafka, relay
     with open(log_file, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tests.support.relay", "--bootstrap", kafka, "--in",
-             relay_topics["md.l2"], "--out", relay_topics["md.trades"], "--dlq", relay_topics["dlq"],
-             "--group", "stuck-relay"],
+             relay_topics["md.l2"], "--out", relay_topics["md.trades"], "--dlq",
+             relay_topics["dlq"], "--group", "stuck-relay"],
             cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
             env={**__import__("os").environ, "PIPELINE_STALL_LIMIT_S": "3"})
     try:

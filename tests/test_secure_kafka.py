@@ -281,7 +281,8 @@ def secure_topology(tmp_path: Path, shared_data: Path, secured: Secured, ns: str
     state = LocalBroker(secured.run_dir).state()
     for pattern, value in [
             (r'namespace = "sim"', f'namespace = "{ns}"'),
-            (r'capture = ".*"', f'capture = "{shared_data / "gemini_v2_l2_capture_2021-06-24.txt"}"'),
+            (r'capture = ".*"',
+             f'capture = "{shared_data / "gemini_v2_l2_capture_2021-06-24.txt"}"'),
             (r"speed = 1.0", "speed = 4.0"), (r"heartbeat_s = 1.0", "heartbeat_s = 0.5"),
             (r"\nport = \d+", f"\nport = {free_port()}"),
             (r"kafka_port = \d+", f"kafka_port = {state.port}"),
@@ -370,7 +371,7 @@ def test_the_demo_topology_runs_with_least_privilege_and_no_secret_in_clear(
                                        (ns.topic("orders.events"), 1, "an order event"),
                                        (ns.topic("bars"), 1, "bars"),
                                        (f"{ns}.monitor.spread", 1, "the plug-in's output")]:
-                wait_for(lambda: records(secured, topic, counter) >= least, 90, what, 0.5)
+                wait_for(lambda: records(secured, topic, counter) >= least, 90, what, 0.5)  # noqa: B023 - wait_for calls it at once
             assert records(secured, ns.topic("orders.requests"), counter) > 0
             # a killed strategy and execution come back and restore from their own topics
             events = records(secured, ns.topic("orders.events"), counter)

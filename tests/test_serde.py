@@ -125,8 +125,8 @@ def test_every_record_type_round_trips_through_kafka_and_the_registry(kafka, reg
     producer = ReliableProducer(kafka)
     for topic in AVRO_TOPICS:
         sample = SAMPLES[topic.value_schema]
-        producer.produce(namespace.topic(topic.name), serde.encoder(namespace.topic(topic.name))(sample),
-                         key=b"BTCUSD")
+        producer.produce(namespace.topic(topic.name),
+                         serde.encoder(namespace.topic(topic.name))(sample), key=b"BTCUSD")
     producer.flush()
     decode = Serde(SchemaRegistry(registry.url)).decoder()  # a fresh client: ids fetched anew
     for topic in AVRO_TOPICS:

@@ -49,8 +49,10 @@ def random_walk(n: int, seed: int = 5) -> list[str]:
 def reference_crossovers(closes: list[str], fast: int, slow: int) -> list[tuple[int, str]]:
     """(bar index, 'up'|'down') by backtesting.py's crossover rule, computed directly."""
     values = [Decimal(c) for c in closes]
-    f = [sum(values[i - fast + 1:i + 1]) / fast if i >= fast - 1 else None for i in range(len(values))]
-    s = [sum(values[i - slow + 1:i + 1]) / slow if i >= slow - 1 else None for i in range(len(values))]
+    f = [sum(values[i - fast + 1:i + 1]) / fast if i >= fast - 1 else None
+         for i in range(len(values))]
+    s = [sum(values[i - slow + 1:i + 1]) / slow if i >= slow - 1 else None
+         for i in range(len(values))]
     out = []
     for i in range(slow, len(values)):
         if f[i - 1] < s[i - 1] and f[i] > s[i]:
@@ -241,7 +243,7 @@ def test_kill_9_and_restart_emit_every_request_exactly_once(kafka, registry, nam
         proc = start(f"run{attempt}.log")
         try:
             target = 500 * (attempt + 1)
-            wait_for(lambda: done() >= target, 90, f"{target} bars committed")
+            wait_for(lambda: done() >= target, 90, f"{target} bars committed")  # noqa: B023 - wait_for calls it at once
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
         finally:

@@ -113,7 +113,7 @@ name = "monitor.spread"
 [[process]]
 name = "spread-monitor"
 run = "consumers.examples.spread_monitor:make_group"
-"""
+"""  # noqa: E501 - TOML 1.0 inline tables (the strategy's args) cannot span lines
 
 
 @pytest.mark.broker

@@ -371,7 +371,7 @@ class GeminiExecution:
         for cid, followed in sorted(self.followed.items()):
             try:
                 status = self._call(f"status {cid}", lambda: self.rest.order_status(
-                    order_id=int(followed.order.exchange_order_id)))  # type: ignore[arg-type]
+                    order_id=int(followed.order.exchange_order_id)))  # type: ignore[arg-type]  # noqa: B023 - _call calls it at once
             except GeminiError:
                 continue  # followed on: the next poll tells
             kill = reason if followed.order.exchange_order_id in cancelled else None
@@ -419,7 +419,7 @@ class GeminiExecution:
             cid = followed.order.client_order_id
             try:
                 status = self._call(f"follow {cid}", lambda: self.rest.order_status(
-                    order_id=int(followed.order.exchange_order_id)))  # type: ignore[arg-type]
+                    order_id=int(followed.order.exchange_order_id)))  # type: ignore[arg-type]  # noqa: B023 - _call calls it at once
             except GeminiError as exc:  # read-only: try again next time
                 log.warning("%s: status poll failed: %s", cid,
                             getattr(exc, "reason", type(exc).__name__))

@@ -278,9 +278,11 @@ class V1Normalizer:
             if etype == "change":
                 side = _lookup(_BOOK_SIDES, event.get("side"))
                 if side is None:
-                    raise FrameError(f"{self.symbol}: event {i} has unknown side {event.get('side')!r}")
+                    raise FrameError(f"{self.symbol}: event {i} has unknown side "
+                                     f"{event.get('side')!r}")
                 changes.append({"side": side,
-                                "price": _decimal(event.get("price"), f"{self.symbol}: event {i} price"),
+                                "price": _decimal(event.get("price"),
+                                                  f"{self.symbol}: event {i} price"),
                                 "quantity": _decimal(event.get("remaining"),
                                                      f"{self.symbol}: event {i} remaining")})
                 initial = initial or event.get("reason") == "initial"

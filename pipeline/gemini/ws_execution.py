@@ -113,7 +113,7 @@ class GeminiWsExecution(GeminiExecution):
             since = min(f.order.created_ms or f.seen_ms for f in followed_orders)
             try:
                 trades = self._call(f"mytrades {symbol}", lambda: self.rest.my_trades(
-                    symbol, limit_trades=500, timestamp_ms=since))
+                    symbol, limit_trades=500, timestamp_ms=since))  # noqa: B023 - _call calls it at once
             except GeminiError as exc:
                 self._halt(f"cannot recover the fills of {symbol} after a reconnect: {exc}")
             for followed in followed_orders:
@@ -122,7 +122,7 @@ class GeminiWsExecution(GeminiExecution):
             order_id = int(followed.order.exchange_order_id)  # type: ignore[arg-type]
             try:
                 status = self._call(f"status {cid}",
-                                    lambda: self.rest.order_status(order_id=order_id))
+                                    lambda: self.rest.order_status(order_id=order_id))  # noqa: B023 - _call calls it at once
             except GeminiError as exc:
                 self._halt(f"cannot re-read order {cid} after a reconnect: {exc}")
             events += self._progress(followed, status)  # its cancel reason, as Gemini says
@@ -283,7 +283,7 @@ class GeminiWsExecution(GeminiExecution):
             order_id = int(followed.order.exchange_order_id)  # type: ignore[arg-type]
             try:
                 status = self._call(f"status {cid}",
-                                    lambda: self.rest.order_status(order_id=order_id))
+                                    lambda: self.rest.order_status(order_id=order_id))  # noqa: B023 - _call calls it at once
             except GeminiError as exc:
                 log.warning("%s: no order event after its cancel, and no status: %s", cid, exc)
                 continue

@@ -442,8 +442,8 @@ class CompactReport:
 def compact(root: Path, topics: Iterable[str] | None = None, *, before_day: str | None = None,
             fsync: bool = True) -> CompactReport:
     """Merge the files of each closed day (before ``before_day``, default today UTC; for
-    bars each closed month) into one per directory, rows in (partition, offset) order. One compaction at a time per
-    archive (a lock file); the group may keep writing meanwhile."""
+    bars each closed month) into one per directory, rows in (partition, offset) order. One
+    compaction at a time per archive (a lock file); the group may keep writing meanwhile."""
     root = Path(root)
     before = before_day or datetime.now(timezone.utc).strftime("%Y-%m-%d")
     root.mkdir(parents=True, exist_ok=True)
@@ -471,7 +471,7 @@ def compact(root: Path, topics: Iterable[str] | None = None, *, before_day: str 
                 sources = json.dumps([f.name for f in files]).encode()
                 table = table.replace_schema_metadata({SOURCES_KEY: sources})
                 target = day / f"compact-{uuid.uuid4().hex[:12]}.parquet"
-                _replace(target, lambda tmp: pq.write_table(table, tmp, compression="zstd"),
+                _replace(target, lambda tmp: pq.write_table(table, tmp, compression="zstd"),  # noqa: B023 - _replace calls it at once
                          root / STAGING / "compact", fsync)
                 for old in files:
                     old.unlink()

@@ -79,7 +79,7 @@ class PnlWriter:
                 continue
             table = pnl_table(fresh) if old is None else pa.concat_tables([old, pnl_table(fresh)])
             table = table.sort_by("seq")
-            _replace(path, lambda tmp: pq.write_table(table, tmp), staging_dir(self.root),
+            _replace(path, lambda tmp: pq.write_table(table, tmp), staging_dir(self.root),  # noqa: B023 - _replace calls it at once
                      self.fsync)
             self._cache[path] = table
             self._cache.move_to_end(path)

@@ -230,7 +230,8 @@ class Ledger:
         """A signed fill: close opposite lots oldest first at ``price``, open the rest at
         ``entry_price`` (default ``price``). ``fee``: the fill's whole fee in
         ``fee_currency`` (default the quote), shared out by size (:func:`_share`; the last
-        part takes the exact rest); None: the commission rate. Returns the fee charged in the quote."""
+        part takes the exact rest); None: the commission rate. Returns the fee charged in
+        the quote."""
         self.fill_count[symbol] = self.fill_count.get(symbol, 0) + 1
         base, quote = split_symbol(symbol)
         self.quote_of(symbol)

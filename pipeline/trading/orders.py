@@ -161,7 +161,8 @@ def order_from_event(event: OrderEvent) -> Order:
     price = event.get("price")
     status = S(event["kind"]) if event["kind"] in S.__members__ else S.ACCEPTED
     return Order(event["client_order_id"], event["strategy_id"], event["symbol"],
-                 Side.parse(event["side"]), OrderType.LIMIT if price is not None else OrderType.MARKET,
+                 Side.parse(event["side"]),
+                 OrderType.LIMIT if price is not None else OrderType.MARKET,
                  Decimal(price) if price is not None else None, Decimal(event["amount"]),
                  price_text=price, amount_text=event["amount"], status=status,
                  exchange_order_id=event.get("exchange_order_id"), filled=filled,

@@ -320,7 +320,8 @@ class Portfolio:
                 "average_entry": _text(ledger.average_entry(symbol)),
                 "cost": plain(ledger.cost.get(symbol, ZERO)),
                 "realized_pnl": plain(ledger.realized.get(symbol, ZERO)),
-                "unrealized_pnl": None if mark is None else plain(ledger.unrealized_of(symbol, mark)),
+                "unrealized_pnl": (None if mark is None
+                                   else plain(ledger.unrealized_of(symbol, mark))),
                 "mark": None if mark is None else plain(mark),
                 "mark_ms": None if mark is None or book is None else book[2],
                 "currency": split_symbol(symbol)[1],
@@ -376,8 +377,8 @@ class Portfolio:
                 "accounts": {s: a.dump() for s, a in self.accounts.items()},
                 "books": {s: list(b) for s, b in self.books.items()},
                 "filled": {c: plain(f) for c, f in self._filled.items()},
-                "closed": list(self._closed), "open_orders": self.open_orders, "order_fills": self.order_fills,
-                "last_tick_ms": self.last_tick_ms}
+                "closed": list(self._closed), "open_orders": self.open_orders,
+                "order_fills": self.order_fills, "last_tick_ms": self.last_tick_ms}
 
     def load(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:

@@ -93,7 +93,8 @@ class SimulatorConfig:
 
     def __post_init__(self) -> None:
         if self.queue not in QUEUE_MODELS:
-            raise ValueError(f"unknown queue model {self.queue!r}: one of {', '.join(QUEUE_MODELS)}")
+            raise ValueError(f"unknown queue model {self.queue!r}: "
+                             f"one of {', '.join(QUEUE_MODELS)}")
         if self.latency_ms < 0 or (self.cancel_latency_ms or 0) < 0:
             raise ValueError("latencies cannot be negative")
 
@@ -242,7 +243,8 @@ class SimulatedExchange:
         simulator, for the order-book backtest and paper execution alike. ``price`` and
         ``options`` override a NEW request's (execution's MARKET as IOC at the band edge)."""
         action = request.get("action") or OrderAction.NEW.value
-        cid, strategy, symbol = request["client_order_id"], request["strategy_id"], request["symbol"]
+        cid, strategy = request["client_order_id"], request["strategy_id"]
+        symbol = request["symbol"]
         if action == OrderAction.NEW.value:
             return self.submit(new_order(request, price=price, options=options), now_us,
                                immediate)
@@ -384,7 +386,8 @@ class SimulatedExchange:
         orders += [_pending_state(p) for p in sorted(self._pending) if p.symbol == symbol]
         return {"orders": orders,
                 "taken": [{"side": side, "price": price, "quantity": plain(qty)}
-                          for side in ("ASK", "BID") for price, qty in sorted(s.taken[side].items())]}
+                          for side in ("ASK", "BID")
+                          for price, qty in sorted(s.taken[side].items())]}
 
     def load(self, symbol: str, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`dump` returned, replacing ``symbol``'s orders."""

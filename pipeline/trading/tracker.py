@@ -77,7 +77,8 @@ class OrderTracker:
         """A request the strategy sent (an ``OrderRequest``, signed or not)."""
         action = request.get("action") or OrderAction.NEW.value
         target = request.get("target_client_order_id")
-        if action in (OrderAction.CANCEL.value, OrderAction.REPLACE.value) and target in self.orders:
+        if (action in (OrderAction.CANCEL.value, OrderAction.REPLACE.value)
+                and target in self.orders):
             self.orders[target].cancel_requested = True
         if action == OrderAction.CANCEL_ALL.value:
             for order in self.orders.values():

@@ -175,7 +175,8 @@ def generated_events(symbols: list[str], seed: int = 1, depth: int = 50,
     for book in books.values():
         yield MarketEvent(book.symbol, [["buy", book.price(t), book.qty(q)]
                                         for t, q in sorted(book.bids.items(), reverse=True)] +
-                          [["sell", book.price(t), book.qty(q)] for t, q in sorted(book.asks.items())],
+                          [["sell", book.price(t), book.qty(q)]
+                           for t, q in sorted(book.asks.items())],
                           snapshot=True, ts_ms=start_ms)
     names = list(books)
     tid, now_ms = 10**10, start_ms

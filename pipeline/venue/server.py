@@ -300,7 +300,8 @@ class Venue:
 
     # -- WebSocket handlers
 
-    async def _serve(self, request: web.Request, conn: Connection, on_text=None) -> web.WebSocketResponse:
+    async def _serve(self, request: web.Request, conn: Connection, on_text=None
+                     ) -> web.WebSocketResponse:
         self.connections.add(conn)
         if self.config.record_frames:
             conn.sent = []

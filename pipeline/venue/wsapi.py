@@ -216,7 +216,7 @@ class WsApi:
         return NO_RESULT
 
     async def _unsubscribe(self, conn: WsConnection, params: Any) -> object:
-        for name, symbol, kind in self._streams(params):
+        for name, symbol, _kind in self._streams(params):
             conn.streams.discard(name)
             if not conn.has_depth(symbol):
                 conn.awaiting.discard(symbol)

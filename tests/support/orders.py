@@ -80,7 +80,8 @@ class Tail:
     def __init__(self, bootstrap: str, topic: str, decoder: Decoder) -> None:
         self.decoder = decoder
         self.values: list[dict] = []
-        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"tail-{uuid.uuid4()}",
+        self.consumer = Consumer({"bootstrap.servers": bootstrap,
+                                  "group.id": f"tail-{uuid.uuid4()}",
                                   "enable.auto.commit": False, "isolation.level": "read_committed",
                                   "fetch.wait.max.ms": 50})
         meta = self.consumer.list_topics(topic, timeout=10).topics[topic]

@@ -2,7 +2,8 @@
 
 It reads JSON records, copies each to an output topic tagged with the instance name and
 the source position, raises on the value "POISON" and can sleep per record, so a test
-can kill it mid-batch; a record with "hang" never returns (the stall watchdog's test). Run: ``python -m tests.support.relay --bootstrap ... --in T --out T``.
+can kill it mid-batch; a record with "hang" never returns (the stall watchdog's test).
+Run: ``python -m tests.support.relay --bootstrap ... --in T --out T``.
 """
 
 from __future__ import annotations
