@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py pipeline/_avro.c | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install broker broker-secure cluster registry up demo down status test test-unit chaos bench fuzz clean
+.PHONY: install broker broker-secure cluster registry up demo down status lint test test-unit chaos bench fuzz clean
 
 install: $(STAMP)
 
@@ -46,6 +46,12 @@ down: install
 
 status: install
 	$(BIN)/pipeline status
+
+# ruff over everything (pyproject.toml [tool.ruff]), mypy strict over the pure packages
+# (core, market, trading, strategies: [tool.mypy]); .ci/run runs it before make test.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # The tests start their own broker on free ports (run/test) and stop it afterwards,
 # also when tests fail; with KAFKA_BOOTSTRAP_SERVERS set they use that cluster instead.

@@ -48,7 +48,13 @@ _EXPORTS: dict[str, str] = {
     "StrategyFailed": "pipeline.backtest",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [  # the names of _EXPORTS, sorted (tests/test_public_api.py keeps them equal)
+    "CancelAllIntent", "CancelIntent", "DeliveryFailed", "FULL_EQUITY", "GroupConfig",
+    "GroupRunner", "Handler", "MidQuoter", "Namespace", "OrderIntent", "Output",
+    "PipelineError", "Record", "RegistryError", "ReplaceIntent", "SchemaRegistry", "Serde",
+    "SerdeError", "SmaCross", "Strategy", "StrategyFailed", "archive", "load_strategy",
+    "read_bars", "run_backtest", "run_until_stopped", "sweep",
+]
 
 
 def __getattr__(name: str) -> Any:

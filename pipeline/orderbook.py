@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import heapq
 from decimal import Decimal, InvalidOperation
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:
+    from pipeline.core.records import LevelChange
 
 _PRICES: dict[str, tuple[str, Decimal]] = {}  # raw price text -> (canonical text, value)
 _PRICE_CACHE_LIMIT = 2_000_000
@@ -58,7 +61,7 @@ class L2Book:
 
     # -- changes
 
-    def apply_snapshot(self, changes: Iterable[dict]) -> None:
+    def apply_snapshot(self, changes: Iterable[LevelChange]) -> None:
         """Replace the whole book with ``changes`` (a full book)."""
         self.clear()
         self.apply(changes)
@@ -71,7 +74,7 @@ class L2Book:
         self._ask_heap.clear()
         self.has_snapshot = False
 
-    def apply(self, changes: Iterable[dict]) -> int:
+    def apply(self, changes: Iterable[LevelChange]) -> int:
         """Apply L2 changes (``{"side": "BID"|"ASK", "price", "quantity"}``): set the
         level's quantity, or remove it when the quantity is zero. Returns the count."""
         bids, asks = self.bids, self.asks

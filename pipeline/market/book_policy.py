@@ -23,12 +23,14 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Iterable
 
-from pipeline.core.records import BookSnapshot, L2Update, LevelChange
+from pipeline.core.records import BookSnapshot, L2Update, Level, LevelChange
 from pipeline.orderbook import _PRICES, L2Book, price_key
 
 IGNORED, APPLIED, TOP_CHANGED = 0, 1, 2
 CROSSED, LOCKED, CHANGE_BEFORE_SNAPSHOT, RESNAPSHOT = \
     "CROSSED", "LOCKED", "CHANGE_BEFORE_SNAPSHOT", "RESNAPSHOT"
+
+_Top = tuple[tuple[str, str] | None, tuple[str, str] | None]  # (best bid, best ask)
 
 
 @dataclass(slots=True)
@@ -95,7 +97,7 @@ class Depth:
                 keys = self.asks
                 del keys[bisect_left(keys, (found[1], canonical))]
 
-    def top(self, book: L2Book, n: int) -> tuple[list[dict], list[dict]]:
+    def top(self, book: L2Book, n: int) -> tuple[list[Level], list[Level]]:
         bids, asks = book.bids, book.asks
         return ([{"price": p, "quantity": bids[p]} for _, p in self.bids[:n]],
                 [{"price": p, "quantity": asks[p]} for _, p in self.asks[:n]])
@@ -118,9 +120,10 @@ class BookPolicy:
         self.counts: dict[str, int] = {"resnapshot": 0, "change_before_snapshot": 0,
                                        "crossed": 0, "locked": 0, "snapshots": 0}
         self.changes = 0  # level changes applied
-        self._last: dict[str, tuple] = {}  # symbol -> (partition, offset, record) applied last
+        # symbol -> (partition, offset, record) applied last
+        self._last: dict[str, tuple[int, int, L2Update]] = {}
         self._restored: dict[str, Source] = {}  # symbol -> source of a restored book
-        self._top: dict[str, tuple] = {}
+        self._top: dict[str, _Top] = {}
         self._waiting: set[str] = set()  # reported as waiting for a snapshot
         self._last_round_us: int | None = None
         #: The next time :meth:`due` can have something (callers may skip it before).
@@ -176,7 +179,7 @@ class BookPolicy:
                 self.levels[symbol].update(book, changes)
         self.changes += len(changes)
         bid, ask = book.best_bid(), book.best_ask()
-        top = (bid, ask)
+        top: _Top = (bid, ask)
         if top == self._top.get(symbol):
             self.changed.add(symbol)
             return APPLIED, health  # the same top as the last one published: not crossed
@@ -191,7 +194,8 @@ class BookPolicy:
         self.changed.discard(symbol)
         return TOP_CHANGED, health
 
-    def _cross(self, symbol: str, book: L2Book, crossed: bool, bid: tuple, ask: tuple) -> Health:
+    def _cross(self, symbol: str, book: L2Book, crossed: bool, bid: tuple[str, str],
+               ask: tuple[str, str]) -> Health:
         detail = f"best bid {bid[0]} x {bid[1]}, best ask {ask[0]} x {ask[1]}"
         if not crossed:
             self.counts["locked"] += 1
@@ -212,7 +216,7 @@ class BookPolicy:
 
     # -- snapshots
 
-    def top_levels(self, symbol: str) -> tuple[list[dict], list[dict]]:
+    def top_levels(self, symbol: str) -> tuple[list[Level], list[Level]]:
         """The best ``depth`` levels a side of ``symbol``'s book, best first."""
         book = self.books[symbol]
         if self.depth > 1:
@@ -223,6 +227,8 @@ class BookPolicy:
 
     def snapshot(self, symbol: str, published_ts_us: int) -> BookSnapshot:
         """The ``BookSnapshot`` of ``symbol``'s book now."""
+        bids: list[Level]
+        asks: list[Level]
         if self.depth > 1:
             bids, asks = self.levels[symbol].top(self.books[symbol], self.depth)
         else:  # the top apply() just found (a dropped book's is empty)
@@ -263,13 +269,14 @@ class BookPolicy:
 
     # -- restore
 
-    def restore(self, symbol: str, bids: Iterable[dict], asks: Iterable[dict],
+    def restore(self, symbol: str, bids: Iterable[Level], asks: Iterable[Level],
                 has_snapshot: bool, source: Source) -> None:
         """A book from a checkpoint (levels as ``{"price", "quantity"}``)."""
         book = self.books[symbol] = L2Book(symbol)
         if has_snapshot:
-            book.apply_snapshot([{"side": "BID", **lvl} for lvl in bids] +
-                                [{"side": "ASK", **lvl} for lvl in asks])
+            bid_changes: list[LevelChange] = [{"side": "BID", **lvl} for lvl in bids]
+            ask_changes: list[LevelChange] = [{"side": "ASK", **lvl} for lvl in asks]
+            book.apply_snapshot(bid_changes + ask_changes)
         if self.depth > 1:
             depth = self.levels[symbol] = Depth()
             depth.rebuild(book)

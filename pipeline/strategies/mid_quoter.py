@@ -7,6 +7,7 @@ from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any
 
 from pipeline.core.decimals import plain
+from pipeline.core.records import BookSnapshot
 from pipeline.trading.intents import CancelIntent, Intent, OrderIntent, ReplaceIntent
 from pipeline.trading.strategy import Strategy
 
@@ -40,7 +41,7 @@ class MidQuoter(Strategy):
     def inventory(self) -> Decimal:
         return self.position(self.symbol)
 
-    def on_book(self, snapshot: dict) -> list[Intent]:
+    def on_book(self, snapshot: BookSnapshot) -> list[Intent]:
         if snapshot["symbol"] != self.symbol or not snapshot["bids"] or not snapshot["asks"]:
             return []
         mid = (Decimal(snapshot["bids"][0]["price"]) + Decimal(snapshot["asks"][0]["price"])) / 2

@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 from pipeline.core.decimals import plain
+from pipeline.core.records import Bar
 from pipeline.trading.intents import OrderIntent
 from pipeline.trading.strategy import Strategy
 
@@ -71,7 +72,7 @@ class SmaCross(Strategy):
     def warmup_bars(self) -> int:  # type: ignore[override]
         return self.slow - 1
 
-    def on_bar(self, bar: dict) -> list[OrderIntent]:
+    def on_bar(self, bar: Bar) -> list[OrderIntent]:
         if bar["symbol"] != self.symbol or bar["interval"] != self.interval:
             return []
         close = Decimal(bar["close"])

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, cast
 
 from pipeline.core.decimals import ZERO, plain
 from pipeline.core.symbols import split_symbol
@@ -300,7 +300,8 @@ class Ledger:
         """Symbols whose marks valuing this ledger depends on (before conversion)."""
         return {s for s, p in self.position.items() if p or self.cost.get(s)}
 
-    def _open_values(self, marks: Mapping[str, Decimal], value
+    def _open_values(self, marks: Mapping[str, Decimal],
+                     value: Callable[[str, Decimal], Decimal]
                      ) -> list[tuple[str, Decimal]] | None:
         """(quote, ``value(symbol, mark)``) of every symbol valuing depends on; None when
         one has no mark."""
@@ -396,7 +397,8 @@ def _share(fee: Decimal, part: Decimal, total: Decimal) -> Decimal:
     """``part / total`` of ``fee``, to 12 places below the fee's own: a share with a
     bounded number of places keeps every sum of cash exact (the last part of a fill takes
     the exact rest, so the fill's fees add up to its fee)."""
-    return (fee * part / total).quantize(Decimal(1).scaleb(fee.as_tuple().exponent - 12))
+    exponent = cast(int, fee.as_tuple().exponent)  # a fee is finite: an int exponent
+    return (fee * part / total).quantize(Decimal(1).scaleb(exponent - 12))
 
 
 def new_fill(event: Mapping[str, Any], filled: dict[str, Decimal]

@@ -159,6 +159,7 @@ def order_from_event(event: OrderEvent) -> Order:
     filled = Decimal(event["filled_amount"])
     avg = event.get("avg_fill_price")
     price = event.get("price")
+    fee = event.get("fee")
     status = S(event["kind"]) if event["kind"] in S.__members__ else S.ACCEPTED
     return Order(event["client_order_id"], event["strategy_id"], event["symbol"],
                  Side.parse(event["side"]),
@@ -167,7 +168,7 @@ def order_from_event(event: OrderEvent) -> Order:
                  price_text=price, amount_text=event["amount"], status=status,
                  exchange_order_id=event.get("exchange_order_id"), filled=filled,
                  notional=Decimal(avg) * filled if avg is not None and filled else ZERO,
-                 fees=Decimal(event["fee"]) if event.get("fee") is not None else None,
+                 fees=Decimal(fee) if fee is not None else None,
                  fee_currency=event.get("fee_currency") or "")
 
 
@@ -186,7 +187,7 @@ def order_event(order: Order, kind: OrderEventKind, when_ms: int, mode: str, *,
                 reason: str | None = None, fill: Fill | None = None,
                 request_id: str | None = None) -> OrderEvent:
     """The ``OrderEvent`` record of one step of ``order`` (already applied to it)."""
-    last = fill is not None and kind in FILL_KINDS
+    last = fill if fill is not None and kind in FILL_KINDS else None  # the fill this event tells
     filled, avg, fees = order.totals
     return {
         "client_order_id": order.client_order_id, "strategy_id": order.strategy_id,
@@ -195,10 +196,10 @@ def order_event(order: Order, kind: OrderEventKind, when_ms: int, mode: str, *,
         "price": order.price_text, "amount": order.amount_text,
         "filled_amount": filled, "avg_fill_price": avg, "fee": fees,
         "fee_currency": order.fee_currency, "event_ms": when_ms,
-        "last_fill_price": plain(fill.price) if last else None,
-        "last_fill_amount": plain(fill.amount) if last else None,
-        "liquidity": _TEXT[fill.liquidity] if last and fill.liquidity is not None else None,
-        "last_fill_fee": plain(fill.fee) if last and fill.fee is not None else None,
+        "last_fill_price": plain(last.price) if last is not None else None,
+        "last_fill_amount": plain(last.amount) if last is not None else None,
+        "liquidity": None if last is None or last.liquidity is None else _TEXT[last.liquidity],
+        "last_fill_fee": plain(last.fee) if last is not None and last.fee is not None else None,
         "request_id": request_id,
     }
 

@@ -25,9 +25,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Any, Mapping
+from typing import Any, Mapping, TypedDict
 
 from pipeline.core.decimals import ZERO, non_negative, plain, positive
+from pipeline.core.records import Position, StrategyControl, StrategyPnl
 from pipeline.core.symbols import split_symbol
 from pipeline.core.vocabulary import FILL_KINDS, TERMINAL_KINDS, OrderEventKind
 from pipeline.errors import PipelineError
@@ -43,6 +44,36 @@ K = OrderEventKind
 
 class BadFill(PipelineError):
     """A fill the portfolio refuses (it goes to the dead-letter topic, nothing changes)."""
+
+
+#: A record to publish: ``(kind, record)``, kind ``position``, ``pnl`` or ``control``.
+Output = tuple[str, "Position | StrategyPnl | StrategyControl"]
+
+
+class HeldOrder(TypedDict):
+    """An open order as its latest ``OrderEvent`` tells it (:attr:`Portfolio.open_orders`)."""
+
+    strategy_id: str
+    symbol: str
+    side: str
+    price: str | None
+    amount: str
+    filled_amount: str
+    exchange_order_id: str | None
+    mode: str
+    event_ms: int
+
+
+class OrderFills(TypedDict):
+    """An order's fills counted so far (:attr:`Portfolio.order_fills`)."""
+
+    client_order_id: str
+    strategy_id: str
+    symbol: str
+    mode: str
+    amount: str  # total, a decimal string
+    fee: str  # total, a decimal string
+    last_ms: int
 
 
 @dataclass(frozen=True)
@@ -146,10 +177,10 @@ class Portfolio:
         self.books: dict[str, tuple[str, str, int]] = {}  # symbol -> (bid, ask, ms)
         self._filled: dict[str, Decimal] = {}  # open orders' counted fill amounts
         self._closed: OrderedDict[str, None] = OrderedDict()  # recently closed orders
-        self.open_orders: dict[str, dict] = {}  # client_order_id -> the order, while open
+        self.open_orders: dict[str, HeldOrder] = {}  # client_order_id -> the order, while open
         # exchange order id (else client order id) -> its fills' total amount and fees,
         # for orders filled in the last FILL_MEMORY_MS (what reconciliation compares)
-        self.order_fills: dict[str, dict] = {}
+        self.order_fills: dict[str, OrderFills] = {}
         self.last_tick_ms: int | None = None
         self._mids: dict[str, Decimal] = {}  # symbol -> mid of its book, once worked out
         self._marks: dict[str, Decimal] | None = None  # marks(_marks_at), until a book moves
@@ -167,7 +198,7 @@ class Portfolio:
                                                                    day_start=capital)
         return account
 
-    def on_event(self, event: Mapping[str, Any], now_ms: int) -> list[tuple[str, dict]]:
+    def on_event(self, event: Mapping[str, Any], now_ms: int) -> list[Output]:
         """An ``OrderEvent``: a fill books into its strategy's ledger; every event keeps
         the open orders (for reconciliation) up to date. Raises :class:`BadFill` (nothing
         changed)."""
@@ -241,7 +272,7 @@ class Portfolio:
             self._mids.pop(symbol, None)
             self._marks = None
 
-    def on_control(self, record: Mapping[str, Any], now_ms: int) -> list[tuple[str, dict]]:
+    def on_control(self, record: Mapping[str, Any], now_ms: int) -> list[Output]:
         """A ``StrategyControl``: a resume clears the halt and measures afresh; a halt
         (ours coming back, or an operator's) is remembered."""
         account = self.account(record["strategy_id"])
@@ -258,7 +289,7 @@ class Portfolio:
             account.day, account.day_start = now_ms // DAY_MS, value.equity
         return self._report(record["strategy_id"], "control", now_ms, now_ms)
 
-    def tick(self, now_ms: int) -> list[tuple[str, dict]]:
+    def tick(self, now_ms: int) -> list[Output]:
         """Every ``pnl_interval_ms``: each strategy's PnL and held positions, re-marked."""
         last = self.last_tick_ms
         if last is not None and now_ms - last < self.config.pnl_interval_ms:
@@ -267,7 +298,7 @@ class Portfolio:
         for key in [k for k, f in self.order_fills.items()
                     if f["last_ms"] < now_ms - FILL_MEMORY_MS]:
             del self.order_fills[key]
-        out: list[tuple[str, dict]] = []
+        out: list[Output] = []
         for strategy in sorted(self.accounts):
             ledger = self.accounts[strategy].ledger
             out += [("position", self.position(strategy, s, now_ms))
@@ -310,7 +341,7 @@ class Portfolio:
                          ledger.fees_total(marks, into), equity,
                          ledger.exposure(marks, into), tuple(stale))
 
-    def position(self, strategy_id: str, symbol: str, now_ms: int) -> dict:
+    def position(self, strategy_id: str, symbol: str, now_ms: int) -> Position:
         account = self.account(strategy_id)
         ledger = account.ledger
         book = self.books.get(symbol)
@@ -328,7 +359,7 @@ class Portfolio:
                 "fills": ledger.fill_count.get(symbol, 0), "updated_ms": now_ms}
 
     def _report(self, strategy_id: str, trigger: str, event_ms: int, now_ms: int
-                ) -> list[tuple[str, dict]]:
+                ) -> list[Output]:
         """The strategy's PnL record, and a halt if a risk stop is crossed."""
         account = self.account(strategy_id)
         value = self.valuation(strategy_id, now_ms)
@@ -345,7 +376,7 @@ class Portfolio:
             drawdown = account.peak - equity
             pct = drawdown / account.peak if account.peak > 0 else None
             daily = equity - account.day_start
-        out: list[tuple[str, dict]] = []
+        out: list[Output] = []
         halt = None if account.halted or equity is None else \
             _crossed(self.config.limit_of(strategy_id), drawdown, pct, daily,
                      self.config.currency)

@@ -28,6 +28,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Iterable, Mapping
 
 from pipeline.core.decimals import ZERO, plain
+from pipeline.core.records import ReconciliationEvent
 from pipeline.trading.portfolio import FILL_MEMORY_MS, Portfolio
 
 KINDS = ("CHECKED", "BALANCE", "UNKNOWN_ORDER", "MISSING_ORDER", "ORDER_MISMATCH",
@@ -53,7 +54,7 @@ def _number(value: Any) -> Decimal:
 def finding(at_ms: int, mode: str, kind: str, detail: str, *, subject: str | None = None,
             symbol: str | None = None, strategy_id: str | None = None,
             expected: Decimal | str | None = None, actual: Decimal | str | None = None,
-            differences: int = 1) -> dict:
+            differences: int = 1) -> ReconciliationEvent:
     """One ``ReconciliationEvent``."""
     def text(v: Decimal | str | None) -> str | None:
         return plain(v) if isinstance(v, Decimal) else v
@@ -64,10 +65,10 @@ def finding(at_ms: int, mode: str, kind: str, detail: str, *, subject: str | Non
 
 def reconcile(portfolio: Portfolio, exchange: ExchangeView, baseline: dict[str, Decimal] | None,
               mode: str, now_ms: int, grace_ms: int = 30_000
-              ) -> tuple[list[dict], dict[str, Decimal]]:
+              ) -> tuple[list[ReconciliationEvent], dict[str, Decimal]]:
     """The differences (``ReconciliationEvent`` dicts, the ``CHECKED`` summary last) and
     the balance baseline to keep (the one given, or a new one on the first check)."""
-    out: list[dict] = []
+    out: list[ReconciliationEvent] = []
     settled = now_ms - grace_ms
     mine = {cid: o for cid, o in portfolio.open_orders.items() if o["mode"] == mode}
     by_exchange_id = {o["exchange_order_id"]: cid for cid, o in mine.items()
@@ -121,11 +122,11 @@ def reconcile(portfolio: Portfolio, exchange: ExchangeView, baseline: dict[str, 
 
 
 def _fills(portfolio: Portfolio, trades: Iterable[Mapping[str, Any]], mode: str, now_ms: int,
-           settled: int, out: list[dict]) -> int:
+           settled: int, out: list[ReconciliationEvent]) -> int:
     """Compare Gemini's trades per order with the pipeline's fills; returns how many
     trades were too young to compare."""
     horizon = now_ms - FILL_MEMORY_MS
-    totals: dict[str, list] = {}
+    totals: dict[str, list[Any]] = {}  # order id -> [amount, fee, client_order_id, symbol]
     recent = 0
     for trade in trades:
         ms = int(trade.get("timestampms") or 0)
@@ -153,7 +154,7 @@ def _fills(portfolio: Portfolio, trades: Iterable[Mapping[str, Any]], mode: str,
             out.append(finding(now_ms, mode, "FILL_MISSING",
                                f"order {oid}: Gemini filled {plain(amount)}, the pipeline "
                                f"counted {plain(counted)} ({why})", subject=oid,
-                               symbol=symbol or (ours or {}).get("symbol"),
+                               symbol=symbol or (None if ours is None else ours.get("symbol")),
                                strategy_id=strategy, expected=counted, actual=amount))
         elif Decimal(ours["fee"]) != fee:  # type: ignore[index]
             out.append(finding(now_ms, mode, "FILL_MISMATCH",
@@ -175,7 +176,8 @@ def _baseline(balances: Iterable[Mapping[str, Any]], change: Mapping[str, Decima
 
 
 def _balances(balances: Iterable[Mapping[str, Any]], change: Mapping[str, Decimal],
-              baseline: Mapping[str, Decimal], mode: str, now_ms: int) -> list[dict]:
+              baseline: Mapping[str, Decimal], mode: str, now_ms: int
+              ) -> list[ReconciliationEvent]:
     have = _amounts(balances)
     out = []
     for currency in sorted(set(have) | set(change) | set(baseline)):

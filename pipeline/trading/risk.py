@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping, cast
 
 from pipeline.core.decimals import ZERO
 from pipeline.core.vocabulary import TERMINAL_KINDS, OrderEventKind
@@ -86,11 +86,12 @@ class BookTop:
     tick: Decimal  # the finest price step seen in the snapshot
 
     @classmethod
-    def from_snapshot(cls, snapshot: Mapping) -> "BookTop":
+    def from_snapshot(cls, snapshot: Mapping[str, Any]) -> "BookTop":
         """From a ``BookSnapshot`` record (prices and quantities are decimal strings)."""
         bids = tuple((Decimal(lv["price"]), Decimal(lv["quantity"])) for lv in snapshot["bids"])
         asks = tuple((Decimal(lv["price"]), Decimal(lv["quantity"])) for lv in snapshot["asks"])
-        exponents = [p.as_tuple().exponent for p, _ in bids + asks]
+        # a snapshot's prices are finite (the book refuses others): int exponents
+        exponents = [cast(int, p.as_tuple().exponent) for p, _ in bids + asks]
         tick = Decimal(1).scaleb(min(exponents)) if exponents else Decimal("0.01")
         return cls(snapshot["symbol"], bids, asks, snapshot["published_ts_us"] // 1000, tick)
 
@@ -156,7 +157,7 @@ class RiskState:
         return sum((o.remaining for cid, o in self.open_orders.items()
                     if o.symbol == symbol and o.side == side and cid != exclude), ZERO)
 
-    def on_event(self, event: Mapping) -> None:
+    def on_event(self, event: Mapping[str, Any]) -> None:
         """Follow an ``OrderEvent`` of any execution client: fills (from the running
         ``filled_amount``) move the position, open orders their remainder."""
         cid, kind = event["client_order_id"], event["kind"]

@@ -21,7 +21,7 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from pipeline.errors import PipelineError
 
@@ -34,7 +34,7 @@ _ID_UNSAFE = re.compile(r"[^:\-_.#a-zA-Z0-9]")
 _ADDED_DEFAULTS = {"action": "NEW", "target_client_order_id": None}
 
 
-def canonical(request: Mapping) -> bytes:
+def canonical(request: Mapping[str, Any]) -> bytes:
     """The bytes a signature covers: all fields except ``signature`` (and the later fields
     at their defaults)."""
     fields = {k: v for k, v in request.items() if k != "signature"
@@ -42,11 +42,11 @@ def canonical(request: Mapping) -> bytes:
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def sign(request: Mapping, key: bytes) -> str:
+def sign(request: Mapping[str, Any], key: bytes) -> str:
     return hmac.new(key, canonical(request), hashlib.sha256).hexdigest()
 
 
-def verify(request: Mapping, key: bytes) -> bool:
+def verify(request: Mapping[str, Any], key: bytes) -> bool:
     """True if ``request["signature"]`` is this key's signature of the request."""
     signature = request.get("signature")
     # compare_digest raises TypeError on a str that is not ASCII: such a one is no hex digest

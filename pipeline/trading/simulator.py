@@ -63,10 +63,10 @@ import heapq
 from bisect import insort
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from pipeline.core.decimals import ZERO, plain
-from pipeline.core.records import OrderEvent
+from pipeline.core.records import LevelChange, OrderEvent
 from pipeline.core.vocabulary import (ExecutionMode, Liquidity, OrderAction, OrderEventKind,
                                       OrderOption, OrderType, Side)
 from pipeline.orderbook import _PRICES, L2Book, price_key
@@ -280,7 +280,7 @@ class SimulatedExchange:
 
     # ------------------------------------------------------------------ market data
 
-    def on_book(self, symbol: str, changes: Iterable[dict] | None, now_us: int,
+    def on_book(self, symbol: str, changes: Iterable[LevelChange] | None, now_us: int,
                 top_changed: bool = True) -> list[OrderEvent] | None:
         """The caller applied an ``md.l2`` update to ``symbol``'s book: its ``changes``, or
         None for a snapshot (or a book that was dropped). Moves queues, forgets what we took
@@ -330,6 +330,7 @@ class SimulatedExchange:
         if s is None or trade.get("from_snapshot") or not (s.bids or s.asks):
             return None
         taker = trade["taker_side"]
+        through: Callable[[Decimal, Decimal], bool]  # (resting limit, trade price)
         if taker == "BUY":
             resting_side, through = s.asks, (lambda limit, price: limit < price)
         elif taker == "SELL":
@@ -498,8 +499,9 @@ class SimulatedExchange:
         order.exchange_order_id = exchange_order_id(order.client_order_id)
         events = [self._event(order, K.ACCEPTED, when)]
         option = order.option
-        reaches = ready and (order.price is None or self._reaches(order, book))
-        plan = self._plan(s, order, book) if reaches else []  # a quote below the touch: none
+        # (the ignores: ready, and so reaches, holds only when book is not None)
+        reaches = ready and (order.price is None or self._reaches(order, book))  # type: ignore[arg-type]
+        plan = self._plan(s, order, book) if reaches else []  # type: ignore[arg-type]  # a quote below the touch: none
         if option == MOC and reaches:
             events.append(self._event(order, K.CANCELLED, when, reason=MOC_WOULD_TAKE))
             return events
@@ -733,7 +735,8 @@ def _order_state(order: Order, ahead: Decimal, seq: int) -> dict[str, Any]:
             "options": list(order.options), "created_ms": order.created_ms,
             "expires_ms": order.expires_ms, "exchange_order_id": order.exchange_order_id,
             "status": order.status.value, "filled": plain(order.filled),
-            "notional": plain(order.notional), "fees": plain(order.fees),
+            # (the ignore: fees is never None here, every simulated fill has a fee)
+            "notional": plain(order.notional), "fees": plain(order.fees),  # type: ignore[arg-type]
             "ahead": plain(ahead), "seq": seq, "action": OrderAction.NEW.value,
             "arrival_us": None, "target": None, "reason": None}
 
