@@ -178,6 +178,22 @@ def test_reconciliation_order_mismatch_grace_and_baseline():
         ("ORDER_MISMATCH", "o1", "2", "1.5"), ("BALANCE", "USD", "500", "499")]
 
 
+
+def test_reconciliation_of_an_unknown_order_whose_trades_add_up_to_nothing():
+    """Gemini trades of an order the pipeline never had, summing to zero (or unreadable
+    amounts): nothing to compare, no crash (reconcile raised TypeError on None)."""
+    from pipeline.trading.reconciliation import ExchangeView, reconcile
+
+    p = portfolio()
+    trades = [{"order_id": "91", "client_order_id": None, "symbol": "btcusd", "amount": "0",
+               "fee_amount": "0", "timestampms": T0},
+              {"order_id": "92", "client_order_id": "zz", "symbol": "btcusd",
+               "amount": "oops", "fee_amount": "0", "timestampms": T0}]
+    balances = [{"currency": "USD", "amount": "500"}]
+    events, _ = reconcile(p, ExchangeView(balances, [], trades), None, "LIVE", T0 + 60_000,
+                          grace_ms=5_000)
+    assert [e["kind"] for e in events] == ["CHECKED"] and events[-1]["differences"] == 0
+
 def test_every_portfolio_metric_is_in_the_exposition():
     from pipeline.portfolio_view import PortfolioView
     from pipeline.status import Snapshot, prometheus
