@@ -41,6 +41,9 @@ from pipeline.serde import Serde
 from pipeline.sinks.archive import ArchiveWriter, to_row
 
 log = logging.getLogger(__name__)
+# Several instances may run, each named by --instance (its transactional.id and
+# group.instance.id); the supervisor passes it (pipeline/supervisor.py).
+MULTI_INSTANCE = True
 MARKET_TOPICS = ("md.l2", "md.trades", "bars")
 
 __all__ = ["ArchiveHandler", "ArchiveOptions", "make_group", "main"]

@@ -80,6 +80,9 @@ from pipeline.runtime import (GroupConfig, GroupRunner, Handler, Output, Record,
 from pipeline.serde import Serde
 
 log = logging.getLogger(__name__)
+# Several instances may run, each named by --instance (its transactional.id and
+# group.instance.id); the supervisor passes it (pipeline/supervisor.py).
+MULTI_INSTANCE = True
 CHECKPOINT_VERSION = 1
 STATUS_EVERY_S = 10.0
 

@@ -120,6 +120,9 @@ from pipeline.trading.signing import StrategyKeys
 from pipeline.trading.simulator import QUEUE_MODELS, SimulatorConfig
 
 log = logging.getLogger(__name__)
+# Several instances may run, each named by --instance (its transactional.id and
+# group.instance.id); the supervisor passes it (pipeline/supervisor.py).
+MULTI_INSTANCE = True
 
 MODES = tuple(mode.value.lower() for mode in ExecutionMode)  # as --mode spells them
 KILL_SWITCH_FILE = "kill-switch"

@@ -48,6 +48,9 @@ from pipeline.trading.strategy import Strategy, load_strategy
 from pipeline.trading.tracker import OrderTracker
 
 log = logging.getLogger(__name__)
+# Several instances may run, each named by --instance (its transactional.id and
+# group.instance.id); the supervisor passes it (pipeline/supervisor.py).
+MULTI_INSTANCE = True
 INPUTS = {"bars": "on_bar", "book.snapshots": "on_book", "md.trades": "on_trade",
           "orders.events": "on_order_event"}
 STATE_FORMAT = "json"

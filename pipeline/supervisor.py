@@ -13,11 +13,10 @@ process and no lock behind. The supervisor records its state in
 from __future__ import annotations
 
 import functools
-import importlib.util
+import importlib
 import json
 import logging
 import os
-import re
 import secrets
 import signal
 import socket
@@ -84,15 +83,13 @@ def _cli(*args: str) -> list[str]:
 
 @functools.cache
 def takes_instance(module: str) -> bool:
-    """Whether a shipped group's ``main`` has an ``--instance`` option: its instances then
-    need distinct names (transactional.id, group.instance.id), or they fence each other.
-    Read from the module's source, so the supervisor need not import every group."""
+    """Whether a shipped group runs as several instances, each named by ``--instance``
+    (its module's ``MULTI_INSTANCE``): they then need distinct names (transactional.id,
+    group.instance.id), or they fence each other."""
     try:
-        spec = importlib.util.find_spec(module)
-        source = Path(spec.origin).read_text() if spec and spec.origin else ""
-    except (ImportError, ValueError, OSError):
+        return bool(getattr(importlib.import_module(module), "MULTI_INSTANCE", False))
+    except ImportError:
         return False
-    return re.search(r"add_argument\(\s*[\"']--instance[\"']", source) is not None
 
 
 def _flags(args: dict) -> list[str]:

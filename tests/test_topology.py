@@ -292,3 +292,23 @@ def test_every_instance_of_a_group_with_an_instance_option_gets_its_own_name(tmp
     # orderbook has no --instance option; a single instance keeps its main's default
     assert instance_flags("orderbook", 1) == ("orderbook-1", [])
     assert instance_flags("solo", 0) == ("solo", [])
+
+
+def test_the_groups_that_take_an_instance_option_say_so():
+    """A shipped group with ``--instance`` declares ``MULTI_INSTANCE`` (what the supervisor
+    reads), and one without does not: the two never drift apart."""
+    import importlib
+    import re
+
+    from pipeline.config import REPO_ROOT
+    from pipeline.supervisor import takes_instance
+
+    seen = {}
+    for path in sorted((REPO_ROOT / "consumers").glob("*.py")):
+        module = f"consumers.{path.stem}"
+        option = re.search(r"add_argument\(\s*[\"']--instance[\"']", path.read_text()) is not None
+        seen[path.stem] = takes_instance(module)
+        assert seen[path.stem] == option, module
+        assert getattr(importlib.import_module(module), "MULTI_INSTANCE", False) == option
+    assert {name for name, several in seen.items() if several} == {
+        "archive", "bars", "execution", "strategy"}
