@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "Output": "pipeline.runtime",
     "Record": "pipeline.runtime",
     "run_until_stopped": "pipeline.runtime",
+    "HandlerHarness": "pipeline.testing",
     # topics and the wire format
     "Namespace": "pipeline.catalog",
     "Serde": "pipeline.serde",
@@ -50,7 +51,7 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [  # the names of _EXPORTS, sorted (tests/test_public_api.py keeps them equal)
     "CancelAllIntent", "CancelIntent", "DeliveryFailed", "FULL_EQUITY", "GroupConfig",
-    "GroupRunner", "Handler", "MidQuoter", "Namespace", "OrderIntent", "Output",
+    "GroupRunner", "Handler", "HandlerHarness", "MidQuoter", "Namespace", "OrderIntent", "Output",
     "PipelineError", "Record", "RegistryError", "ReplaceIntent", "SchemaRegistry", "Serde",
     "SerdeError", "SmaCross", "Strategy", "StrategyFailed", "archive", "load_strategy",
     "read_bars", "run_backtest", "run_until_stopped", "sweep",
@@ -83,6 +84,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
                                   run_until_stopped)
     from pipeline.serde import Serde, SerdeError
     from pipeline.strategies.mid_quoter import MidQuoter
+    from pipeline.testing import HandlerHarness
     from pipeline.strategies.sma_cross import SmaCross
     from pipeline.trading.intents import (FULL_EQUITY, CancelAllIntent, CancelIntent,
                                           OrderIntent, ReplaceIntent)
