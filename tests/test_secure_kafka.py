@@ -158,6 +158,7 @@ def test_each_supervised_program_has_its_role():
     py = "/venv/bin/python"
     assert role_for([py, "-m", "consumers.strategy", "--bootstrap", "x"]) == "strategy"
     assert role_for([py, "-m", "consumers.execution"]) == "execution"
+    assert role_for([py, "-m", "consumers.archive", "--roll-seconds", "60"]) == "archive"
     assert role_for([py, "-m", "pipeline.cli", "produce", "gemini", "--url", "ws://"]) == "producer"
     assert role_for([py, "-m", "pipeline.cli", "run", "m:f", "--name", "x"]) == "groups"
     assert role_for([py, "-m", "pipeline.cli", "venue", "--port", "1"]) is None
