@@ -13,7 +13,8 @@ import typer
 
 from bench import (backtest, bars, book, consume, execution, ingest, latency, memory,
                    orders_ack, portfolio, scale, serde)
-from bench.figures import report
+from bench.figures import SMOKE_EVENTS, report
+import bench.figures
 from pipeline.broker import LocalBroker
 from pipeline.config import REPO_ROOT
 from pipeline.errors import PipelineError
@@ -24,6 +25,8 @@ RUN_DIR = REPO_ROOT / "run" / "bench"
 
 def main(events: int = typer.Option(200_000, help="records per benchmark (default sized "
                                      "for under 10 minutes here)")) -> None:
+    if events < SMOKE_EVENTS:
+        bench.figures.REPEATS = 1  # a smoke run of the harness: one run per figure
     broker, registry = LocalBroker(RUN_DIR), LocalRegistry(RUN_DIR)
     try:
         bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or \

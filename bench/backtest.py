@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 
 from bench.consume import produce_l2
-from bench.figures import Figure
+from bench.figures import Figure, runs
 from pipeline.backtest_run import gc_tuned, run_backtest
 from pipeline.catalog import Namespace, split_topic
 from pipeline.replay_source import ReplaySource
@@ -41,9 +41,10 @@ SMA = {"fast": 10, "slow": 20, "amount": None, "fraction": FULL_EQUITY}
 
 
 def _best(fn, repeats: int = 3) -> tuple[float, object]:
-    fn()  # warm-up: imports, compiled readers, a cold broker
+    if runs(repeats) > 1:
+        fn()  # warm-up: imports, compiled readers, a cold broker
     best, result = float("inf"), None
-    for _ in range(repeats):
+    for _ in range(runs(repeats)):
         start = time.perf_counter()
         result = fn()
         best = min(best, time.perf_counter() - start)

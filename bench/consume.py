@@ -23,7 +23,7 @@ from typing import Callable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from bench.figures import Figure
+from bench.figures import Figure, runs
 from bench.serde import book_changes
 from pipeline.backtest_run import gc_tuned
 from pipeline.broker import java_command, kafka_libs
@@ -102,7 +102,7 @@ def run(bootstrap: str, registry_url: str, events: int) -> list[Figure]:
 
     def best(decode, repeats: int = 3) -> float:
         consume_rate(bootstrap, topic, min(events, 1000), decode)  # warm-up: schema, reader
-        return max(consume_rate(bootstrap, topic, events, decode) for _ in range(repeats))
+        return max(consume_rate(bootstrap, topic, events, decode) for _ in range(runs(repeats)))
 
     raw = best(None)
     ours, fastavro = best(fast), best(plain)

@@ -30,10 +30,21 @@ class Figure:
         return self.value / self.baseline_value if self.baseline_value else float("nan")
 
 
+# Runs per figure, the fastest counting. A smoke run of the harness (``--events`` below
+# SMOKE_EVENTS, as tests/test_bench.py does) measures each once: its figures mean nothing.
+REPEATS = 3
+SMOKE_EVENTS = 10_000
+
+
+def runs(repeats: int = 3) -> int:
+    """How many runs a figure takes: ``repeats``, or one in a smoke run."""
+    return min(repeats, REPEATS)
+
+
 def best_rate(fn, events: int, repeats: int = 3) -> float:
     """Events per second of the fastest of ``repeats`` runs of ``fn()``."""
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(runs(repeats)):
         start = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - start)
