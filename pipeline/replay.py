@@ -73,6 +73,13 @@ class ReplayStats:
     seconds: float = 0.0
     stopped: bool = False  # stopped before the end (Ctrl-C, SIGTERM)
 
+    def count(self, name: str, stamp: int) -> None:
+        """One record of catalog topic ``name``, stamped ``stamp``, copied."""
+        self.records += 1
+        self.per_topic[name] = self.per_topic.get(name, 0) + 1
+        self.first_ms = stamp if self.first_ms is None else self.first_ms
+        self.last_ms = stamp
+
 
 def parse_speed(text: str | float | None) -> float | None:
     """``max`` (or nothing) -> None; ``10``, ``10x``, ``0.5`` -> that multiple of real time."""
@@ -154,7 +161,7 @@ class Republisher:
         paused: set[tuple[str, int]] = set()
         start_ms, end_ms = req.start_ms, req.end_ms
         timed = start_ms is not None or end_ms is not None
-        pace_from: tuple[int, float] | None = None  # (first timestamp, its wall time)
+        pacer = Pacer(req.speed)
         last_progress, idle_since = 0.0, None
         position = 0
 
@@ -225,18 +232,10 @@ class Republisher:
                     msg = buffers[source].popleft()
                     if buffers[source]:
                         push_head(source)
-                    if req.speed is not None:
-                        if pace_from is None:
-                            pace_from = (stamp, time.monotonic())
-                        _wait_until(pace_from[1] + (stamp - pace_from[0]) / 1000 / req.speed,
-                                         producer, should_stop)
+                    pacer.wait(stamp, producer, should_stop)
                     producer.produce(into[source[0]], msg.value(), msg.key(),
                                      headers=msg.headers(), timestamp=stamp, partition=source[1])
-                    stats.records += 1
-                    name = self.names[source[0]]
-                    stats.per_topic[name] = stats.per_topic.get(name, 0) + 1
-                    stats.first_ms = stamp if stats.first_ms is None else stats.first_ms
-                    stats.last_ms = stamp
+                    stats.count(self.names[source[0]], stamp)
                     if stats.records % 5000 == 0:
                         producer.poll(0)
                     if should_stop():
@@ -307,9 +306,23 @@ def prepare_target(bootstrap: str, registry_url: str, target: Namespace,
     return created
 
 
-def _wait_until(due: float, producer: ReliableProducer, should_stop: Callable[[], bool]) -> None:
-    while (left := due - time.monotonic()) > 0 and not should_stop():
-        producer.poll(min(left, 0.1))
+class Pacer:
+    """Holds records back to ``speed`` times real time by their timestamps (None: as fast
+    as possible), serving the producer's delivery reports while it waits."""
+
+    def __init__(self, speed: float | None) -> None:
+        self.speed = speed
+        self._from: tuple[int, float] | None = None  # (first timestamp, its wall time)
+
+    def wait(self, stamp: int, producer: ReliableProducer,
+             should_stop: Callable[[], bool]) -> None:
+        if self.speed is None:
+            return
+        if self._from is None:
+            self._from = (stamp, time.monotonic())
+        due = self._from[1] + (stamp - self._from[0]) / 1000 / self.speed
+        while (left := due - time.monotonic()) > 0 and not should_stop():
+            producer.poll(min(left, 0.1))
 
 
 class ArchiveRepublisher:
@@ -365,25 +378,17 @@ class ArchiveRepublisher:
         into = {full: req.target.topic(name) for full, name in self.names.items()}
         encode = {full: serde.encoder(target) for full, target in into.items()}
         began, last_progress = time.monotonic(), 0.0
-        pace_from: tuple[int, float] | None = None
+        pacer = Pacer(req.speed)
         producer = ReliableProducer(self.bootstrap, **{"linger.ms": 20})
         try:
             for stamp, topic, partition, _, record in self.source.in_time_order():
                 if should_stop():
                     stats.stopped = True
                     break
-                if req.speed is not None:
-                    if pace_from is None:
-                        pace_from = (stamp, time.monotonic())
-                    _wait_until(pace_from[1] + (stamp - pace_from[0]) / 1000 / req.speed,
-                                producer, should_stop)
+                pacer.wait(stamp, producer, should_stop)
                 producer.produce(into[topic], encode[topic](record), record["symbol"],
                                  timestamp=stamp, partition=partition)
-                stats.records += 1
-                name = self.names[topic]
-                stats.per_topic[name] = stats.per_topic.get(name, 0) + 1
-                stats.first_ms = stamp if stats.first_ms is None else stats.first_ms
-                stats.last_ms = stamp
+                stats.count(self.names[topic], stamp)
                 if stats.records % 5000 == 0:
                     producer.poll(0)
                     now = time.monotonic()
