@@ -117,6 +117,7 @@ from pipeline.trading.paper import PaperExecution
 from pipeline.trading.risk import RiskLimits, RiskState
 from pipeline.trading.rules import RulesTable
 from pipeline.trading.signing import StrategyKeys
+from pipeline.kill_switch import kill_switch_path
 from pipeline.trading.simulator import QUEUE_MODELS, SimulatorConfig
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,6 @@ log = logging.getLogger(__name__)
 MULTI_INSTANCE = True
 
 MODES = tuple(mode.value.lower() for mode in ExecutionMode)  # as --mode spells them
-KILL_SWITCH_FILE = "kill-switch"
 K = OrderEventKind
 
 
@@ -171,7 +171,7 @@ class ExecutionSettings:
 
     @property
     def kill_switch_path(self) -> Path:
-        return self.kill_switch_file or Path(self.run_dir) / KILL_SWITCH_FILE
+        return self.kill_switch_file or kill_switch_path(self.run_dir)
 
     @property
     def nonce_path(self) -> Path:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline import kill_switch
 from pipeline.archive import read_records as read_archive
 from pipeline.broker import LocalCluster, LocalKafka, local_kafka
 from pipeline.catalog import Namespace
@@ -140,7 +141,7 @@ class ChaosRun:
             raise PipelineError(f"the capture {self.config.capture} is missing (../shared/data "
                                 "beside the repo); run on the generator with --rate N")
         ensure_writable_dir(self.run_dir)
-        for leftover in ("kafka", "registry", "parquet", "logs", "kill-switch"):
+        for leftover in ("kafka", "registry", "parquet", "logs", kill_switch.KILL_SWITCH_FILE):
             path = self.run_dir / leftover
             if path.is_dir():
                 shutil.rmtree(path)
@@ -333,7 +334,7 @@ class ChaosRun:
         self.say("sources stopped; kill switch on; draining")
         started = time.monotonic()
         self._await_in_sync(120)
-        (self.run_dir / "kill-switch").touch()
+        kill_switch.turn(self.run_dir, True)
         deadline = time.monotonic() + self.config.drain_timeout_s
         stable_since, last = time.monotonic(), None
         while time.monotonic() < deadline:
