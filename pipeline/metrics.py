@@ -1,26 +1,28 @@
 """Prometheus metrics of the running topology, served by the supervisor (loopback only
-unless the topology's ``infra.listen`` says otherwise)."""
+unless the topology's ``infra.listen`` says otherwise), and the same collection as JSON at
+``/status.json`` for the web dashboard (which then needs no admin rights on the cluster)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from pipeline.status import collect, prometheus
+from pipeline.status import collect, prometheus, status_json
 
 log = logging.getLogger(__name__)
 
 
 def serve_metrics(supervisor) -> ThreadingHTTPServer | None:
     """Serve ``/metrics`` in a daemon thread; collected on scrape, at most every 2 s."""
-    cache: dict = {"at": 0.0, "body": "", "snapshot": None}
+    cache: dict = {"at": 0.0, "body": "", "json": "{}", "snapshot": None}
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            if self.path != "/metrics":
+            if self.path not in ("/metrics", "/status.json"):
                 self.send_error(404)
                 return
             with lock:
@@ -32,10 +34,13 @@ def serve_metrics(supervisor) -> ThreadingHTTPServer | None:
                              "processes": [c.public() for c in supervisor.children]}
                     snapshot = collect(supervisor.run_dir, state, cache["snapshot"])
                     cache.update(at=time.time(), snapshot=snapshot,
-                                 body=prometheus(snapshot, state["namespace"]))
-                body = cache["body"].encode()
+                                 body=prometheus(snapshot, state["namespace"]),
+                                 json=json.dumps(status_json(snapshot)))
+                metrics = self.path == "/metrics"
+                body = (cache["body"] if metrics else cache["json"]).encode()
             self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Type", "text/plain; version=0.0.4" if metrics
+                             else "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

@@ -18,9 +18,9 @@ from confluent_kafka import ConsumerGroupTopicPartitions
 
 from pipeline.catalog import Namespace, describe_topics
 from pipeline.cluster_health import INTERNAL_TOPICS, describe_cluster
+from pipeline import kill_switch
 from pipeline.kafka import make_admin
 
-KILL_SWITCH = "kill-switch"
 log = logging.getLogger(__name__)
 
 
@@ -85,7 +85,7 @@ def collect(run_dir: Path, state: dict, previous: Snapshot | None = None) -> Sna
         producer = json.loads(producer_file.read_text())
         producer["age_s"] = now - producer_file.stat().st_mtime + (
             producer.get("last_message_age_s") or 0)
-    execution = {"mode": _execution_mode(state), "kill_switch": (run_dir / KILL_SWITCH).exists()}
+    execution = {"mode": _execution_mode(state), "kill_switch": kill_switch.is_on(run_dir)}
     return Snapshot(now, state.get("processes", []), topics, groups, producer, execution,
                     state.get("phase", "unknown"), rates, partition_rates,
                     _portfolio(bootstrap, state.get("registry"), namespace, topics),
@@ -242,3 +242,26 @@ def _portfolio_metrics(view: Any) -> list[str]:
                          "Differences the last reconciliation with Gemini found.",
                          [({}, view.reconciliation["differences"])])
     return lines
+
+
+def status_json(snapshot: Snapshot) -> dict[str, Any]:
+    """The snapshot as JSON-safe values for the web dashboard: processes (without their
+    command lines, which name key files), groups with their lag and rates, topic rates,
+    the producer and execution. Values a browser only displays."""
+    processes = [{k: p.get(k) for k in ("name", "up", "pid", "restarts", "last_exit",
+                                        "last_error", "gave_up", "finished", "started_at")}
+                 for p in snapshot.processes]
+    groups = {name: {"members": g["members"], "lag": sum(g["lag"].values()),
+                     "lag_by_partition": g["lag"],
+                     "records_per_s": round(snapshot.rates.get(name, 0.0), 3)}
+              for name, g in sorted(snapshot.groups.items())}
+    topics = {name: {"end_offset": sum(ends), "partitions": len(ends),
+                     "records_per_s": round(snapshot.rates.get(name, 0.0), 3)}
+              for name, ends in sorted(snapshot.topics.items())}
+    producer = None
+    if snapshot.producer is not None:
+        producer = {k: snapshot.producer.get(k) for k in ("frames", "reconnects", "age_s",
+                                                          "state", "url")}
+    return {"taken_at": snapshot.taken_at, "phase": snapshot.phase, "processes": processes,
+            "groups": groups, "topics": topics, "producer": producer,
+            "execution": dict(snapshot.execution)}
