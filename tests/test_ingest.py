@@ -17,7 +17,8 @@ from pipeline.gemini.capture import received_frames
 from pipeline.gemini.marketdata import FrameError, SequenceGap, V1Normalizer, V2Normalizer
 from pipeline.registry import SchemaRegistry
 from pipeline.serde import Decoder
-from pipeline.venue.market import Market, generated_events, render_v2
+from pipeline.venue.market import (Market, capture_events, generated_events,
+                                   looped_capture_events, render_v2)
 from pipeline.venue.server import MALFORMED, RunningVenue, VenueConfig
 from tests.support.books import books_from_capture, books_from_records
 from tests.support.waiting import wait_for
@@ -141,6 +142,34 @@ def ingest_topics(kafka, namespace):
     ensure_topics(kafka, namespace, ["raw.frames", "md.l2", "md.trades", "dlq"])
     return {name: namespace.topic(name) for name in ("raw.frames", "md.l2", "md.trades", "dlq")}
 
+
+def test_a_looped_capture_moves_each_pass_past_the_one_before(shared_data):
+    """make demo loops the 30 s capture: every pass after the first is the same market
+    moved on in time and trade ids (bars keep closing, no id repeats), the snapshot's recent
+    trades are not sent again, and the frames sent say what the events say."""
+    import itertools
+
+    first = list(capture_events(shared_data / CAPTURE))
+    looped = list(itertools.islice(looped_capture_events(shared_data / CAPTURE), 3 * len(first)))
+    assert looped[:len(first)] == first
+    span_s = max(e.at_s for e in first) - min(e.at_s for e in first) + 1.0
+    for n in (1, 2):
+        again = looped[n * len(first):(n + 1) * len(first)]
+        assert [e.symbol for e in again] == [e.symbol for e in first]
+        assert [e.changes for e in again] == [e.changes for e in first]
+        assert {round(b.at_s - a.at_s, 3) for a, b in zip(first, again)} == {round(n * span_s, 3)}
+        assert all(not e.trades for e in again if e.snapshot)
+        for event in again:
+            frame = json.loads(event.raw_v2)
+            sent = [frame] if frame["type"] == "trade" else frame.get("trades", [])
+            assert sent == event.trades
+    live = [t for e in looped if not e.snapshot for t in e.trades]
+    assert len(live) == 3 * sum(len(e.trades) for e in first if not e.snapshot) > 0
+    for symbol in {t["symbol"] for t in live}:
+        ids = [t["event_id"] for t in live if t["symbol"] == symbol]
+        times = [t["timestamp"] for t in live if t["symbol"] == symbol]
+        assert ids == sorted(set(ids)) and times == sorted(times)
+    assert live[len(live) // 3]["timestamp"] - live[0]["timestamp"] == round(span_s * 1000)
 
 @pytest.mark.broker
 def test_the_real_capture_reaches_kafka_complete_and_in_order(kafka, registry, namespace,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Iterator
@@ -126,6 +126,44 @@ def capture_events(path: str | Path) -> Iterator[MarketEvent]:
                               at_s=at_s, raw_v2=line.text)
         elif kind != "heartbeat":
             raise PipelineError(f"{path}:{line.line_no}: unexpected frame type {kind!r}")
+
+
+def looped_capture_events(path: str | Path) -> Iterator[MarketEvent]:
+    """The capture again and again, each pass moved past the one before it: receive and
+    exchange times by the capture's span plus a second, trade ids by its id range. A looped
+    demo then looks like a market that goes on (bars keep closing, trade ids keep rising)
+    instead of the same thirty seconds repeated, which every time-keyed consumer would drop
+    as late or duplicate. The snapshot's recent trades are history, sent on the first pass
+    only."""
+    events = list(capture_events(path))
+    if not events:
+        return
+    span_s = max(e.at_s for e in events) - min(e.at_s for e in events) + 1.0
+    tids = [t["event_id"] for e in events for t in e.trades]
+    tid_span = max(tids) - min(tids) + 1 if tids else 0
+    yield from events
+    passes = 1
+    while True:
+        for event in events:
+            yield _shifted(event, passes * span_s, passes * round(span_s * 1000),
+                           passes * tid_span)
+        passes += 1
+
+
+def _shifted(event: MarketEvent, seconds: float, ms: int, tids: int) -> MarketEvent:
+    trades = [] if event.snapshot else [
+        {**t, "timestamp": t["timestamp"] + ms, "event_id": t["event_id"] + tids}
+        for t in event.trades]
+    raw = None
+    if event.raw_v2 is not None:
+        frame = json.loads(event.raw_v2)
+        if frame.get("type") == "trade":
+            frame = trades[0]
+        else:
+            frame["trades"] = trades
+        raw = json.dumps(frame, separators=(",", ":"))
+    return replace(event, trades=trades, ts_ms=event.ts_ms + ms if event.ts_ms else 0,
+                   at_s=event.at_s + seconds, raw_v2=raw)
 
 
 # Tick sizes and starting prices for generated books (Gemini's real ticks for these).

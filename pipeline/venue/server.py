@@ -37,7 +37,7 @@ from aiohttp import WSMsgType, web
 from pipeline.errors import PipelineError
 from pipeline.venue.history import HistoryApi, TradeHistory
 from pipeline.venue.market import (Book, Market, MarketEvent, capture_events, generated_events,
-                                   render_v2)
+                                   looped_capture_events, render_v2)
 from pipeline.venue.wsapi import WsApi
 
 log = logging.getLogger(__name__)
@@ -190,10 +190,8 @@ class Venue:
 
     def _source(self) -> Iterator[MarketEvent]:
         if self.config.capture is not None:
-            while True:
-                yield from capture_events(self.config.capture)
-                if not self.config.loop:
-                    return
+            yield from (looped_capture_events if self.config.loop else capture_events)(
+                self.config.capture)
         else:
             yield from generated_events(self.config.symbols, self.config.seed, self.config.depth)
 
@@ -214,7 +212,7 @@ class Venue:
     async def _run_market(self) -> None:
         if self.config.start_on_subscribe:
             await self._subscribed.wait()
-        started, first_at, last_at, loop_offset = time.monotonic(), None, None, 0.0
+        started, first_at = time.monotonic(), None
         pace = (1.0 / self.config.rate) if (self.config.capture is None and self.config.rate) \
             else None
         for n, event in enumerate(self._source()):
@@ -225,10 +223,7 @@ class Venue:
                 started += time.monotonic() - held  # paced sources go on where they were
             if self.config.capture is not None and self.config.speed:
                 first_at = event.at_s if first_at is None else first_at
-                if last_at is not None and event.at_s < last_at:  # the capture starts again
-                    loop_offset += last_at - first_at + 1.0
-                last_at = event.at_s
-                due = started + (event.at_s - first_at + loop_offset) / self.config.speed
+                due = started + (event.at_s - first_at) / self.config.speed
                 if due > time.monotonic():
                     await asyncio.sleep(due - time.monotonic())
             elif pace is not None:
