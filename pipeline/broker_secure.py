@@ -76,6 +76,9 @@ GRANTS: dict[str, Grant] = {
                        prefix="portfolio"),
     "archive": Grant(reads=("md.l2", "md.trades", "bars", "raw.frames"), writes=("dlq",),
                      prefix="archive"),
+    # The dashboard (`pipeline web`): what its pages show, read_committed, no commits.
+    "web": Grant(reads=("md.trades", "book.snapshots", "book.health", "bars", "orders.events",
+                        "portfolio.positions", "portfolio.pnl"), prefix="web"),
     # User groups of the topology ([[process]] run = "module:make_group"): the market data
     # and books they read, the [[topic]]s they write (added per topology), their group ids.
     "groups": Grant(reads=("md.l2", "md.trades", "book.snapshots", "book.health", "bars"),
@@ -241,6 +244,8 @@ def role_for(cmd: Iterable[str]) -> str | None:
         return "producer"
     if tail[:1] == ["run"]:
         return "groups"
+    if tail[:1] == ["web"]:
+        return "web"
     if tail[:1] == ["venue"]:
         return None
     return ADMIN  # an operator's job (the replay publisher)

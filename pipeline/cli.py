@@ -1370,6 +1370,66 @@ def strategy_resume(strategy_id: str = typer.Argument(..., help="The strategy's 
     _control(strategy_id, False, run_dir, namespace, yes)
 
 
+@app.command("web")
+def web(run_dir: Optional[Path] = RunDirOption,
+        namespace: Optional[str] = typer.Option(None, "--namespace", "-n",
+                                                help="Default: the running topology's."),
+        host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+        port: int = typer.Option(8050, help="Port to listen on."),
+        bootstrap: Optional[str] = typer.Option(None, help="Default: the running topology's."),
+        registry: Optional[str] = typer.Option(None, help="Default: the running topology's."),
+        symbols: Optional[str] = typer.Option(None, help="Comma-separated; default: the "
+                                                         "running topology's."),
+        status_url: Optional[str] = typer.Option(
+            None, help="The supervisor's /status.json; default: from its state file."),
+        bar_interval: Optional[str] = typer.Option(
+            None, help="The candles' bar interval; default: the topology's shortest."),
+        allow_remote: bool = typer.Option(False, "--allow-remote",
+                                          help="Serve other machines too (no login!).")) -> None:
+    """The web dashboard: topology, symbols (depth, candles), trading, backtests."""
+    from pipeline.supervisor import read_state
+    from pipeline.topology import load as load_topology
+    from pipeline.web.server import WebConfig, serve
+
+    settings, found_bootstrap, found_registry, ns = _endpoints(run_dir, namespace)
+    state = read_state(settings.run_dir) or {}
+    if symbols is None and state.get("topology"):
+        symbols = ",".join(load_topology(Path(state["topology"])).symbols)
+    if not symbols:
+        raise PipelineError("which symbols? --symbols A,B (or run it beside `make up`)")
+    if bar_interval is None:
+        from pipeline.supervisor import chart_interval
+
+        bar_interval = (chart_interval(load_topology(Path(state["topology"])))
+                        if state.get("topology") else "1m")
+    if status_url is None and state.get("metrics_port"):
+        status_url = f"http://127.0.0.1:{state['metrics_port']}/status.json"
+    config = WebConfig(settings.run_dir, str(ns), [s.strip().upper() for s in
+                                                   symbols.split(",") if s.strip()],
+                       status_url, allow_remote, bar_interval=bar_interval)
+    serve(config, bootstrap or found_bootstrap, registry or found_registry, host, port)
+
+
+@app.command("kill-switch")
+def kill_switch_command(
+        state: str = typer.Argument(..., help="on | off | show"),
+        run_dir: Optional[Path] = RunDirOption,
+        yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask.")) -> None:
+    """Stop all trading (on: execution rejects and cancels everything) or resume it."""
+    from pipeline import kill_switch
+
+    settings = _settings(run_dir)
+    if state not in ("on", "off", "show"):
+        raise PipelineError(f"kill-switch {state!r}: say on, off or show")
+    if state != "show":
+        on = state == "on"
+        if not yes and not typer.confirm(kill_switch.CONFIRM[on]):
+            raise typer.Exit(1)
+        kill_switch.turn(settings.run_dir, on)
+    console.print(f"kill switch {'ON' if kill_switch.is_on(settings.run_dir) else 'off'} "
+                  f"({kill_switch.kill_switch_path(settings.run_dir)})", highlight=False)
+
+
 @app.command("version")
 def version() -> None:
     """Versions of the pipeline, the Kafka jars it runs and the client library."""

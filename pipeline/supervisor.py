@@ -132,6 +132,7 @@ class Supervisor:
             for proc in self.topology.processes:
                 for index in range(proc.instances):
                     self._launch(self._child_for(proc, index))
+            self._web()
             time.sleep(1.0)  # a process that dies at once (bad arguments) shows now
             dead = [c for c in self.children if not c.up and not self._finished(c)]
             if dead:
@@ -258,6 +259,28 @@ class Supervisor:
         else:
             cmd = python_module(proc.run, *common, *_flags(args))
         return Child(name, cmd, str(self.log_dir / f"{name}.log"), proc.restart_limit)
+
+    def _web(self) -> None:
+        """The dashboard (`pipeline web`) on ``infra.web_port``, if the port is free: a
+        second topology on this machine (or a test's) runs without one rather than
+        failing to start."""
+        infra = self.topology.infra
+        if not infra.web_port:
+            return
+        try:
+            require_free_port(infra.web_port, infra.listen, "web dashboard",
+                              "set infra.web_port (0: none)")
+        except PipelineError as exc:
+            log.warning("no dashboard: %s", exc)
+            return
+        self._launch(Child("web", _cli(
+            "web", "--host", infra.listen, "--port", str(infra.web_port),
+            "--bootstrap", self.bootstrap, "--registry", self.registry_url,
+            "--namespace", str(self.topology.namespace),
+            "--symbols", ",".join(self.topology.symbols),
+            "--bar-interval", chart_interval(self.topology),
+            "--status-url", f"http://{infra.listen}:{infra.metrics_port}/status.json",
+            "--run-dir", str(self.run_dir)), str(self.log_dir / "web.log")))
 
     def _strategy_keys(self) -> Path:
         """A per-run signing key for every strategy, created once, readable only by us
@@ -393,6 +416,19 @@ class Supervisor:
         errors = [line for line in lines if " ERROR " in line or line.startswith(("error:",
                   "Traceback")) or "Error: " in line]
         return (errors or lines or ["no output"])[-1][-300:]
+
+
+def chart_interval(topology: Topology) -> str:
+    """The shortest bar interval the topology's bars group writes: the dashboard's candles."""
+    from pipeline.bars import DEFAULT_INTERVALS, INTERVALS_MS
+
+    found: list[str] = []
+    for proc in topology.processes:
+        if proc.run == "consumers.bars":
+            raw = proc.args.get("intervals", ",".join(DEFAULT_INTERVALS))
+            items = raw.split(",") if isinstance(raw, str) else list(raw)
+            found += [i.strip() for i in items if i.strip() in INTERVALS_MS]
+    return min(found, key=INTERVALS_MS.__getitem__) if found else DEFAULT_INTERVALS[0]
 
 
 def declare_topics(topology: Topology) -> None:

@@ -28,7 +28,8 @@ _TOP_KEYS = {"namespace", "symbols", "source", "infra", "process", "topic"}
 _SOURCE_KEYS = {"kind", "url", "protocol", "capture", "speed", "loop", "rate", "seed", "port",
                 "heartbeat_s", "api_keys_file", "from", "start", "end", "topics"}
 REPLAY_TOPICS = ("md.l2", "md.trades")
-_INFRA_KEYS = {"listen", "kafka_port", "controller_port", "registry_port", "metrics_port"}
+_INFRA_KEYS = {"listen", "kafka_port", "controller_port", "registry_port", "metrics_port",
+               "web_port"}
 _PROCESS_KEYS = {"name", "run", "instances", "args", "after", "restart_limit"}
 _TOPIC_KEYS = {"name", "partitions", "key", "description", "cleanup_policy", "retention_ms"}
 
@@ -61,6 +62,7 @@ class Infra:
     controller_port: int = 9093
     registry_port: int = 8081
     metrics_port: int = 9464
+    web_port: int = 8050  # the dashboard (`pipeline web`); 0: none
 
 
 @dataclass(frozen=True)
