@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py pipeline/_avro.c | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install broker broker-secure cluster registry up demo down status lint test test-unit chaos bench fuzz clean
+.PHONY: install browser broker broker-secure cluster registry up demo down status lint test test-unit chaos bench fuzz clean
 
 install: $(STAMP)
 
@@ -17,6 +17,13 @@ $(STAMP): pyproject.toml setup.py pipeline/_avro.c
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[test]"
 	@rm -f $(VENV)/.installed-* && touch $@
+
+# Debian's Chromium for the dashboard's and the report's browser tests (Playwright drives
+# it; no browser download). Skipped when it is already there.
+browser:
+	@command -v chromium >/dev/null || { SUDO=$$(command -v sudo || true); \
+	  $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; }
 
 broker: install
 	$(BIN)/pipeline broker start
@@ -55,7 +62,7 @@ lint: install
 
 # The tests start their own broker on free ports (run/test) and stop it afterwards,
 # also when tests fail; with KAFKA_BOOTSTRAP_SERVERS set they use that cluster instead.
-test: install
+test: install browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The tests that need no Kafka (tests/conftest.py marks the others integration); no broker

@@ -92,7 +92,7 @@ def topics(kafka: str, namespace: Namespace):
     return create
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real Gemini data not found at {SHARED_DATA} (../shared/data beside the repo)")
