@@ -1159,6 +1159,42 @@ def _cluster_tables(health):
     return Group(brokers, parts)
 
 
+@app.command("metrics")
+def metrics(run_dir: Optional[Path] = RunDirOption,
+            namespace: Optional[str] = typer.Option(
+                None, "--namespace", "-n", help="Default: the running topology's, else "
+                                                "PIPELINE_NAMESPACE."),
+            host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 in a "
+                                                       "container)."),
+            port: int = typer.Option(9464, help="Port to listen on."),
+            execution_mode: Optional[str] = typer.Option(
+                None, help="The execution's --mode, for pipeline_info, when no supervisor "
+                           "here runs it (compose).")) -> None:
+    """Serve /metrics (Prometheus) and /status.json like the supervisor does, for a topology
+    whose processes it does not run (docker/compose.yml)."""
+    import signal
+    import threading
+
+    from pipeline.metrics import metrics_server, standalone_state
+
+    settings, bootstrap, registry, ns = _endpoints(run_dir, namespace)
+    state_of = standalone_state(settings.run_dir, bootstrap, registry, str(ns), execution_mode)
+    try:
+        server = metrics_server(host, port, settings.run_dir, state_of)
+    except OSError as exc:
+        raise PipelineError(f"cannot listen on {host}:{port} ({exc.strerror}): --port N") \
+            from None
+    console.print(f"metrics of namespace {ns} on http://{host}:{server.server_address[1]}"
+                  "/metrics and /status.json; Ctrl-C stops it", highlight=False)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    server.shutdown()
+
+
 @app.command("run")
 def run_group(
     target: str = typer.Argument(..., help="A process of the topology (e.g. orderbook), or "

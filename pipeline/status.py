@@ -136,7 +136,7 @@ def _execution_mode(state: dict) -> str:
         if proc["name"].startswith("execution"):
             cmd = proc.get("cmd", [])
             return cmd[cmd.index("--mode") + 1] if "--mode" in cmd else "paper"
-    return "not running"
+    return state.get("execution_mode") or "not running"  # one running elsewhere (compose)
 
 
 Sample = tuple[dict[str, object], object]  # labels, value

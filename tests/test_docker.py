@@ -14,10 +14,13 @@ COMPOSE = yaml.safe_load((REPO_ROOT / "docker" / "compose.yml").read_text())
 TOPOLOGY = topology.load(REPO_ROOT / "topology.toml")
 SERVICES = COMPOSE["services"]
 INFRA = {"kafka", "registry", "init"}
+MONITORING = {"metrics", "prometheus", "grafana"}
+DOCKER = REPO_ROOT / "docker"
 
 
 def test_every_process_of_the_topology_is_a_service_and_nothing_else():
-    assert set(SERVICES) == INFRA | {"producer"} | {p.name for p in TOPOLOGY.processes}
+    assert set(SERVICES) == INFRA | MONITORING | {"producer"} | {
+        p.name for p in TOPOLOGY.processes}
 
 
 def test_services_run_what_the_topology_runs_with_the_same_arguments():
@@ -77,3 +80,54 @@ def test_images_match_the_versions_the_pipeline_runs_locally():
     assert SERVICES["registry"]["image"] == f"apicurio/apicurio-registry:{apicurio_version()}"
     for port in (p.split(":")[0] for s in SERVICES.values() for p in s.get("ports", [])):
         assert port == "127.0.0.1", "ports listen on loopback only"
+
+
+def mounts(service: str) -> dict[str, str]:
+    """Container path -> host path (relative to docker/, where compose.yml is) of the binds."""
+    out = {}
+    for volume in SERVICES[service].get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith("."):
+            assert (DOCKER / source).exists(), f"{service} mounts {source}, which is missing"
+            out[target] = source
+    return out
+
+
+def test_the_metrics_service_serves_the_namespace_prometheus_scrapes():
+    metrics = SERVICES["metrics"]
+    line = metrics["command"]
+    assert line[0] == "metrics" and line[line.index("--host") + 1] == "0.0.0.0"
+    port = line[line.index("--port") + 1]
+    assert metrics["ports"] == [f"127.0.0.1:{port}:{port}"]
+    assert metrics["environment"] == COMPOSE["x-pipeline"]["environment"], "the same cluster"
+    execution = SERVICES["execution"]["command"]
+    assert line[line.index("--execution-mode") + 1] == execution[execution.index("--mode") + 1]
+    prometheus = SERVICES["prometheus"]
+    assert prometheus["image"] == "prom/prometheus:v3.5.0"
+    assert prometheus["depends_on"] == ["metrics"]
+    assert mounts("prometheus") == {"/etc/prometheus/prometheus.yml": "./prometheus/prometheus.yml"}
+    config = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
+    [job] = config["scrape_configs"]
+    assert job["static_configs"] == [{"targets": [f"metrics:{port}"]}]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+
+
+def test_grafana_is_provisioned_with_the_prometheus_datasource_and_the_dashboard():
+    grafana = SERVICES["grafana"]
+    assert grafana["image"] == "grafana/grafana:12.1.1"
+    assert grafana["depends_on"] == ["prometheus"] and grafana["ports"] == ["127.0.0.1:3000:3000"]
+    binds = mounts("grafana")
+    assert binds["/etc/grafana/provisioning"] == "./grafana/provisioning"
+    provisioning = DOCKER / "grafana" / "provisioning"
+    [source] = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"]
+    assert source["type"] == "prometheus" and source["uid"] == "prometheus"
+    assert source["url"] == "http://prometheus:9090"
+    [provider] = yaml.safe_load((provisioning / "dashboards" / "pipeline.yml").read_text())[
+        "providers"]
+    dashboards = provider["options"]["path"]
+    assert binds[dashboards] == "./grafana/dashboards"
+    assert (DOCKER / "grafana" / "dashboards" / "pipeline.json").exists()
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{dashboards}/pipeline.json"
+    assert {"prometheus-data", "grafana-data"} <= set(COMPOSE["volumes"])

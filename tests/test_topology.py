@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,10 @@ import requests
 from pipeline import topology
 from pipeline.config import REPO_ROOT
 from pipeline.errors import PipelineError
-from pipeline.services import alive, free_port
+from pipeline.services import alive
 from tests.support.kafka_io import produce_raw, read_all
-from tests.support.processes import cli
+from tests.support.processes import cli, demo_topology
 from tests.support.waiting import wait_for
-
-CAPTURE = "gemini_v2_l2_capture_2021-06-24.txt"
-
 
 def write(tmp_path: Path, text: str, name: str = "topology.toml") -> Path:
     path = tmp_path / name
@@ -68,23 +64,6 @@ def test_an_overlay_overrides_keys(tmp_path):
 
 
 # --------------------------------------------------------------------------- up and down
-
-
-def demo_topology(tmp_path: Path, shared_data: Path, processes: str) -> Path:
-    return write(tmp_path, f"""
-namespace = "sim-up{time.monotonic_ns() % 10**8}"
-symbols = ["FILUSD", "ANKRUSD", "ALCXUSD"]
-[source]
-kind = "venue"
-capture = "{shared_data / CAPTURE}"
-speed = 4.0
-loop = true
-port = {free_port()}
-heartbeat_s = 0.5
-[infra]
-metrics_port = {free_port()}
-{processes}
-""")
 
 
 PROCESSES = """

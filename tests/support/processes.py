@@ -1,5 +1,5 @@
 """The project's commands as real processes, for tests: `pipeline ...` runs and the
-producer, plus the real capture's name and symbols."""
+producer, plus the real capture's name and symbols and a small topology on it."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import requests
 
 from pipeline.config import REPO_ROOT
+from pipeline.services import free_port
 from pipeline.venue.server import RunningVenue
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
@@ -25,6 +26,27 @@ def cli(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProc
     """`pipeline ARGS` to completion, output captured."""
     return subprocess.run([PIPELINE, *args], capture_output=True, text=True, timeout=timeout,
                           env=env, cwd=REPO_ROOT)
+
+
+def demo_topology(tmp_path: Path, shared_data: Path, processes: str) -> Path:
+    """A topology file in ``tmp_path``: the venue replaying the capture at 4x, looping, three
+    symbols, free ports, a namespace of its own, then ``processes`` (TOML)."""
+    path = tmp_path / "topology.toml"
+    path.write_text(f"""
+namespace = "sim-up{time.monotonic_ns() % 10**8}"
+symbols = ["FILUSD", "ANKRUSD", "ALCXUSD"]
+[source]
+kind = "venue"
+capture = "{shared_data / CAPTURE}"
+speed = 4.0
+loop = true
+port = {free_port()}
+heartbeat_s = 0.5
+[infra]
+metrics_port = {free_port()}
+{processes}
+""")
+    return path
 
 
 def cluster_env(kafka: str, registry_url: str, **extra: str) -> dict:
