@@ -264,16 +264,18 @@ def backtest_figure(result: EngineResult, title: str = "") -> Any:
                              line=dict(color=_EQUITY, width=1.2), connectgaps=False),
                   row=n_price + 1, col=1)
     drawdown = data["drawdown_pct"].to_numpy()
+    fill = "rgba(239,83,80,0.35)"
     fig.add_trace(go.Scatter(name="drawdown", x=x, y=drawdown, mode="lines",
                              line=dict(color=_DOWN, width=0.8), connectgaps=False,
-                             legendgroup="drawdown",
-                             hovertemplate="%{y:.4g}%<extra>drawdown</extra>"),
+                             legendgroup="drawdown", fill=None if gaps else "tozeroy",
+                             fillcolor=fill, hovertemplate="%{y:.4g}%<extra>drawdown</extra>"),
                   row=n_price + 2, col=1)
-    fx, fy = _area(x, drawdown)
-    fig.add_trace(go.Scatter(name="drawdown area", x=fx, y=fy, mode="none", fill="toself",
-                             fillcolor="rgba(239,83,80,0.35)", hoverinfo="skip",
-                             showlegend=False, legendgroup="drawdown"),
-                  row=n_price + 2, col=1)
+    if gaps:  # "tozeroy" would fill across the gaps: one closed shape per stretch instead
+        fx, fy = _area(x, drawdown)
+        fig.add_trace(go.Scatter(name="drawdown area", x=fx, y=fy, mode="none", fill="toself",
+                                 fillcolor=fill, hoverinfo="skip", showlegend=False,
+                                 legendgroup="drawdown"),
+                      row=n_price + 2, col=1)
     fig.update_yaxes(title_text="equity", tickformat=f",.{report._digits(data['equity'])}f",
                      row=n_price + 1, col=1)
     fig.update_yaxes(title_text="%", row=n_price + 2, col=1)
