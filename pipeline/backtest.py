@@ -358,6 +358,7 @@ class NextOpenBroker(Broker):
         self.finalize_trades = finalize_trades
         self.orders: dict[str, list[_Queued]] = {}
         self.bars: dict[str, dict] = {}  # symbol -> last bar
+        self.bar_log: list[dict] = []  # every bar it ran on, in order (the records themselves)
         self.bar_index: dict[str, int] = {}
         self.intervals: dict[str, str] = {}
 
@@ -456,6 +457,7 @@ class NextOpenBroker(Broker):
             self._first_bar(symbol, interval)
         self.bar_index[symbol] += 1
         self.bars[symbol] = bar
+        self.bar_log.append(bar)
         events = None
         if self.orders.get(symbol):
             events = self._process(symbol, bar, len(self.values))
@@ -778,6 +780,9 @@ class EngineResult:
     # point, None before its first: what the report's buy & hold is computed from
     marks: dict[str, list[Decimal | None]] = field(default_factory=dict)
     fill_count: dict[str, int] = field(default_factory=dict)  # per symbol, the ledger's
+    # next-open fills: every bar the broker ran on (of its interval), in replay order, the
+    # replayed records themselves (not copies): the report's candles. Empty for book fills.
+    bars: list[dict] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -1036,7 +1041,8 @@ class Engine:
             snapshots_emitted=self.snapshots, interrupted=interrupted, stopped=self.stopped,
             order_events=self.order_events, final_marks=dict(broker.marks),
             realized=dict(ledger.realized), marks=broker.marks_by_point(),
-            fill_count=dict(ledger.fill_count))
+            fill_count=dict(ledger.fill_count),
+            bars=broker.bar_log if isinstance(broker, NextOpenBroker) else [])
 
 
 def _describe(record: dict) -> str:

@@ -643,7 +643,11 @@ def backtest(
     out: Optional[Path] = typer.Option(None, help="Directory for trades.csv, equity.csv, "
                                                   "stats.json, equity.png \\[default: "
                                                   "<run_dir>/backtests/<strategy>-<time>]."),
-    html: bool = typer.Option(False, help="Also write report.html."),
+    html: bool = typer.Option(False, help="Also write report.html (with --grid: "
+                                          "sweep.html)."),
+    metric: Optional[str] = typer.Option(None, help="--grid --html: the statistic sweep.html "
+                                                    "draws over the grid \\[default: "
+                                                    "Return [%]]."),
     progress: bool = typer.Option(True, "--progress/--no-progress",
                                   help="A progress bar on stderr (events/s, ETA)."),
     source: str = typer.Option("kafka", help="kafka: the topics; archive: the same records "
@@ -661,6 +665,13 @@ def backtest(
     from pipeline.broker import bootstrap_servers
     from pipeline.registry_server import registry_url
 
+    if metric is not None:
+        from pipeline.report_interactive import check_metric
+
+        if grid is None or not html:
+            raise PipelineError("--metric chooses what sweep.html draws: give it with --grid "
+                                "and --html")
+        check_metric(metric)
     settings = _settings(run_dir)
     if source == "archive":  # no Kafka needed
         from pipeline.archive import resolve_root
@@ -684,14 +695,22 @@ def backtest(
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = out or settings.run_dir / "backtests" / f"{strategy.rpartition(':')[2]}-{stamp}"
     if grid is not None:
-        table = sweep(bootstrap, registry, namespace, strategy, _json_object(grid, "--grid"),
+        from pipeline.report_interactive import DEFAULT_METRIC, write_sweep_html
+
+        grid_values = _json_object(grid, "--grid")
+        table = sweep(bootstrap, registry, namespace, strategy, grid_values,
                       strategy_params, workers=workers, progress=progress, **common)
         out.mkdir(parents=True, exist_ok=True)
         table.to_csv(out / "sweep.csv", index=False)
+        chart = ""
+        if html and len(table):
+            chart = ", chart " + str(write_sweep_html(
+                out / "sweep.html", table, grid_values, metric or DEFAULT_METRIC,
+                f"{strategy} {strategy_params}"))
         _print_sweep(table)
         done = len(table)
         console.print(f"{done} of {table.attrs['combinations']} combination(s); "
-                      f"table written to {out / 'sweep.csv'}", highlight=False)
+                      f"table written to {out / 'sweep.csv'}{chart}", highlight=False)
         if table.attrs["interrupted"]:
             console.print("[yellow]interrupted[/]: the combinations not started were dropped")
             raise typer.Exit(130)

@@ -646,10 +646,17 @@ def breakdown_columns(result: EngineResult) -> dict[str, Any]:
 
 def write_html(path: Path, title: str, stats: dict[str, Any], trades_text: str,
                png: Path | None, result: EngineResult | None = None) -> None:
-    """A self-contained page: statistics (with what they cover: gaps, per symbol), the
-    chart (embedded) and the trade list."""
+    """A self-contained page: the interactive chart of ``result``
+    (:func:`pipeline.report_interactive.backtest_figure`: prices with the trades, equity,
+    drawdown; plotly.js inline), the statistics (with what they cover: gaps, per symbol)
+    and the trade list. Hooks for tools and tests: ``<div id="chart" data-trades="N">``
+    (N closed trades), ``<script id="figure" type="application/json">`` (the figure),
+    ``<table id="stats">``, ``<table id="trades">``; plotly.js is ``<script
+    id="plotlyjs">``. Without ``result`` the chart is the ``png`` (embedded), as before."""
     import base64
     import html
+
+    from pipeline import report_interactive
 
     def table(head: list[str], rows: list[list[Any]]) -> str:
         return ("<table><tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in head)
@@ -659,10 +666,6 @@ def write_html(path: Path, title: str, stats: dict[str, Any], trades_text: str,
 
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
                    for k, v in stats_rows(stats))
-    image = ""
-    if png is not None and png.exists():
-        data = base64.b64encode(png.read_bytes()).decode()
-        image = f'<img alt="equity and drawdown" src="data:image/png;base64,{data}">'
     extra = ""
     if result is not None:
         cover = coverage(result)
@@ -684,13 +687,24 @@ def write_html(path: Path, title: str, stats: dict[str, Any], trades_text: str,
     head = "".join(f"<th>{html.escape(c)}</th>" for c in lines[0]) if lines else ""
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in line) + "</tr>"
                    for line in lines[1:])
+    tables = (f"<h2>Statistics</h2><table id=\"stats\">{rows}</table>{extra}"
+              f"<h2>Trades</h2><table id=\"trades\"><tr>{head}</tr>{body}</table>")
+    if result is not None:
+        path.write_text(report_interactive.page(
+            title, report_interactive.backtest_figure(result), tables,
+            chart_attrs={"data-trades": len(result.trades)},
+            script=report_interactive.autoscale_script()))
+        return
+    image = ""
+    if png is not None and png.exists():
+        data = base64.b64encode(png.read_bytes()).decode()
+        image = f'<img alt="equity and drawdown" src="data:image/png;base64,{data}">'
     path.write_text(
         f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
         "<style>body{font:14px sans-serif;margin:2em}table{border-collapse:collapse}"
         "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}"
         "th{text-align:left}</style>"
-        f"<h1>{html.escape(title)}</h1>{image}<h2>Statistics</h2><table>{rows}</table>"
-        f"{extra}<h2>Trades</h2><table><tr>{head}</tr>{body}</table>")
+        f"<h1>{html.escape(title)}</h1>{image}{tables}")
 
 
 def _fmt(value: Any) -> str:

@@ -111,6 +111,38 @@ def assert_same_stat(key, ours, theirs):
         assert ours == pytest.approx(float(theirs), rel=1e-6, abs=1e-9), key
 
 
+def render_report(path, screenshot) -> dict:
+    """Open a report in headless Chromium; what its figure drew (markers named entries and
+    exits, candles, price/equity/drawdown rows) and the ``data-trades`` hook. Fails on any
+    console error; saves a screenshot."""
+    from tests.support.browser import WatchedPage, chromium
+
+    with chromium() as browser:
+        watched = WatchedPage(browser)
+        try:
+            watched.page.goto(path.as_uri())
+            watched.page.wait_for_selector("#chart.js-plotly-plot", timeout=120_000)
+            watched.page.wait_for_function(
+                "() => document.querySelector('#chart .main-svg g.trace.boxes path')",
+                timeout=120_000)
+            drawn = watched.page.evaluate("""() => {
+                const gd = document.getElementById('chart');
+                const count = name => gd.data.filter(t => t.name === name)
+                    .reduce((n, t) => n + t.x.length, 0);
+                return {entries: count('entries'), exits: count('exits'),
+                        hook: Number(gd.dataset.trades),
+                        candles: gd._fullData.filter(t => t.type === 'candlestick')
+                            .reduce((n, t) => n + t.x.length, 0),
+                        rows: Object.keys(gd._fullLayout).filter(
+                            k => /^yaxis\\d*$/.test(k)).length};
+            }""")
+            watched.page.screenshot(path=str(screenshot))
+        finally:
+            watched.close()
+    assert watched.errors == []
+    return drawn
+
+
 @pytest.mark.broker
 @pytest.mark.parametrize("allow_short", [True, False], ids=["long-short", "long-only"])
 def test_parity_with_backtesting_py_on_the_real_hourly_file(kafka, registry, bars_ns, tmp_path,
@@ -154,6 +186,12 @@ def test_parity_with_backtesting_py_on_the_real_hourly_file(kafka, registry, bar
     shots.mkdir(parents=True, exist_ok=True)
     for name in ("equity.png", "report.html", "stats.json"):
         (shots / name).write_bytes((out / name).read_bytes())
+    # The interactive report draws in a browser: one entry and one exit marker per trade of
+    # backtesting.py's list, a candle per bar, no console error.
+    drawn = render_report(out / "report.html", shots / "report.png")
+    assert drawn == {"entries": len(trades), "exits": len(trades), "hook": len(trades),
+                     "candles": len(ours.engine.bars), "rows": 3}
+    assert len(ours.engine.bars) == 32_842
     assert (out / "trades.csv").read_text() == ours.trades_csv
     assert (out / "equity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "stats.json").read_text())["summary"]
@@ -679,9 +717,19 @@ def test_the_backtest_command_sweeps_a_grid(kafka, registry, bars_ns, tmp_path):
     done = pipeline_cli(kafka, registry, "backtest", SMA, "-n", str(bars_ns),
                         "--params", json.dumps({"amount": None, "fraction": FULL_EQUITY}),
                         "--grid", json.dumps({"fast": [10], "slow": [20, 30]}),
-                        "--out", str(out), "--no-progress")
+                        "--html", "--metric", "Sharpe Ratio", "--out", str(out),
+                        "--no-progress")
     assert done.returncode == 0, done.stderr
     table = pd.read_csv(out / "sweep.csv")
+    # sweep.html: the metric over the grid, its cells the table's values
+    page = (out / "sweep.html").read_text()
+    assert '<div id="chart" data-metric="Sharpe Ratio" data-combinations="2">' in page
+    figure = json.loads(re.search(r'<script id="figure" type="application/json">(.*?)</script>',
+                                  page, re.S).group(1))
+    (heat,) = figure["data"]
+    assert (heat["type"], heat["y"], heat["x"]) == ("heatmap", ["10"], ["20", "30"])
+    assert heat["z"][0] == pytest.approx(list(table["Sharpe Ratio"]), rel=1e-12)
+    assert f"chart {out / 'sweep.html'}" in done.stdout
     assert list(zip(table["fast"], table["slow"])) == [(10, 20), (10, 30)]
     assert table["# Trades"].iloc[0] == 1879
     # what the rows cover, and the per-symbol columns
