@@ -1,23 +1,18 @@
 """docker/grafana: the pipeline dashboard is a sound Grafana dashboard on the provisioned
-datasource, and every metric it queries is in the exposition of a running topology."""
+datasource, and its PromQL parser. That every metric it queries is in a running topology's
+exposition is checked on the web test's demo (tests/test_web.py), which runs them all."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
-import requests
 import yaml
 
-from pipeline import topology
 from pipeline.config import REPO_ROOT
-from pipeline.services import free_port
-from tests.support.grafana import (DASHBOARD, dashboard_metric_names, exposition_metric_names,
-                                   missing_metrics, panels, promql_metric_names,
+from tests.support.grafana import (DASHBOARD, exposition_metric_names,
+                                   panels, promql_metric_names,
                                    variable_metric_names)
-from tests.support.processes import PIPELINE, cli, demo_topology
-from tests.support.waiting import wait_for
 
 PROVISIONING = REPO_ROOT / "docker" / "grafana" / "provisioning"
 
@@ -100,79 +95,3 @@ def test_the_dashboard_is_a_grafana_dashboard_on_the_provisioned_datasource():
     assert variable["name"] == "namespace" and variable["datasource"]["uid"] == source["uid"]
     provider = yaml.safe_load((PROVISIONING / "dashboards" / "pipeline.yml").read_text())
     assert provider["providers"][0]["type"] == "file"
-
-
-# --------------------------------------------------------------------------- on a topology
-
-PROCESSES = """
-[[process]]
-name = "orderbook"
-run = "consumers.orderbook"
-args = { depth = 5 }
-
-[[process]]
-name = "strategy"
-run = "consumers.strategy"
-args = { strategy = "pipeline.strategy:MidQuoter", params = { symbol = "FILUSD", tick = "0.0001", requote_bps = 1 }, inputs = "book.snapshots" }
-
-[[process]]
-name = "execution"
-run = "consumers.execution"
-args = { mode = "paper" }
-
-[[process]]
-name = "portfolio"
-run = "consumers.portfolio"
-args = { capital = "100000", max_mark_age_s = "off", pnl_interval = 1 }
-"""  # noqa: E501 - TOML 1.0 inline tables (the strategy's args) cannot span lines
-
-
-def samples(text: str) -> set[str]:
-    return {line.split("{")[0].split()[0] for line in text.splitlines()
-            if line and not line.startswith("#")}
-
-
-@pytest.mark.broker
-def test_every_metric_the_dashboard_queries_is_in_a_running_topologys_exposition(
-        kafka, registry, tmp_path, shared_data, up_env):
-    """The supervisor's /metrics and `pipeline metrics` beside it, with the producer,
-    execution and portfolio running: the dashboard queries nothing they lack."""
-    path = demo_topology(tmp_path, shared_data, PROCESSES)
-    supervised = f"http://127.0.0.1:{topology.load(path).infra.metrics_port}"
-    started = cli("up", "--topology", str(path), env=up_env)
-    assert started.returncode == 0, started.stderr + started.stdout
-    port = free_port()
-    beside = subprocess.Popen([PIPELINE, "metrics", "--port", str(port)], env=up_env,
-                              cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
-    try:
-        def exposition() -> str | None:  # once the portfolio has equity and groups commit
-            text = requests.get(f"{supervised}/metrics", timeout=10).text
-            have = samples(text)
-            return text if {"pipeline_strategy_equity", "pipeline_producer_frames_total",
-                            "pipeline_group_records_per_second"} <= have else None
-
-        text = wait_for(exposition, 60, "equity, producer and group samples", 1.0)
-        assert not missing_metrics(DASHBOARD, text)
-        queried = dashboard_metric_names(DASHBOARD)
-        print("queried:", sorted(queried))
-        print("no samples yet:", sorted(queried - samples(text)))
-        assert queried - samples(text) <= {"pipeline_strategy_rejections_total",
-                                           "pipeline_strategy_position"}
-
-        reply = wait_for(lambda: beside.poll() is None and requests.get(
-            f"http://127.0.0.1:{port}/metrics", timeout=10), 30, "`pipeline metrics`", 0.5)
-        assert reply.status_code == 200, reply.text
-        assert not missing_metrics(DASHBOARD, reply.text)
-        ns = str(topology.load(path).namespace)
-        assert f'pipeline_info{{namespace="{ns}",mode="paper"}} 1' in reply.text
-        assert 'pipeline_process_up{process="portfolio"} 1' in reply.text, "the supervisor's"
-        status = requests.get(f"http://127.0.0.1:{port}/status.json", timeout=10).json()
-        assert status.keys() == requests.get(f"{supervised}/status.json", timeout=10).json(
-            ).keys()
-        assert f"{ns}.portfolio" in status["groups"]
-    finally:
-        beside.terminate()
-        out, err = beside.communicate(timeout=30)
-    assert beside.returncode == 0, err
-    assert f"metrics of namespace {ns} on http://127.0.0.1:{port}/metrics" in out

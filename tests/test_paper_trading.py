@@ -268,6 +268,7 @@ port = {venue_port}
 heartbeat_s = 1.0
 [infra]
 metrics_port = {metrics_port}
+web_port = 0
 
 [[process]]
 name = "orderbook"

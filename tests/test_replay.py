@@ -43,6 +43,7 @@ symbols = {symbols}
 kind = "venue"
 [infra]
 metrics_port = {metrics_port}
+web_port = 0
 
 [[process]]
 name = "orderbook"

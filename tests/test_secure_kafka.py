@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import websocket
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from pipeline import topology
@@ -289,7 +290,7 @@ def secure_topology(tmp_path: Path, shared_data: Path, secured: Secured, ns: str
             (r"kafka_port = \d+", f"kafka_port = {state.port}"),
             (r"controller_port = \d+", f"controller_port = {state.controller_port}"),
             (r"registry_port = \d+", f"registry_port = {free_port()}"),
-            (r"metrics_port = \d+", f"metrics_port = {free_port()}"),
+            (r"metrics_port = \d+", f"metrics_port = {free_port()}\nweb_port = {free_port()}"),
             (r'intervals = "[^"]*"', 'intervals = "1s,5s", lateness_ms = 500')]:
         text, count = re.subn(pattern, value, text)
         assert count == 1, pattern
@@ -345,6 +346,7 @@ def test_the_demo_topology_runs_with_least_privilege_and_no_secret_in_clear(
     ns = Namespace(f"sim-secup{uuid.uuid4().hex[:6]}")
     path = secure_topology(tmp_path, shared_data, secured, str(ns))
     metrics_port = topology.load(path).infra.metrics_port
+    web_port = topology.load(path).infra.web_port
     gemini_key, gemini_secret = f"account-{uuid.uuid4().hex[:12]}", base64.b64encode(
         os.urandom(24)).decode()
     env = secured.env(GEMINI_API_KEY=gemini_key, GEMINI_API_SECRET=gemini_secret)
@@ -400,6 +402,17 @@ def test_the_demo_topology_runs_with_least_privilege_and_no_secret_in_clear(
             (secured.run_dir / "supervisor.json").read_text())["processes"]}
         assert restarts == {name: int(name in ("strategy", "execution"))
                             for name in restarts}, restarts  # nothing else died
+        # The dashboard reads as its own principal: the books reached its page.
+        ws = websocket.create_connection(f"ws://127.0.0.1:{web_port}/ws", timeout=10)
+        try:
+            ws.send(json.dumps({"subscribe": "symbol", "symbol": "FILUSD"}))
+            view = json.loads(ws.recv())
+            deadline = time.monotonic() + 30
+            while view["data"].get("top") is None and time.monotonic() < deadline:
+                view = json.loads(ws.recv())
+            assert view["data"]["top"] is not None, view
+        finally:
+            ws.close()
         for log in (secured.run_dir / "logs").glob("*.log"):  # the grants were enough
             text = log.read_text(errors="replace").lower()
             assert "authorization failed" not in text and "not authorized" not in text, log

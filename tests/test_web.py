@@ -18,6 +18,8 @@ import time
 import uuid
 from pathlib import Path
 
+import subprocess
+
 import pytest
 import requests
 import websocket
@@ -30,21 +32,23 @@ from pipeline.serde import Decoder
 from pipeline.services import free_port
 from pipeline.web.server import MAX_MESSAGE
 from tests.support.browser import WatchedPage, chromium
+from tests.support.grafana import DASHBOARD, dashboard_metric_names, missing_metrics
 from tests.support.kafka_io import read_all
-from tests.support.processes import CAPTURE, cli, cluster_env
+from tests.support.processes import CAPTURE, PIPELINE, cli, cluster_env
 from tests.support.waiting import wait_for
 
 SHOTS = REPO_ROOT / "run" / "test-screenshots" / "web"
 
 
-def demo_topology(shared_data: Path, namespace: Namespace, web_port: int) -> str:
+def the_demo_file(shared_data: Path, namespace: Namespace, web_port: int,
+                  metrics_port: int) -> str:
     """topology.demo.toml on this test's namespace and ports, with short bars."""
     text = (REPO_ROOT / "topology.demo.toml").read_text()
     for old, new in [('namespace = "sim"', f'namespace = "{namespace}"'),
                      ('"../shared/data/gemini_v2_l2_capture_2021-06-24.txt"',
                       json.dumps(str(shared_data / CAPTURE))),
                      ("port = 8090", f"port = {free_port()}"),
-                     ("metrics_port = 9464", f"metrics_port = {free_port()}\n"
+                     ("metrics_port = 9464", f"metrics_port = {metrics_port}\n"
                                              f"web_port = {web_port}"),
                      ('intervals = "1m,5m,1h,1d"', 'intervals = "1s,5s"')]:
         assert old in text, f"topology.demo.toml no longer has {old!r}"
@@ -53,10 +57,10 @@ def demo_topology(shared_data: Path, namespace: Namespace, web_port: int) -> str
 
 
 class Demo:
-    def __init__(self, url: str, run_dir: Path, namespace: Namespace, kafka: str,
-                 decode: Decoder) -> None:
-        self.url, self.run_dir, self.namespace = url, run_dir, namespace
-        self.kafka, self.decode = kafka, decode
+    def __init__(self, url: str, metrics_url: str, run_dir: Path, namespace: Namespace,
+                 kafka: str, decode: Decoder, env: dict) -> None:
+        self.url, self.metrics_url, self.run_dir = url, metrics_url, run_dir
+        self.namespace, self.kafka, self.decode, self.env = namespace, kafka, decode, env
 
     def records(self, topic: str) -> list[dict]:
         return [self.decode(r.value) for r in read_all(self.kafka, self.namespace.topic(topic),
@@ -70,18 +74,26 @@ class Demo:
 def demo(kafka, registry, shared_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("web")
     namespace = Namespace(f"sim-web{uuid.uuid4().hex[:8]}")
-    web_port = free_port()
+    web_port, metrics_port = free_port(), free_port()
     path = tmp / "topology.toml"
-    path.write_text(demo_topology(shared_data, namespace, web_port))
+    path.write_text(the_demo_file(shared_data, namespace, web_port, metrics_port))
     env = cluster_env(kafka, registry.url, PIPELINE_RUN_DIR=str(tmp / "run"))
     started = cli("up", "--topology", str(path), env=env)
     try:
         assert started.returncode == 0, started.stderr + started.stdout
         url = f"http://127.0.0.1:{web_port}"
         wait_for(lambda: _answers(url), 60, "the dashboard to answer")
-        yield Demo(url, tmp / "run", namespace, kafka, Decoder(SchemaRegistry(registry.url)))
+        yield Demo(url, f"http://127.0.0.1:{metrics_port}", tmp / "run", namespace, kafka,
+                   Decoder(SchemaRegistry(registry.url)), env)
     finally:
         cli("down", env=env, timeout=200)
+
+
+def _reply(url: str) -> requests.Response | None:
+    try:
+        return requests.get(url, timeout=10)
+    except requests.ConnectionError:
+        return None
 
 
 def _answers(url: str) -> bool:
@@ -306,9 +318,6 @@ def test_no_page_shows_a_secret_and_other_machines_are_refused(demo, kafka, regi
         pytest.skip("this machine has no non-loopback address to connect from")
     port = free_port()
     env = cluster_env(kafka, registry.url, PIPELINE_RUN_DIR=str(demo.run_dir))
-    import subprocess
-
-    from tests.support.processes import PIPELINE
     web = subprocess.Popen([PIPELINE, "web", "--host", "0.0.0.0", "--port", str(port),
                             "--namespace", str(demo.namespace), "--symbols", "FILUSD"],
                            env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
@@ -331,3 +340,52 @@ def _outside_address() -> str | None:
     except OSError:
         return None
     return None if address.startswith("127.") else address
+
+
+# --------------------------------------------------------------------------- Grafana
+
+
+def samples(text: str) -> set[str]:
+    return {line.split("{")[0].split()[0] for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_every_metric_the_grafana_dashboard_queries_is_in_the_demos_exposition(demo):
+    """docker/grafana's dashboard over the demo's /metrics, and `pipeline metrics` beside
+    it (what compose runs): the dashboard queries nothing they lack."""
+    supervised = demo.metrics_url
+    port = free_port()
+    beside = subprocess.Popen([PIPELINE, "metrics", "--port", str(port)], env=demo.env,
+                              cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        def exposition() -> str | None:  # once the portfolio has equity and groups commit
+            text = requests.get(f"{supervised}/metrics", timeout=10).text
+            have = samples(text)
+            return text if {"pipeline_strategy_equity", "pipeline_producer_frames_total",
+                            "pipeline_group_records_per_second"} <= have else None
+
+        text = wait_for(exposition, 60, "equity, producer and group samples", 1.0)
+        assert not missing_metrics(DASHBOARD, text)
+        queried = dashboard_metric_names(DASHBOARD)
+        print("queried:", sorted(queried))
+        print("no samples yet:", sorted(queried - samples(text)))
+        assert queried - samples(text) <= {"pipeline_strategy_rejections_total",
+                                           "pipeline_strategy_position"}
+
+        reply = wait_for(lambda: beside.poll() is None and _reply(
+            f"http://127.0.0.1:{port}/metrics"), 30, "`pipeline metrics`", 0.5)
+        assert reply.status_code == 200, reply.text
+        assert not missing_metrics(DASHBOARD, reply.text)
+        ns = str(demo.namespace)
+        assert f'pipeline_info{{namespace="{ns}",mode="paper"}} 1' in reply.text
+        assert 'pipeline_process_up{process="portfolio"} 1' in reply.text, "the supervisor's"
+        status = requests.get(f"http://127.0.0.1:{port}/status.json", timeout=10).json()
+        assert status.keys() == requests.get(f"{supervised}/status.json", timeout=10).json(
+            ).keys()
+        assert f"{ns}.portfolio" in status["groups"]
+    finally:
+        beside.terminate()
+        out, err = beside.communicate(timeout=30)
+    assert beside.returncode == 0, err
+    assert f"metrics of namespace {ns} on http://127.0.0.1:{port}/metrics" in out

@@ -205,7 +205,7 @@ class ChaosRun:
                 f"symbols = [{symbols}]\n\n[source]\nkind = \"venue\"\nprotocol = \"ws\"\n"
                 f"port = {self.venue.port}\n\n[infra]\nlisten = \"127.0.0.1\"\n"
                 f"kafka_port = {port}\nregistry_port = {self.registry_state.port}\n"
-                f"metrics_port = {free_port()}\n\n{blocks}")
+                f"metrics_port = {free_port()}\nweb_port = 0\n\n{blocks}")
 
     # -- faults
 

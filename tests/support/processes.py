@@ -44,6 +44,7 @@ port = {free_port()}
 heartbeat_s = 0.5
 [infra]
 metrics_port = {free_port()}
+web_port = 0
 {processes}
 """)
     return path
