@@ -357,7 +357,7 @@ def test_the_demo_topology_runs_with_least_privilege_and_no_secret_in_clear(
         # each child runs as its role's principal, its password only named by file
         expected = {"producer": "producer", "orderbook": "orderbook", "bars": "bars",
                     "strategy": "strategy", "execution": "execution", "portfolio": "portfolio",
-                    "archive": "archive", "spread-monitor": "groups"}
+                    "archive": "archive", "spread-monitor": "groups", "web": "web"}
         for proc in state["processes"]:
             environ = dict(item.split("=", 1) for item in Path(
                 f"/proc/{proc['pid']}/environ").read_text().split("\0") if "=" in item)
