@@ -94,7 +94,15 @@ def main(seconds: int = typer.Option(60, help="how long to load it"),
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
             page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{web}/symbol/BTCUSD")
+            deadline = time.monotonic() + 60  # `up` returns before the web listens
+            while True:
+                try:
+                    page.goto(f"http://127.0.0.1:{web}/symbol/BTCUSD")
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(1.0)
             page.wait_for_function("window.dashboard.updates > 0", timeout=60_000)
             started = time.monotonic()
             while time.monotonic() - started < seconds:
