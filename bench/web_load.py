@@ -15,10 +15,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import typer
 
+from bench.groups import rss_kb
 from pipeline.config import REPO_ROOT
 from pipeline.services import free_port
 
@@ -63,13 +63,6 @@ args = {{ capital = "100000" }}
 """  # noqa: E501 - TOML 1.0 inline tables cannot span lines
 
 
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def main(seconds: int = typer.Option(60, help="how long to load it"),
          every: float = typer.Option(5.0, help="seconds between samples")) -> None:
     from playwright.sync_api import sync_playwright
@@ -108,7 +101,7 @@ def main(seconds: int = typer.Option(60, help="how long to load it"),
             while time.monotonic() - started < seconds:
                 time.sleep(every)
                 latency = page.evaluate("window.dashboard.latencyMs")
-                samples.append((time.monotonic() - started, float(latency), _rss_mb(pid)))
+                samples.append((time.monotonic() - started, float(latency), rss_kb(pid) / 1024))
                 print(f"{samples[-1][0]:5.1f} s  update latency {latency:6.0f} ms  "
                       f"web RSS {samples[-1][2]:6.1f} MB  "
                       f"updates {page.evaluate('window.dashboard.updates')}", flush=True)
@@ -117,11 +110,9 @@ def main(seconds: int = typer.Option(60, help="how long to load it"),
         print(status.stdout[-2500:])
     finally:
         subprocess.run([*pipeline, "down"], env=env)
-    head, tail = samples[:2], samples[-2:]
-    base_lat, end_lat = statistics.median(s[1] for s in head), statistics.median(
-        s[1] for s in tail)
-    base_rss, end_rss = statistics.median(s[2] for s in head), statistics.median(
-        s[2] for s in tail)
+    (base_lat, base_rss), (end_lat, end_rss) = (
+        [statistics.median(sample[i] for sample in part) for i in (1, 2)]
+        for part in (samples[:2], samples[-2:]))
     print(f"update latency: first {base_lat:.0f} ms, last {end_lat:.0f} ms "
           f"(ratio {end_lat / base_lat:.2f}); web RSS: first {base_rss:.1f} MB, last "
           f"{end_rss:.1f} MB (ratio {end_rss / base_rss:.3f})")

@@ -1448,15 +1448,15 @@ def web(run_dir: Optional[Path] = RunDirOption,
 
     settings, found_bootstrap, found_registry, ns = _endpoints(run_dir, namespace)
     state = read_state(settings.run_dir) or {}
-    if symbols is None and state.get("topology"):
-        symbols = ",".join(load_topology(Path(state["topology"])).symbols)
+    running = load_topology(Path(state["topology"])) if state.get("topology") else None
+    if symbols is None and running is not None:
+        symbols = ",".join(running.symbols)
     if not symbols:
         raise PipelineError("which symbols? --symbols A,B (or run it beside `make up`)")
     if bar_interval is None:
         from pipeline.supervisor import chart_interval
 
-        bar_interval = (chart_interval(load_topology(Path(state["topology"])))
-                        if state.get("topology") else "1m")
+        bar_interval = chart_interval(running) if running is not None else "1m"
     if status_url is None and state.get("metrics_port"):
         status_url = f"http://127.0.0.1:{state['metrics_port']}/status.json"
     config = WebConfig(settings.run_dir, str(ns), [s.strip().upper() for s in
