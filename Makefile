@@ -4,14 +4,14 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py pipeline/_avro.c | cksum | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py pipeline/avro/_avro.c | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
 .PHONY: install browser broker broker-secure cluster registry up demo down status lint test test-unit chaos bench fuzz clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py pipeline/_avro.c
+$(STAMP): pyproject.toml setup.py pipeline/avro/_avro.c
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed, found " + sys.version.split()[0] + ": set PYTHON=python3.11")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -28,7 +28,7 @@ browser:
 broker: install
 	$(BIN)/pipeline broker start
 
-# The same broker secured: SASL_SSL/SCRAM, one principal per role, ACLs (pipeline/broker_secure.py).
+# The same broker secured: SASL_SSL/SCRAM, one principal per role, ACLs (pipeline/ops/broker_secure.py).
 broker-secure: install
 	$(BIN)/pipeline broker start --secure
 
@@ -82,7 +82,7 @@ EVENTS ?= 200000
 bench: install
 	$(BIN)/python -m bench --events $(EVENTS)
 
-# The C Avro codec (pipeline/_avro.c) built with AddressSanitizer and UBSan into build/asan/
+# The C Avro codec (pipeline/avro/_avro.c) built with AddressSanitizer and UBSan into build/asan/
 # (the normal extension is untouched), fed FUZZ_RECORDS mutated records per schema (and a
 # quarter as many mutated values to encode); 53 minutes measured on the shared 2-core
 # machine under load. FUZZ_SEED reruns

@@ -11,14 +11,26 @@ import sys
 
 import typer
 
-from bench import (backtest, bars, book, consume, execution, ingest, latency, memory,
-                   orders_ack, portfolio, scale, serde)
-from bench.figures import SMOKE_EVENTS, report
 import bench.figures
-from pipeline.broker import LocalBroker
-from pipeline.config import REPO_ROOT
-from pipeline.errors import PipelineError
-from pipeline.registry_server import LocalRegistry
+from bench import (
+    backtest,
+    bars,
+    book,
+    consume,
+    execution,
+    ingest,
+    latency,
+    memory,
+    orders_ack,
+    portfolio,
+    scale,
+    serde,
+)
+from bench.figures import SMOKE_EVENTS, report
+from pipeline.core.errors import PipelineError
+from pipeline.ops.broker import LocalBroker
+from pipeline.ops.registry_server import LocalRegistry
+from pipeline.ops.settings import REPO_ROOT
 
 RUN_DIR = REPO_ROOT / "run" / "bench"
 

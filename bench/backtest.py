@@ -28,9 +28,9 @@ from pathlib import Path
 
 from bench.consume import produce_l2
 from bench.figures import Figure, runs
-from pipeline.backtest_run import gc_tuned, run_backtest
-from pipeline.catalog import Namespace, split_topic
-from pipeline.replay_source import ReplaySource
+from pipeline.backtest.run import gc_tuned, run_backtest
+from pipeline.kafka.catalog import Namespace, split_topic
+from pipeline.replay.source import ReplaySource
 from pipeline.strategy import FULL_EQUITY
 from pipeline.venue.market import generated_events
 
@@ -56,8 +56,8 @@ def _archive(bootstrap: str, registry_url: str, namespace: Namespace) -> Path:
     import tempfile
 
     from consumers.archive import make_group
-    from pipeline.catalog import ensure_topics
-    from pipeline.runtime import GroupRunner
+    from pipeline.kafka.catalog import ensure_topics
+    from pipeline.runtime.runner import GroupRunner
 
     ensure_topics(bootstrap, namespace, ["md.l2", "md.trades", "bars", "dlq"])
     root = Path(tempfile.mkdtemp(prefix="bench-archive-"))
@@ -118,8 +118,8 @@ def bars(bootstrap: str, registry_url: str) -> list[Figure]:
 def _engine_only(events: list) -> None:
     from decimal import Decimal
 
-    from pipeline import report
-    from pipeline.backtest import Engine, make_broker
+    from pipeline.backtest import report
+    from pipeline.backtest.engine import Engine, make_broker
     from pipeline.strategy import SmaCross
 
     with gc_tuned():

@@ -4,7 +4,7 @@
   runs in this process and is timed from its first trade to its exit (every trade handled,
   every closed bar committed to the bars topic and written to Parquet). Baseline: a bare
   consumer reading and Avro-decoding the same records.
-* Bar logic alone (:func:`pipeline.bars.build_bars`, exact decimals, 1m/5m/1h/1d, VWAP,
+* Bar logic alone (:func:`pipeline.market.bars.build_bars`, exact decimals, 1m/5m/1h/1d, VWAP,
   buy/sell volume) on the same trades in memory, next to pandas ``resample`` of the same
   trades held as float64 columns (inexact, but what one would write first).
 """
@@ -23,12 +23,12 @@ from confluent_kafka import Consumer, TopicPartition
 
 from bench.figures import Figure, best_rate
 from consumers.bars import BarsHandler, make_group
-from pipeline.bars import build_bars
-from pipeline.catalog import Namespace, ensure_topics
-from pipeline.kafka import reader_config
-from pipeline.registry import SchemaRegistry
-from pipeline.runtime import GroupRunner
-from pipeline.serde import Decoder, publish
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Decoder, publish
+from pipeline.kafka.catalog import Namespace, ensure_topics
+from pipeline.kafka.clients import reader_config
+from pipeline.market.bars import build_bars
+from pipeline.runtime.runner import GroupRunner
 
 SYMBOLS = ["BTCUSD", "ETHUSD", "SOLUSD", "LTCUSD"]
 START_MS = 1_624_492_800_000  # 2021-06-24 00:00 UTC

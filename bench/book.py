@@ -22,7 +22,7 @@ from order_book import OrderBook
 from bench.figures import Figure, best_rate
 from pipeline.core.vocabulary import OrderType, Side
 from pipeline.market.book_policy import IGNORED, TOP_CHANGED, BookPolicy
-from pipeline.orderbook import L2Book
+from pipeline.market.orderbook import L2Book
 from pipeline.trading.orders import Order
 from pipeline.trading.simulator import SimulatedExchange, SimulatorConfig
 from pipeline.venue.market import generated_events

@@ -1,12 +1,12 @@
 """Consume + decode of the book-change topic, next to consuming it without decoding.
 
 ``events`` L2Update records (bench.serde's: the real capture repeated, else synthetic) are
-encoded with :class:`pipeline.serde.Encoder` and produced keyed by symbol to a fresh
+encoded with :class:`pipeline.avro.serde.Encoder` and produced keyed by symbol to a fresh
 ``md.l2`` topic (6 partitions), as the producer writes them. Then one consumer reads the
 whole topic, timed from its first record to its last:
 
-* with :class:`pipeline.serde.Decoder` as replays and groups run it (the C decoder of
-  :mod:`pipeline.codec`), and with its fastavro path (``compiled=False``);
+* with :class:`pipeline.avro.serde.Decoder` as replays and groups run it (the C decoder of
+  :mod:`pipeline.avro.codec`), and with its fastavro path (``compiled=False``);
 * with no decoding at all (confluent-kafka, the same loop): what Kafka alone costs here;
 * with Apache Kafka's own ``kafka-consumer-perf-test`` (``ConsumerPerformance``, Java),
   its ``fetch.nMsg.sec`` (records over the time after the group join).
@@ -25,13 +25,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from bench.figures import Figure, runs
 from bench.serde import book_changes
-from pipeline.backtest_run import gc_tuned
-from pipeline.broker import java_command, kafka_libs
-from pipeline.catalog import Namespace, ensure_topics
-from pipeline.errors import PipelineError
-from pipeline.kafka import consumer_config
-from pipeline.registry import SchemaRegistry
-from pipeline.serde import Decoder, publish
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Decoder, publish
+from pipeline.backtest.run import gc_tuned
+from pipeline.core.errors import PipelineError
+from pipeline.kafka.catalog import Namespace, ensure_topics
+from pipeline.kafka.clients import consumer_config
+from pipeline.ops.broker import java_command, kafka_libs
 
 PERF_TOOL = "org.apache.kafka.tools.ConsumerPerformance"
 

@@ -43,14 +43,20 @@ from typing import Callable
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
 from bench.figures import Figure
-from pipeline.catalog import Namespace, end_offset, ensure_topics
-from pipeline.config import REPO_ROOT
-from pipeline.kafka import client_config, reader_config
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Decoder, Serde
 from pipeline.core.vocabulary import TERMINAL_KINDS
-from pipeline.registry import SchemaRegistry
-from pipeline.runtime import (GroupConfig, Handler, Output, Record, group_parser,
-                              run_until_stopped)
-from pipeline.serde import Decoder, Serde
+from pipeline.kafka.catalog import Namespace, end_offset, ensure_topics
+from pipeline.kafka.clients import client_config, reader_config
+from pipeline.ops.settings import REPO_ROOT
+from pipeline.runtime.runner import (
+    GroupConfig,
+    Handler,
+    Output,
+    Record,
+    group_parser,
+    run_until_stopped,
+)
 from pipeline.trading.signing import client_order_id, sign
 
 RATE = 1000.0  # requests per second in the latency runs

@@ -63,7 +63,7 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    from pipeline.broker import kafka_version
+    from pipeline.ops.broker import kafka_version
 
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "kafka": kafka_version(), "confluent_kafka": confluent_kafka.__version__,

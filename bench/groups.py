@@ -17,9 +17,9 @@ from pathlib import Path
 
 from confluent_kafka import ConsumerGroupTopicPartitions
 
-from pipeline.catalog import Namespace, describe_topics
-from pipeline.config import REPO_ROOT
-from pipeline.kafka import make_admin
+from pipeline.kafka.catalog import Namespace, describe_topics
+from pipeline.kafka.clients import make_admin
+from pipeline.ops.settings import REPO_ROOT
 from pipeline.trading.signing import env_name
 
 

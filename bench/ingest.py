@@ -13,11 +13,11 @@ import time
 from contextlib import contextmanager
 
 from bench.figures import Figure
-from pipeline.catalog import Namespace, ensure_topics
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Serde
 from pipeline.gemini.marketdata import V2Normalizer
-from pipeline.kafka import ReliableProducer
-from pipeline.registry import SchemaRegistry
-from pipeline.serde import Serde
+from pipeline.kafka.catalog import Namespace, ensure_topics
+from pipeline.kafka.clients import ReliableProducer
 from pipeline.venue.market import generated_events, render_v2
 from producers.gemini_ws import FeedStats, IngestSink
 

@@ -41,9 +41,9 @@ import websocket
 from bench import groups
 from bench.execution import _percentile, _reader
 from bench.figures import Figure
-from pipeline.catalog import Namespace, ensure_topics
-from pipeline.registry import SchemaRegistry
-from pipeline.serde import Serde
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Serde
+from pipeline.kafka.catalog import Namespace, ensure_topics
 from pipeline.venue.server import Connection, RunningVenue, VenueConfig
 
 RATE = 300.0  # venue events per second (frames: a few more, a market order adds trades)

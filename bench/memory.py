@@ -27,8 +27,8 @@ from pathlib import Path
 
 from bench import groups
 from bench.figures import Figure
-from pipeline.catalog import Namespace, ensure_topics
-from pipeline.runtime import group_parser
+from pipeline.kafka.catalog import Namespace, ensure_topics
+from pipeline.runtime.runner import group_parser
 
 MAX_CHANGES = 10_000_000
 SYMBOLS = ["BTCUSD", "ETHUSD", "SOLUSD", "LTCUSD"]
@@ -40,10 +40,10 @@ KEYS = {"mid-quoter": "bench-memory-key-0123456789abcdef"}
 def feed(bootstrap: str, registry_url: str, namespace: Namespace, changes: int) -> dict:
     """The producer's ingest path over generated frames until ``changes`` level changes
     are in; returns counts, this process's RSS once set up and its peak (kB)."""
-    from pipeline.registry import SchemaRegistry
-    from pipeline.serde import Serde
+    from pipeline.avro.registry import SchemaRegistry
+    from pipeline.avro.serde import Serde
     from pipeline.gemini.marketdata import V2Normalizer
-    from pipeline.kafka import ReliableProducer
+    from pipeline.kafka.clients import ReliableProducer
     from pipeline.venue.market import generated_events, render_v2
     from producers.gemini_ws import FeedStats, IngestSink
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from threading import BrokenBarrierError
 from multiprocessing import get_context
+from threading import BrokenBarrierError
 
 from confluent_kafka import Consumer
 
@@ -28,12 +28,12 @@ from bench.consume import consume_rate as read_topic
 from bench.consume import fresh_l2_topic
 from bench.figures import Figure
 from bench.serde import book_changes
-from pipeline.backtest_run import gc_tuned
-from pipeline.catalog import describe_topics
-from pipeline.errors import PipelineError
-from pipeline.kafka import ReliableProducer, consumer_config
-from pipeline.registry import SchemaRegistry
-from pipeline.serde import Decoder, Encoder
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Decoder, Encoder
+from pipeline.backtest.run import gc_tuned
+from pipeline.core.errors import PipelineError
+from pipeline.kafka.catalog import describe_topics
+from pipeline.kafka.clients import ReliableProducer, consumer_config
 
 INSTANCES = (1, 2, 4)
 PARTITIONS = 6

@@ -16,10 +16,10 @@ from pathlib import Path
 from fastavro import schemaless_reader, schemaless_writer
 
 from bench.figures import Figure, best_rate
-from pipeline import schemas
-from pipeline.catalog import Namespace
-from pipeline.registry import SchemaRegistry
-from pipeline.serde import Decoder, Encoder
+from pipeline.avro import schemas
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Decoder, Encoder
+from pipeline.kafka.catalog import Namespace
 
 CAPTURE = Path(__file__).resolve().parents[2] / "shared" / "data" / \
     "gemini_v2_l2_capture_2021-06-24.txt"

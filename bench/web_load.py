@@ -19,8 +19,8 @@ import time
 import typer
 
 from bench.groups import rss_kb
-from pipeline.config import REPO_ROOT
-from pipeline.services import free_port
+from pipeline.ops.services import free_port
+from pipeline.ops.settings import REPO_ROOT
 
 RUN_DIR = REPO_ROOT / "run" / "bench-web"
 TOPOLOGY = """

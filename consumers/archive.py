@@ -30,19 +30,25 @@ from typing import Callable, Iterable
 
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-from pipeline.archive import archive_root
-from pipeline.catalog import Namespace
-from pipeline.config import Settings
-from pipeline.errors import PipelineError
-from pipeline.registry import SchemaRegistry
-from pipeline.runtime import (GroupConfig, GroupRunner, Handler, Output, Record,
-                              group_endpoints)
-from pipeline.serde import Serde
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Serde
+from pipeline.core.errors import PipelineError
+from pipeline.kafka.catalog import Namespace
+from pipeline.ops.settings import Settings
+from pipeline.replay.archive import archive_root
+from pipeline.runtime.runner import (
+    GroupConfig,
+    GroupRunner,
+    Handler,
+    Output,
+    Record,
+    group_endpoints,
+)
 from pipeline.sinks.archive import ArchiveWriter, to_row
 
 log = logging.getLogger(__name__)
 # Several instances may run, each named by --instance (its transactional.id and
-# group.instance.id); the supervisor passes it (pipeline/supervisor.py).
+# group.instance.id); the supervisor passes it (pipeline/ops/supervisor.py).
 MULTI_INSTANCE = True
 MARKET_TOPICS = ("md.l2", "md.trades", "bars")
 

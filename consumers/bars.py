@@ -1,9 +1,9 @@
 """The ``bars`` consumer group: trades -> OHLCV bars -> the bars topic and Parquet, exactly once.
 
-Reads ``<ns>.md.trades`` (Avro Trade), builds bars with :mod:`pipeline.bars`, publishes
+Reads ``<ns>.md.trades`` (Avro Trade), builds bars with :mod:`pipeline.market.bars`, publishes
 closed bars to ``<out>.bars`` (Avro Bar, key symbol, source "trades", Kafka timestamp =
 bar start) and late trades to ``<out>.bars.late``, and writes closed bars to Parquet
-(:mod:`pipeline.bars_store`). Run::
+(:mod:`pipeline.sinks.bars`). Run::
 
     python -m consumers.bars --bootstrap HOST:PORT --registry URL --namespace sim
 
@@ -67,21 +67,35 @@ from typing import Callable, Iterable
 
 from confluent_kafka import OFFSET_STORED, Consumer, TopicPartition
 
-from pipeline.bars import (DEFAULT_INTERVALS, Bar, BarBuilder, BarSettings, Clock, Emitted,
-                           RecordClock, wall_clock_ms)
-from pipeline.bars_store import DIGITS, PLACES, BarWriter, Checkpoints, WriteReport, read_bars
-from pipeline.catalog import Namespace
-from pipeline.config import Settings
-from pipeline.errors import PipelineError
-from pipeline.kafka import consumer_config
-from pipeline.registry import SchemaRegistry
-from pipeline.runtime import (GroupConfig, GroupRunner, Handler, Output, Record,
-                              group_endpoints)
-from pipeline.serde import Serde
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Serde
+from pipeline.core.errors import PipelineError
+from pipeline.kafka.catalog import Namespace
+from pipeline.kafka.clients import consumer_config
+from pipeline.market.bars import (
+    DEFAULT_INTERVALS,
+    Bar,
+    BarBuilder,
+    BarSettings,
+    Clock,
+    Emitted,
+    RecordClock,
+    wall_clock_ms,
+)
+from pipeline.ops.settings import Settings
+from pipeline.runtime.runner import (
+    GroupConfig,
+    GroupRunner,
+    Handler,
+    Output,
+    Record,
+    group_endpoints,
+)
+from pipeline.sinks.bars import DIGITS, PLACES, BarWriter, Checkpoints, WriteReport, read_bars
 
 log = logging.getLogger(__name__)
 # Several instances may run, each named by --instance (its transactional.id and
-# group.instance.id); the supervisor passes it (pipeline/supervisor.py).
+# group.instance.id); the supervisor passes it (pipeline/ops/supervisor.py).
 MULTI_INSTANCE = True
 CHECKPOINT_VERSION = 1
 STATUS_EVERY_S = 10.0
@@ -366,7 +380,7 @@ def make_group(bootstrap: str, registry_url: str, namespace: str, *,
     checkpoints to ``state_dir`` (default ``<parquet_root>.state/<group_id>``, beside it).
     ``output_namespace`` (default: ``namespace``) receives bars and late trades.
     ``record_time`` (default: on for replay namespaces) replaces the wall clock by each
-    partition's record timestamps (:class:`pipeline.bars.RecordClock`), so a replay at any
+    partition's record timestamps (:class:`pipeline.market.bars.RecordClock`), so a replay at any
     speed closes bars as the original run did.
     """
     source, out = Namespace(namespace), Namespace(output_namespace or namespace)

@@ -89,40 +89,61 @@ from typing import Callable, Iterable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
-from pipeline.catalog import Namespace, end_offset
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Decoder, Serde
 from pipeline.core.decimals import plain
+from pipeline.core.errors import PipelineError
 from pipeline.core.records import OrderEvent
 from pipeline.core.vocabulary import TERMINAL_KINDS, ExecutionMode, OrderEventKind
-from pipeline.errors import PipelineError
 from pipeline.gemini.execution import GeminiCredentials, GeminiExecution, GeminiSettings
 from pipeline.gemini.ratelimit import SharedTokenBucket
 from pipeline.gemini.rest import LIVE_URL, SANDBOX_URL
+from pipeline.gemini.symbols import startup_rules
 from pipeline.gemini.ws_execution import GeminiWsExecution
 from pipeline.gemini.ws_session import WS_LIVE, WS_SANDBOX, WsSession
-from pipeline.gemini.symbols import startup_rules
-from pipeline.kafka import ReliableProducer
-from pipeline.registry import SchemaRegistry
-from pipeline.runtime import (GroupConfig, Handler, Output, Record, committed_offsets,
-                              group_parser, log_to_stderr, read_range, read_to_end,
-                              restore_consumer,
-                              run_until_stopped)
-from pipeline.serde import Decoder, Serde
+from pipeline.kafka.catalog import Namespace, end_offset
+from pipeline.kafka.clients import ReliableProducer
+from pipeline.ops.kill_switch import kill_switch_path
+from pipeline.runtime.runner import (
+    GroupConfig,
+    Handler,
+    Output,
+    Record,
+    committed_offsets,
+    group_parser,
+    log_to_stderr,
+    read_range,
+    read_to_end,
+    restore_consumer,
+    run_until_stopped,
+)
 from pipeline.trading import risk
-from pipeline.trading.execution import (CANCEL, CANCEL_ALL, CANCEL_REJECT, NEW, RECONCILE,
-                                        REJECT, REPLACE, SENDING, ExecutionHalted, Seen,
-                                        cancel_rejected, decide, request_event)
+from pipeline.trading.execution import (
+    CANCEL,
+    CANCEL_ALL,
+    CANCEL_REJECT,
+    NEW,
+    RECONCILE,
+    REJECT,
+    REPLACE,
+    SENDING,
+    ExecutionHalted,
+    Seen,
+    cancel_rejected,
+    decide,
+    request_event,
+)
 from pipeline.trading.fees import GEMINI_API_FEES, FeeSchedule
 from pipeline.trading.orders import REQUESTED
 from pipeline.trading.paper import PaperExecution
 from pipeline.trading.risk import RiskLimits, RiskState
 from pipeline.trading.rules import RulesTable
 from pipeline.trading.signing import StrategyKeys
-from pipeline.kill_switch import kill_switch_path
 from pipeline.trading.simulator import QUEUE_MODELS, SimulatorConfig
 
 log = logging.getLogger(__name__)
 # Several instances may run, each named by --instance (its transactional.id and
-# group.instance.id); the supervisor passes it (pipeline/supervisor.py).
+# group.instance.id); the supervisor passes it (pipeline/ops/supervisor.py).
 MULTI_INSTANCE = True
 
 MODES = tuple(mode.value.lower() for mode in ExecutionMode)  # as --mode spells them
@@ -723,7 +744,7 @@ def _limit(text: str) -> Decimal | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.catalog import ensure_topics
+    from pipeline.kafka.catalog import ensure_topics
 
     ap = group_parser("python -m consumers.execution")
     ap.add_argument("--mode", choices=MODES, default="paper")

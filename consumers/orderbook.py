@@ -24,12 +24,20 @@ from typing import Callable, Iterable
 
 from confluent_kafka import TopicPartition
 
-from pipeline.catalog import Namespace
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Decoder, Serde
+from pipeline.kafka.catalog import Namespace
 from pipeline.market.book_policy import TOP_CHANGED, BookPolicy, Health, Source
-from pipeline.registry import SchemaRegistry
-from pipeline.runtime import (GroupConfig, Handler, Output, Record, group_parser,
-                              log_to_stderr, read_to_end, run_until_stopped)
-from pipeline.serde import Decoder, Serde
+from pipeline.runtime.runner import (
+    GroupConfig,
+    Handler,
+    Output,
+    Record,
+    group_parser,
+    log_to_stderr,
+    read_to_end,
+    run_until_stopped,
+)
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +208,7 @@ def make_group(bootstrap: str, registry_url: str, namespace: Namespace,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.catalog import ensure_topics
+    from pipeline.kafka.catalog import ensure_topics
 
     ap = group_parser("python -m consumers.orderbook")
     ap.add_argument("--group", default=None, help="group id [default: <namespace>.orderbook]")

@@ -49,15 +49,23 @@ from typing import Callable, Iterable
 
 from confluent_kafka import TopicPartition
 
-from pipeline.catalog import Namespace
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Decoder, Serde
 from pipeline.core.decimals import plain
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.gemini.execution import GeminiCredentials
 from pipeline.gemini.rest import LIVE_URL, SANDBOX_URL, GeminiError
-from pipeline.registry import SchemaRegistry
-from pipeline.runtime import (GroupConfig, Handler, Output, Record, group_parser, log_to_stderr,
-                              read_to_end, run_until_stopped)
-from pipeline.serde import Decoder, Serde
+from pipeline.kafka.catalog import Namespace
+from pipeline.runtime.runner import (
+    GroupConfig,
+    Handler,
+    Output,
+    Record,
+    group_parser,
+    log_to_stderr,
+    read_to_end,
+    run_until_stopped,
+)
 from pipeline.sinks.pnl import PnlWriter
 from pipeline.trading.portfolio import Portfolio, PortfolioConfig, RiskStop
 from pipeline.trading.reconciliation import ExchangeView, finding, reconcile
@@ -330,7 +338,7 @@ def settings_from_args(args) -> PortfolioSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.catalog import ensure_topics
+    from pipeline.kafka.catalog import ensure_topics
 
     ap = group_parser("python -m consumers.portfolio", __doc__.split("\n")[0])
     ap.add_argument("--capital", default=None, help="each strategy's starting equity: one "

@@ -34,22 +34,35 @@ from typing import Any, Callable, Iterable
 
 from confluent_kafka import TopicPartition
 
-from pipeline.catalog import Namespace
-from pipeline.errors import PipelineError
-from pipeline.registry import SchemaRegistry
-from pipeline.runtime import (GroupConfig, Handler, Output, Record, group_parser,
-                              log_to_stderr, read_to_end, run_until_stopped)
-from pipeline.serde import Decoder, Serde
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Decoder, Serde
+from pipeline.core.errors import PipelineError
+from pipeline.kafka.catalog import Namespace
+from pipeline.runtime.runner import (
+    GroupConfig,
+    Handler,
+    Output,
+    Record,
+    group_parser,
+    log_to_stderr,
+    read_to_end,
+    run_until_stopped,
+)
 from pipeline.trading.fees import GEMINI_API_FEES
-from pipeline.trading.requests import (IntentError, build_requests, event_trigger,
-                                       record_trigger, snapshot_trigger)
+from pipeline.trading.requests import (
+    IntentError,
+    build_requests,
+    event_trigger,
+    record_trigger,
+    snapshot_trigger,
+)
 from pipeline.trading.signing import StrategyKeys, sign
 from pipeline.trading.strategy import Strategy, load_strategy
 from pipeline.trading.tracker import OrderTracker
 
 log = logging.getLogger(__name__)
 # Several instances may run, each named by --instance (its transactional.id and
-# group.instance.id); the supervisor passes it (pipeline/supervisor.py).
+# group.instance.id); the supervisor passes it (pipeline/ops/supervisor.py).
 MULTI_INSTANCE = True
 INPUTS = {"bars": "on_bar", "book.snapshots": "on_book", "md.trades": "on_trade",
           "orders.events": "on_order_event"}
@@ -240,7 +253,7 @@ def make_group(bootstrap: str, registry_url: str, namespace: Namespace, strategy
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.catalog import ensure_topics
+    from pipeline.kafka.catalog import ensure_topics
 
     ap = group_parser("python -m consumers.strategy")
     ap.add_argument("--strategy", default="pipeline.strategy:SmaCross", help="module:Class")

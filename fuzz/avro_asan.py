@@ -1,4 +1,4 @@
-"""Fuzz the C Avro codec (``pipeline/_avro.c``): mutated records of every schema, decoded
+"""Fuzz the C Avro codec (``pipeline/avro/_avro.c``): mutated records of every schema, decoded
 and encoded, optionally in a build with AddressSanitizer and UndefinedBehaviorSanitizer.
 
     .venv/bin/python -m fuzz.avro_asan --asan --records 1000000   # make fuzz
@@ -10,13 +10,13 @@ the real 2021 capture's ``L2Update``/``Trade``/``RawFrame`` records where
 negative varints (lengths, counts, union and enum indexes) inserted or written over,
 spliced with other records' bytes. Every mutated record must decode (and then re-encode to
 bytes that decode to the same value) or raise ``ValueError`` (what the codec documents;
-``UnicodeDecodeError`` is one), which ``pipeline.serde`` turns into a SerdeError and the
+``UnicodeDecodeError`` is one), which ``pipeline.avro.serde`` turns into a SerdeError and the
 consumer dead-letters. Encoding: valid values with one part replaced by a wrong type or an
 out-of-range value must encode (and read back) or raise TypeError, ValueError or
 OverflowError (what ``serde.Encoder`` catches). Any other exception type fails the run
 (exit status 1); under ``--asan`` a memory error or undefined behaviour aborts the process.
 
-``--asan`` builds ``pipeline/_avro.c`` with ``-fsanitize=address,undefined`` into
+``--asan`` builds ``pipeline/avro/_avro.c`` with ``-fsanitize=address,undefined`` into
 ``build/asan/`` (the normal extension is left alone) and reruns this module in a child
 process with ``LD_PRELOAD`` of gcc's libasan, ``PYTHONMALLOC=malloc`` (so every Python
 object is its own allocation, with red zones ASan watches) and
@@ -48,11 +48,11 @@ ASAN_DIR = ROOT / "build" / "asan"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 ASAN_CFLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
                "-fno-omit-frame-pointer", "-g", "-O1"]
-DECODE_ERRORS = (ValueError,)  # pipeline/_avro.c: "Bad bytes raise ValueError"
+DECODE_ERRORS = (ValueError,)  # pipeline/avro/_avro.c: "Bad bytes raise ValueError"
 ENCODE_ERRORS = (TypeError, ValueError, OverflowError)  # what serde.Encoder catches
 _ENV_MARK = "PIPELINE_AVRO_FUZZ_CHILD"
 
-# Opcodes, as in pipeline/codec.py and pipeline/_avro.c.
+# Opcodes, as in pipeline/avro/codec.py and pipeline/avro/_avro.c.
 (NULL, BOOLEAN, LONG, FLOAT, DOUBLE, BYTES, STRING, RECORD, UNION, ARRAY, MAP, ENUM,
  FIXED) = range(13)
 
@@ -61,7 +61,7 @@ _ENV_MARK = "PIPELINE_AVRO_FUZZ_CHILD"
 
 
 def build_asan(out_dir: Path = ASAN_DIR) -> Path:
-    """``pipeline/_avro.c`` built with ASan and UBSan as ``out_dir/_avro<suffix>``."""
+    """``pipeline/avro/_avro.c`` built with ASan and UBSan as ``out_dir/_avro<suffix>``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"_avro{sysconfig.get_config_var('EXT_SUFFIX')}"
     if target.exists() and target.stat().st_mtime >= SOURCE.stat().st_mtime:
@@ -75,13 +75,13 @@ def build_asan(out_dir: Path = ASAN_DIR) -> Path:
 
 
 def load_extension(path: Path):
-    """Import the extension at ``path`` as ``pipeline._avro``, before ``pipeline.codec``
+    """Import the extension at ``path`` as ``pipeline.avro._avro``, before ``pipeline.avro.codec``
     imports the normal build, so everything in this process uses it."""
-    loader = importlib.machinery.ExtensionFileLoader("pipeline._avro", str(path))
-    spec = importlib.util.spec_from_file_location("pipeline._avro", str(path), loader=loader)
+    loader = importlib.machinery.ExtensionFileLoader("pipeline.avro._avro", str(path))
+    spec = importlib.util.spec_from_file_location("pipeline.avro._avro", str(path), loader=loader)
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
-    sys.modules["pipeline._avro"] = module
+    sys.modules["pipeline.avro._avro"] = module
     return module
 
 
@@ -289,8 +289,8 @@ def fuzz_schema(name: str, records: int, encodes: int, seed: int, exact_buffers:
     import ctypes
     import faulthandler
 
-    from pipeline import codec, schemas
-    from pipeline._avro import decode, encode
+    from pipeline.avro import codec, schemas
+    from pipeline.avro._avro import decode, encode
 
     prog = codec.program(schemas.load(name))
     rng = random.Random(f"{seed}:{name}")
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"codec: {module.__file__} (ASan+UBSan; LD_PRELOAD={os.environ.get('LD_PRELOAD')},"
               f" ASAN_OPTIONS={os.environ.get('ASAN_OPTIONS')}, PYTHONMALLOC=malloc)")
     else:
-        import pipeline._avro as module
+        import pipeline.avro._avro as module
         print(f"codec: {module.__file__} (normal build, no sanitizer)")
     print(f"seed {seed}; rerun: {rerun}", flush=True)
     started = time.perf_counter()

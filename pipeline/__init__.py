@@ -25,28 +25,28 @@ _EXPORTS: dict[str, str] = {
     "SmaCross": "pipeline.strategies.sma_cross",
     "MidQuoter": "pipeline.strategies.mid_quoter",
     # writing consumer groups
-    "GroupConfig": "pipeline.runtime",
-    "GroupRunner": "pipeline.runtime",
-    "Handler": "pipeline.runtime",
-    "Output": "pipeline.runtime",
-    "Record": "pipeline.runtime",
-    "run_until_stopped": "pipeline.runtime",
-    "HandlerHarness": "pipeline.testing",
+    "GroupConfig": "pipeline.runtime.runner",
+    "GroupRunner": "pipeline.runtime.runner",
+    "Handler": "pipeline.runtime.runner",
+    "Output": "pipeline.runtime.runner",
+    "Record": "pipeline.runtime.runner",
+    "run_until_stopped": "pipeline.runtime.runner",
+    "HandlerHarness": "pipeline.runtime.harness",
     # topics and the wire format
-    "Namespace": "pipeline.catalog",
-    "Serde": "pipeline.serde",
-    "SchemaRegistry": "pipeline.registry",
+    "Namespace": "pipeline.kafka.catalog",
+    "Serde": "pipeline.avro.serde",
+    "SchemaRegistry": "pipeline.avro.registry",
     # research
-    "run_backtest": "pipeline.backtest_run",
-    "sweep": "pipeline.backtest_run",
-    "read_bars": "pipeline.bars_store",
-    "archive": "pipeline.archive",
+    "run_backtest": "pipeline.backtest.run",
+    "sweep": "pipeline.backtest.run",
+    "read_bars": "pipeline.sinks.bars",
+    "archive": "pipeline.replay.archive",
     # errors (every one a PipelineError)
-    "PipelineError": "pipeline.errors",
-    "DeliveryFailed": "pipeline.errors",
-    "SerdeError": "pipeline.serde",
-    "RegistryError": "pipeline.registry",
-    "StrategyFailed": "pipeline.backtest",
+    "PipelineError": "pipeline.core.errors",
+    "DeliveryFailed": "pipeline.core.errors",
+    "SerdeError": "pipeline.avro.serde",
+    "RegistryError": "pipeline.avro.registry",
+    "StrategyFailed": "pipeline.backtest.engine",
 }
 
 __all__ = [  # the names of _EXPORTS, sorted (tests/test_public_api.py keeps them equal)
@@ -74,18 +74,29 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from pipeline import archive
-    from pipeline.backtest import StrategyFailed
-    from pipeline.backtest_run import run_backtest, sweep
-    from pipeline.bars_store import read_bars
-    from pipeline.catalog import Namespace
-    from pipeline.errors import DeliveryFailed, PipelineError
-    from pipeline.registry import RegistryError, SchemaRegistry
-    from pipeline.runtime import (GroupConfig, GroupRunner, Handler, Output, Record,
-                                  run_until_stopped)
-    from pipeline.serde import Serde, SerdeError
+    from pipeline.avro.registry import RegistryError, SchemaRegistry
+    from pipeline.avro.serde import Serde, SerdeError
+    from pipeline.backtest.engine import StrategyFailed
+    from pipeline.backtest.run import run_backtest, sweep
+    from pipeline.core.errors import DeliveryFailed, PipelineError
+    from pipeline.kafka.catalog import Namespace
+    from pipeline.runtime.harness import HandlerHarness
+    from pipeline.runtime.runner import (
+        GroupConfig,
+        GroupRunner,
+        Handler,
+        Output,
+        Record,
+        run_until_stopped,
+    )
+    from pipeline.sinks.bars import read_bars
     from pipeline.strategies.mid_quoter import MidQuoter
-    from pipeline.testing import HandlerHarness
     from pipeline.strategies.sma_cross import SmaCross
-    from pipeline.trading.intents import (FULL_EQUITY, CancelAllIntent, CancelIntent,
-                                          OrderIntent, ReplaceIntent)
+    from pipeline.trading.intents import (
+        FULL_EQUITY,
+        CancelAllIntent,
+        CancelIntent,
+        OrderIntent,
+        ReplaceIntent,
+    )
     from pipeline.trading.strategy import Strategy, load_strategy

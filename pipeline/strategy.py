@@ -5,9 +5,17 @@ and :mod:`pipeline.strategies`."""
 
 from pipeline.strategies.mid_quoter import MidQuoter
 from pipeline.strategies.sma_cross import SmaCross
-from pipeline.trading.intents import (FULL_EQUITY, OPTIONS, ORDER_TYPES, SIDES,
-                                      CancelAllIntent, CancelIntent, Intent, OrderIntent,
-                                      ReplaceIntent)
+from pipeline.trading.intents import (
+    FULL_EQUITY,
+    OPTIONS,
+    ORDER_TYPES,
+    SIDES,
+    CancelAllIntent,
+    CancelIntent,
+    Intent,
+    OrderIntent,
+    ReplaceIntent,
+)
 from pipeline.trading.strategy import Strategy, load_strategy
 from pipeline.trading.tracker import OpenOrder
 

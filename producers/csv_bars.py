@@ -27,14 +27,14 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
-from pipeline.bars import INTERVALS_MS
-from pipeline.catalog import Namespace, ensure_topics
-from pipeline.errors import PipelineError
-from pipeline.kafka import ReliableProducer
-from pipeline.progress import progress_bar
-from pipeline.ranges import utc_text
-from pipeline.registry import SchemaRegistry
-from pipeline.serde import Encoder
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Encoder
+from pipeline.core.errors import PipelineError
+from pipeline.kafka.catalog import Namespace, ensure_topics
+from pipeline.kafka.clients import ReliableProducer
+from pipeline.market.bars import INTERVALS_MS
+from pipeline.ops.progress import progress_bar
+from pipeline.replay.ranges import utc_text
 
 SEED, CRYPTODATADOWNLOAD = "seed", "cryptodatadownload"
 SEED_HEADER = "Date,Symbol,Open,High,Low,Close,Volume"
@@ -347,7 +347,7 @@ def load_csv_bars(path: str | Path, bootstrap: str, registry_url: str, namespace
 
     Records are keyed by symbol (so one symbol's bars stay ordered in one partition),
     carry ``start_ms`` as their Kafka timestamp, and are flushed before returning: any
-    record the brokers did not acknowledge raises :class:`~pipeline.errors.DeliveryFailed`.
+    record the brokers did not acknowledge raises :class:`~pipeline.core.errors.DeliveryFailed`.
 
     Loading is idempotent: bars of the symbol and interval already in the topic are not
     published again (``already`` counts them), so a second load of the same file
@@ -401,7 +401,7 @@ _OHLCV = ("end_ms", "open", "high", "low", "close", "volume")
 def _published_bars(bootstrap: str, registry_url: str, topic: str, symbol: str,
                     interval: str) -> dict[int, dict]:
     """start_ms -> bar of ``symbol``/``interval`` already in ``topic``."""
-    from pipeline.replay_source import ReplaySource
+    from pipeline.replay.source import ReplaySource
 
     found: dict[int, dict] = {}
     with ReplaySource(bootstrap, registry_url, [topic]) as source:

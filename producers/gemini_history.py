@@ -21,17 +21,25 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from pipeline.catalog import Namespace, ensure_topics
-from pipeline.errors import PipelineError
-from pipeline.gemini.history import (CONNECTION_PREFIX, MAX_TRADES, Since, candle_bars,
-                                     read_page, start_cursor, time_frame, trade_record)
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Serde
+from pipeline.core.errors import PipelineError
+from pipeline.gemini.history import (
+    CONNECTION_PREFIX,
+    MAX_TRADES,
+    Since,
+    candle_bars,
+    read_page,
+    start_cursor,
+    time_frame,
+    trade_record,
+)
 from pipeline.gemini.marketdata import FrameError
 from pipeline.gemini.public_rest import PublicClient
 from pipeline.gemini.rest import GeminiApiError, GeminiError
-from pipeline.kafka import ReliableProducer
-from pipeline.registry import SchemaRegistry
-from pipeline.runtime import read_to_end
-from pipeline.serde import Serde
+from pipeline.kafka.catalog import Namespace, ensure_topics
+from pipeline.kafka.clients import ReliableProducer
+from pipeline.runtime.runner import read_to_end
 from producers.csv_bars import publish_bars
 
 log = logging.getLogger(__name__)

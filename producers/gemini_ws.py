@@ -37,14 +37,20 @@ from pathlib import Path
 
 import websocket
 
-from pipeline.catalog import Namespace
-from pipeline.deadletter import STAGE_INGEST, dead_letter_headers
+from pipeline.avro.serde import Serde
+from pipeline.gemini.marketdata import (
+    FrameError,
+    SequenceGap,
+    UpdateGap,
+    V1Normalizer,
+    V2Normalizer,
+    WsNormalizer,
+)
 from pipeline.gemini.ws_session import WS_LIVE as GEMINI_NEW_WS  # the new API
 from pipeline.gemini.ws_session import WS_SANDBOX as SANDBOX_NEW_WS
-from pipeline.gemini.marketdata import (FrameError, SequenceGap, UpdateGap, V1Normalizer,
-                                       V2Normalizer, WsNormalizer)
-from pipeline.kafka import ReliableProducer
-from pipeline.serde import Serde
+from pipeline.kafka.catalog import Namespace
+from pipeline.kafka.clients import ReliableProducer
+from pipeline.kafka.deadletter import STAGE_INGEST, dead_letter_headers
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.broker import LocalBroker
-from pipeline.catalog import Namespace, ensure_topics
-from pipeline.config import REPO_ROOT
-from pipeline.registry_server import LocalRegistry
+from pipeline.kafka.catalog import Namespace, ensure_topics
+from pipeline.ops.broker import LocalBroker
+from pipeline.ops.registry_server import LocalRegistry
+from pipeline.ops.settings import REPO_ROOT
 
 # PIPELINE_TEST_RUN_DIR lets two test sessions run side by side, each with its own broker.
 TEST_RUN_DIR = Path(os.environ.get("PIPELINE_TEST_RUN_DIR") or REPO_ROOT / "run" / "test")

@@ -12,17 +12,17 @@ from collections import Counter
 import pytest
 
 from consumers.archive import make_group
-from pipeline import archive
-from pipeline.backtest_run import run_backtest
-from pipeline.catalog import Namespace, ensure_topics
-from pipeline.kafka import ReliableProducer
-from pipeline.registry import SchemaRegistry
-from pipeline.runtime import GroupRunner, read_to_end
-from pipeline.serde import Decoder, Encoder
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Decoder, Encoder
+from pipeline.backtest.run import run_backtest
+from pipeline.kafka.catalog import Namespace, ensure_topics
+from pipeline.kafka.clients import ReliableProducer
+from pipeline.replay import archive
+from pipeline.runtime.runner import GroupRunner, read_to_end
 from pipeline.strategy import FULL_EQUITY
 from tests.support.bars_group import BarsProcess
-from tests.support.processes import cli, cluster_env
 from tests.support.kafka_io import committed
+from tests.support.processes import cli, cluster_env
 from tests.support.waiting import wait_for
 
 CAPTURE = "gemini_v2_l2_capture_2021-06-24.txt"

@@ -1,6 +1,6 @@
 """The archive's files without Kafka: rows, the journal protocol's recovery at each point,
 compaction, damaged files, reading back the records exactly (pipeline/sinks/archive.py,
-pipeline/archive.py)."""
+pipeline/replay/archive.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from decimal import Decimal
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import archive
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
+from pipeline.replay import archive
 from pipeline.sinks import archive as store
 from pipeline.sinks.archive import ArchiveError, ArchiveWriter, compact, data_files, to_row
 

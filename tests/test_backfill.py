@@ -13,15 +13,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from pipeline.catalog import Namespace, ensure_topics
-from pipeline.config import REPO_ROOT
-from pipeline.errors import PipelineError
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Decoder
+from pipeline.core.errors import PipelineError
 from pipeline.gemini.history import Since
 from pipeline.gemini.public_rest import PublicClient
-from pipeline.kafka import ReliableProducer
-from pipeline.registry import SchemaRegistry
-from pipeline.runtime import read_to_end
-from pipeline.serde import Decoder
+from pipeline.kafka.catalog import Namespace, ensure_topics
+from pipeline.kafka.clients import ReliableProducer
+from pipeline.ops.settings import REPO_ROOT
+from pipeline.runtime.runner import read_to_end
 from pipeline.venue.server import RunningVenue, VenueConfig
 from producers.gemini_history import backfill_candles, backfill_trades
 from tests.support.processes import PIPELINE, cli, cluster_env

@@ -23,16 +23,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.backtest import (BAR, L2, EventMerger, backtest_events, event_time_us)
-from pipeline.backtest_run import run_backtest, sweep
-from pipeline.catalog import Namespace, ensure_topics
-from pipeline.config import REPO_ROOT
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Encoder
+from pipeline.backtest.engine import BAR, L2, EventMerger, backtest_events, event_time_us
+from pipeline.backtest.report import COMPARABLE, buy_and_hold, find_gaps, trades_csv
+from pipeline.backtest.run import run_backtest, sweep
 from pipeline.core.decimals import plain
-from pipeline.errors import PipelineError
-from pipeline.kafka import ReliableProducer
-from pipeline.registry import SchemaRegistry
-from pipeline.report import COMPARABLE, buy_and_hold, find_gaps, trades_csv
-from pipeline.serde import Encoder
+from pipeline.core.errors import PipelineError
+from pipeline.kafka.catalog import Namespace, ensure_topics
+from pipeline.kafka.clients import ReliableProducer
+from pipeline.ops.settings import REPO_ROOT
 from pipeline.strategy import FULL_EQUITY, OrderIntent, Strategy
 from producers.csv_bars import load_csv_bars
 from tests.conftest import SHARED_DATA
@@ -555,7 +555,7 @@ def test_bars_become_known_at_their_end_and_everything_else_when_received():
 
 
 def test_out_dir_is_all_or_nothing(tmp_path):
-    from pipeline.report import OutputDir
+    from pipeline.backtest.report import OutputDir
 
     target = tmp_path / "deep" / "out"
     output = OutputDir(target)

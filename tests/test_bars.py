@@ -1,18 +1,26 @@
-"""Bar logic (pipeline/bars.py) on synthetic trades with known answers, and on real trades
+"""Bar logic (pipeline/market/bars.py) on synthetic trades with known answers, and on real trades
 from a Gemini capture against pandas ``resample``. No Kafka."""
 
 from __future__ import annotations
 
 import json
-from decimal import Decimal, ROUND_HALF_EVEN, localcontext
+from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 
 import pandas as pd
 import pytest
 
-from pipeline.bars import (INTERVALS_MS, Bar, BarBuilder, BarSettings, Emitted, build_bars,
-                           decimal_text, round_half_even)
 from pipeline.gemini.capture import received_frames
 from pipeline.gemini.marketdata import V2Normalizer
+from pipeline.market.bars import (
+    INTERVALS_MS,
+    Bar,
+    BarBuilder,
+    BarSettings,
+    Emitted,
+    build_bars,
+    decimal_text,
+    round_half_even,
+)
 
 DAY = 86_400_000
 NOON = 1_624_492_800_000 + 12 * 3_600_000  # 2021-06-24 12:00:00 UTC
@@ -346,7 +354,7 @@ def test_capture_bars_match_pandas_resample(shared_data, interval, rule):
 
 
 def test_parquet_writes_merge_into_one_file_per_partition_and_repeat_harmlessly(tmp_path):
-    from pipeline.bars_store import BarWriter, read_all_bars, read_bars
+    from pipeline.sinks.bars import BarWriter, read_all_bars, read_bars
 
     trades = [trade(i, NOON - 2 * 3_600_000 + i * 20_011, f"{100 + i % 9}.25", "0.5",
                     symbol="ETHUSD" if i % 3 else "BTCUSD") for i in range(1, 1200)]

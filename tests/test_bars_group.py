@@ -11,11 +11,16 @@ from collections import Counter
 import pandas as pd
 import pytest
 
-from pipeline.bars import INTERVALS_MS, Bar, BarBuilder, BarSettings, Emitted
-from pipeline.bars_store import read_all_bars, read_bars
-from pipeline.deadletter import STAGE_DECODE, STAGE_HANDLE, parse_dead_letter
-from tests.support.bars_group import (BarsProcess, generated_trades, produce_trades,
-                                      read_records, trade)
+from pipeline.kafka.deadletter import STAGE_DECODE, STAGE_HANDLE, parse_dead_letter
+from pipeline.market.bars import INTERVALS_MS, Bar, BarBuilder, BarSettings, Emitted
+from pipeline.sinks.bars import read_all_bars, read_bars
+from tests.support.bars_group import (
+    BarsProcess,
+    generated_trades,
+    produce_trades,
+    read_records,
+    trade,
+)
 from tests.support.kafka_io import committed, produce_raw, read_all
 from tests.support.waiting import wait_for
 
@@ -169,7 +174,7 @@ def test_kill_9_at_random_points_loses_and_duplicates_nothing(kafka, registry, n
     produce_trades(kafka, registry.url, bar_topics["md.trades"], trades)
     expected, late = closed_by_event_time(trades, lateness)
     reference_ns = f"{namespace}-ref"
-    from pipeline.catalog import Namespace, ensure_topics
+    from pipeline.kafka.catalog import Namespace, ensure_topics
     ensure_topics(kafka, Namespace(reference_ns), ["bars", "bars.late", "dlq"])
     common = ["--lateness-ms", str(lateness)]
     reference = BarsProcess(kafka, registry.url, str(namespace), tmp_path, *common,

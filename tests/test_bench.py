@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pipeline.config import REPO_ROOT
+from pipeline.ops.settings import REPO_ROOT
 
 
 @pytest.mark.broker

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.broker import LocalBroker, kafka_libs, reported_version
-from pipeline.services import alive as _alive
-from pipeline.catalog import Namespace, ensure_topics
-from pipeline.config import REPO_ROOT, Settings
-from pipeline.errors import DeliveryFailed, PipelineError
-from pipeline.kafka import ReliableProducer
+from pipeline.core.errors import DeliveryFailed, PipelineError
+from pipeline.kafka.catalog import Namespace, ensure_topics
+from pipeline.kafka.clients import ReliableProducer
+from pipeline.ops.broker import LocalBroker, kafka_libs, reported_version
+from pipeline.ops.services import alive as _alive
+from pipeline.ops.settings import REPO_ROOT, Settings
 from tests.support.kafka_io import produce_json, read_all
 from tests.support.processes import PIPELINE
 

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.catalog import TOPICS, Namespace, describe_topics, ensure_topics, spec, split_topic
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
+from pipeline.kafka.catalog import (
+    TOPICS,
+    Namespace,
+    describe_topics,
+    ensure_topics,
+    spec,
+    split_topic,
+)
 
 
 @pytest.mark.parametrize("name,kind", [("live", "live"), ("sim", "sim"), ("sim-t1", "sim"),

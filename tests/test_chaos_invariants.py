@@ -5,12 +5,21 @@ from __future__ import annotations
 
 from decimal import Decimal as D
 
-from pipeline.bars import Bar
-from pipeline.catalog import replication_for
-from pipeline.chaos.invariants import (SentConnection, VenueOrders, check_bars, check_books,
-                                       check_archive, check_dlq, check_frames, check_orders,
-                                       check_positions, recompute_bars)
-from pipeline.chaos.schedule import BROKER_FAULTS, FAULT_KINDS, make_schedule
+from pipeline.kafka.catalog import replication_for
+from pipeline.market.bars import Bar
+from pipeline.ops.chaos.invariants import (
+    SentConnection,
+    VenueOrders,
+    check_archive,
+    check_bars,
+    check_books,
+    check_dlq,
+    check_frames,
+    check_orders,
+    check_positions,
+    recompute_bars,
+)
+from pipeline.ops.chaos.schedule import BROKER_FAULTS, FAULT_KINDS, make_schedule
 
 GROUPS = ["orderbook", "bars", "strategy", "execution", "portfolio", "archive"]
 

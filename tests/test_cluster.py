@@ -16,14 +16,14 @@ import time
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from pipeline.broker import LocalCluster, bootstrap_servers, local_kafka
-from pipeline.catalog import Namespace, ensure_topics
-from pipeline.chaos.run import ChaosConfig, run_chaos
-from pipeline.chaos.schedule import Fault
-from pipeline.cluster_health import describe_cluster
-from pipeline.config import Settings
-from pipeline.errors import DeliveryFailed
-from pipeline.kafka import ReliableProducer
+from pipeline.core.errors import DeliveryFailed
+from pipeline.kafka.catalog import Namespace, ensure_topics
+from pipeline.kafka.clients import ReliableProducer
+from pipeline.kafka.cluster_health import describe_cluster
+from pipeline.ops.broker import LocalCluster, bootstrap_servers, local_kafka
+from pipeline.ops.chaos.run import ChaosConfig, run_chaos
+from pipeline.ops.chaos.schedule import Fault
+from pipeline.ops.settings import Settings
 from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.skipif(
@@ -146,7 +146,7 @@ def test_too_few_in_sync_replicas_make_producers_fail_loudly(cluster):
     write fails loudly instead of vanishing, then goes through once the node is back."""
     from confluent_kafka.admin import NewTopic
 
-    from pipeline.kafka import make_admin
+    from pipeline.kafka.clients import make_admin
 
     bootstrap = cluster.recorded().bootstrap_servers
     topic = "t-isr"

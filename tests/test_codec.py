@@ -1,4 +1,4 @@
-"""Avro in C (pipeline.codec + the extension pipeline._avro): it reads what fastavro reads
+"""Avro in C (pipeline.avro.codec + the extension pipeline.avro._avro): it reads what fastavro reads
 and writes the very bytes fastavro writes, refuses bad bytes and bad values clearly, and
 serde falls back to fastavro where it must."""
 
@@ -11,14 +11,14 @@ import re
 import pytest
 from fastavro import parse_schema, schemaless_writer
 
-from pipeline import codec, schemas
-from pipeline.codec import compile_reader, compile_writer, program
-from pipeline.registry import _strip_logical, parse_plain
-from pipeline.serde import Decoder, Encoder, SerdeError
+from pipeline.avro import codec, schemas
+from pipeline.avro.codec import compile_reader, compile_writer, program
+from pipeline.avro.registry import _strip_logical, parse_plain
+from pipeline.avro.serde import Decoder, Encoder, SerdeError
 from tests.support.records import SAMPLES
 
 pytestmark = pytest.mark.skipif(codec._decode is None,
-                                reason="pipeline._avro is not built (no C compiler at install)")
+                                reason="pipeline.avro._avro is not built (no C compiler)")
 
 EVERYTHING = {
     "type": "record", "name": "Everything", "namespace": "test.fd",

@@ -11,11 +11,17 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from pipeline.errors import PipelineError
-from pipeline.registry import SchemaRegistry
-from pipeline.serde import Decoder
-from producers.csv_bars import (CRYPTODATADOWNLOAD, INTERVALS_MS, SEED, RowProblem,
-                                load_csv_bars, parse_ohlcv_csv)
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Decoder
+from pipeline.core.errors import PipelineError
+from producers.csv_bars import (
+    CRYPTODATADOWNLOAD,
+    INTERVALS_MS,
+    SEED,
+    RowProblem,
+    load_csv_bars,
+    parse_ohlcv_csv,
+)
 
 REAL = "BTCUSD_GEMINI_1h.csv"
 REAL_ROWS = 32_842

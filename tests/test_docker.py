@@ -6,9 +6,9 @@ import json
 
 import yaml
 
-from pipeline import topology
-from pipeline.config import REPO_ROOT
-from pipeline.supervisor import _flags
+from pipeline.ops import topology
+from pipeline.ops.settings import REPO_ROOT
+from pipeline.ops.supervisor import _flags
 
 COMPOSE = yaml.safe_load((REPO_ROOT / "docker" / "compose.yml").read_text())
 TOPOLOGY = topology.load(REPO_ROOT / "topology.toml")
@@ -73,8 +73,8 @@ def test_the_environment_points_every_process_at_the_same_broker_and_registry():
 
 
 def test_images_match_the_versions_the_pipeline_runs_locally():
-    from pipeline.broker import kafka_version
-    from pipeline.registry_server import apicurio_version
+    from pipeline.ops.broker import kafka_version
+    from pipeline.ops.registry_server import apicurio_version
 
     assert SERVICES["kafka"]["image"] == f"apache/kafka:{kafka_version()}"
     assert SERVICES["registry"]["image"] == f"apicurio/apicurio-registry:{apicurio_version()}"

@@ -16,24 +16,35 @@ import pytest
 from confluent_kafka import Producer
 
 from consumers.execution import ExecutionSettings, check_mode, main, make_group
-from pipeline.catalog import Namespace, ensure_topics
-from pipeline.errors import PipelineError
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Serde
+from pipeline.core.errors import PipelineError
+from pipeline.core.rules import SymbolRules
 from pipeline.gemini.execution import GeminiCredentials, GeminiSettings
 from pipeline.gemini.ratelimit import TokenBucket
 from pipeline.gemini.rest import GeminiRestClient, NonceSource
-from pipeline.registry import SchemaRegistry
-from pipeline.serde import Serde
+from pipeline.gemini.symbols import load_rules
+from pipeline.kafka.catalog import Namespace, ensure_topics
 from pipeline.trading import risk
 from pipeline.trading.risk import BookTop, RiskLimits, RiskState
 from pipeline.trading.signing import StrategyKeys, sign
-from pipeline.core.rules import SymbolRules
-from pipeline.gemini.symbols import load_rules
 from pipeline.venue.server import RunningVenue, VenueConfig
 from tests.support.kafka_io import committed, read_all
-from tests.support.orders import (ExecutionProcess, FaultyProxy, GroupThread, Tail,
-                                  book_snapshot, by_id, exchange_orders_per_id, kinds,
-                                  new_orders, order_request, produce, venue_book,
-                                  write_secret_file)
+from tests.support.orders import (
+    ExecutionProcess,
+    FaultyProxy,
+    GroupThread,
+    Tail,
+    book_snapshot,
+    by_id,
+    exchange_orders_per_id,
+    kinds,
+    new_orders,
+    order_request,
+    produce,
+    venue_book,
+    write_secret_file,
+)
 from tests.support.waiting import wait_for
 
 D = Decimal
@@ -1007,7 +1018,8 @@ PORTFOLIO_TOPICS = ["orders.events", "book.snapshots", "strategy.control", "port
 
 
 def portfolio_group(env: Env, config, credentials=None, **kw) -> GroupThread:
-    from consumers.portfolio import PortfolioSettings, make_group as portfolio_config
+    from consumers.portfolio import PortfolioSettings
+    from consumers.portfolio import make_group as portfolio_config
 
     ensure_topics(env.kafka, env.namespace, PORTFOLIO_TOPICS)
     settings = PortfolioSettings(config, run_dir=env.run_dir, **kw)
@@ -1019,7 +1031,7 @@ def test_a_strategy_crossing_its_drawdown_limit_is_halted_and_stays_halted_acros
     """The portfolio's risk stop halts sma within a batch of the fill that crossed it:
     execution cancels its resting order and rejects its new ones, also after a restart,
     until an operator resumes it; another strategy trades on."""
-    from pipeline.portfolio_view import set_halt
+    from pipeline.ops.portfolio_view import set_halt
     from pipeline.trading.portfolio import PortfolioConfig, RiskStop
 
     ensure_topics(env.kafka, env.namespace, PORTFOLIO_TOPICS)

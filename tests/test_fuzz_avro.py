@@ -10,8 +10,8 @@ import io
 import pytest
 
 from fuzz import avro_asan
-from pipeline import codec, schemas
-from pipeline._avro import decode, encode
+from pipeline.avro import codec, schemas
+from pipeline.avro._avro import decode, encode
 
 SEED = 20261202
 

@@ -27,14 +27,26 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pipeline import codec, schemas
+from pipeline.avro import codec, schemas
 from pipeline.core.decimals import plain
+from pipeline.core.errors import PipelineError
 from pipeline.core.vocabulary import OrderEventKind
-from pipeline.errors import PipelineError
-from pipeline.gemini.marketdata import (FrameError, SequenceGap, UpdateGap, V1Normalizer,
-                                       V2Normalizer, WsNormalizer)
-from pipeline.trading.execution import (CANCEL_REJECT, REJECT, Verdict, cancel_rejected,
-                                        decide, request_event)
+from pipeline.gemini.marketdata import (
+    FrameError,
+    SequenceGap,
+    UpdateGap,
+    V1Normalizer,
+    V2Normalizer,
+    WsNormalizer,
+)
+from pipeline.trading.execution import (
+    CANCEL_REJECT,
+    REJECT,
+    Verdict,
+    cancel_rejected,
+    decide,
+    request_event,
+)
 from pipeline.trading.risk import BookTop, RiskLimits, RiskState
 from pipeline.trading.signing import StrategyKeys, canonical, client_order_id, sign, verify
 from producers.csv_bars import parse_ohlcv_csv

@@ -12,9 +12,8 @@ from decimal import Decimal as D
 import pytest
 import requests
 
-from pipeline.errors import PipelineError
-from pipeline.gemini.execution import (GeminiCredentials, GeminiExecution, GeminiSettings,
-                                       check_key)
+from pipeline.core.errors import PipelineError
+from pipeline.gemini.execution import GeminiCredentials, GeminiExecution, GeminiSettings, check_key
 from pipeline.gemini.ratelimit import SharedTokenBucket
 from pipeline.gemini.rest import GeminiApiError, GeminiInDoubt, GeminiRateLimited, TimeNonce
 from pipeline.venue.rest import VenueKey

@@ -24,7 +24,7 @@ import pytest
 import requests
 from aiohttp import web
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.gemini.rest import (
     LIVE_URL,
     SANDBOX_URL,

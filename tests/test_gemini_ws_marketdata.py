@@ -15,12 +15,12 @@ import pytest
 import requests
 import websocket
 
-from pipeline import schemas
-from pipeline.catalog import ensure_topics
+from pipeline.avro import schemas
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Decoder, Encoder
 from pipeline.gemini.capture import received_frames
 from pipeline.gemini.marketdata import FrameError, UpdateGap, WsNormalizer
-from pipeline.registry import SchemaRegistry
-from pipeline.serde import Decoder, Encoder
+from pipeline.kafka.catalog import ensure_topics
 from pipeline.venue.server import RunningVenue, VenueConfig
 from tests.support.books import books_from_records, follow_capture
 from tests.support.processes import CAPTURE, CAPTURE_SYMBOLS, Producer

@@ -11,15 +11,22 @@ from decimal import Decimal as D
 
 import pytest
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.gemini.execution import GeminiCredentials
 from pipeline.gemini.ws_session import WsSession, ws_auth_headers
 from pipeline.venue.rest import VenueKey
 from pipeline.venue.server import RunningVenue, VenueConfig
 from tests.support.orders import by_id, exchange_orders_per_id, order_request, venue_book
 from tests.support.waiting import wait_for
-from tests.test_execution import (SMA_KEY, cancel_request, env, move_venue_market,  # noqa: F401
-                                  publish_venue_book, sandbox, venue_live_orders)
+from tests.test_execution import (  # noqa: F401
+    SMA_KEY,
+    cancel_request,
+    env,
+    move_venue_market,
+    publish_venue_book,
+    sandbox,
+    venue_live_orders,
+)
 
 WS_KEY, WS_SECRET = "account-ws", "ws-api-secret-9a8b7c6d5e4f"
 REST_ONLY_KEY, REST_ONLY_SECRET = "account-rest", "rest-api-secret-0f1e2d3c"

@@ -9,10 +9,14 @@ import json
 import pytest
 import yaml
 
-from pipeline.config import REPO_ROOT
-from tests.support.grafana import (DASHBOARD, exposition_metric_names,
-                                   panels, promql_metric_names,
-                                   variable_metric_names)
+from pipeline.ops.settings import REPO_ROOT
+from tests.support.grafana import (
+    DASHBOARD,
+    exposition_metric_names,
+    panels,
+    promql_metric_names,
+    variable_metric_names,
+)
 
 PROVISIONING = REPO_ROOT / "docker" / "grafana" / "provisioning"
 

@@ -8,13 +8,28 @@ from decimal import Decimal
 
 import pytest
 
-from pipeline.catalog import Namespace
-from pipeline.errors import PipelineError
-from pipeline.gemini.history import (MAX_TRADES, Cursor, Since, candle_bars, parse_since,
-                                     read_page, start_cursor, time_frame, trade_record)
+from pipeline.core.errors import PipelineError
+from pipeline.gemini.history import (
+    MAX_TRADES,
+    Cursor,
+    Since,
+    candle_bars,
+    parse_since,
+    read_page,
+    start_cursor,
+    time_frame,
+    trade_record,
+)
 from pipeline.gemini.marketdata import FrameError
-from pipeline.venue.history import (HistoryError, HistoryTrade, TradeHistory, candles_text,
-                                    trade_json, trades_query)
+from pipeline.kafka.catalog import Namespace
+from pipeline.venue.history import (
+    HistoryError,
+    HistoryTrade,
+    TradeHistory,
+    candles_text,
+    trade_json,
+    trades_query,
+)
 from producers.gemini_history import refuse_live
 
 END_MS = 1_750_000_000_000  # 2025-06-15 15:06:40 UTC

@@ -11,20 +11,26 @@ from collections import defaultdict
 import pytest
 import requests
 
-from pipeline.catalog import ensure_topics
-from pipeline.deadletter import STAGE_INGEST, parse_dead_letter
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Decoder
 from pipeline.gemini.capture import received_frames
 from pipeline.gemini.marketdata import FrameError, SequenceGap, V1Normalizer, V2Normalizer
-from pipeline.registry import SchemaRegistry
-from pipeline.serde import Decoder
-from pipeline.venue.market import (Market, capture_events, generated_events,
-                                   looped_capture_events, render_v2)
+from pipeline.kafka.catalog import ensure_topics
+from pipeline.kafka.deadletter import STAGE_INGEST, parse_dead_letter
+from pipeline.venue.market import (
+    Market,
+    capture_events,
+    generated_events,
+    looped_capture_events,
+    render_v2,
+)
 from pipeline.venue.server import MALFORMED, RunningVenue, VenueConfig
 from tests.support.books import books_from_capture, books_from_records
-from tests.support.waiting import wait_for
 from tests.support.kafka_io import read_all
 from tests.support.processes import CAPTURE, CAPTURE_SYMBOLS, Producer
 from tests.support.processes import venue_status as status
+from tests.support.waiting import wait_for
+
 
 def decoded(kafka: str, registry_url: str, topic: str, expect: int | None = None) -> list[dict]:
     decode = Decoder(SchemaRegistry(registry_url))

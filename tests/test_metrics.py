@@ -1,4 +1,4 @@
-"""The metrics server (pipeline/metrics.py) when there is nothing to collect from."""
+"""The metrics server (pipeline/ops/metrics.py) when there is nothing to collect from."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import time
 
 import requests
 
-from pipeline.metrics import metrics_server
-from pipeline.services import free_port
+from pipeline.ops.metrics import metrics_server
+from pipeline.ops.services import free_port
 
 
 def test_a_failed_collection_answers_503_with_one_line_and_the_server_goes_on(tmp_path):

@@ -17,9 +17,9 @@ nbclient = pytest.importorskip("nbclient",
                                reason="nbclient is in the test extra: pip install -e '.[test]'")
 
 from consumers.archive import make_group  # noqa: E402
-from pipeline.backtest_run import run_backtest  # noqa: E402
-from pipeline.catalog import ensure_topics  # noqa: E402
-from pipeline.runtime import GroupRunner  # noqa: E402
+from pipeline.backtest.run import run_backtest  # noqa: E402
+from pipeline.kafka.catalog import ensure_topics  # noqa: E402
+from pipeline.runtime.runner import GroupRunner  # noqa: E402
 from pipeline.strategy import FULL_EQUITY  # noqa: E402
 from tests.test_archive import CAPTURE, publish_capture  # noqa: E402
 

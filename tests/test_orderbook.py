@@ -17,16 +17,16 @@ from order_book import OrderBook
 
 from bench.book import apply_to_order_book
 from consumers.orderbook import OrderbookSettings, make_group
-from pipeline.catalog import ensure_topics
-from pipeline.config import REPO_ROOT
-from pipeline.deadletter import STAGE_DECODE, STAGE_HANDLE, parse_dead_letter
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import HEADER, Decoder, Encoder
 from pipeline.gemini.capture import received_frames
 from pipeline.gemini.marketdata import V2Normalizer
-from pipeline.kafka import ReliableProducer
-from pipeline.orderbook import BookError, L2Book
-from pipeline.registry import SchemaRegistry
-from pipeline.runtime import GroupRunner
-from pipeline.serde import HEADER, Decoder, Encoder
+from pipeline.kafka.catalog import ensure_topics
+from pipeline.kafka.clients import ReliableProducer
+from pipeline.kafka.deadletter import STAGE_DECODE, STAGE_HANDLE, parse_dead_letter
+from pipeline.market.orderbook import BookError, L2Book
+from pipeline.ops.settings import REPO_ROOT
+from pipeline.runtime.runner import GroupRunner
 from pipeline.venue.market import generated_events
 from tests.support.books import as_decimals, follow_capture
 from tests.support.kafka_io import committed, read_all
@@ -212,7 +212,7 @@ def test_bad_records_are_dead_lettered_and_the_group_goes_on(kafka, registry, na
     topic = namespace.topic("md.l2")
     reg = SchemaRegistry(registry.url)
     encode = Encoder(reg, topic)
-    from pipeline import schemas
+    from pipeline.avro import schemas
     future = schemas.load("L2Update")  # a newer writer, with a side this group does not know
     future["fields"][2]["type"]["items"]["fields"][0]["type"]["symbols"].append("MID")
     future_encode = Encoder(reg, topic, future)
@@ -265,7 +265,7 @@ def final_checkpoints(kafka: str, registry_url: str, namespace) -> dict[str, dic
 
 @pytest.mark.broker
 def test_killed_and_restarted_the_group_resumes_from_checkpoints(kafka, registry, tmp_path):
-    from pipeline.catalog import Namespace
+    from pipeline.kafka.catalog import Namespace
 
     records = generated_records(60_000)
     names = ["md.l2", "book.snapshots", "book.health", "book.checkpoints", "dlq"]

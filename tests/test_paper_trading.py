@@ -9,16 +9,16 @@ from decimal import Decimal
 
 import fastavro
 
-from pipeline import schemas
-from pipeline.backtest import BookBroker
+from pipeline.avro import schemas
+from pipeline.backtest.engine import BookBroker
+from pipeline.core.vocabulary import OrderType, Side
 from pipeline.market.book_policy import IGNORED, BookPolicy
-from pipeline.orderbook import L2Book
+from pipeline.market.orderbook import L2Book
 from pipeline.trading.fees import FeeSchedule
+from pipeline.trading.orders import Order
 from pipeline.trading.paper import PaperExecution
 from pipeline.trading.signing import client_order_id
 from pipeline.trading.simulator import SimulatedExchange, SimulatorConfig
-from pipeline.core.vocabulary import OrderType, Side
-from pipeline.trading.orders import Order
 from pipeline.venue.exchange import Exchange
 
 D = Decimal
@@ -246,11 +246,11 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from pipeline.backtest_run import run_backtest  # noqa: E402
-from pipeline.catalog import Namespace  # noqa: E402
-from pipeline.registry import SchemaRegistry  # noqa: E402
-from pipeline.serde import Decoder  # noqa: E402
-from pipeline.services import free_port  # noqa: E402
+from pipeline.avro.registry import SchemaRegistry  # noqa: E402
+from pipeline.avro.serde import Decoder  # noqa: E402
+from pipeline.backtest.run import run_backtest  # noqa: E402
+from pipeline.kafka.catalog import Namespace  # noqa: E402
+from pipeline.ops.services import free_port  # noqa: E402
 from tests.support.kafka_io import read_all  # noqa: E402
 from tests.support.processes import CAPTURE, CAPTURE_SYMBOLS, cli  # noqa: E402
 from tests.support.waiting import wait_for  # noqa: E402

@@ -6,7 +6,7 @@ from decimal import Decimal as D
 
 import pytest
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.trading.portfolio import BadFill, Portfolio, PortfolioConfig, RiskStop
 
 T0 = 1_700_000_000_000
@@ -195,8 +195,8 @@ def test_reconciliation_of_an_unknown_order_whose_trades_add_up_to_nothing():
     assert [e["kind"] for e in events] == ["CHECKED"] and events[-1]["differences"] == 0
 
 def test_every_portfolio_metric_is_in_the_exposition():
-    from pipeline.portfolio_view import PortfolioView
-    from pipeline.status import Snapshot, prometheus
+    from pipeline.ops.portfolio_view import PortfolioView
+    from pipeline.ops.status import Snapshot, prometheus
 
     p = portfolio()
     p.on_book(book("BTCUSD", "99", "101", T0))

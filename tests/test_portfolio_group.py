@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from pipeline.backtest import L2, TRADE, backtest_events, event_time_us
-from pipeline.config import REPO_ROOT
+from consumers.portfolio import PortfolioSettings, make_group
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Serde
+from pipeline.backtest.engine import L2, TRADE, backtest_events, event_time_us
 from pipeline.core.decimals import plain
-from pipeline.deadletter import parse_dead_letter
-from pipeline.registry import SchemaRegistry
-from pipeline.serde import Serde
+from pipeline.kafka.deadletter import parse_dead_letter
+from pipeline.ops.settings import REPO_ROOT
 from pipeline.sinks.pnl import read_pnl
 from pipeline.strategies.mid_quoter import MidQuoter
 from pipeline.trading.portfolio import Portfolio, PortfolioConfig
-from consumers.portfolio import PortfolioSettings, make_group
 from tests.support.kafka_io import committed, read_all
 from tests.support.orders import GroupThread
 from tests.support.waiting import wait_for

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import PipelineError
-from pipeline.portfolio_plot import plot_live
+from pipeline.core.errors import PipelineError
+from pipeline.ops.portfolio_plot import plot_live
 from pipeline.sinks.pnl import PnlWriter, read_pnl
 
 T0 = 1_717_200_000_000  # 2024-06-01T00:00:00Z

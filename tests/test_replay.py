@@ -11,22 +11,22 @@ from collections import defaultdict
 
 import pytest
 
-from pipeline.bars import Bar, BarBuilder, BarSettings, Emitted, RecordClock
-from pipeline import topology
-from pipeline.catalog import Namespace, describe_topics, ensure_topics
-from pipeline.errors import PipelineError
-from pipeline.config import REPO_ROOT
-from pipeline.kafka import make_admin
-from pipeline.orderbook import L2Book
-from pipeline.registry import SchemaRegistry
-from pipeline.serde import Decoder
-from pipeline.services import free_port
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Decoder
+from pipeline.core.errors import PipelineError
+from pipeline.kafka.catalog import Namespace, describe_topics, ensure_topics
+from pipeline.kafka.clients import make_admin
+from pipeline.market.bars import Bar, BarBuilder, BarSettings, Emitted, RecordClock
+from pipeline.market.orderbook import L2Book
+from pipeline.ops import topology
+from pipeline.ops.services import free_port
+from pipeline.ops.settings import REPO_ROOT
 from pipeline.venue.server import RunningVenue, VenueConfig
 from tests.support.bars_group import BarsProcess, read_records
 from tests.support.kafka_io import produce_raw, read_all
-from tests.support.waiting import wait_for
 from tests.support.processes import CAPTURE, CAPTURE_SYMBOLS, Producer, cli
 from tests.support.processes import venue_status as status
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.broker
 LATENESS_MS = 1_000  # 10s bars: the last bars close within ~15 s of wall time

@@ -1,4 +1,4 @@
-"""The interactive report (pipeline/report_interactive.py), without a broker: the figure of a
+"""The interactive report (backtest/report_interactive.py), without a broker: the figure of a
 real backtest over the start of the hourly file (its candles, trades, equity, drawdown),
 gaps as gaps, book runs, the self-contained page and its hooks, and the sweep's chart.
 The browser test of the page is in test_backtest.py, after the parity backtest."""
@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import backtest_run, report, report_interactive
-from pipeline.backtest import BAR, backtest_events, event_time_us
-from pipeline.backtest_run import BacktestConfig
-from pipeline.errors import PipelineError
+from pipeline.backtest import report, report_interactive
+from pipeline.backtest import run as backtest_run
+from pipeline.backtest.engine import BAR, backtest_events, event_time_us
+from pipeline.backtest.run import BacktestConfig
+from pipeline.core.errors import PipelineError
 from pipeline.strategy import FULL_EQUITY, load_strategy
 from tests.conftest import SHARED_DATA
 from tests.support.backtest_strategies import Scripted

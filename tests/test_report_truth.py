@@ -15,9 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import report
-from pipeline.backtest import L2, TRADE, backtest_events, event_time_us
-from pipeline.config import REPO_ROOT
+from pipeline.backtest import report
+from pipeline.backtest.engine import L2, TRADE, backtest_events, event_time_us
+from pipeline.ops.settings import REPO_ROOT
 from pipeline.strategy import load_strategy
 from tests.support.backtest_strategies import Scripted
 
@@ -71,7 +71,7 @@ def assert_no_point_inside_gaps(data: pd.DataFrame, gaps: list[tuple[int, int]])
 def without_plotly_js(page: str) -> str:
     """The page without the plotly.js it inlines (that library's own code has "None" in
     it), checking that what is cut is exactly plotly.js and nothing of the report."""
-    from pipeline.report_interactive import plotly_js
+    from pipeline.backtest.report_interactive import plotly_js
 
     tag = '<script id="plotlyjs">'
     start = page.index(tag)

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import REPO_ROOT
-from pipeline.deadletter import STAGE_DECODE, STAGE_HANDLE, parse_dead_letter
-from pipeline.errors import PipelineError
-from pipeline.runtime import GroupConfig, GroupRunner, Handler, Output, Record
-from tests.support.waiting import wait_for
+from pipeline.core.errors import PipelineError
+from pipeline.kafka.deadletter import STAGE_DECODE, STAGE_HANDLE, parse_dead_letter
+from pipeline.ops.settings import REPO_ROOT
+from pipeline.runtime.runner import GroupConfig, GroupRunner, Handler, Output, Record
 from tests.support.kafka_io import committed, produce_json, produce_raw, read_all
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -369,7 +369,7 @@ def test_a_group_process_stuck_in_one_step_is_ended_by_its_watchdog(kafka, relay
     """A handler that never returns stands in for a Kafka call that does not: the process
     exits with EXIT_STALLED and every thread's stack in its log, so the supervisor can
     restart it, instead of staying alive and consuming nothing."""
-    from pipeline.runtime import EXIT_STALLED
+    from pipeline.runtime.runner import EXIT_STALLED
 
     produce_json(kafka, relay_topics["md.l2"], [("k", {"key": "k", "seq": 0, "hang": True})])
     log_file = tmp_path / "stuck.log"
@@ -392,7 +392,7 @@ def test_a_group_process_stuck_in_one_step_is_ended_by_its_watchdog(kafka, relay
 def test_the_watchdog_ends_a_call_past_its_own_deadline_before_the_stall_limit():
     """send_offsets_to_transaction can hang past its timeout while the group coordinator is
     down (librdkafka#5456): the watchdog does not wait the whole stall limit for it."""
-    from pipeline.runtime import stall_reason
+    from pipeline.runtime.runner import stall_reason
 
     assert stall_reason(100.0, 90.0, 240.0, None) is None
     assert stall_reason(100.0, 90.0, 240.0, (120.0, "send_offsets_to_transaction")) is None

@@ -22,16 +22,16 @@ import requests
 import websocket
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from pipeline import topology
-from pipeline.broker import LocalBroker
-from pipeline.broker_secure import GRANTS, ROLES, SecureFiles, grant, role_for
-from pipeline.catalog import Namespace, describe_topics, ensure_topics
-from pipeline.config import REPO_ROOT
-from pipeline.errors import PipelineError
-from pipeline.kafka import client_config
-from pipeline.kafka_security import SECURITY_ENV, load_security
-from pipeline.registry_server import LocalRegistry
-from pipeline.services import free_port
+from pipeline.core.errors import PipelineError
+from pipeline.kafka.catalog import Namespace, describe_topics, ensure_topics
+from pipeline.kafka.clients import client_config
+from pipeline.kafka.security import SECURITY_ENV, load_security
+from pipeline.ops import topology
+from pipeline.ops.broker import LocalBroker
+from pipeline.ops.broker_secure import GRANTS, ROLES, SecureFiles, grant, role_for
+from pipeline.ops.registry_server import LocalRegistry
+from pipeline.ops.services import free_port
+from pipeline.ops.settings import REPO_ROOT
 from tests.conftest import TEST_RUN_DIR
 from tests.support.processes import cli
 from tests.support.waiting import wait_for

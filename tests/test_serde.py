@@ -12,20 +12,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from fastavro import schemaless_reader, schemaless_writer
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
+from fastavro import schemaless_reader, schemaless_writer
 
-from pipeline import schemas
-from pipeline.catalog import TOPICS, ensure_topics
-from pipeline.config import REPO_ROOT
-from pipeline.deadletter import STAGE_DECODE, parse_dead_letter
+from pipeline.avro import schemas
+from pipeline.avro.registry import IncompatibleSchema, RegistryError, SchemaRegistry
+from pipeline.avro.serde import HEADER, Decoder, Encoder, Serde, SerdeError
 from pipeline.gemini.capture import received_frames
 from pipeline.gemini.marketdata import V2Normalizer
-from pipeline.kafka import ReliableProducer
-from pipeline.registry import IncompatibleSchema, RegistryError, SchemaRegistry
-from pipeline.runtime import GroupConfig, GroupRunner, Handler, Record
-from pipeline.serde import HEADER, Decoder, Encoder, Serde, SerdeError
+from pipeline.kafka.catalog import TOPICS, ensure_topics
+from pipeline.kafka.clients import ReliableProducer
+from pipeline.kafka.deadletter import STAGE_DECODE, parse_dead_letter
+from pipeline.ops.settings import REPO_ROOT
+from pipeline.runtime.runner import GroupConfig, GroupRunner, Handler, Record
 from tests.support.kafka_io import read_all
 from tests.support.processes import PIPELINE
 from tests.support.records import SAMPLES
@@ -183,7 +183,7 @@ def trade_v2() -> dict:
 @pytest.mark.broker
 def test_an_optional_field_evolves_and_old_and_new_readers_read_mixed_data(kafka, registry,
                                                                              namespace):
-    from pipeline.schemas import register_namespace
+    from pipeline.avro.schemas import register_namespace
 
     reg = SchemaRegistry(registry.url)
     register_namespace(reg, namespace)
@@ -226,7 +226,7 @@ def schema_dir_with(tmp_path: Path, record: str, schema: dict) -> Path:
 @pytest.mark.broker
 def test_an_incompatible_change_is_refused_by_the_registry_and_by_check(registry, namespace,
                                                                          tmp_path):
-    from pipeline.schemas import register_namespace
+    from pipeline.avro.schemas import register_namespace
 
     reg = SchemaRegistry(registry.url)
     register_namespace(reg, namespace)
@@ -251,7 +251,7 @@ def test_an_incompatible_change_is_refused_by_the_registry_and_by_check(registry
 def test_removing_a_required_field_warns_under_backward_and_is_refused_under_full(registry,
                                                                                  namespace,
                                                                                  tmp_path):
-    from pipeline.schemas import register_namespace
+    from pipeline.avro.schemas import register_namespace
 
     reg = SchemaRegistry(registry.url)
     register_namespace(reg, namespace)

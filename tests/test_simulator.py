@@ -6,10 +6,10 @@ from decimal import Decimal
 
 import pytest
 
-from pipeline.orderbook import L2Book
+from pipeline.core.vocabulary import OrderEventKind, OrderType, Side
+from pipeline.market.orderbook import L2Book
 from pipeline.trading.fees import FeeSchedule
 from pipeline.trading.orders import Order, OrderStateError, OrderStatus
-from pipeline.core.vocabulary import OrderEventKind, OrderType, Side
 from pipeline.trading.simulator import SimulatedExchange, SimulatorConfig
 
 D = Decimal

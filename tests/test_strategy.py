@@ -12,17 +12,17 @@ from decimal import Decimal
 import pytest
 
 from consumers.strategy import make_group
-from pipeline.catalog import ensure_topics
-from pipeline.config import REPO_ROOT
-from pipeline.deadletter import STAGE_HANDLE, parse_dead_letter
-from pipeline.errors import PipelineError
-from pipeline.kafka import ReliableProducer
-from pipeline.registry import SchemaRegistry
-from pipeline.runtime import GroupRunner
-from pipeline.serde import Decoder, Encoder
-from pipeline.trading.signing import client_order_id, verify
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Decoder, Encoder
+from pipeline.core.errors import PipelineError
+from pipeline.kafka.catalog import ensure_topics
+from pipeline.kafka.clients import ReliableProducer
+from pipeline.kafka.deadletter import STAGE_HANDLE, parse_dead_letter
+from pipeline.ops.settings import REPO_ROOT
+from pipeline.runtime.runner import GroupRunner
 from pipeline.strategy import MidQuoter, OrderIntent, SmaCross, load_strategy
 from pipeline.trading.requests import build_requests
+from pipeline.trading.signing import client_order_id, verify
 from tests.support.kafka_io import committed, read_all
 from tests.support.strategies import Exploding
 from tests.support.waiting import wait_for

@@ -17,9 +17,8 @@ from hypothesis import strategies as st
 
 from pipeline.core.rules import SymbolRules
 from pipeline.gemini.rest import GeminiApiError, GeminiRestClient, NonceSource
-from pipeline.gemini.symbols import (RulesUnavailable, load_rules, parse_recorded,
-                                     read_rules_file)
-from pipeline.orderbook import L2Book
+from pipeline.gemini.symbols import RulesUnavailable, load_rules, parse_recorded, read_rules_file
+from pipeline.market.orderbook import L2Book
 from pipeline.trading.execution import REJECT, decide
 from pipeline.trading.risk import BookTop, RiskLimits, RiskState
 from pipeline.trading.rules import check_order
@@ -320,7 +319,7 @@ def test_the_venue_and_the_simulator_refuse_the_same_orders_with_gemini_names() 
 
 
 def test_a_book_backtest_refuses_by_the_rules_it_is_given() -> None:
-    from pipeline.backtest import backtest_events
+    from pipeline.backtest.engine import backtest_events
     from tests.support.backtest_strategies import Scripted
     from tests.test_backtest import BOOK, l2
 
@@ -339,7 +338,7 @@ def test_a_book_backtest_refuses_by_the_rules_it_is_given() -> None:
 
 
 def test_execution_start_up_picks_its_rules_by_mode(shared_data, tmp_path) -> None:
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
     from pipeline.gemini.symbols import startup_rules
 
     recorded = shared_data / "gemini_rest_symbols_2021-06-24.txt"
@@ -360,7 +359,7 @@ def test_the_captures_quotes_are_valid_under_that_days_rules(shared_data) -> Non
     """MidQuoter on the recorded FILUSD book, in memory, with and without Gemini's rules of
     the same day: quotes of 0.1 FIL at 0.0001 steps are all valid (the same events either
     way); the strategy's default 0.001 FIL is dust there (FILUSD's minimum is 0.1)."""
-    from pipeline.backtest import L2, backtest_events, event_time_us
+    from pipeline.backtest.engine import L2, backtest_events, event_time_us
     from pipeline.gemini.capture import received_frames
     from pipeline.gemini.marketdata import V2Normalizer
     from pipeline.strategy import load_strategy

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import requests
 
-from pipeline import topology
-from pipeline.config import REPO_ROOT
-from pipeline.errors import PipelineError
-from pipeline.services import alive
+from pipeline.core.errors import PipelineError
+from pipeline.ops import topology
+from pipeline.ops.services import alive
+from pipeline.ops.settings import REPO_ROOT
 from tests.support.kafka_io import produce_raw, read_all
 from tests.support.processes import cli, demo_topology
 from tests.support.waiting import wait_for
+
 
 def write(tmp_path: Path, text: str, name: str = "topology.toml") -> Path:
     path = tmp_path / name
@@ -145,7 +146,7 @@ def test_status_counts_records_per_second_per_partition(kafka, topics, namespace
     between two collections has a rate."""
     from confluent_kafka import Consumer, TopicPartition
 
-    from pipeline.status import collect, partition_label, prometheus
+    from pipeline.ops.status import collect, partition_label, prometheus
 
     trades = topics("md.trades")["md.trades"]
     group = f"{namespace}.watcher"
@@ -245,8 +246,8 @@ def test_a_broker_that_never_comes_up_fails_up_clearly(tmp_path, shared_data):
 def test_every_instance_of_a_group_with_an_instance_option_gets_its_own_name(tmp_path):
     """Two execution instances without distinct names would share one transactional.id
     and group.instance.id and fence each other."""
-    from pipeline.config import Settings
-    from pipeline.supervisor import Supervisor
+    from pipeline.ops.settings import Settings
+    from pipeline.ops.supervisor import Supervisor
 
     path = write(tmp_path, 'namespace = "sim"\n[source]\nkind = "venue"\n'
                  '[[process]]\nname = "execution"\nrun = "consumers.execution"\ninstances = 2\n'
@@ -279,8 +280,8 @@ def test_the_groups_that_take_an_instance_option_say_so():
     import importlib
     import re
 
-    from pipeline.config import REPO_ROOT
-    from pipeline.supervisor import takes_instance
+    from pipeline.ops.settings import REPO_ROOT
+    from pipeline.ops.supervisor import takes_instance
 
     seen = {}
     for path in sorted((REPO_ROOT / "consumers").glob("*.py")):

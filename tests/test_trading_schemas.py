@@ -6,20 +6,20 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import typing
 from pathlib import Path
 
 import fastavro
 import pytest
 
-from pipeline import schemas
+from pipeline.avro import schemas
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.schemas import register_namespace
+from pipeline.avro.serde import Decoder, Encoder
 from pipeline.core.records import BY_SCHEMA
-from pipeline.registry import SchemaRegistry
-from pipeline.schemas import register_namespace
-from pipeline.serde import Decoder, Encoder
 from pipeline.trading.signing import client_order_id, sign, verify
 from tests.support.processes import PIPELINE, cluster_env
-import subprocess
 
 RELEASED = Path(__file__).parent / "support" / "schemas_released"
 

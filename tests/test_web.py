@@ -14,22 +14,21 @@ from __future__ import annotations
 import html
 import json
 import socket
+import subprocess
 import time
 import uuid
 from pathlib import Path
-
-import subprocess
 
 import pytest
 import requests
 import websocket
 
-from pipeline.catalog import Namespace
-from pipeline.config import REPO_ROOT
-from pipeline.kill_switch import CONFIRM, kill_switch_path
-from pipeline.registry import SchemaRegistry
-from pipeline.serde import Decoder
-from pipeline.services import free_port
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Decoder
+from pipeline.kafka.catalog import Namespace
+from pipeline.ops.kill_switch import CONFIRM, kill_switch_path
+from pipeline.ops.services import free_port
+from pipeline.ops.settings import REPO_ROOT
 from pipeline.web.server import MAX_MESSAGE
 from tests.support.browser import WatchedPage, chromium
 from tests.support.grafana import DASHBOARD, dashboard_metric_names, missing_metrics
@@ -273,7 +272,7 @@ def test_bad_requests_get_errors_and_the_server_stays_up(demo):
     for path, status, text in [("/symbol/NOPE", 404, "no symbol 'NOPE'"),
                                ("/backtests/nope/report.html", 404, "no backtest run"),
                                ("/backtests/..%2F..%2Fsecrets/strategy-keys.json", 404, ""),
-                               ("/static/../../pipeline/config.py", 404, ""),
+                               ("/static/../../pipeline/ops/settings.py", 404, ""),
                                ("/nowhere", 404, "")]:
         reply = requests.get(demo.url + path, timeout=10)
         assert reply.status_code == status and text in html.unescape(reply.text), (

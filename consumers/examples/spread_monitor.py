@@ -21,10 +21,10 @@ import json
 import logging
 from decimal import Decimal
 
-from pipeline.catalog import Namespace
-from pipeline.registry import SchemaRegistry
-from pipeline.runtime import GroupConfig, Handler, Output, Record
-from pipeline.serde import Decoder
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Decoder
+from pipeline.kafka.catalog import Namespace
+from pipeline.runtime.runner import GroupConfig, Handler, Output, Record
 
 log = logging.getLogger(__name__)
 OUTPUT = "monitor.spread"

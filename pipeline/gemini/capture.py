@@ -12,7 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 _OPEN = re.compile(r"^(\S+) <-> (\d+(?:\.\d+)?)$")
 _SENT = re.compile(r"^(\S+) <- (\d+(?:\.\d+)?): (.*)$")

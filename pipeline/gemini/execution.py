@@ -43,15 +43,31 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NoReturn
 
 from pipeline.core.decimals import ZERO, plain
+from pipeline.core.errors import PipelineError
 from pipeline.core.records import OrderEvent, OrderRequest
 from pipeline.core.vocabulary import OrderEventKind, OrderOption, OrderType, Side
-from pipeline.errors import PipelineError
 from pipeline.gemini.ratelimit import SharedTokenBucket, TokenBucket
-from pipeline.gemini.rest import (NONCE_WINDOW_S, GeminiApiError, GeminiError, GeminiRateLimited,
-                                  GeminiRestClient, Nonces, NonceSource, TimeNonce)
+from pipeline.gemini.rest import (
+    NONCE_WINDOW_S,
+    GeminiApiError,
+    GeminiError,
+    GeminiRateLimited,
+    GeminiRestClient,
+    Nonces,
+    NonceSource,
+    TimeNonce,
+)
 from pipeline.trading.execution import ExecutionHalted, Seen, request_event
-from pipeline.trading.orders import (EXPIRED, ORDER_CLOSED, REQUESTED, Fill, Order, new_order,
-                                     order_event, order_from_event)
+from pipeline.trading.orders import (
+    EXPIRED,
+    ORDER_CLOSED,
+    REQUESTED,
+    Fill,
+    Order,
+    new_order,
+    order_event,
+    order_from_event,
+)
 from pipeline.trading.risk import BookTop
 from pipeline.trading.signing import read_private_json
 

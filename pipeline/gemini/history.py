@@ -19,15 +19,15 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from pipeline.bars import INTERVALS_MS
-from pipeline.errors import PipelineError
-from pipeline.gemini.marketdata import (_TAKER_SIDES, FrameError, _decimal, _long, _lookup)
-from pipeline.ranges import to_ms
+from pipeline.core.errors import PipelineError
+from pipeline.gemini.marketdata import _TAKER_SIDES, FrameError, _decimal, _long, _lookup
+from pipeline.market.bars import INTERVALS_MS
+from pipeline.replay.ranges import to_ms
 
 MAX_TRADES = 500  # Gemini: "Each request will show at most 500 records"
 CONNECTION_PREFIX = "rest-backfill-"
 # The pipeline's bar intervals and Gemini's candle time frames for them (30m and 6hr have
-# no bar interval in the pipeline, see pipeline/bars.py INTERVALS_MS).
+# no bar interval in the pipeline, see pipeline/market/bars.py INTERVALS_MS).
 TIME_FRAMES = {"1m": "1m", "5m": "5m", "15m": "15m", "1h": "1hr", "1d": "1day"}
 CANDLE_SOURCE = "gemini:/v2/candles"
 
@@ -42,7 +42,7 @@ class Since:
     def __str__(self) -> str:
         if self.tid is not None:
             return f"tid {self.tid}"
-        from pipeline.ranges import utc_text
+        from pipeline.replay.ranges import utc_text
 
         return utc_text(self.ms) if self.ms is not None else "the beginning"
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 def _check(rate: float, burst: int) -> None:

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 import requests
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 LIVE_URL = "https://api.gemini.com"
 SANDBOX_URL = "https://api.sandbox.gemini.com"

@@ -32,8 +32,8 @@ from urllib.parse import urlsplit
 
 import requests
 
+from pipeline.core.errors import PipelineError
 from pipeline.core.rules import SymbolRules
-from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 CACHE_DIR = "gemini"

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import websocket
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.gemini.marketdata import count_once
 
 log = logging.getLogger(__name__)

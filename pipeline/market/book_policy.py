@@ -24,7 +24,7 @@ from decimal import Decimal
 from typing import Iterable
 
 from pipeline.core.records import BookSnapshot, L2Update, Level, LevelChange
-from pipeline.orderbook import _PRICES, L2Book, price_key
+from pipeline.market.orderbook import _PRICES, L2Book, price_key
 
 IGNORED, APPLIED, TOP_CHANGED = 0, 1, 2
 CROSSED, LOCKED, CHANGE_BEFORE_SNAPSHOT, RESNAPSHOT = \

@@ -56,11 +56,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import schemas
-from pipeline.bars_store import DECIMAL, PLACES, _replace
-from pipeline.catalog import spec
+from pipeline.avro import schemas
 from pipeline.core.decimals import finite
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
+from pipeline.kafka.catalog import spec
+from pipeline.sinks.bars import DECIMAL, PLACES, _replace
 
 # Fields of the archived records that hold exact decimal text.
 DECIMAL_FIELDS = frozenset({"price", "quantity", "open", "high", "low", "close", "volume",

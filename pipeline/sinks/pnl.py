@@ -22,8 +22,7 @@ from typing import Any, Iterable, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.bars_store import (DECIMAL, PLACES, TIME, WriteReport, _replace, staging_dir,
-                                 utc_date)
+from pipeline.sinks.bars import DECIMAL, PLACES, TIME, WriteReport, _replace, staging_dir, utc_date
 
 MONEY = ("capital", "realized_pnl", "unrealized_pnl", "fees", "equity", "peak_equity",
          "drawdown", "drawdown_pct", "daily_pnl", "exposure")

@@ -20,8 +20,14 @@ from typing import Any, Mapping
 from pipeline.core.decimals import ZERO, plain
 from pipeline.core.records import OrderEvent
 from pipeline.core.symbols import quote_currency
-from pipeline.core.vocabulary import (FILL_KINDS, Liquidity, OrderEventKind, OrderOption,
-                                      OrderType, Side)
+from pipeline.core.vocabulary import (
+    FILL_KINDS,
+    Liquidity,
+    OrderEventKind,
+    OrderOption,
+    OrderType,
+    Side,
+)
 
 K = OrderEventKind
 # Reasons an order is refused or closed, in Gemini's names where Gemini has one.

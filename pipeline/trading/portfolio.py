@@ -28,10 +28,10 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Mapping, TypedDict
 
 from pipeline.core.decimals import ZERO, non_negative, plain, positive
+from pipeline.core.errors import PipelineError
 from pipeline.core.records import Position, StrategyControl, StrategyPnl
 from pipeline.core.symbols import split_symbol
 from pipeline.core.vocabulary import FILL_KINDS, TERMINAL_KINDS, OrderEventKind
-from pipeline.errors import PipelineError
 from pipeline.trading.accounting import Ledger, conversion, converted, new_fill
 
 STATE_VERSION = 1

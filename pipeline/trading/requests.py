@@ -15,8 +15,14 @@ from typing import Any, Callable, Iterable, Mapping
 
 from pipeline.core.decimals import ZERO, plain
 from pipeline.core.vocabulary import OrderAction
-from pipeline.trading.intents import (INTENT_TYPES, CancelAllIntent, CancelIntent, Intent,
-                                      OrderIntent, ReplaceIntent)
+from pipeline.trading.intents import (
+    INTENT_TYPES,
+    CancelAllIntent,
+    CancelIntent,
+    Intent,
+    OrderIntent,
+    ReplaceIntent,
+)
 from pipeline.trading.signing import client_order_id
 from pipeline.trading.tracker import OrderTracker
 

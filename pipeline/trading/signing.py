@@ -23,7 +23,7 @@ import stat
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 ENV_PREFIX = "PIPELINE_STRATEGY_KEY_"
 MAX_ID_PREFIX = 15  # + "-" + 20 hex digits = Gemini's 36 characters

@@ -67,13 +67,33 @@ from typing import Any, Callable, Iterable, Mapping
 
 from pipeline.core.decimals import ZERO, plain
 from pipeline.core.records import LevelChange, OrderEvent
-from pipeline.core.vocabulary import (ExecutionMode, Liquidity, OrderAction, OrderEventKind,
-                                      OrderOption, OrderType, Side)
-from pipeline.orderbook import _PRICES, L2Book, price_key
+from pipeline.core.vocabulary import (
+    ExecutionMode,
+    Liquidity,
+    OrderAction,
+    OrderEventKind,
+    OrderOption,
+    OrderType,
+    Side,
+)
+from pipeline.market.orderbook import _PRICES, L2Book, price_key
 from pipeline.trading.fees import GEMINI_API_FEES, FeeSchedule
-from pipeline.trading.orders import (EXPIRED, FOK_WOULD_NOT_FILL, IOC_WOULD_POST, MOC_WOULD_TAKE,
-                                     NO_BOOK, NOT_OWNER, ORDER_CLOSED, REQUESTED, UNKNOWN_ORDER,
-                                     Fill, Order, OrderStatus, new_order, order_event)
+from pipeline.trading.orders import (
+    EXPIRED,
+    FOK_WOULD_NOT_FILL,
+    IOC_WOULD_POST,
+    MOC_WOULD_TAKE,
+    NO_BOOK,
+    NOT_OWNER,
+    ORDER_CLOSED,
+    REQUESTED,
+    UNKNOWN_ORDER,
+    Fill,
+    Order,
+    OrderStatus,
+    new_order,
+    order_event,
+)
 from pipeline.trading.rules import RulesTable, check_order, refusal
 
 K = OrderEventKind

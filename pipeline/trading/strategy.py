@@ -19,10 +19,16 @@ import importlib
 from decimal import Decimal
 from typing import Any, Iterable
 
+from pipeline.core.errors import PipelineError
 from pipeline.core.records import Bar, BookSnapshot, OrderEvent, Trade
-from pipeline.errors import PipelineError
-from pipeline.trading.intents import (FULL_EQUITY, CancelAllIntent, CancelIntent,  # noqa: F401
-                                      Intent, OrderIntent, ReplaceIntent)
+from pipeline.trading.intents import (  # noqa: F401
+    FULL_EQUITY,
+    CancelAllIntent,
+    CancelIntent,
+    Intent,
+    OrderIntent,
+    ReplaceIntent,
+)
 from pipeline.trading.tracker import OpenOrder, OrderTracker
 
 

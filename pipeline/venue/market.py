@@ -16,7 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.gemini.capture import read_capture
 
 RECENT_TRADES = 50

@@ -34,10 +34,17 @@ from typing import Any, Iterator
 
 from aiohttp import WSMsgType, web
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.venue.history import HistoryApi, TradeHistory
-from pipeline.venue.market import (Book, Market, MarketEvent, capture_events, generated_events,
-                                   looped_capture_events, render_v2)
+from pipeline.venue.market import (
+    Book,
+    Market,
+    MarketEvent,
+    capture_events,
+    generated_events,
+    looped_capture_events,
+    render_v2,
+)
 from pipeline.venue.wsapi import WsApi
 
 log = logging.getLogger(__name__)

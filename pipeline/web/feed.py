@@ -15,10 +15,10 @@ from typing import Callable
 
 from confluent_kafka import Consumer, TopicPartition
 
-from pipeline.catalog import Namespace
-from pipeline.kafka import reader_config
-from pipeline.registry import SchemaRegistry
-from pipeline.serde import Serde, SerdeError
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Serde, SerdeError
+from pipeline.kafka.catalog import Namespace
+from pipeline.kafka.clients import reader_config
 from pipeline.web.state import Dashboard
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from typing import Any, Awaitable, Callable
 import requests
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from pipeline import kill_switch
+from pipeline.ops import kill_switch
 from pipeline.web.state import Dashboard
 
 log = logging.getLogger(__name__)
@@ -365,7 +365,7 @@ def _is_local(remote: str | None) -> bool:
 
 def serve(config: WebConfig, bootstrap: str, registry_url: str, host: str, port: int) -> None:
     """Run the dashboard until interrupted: the feed thread, then the server."""
-    from pipeline.catalog import Namespace
+    from pipeline.kafka.catalog import Namespace
     from pipeline.web.feed import Feed
 
     lock = threading.Lock()

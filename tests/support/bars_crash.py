@@ -15,7 +15,7 @@ import signal
 import sys
 
 from consumers import bars
-from pipeline import bars_store
+from pipeline.sinks import bars as bars_store
 
 POINTS = ("checkpoint", "committed", "parquet")
 

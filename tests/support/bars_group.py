@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import REPO_ROOT
-from pipeline.registry import SchemaRegistry
-from pipeline.serde import Decoder, publish
+from pipeline.avro.registry import SchemaRegistry
+from pipeline.avro.serde import Decoder, publish
+from pipeline.ops.settings import REPO_ROOT
 from tests.support.kafka_io import read_all
 
 HOUR = 3_600_000

@@ -52,7 +52,7 @@ def follow_capture(symbol: str, records: list[dict], raw_frames: list[dict]) -> 
     """Apply ``records`` (a symbol's L2Update records in order) to the pipeline's book and
     the capture's raw v2 ``l2_updates`` of that symbol to the reference, one pair at a
     time, asserting the two books are equal after every update; the reference at the end."""
-    from pipeline.orderbook import L2Book
+    from pipeline.market.orderbook import L2Book
 
     book, reference = L2Book(symbol), {}
     assert len(records) == len(raw_frames), symbol

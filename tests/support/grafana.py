@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.config import REPO_ROOT
+from pipeline.ops.settings import REPO_ROOT
 
 DASHBOARD = REPO_ROOT / "docker" / "grafana" / "dashboards" / "pipeline.json"
 FUNCTIONS = frozenset("""

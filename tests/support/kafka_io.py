@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from pipeline.catalog import end_offset
+from pipeline.kafka.catalog import end_offset
 
 
 @dataclass(frozen=True)

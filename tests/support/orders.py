@@ -16,20 +16,18 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
-
-import uuid
-
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from pipeline.config import REPO_ROOT
-from pipeline.runtime import GroupConfig, GroupRunner
-from pipeline.serde import Decoder, Encoder
+from pipeline.avro.serde import Decoder, Encoder
+from pipeline.ops.settings import REPO_ROOT
+from pipeline.runtime.runner import GroupConfig, GroupRunner
 from pipeline.trading.signing import client_order_id, sign
 from tests.support.kafka_io import read_all
 

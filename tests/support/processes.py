@@ -12,8 +12,8 @@ from pathlib import Path
 
 import requests
 
-from pipeline.config import REPO_ROOT
-from pipeline.services import free_port
+from pipeline.ops.services import free_port
+from pipeline.ops.settings import REPO_ROOT
 from pipeline.venue.server import RunningVenue
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")

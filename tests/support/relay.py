@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 
-from pipeline.runtime import GroupConfig, GroupRunner, Handler, Output, Record
+from pipeline.runtime.runner import GroupConfig, GroupRunner, Handler, Output, Record
 
 
 def json_value(value: bytes) -> dict:

@@ -1,0 +1,1 @@
+"""The wire format: Avro serde, the C codec, the registry client, schema checks."""

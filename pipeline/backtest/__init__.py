@@ -1,0 +1,1 @@
+"""The in-process backtest: engine, reports, ``run_backtest``/``sweep``."""

@@ -1,0 +1,1 @@
+"""The ``pipeline`` command: one module per command group, presentation only."""

@@ -1,0 +1,1 @@
+"""Every contact with the Kafka client: configs, the catalog, admin, readers, dead letters."""

@@ -1,0 +1,1 @@
+"""Running the pipeline: settings, local Kafka and registry, topology, supervisor, status."""

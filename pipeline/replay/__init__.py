@@ -1,0 +1,1 @@
+"""Reading ranges of topics back: range planning, the backtest source, topology replay."""
