@@ -60,10 +60,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# The tests start their own broker on free ports (run/test) and stop it afterwards,
+# The tests (all but the bench harness's, which make bench runs) start their own broker on free ports (run/test) and stop it afterwards,
 # also when tests fail; with KAFKA_BOOTSTRAP_SERVERS set they use that cluster instead.
 test: install browser
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not bench" $(PYTEST_ARGS)
 
 # The tests that need no Kafka (tests/conftest.py marks the others integration); no broker
 # starts. make test runs these too.
@@ -79,7 +79,10 @@ chaos: install
 
 # Benchmarks start their own broker and registry under run/bench; EVENTS sizes them.
 EVENTS ?= 200000
+# First the harness at a tiny size (tests/test_bench.py, marked bench: make test leaves it to
+# this target), then the real run.
 bench: install
+	$(BIN)/python -m pytest -m bench -q -p no:randomly
 	$(BIN)/python -m bench --events $(EVENTS)
 
 # The C Avro codec (pipeline/avro/_avro.c) built with AddressSanitizer and UBSan into build/asan/

@@ -12,6 +12,7 @@ import pytest
 from pipeline.ops.settings import REPO_ROOT
 
 
+@pytest.mark.bench
 @pytest.mark.broker
 def test_the_bench_harness_runs_and_writes_its_figures(kafka, registry):
     results = REPO_ROOT / "run" / "bench" / "results"
