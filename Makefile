@@ -79,7 +79,7 @@ chaos: install
 
 # Benchmarks start their own broker and registry under run/bench; EVENTS sizes them.
 EVENTS ?= 200000
-# First the harness at a tiny size (tests/test_bench.py, marked bench: make test leaves it to
+# First the harness at a tiny size (tests/integration/test_bench.py, marked bench: make test leaves it to
 # this target), then the real run.
 bench: install
 	$(BIN)/python -m pytest -m bench -q -p no:randomly

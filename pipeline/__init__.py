@@ -49,7 +49,7 @@ _EXPORTS: dict[str, str] = {
     "StrategyFailed": "pipeline.backtest.engine",
 }
 
-__all__ = [  # the names of _EXPORTS, sorted (tests/test_public_api.py keeps them equal)
+__all__ = [  # the names of _EXPORTS, sorted (tests/unit/test_public_api.py keeps them equal)
     "CancelAllIntent", "CancelIntent", "DeliveryFailed", "FULL_EQUITY", "GroupConfig",
     "GroupRunner", "Handler", "HandlerHarness", "MidQuoter", "Namespace", "OrderIntent", "Output",
     "PipelineError", "Record", "RegistryError", "ReplaceIntent", "SchemaRegistry", "Serde",

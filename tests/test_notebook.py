@@ -21,7 +21,7 @@ from pipeline.backtest.run import run_backtest  # noqa: E402
 from pipeline.kafka.catalog import ensure_topics  # noqa: E402
 from pipeline.runtime.runner import GroupRunner  # noqa: E402
 from pipeline.strategy import FULL_EQUITY  # noqa: E402
-from tests.test_archive import CAPTURE, publish_capture  # noqa: E402
+from tests.integration.test_archive import CAPTURE, publish_capture  # noqa: E402
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "research.ipynb"
 SMACROSS = {"fast": 10, "slow": 20, "amount": None, "fraction": FULL_EQUITY}

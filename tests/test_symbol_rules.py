@@ -25,7 +25,7 @@ from pipeline.trading.rules import check_order
 from pipeline.trading.signing import StrategyKeys, client_order_id, sign
 from pipeline.trading.simulator import SimulatedExchange, SimulatorConfig
 from tests.test_execution import env  # noqa: F401  (the broker fixture of the last test)
-from tests.test_gemini_rest import KEY, SECRET, Venue
+from tests.unit.gemini.test_rest import KEY, SECRET, Venue
 
 D = Decimal
 BTC = SymbolRules("BTCUSD", D("0.01"), D("1E-8"), D("0.00001"))
@@ -284,7 +284,7 @@ def test_the_venue_and_the_simulator_refuse_the_same_orders_with_gemini_names() 
     from pipeline.core.vocabulary import OrderType, Side
     from pipeline.trading.orders import Order
     from pipeline.venue.exchange import Exchange, ExchangeError
-    from tests.test_gemini_rest import starting_book
+    from tests.unit.gemini.test_rest import starting_book
 
     book = starting_book()
     book.books["ETHUSD"] = {"bid": [("2000.00", "1")], "ask": [("2001.00", "1")]}

@@ -39,6 +39,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from pipeline.core.cluster import Cluster
 from pipeline.core.errors import PipelineError
 from pipeline.kafka.clients import (
     ReliableProducer,
@@ -584,6 +585,13 @@ def group_parser(prog: str, description: str | None = None) -> argparse.Argument
 def group_endpoints(run_dir: str | None, bootstrap: str | None, registry: str | None
                     ) -> tuple[str, str]:
     """Kafka and the registry for a group's ``main``: as given, else the run dir's."""
+    cluster = local_cluster(run_dir, bootstrap, registry)
+    return cluster.bootstrap, cluster.registry_url
+
+
+def local_cluster(run_dir: str | None = None, bootstrap: str | None = None,
+                  registry: str | None = None) -> Cluster:
+    """The :class:`Cluster` given, else the one the run dir's broker and registry serve."""
     from pipeline.ops.settings import Settings
 
     settings = Settings.from_env(run_dir)
@@ -593,7 +601,7 @@ def group_endpoints(run_dir: str | None, bootstrap: str | None, registry: str | 
     if not registry:
         from pipeline.ops.registry_server import registry_url
         registry = registry_url(settings)
-    return bootstrap, registry
+    return Cluster(bootstrap, registry)
 
 
 def run_until_stopped(config: GroupConfig, bootstrap: str) -> GroupStats:

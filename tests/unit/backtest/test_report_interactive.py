@@ -164,7 +164,7 @@ def test_gaps_are_shaded_and_break_the_lines_nothing_drawn_inside():
 
 
 def test_a_book_run_draws_the_mids_and_a_row_and_legend_group_per_traded_symbol():
-    from tests.test_report_truth import two_symbol_stream
+    from tests.unit.backtest.test_report_truth import two_symbol_stream
 
     strategy = Scripted({0: [dict(side="BUY", amount="1")], 1: [dict(side="BUY", amount="10")]})
     result = backtest_events(strategy, two_symbol_stream(), fill="book", commission="0.001")

@@ -45,7 +45,7 @@ def back(root, topic: str) -> list[tuple[int, int, dict]]:
 
 class Died(BaseException):
     """Stands for the process dying at a protocol point (the kill -9 test is in
-    tests/test_archive.py)."""
+    tests/integration/test_archive.py)."""
 
 
 def test_records_read_back_are_the_records_written_decimal_text_and_all(tmp_path):

@@ -1,7 +1,7 @@
 """The in-memory group harness (pipeline/runtime/harness.py) runs the real runner loop without a
 broker: dead letters, commits, transactions, revokes, close and crashes behave as they do
 against Kafka. The archive group's offsets protocol is checked through it here; the same
-protocol against the real broker, with kill -9, is in tests/test_archive.py."""
+protocol against the real broker, with kill -9, is in tests/integration/test_archive.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from consumers.archive import ArchiveHandler, ArchiveOptions
 from pipeline.replay import archive
 from pipeline.runtime.harness import HandlerHarness
 from pipeline.runtime.runner import GroupConfig, Handler, Output, Record
-from tests.test_archive_store import trade
+from tests.unit.sinks.test_archive_store import trade
 
 
 class Doubler(Handler):
