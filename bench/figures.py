@@ -31,7 +31,7 @@ class Figure:
 
 
 # Runs per figure, the fastest counting. A smoke run of the harness (``--events`` below
-# SMOKE_EVENTS, as tests/integration/test_bench.py does) measures each once: its figures mean nothing.
+# SMOKE_EVENTS, as tests/integration/test_bench.py does) measures each once: figures mean nothing.
 REPEATS = 3
 SMOKE_EVENTS = 10_000
 

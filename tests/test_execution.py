@@ -312,7 +312,7 @@ def process_args(env: Env, venue, keys_file: Path, *extra: str) -> list[str]:
             str(env.namespace), "--mode", "sandbox",
             "--venue-url", venue.http_url if venue else "http://127.0.0.1:9",
             "--strategy-keys", str(keys_file), "--run-dir", str(env.run_dir),
-            "--gemini-transport", "rest",  # the WebSocket path: tests/integration/test_gemini_ws_orders.py
+            "--gemini-transport", "rest",  # the WebSocket path: test_gemini_ws_orders.py
             "--gemini-rate", "10", "--gemini-burst", "10", "--max-notional", "off",
             "--max-position", "off", "--max-orders-per-minute", "off", "--price-band-bps", "500",
             "--max-book-age-s", "off", *extra]

@@ -9,7 +9,7 @@ The examples are seeded from real recorded Gemini data (``shared_data``) and are
 scripts' digits, deep nesting), because random text stops at ``json.loads``.
 
 Sizes: the default profile (``fuzz-quick``) runs the file in well under a minute; the long
-run is ``HYPOTHESIS_PROFILE=fuzz .venv/bin/python -m pytest tests/unit/gemini/test_fuzz_parsers.py``.
+run is ``HYPOTHESIS_PROFILE=fuzz .venv/bin/python -m pytest`` on this file.
 No broker is needed.
 """
 

@@ -1,6 +1,6 @@
 """docker/grafana: the pipeline dashboard is a sound Grafana dashboard on the provisioned
 datasource, and its PromQL parser. That every metric it queries is in a running topology's
-exposition is checked on the web test's demo (tests/integration/test_web.py), which runs them all."""
+exposition is checked on the web test's demo (integration/test_web.py), which runs them all."""
 
 from __future__ import annotations
 
