@@ -3,32 +3,32 @@
 from __future__ import annotations
 
 import csv
-import time
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
-from pipeline.avro.registry import SchemaRegistry
-from pipeline.avro.serde import Decoder
 from pipeline.core.errors import PipelineError
 from producers.csv_bars import (
     CRYPTODATADOWNLOAD,
     INTERVALS_MS,
     SEED,
     RowProblem,
-    load_csv_bars,
     parse_ohlcv_csv,
 )
 
 REAL = "BTCUSD_GEMINI_1h.csv"
+
+
 REAL_ROWS = 32_842
+
+
 # The real file writes two tiny volumes in exponent notation; they load as the exact plain
 # decimal (through Decimal, never a float), so every one of its hours is published.
 EXPONENT_ROWS = {"2015-12-21 04:00": ("8e-05", "0.00008"),
                  "2015-12-18 03:00": ("6.539e-05", "0.00006539")}
+
+
 HOUR = 3_600_000
 
 
@@ -40,31 +40,6 @@ def ms(text: str) -> int:
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
-
-
-def consume(bootstrap: str, topic: str, expect: int, timeout: float = 60.0) -> list:
-    """Every record of ``topic`` as (partition, offset, key, Kafka timestamp, value)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4()}",
-                         "enable.auto.commit": False})
-    meta = consumer.list_topics(topic, timeout=10).topics[topic]
-    consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
-    records = []
-    deadline = time.monotonic() + timeout
-    try:
-        while len(records) < expect and time.monotonic() < deadline:
-            for msg in consumer.consume(1000, 0.5):
-                assert msg.error() is None, msg.error()
-                records.append((msg.partition(), msg.offset(), msg.key(),
-                                msg.timestamp()[1], msg.value()))
-        time.sleep(1)  # anything beyond the expected records would be a bug: catch it
-        records.extend((m.partition(), m.offset(), m.key(), m.timestamp()[1], m.value())
-                       for m in consumer.consume(1000, 1) if m.error() is None)
-        return records
-    finally:
-        consumer.close()
-
-
-# --------------------------------------------------------------------------- the real file
 
 
 def file_rows(path: Path) -> dict[int, list[str]]:
@@ -109,30 +84,6 @@ def test_the_real_file_parses_to_every_hour_with_exact_strings(shared_data):
                                                                             REAL_ROWS)
     assert parsed.problems == []
     check_real_bars(parsed.bars, shared_data / REAL)
-
-
-@pytest.mark.broker
-def test_the_real_file_loads_into_the_bars_topic_in_time_order(shared_data, kafka, registry,
-                                                               namespace):
-    report = load_csv_bars(shared_data / REAL, kafka, registry.url, namespace)
-    topic = namespace.topic("bars")
-    assert (report.topic, report.rows_read, report.published) == (topic, REAL_ROWS, REAL_ROWS)
-    assert list(report.problems) == [] and report.skipped == 0
-    assert (report.first_start_ms, report.last_start_ms) == (ms("2015-10-08 15:00"),
-                                                             ms("2019-07-08 00:00"))
-
-    records = consume(kafka, topic, expect=report.published)
-    assert len(records) == report.published
-    assert {partition for partition, *_ in records} == {records[0][0]}  # one key, one partition
-    assert [offset for _, offset, *_ in records] == list(range(len(records)))
-    assert {key for _, _, key, _, _ in records} == {b"BTCUSD"}
-    decode = Decoder(SchemaRegistry(registry.url))
-    bars = [decode(value) for *_, value in records]
-    assert [stamp for _, _, _, stamp, _ in records] == [bar["start_ms"] for bar in bars]
-    check_real_bars(bars, shared_data / REAL)
-
-
-# --------------------------------------------------------------------------- formats
 
 
 CDD = """https://www.CryptoDataDownload.com
@@ -200,9 +151,6 @@ def test_an_explicit_interval_wins_and_misaligned_rows_are_rejected(tmp_path):
                                              "the 1d interval")]
 
 
-# --------------------------------------------------------------------------- bad rows
-
-
 BAD = """Date,Symbol,Open,High,Low,Close,Volume
 2019-07-08 13:00:00,BTCUSD,100,101,99,100.5,1
 2019-07-08 12:00:00,BTCUSD,100,100,100,100,0.25
@@ -225,6 +173,8 @@ yesterday,BTCUSD,100,101,99,100,1
 
 2019-07-07 20:00:00,BTCUSD,100,101,99,100,7
 """
+
+
 BAD_PROBLEMS = [
     RowProblem(5, "high 99 is below low 101"),
     RowProblem(6, "open 0 is not positive"),
@@ -238,6 +188,8 @@ BAD_PROBLEMS = [
     RowProblem(18, "close 98 is outside [low 99, high 101]"),
     RowProblem(19, "expected 7 fields, got 6"),
 ]
+
+
 BAD_GOOD = [  # (start, open, high, low, close, volume) of the rows that must load, in time order
     ("2019-07-07 20:00", "100", "101", "99", "100", "7"),
     ("2019-07-07 23:00", "100.50", "101.00", "99", "100.25", "0.001"),
@@ -266,50 +218,6 @@ def test_an_expected_symbol_rejects_every_other(tmp_path):
     assert [ohlcv(bar) for bar in parsed.bars] == [(ms("2019-07-08 04:00"), "100", "101", "99",
                                                     "100", "1")]
     assert RowProblem(2, "symbol 'BTCUSD' is not the file's symbol 'ETHUSD'") in parsed.problems
-
-
-@pytest.mark.broker
-def test_bad_rows_are_never_published(tmp_path, kafka, registry, namespace):
-    report = load_csv_bars(write(tmp_path / "bad.csv", BAD), kafka, registry.url, namespace,
-                           progress=True)
-    assert (report.rows_read, report.published, report.skipped) == (19, 8, 11)
-    assert list(report.problems) == BAD_PROBLEMS
-    records = consume(kafka, namespace.topic("bars"), expect=7, timeout=30)
-    decode = Decoder(SchemaRegistry(registry.url))
-    bars = [decode(value) for *_, value in records]
-    assert [ohlcv(bar) for bar in bars] == [(ms(when), *rest) for when, *rest in BAD_GOOD]
-    assert [(key, stamp) for _, _, key, stamp, _ in records] == [
-        (b"BTCUSD", ms(when)) for when, *_ in BAD_GOOD]
-    assert {bar["source"] for bar in bars} == {"bad.csv"}
-
-
-@pytest.mark.broker
-def test_loading_again_publishes_only_what_is_new_and_refuses_a_different_history(
-        tmp_path, kafka, registry, namespace):
-    header = "Date,Symbol,Open,High,Low,Close,Volume\n"
-    rows = [f"2019-07-08 {h:02d}:00:00,BTCUSD,100,101,99,100,{h + 1}\n" for h in range(6)]
-    first = write(tmp_path / "first.csv", header + "".join(reversed(rows[:4])))
-    assert load_csv_bars(first, kafka, registry.url, namespace).published == 4
-    again = load_csv_bars(first, kafka, registry.url, namespace)
-    assert (again.published, again.already) == (0, 4)
-    more = write(tmp_path / "more.csv", header + "".join(reversed(rows)))
-    extended = load_csv_bars(more, kafka, registry.url, namespace)
-    assert (extended.published, extended.already) == (2, 4)
-    other = write(tmp_path / "other.csv", header + rows[0] + rows[1].replace(",100,2", ",100,9"))
-    with pytest.raises(PipelineError, match=r"already holds a different 1h BTCUSD bar at "
-                                            r"2019-07-08 01:00:00 UTC \(volume 2 there, 9"):
-        load_csv_bars(other, kafka, registry.url, namespace)
-    older = write(tmp_path / "older.csv", header + "2019-07-07 23:00:00,BTCUSD,1,1,1,1,1\n"
-                  + rows[0])
-    with pytest.raises(PipelineError, match="out of time order"):
-        load_csv_bars(older, kafka, registry.url, namespace, interval="1h")
-    records = consume(kafka, namespace.topic("bars"), expect=6, timeout=30)
-    decode = Decoder(SchemaRegistry(registry.url))
-    assert [(decode(v)["start_ms"], decode(v)["volume"]) for *_, v in records] == [
-        (ms(f"2019-07-08 {h:02d}:00"), str(h + 1)) for h in range(6)]
-
-
-# --------------------------------------------------------------------------- file errors
 
 
 def test_a_missing_file_is_one_clear_error(tmp_path):
@@ -345,3 +253,5 @@ def test_a_file_with_nothing_to_load_is_one_clear_error(tmp_path, text, problem)
 def test_an_unknown_interval_is_refused(tmp_path):
     with pytest.raises(PipelineError, match="unknown interval '2h'"):
         parse_ohlcv_csv(write(tmp_path / "f.csv", BAD), interval="2h")
+
+

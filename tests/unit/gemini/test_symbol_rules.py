@@ -24,16 +24,21 @@ from pipeline.trading.risk import BookTop, RiskLimits, RiskState
 from pipeline.trading.rules import check_order
 from pipeline.trading.signing import StrategyKeys, client_order_id, sign
 from pipeline.trading.simulator import SimulatedExchange, SimulatorConfig
-from tests.test_execution import env  # noqa: F401  (the broker fixture of the last test)
 from tests.unit.gemini.test_rest import KEY, SECRET, Venue
 
 D = Decimal
+
+
 BTC = SymbolRules("BTCUSD", D("0.01"), D("1E-8"), D("0.00001"))
+
+
 TABLE = {"BTCUSD": BTC,
          "ETHUSD": SymbolRules("ETHUSD", D("0.01"), D("0.000001"), D("0.001"), "post_only"),
          "BTCDAI": SymbolRules("BTCDAI", D("0.01"), D("1E-8"), D("0.00001"), "limit_only"),
          "BTCGUSD": SymbolRules("BTCGUSD", D("0.01"), D("1E-8"), D("0.00001"), "closed"),
          "BTCEUR": SymbolRules("BTCEUR", D("0.01"), D("1E-8"), D("0.00001"), "cancel_only")}
+
+
 STRATEGY_KEY = b"rules-test-key-0123456789abcdef"
 
 
@@ -42,9 +47,6 @@ def check(symbol="BTCUSD", order_type="LIMIT", price="30000.01", amount="0.001",
     return check_order(rules, symbol=symbol, order_type=order_type,
                        price=None if price is None else D(price), amount=D(amount),
                        options=options, client_order_id=cid, action=action)
-
-
-# --------------------------------------------------------------------- the pure check
 
 
 def test_each_rule_names_geminis_reason() -> None:
@@ -115,9 +117,6 @@ def test_client_order_ids_are_gemini_valid_for_any_strategy_id() -> None:
     assert client_order_id("a-very-long-strategy-name/v2 (test)", "md.l2/0/1") == one
 
 
-# --------------------------------------------------------------------- the shared file
-
-
 def test_parser_reads_the_recorded_responses(shared_data) -> None:
     path = shared_data / "gemini_rest_symbols_2021-06-24.txt"
     table = read_rules_file(path)
@@ -131,9 +130,6 @@ def test_parser_reads_the_recorded_responses(shared_data) -> None:
                                                          "closed": 3}
     assert table["BTCGUSD"].status == "closed" and table["BTCDAI"].status == "limit_only"
     assert check(symbol="BTCGUSD", rules=table) == "MarketNotOpen"
-
-
-# --------------------------------------------------------------------- decide and simulator
 
 
 def signed(**fields) -> dict:
@@ -192,9 +188,6 @@ def test_a_market_orders_band_edge_is_on_the_rules_price_step() -> None:
     assert RiskLimits(price_steps={"X": D(1)}).tick_sizes == {"X": D(1)}  # the old name
 
 
-# --------------------------------------------------------------------- the venue over HTTP
-
-
 @pytest.fixture
 def ruled_venue():
     venue = Venue()
@@ -239,9 +232,6 @@ def test_the_venue_serves_its_rules_and_refuses_what_they_forbid(ruled_venue, tm
     assert outcomes == [(c[4], c[5]) for c in cases] + [("ok-6", "accepted")]
 
 
-# --------------------------------------------------------------------- the loader's cache
-
-
 def test_the_loader_caches_a_day_refetches_the_next_and_falls_back_when_unreachable(
         ruled_venue, tmp_path, caplog) -> None:
     day = dt.date(2026, 12, 2)
@@ -274,9 +264,6 @@ def test_the_loader_caches_a_day_refetches_the_next_and_falls_back_when_unreacha
     assert "using the cache" in caplog.text and "2026-12-03" in caplog.text
     with pytest.raises(RulesUnavailable, match="no cache"):
         load_rules(url, tmp_path / "empty", ["BTCUSD"], today=day, timeout_s=2)
-
-
-# --------------------------------------------------------------------- oracle and backtest
 
 
 def test_the_venue_and_the_simulator_refuse_the_same_orders_with_gemini_names() -> None:
@@ -389,45 +376,3 @@ def test_the_captures_quotes_are_valid_under_that_days_rules(shared_data) -> Non
     assert reasons == {"rules:InvalidQuantity": dust.orders.submitted} and not dust.trades
 
 
-# --------------------------------------------------------------------- over the WebSocket API
-
-WS_KEY, WS_SECRET = "account-ws-rules", "ws-rules-secret-0a1b2c3d4e5f"
-
-
-@pytest.fixture
-def ws_venue():
-    from pipeline.venue.rest import VenueKey
-    from pipeline.venue.server import RunningVenue, VenueConfig
-    from tests.support.orders import venue_book
-    from tests.support.waiting import wait_for
-
-    running = RunningVenue(VenueConfig(symbols=["BTCUSD"], rate=2, start_on_subscribe=False,
-                                       api_keys={WS_KEY: VenueKey(WS_SECRET, time_nonce=True)}))
-    wait_for(lambda: venue_book(running)[1], 10, "the venue's first book")
-    yield running
-    running.stop()
-
-
-@pytest.mark.broker
-def test_over_the_websocket_api_too_no_order_method_is_called_for_a_refused_order(
-        env, ws_venue) -> None:
-    from pipeline.gemini.execution import GeminiCredentials
-    from tests.support.orders import order_request
-    from tests.test_execution import SMA_KEY, publish_venue_book, rule_breakers, sandbox
-
-    table = {**load_rules(ws_venue.http_url, env.run_dir, ["BTCUSD"]),
-             "ETHUSD": TABLE["ETHUSD"]}
-    _, ask = publish_venue_book(env, ws_venue)
-    cases = rule_breakers()
-    good = order_request(SMA_KEY, price=str(ask + 5), amount="0.001")
-    env.requests(*(request for request, _ in cases), good)
-    ws = sandbox(env, ws_venue, transport="ws", symbol_rules=table)
-    with env.group(ws, GeminiCredentials(WS_KEY, WS_SECRET, nonce="time")):
-        events = env.wait_terminal([r["client_order_id"] for r, _ in cases] +
-                                   [good["client_order_id"]])
-    assert [[(e["kind"], e["reason"]) for e in events[r["client_order_id"]]]
-            for r, _ in cases] == [[("REJECTED", reason)] for _, reason in cases]
-    assert events[good["client_order_id"]][-1]["kind"] == "FILLED"
-    calls = [(e["method"], e.get("client_order_id")) for e in ws_venue.venue.wstrading.log]
-    assert calls == [("order.place", good["client_order_id"])]  # only the valid one went out
-    assert [e for e in ws_venue.venue.rest_log if e["path"] == "/v1/order/new"] == []

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import datetime
-import io
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +11,6 @@ from pathlib import Path
 import pytest
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
-from fastavro import schemaless_reader, schemaless_writer
 
 from pipeline.avro import schemas
 from pipeline.avro.registry import IncompatibleSchema, RegistryError, SchemaRegistry
@@ -29,16 +25,12 @@ from pipeline.runtime.runner import GroupConfig, GroupRunner, Handler, Record
 from tests.support.kafka_io import read_all
 from tests.support.processes import PIPELINE
 from tests.support.records import SAMPLES
+from tests.unit.avro.test_serde import dead_registry  # noqa: F401 - shared with the unit tests
 
 CAPTURE = "gemini_v2_l2_capture_2021-06-24.txt"
+
+
 AVRO_TOPICS = [t for t in TOPICS if t.value_schema]
-
-
-def dead_registry() -> SchemaRegistry:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return SchemaRegistry(f"http://127.0.0.1:{port}", timeout_s=2)
 
 
 def epoch_ints(value, schema_field_units: dict[str, int]):
@@ -73,50 +65,6 @@ def time_units(record: str) -> dict[str, int]:
     walk(schemas.load(record))
     return units
 
-
-# --------------------------------------------------------------------------- no registry needed
-
-
-def test_every_schema_documents_every_field_and_has_a_sample():
-    assert sorted(SAMPLES) == sorted(schemas.names())
-    for name in schemas.names():
-        def walk(node, path):
-            if isinstance(node, dict) and node.get("type") == "record":
-                assert node.get("doc"), path
-                for field in node["fields"]:
-                    assert field.get("doc"), f"{path}.{field['name']} has no doc"
-                    walk(field["type"], f"{path}.{field['name']}")
-            elif isinstance(node, dict) and node.get("type") == "array":
-                walk(node["items"], path)
-            elif isinstance(node, list):
-                for branch in node:
-                    walk(branch, path)
-        walk(schemas.load(name), name)
-
-
-def test_no_price_or_quantity_is_a_binary_float():
-    for name in schemas.names():
-        text = json.dumps(schemas.load(name))
-        assert '"float"' not in text and '"double"' not in text, name
-
-
-@pytest.mark.parametrize("data,match", [
-    (b'{"type":"trade"}', "starts with 0x7b, expected the magic byte 0x00"),
-    (b"\x00\x00\x01", "not the Confluent wire format"),
-    (b"", "starts with nothing"),
-    (None, "tombstone"),
-])
-def test_bytes_that_are_not_the_wire_format_are_a_clear_error(data, match):
-    with pytest.raises(SerdeError, match=match):
-        Decoder(dead_registry())(data)
-
-
-def test_a_registry_that_is_down_is_a_clear_error():
-    with pytest.raises(RegistryError, match="does not answer"):
-        Decoder(dead_registry())(HEADER.pack(0, 12345) + b"\x02")
-
-
-# --------------------------------------------------------------------------- real registry
 
 @pytest.mark.broker
 def test_every_record_type_round_trips_through_kafka_and_the_registry(kafka, registry, namespace):
@@ -168,9 +116,6 @@ def test_decimal_strings_from_the_real_capture_come_back_identical(registry, nam
                 assert [(c["price"], c["quantity"]) for c in back["changes"]] == sent
                 strings += 2 * len(sent)
     assert strings > 9000  # about 4,600 changes, each a price and a quantity
-
-
-# --------------------------------------------------------------------------- evolution
 
 
 def trade_v2() -> dict:
@@ -271,9 +216,6 @@ def test_removing_a_required_field_warns_under_backward_and_is_refused_under_ful
     assert result.returncode == 1 and "field 'quantity' is removed" in result.stdout
 
 
-# --------------------------------------------------------------------------- restart
-
-
 @pytest.mark.broker
 def test_after_a_registry_restart_old_records_still_decode(registry, namespace):
     reg = SchemaRegistry(registry.url)
@@ -284,9 +226,6 @@ def test_after_a_registry_restart_old_records_still_decode(registry, namespace):
     fresh = SchemaRegistry(registry.url)  # no cache: the id must resolve from storage
     assert Decoder(fresh)(encoded) == SAMPLES["Bar"]
     assert Encoder(fresh, topic).schema_id == schema_id, "ids are stable across restarts"
-
-
-# --------------------------------------------------------------------------- bad input
 
 
 @pytest.mark.broker
@@ -357,9 +296,3 @@ def test_with_the_registry_down_records_are_dead_lettered_and_the_group_goes_on(
     assert all("does not answer" in d.error_message and d.value == good for d in letters)
 
 
-def test_removing_logical_types_keeps_exact_epoch_integers():
-    sample = copy.deepcopy(SAMPLES["Bar"])
-    buf = io.BytesIO()
-    schemaless_writer(buf, schemas.parsed("Bar"), sample)
-    buf.seek(0)
-    assert schemaless_reader(buf, schemas.parsed("Bar"), None)["start_ms"] == 1444316400000

@@ -7,37 +7,17 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import typing
 from pathlib import Path
 
-import fastavro
 import pytest
 
 from pipeline.avro import schemas
 from pipeline.avro.registry import SchemaRegistry
 from pipeline.avro.schemas import register_namespace
 from pipeline.avro.serde import Decoder, Encoder
-from pipeline.core.records import BY_SCHEMA
 from pipeline.trading.signing import client_order_id, sign, verify
 from tests.support.processes import PIPELINE, cluster_env
-
-RELEASED = Path(__file__).parent / "support" / "schemas_released"
-
-
-def _nullable(avro_type) -> bool:
-    return isinstance(avro_type, list) and "null" in avro_type
-
-
-def test_every_typed_record_has_exactly_its_schemas_fields_and_optionality():
-    for name, typed in BY_SCHEMA.items():
-        schema = schemas.load(name)
-        fields = {f["name"]: f for f in schema["fields"]}
-        hints = typing.get_type_hints(typed)
-        assert list(hints) == list(fields), f"{name}: fields or their order differ"
-        for field_name, hint in hints.items():
-            optional = type(None) in typing.get_args(hint)
-            assert optional == _nullable(fields[field_name]["type"]), \
-                f"{name}.{field_name}: optional in one, required in the other"
+from tests.unit.avro.test_trading_schemas import RELEASED  # noqa: F401 - shared with the unit tests
 
 
 def released_dir(tmp_path: Path) -> Path:
@@ -101,6 +81,3 @@ def test_records_written_with_the_released_schemas_read_and_verify_with_the_new_
     assert Decoder(reg, [schemas.load("StrategyState")])(data)["format"] == "pickle"
 
 
-def test_every_released_schema_is_still_a_valid_avro_schema():
-    for path in RELEASED.glob("*.avsc"):
-        fastavro.parse_schema(json.loads(path.read_text()))
