@@ -119,8 +119,14 @@ STARTS_KAFKA_ITSELF = {"test_broker", "test_cluster", "test_secure_kafka", "test
 
 
 def pytest_collection_modifyitems(config, items) -> None:
+    misplaced = []
     for item in items:
         module = item.module.__name__.rpartition(".")[2] if item.module else ""
         if INFRA_FIXTURES & set(getattr(item, "fixturenames", ())) or \
                 item.get_closest_marker("broker") or module in STARTS_KAFKA_ITSELF:
             item.add_marker(pytest.mark.integration)
+            if item.module and item.module.__name__.startswith("tests.unit."):
+                misplaced.append(item.nodeid)
+    if misplaced:  # tests/unit/ is what runs without a broker: a test needing one goes elsewhere
+        raise pytest.UsageError("tests under tests/unit/ need Kafka; move them to "
+                                "tests/integration/: " + ", ".join(misplaced[:5]))
