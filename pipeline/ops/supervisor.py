@@ -27,9 +27,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
-from pipeline.kafka.catalog import TopicSpec, declare, ensure_topics
-from pipeline.ops.broker import local_kafka
-from pipeline.ops.registry_server import LocalRegistry
+from pipeline.kafka.catalog import Namespace, TopicSpec, declare, ensure_topics
+from pipeline.ops.broker import bootstrap_servers, local_kafka
+from pipeline.ops.registry_server import LocalRegistry, registry_url
 from pipeline.ops.services import alive, require_free_port, runs_command, terminate
 from pipeline.ops.settings import REPO_ROOT, Settings, ensure_writable_dir
 from pipeline.ops.topology import Process, Topology
@@ -452,6 +452,18 @@ def supervisor_running(run_dir: Path) -> dict | None:
     if state and runs_command(state["pid"], "pipeline.ops.supervisor"):
         return state
     return None
+
+
+def running_endpoints(settings: Settings, namespace: str | None = None
+                      ) -> tuple[str, str, Namespace]:
+    """(bootstrap, registry URL, namespace) of the topology running in ``settings.run_dir``
+    (what its supervisor's state file says), else of the run directory's broker and
+    registry and ``settings.namespace``; a ``namespace`` given wins."""
+    state = read_state(settings.run_dir) or {}
+    bootstrap = state.get("bootstrap") or bootstrap_servers(settings)
+    registry = state.get("registry") or registry_url(settings)
+    return bootstrap, registry, Namespace(namespace or state.get("namespace")
+                                          or settings.namespace)
 
 
 def main(argv: list[str] | None = None) -> int:
