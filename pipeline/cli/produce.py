@@ -30,7 +30,7 @@ def produce_gemini(
     heartbeat_timeout: float = typer.Option(10.0, help="Seconds without a message that count "
                                                        "as a disconnect."),
     sandbox: bool = typer.Option(False, "--sandbox", help="Gemini's sandbox market data "
-                                 "(wss://ws.sandbox.gemini.com), into the sandbox namespace: "
+                                 "(wss://ws.sandbox.gemini.com), into the sim-sandbox namespace: "
                                  "the books sandbox execution checks its orders against."),
 ) -> None:
     """Stream Gemini market data into Kafka until SIGTERM/Ctrl-C."""
@@ -58,7 +58,7 @@ def produce_gemini(
     settings = settings_for(run_dir)
     is_sandbox = "sandbox.gemini.com" in url
     is_gemini = "gemini.com" in url and not is_sandbox
-    ns = Namespace(namespace or ("live" if is_gemini else "sandbox" if is_sandbox else "sim"))
+    ns = Namespace(namespace or ("live" if is_gemini else "sim-sandbox" if is_sandbox else "sim"))
     if ns.is_live and not is_gemini:
         raise PipelineError(f"namespace {ns} is for Gemini's own data; {url} is not Gemini's "
                             "live market: use a sandbox or sim namespace")
