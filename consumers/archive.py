@@ -28,14 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
-
 from pipeline.avro.registry import SchemaRegistry
 from pipeline.avro.serde import Serde
 from pipeline.core.errors import PipelineError
 from pipeline.kafka.catalog import Namespace
 from pipeline.ops.settings import Settings
 from pipeline.replay.archive import archive_root
+from pipeline.runtime.context import BEGINNING, AssignContext, Partition
 from pipeline.runtime.runner import (
     GroupConfig,
     GroupRunner,
@@ -87,7 +86,8 @@ class ArchiveHandler(Handler):
         self._resume: dict[tuple[str, int], int] = {}  # the journal's next offset
         self.flushed_rows = 0
 
-    def on_assign(self, partitions: list[TopicPartition]) -> list[TopicPartition] | None:
+    def on_assign(self, ctx: AssignContext, partitions: list[Partition]) -> list[Partition] | None:
+        # The journal, not Kafka, says where each partition resumes: nothing is read.
         starts = []
         for tp in partitions:
             if tp.topic not in self.writers:
@@ -100,8 +100,7 @@ class ArchiveHandler(Handler):
             self._resume[(tp.topic, tp.partition)] = resume or 0
             # One record early, skipped: reading it makes the runtime track and commit the
             # partition even when nothing new comes (a kill after a flush, before its commit).
-            starts.append(TopicPartition(tp.topic, tp.partition,
-                                         OFFSET_BEGINNING if not resume else resume - 1))
+            starts.append(tp.at(BEGINNING if not resume else resume - 1))
         return starts
 
     def handle(self, record: Record) -> Iterable[Output]:
@@ -132,7 +131,7 @@ class ArchiveHandler(Handler):
                 held[source] = min(held[source], buffer.first)
         return held
 
-    def on_revoke(self, partitions: list[TopicPartition]) -> Iterable[Output]:
+    def on_revoke(self, partitions: list[Partition]) -> Iterable[Output]:
         for tp in partitions:
             buffer = self._buffers.pop((tp.topic, tp.partition), None)
             if buffer is not None and buffer.rows:

@@ -28,9 +28,9 @@ offset is the state; a newer one belongs to a transaction that aborted and is dr
 Reading resumes at that checkpoint's ``N`` (one record earlier, which is skipped: reading it
 makes the runtime track and commit the partition before any new trade arrives).
 
-Parquet is written only with bars of transactions known to be committed: the handler's
-next call after a commit is the proof (the runtime never calls a handler again after a
-failed commit). Those bars are merged into their partition files (atomic replace, rows
+Parquet is written only with bars of transactions known to be committed: the runtime's
+``after_commit``, called only after a successful commit, moves them from "unconfirmed" to
+"confirmed". Those bars are merged into their partition files (atomic replace, rows
 keyed by start time, so a repeated write changes nothing) once a second (``flush_interval_s``)
 or when 2,000 wait, so Parquet trails the topic by about a second; until a committed
 checkpoint no longer lists them, every checkpoint carries them as "unflushed".
@@ -65,13 +65,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from confluent_kafka import OFFSET_STORED, Consumer, TopicPartition
-
 from pipeline.avro.registry import SchemaRegistry
 from pipeline.avro.serde import Serde
 from pipeline.core.errors import PipelineError
 from pipeline.kafka.catalog import Namespace
-from pipeline.kafka.clients import consumer_config
 from pipeline.market.bars import (
     DEFAULT_INTERVALS,
     Bar,
@@ -83,6 +80,7 @@ from pipeline.market.bars import (
     wall_clock_ms,
 )
 from pipeline.ops.settings import Settings
+from pipeline.runtime.context import AssignContext, Partition
 from pipeline.runtime.runner import (
     GroupConfig,
     GroupRunner,
@@ -150,7 +148,6 @@ class BarsHandler(Handler):
         self._encode_trade = serde.encoder(self.late_topic)
         self._parts: dict[int, _Part] = {}
         self._retired: dict[int, _Part] = {}  # revoked, until their offsets are committed
-        self._committed_txn = False  # commit_offsets ran: the next call means it committed
         self._writer = BarWriter(opts.parquet_root, fsync=opts.fsync)
         self._flushed_at = time.monotonic()
         self.counts: Counter = Counter()
@@ -158,10 +155,10 @@ class BarsHandler(Handler):
 
     # -- the runtime's hooks
 
-    def on_assign(self, partitions: list[TopicPartition]) -> list[TopicPartition] | None:
-        self._enter()
+    def on_assign(self, ctx: AssignContext, partitions: list[Partition]) -> list[Partition] | None:
         mine = [tp for tp in partitions if tp.topic == self.source_topic]
-        committed = self._committed([tp.partition for tp in mine])
+        found = ctx.committed_offsets(self.source_topic, [tp.partition for tp in mine])
+        committed = {tp.partition: found.get(tp.partition) for tp in mine}
         starts = []
         for tp in mine:
             part = self._restore(tp.partition, committed.get(tp.partition))
@@ -171,11 +168,10 @@ class BarsHandler(Handler):
                 log.info("bars: partition %d: wrote %d committed bars to Parquet, %d were "
                          "there already", tp.partition, report.added, report.skipped)
             n = part.next_offset
-            starts.append(TopicPartition(tp.topic, tp.partition, n - 1 if n else OFFSET_STORED))
+            starts.append(tp.at(n - 1 if n else None))  # None: the committed offset
         return starts or None
 
     def handle(self, record: Record) -> Iterable[Output]:
-        self._enter()
         part = self._parts[record.partition]
         part.tracked = True
         if part.next_offset is not None and record.offset < part.next_offset:
@@ -195,7 +191,6 @@ class BarsHandler(Handler):
         return ()
 
     def end_batch(self) -> Iterable[Output]:
-        self._enter()
         self._flush(self._parts.values(), due_only=True)
         outputs: list[Output] = []
         for part in self._parts.values():
@@ -228,11 +223,15 @@ class BarsHandler(Handler):
                 self._checkpoint(p, part, n)
             chosen[(topic, p)] = part.commit_value  # type: ignore[assignment]
         self._retired.clear()
-        self._committed_txn = True
         return chosen
 
-    def on_revoke(self, partitions: list[TopicPartition]) -> Iterable[Output]:
-        self._enter()
+    def after_commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        """The transaction committed: its bars are confirmed and may go to Parquet."""
+        for part in [*self._parts.values(), *self._retired.values()]:
+            part.confirmed += part.unconfirmed
+            part.unconfirmed = []
+
+    def on_revoke(self, partitions: list[Partition]) -> Iterable[Output]:
         for tp in partitions:
             part = self._parts.pop(tp.partition, None) if tp.topic == self.source_topic else None
             if part is not None:
@@ -241,22 +240,11 @@ class BarsHandler(Handler):
         return ()
 
     def close(self) -> Iterable[Output]:
-        self._enter()
         self._flush(self._parts.values())
         log.info("bars: %s", dict(self.counts))
         return ()
 
     # -- checkpoints
-
-    def _enter(self) -> None:
-        """Called first in every hook: if a transaction was committed since the last call,
-        its bars are confirmed and may go to Parquet."""
-        if not self._committed_txn:
-            return
-        self._committed_txn = False
-        for part in [*self._parts.values(), *self._retired.values()]:
-            part.confirmed += part.unconfirmed
-            part.unconfirmed = []
 
     def _checkpoint(self, p: int, part: _Part, n: int) -> None:
         if part.commit_value is None or n != part.next_offset:
@@ -326,17 +314,6 @@ class BarsHandler(Handler):
     @staticmethod
     def _mine(clock: Clock) -> RecordClock | None:
         return clock if isinstance(clock, RecordClock) else None
-
-    def _committed(self, partitions: list[int]) -> dict[int, int | None]:
-        if not partitions:
-            return {}
-        consumer = Consumer(consumer_config(self.opts.bootstrap, self.opts.group_id))
-        try:
-            found = consumer.committed([TopicPartition(self.source_topic, p) for p in partitions],
-                                       timeout=30)
-        finally:
-            consumer.close()
-        return {tp.partition: tp.offset if tp.offset >= 0 else None for tp in found}
 
     # -- Parquet
 

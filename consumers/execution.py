@@ -87,8 +87,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Iterable
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
-
 from pipeline.avro.registry import SchemaRegistry
 from pipeline.avro.serde import Decoder, Serde
 from pipeline.core.decimals import plain
@@ -101,20 +99,17 @@ from pipeline.gemini.rest import LIVE_URL, SANDBOX_URL
 from pipeline.gemini.symbols import startup_rules
 from pipeline.gemini.ws_execution import GeminiWsExecution
 from pipeline.gemini.ws_session import WS_LIVE, WS_SANDBOX, WsSession
-from pipeline.kafka.catalog import Namespace, end_offset
+from pipeline.kafka.catalog import Namespace
 from pipeline.kafka.clients import ReliableProducer
 from pipeline.ops.kill_switch import kill_switch_path
+from pipeline.runtime.context import AssignContext, Follower, Partition
 from pipeline.runtime.runner import (
     GroupConfig,
     Handler,
     Output,
     Record,
-    committed_offsets,
     group_parser,
     log_to_stderr,
-    read_range,
-    read_to_end,
-    restore_consumer,
     run_until_stopped,
 )
 from pipeline.trading import risk
@@ -236,7 +231,7 @@ class ExecutionHandler(Handler):
         # instance in full (a broadcast, not a partition of the group's input)
         self.halts: dict[str, dict] = {}
         self._to_cancel: set[str] = set()  # halted strategies whose orders to cancel
-        self._control: Consumer | None = None
+        self._control: Follower | None = None  # strategy.control, followed from the restore
         self._killed: bool | None = None  # this batch's reading of the kill switch
         self._kill_done = False  # open orders cancelled since the switch came on
         self.rest = None
@@ -476,7 +471,7 @@ class ExecutionHandler(Handler):
         return [Output(self.topic["paper.state"], self.encode_state(s),
                        f"{s['symbol']}|{s['kind']}") for s in states]
 
-    def on_revoke(self, partitions: list[TopicPartition]) -> Iterable[Output]:
+    def on_revoke(self, partitions: list[Partition]) -> Iterable[Output]:
         """The next owner restores from what is written now (held requests it reads again)."""
         for tp in partitions:
             if tp.topic == self.topic["orders.requests"]:
@@ -503,45 +498,44 @@ class ExecutionHandler(Handler):
         if self._control is None:
             return
         while True:
-            msgs = self._control.consume(100, 0)
+            msgs = self._control.poll(100)
             if not msgs:
                 return
             for msg in msgs:
-                value = self._decoded(msg) if msg.error() is None else None
+                value = self._decoded(msg)
                 if value is not None:
                     self._apply_control(value)
 
-    def _restore_controls(self, timeout: float) -> None:
+    def _restore_controls(self, ctx: AssignContext, timeout: float) -> None:
         """Every strategy's newest control record; then follow the topic from there. A
         strategy halted before the restart has its orders cancelled again (idempotent)."""
         topic = self.topic["strategy.control"]
         self.halts, self._to_cancel, starts = {}, set(), {}
-        for msg in read_to_end(self.bootstrap, topic, timeout):
-            starts[msg.partition()] = msg.offset() + 1
+        for msg in ctx.read_to_end(topic, timeout):
+            starts[msg.partition] = msg.offset + 1
             value = self._decoded(msg)
             if value is not None:
                 self._apply_control(value)
-        if self._control is None:
-            self._control = restore_consumer(self.bootstrap)
-        parts = self._control.list_topics(topic, timeout=10).topics[topic].partitions
-        self._control.assign([TopicPartition(topic, p, starts.get(p, OFFSET_BEGINNING))
-                              for p in sorted(parts)])
+        if self._control is not None:
+            self._control.close()
+        self._control = ctx.follow(topic, starts)
 
     # -- restore
 
-    def on_assign(self, partitions: list[TopicPartition]) -> list[TopicPartition] | None:
+    def on_assign(self, ctx: AssignContext, partitions: list[Partition]
+                  ) -> list[Partition] | None:
         started = time.monotonic()
         timeout = self.settings.restore_timeout_s
-        self._restore_controls(timeout)
+        self._restore_controls(ctx, timeout)
         seen: dict[str, Seen] = {}
-        for msg in read_to_end(self.bootstrap, self.topic["orders.seen"], timeout):
+        for msg in ctx.read_to_end(self.topic["orders.seen"], timeout):
             value = self._decoded(msg)
             if value is not None:
                 seen[value["client_order_id"]] = Seen(value["outcome"], value["seen_ms"],
                                                       value["strategy_id"])
         self.seen, self.state = seen, RiskState()
         latest: dict[str, dict] = {}
-        for msg in read_to_end(self.bootstrap, self.topic["orders.events"], timeout):
+        for msg in ctx.read_to_end(self.topic["orders.events"], timeout):
             value = self._decoded(msg)
             if value is not None and value["mode"] == self.mode:
                 self.state.on_event(value)
@@ -554,19 +548,19 @@ class ExecutionHandler(Handler):
         in_doubt = sum(s.outcome == SENDING for s in seen.values())
         starts = None
         if self.paper is not None:
-            restored = self._restore_paper(partitions)
+            restored = self._restore_paper(ctx, partitions)
             what = f"{restored} paper order(s) resting"
         else:
             owned = [tp.partition for tp in partitions if tp.topic == self.topic["orders.requests"]]
             what = f"{self.gemini.restore(seen, latest)} open order(s) followed"  # type: ignore[union-attr]
-            starts = self._snapshot_starts(partitions, owned)
+            starts = self._snapshot_starts(ctx, partitions, owned)
         log.info("restored %d seen id(s) (%d in doubt, reconciled when their requests come "
                  "again), %s, positions %s in %.2fs", len(seen), in_doubt, what,
                  {k: plain(v) for k, v in self.state.positions.items()},
                  time.monotonic() - started)
         return starts
 
-    def _restore_paper(self, partitions: list[TopicPartition]) -> int:
+    def _restore_paper(self, ctx: AssignContext, partitions: list[Partition]) -> int:
         """The simulator as it was at the last commit: its state records, then the md.l2
         records between each book's offset and the committed offset, to the books only."""
         l2 = self.topic["md.l2"]
@@ -574,25 +568,22 @@ class ExecutionHandler(Handler):
         paper = self.paper = PaperExecution(self.settings.simulator(), self.settings.book_depth)
         self.client = paper
         self._marks, self._read, self._heard, self._held = {}, {}, {}, {}
-        consumer = restore_consumer(self.bootstrap)
-        try:
-            for tp in partitions:
-                if tp.topic in (l2, self.topic["md.trades"]):
-                    self._marks[(tp.topic, tp.partition)] = end_offset(consumer, tp)
-        finally:
-            consumer.close()
+        for topic in (l2, self.topic["md.trades"]):
+            owned = [tp.partition for tp in partitions if tp.topic == topic]
+            if owned:
+                for p, (_, high) in ctx.end_offsets(topic, owned).items():
+                    self._marks[(topic, p)] = high
         paper.remember_owners({cid: s.strategy_id for cid, s in self.seen.items()})
         latest: dict[str, dict] = {}
-        for msg in read_to_end(self.bootstrap, self.topic["paper.state"],
-                               self.settings.restore_timeout_s):
+        for msg in ctx.read_to_end(self.topic["paper.state"], self.settings.restore_timeout_s):
             value = self._decoded(msg)
             if value is not None and value["source_partition"] in mine:
                 latest[f"{value['symbol']}|{value['kind']}"] = value
         for state in latest.values():
             paper.restore(state)
         books = {s["symbol"]: s for s in latest.values() if s["kind"] == "BOOK"}
-        committed = committed_offsets(self.bootstrap, self.group_id, l2, mine)
-        trades = committed_offsets(self.bootstrap, self.group_id, self.topic["md.trades"], mine)
+        committed = ctx.committed_offsets(l2, mine)
+        trades = ctx.committed_offsets(self.topic["md.trades"], mine)
         self._read.update({(l2, p): o for p, o in committed.items()})
         self._read.update({(self.topic["md.trades"], p): o for p, o in trades.items()})
         ranges: dict[int, tuple[int, int]] = {}
@@ -603,14 +594,14 @@ class ExecutionHandler(Handler):
                             book["source_offset"] + 1)
                 ranges[p] = (first, committed[p])
         replayed = 0
-        for msg in read_range(self.bootstrap, l2, ranges, self.settings.restore_timeout_s):
+        for msg in ctx.read_range(l2, ranges, self.settings.restore_timeout_s):
             value = self._decoded(msg)
             if value is None:
                 continue
             book = books.get(value["symbol"])
-            if book is not None and msg.offset() <= book["source_offset"]:
+            if book is not None and msg.offset <= book["source_offset"]:
                 continue  # inside that book's state already
-            paper.replay_book(value, msg.partition(), msg.offset())
+            paper.replay_book(value, msg.partition, msg.offset)
             replayed += 1
         self._last_checkpoint = time.monotonic()
         # The market data's silence counts from now, when reading can start: the restore
@@ -620,16 +611,16 @@ class ExecutionHandler(Handler):
                  "re-applied to the books", len(books), len(latest) - len(books), replayed)
         return paper.open_orders()
 
-    def _decoded(self, msg: Message) -> dict | None:
+    def _decoded(self, msg: Record) -> dict | None:
         try:
-            return self.decode(msg.value())
+            return self.decode(msg.value)
         except Exception as exc:  # noqa: BLE001 - an unreadable record is skipped, loudly
-            log.error("unreadable record at %s[%d]@%d: %s", msg.topic(), msg.partition(),
-                      msg.offset(), exc)
+            log.error("unreadable record at %s[%d]@%d: %s", msg.topic, msg.partition,
+                      msg.offset, exc)
             return None
 
-    def _snapshot_starts(self, partitions: list[TopicPartition], owned: list[int]
-                         ) -> list[TopicPartition]:
+    def _snapshot_starts(self, ctx: AssignContext, partitions: list[Partition], owned: list[int]
+                         ) -> list[Partition]:
         """Load the latest books before any request is handled, and say where to go on.
 
         The last ``snapshot_lookback`` records of each assigned ``book.snapshots``
@@ -638,22 +629,18 @@ class ExecutionHandler(Handler):
         offsets. Reading them in the group's own fetch instead would race the requests:
         a request could be handled before its symbol's book came back."""
         snapshots = self.topic["book.snapshots"]
-        consumer = restore_consumer(self.bootstrap)
-        try:
-            meta = consumer.list_topics(self.topic["orders.requests"], timeout=10)
-            self.gemini.own(owned, len(meta.topics[self.topic["orders.requests"]].partitions))  # type: ignore[union-attr]
-            starts, ranges = [], {}
-            for tp in partitions:
-                if tp.topic == snapshots:
-                    low, high = consumer.get_watermark_offsets(tp, timeout=10)
-                    if high > low:
-                        ranges[tp.partition] = (max(low, high - self.settings.snapshot_lookback),
-                                                high)
-                    tp = TopicPartition(snapshots, tp.partition, high)
-                starts.append(tp)
-        finally:
-            consumer.close()
-        for msg in read_range(self.bootstrap, snapshots, ranges, self.settings.restore_timeout_s):
+        self.gemini.own(owned, len(ctx.partitions(self.topic["orders.requests"])))  # type: ignore[union-attr]
+        marks = ctx.end_offsets(snapshots, [tp.partition for tp in partitions
+                                            if tp.topic == snapshots])
+        starts, ranges = [], {}
+        for tp in partitions:
+            if tp.topic == snapshots:
+                low, high = marks[tp.partition]
+                if high > low:
+                    ranges[tp.partition] = (max(low, high - self.settings.snapshot_lookback), high)
+                tp = tp.at(high)
+            starts.append(tp)
+        for msg in ctx.read_range(snapshots, ranges, self.settings.restore_timeout_s):
             value = self._decoded(msg)
             if value is not None:
                 self.gemini.on_snapshot(value)  # type: ignore[union-attr]

@@ -22,12 +22,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from confluent_kafka import TopicPartition
-
 from pipeline.avro.registry import SchemaRegistry
 from pipeline.avro.serde import Decoder, Serde
 from pipeline.kafka.catalog import Namespace
 from pipeline.market.book_policy import TOP_CHANGED, BookPolicy, Health, Source
+from pipeline.runtime.context import AssignContext, Partition
 from pipeline.runtime.runner import (
     GroupConfig,
     Handler,
@@ -35,7 +34,6 @@ from pipeline.runtime.runner import (
     Record,
     group_parser,
     log_to_stderr,
-    read_to_end,
     run_until_stopped,
 )
 
@@ -141,7 +139,7 @@ class OrderbookHandler(Handler):
     def commit_offsets(self, offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
         return {(t, p): self._checkpointed.get(p, -1) for (t, p) in offsets}
 
-    def on_revoke(self, partitions: list[TopicPartition]) -> Iterable[Output]:
+    def on_revoke(self, partitions: list[Partition]) -> Iterable[Output]:
         out = self._pending_snapshots() + self.checkpoint()  # the next owner restores from here
         lost = {tp.partition for tp in partitions}
         gone = [s for s in self.policy.symbols() if self.policy.source(s).partition in lost]
@@ -158,11 +156,11 @@ class OrderbookHandler(Handler):
 
     # -- restore
 
-    def on_assign(self, partitions: list[TopicPartition]) -> None:
+    def on_assign(self, ctx: AssignContext, partitions: list[Partition]) -> None:
         wanted = {tp.partition for tp in partitions if tp.topic == self.source_topic}
         started = time.monotonic()
         restored = 0
-        for checkpoint in self._read_checkpoints():
+        for checkpoint in self._read_checkpoints(ctx):
             if checkpoint["source_topic"] != self.source_topic or \
                     checkpoint["source_partition"] not in wanted:
                 continue
@@ -178,16 +176,16 @@ class OrderbookHandler(Handler):
                  sorted(wanted), time.monotonic() - started)
         return None  # resume at the committed offsets: the checkpoint positions
 
-    def _read_checkpoints(self) -> list[dict]:
+    def _read_checkpoints(self, ctx: AssignContext) -> list[dict]:
         """The newest checkpoint per symbol (the topic is compacted; read it to the end)."""
         topic = self.topics["book.checkpoints"]
         latest: dict[str, dict] = {}
-        for msg in read_to_end(self.bootstrap, topic):
+        for msg in ctx.read_to_end(topic):
             try:
-                value = self.checkpoint_decoder(msg.value())
+                value = self.checkpoint_decoder(msg.value)
             except Exception as exc:  # noqa: BLE001 - a bad checkpoint is skipped, loudly
                 log.error("unreadable checkpoint at %s[%d]@%d: %s", topic,
-                          msg.partition(), msg.offset(), exc)
+                          msg.partition, msg.offset, exc)
                 continue
             latest[value["symbol"]] = value
         return list(latest.values())

@@ -21,8 +21,8 @@ state (``<ns>.portfolio.state``, compacted, written in every batch that changed 
 input offsets commit together. A restart reads the newest state (read_committed: a state
 of an aborted transaction is never seen) and resumes at the committed offsets, which are
 the state's: no fill is counted twice and none is missed, without replaying history.
-Parquet gets only rows of committed transactions (the handler's next call after a commit
-is the proof); until flushed they ride in every state record, so a crash between commit
+Parquet gets only rows of committed transactions (the runtime's ``after_commit`` says which
+committed); until flushed they ride in every state record, so a crash between commit
 and flush writes them on restart (rows are keyed by ``seq``: a second write changes
 nothing).
 
@@ -47,8 +47,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Iterable
 
-from confluent_kafka import TopicPartition
-
 from pipeline.avro.registry import SchemaRegistry
 from pipeline.avro.serde import Decoder, Serde
 from pipeline.core.decimals import plain
@@ -56,6 +54,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.gemini.execution import GeminiCredentials
 from pipeline.gemini.rest import LIVE_URL, SANDBOX_URL, GeminiError
 from pipeline.kafka.catalog import Namespace
+from pipeline.runtime.context import AssignContext, Partition
 from pipeline.runtime.runner import (
     GroupConfig,
     Handler,
@@ -63,7 +62,6 @@ from pipeline.runtime.runner import (
     Record,
     group_parser,
     log_to_stderr,
-    read_to_end,
     run_until_stopped,
 )
 from pipeline.sinks.pnl import PnlWriter
@@ -122,7 +120,6 @@ class PortfolioHandler(Handler):
         self.writer = PnlWriter(Path(root).resolve(), fsync=settings.fsync)
         self.pending: list[dict] = []  # PnL rows of the open transaction
         self.confirmed: list[dict] = []  # committed, not yet in Parquet
-        self._ended = False
         self._dirty = False
         self._last_flush = time.monotonic()
         self._records_in_batch = 0
@@ -139,7 +136,6 @@ class PortfolioHandler(Handler):
     # -- records
 
     def handle(self, record: Record) -> Iterable[Output]:
-        self._enter()
         self._records_in_batch += 1
         value, topic = record.value, record.topic
         if topic == self.topic["book.snapshots"]:
@@ -160,7 +156,6 @@ class PortfolioHandler(Handler):
         return self._outputs(out)
 
     def end_batch(self) -> Iterable[Output]:
-        self._enter()
         now = self.clock_ms()
         out = self._outputs(self.portfolio.tick(now))
         caught_up = self._records_in_batch == 0
@@ -174,16 +169,12 @@ class PortfolioHandler(Handler):
         if out or self._dirty:
             out.append(self._state(now))
             self._dirty = False
-        self._ended = True
         return out
 
-    def _enter(self) -> None:
-        """The first call after end_batch: that batch's transaction is committed (the
-        runtime never calls a handler again after a failed commit)."""
-        if self._ended:
-            self.confirmed += self.pending
-            self.pending = []
-            self._ended = False
+    def after_commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        """The transaction committed: its PnL rows may go to Parquet (at the next flush)."""
+        self.confirmed += self.pending
+        self.pending = []
 
     def _outputs(self, items: list[tuple[str, dict]]) -> list[Output]:
         out = []
@@ -251,18 +242,17 @@ class PortfolioHandler(Handler):
 
     # -- restore
 
-    def on_assign(self, partitions: list[TopicPartition]) -> None:
+    def on_assign(self, ctx: AssignContext, partitions: list[Partition]) -> None:
         started = time.monotonic()
         latest = None
-        for msg in read_to_end(self.bootstrap, self.topic["portfolio.state"],
-                               self.settings.restore_timeout_s):
-            if msg.key() == self.group_id.encode():
+        for msg in ctx.read_to_end(self.topic["portfolio.state"], self.settings.restore_timeout_s):
+            if msg.key == self.group_id.encode():
                 latest = msg
         self.portfolio = Portfolio(self.settings.portfolio)
-        self.pending, self.confirmed, self._ended = [], [], False
+        self.pending, self.confirmed = [], []
         self.baseline, self.last_reconciled_ms = None, None
         if latest is not None:
-            value = self.decode(latest.value())
+            value = self.decode(latest.value)
             raw = value["state"]  # zlib; plain JSON in states written before that
             state = json.loads(raw if raw[:1] == b"{" else zlib.decompress(raw))
             self.portfolio.load(state["portfolio"])
@@ -278,7 +268,6 @@ class PortfolioHandler(Handler):
         return None  # resume at the committed offsets: the state's
 
     def close(self) -> Iterable[Output]:
-        self._enter()
         self._flush()
         return [self._state(self.clock_ms())]
 

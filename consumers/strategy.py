@@ -32,12 +32,11 @@ import time
 from decimal import Decimal
 from typing import Any, Callable, Iterable
 
-from confluent_kafka import TopicPartition
-
 from pipeline.avro.registry import SchemaRegistry
 from pipeline.avro.serde import Decoder, Serde
 from pipeline.core.errors import PipelineError
 from pipeline.kafka.catalog import Namespace
+from pipeline.runtime.context import AssignContext, Partition
 from pipeline.runtime.runner import (
     GroupConfig,
     Handler,
@@ -45,7 +44,6 @@ from pipeline.runtime.runner import (
     Record,
     group_parser,
     log_to_stderr,
-    read_to_end,
     run_until_stopped,
 )
 from pipeline.trading.fees import GEMINI_API_FEES
@@ -188,12 +186,12 @@ class StrategyHandler(Handler):
 
     # -- restore after a restart
 
-    def on_assign(self, partitions: list[TopicPartition]) -> None:
+    def on_assign(self, ctx: AssignContext, partitions: list[Partition]) -> None:
         if self._restored:
             return None  # a rebalance inside a running process: the state is current
         self._restored = True
         strategy = self.strategy
-        saved = self._latest_state()
+        saved = self._latest_state(ctx)
         if saved is None or self.fresh_state:
             log.info("strategy %s starts %s", strategy.strategy_id,
                      "fresh (--fresh-state)" if saved is not None else "fresh (no saved state)")
@@ -222,10 +220,10 @@ class StrategyHandler(Handler):
                  len(self.tracker.orders), {s: str(p) for s, p in self.tracker.positions.items()})
         return None
 
-    def _latest_state(self) -> dict | None:
+    def _latest_state(self, ctx: AssignContext) -> dict | None:
         latest = None
-        for msg in read_to_end(self.bootstrap, self.state_topic):
-            value = self.decoder(msg.value())
+        for msg in ctx.read_to_end(self.state_topic):
+            value = self.decoder(msg.value)
             if value["strategy_id"] == self.strategy.strategy_id:
                 latest = value
         return latest

@@ -260,11 +260,18 @@ _TRANSIENT = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILAB
 
 def end_offset(consumer: Consumer, tp: TopicPartition, timeout: float = 10.0) -> int:
     """The partition's end offset, retrying while a new topic's leader settles."""
+    return watermarks(consumer, tp, timeout)[1]
+
+
+def watermarks(consumer: Consumer, tp: TopicPartition, timeout: float = 10.0) -> tuple[int, int]:
+    """The partition's (low, high) offsets (high: the committed end for a read_committed
+    consumer), retrying while a new topic's leader settles."""
     deadline = time.monotonic() + max(timeout, 1.0)
     while True:
         try:
             left = max(deadline - time.monotonic(), 0.5)
-            return consumer.get_watermark_offsets(tp, timeout=left)[1]
+            low, high = consumer.get_watermark_offsets(tp, timeout=left)
+            return low, high
         except KafkaException as exc:
             if exc.args[0].code() not in _TRANSIENT or time.monotonic() > deadline:
                 raise PipelineError(f"cannot read the end offset of {tp.topic}[{tp.partition}]: "

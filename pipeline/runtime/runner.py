@@ -8,12 +8,18 @@ The runtime owns the Kafka side of the loop:
    that the handler raises on goes to the dead-letter topic with its original bytes,
    and the batch goes on;
 3. produce every output, then make it durable (flush, or commit the transaction);
-4. commit the consumed offsets, only now that the whole batch is handled.
+4. commit the consumed offsets, only now that the whole batch is handled;
+5. tell the handler (``after_commit``): only now may it write what must follow a commit
+   (Parquet files of committed records), never after a failed commit or an abort.
 
 So a crash anywhere re-delivers at most the uncommitted batch, never loses one. With a
 ``transactional_id`` the outputs and the input offsets commit atomically (exactly once
 for read_committed readers). On SIGTERM/SIGINT the current batch is finished and
 committed, the handler flushes, and the consumer leaves the group before exit.
+
+Handlers never see a Kafka client: partitions are :class:`~pipeline.runtime.context.Partition`
+values, and ``on_assign`` restores through an :class:`~pipeline.runtime.context.AssignContext`
+(:class:`KafkaAssignContext` here) bound to the runner's cluster and group.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
+    OFFSET_STORED,
     Consumer,
     KafkaError,
     KafkaException,
@@ -41,6 +48,7 @@ from confluent_kafka import (
 
 from pipeline.core.cluster import Cluster
 from pipeline.core.errors import PipelineError
+from pipeline.kafka.catalog import watermarks
 from pipeline.kafka.clients import (
     ReliableProducer,
     check_reachable,
@@ -49,6 +57,7 @@ from pipeline.kafka.clients import (
     reader_config,
 )
 from pipeline.kafka.deadletter import STAGE_DECODE, STAGE_HANDLE, dead_letter_headers
+from pipeline.runtime.context import AssignContext, Follower, Partition
 
 log = logging.getLogger(__name__)
 DEFAULT_STALL_LIMIT_S = 240.0  # beyond every Kafka call's own timeout (commit: 60 s)
@@ -88,7 +97,14 @@ class Handler:
     """A group's logic. Override ``handle``; the other hooks are optional.
 
     Handlers see decoded records and return outputs; they never touch the consumer or
-    the producer, so the same logic runs under tests and replays.
+    the producer (restores read through the ``AssignContext`` given to ``on_assign``), so
+    the same logic runs under tests (:class:`~pipeline.runtime.harness.HandlerHarness`)
+    and replays.
+
+    The order of calls per batch: ``handle`` for each record, ``end_batch``,
+    ``commit_offsets``, then the commit (the transaction's, or flush and offset commit),
+    then ``after_commit`` if it succeeded. ``on_revoke`` and ``close`` are followed by a
+    commit (and ``after_commit``) of their own.
     """
 
     def handle(self, record: Record) -> Iterable[Output]:
@@ -98,10 +114,13 @@ class Handler:
         """Called after each batch, before it is made durable: emit periodic output here."""
         return ()
 
-    def on_assign(self, partitions: list[TopicPartition]) -> list[TopicPartition] | None:
-        """Partitions this instance now owns: restore state for them. Return them with
+    def on_assign(self, ctx: AssignContext, partitions: list[Partition]
+                  ) -> list[Partition] | None:
+        """Partitions this instance now owns: restore state for them, reading through
+        ``ctx`` (committed records, the group's committed offsets). Return them with
         offsets set to start reading somewhere other than the committed offsets (e.g. just
-        after a checkpoint); return None to start at the committed offsets."""
+        after a checkpoint; ``offset=None``: the committed offset); return None to start
+        every one at the committed offsets."""
         return None
 
     def commit_offsets(self, offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
@@ -110,7 +129,16 @@ class Handler:
         (e.g. trades of a bar that has not closed yet) so a restart reads them again."""
         return offsets
 
-    def on_revoke(self, partitions: list[TopicPartition]) -> Iterable[Output]:
+    def after_commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        """The batch (or revoke, or close) is durable: every output produced since the
+        last commit is acknowledged (with a ``transactional_id``: the transaction
+        committed), and ``offsets`` (what ``commit_offsets`` chose; empty when none were
+        due) are committed. Write what may only follow a commit here, e.g. Parquet rows
+        of committed records. Never called after a failed commit or an abort: a handler
+        whose commit failed is never called again."""
+        return None
+
+    def on_revoke(self, partitions: list[Partition]) -> Iterable[Output]:
         """Partitions this instance loses: flush their state; outputs are made durable."""
         return ()
 
@@ -343,16 +371,18 @@ class GroupRunner:
             self._producer.raw.begin_transaction()  # type: ignore[union-attr]
             self._in_transaction = True
 
-    def _pending_offsets(self) -> list[TopicPartition]:
+    def _pending_offsets(self) -> dict[tuple[str, int], int]:
         if not self._next_offsets:
-            return []
+            return {}
         chosen = self._handler.commit_offsets(dict(self._next_offsets))
-        return [TopicPartition(t, p, o) for (t, p), o in chosen.items() if o >= 0]
+        return {tp: o for tp, o in chosen.items() if o >= 0}
 
     def _commit(self) -> None:
-        """Make outputs durable, then commit the consumed offsets."""
+        """Make outputs durable, then commit the consumed offsets; then ``after_commit``."""
         assert self._producer is not None and self._consumer is not None
-        offsets = self._pending_offsets()
+        chosen = self._pending_offsets()
+        offsets = [TopicPartition(t, p, o) for (t, p), o in chosen.items()]
+        committed = True
         if self.config.transactional_id:
             if not self._in_transaction:
                 return
@@ -377,8 +407,11 @@ class GroupRunner:
                     # last commit, so nothing is lost (outputs may repeat: at-least-once).
                     log.warning("group %s: commit failed: %s", self.config.group_id, exc)
                     self.stats.last_error = str(exc)
+                    committed = False
         if offsets:
             self.stats.commits += 1
+        if committed:
+            self._handler.after_commit(chosen)
         # The offsets stay: a handler holding a partition back may let it advance later
         # without new records. Revoked partitions are dropped in _on_revoke/_on_lost.
 
@@ -406,7 +439,7 @@ class GroupRunner:
         assigned = self._consumer.assignment()
         if assigned:
             self._begin()
-            self._produce(self._handler.on_revoke(assigned))
+            self._produce(self._handler.on_revoke(partitions_of(assigned)))
             self._commit()
         self._begin()
         self._produce(self._handler.close())
@@ -418,17 +451,24 @@ class GroupRunner:
 
     # -- rebalances (called from inside consume())
 
+    def assign_context(self) -> AssignContext:
+        """What ``on_assign`` restores through: this runner's cluster and group."""
+        return KafkaAssignContext(self.bootstrap, self.config.group_id)
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("group %s assigned %s", self.config.group_id, _fmt(partitions))
+        ctx = self.assign_context()
         try:
-            starts = self._handler.on_assign(partitions)
+            starts = self._handler.on_assign(ctx, partitions_of(partitions))
         except Exception as exc:  # noqa: BLE001 - re-raised by _next_batch, outside librdkafka
             # An exception escaping a rebalance callback reaches the caller of consume()
             # as a meaningless SystemError; keep it and raise it from the loop instead.
             self._callback_error = exc
             return
+        finally:
+            ctx.close()
         if starts:
-            consumer.assign(starts)
+            consumer.assign(topic_partitions(starts))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if self._closing:
@@ -437,7 +477,7 @@ class GroupRunner:
         # Every consumed record was handled and committed before consume() was called
         # again, so only the handler's own state needs flushing.
         self._begin()
-        self._produce(self._handler.on_revoke(partitions))
+        self._produce(self._handler.on_revoke(partitions_of(partitions)))
         self._commit()
         for tp in partitions:
             self._next_offsets.pop((tp.topic, tp.partition), None)
@@ -463,6 +503,27 @@ class GroupRunner:
 
 def _fmt(partitions: list[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"
+
+
+# --------------------------------------------------------------------------- the edge
+
+
+def partitions_of(tps: Iterable[TopicPartition]) -> list[Partition]:
+    """confluent-kafka's partitions as the handler's (offsets dropped: a rebalance's
+    partitions carry none that matter)."""
+    return [Partition(tp.topic, tp.partition) for tp in tps]
+
+
+def topic_partitions(parts: Iterable[Partition]) -> list[TopicPartition]:
+    """The handler's partitions as confluent-kafka's (``offset=None``: the committed one)."""
+    return [TopicPartition(p.topic, p.partition, OFFSET_STORED if p.offset is None else p.offset)
+            for p in parts]
+
+
+def record_of(msg: Message) -> Record:
+    """A consumed message as a :class:`Record` whose value is the message's bytes."""
+    return Record(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
+                  msg.timestamp()[1], tuple(msg.headers() or ()))
 
 
 # --------------------------------------------------------------------------- restore helpers
@@ -547,15 +608,75 @@ def _read_until(consumer: Consumer, topic: str, ranges: dict[int, tuple[int, int
                                 f"{sorted(ends.items())}")
 
 
-def committed_offsets(bootstrap: str, group_id: str, topic: str, partitions: Iterable[int]
-                      ) -> dict[int, int]:
+def committed_offsets(bootstrap: str, group_id: str, topic: str, partitions: Iterable[int],
+                      timeout_s: float = 30.0) -> dict[int, int]:
     """The group's committed next offset per partition of ``topic`` (absent: none)."""
+    wanted = [TopicPartition(topic, p) for p in partitions]
+    if not wanted:
+        return {}
     consumer = Consumer(reader_config(bootstrap, group_id))
     try:
-        found = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+        found = consumer.committed(wanted, timeout=timeout_s)
         return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
     finally:
         consumer.close()
+
+
+class KafkaFollower(Follower):
+    """:meth:`KafkaAssignContext.follow`'s reader: a restore consumer assigned the topic."""
+
+    def __init__(self, bootstrap: str, topic: str, starts: dict[int, int]) -> None:
+        self._consumer: Consumer | None = restore_consumer(bootstrap)
+        parts = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        self._consumer.assign([TopicPartition(topic, p, starts.get(p, OFFSET_BEGINNING))
+                               for p in sorted(parts)])
+
+    def poll(self, max_records: int = 100) -> list[Record]:
+        if self._consumer is None:
+            return []
+        return [record_of(m) for m in self._consumer.consume(max_records, 0) if m.error() is None]
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+
+
+class KafkaAssignContext(AssignContext):
+    """The runner's :class:`AssignContext`: the restore helpers above, bound to its
+    bootstrap servers and group id. One read_committed consumer serves the metadata
+    calls; the runner closes it when ``on_assign`` returns."""
+
+    def __init__(self, bootstrap: str, group_id: str) -> None:
+        self.bootstrap, self.group_id = bootstrap, group_id
+        self._meta: Consumer | None = None
+
+    def read_to_end(self, topic: str, timeout_s: float = 60.0,
+                    partitions: Iterable[int] | None = None) -> Iterator[Record]:
+        return (record_of(m) for m in read_to_end(self.bootstrap, topic, timeout_s, partitions))
+
+    def read_range(self, topic: str, ranges: dict[int, tuple[int, int]],
+                   timeout_s: float = 60.0) -> Iterator[Record]:
+        return (record_of(m) for m in read_range(self.bootstrap, topic, ranges, timeout_s))
+
+    def committed_offsets(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
+        return committed_offsets(self.bootstrap, self.group_id, topic, partitions)
+
+    def end_offsets(self, topic: str, partitions: Iterable[int] | None = None
+                    ) -> dict[int, tuple[int, int]]:
+        if self._meta is None:
+            self._meta = restore_consumer(self.bootstrap)
+        if partitions is None:
+            partitions = self._meta.list_topics(topic, timeout=10).topics[topic].partitions
+        return {p: watermarks(self._meta, TopicPartition(topic, p)) for p in sorted(partitions)}
+
+    def follow(self, topic: str, starts: dict[int, int] | None = None) -> Follower:
+        return KafkaFollower(self.bootstrap, topic, dict(starts or {}))
+
+    def close(self) -> None:
+        if self._meta is not None:
+            self._meta.close()
+            self._meta = None
 
 
 # --------------------------------------------------------------------------- entry points

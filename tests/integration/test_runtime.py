@@ -132,7 +132,7 @@ class BrokenRestore(Handler):
     def handle(self, record: Record):
         raise AssertionError("never called: the restore failed")
 
-    def on_assign(self, partitions):
+    def on_assign(self, ctx, partitions):
         raise ValueError("checkpoint 7 is corrupt")
 
 

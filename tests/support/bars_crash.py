@@ -39,13 +39,13 @@ def arm(point: str, n: int) -> None:
             hit()
         bars.BarsHandler._checkpoint = checkpoint  # type: ignore[method-assign]
     elif point == "committed":
-        enter = bars.BarsHandler._enter
+        after_commit = bars.BarsHandler.after_commit
 
-        def entered(self):
-            if self._committed_txn and any(p.unconfirmed for p in self._parts.values()):
+        def committed(self, offsets):
+            if any(p.unconfirmed for p in self._parts.values()):
                 hit()
-            enter(self)
-        bars.BarsHandler._enter = entered  # type: ignore[method-assign]
+            after_commit(self, offsets)
+        bars.BarsHandler.after_commit = committed  # type: ignore[method-assign]
     elif point == "parquet":
         replace = bars_store._replace
 

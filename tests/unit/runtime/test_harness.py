@@ -97,7 +97,7 @@ def test_a_handler_that_fails_on_assign_raises_from_the_harness():
         def handle(self, record):
             return ()
 
-        def on_assign(self, partitions):
+        def on_assign(self, ctx, partitions):
             raise RuntimeError("no state for " + partitions[0].topic)
 
     harness = HandlerHarness.of(Broken())
