@@ -28,7 +28,9 @@ from pathlib import Path
 
 from bench.consume import produce_l2
 from bench.figures import Figure, runs
+from pipeline.backtest.config import BacktestConfig
 from pipeline.backtest.run import gc_tuned, run_backtest
+from pipeline.core.cluster import Cluster
 from pipeline.kafka.catalog import Namespace, split_topic
 from pipeline.replay.source import ReplaySource
 from pipeline.strategy import FULL_EQUITY
@@ -75,10 +77,10 @@ def bars(bootstrap: str, registry_url: str) -> list[Figure]:
 
     namespace = Namespace(f"sim-benchbt{int(time.time())}")
     loaded = load_csv_bars(CSV, bootstrap, registry_url, namespace).published
-    ours, result = _best(lambda: run_backtest(bootstrap, registry_url, namespace,
-                                              "pipeline.strategy:SmaCross", SMA,
-                                              cash="1000000", commission="0.002",
-                                              progress=False))
+    cluster = Cluster(bootstrap, registry_url)
+    config = BacktestConfig("pipeline.strategy:SmaCross", namespace, SMA, cash="1000000",
+                            commission="0.002")
+    ours, result = _best(lambda: run_backtest(config, cluster, progress=False))
     assert result.engine.events == loaded
     try:
         reference = _reference()
@@ -94,8 +96,7 @@ def bars(bootstrap: str, registry_url: str) -> list[Figure]:
     engine_only, _ = _best(lambda: _engine_only(events))
     root = _archive(bootstrap, registry_url, namespace)
     archived, from_archive = _best(lambda: run_backtest(
-        None, None, namespace, "pipeline.strategy:SmaCross", SMA, cash="1000000",
-        commission="0.002", progress=False, source="archive", archive_root=root))
+        config.replace(source="archive", archive_root=root), progress=False))
     assert from_archive.trades_csv == result.trades_csv
     return [Figure("backtest bars/s from Kafka (read+decode+SmaCross+broker+stats)",
                    loaded / ours, "bars/s", loaded,
@@ -217,9 +218,10 @@ def l2(bootstrap: str, registry_url: str, events: int) -> list[Figure]:
 
         raw_s, count = _best(raw)
         assert count == len(records)
+        config = BacktestConfig("pipeline.strategy:MidQuoter", namespace, {"symbol": symbol},
+                                fill="book", book_depth=1, topics=["md.l2"])
         ours_s, result = _best(lambda: run_backtest(
-            bootstrap, registry_url, namespace, "pipeline.strategy:MidQuoter",  # noqa: B023 - _best calls it at once
-            {"symbol": symbol}, fill="book", book_depth=1, progress=False, topics=["md.l2"]))  # noqa: B023 - _best calls it at once
+            config, Cluster(bootstrap, registry_url), progress=False))  # noqa: B023 - _best calls it at once
         assert result.engine.changes_applied == changes
         assert result.engine.orders.submitted > 0
         figures.append(Figure(f"L2 backtest: books + MidQuoter + simulator, queue on ({label})",
@@ -228,9 +230,7 @@ def l2(bootstrap: str, registry_url: str, events: int) -> list[Figure]:
                               ">= 500,000 changes/s"))
         root = _archive(bootstrap, registry_url, namespace)
         archive_s, archived = _best(lambda: run_backtest(
-            None, None, namespace, "pipeline.strategy:MidQuoter", {"symbol": symbol},  # noqa: B023 - _best calls it at once
-            fill="book", book_depth=1, progress=False, topics=["md.l2"], source="archive",
-            archive_root=root))  # noqa: B023 - _best calls it at once
+            config.replace(source="archive", archive_root=root), progress=False))  # noqa: B023 - _best calls it at once
         assert archived.trades_csv == result.trades_csv
         figures.append(Figure(f"L2 backtest from the archive ({label})", changes / archive_s,
                               "changes/s", changes, "the same backtest from Kafka",

@@ -37,6 +37,8 @@ _EXPORTS: dict[str, str] = {
     "Serde": "pipeline.avro.serde",
     "SchemaRegistry": "pipeline.avro.registry",
     # research
+    "BacktestConfig": "pipeline.backtest.config",
+    "Cluster": "pipeline.core.cluster",
     "run_backtest": "pipeline.backtest.run",
     "sweep": "pipeline.backtest.run",
     "read_bars": "pipeline.sinks.bars",
@@ -50,11 +52,12 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [  # the names of _EXPORTS, sorted (tests/unit/test_public_api.py keeps them equal)
-    "CancelAllIntent", "CancelIntent", "DeliveryFailed", "FULL_EQUITY", "GroupConfig",
-    "GroupRunner", "Handler", "HandlerHarness", "MidQuoter", "Namespace", "OrderIntent", "Output",
-    "PipelineError", "Record", "RegistryError", "ReplaceIntent", "SchemaRegistry", "Serde",
-    "SerdeError", "SmaCross", "Strategy", "StrategyFailed", "archive", "load_strategy",
-    "read_bars", "run_backtest", "run_until_stopped", "sweep",
+    "BacktestConfig", "CancelAllIntent", "CancelIntent", "Cluster", "DeliveryFailed",
+    "FULL_EQUITY", "GroupConfig", "GroupRunner", "Handler", "HandlerHarness", "MidQuoter",
+    "Namespace", "OrderIntent", "Output", "PipelineError", "Record", "RegistryError",
+    "ReplaceIntent", "SchemaRegistry", "Serde", "SerdeError", "SmaCross", "Strategy",
+    "StrategyFailed", "archive", "load_strategy", "read_bars", "run_backtest", "run_until_stopped",
+    "sweep",
 ]
 
 
@@ -76,8 +79,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from pipeline import archive
     from pipeline.avro.registry import RegistryError, SchemaRegistry
     from pipeline.avro.serde import Serde, SerdeError
+    from pipeline.backtest.config import BacktestConfig
     from pipeline.backtest.engine import StrategyFailed
     from pipeline.backtest.run import run_backtest, sweep
+    from pipeline.core.cluster import Cluster
     from pipeline.core.errors import DeliveryFailed, PipelineError
     from pipeline.kafka.catalog import Namespace
     from pipeline.runtime.harness import HandlerHarness

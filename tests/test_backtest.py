@@ -25,9 +25,11 @@ import pytest
 
 from pipeline.avro.registry import SchemaRegistry
 from pipeline.avro.serde import Encoder
+from pipeline.backtest.config import BacktestConfig
 from pipeline.backtest.engine import BAR, L2, EventMerger, backtest_events, event_time_us
 from pipeline.backtest.report import COMPARABLE, buy_and_hold, find_gaps, trades_csv
 from pipeline.backtest.run import run_backtest, sweep
+from pipeline.core.cluster import Cluster
 from pipeline.core.decimals import plain
 from pipeline.core.errors import PipelineError
 from pipeline.kafka.catalog import Namespace, ensure_topics
@@ -148,9 +150,9 @@ def render_report(path, screenshot) -> dict:
 def test_parity_with_backtesting_py_on_the_real_hourly_file(kafka, registry, bars_ns, tmp_path,
                                                             allow_short):
     out = tmp_path / "out"
-    ours = run_backtest(kafka, registry.url, bars_ns, SMA, {**PARITY, "allow_short": allow_short},
-                        cash="1000000", commission="0.002", fill="next-open", out_dir=out,
-                        html=True)
+    ours = run_backtest(BacktestConfig(SMA, bars_ns, {**PARITY, "allow_short": allow_short},
+                                       cash="1000000", commission="0.002", fill="next-open"),
+                        Cluster(kafka, registry.url), out_dir=out, html=True)
     theirs = reference_run(allow_short)
     trades = theirs["_trades"]
     mine = ours.engine.trades
@@ -201,9 +203,9 @@ def test_parity_with_backtesting_py_on_the_real_hourly_file(kafka, registry, bar
 
 @pytest.mark.broker
 def test_same_inputs_give_byte_identical_trades_and_stats(kafka, registry, bars_ns, tmp_path):
-    runs = [run_backtest(kafka, registry.url, bars_ns, SMA, {"fast": 7, "slow": 30,
-                                                             "amount": "0.5"},
-                         commission="0.001", slippage="0.0005", out_dir=tmp_path / f"run{i}")
+    config = BacktestConfig(SMA, bars_ns, {"fast": 7, "slow": 30, "amount": "0.5"},
+                            commission="0.001", slippage="0.0005")
+    runs = [run_backtest(config, Cluster(kafka, registry.url), out_dir=tmp_path / f"run{i}")
             for i in range(2)]
     a, b = runs
     assert len(a.engine.trades) > 100
@@ -222,15 +224,16 @@ def test_same_inputs_give_byte_identical_trades_and_stats(kafka, registry, bars_
 @pytest.mark.broker
 def test_a_time_range_is_resolved_with_offsets_for_times(kafka, registry, bars_ns):
     start, end = "2018-01-01", "2018-07-01T00:00:00Z"
-    result = run_backtest(kafka, registry.url, bars_ns, SMA, PARITY, start=start, end=end)
+    cluster = Cluster(kafka, registry.url)
+    result = run_backtest(BacktestConfig(SMA, bars_ns, PARITY, start, end), cluster)
     first, last = result.stats["Start"], result.stats["End"]
     assert first == pd.Timestamp("2018-01-01 00:00") and last == pd.Timestamp("2018-06-30 23:00")
     assert result.engine.events == (pd.Timestamp(end).tz_localize(None) -
                                     pd.Timestamp(start)) // pd.Timedelta("1h")
     # an offset range: the same bars as the first 1000 of the file
     partition = next(p for p in range(6) if end_offset(kafka, bars_ns.topic("bars"), p))
-    by_offsets = run_backtest(kafka, registry.url, bars_ns, SMA, PARITY,
-                              offsets={(bars_ns.topic("bars"), partition): (0, 1000)})
+    by_offsets = run_backtest(BacktestConfig(
+        SMA, bars_ns, PARITY, offsets={(bars_ns.topic("bars"), partition): (0, 1000)}), cluster)
     assert by_offsets.engine.events == 1000
     assert by_offsets.stats["Start"] == pd.Timestamp("2015-10-08 15:00")
 
@@ -245,40 +248,42 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(kafka, registry, bars_n
 
     def fails(match, *args, **kwargs):
         with pytest.raises(PipelineError, match=match):
-            run_backtest(kafka, registry.url, *args, out_dir=out, **kwargs)
+            run_backtest(BacktestConfig(*args, **kwargs), Cluster(kafka, registry.url),
+                         out_dir=out)
         assert not out.exists()
         assert list(tmp_path.iterdir()) == [], "no temporary directory left behind"
 
     fails(r"no records to replay in .*bars between 2030-01-01 .* holds records stamped "
           r"2015-10-08 15:00:00 UTC to 2019-07-08 00:00:00 UTC",
-          bars_ns, SMA, PARITY, start="2030-01-01", end="2031-01-01")
-    fails(r"topic\(s\) .*\.bars do not exist", namespace, SMA, PARITY)
-    fails("does not take these parameters", bars_ns, SMA, {"speed": 3})
-    fails("need 0 < fast < slow", bars_ns, SMA, {"fast": 20, "slow": 10})
-    fails("exactly one of amount and fraction", bars_ns, SMA, {"fraction": "0.5"})
-    fails("unknown fill model", bars_ns, SMA, PARITY, fill="close")
-    fails("cannot replay .*dlq", bars_ns, SMA, PARITY, topics=["dlq"])
-    fails("not epoch ms or an ISO date-time", bars_ns, SMA, PARITY, start="yesterday")
+          SMA, bars_ns, PARITY, start="2030-01-01", end="2031-01-01")
+    fails(r"topic\(s\) .*\.bars do not exist", SMA, namespace, PARITY)
+    fails("does not take these parameters", SMA, bars_ns, {"speed": 3})
+    fails("need 0 < fast < slow", SMA, bars_ns, {"fast": 20, "slow": 10})
+    fails("exactly one of amount and fraction", SMA, bars_ns, {"fraction": "0.5"})
+    fails("unknown fill model", SMA, bars_ns, PARITY, fill="close")
+    fails("cannot replay .*dlq", SMA, bars_ns, PARITY, topics=["dlq"])
+    fails("not epoch ms or an ISO date-time", SMA, bars_ns, PARITY, start="yesterday")
     # a strategy that raises: which strategy, which record
     fails(r"strategy tests.support.backtest_strategies:RaisesAt \(id raises-at\) raised "
           r"ZeroDivisionError in on_bar on sim-\w+\.bars\[\d\]@98 \(event time "
           r"1444672800000000 µs, bar .*start_ms=1444669200000.*"
-          r"unlucky bar", bars_ns, "tests.support.backtest_strategies:RaisesAt",
+          r"unlucky bar", "tests.support.backtest_strategies:RaisesAt", bars_ns,
           {"start_ms": 1444669200000})  # the 99th bar (offset 98): 2015-10-12 17:00 UTC
     # an existing, non-empty output directory is refused before anything runs
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(PipelineError, match="exists and is not empty"):
-        run_backtest(kafka, registry.url, bars_ns, SMA, PARITY, out_dir=out)
+        run_backtest(BacktestConfig(SMA, bars_ns, PARITY), Cluster(kafka, registry.url),
+                     out_dir=out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
 @pytest.mark.broker
 def test_ctrl_c_stops_cleanly_and_reports_what_was_done(kafka, registry, bars_ns, tmp_path):
     out = tmp_path / "out"
-    result = run_backtest(kafka, registry.url, bars_ns,
-                          "tests.support.backtest_strategies:CtrlCAt",
-                          {**PARITY, "at": 50}, out_dir=out)
+    result = run_backtest(BacktestConfig("tests.support.backtest_strategies:CtrlCAt", bars_ns,
+                                         {**PARITY, "at": 50}),
+                          Cluster(kafka, registry.url), out_dir=out)
     assert result.interrupted
     assert 50 <= result.engine.events < 32_842
     summary = json.loads((out / "stats.json").read_text())["summary"]
@@ -338,18 +343,18 @@ def test_intents_size_by_exactly_one_of_amount_fraction_close(kwargs, match):
 @pytest.mark.broker
 def test_a_parameter_sweep_runs_in_processes_one_row_per_combination(kafka, registry, bars_ns):
     grid = {"fast": [5, 10], "slow": [20, 30]}
-    table = sweep(kafka, registry.url, bars_ns, SMA, grid, {"amount": None,
-                                                            "fraction": FULL_EQUITY},
-                  workers=2)
+    cluster = Cluster(kafka, registry.url)
+    table = sweep(BacktestConfig(SMA, bars_ns, {"amount": None, "fraction": FULL_EQUITY}), grid,
+                  cluster, workers=2)
     assert list(zip(table["fast"], table["slow"])) == [(5, 20), (5, 30), (10, 20), (10, 30)]
-    single = run_backtest(kafka, registry.url, bars_ns, SMA, PARITY)
+    single = run_backtest(BacktestConfig(SMA, bars_ns, PARITY), cluster)
     row = table.iloc[2]
     assert row["# Trades"] == len(single.engine.trades)
     assert row["Equity Final (exact)"] == str(single.final_equity)
     assert row["Sharpe Ratio"] == pytest.approx(single.stats["Sharpe Ratio"])
     assert len(set(table["Equity Final (exact)"])) == 4
     with pytest.raises(PipelineError, match="fast < slow"):
-        sweep(kafka, registry.url, bars_ns, SMA, {"fast": [10, 30]}, PARITY)
+        sweep(BacktestConfig(SMA, bars_ns, PARITY), {"fast": [10, 30]}, cluster)
 
 
 # --------------------------------------------------------------------------- book fills
@@ -468,8 +473,9 @@ def test_mid_quoter_replays_the_capture_from_kafka_through_the_book_deterministi
             counts[record.topic] += 1
     producer.flush()
     params = {"symbol": "FILUSD", "tick": "0.0001", "spread_bps": 10, "requote_bps": 5}
-    runs = [run_backtest(kafka, registry.url, namespace, "pipeline.strategy:MidQuoter", params,
-                         fill="book", cash="100000") for _ in range(2)]
+    config = BacktestConfig("pipeline.strategy:MidQuoter", namespace, params, fill="book",
+                            cash="100000")
+    runs = [run_backtest(config, Cluster(kafka, registry.url)) for _ in range(2)]
     a, b = runs
     assert a.topics == [namespace.topic("md.l2"), namespace.topic("md.trades")]
     assert a.engine.by_kind["l2"] == counts["md.l2"] == 655
@@ -652,7 +658,7 @@ def test_the_backtest_command_prints_the_statistics_and_writes_the_same_trades(
     done = pipeline_cli(kafka, registry, "backtest", SMA, "-n", str(bars_ns),
                         "--params", json.dumps(PARITY), "--out", str(out), "--no-progress")
     assert done.returncode == 0, done.stderr
-    api = run_backtest(kafka, registry.url, bars_ns, SMA, PARITY)
+    api = run_backtest(BacktestConfig(SMA, bars_ns, PARITY), Cluster(kafka, registry.url))
     assert (out / "trades.csv").read_text() == api.trades_csv
     assert {p.name for p in out.iterdir()} == {"trades.csv", "equity.csv", "stats.json",
                                                "equity.png", "equity_plot.csv"}

@@ -17,7 +17,9 @@ nbclient = pytest.importorskip("nbclient",
                                reason="nbclient is in the test extra: pip install -e '.[test]'")
 
 from consumers.archive import make_group  # noqa: E402
+from pipeline.backtest.config import BacktestConfig  # noqa: E402
 from pipeline.backtest.run import run_backtest  # noqa: E402
+from pipeline.core.cluster import Cluster  # noqa: E402
 from pipeline.kafka.catalog import ensure_topics  # noqa: E402
 from pipeline.runtime.runner import GroupRunner  # noqa: E402
 from pipeline.strategy import FULL_EQUITY  # noqa: E402
@@ -72,8 +74,9 @@ def test_the_research_notebook_runs_over_the_archive(kafka, registry, namespace,
     assert not outputs(nb, "error")
     summary = next(c for c in nb.cells if "summary" in c.metadata.get("tags", []))
     printed = json.loads("".join(o.text for o in summary.outputs if o.output_type == "stream"))
-    direct = run_backtest(kafka, registry.url, namespace, "pipeline.strategy:SmaCross", SMACROSS,
-                          cash="1000000", commission="0.002", progress=False)
+    direct = run_backtest(BacktestConfig("pipeline.strategy:SmaCross", namespace, SMACROSS,
+                                         cash="1000000", commission="0.002"),
+                          Cluster(kafka, registry.url), progress=False)
     assert len(direct.engine.trades) > 500
     assert printed == {"bars": 32_842, "trades": 516,
                        "backtest_trades": len(direct.engine.trades), "sweep_rows": 6,

@@ -1,1 +1,1 @@
-"""The in-process backtest: engine, reports, ``run_backtest``/``sweep``."""
+"""The in-process backtest: engine, reports, ``BacktestConfig``, ``run_backtest``/``sweep``."""

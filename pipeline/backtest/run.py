@@ -1,5 +1,7 @@
 """Backtests over Kafka topics, from one call: :func:`run_backtest` (what ``pipeline
-backtest`` runs) and :func:`sweep` (a parameter grid in parallel processes).
+backtest`` runs) and :func:`sweep` (a parameter grid in parallel processes), both given a
+:class:`~pipeline.backtest.config.BacktestConfig` and, to read Kafka, a
+:class:`~pipeline.core.cluster.Cluster`.
 
 Reading is :class:`~pipeline.replay.source.ReplaySource`, the simulation is
 :mod:`pipeline.backtest.engine`, the numbers and files are :mod:`pipeline.backtest.report`.
@@ -14,8 +16,8 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields, replace
-from decimal import Decimal, InvalidOperation
+from dataclasses import dataclass, field
+from decimal import Decimal
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -23,22 +25,17 @@ from typing import Any, Iterator, Mapping, Sequence
 import pandas as pd
 
 from pipeline.backtest import report
-from pipeline.backtest.engine import (
-    BOOK_FILLS,
-    FILL_MODELS,
-    NEXT_OPEN,
-    Engine,
-    EngineResult,
-    make_broker,
-)
+from pipeline.backtest.config import BacktestConfig
+from pipeline.backtest.engine import BOOK_FILLS, NEXT_OPEN, Engine, EngineResult
+from pipeline.core.cluster import Cluster
 from pipeline.core.errors import PipelineError
-from pipeline.gemini.symbols import read_rules_file
-from pipeline.kafka.catalog import Namespace
 from pipeline.ops.progress import progress_bar, stop_on_ctrl_c
-from pipeline.replay.ranges import Offsets, TimeLike, range_text, resolve_topics, to_ms
+from pipeline.replay.ranges import Offsets, range_text, resolve_topics
 from pipeline.replay.source import ReadStats, ReplaySource
 from pipeline.strategy import Strategy, load_strategy
-from pipeline.trading.fees import GEMINI_API_FEES, FeeSchedule
+
+__all__ = ["BacktestConfig", "BacktestResult", "default_topics", "gc_tuned", "run_backtest",
+           "sweep"]
 
 
 @dataclass
@@ -108,16 +105,6 @@ class BacktestResult:
 # --------------------------------------------------------------------------- inputs
 
 
-def _decimal(value: Any, what: str) -> Decimal:
-    try:
-        result = Decimal(str(value))
-    except InvalidOperation:
-        raise PipelineError(f"{what} {value!r} is not a decimal number") from None
-    if not result.is_finite():
-        raise PipelineError(f"{what} {value!r} is not a finite number")
-    return result
-
-
 def default_topics(strategy: Strategy, fill: str) -> list[str]:
     """The catalog topics a strategy needs: ``bars`` for ``on_bar`` (and next-open fills),
     ``md.l2`` for ``on_book`` (books are rebuilt from L2 changes) and book fills,
@@ -163,134 +150,38 @@ def gc_tuned(young: int = 1_000_000) -> Iterator[None]:
         gc.set_threshold(*old)
 
 
-# --------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class BacktestConfig:
-    """How a backtest simulates the market: everything but what is read and who trades.
-
-    ``commission`` is the next-open model's rate, charged on entry and exit (default
-    0.002); book fills pay ``maker_fee``/``taker_fee`` (default Gemini's API schedule, or
-    ``commission`` for both when only that is given). ``slippage`` (next-open:
-    backtesting.py's spread) and ``lot`` (fraction sizing rounds down to whole lots) are
-    decimals. Book fills only: ``queue`` ("risk-averse" or "none"), ``latency_ms`` (orders
-    and cancels reach the simulated exchange this long after their trigger), ``book_depth``
-    (levels in the snapshots given to ``on_book``), ``sample_ms`` (equity points),
-    ``rules_file`` (Gemini's symbol rules the simulated exchange refuses orders by, as paper
-    execution does: a rules cache of :mod:`pipeline.gemini.symbols` or recorded
-    ``/v1/symbols/details`` responses). Without it there are no symbol rules (ids and
-    options are still checked): a backtest is not quietly checked against whatever table
-    happens to be cached today, so the same inputs give the same result."""
-
-    fill: str = NEXT_OPEN
-    cash: str = "1000000"
-    commission: str | None = None
-    slippage: str = "0"
-    lot: str = "1"
-    interval: str | None = None
-    finalize_trades: bool = True
-    book_depth: int = 10
-    sample_ms: int = 1000
-    maker_fee: str | None = None
-    taker_fee: str | None = None
-    queue: str = "risk-averse"
-    latency_ms: int = 0
-    rules_file: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.fill not in FILL_MODELS:
-            raise PipelineError(f"unknown fill model {self.fill!r}: one of "
-                                f"{', '.join(FILL_MODELS)}")
-        for name in ("cash", "commission", "slippage", "lot", "maker_fee", "taker_fee"):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, str(_decimal(value, name.replace("_", " "))))
-
-    @classmethod
-    def of(cls, config: "BacktestConfig | None" = None, **options: Any) -> "BacktestConfig":
-        """``config`` (or the defaults) with ``options`` changed; unknown names refused."""
-        base = config or cls()
-        unknown = sorted(set(options) - {f.name for f in fields(cls)})
-        if unknown:
-            raise PipelineError(f"unknown backtest setting(s) {', '.join(unknown)}")
-        return replace(base, **{k: v for k, v in options.items() if v is not None
-                                or k in ("commission", "interval", "maker_fee", "taker_fee")})
-
-    def broker(self, strategy_id: str):
-        """A fresh simulated broker with these settings."""
-        fees = None
-        if self.fill == BOOK_FILLS and (self.maker_fee is not None or self.taker_fee is not None):
-            try:
-                fees = FeeSchedule(
-                    maker=Decimal(self.maker_fee if self.maker_fee is not None else
-                                  self.commission if self.commission is not None else
-                                  GEMINI_API_FEES.maker),
-                    taker=Decimal(self.taker_fee if self.taker_fee is not None else
-                                  self.commission if self.commission is not None else
-                                  GEMINI_API_FEES.taker))
-            except ValueError as exc:
-                raise PipelineError(str(exc)) from None
-        commission = self.commission if self.commission is not None else \
-            ("0.002" if self.fill == NEXT_OPEN else None)
-        options: dict[str, Any] = dict(lot=Decimal(self.lot), slippage=Decimal(self.slippage),
-                                       interval=self.interval,
-                                       finalize_trades=self.finalize_trades,
-                                       sample_ms=self.sample_ms)
-        if self.fill == BOOK_FILLS:
-            options.update(fees=fees, queue=self.queue, latency_ms=self.latency_ms,
-                           rules=read_rules_file(self.rules_file) if self.rules_file else None)
-        return make_broker(self.fill, Decimal(self.cash),
-                           None if commission is None else Decimal(commission), strategy_id,
-                           **options)
-
-
 # --------------------------------------------------------------------------- one backtest
 
 
-def run_backtest(bootstrap: str, registry_url: str, namespace: Namespace | str,
-                 strategy_spec: str | Strategy, params: Mapping[str, Any] | None = None,
-                 start: TimeLike = None, end: TimeLike = None, *,
-                 config: BacktestConfig | None = None, out_dir: str | Path | None = None,
-                 topics: Sequence[str] | None = None, offsets: Offsets | None = None,
-                 html: bool = False, progress: bool | None = None, title: str | None = None,
-                 source: str = "kafka", archive_root: str | Path | None = None,
-                 **settings: Any) -> BacktestResult:
-    """Replay ``topics`` of ``namespace`` (default: what the strategy needs, see
-    :func:`default_topics`) over ``[start, end)`` (Kafka timestamps: epoch ms, ISO text
-    or datetime) or ``offsets``, drive ``strategy_spec`` (``"module:Class"`` with
-    ``params``) with the simulated market of ``config`` (a :class:`BacktestConfig`; any of
-    its fields may also be given as keywords: ``fill="book"``, ``latency_ms=5``, ...), and
-    compute the statistics.
+def run_backtest(config: BacktestConfig, cluster: Cluster | None = None, *,
+                 out_dir: str | Path | None = None, html: bool = False,
+                 progress: bool | None = None, title: str | None = None) -> BacktestResult:
+    """Replay what ``config`` (a :class:`~pipeline.backtest.config.BacktestConfig`) reads,
+    from Kafka at ``cluster`` or (``source="archive"``, no cluster) from the Parquet archive:
+    its topics (default: what the strategy needs, see :func:`default_topics`) over its time
+    and/or offset range; drive its strategy with its simulated market, and compute the
+    statistics. The archive gives the same trades as Kafka for the same range.
 
     With ``out_dir`` it writes ``trades.csv``, ``equity.csv``, ``stats.json``,
-    ``equity.png``, ``equity_plot.csv`` (and ``report.html`` with ``html``), all or
-    nothing: into a temporary directory renamed at the end; an existing non-empty
-    ``out_dir`` is refused before
-    anything runs.
-
-    ``source="archive"`` reads the same records from the Parquet archive instead
-    (:mod:`pipeline.replay.archive`; ``archive_root`` default ``<run dir>/parquet/<ns>/archive``):
-    the same trades for the same range, ``bootstrap`` and ``registry_url`` unused.
+    ``equity.png``, ``equity_plot.csv`` (and ``report.html`` with ``html``; ``title`` heads
+    the reports), all or nothing: into a temporary directory renamed at the end; an
+    existing non-empty ``out_dir`` is refused before anything runs. ``progress``: a
+    progress bar on stderr (default: when it is a terminal).
 
     Ctrl-C stops after the current batch: the result (and the files) cover what was
     replayed, with ``interrupted=True``; open trades are then not closed. Errors are
     :class:`~pipeline.core.errors.PipelineError`: an unknown topic, a range with no records, a
     strategy that raises (naming the strategy and the record).
     """
-    config = BacktestConfig.of(config, **settings)
-    fill = config.fill
-    ns = Namespace(namespace) if isinstance(namespace, str) else namespace
-    strategy, spec_name = _strategy(strategy_spec, params)
-    start_ms, end_ms = to_ms(start, "start"), to_ms(end, "end")
-    names = resolve_topics(ns, list(topics) if topics else default_topics(strategy, fill))
+    strategy, spec_name = _strategy(config.strategy, config.params)
+    params = dict(config.params)
+    reading = _Reading.of(config, cluster, strategy)
     broker = config.broker(strategy.strategy_id)
     engine = Engine(strategy, broker, config.book_depth, spec_name)
     output = report.OutputDir(out_dir) if out_dir is not None else None
     began = time.perf_counter()
     try:
-        with _replay(bootstrap, registry_url, names, start_ms, end_ms, offsets,
-                     _origin(source, ns, archive_root)) as reader:
+        with _replay(reading) as reader:
             show = sys.stderr.isatty() if progress is None else progress
             with stop_on_ctrl_c() as stop, gc_tuned(), \
                     progress_bar(show, reader.total, f"backtest {spec_name}") as update:
@@ -302,20 +193,20 @@ def run_backtest(bootstrap: str, registry_url: str, namespace: Namespace | str,
                         break
                 interrupted = stop.is_set()
             if not engine.events:
-                raise PipelineError(f"no records to replay in {', '.join(names)}"
-                                    f"{range_text(start_ms, end_ms, offsets)}: the "
+                raise PipelineError(f"no records to replay in {', '.join(reading.topics)}"
+                                    f"{reading.range_text()}: the "
                                     f"{reader.total} record(s) in the offset window are "
                                     "all stamped outside the time range or unreadable")
             read = reader.stats
         result_engine = engine.finish(interrupted=interrupted)
         stats = report.compute_stats(result_engine)
-        result = BacktestResult(spec_name, dict(params or {}), fill, names, start_ms, end_ms,
-                                result_engine, stats, read, time.perf_counter() - began,
-                                interrupted)
+        result = BacktestResult(spec_name, params, config.fill, list(reading.topics),
+                                reading.start_ms, reading.end_ms, result_engine, stats, read,
+                                time.perf_counter() - began, interrupted)
         if output is not None:
             result.files = report.write_outputs(
                 output.path, result_engine, stats, result.summary(),
-                title or f"{spec_name} {dict(params or {})}", html)
+                title or f"{spec_name} {params}", html)
             result.out_dir = output.commit()
             result.files = {k: result.out_dir / p.name for k, p in result.files.items()}
             output = None
@@ -325,36 +216,59 @@ def run_backtest(bootstrap: str, registry_url: str, namespace: Namespace | str,
             output.discard()
 
 
-def _origin(source: str, namespace: Namespace, root: str | Path | None) -> Path | None:
-    """Where a backtest reads: None for Kafka, else the archive's root."""
-    if source == "kafka":
-        return None
-    if source != "archive":
-        raise PipelineError(f"source {source!r}: use kafka or archive")
-    from pipeline.replay.archive import archive_root
+@dataclass(frozen=True)
+class _Reading:
+    """Where a backtest reads, resolved from its config: full topic names, the range in
+    ms and offsets, and Kafka (``cluster``) or the archive's root (``archive``)."""
 
-    return Path(root) if root is not None else archive_root(namespace)
+    topics: tuple[str, ...]
+    start_ms: int | None
+    end_ms: int | None
+    offsets: Offsets | None
+    cluster: Cluster | None
+    archive: Path | None
+
+    @classmethod
+    def of(cls, config: BacktestConfig, cluster: Cluster | None,
+           strategy: Strategy) -> _Reading:
+        ns = config.ns
+        names = resolve_topics(ns, list(config.topics) if config.topics else
+                               default_topics(strategy, config.fill))
+        archive = None
+        if config.source == "archive":
+            from pipeline.replay.archive import archive_root
+
+            archive = config.archive_root if config.archive_root is not None else \
+                archive_root(ns)
+        elif cluster is None:
+            raise PipelineError("a backtest from Kafka needs a cluster (bootstrap and registry); "
+                                "source='archive' reads the Parquet archive without one")
+        return cls(tuple(names), config.start_ms, config.end_ms, config.offsets, cluster,
+                   None if archive is None else Path(archive))
+
+    def range_text(self) -> str:
+        return range_text(self.start_ms, self.end_ms, self.offsets)
 
 
 @contextmanager
-def _replay(bootstrap: str, registry_url: str, topics: list[str], start_ms: int | None,
-            end_ms: int | None, offsets: Offsets | None, archive: Path | None = None
-            ) -> Iterator[Any]:
-    """The planned replay (from Kafka, or the archive at ``archive``), or one clear error
-    when the range holds no record."""
-    if archive is not None:
+def _replay(reading: _Reading) -> Iterator[Any]:
+    """The planned replay (from Kafka, or the archive), or one clear error when the range
+    holds no record."""
+    topics = list(reading.topics)
+    if reading.archive is not None:
         from pipeline.replay.archive import ArchiveSource
 
-        opened: Any = ArchiveSource(archive, topics, start_ms=start_ms, end_ms=end_ms,
-                                    offsets=offsets)
+        opened: Any = ArchiveSource(reading.archive, topics, start_ms=reading.start_ms,
+                                    end_ms=reading.end_ms, offsets=reading.offsets)
     else:
-        opened = ReplaySource(bootstrap, registry_url, topics, start_ms=start_ms,
-                              end_ms=end_ms, offsets=offsets)
+        assert reading.cluster is not None
+        opened = ReplaySource(reading.cluster.bootstrap, reading.cluster.registry_url, topics,
+                              start_ms=reading.start_ms, end_ms=reading.end_ms,
+                              offsets=reading.offsets)
     with opened as source:
         if not source.total:
             raise PipelineError(f"no records to replay in {', '.join(topics)}"
-                                f"{range_text(start_ms, end_ms, offsets)}: "
-                                f"{source.describe_empty()}")
+                                f"{reading.range_text()}: {source.describe_empty()}")
         yield source
 
 
@@ -367,28 +281,25 @@ def _firsts(source: Any) -> int:  # a ReplaySource or an ArchiveSource
 _WORKER_EVENTS: list | None = None
 
 
-def _read_all(bootstrap: str, registry_url: str, topics: list[str], start_ms: int | None,
-              end_ms: int | None, offsets: Offsets | None, archive: Path | None = None) -> list:
-    with _replay(bootstrap, registry_url, topics, start_ms, end_ms, offsets, archive) as source:
+def _read_all(reading: _Reading) -> list:
+    with _replay(reading) as source:
         events: list = []
         for batch in source.batches():
             events += batch
         return events
 
 
-def _init_worker(bootstrap: str, registry_url: str, topics: list[str], start_ms: int | None,
-                 end_ms: int | None, offsets: Offsets | None, archive: Path | None) -> None:
+def _init_worker(reading: _Reading) -> None:
     """Each worker reads and decodes the replay once, then runs its combinations on it.
     Ctrl-C is the parent's to handle: it lets running combinations finish."""
     global _WORKER_EVENTS
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _WORKER_EVENTS = _read_all(bootstrap, registry_url, topics, start_ms, end_ms, offsets,
-                               archive)
+    _WORKER_EVENTS = _read_all(reading)
 
 
-def _run_combination(index: int, spec: str, params: dict[str, Any],
+def _run_combination(index: int, params: dict[str, Any],
                      config: BacktestConfig) -> tuple[int, dict[str, Any]]:
-    strategy, name = _strategy(spec, params)
+    strategy, name = _strategy(config.strategy, params)
     engine = Engine(strategy, config.broker(strategy.strategy_id), config.book_depth, name)
     engine.run(_WORKER_EVENTS or [])
     result = engine.finish()
@@ -397,19 +308,15 @@ def _run_combination(index: int, spec: str, params: dict[str, Any],
                    **report.breakdown_columns(result)}
 
 
-def sweep(bootstrap: str, registry_url: str, namespace: Namespace | str,
-          strategy_spec: str, grid: Mapping[str, Sequence[Any]],
-          params: Mapping[str, Any] | None = None, start: TimeLike = None, end: TimeLike = None,
-          *, config: BacktestConfig | None = None, topics: Sequence[str] | None = None,
-          offsets: Offsets | None = None, workers: int = 2, progress: bool | None = None,
-          source: str = "kafka", archive_root: str | Path | None = None,
-          **settings: Any) -> pd.DataFrame:
+def sweep(config: BacktestConfig, grid: Mapping[str, Sequence[Any]],
+          cluster: Cluster | None = None, *, workers: int = 2,
+          progress: bool | None = None) -> pd.DataFrame:
     """Backtest every combination of ``grid`` (``{"fast": [5, 10], "slow": [20, 30]}``,
-    on top of ``params``) in ``workers`` processes; one row per combination, in the
+    on top of ``config.params``) in ``workers`` processes; one row per combination, in the
     grid's order (the last key varies fastest), with the parameters, the statistics (with
     what they cover: Symbols, Buy & Hold Of, Span, Gaps) and per traded symbol its trades,
     P&L, fees and exposure (:func:`pipeline.backtest.report.breakdown_columns`).
-    ``config`` and ``settings`` are :func:`run_backtest`'s.
+    ``config`` and ``cluster`` are :func:`run_backtest`'s (the strategy as ``module:Class``).
 
     Each worker reads and decodes the replay once and keeps it in memory for all the
     combinations it runs. A combination the strategy refuses (e.g. fast >= slow) is a
@@ -417,34 +324,28 @@ def sweep(bootstrap: str, registry_url: str, namespace: Namespace | str,
     finish, drops the others and returns the rows done, with
     ``frame.attrs["interrupted"] = True`` (``attrs["combinations"]`` is the grid's size).
     """
-    config = BacktestConfig.of(config, **settings)
     if not grid:
         raise PipelineError("an empty grid: give at least one parameter with values")
     keys = list(grid)
     for key in keys:
         if isinstance(grid[key], (str, bytes)) or not len(grid[key]):
             raise PipelineError(f"grid values of {key!r} must be a non-empty list")
-    combos = [{**dict(params or {}), **dict(zip(keys, values))}
+    combos = [{**dict(config.params), **dict(zip(keys, values))}
               for values in itertools.product(*(grid[k] for k in keys))]
-    strategies = [_strategy(strategy_spec, combo)[0] for combo in combos]  # refuse bad ones now
-    ns = Namespace(namespace) if isinstance(namespace, str) else namespace
-    start_ms, end_ms = to_ms(start, "start"), to_ms(end, "end")
-    names = resolve_topics(ns, list(topics) if topics else
-                           default_topics(strategies[0], config.fill))
+    strategies = [_strategy(config.strategy, combo)[0] for combo in combos]  # refuse bad ones now
+    reading = _Reading.of(config, cluster, strategies[0])
     config.broker("check")  # bad settings fail here
-    archive = _origin(source, ns, archive_root)
-    with _replay(bootstrap, registry_url, names, start_ms, end_ms, offsets, archive):
+    with _replay(reading):
         pass  # unknown topics and empty ranges fail here, before any process starts
     rows: list[dict[str, Any] | None] = [None] * len(combos)
     workers = max(1, min(workers, len(combos)))
     show = sys.stderr.isatty() if progress is None else progress
     with stop_on_ctrl_c() as stop, \
-            progress_bar(show, len(combos), f"sweep {strategy_spec}", "combinations") as update, \
+            progress_bar(show, len(combos), f"sweep {config.strategy_name}",
+                         "combinations") as update, \
             ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                                initializer=_init_worker,
-                                initargs=(bootstrap, registry_url, names, start_ms, end_ms,
-                                          offsets, archive)) as pool:
-        pending = {pool.submit(_run_combination, i, strategy_spec, combo, config)
+                                initializer=_init_worker, initargs=(reading,)) as pool:
+        pending = {pool.submit(_run_combination, i, combo, config)
                    for i, combo in enumerate(combos)}
         done_count = 0
         while pending:

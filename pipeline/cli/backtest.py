@@ -97,33 +97,33 @@ def backtest(
                                 "and --html")
         check_metric(metric)
     settings = settings_for(run_dir)
+    cluster = None
     if source == "archive":  # no Kafka needed
         from pipeline.replay.archive import resolve_root
 
-        bootstrap = registry = ""
         archive_root = resolve_root(namespace, run_dir, archive_root)
     else:
-        bootstrap, registry = bootstrap_servers(settings), registry_url(settings)
-    strategy_params = _json_object(params, "--params")
-    from pipeline.backtest.run import BacktestConfig
+        from pipeline.core.cluster import Cluster
 
-    config = BacktestConfig(fill=fill, cash=cash, commission=commission, slippage=slippage,
-                            lot=lot, interval=interval, finalize_trades=finalize,
+        cluster = Cluster(bootstrap_servers(settings), registry_url(settings))
+    strategy_params = _json_object(params, "--params")
+    from pipeline.backtest.config import BacktestConfig
+
+    config = BacktestConfig(strategy, namespace, strategy_params, start, end,
+                            topics=topics.split(",") if topics else None,
+                            offsets=parse_offsets(offsets, namespace) if offsets else None,
+                            source=source, archive_root=archive_root, fill=fill, cash=cash,
+                            commission=commission, slippage=slippage, lot=lot,
+                            interval=interval, finalize_trades=finalize,
                             book_depth=book_depth, maker_fee=maker_fee, taker_fee=taker_fee,
-                            queue=queue, latency_ms=latency_ms,
-                            rules_file=str(rules_file) if rules_file else None)
-    common = dict(start=start, end=end, config=config,
-                  topics=topics.split(",") if topics else None,
-                  offsets=parse_offsets(offsets, namespace) if offsets else None,
-                  source=source, archive_root=archive_root)
+                            queue=queue, latency_ms=latency_ms, rules_file=rules_file)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = out or settings.run_dir / "backtests" / f"{strategy.rpartition(':')[2]}-{stamp}"
     if grid is not None:
         from pipeline.backtest.report_interactive import DEFAULT_METRIC, write_sweep_html
 
         grid_values = _json_object(grid, "--grid")
-        table = sweep(bootstrap, registry, namespace, strategy, grid_values,
-                      strategy_params, workers=workers, progress=progress, **common)
+        table = sweep(config, grid_values, cluster, workers=workers, progress=progress)
         out.mkdir(parents=True, exist_ok=True)
         table.to_csv(out / "sweep.csv", index=False)
         chart = ""
@@ -139,8 +139,7 @@ def backtest(
             console.print("[yellow]interrupted[/]: the combinations not started were dropped")
             raise typer.Exit(130)
         return
-    result = run_backtest(bootstrap, registry, namespace, strategy, strategy_params,
-                          out_dir=out, html=html, progress=progress, **common)
+    result = run_backtest(config, cluster, out_dir=out, html=html, progress=progress)
     _print_stats(result)
     if result.interrupted:
         console.print(f"[yellow]interrupted[/] after {result.engine.events:,} events: the "

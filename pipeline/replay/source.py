@@ -14,7 +14,10 @@ event-time order (see ``pipeline/backtest/engine.py``). The range is either
   named are read whole.
 
 It reads ``read_committed`` (requests and snapshots are written in transactions), with a
-private consumer that never commits. Flow control: a partition far ahead of the others
+private consumer that never commits, through
+:class:`~pipeline.kafka.partition_reader.PartitionReader` (each partition's window to its
+end exactly once: empty windows, transaction markers and aborted records at the end,
+end-of-partition and stalls). Flow control: a partition far ahead of the others
 is paused until the merge has caught up, so memory stays bounded by ``max_buffered``
 events per partition, not by the range.
 """
@@ -26,7 +29,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from pipeline.avro.registry import SchemaRegistry
 from pipeline.avro.serde import Decoder, SerdeError
@@ -34,6 +37,7 @@ from pipeline.backtest.engine import KIND_OF_SCHEMA, Event, EventMerger, event_t
 from pipeline.core.errors import PipelineError
 from pipeline.kafka.catalog import split_topic
 from pipeline.kafka.clients import consumer_config
+from pipeline.kafka.partition_reader import PartitionReader
 from pipeline.replay.ranges import Offsets, utc_text
 
 
@@ -110,7 +114,8 @@ class RangePlanner:
             bootstrap, f"replay-{uuid.uuid4()}", **{"enable.partition.eof": True,
                                                    "fetch.wait.max.ms": 10,
                                                    "max.partition.fetch.bytes": 8 << 20}))
-        self._early: set[tuple[str, int]] = set()  # assigned from the beginning while planning
+        # partitions the consumer reads from the beginning already (assigned while planning)
+        self.assigned: set[tuple[str, int]] = set()
         try:
             self.plan = self._plan()
         except BaseException:
@@ -149,11 +154,11 @@ class RangePlanner:
                                     f"partition of the replayed topics")
         if self.start_ms is None:
             # Start fetching now, while the plan is worked out (first = the beginning).
-            self._early = {(t, p) for t in self.topics for p in meta[t].partitions
+            self.assigned = {(t, p) for t in self.topics for p in meta[t].partitions
                            if (t, p) not in self.offsets}
-            if self._early:
+            if self.assigned:
                 self.consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING)
-                                      for t, p in sorted(self._early)])
+                                      for t, p in sorted(self.assigned)])
         partitions = [(t, p) for t in self.topics for p in sorted(meta[t].partitions)]
         lows, highs = self._watermarks(partitions)
         starts = self._offsets_for_time(partitions, self.start_ms, highs) \
@@ -290,171 +295,110 @@ class ReplaySource(RangePlanner):
                 progress: Callable[[int], None] | None = None) -> Iterator[list[Event]]:
         """Ordered batches of events until the plan is read (or ``should_stop()``);
         ``progress(offsets)`` is called with the summed read positions."""
-        active = [p for p in self.plan if p.first < p.end]
         merger = EventMerger((p.topic, p.partition) for p in self.plan)
-        ends: dict[tuple[str, int], int] = {}
         for p in self.plan:
             if p.first >= p.end:
                 merger.finish(p.topic, p.partition)
-            else:
-                ends[(p.topic, p.partition)] = p.end
-        if not active:
+        reader = PartitionReader(self.consumer, {(p.topic, p.partition): (p.first, p.end)
+                                                 for p in self.plan},
+                                 timeout=self.timeout, assigned=self.assigned)
+        if reader.done:
             return
-        if not {(p.topic, p.partition) for p in active} <= self._early:
-            self.consumer.assign([TopicPartition(p.topic, p.partition, p.first) for p in active])
-        paused: set[tuple[str, int]] = set()
-        positions = {(p.topic, p.partition): p.first for p in active}
-        # per source: [events of this batch, running max event time, end, kind, next offset]
-        state = {(p.topic, p.partition): [None, -(1 << 62), p.end, self.kinds[p.topic], p.first]
-                 for p in active}
+        # per source: [running max event time, kind]
+        state = {source: [-(1 << 62), self.kinds[source[0]]] for source in reader.ends}
         stats = self.stats
         decode = self.decoder
         prefix, read = b"", None  # the last schema's wire header and compiled reader
         start_ms, end_ms = self.start_ms, self.end_ms
         timed = start_ms is not None or end_ms is not None
-        consume = self.consumer.consume
+        paused: set[tuple[str, int]] = set()
         last_progress = time.monotonic()
-        idle_since = None
-        while ends:
+        while not reader.done:
             if should_stop():
                 return
-            # Ask for no more than is left, so the last call does not wait out its timeout.
-            left = sum(end - positions[source] for source, end in ends.items())
-            messages = consume(max(1, min(self.batch_size, left)), 0.1)
-            if not messages:
-                idle_since = idle_since or time.monotonic()
-                self._check_positions(ends, positions, merger)
-                if time.monotonic() - idle_since > self.timeout:
-                    waiting = ", ".join(f"{t}[{p}] at {positions[(t, p)]} of {e}"
-                                        for (t, p), e in sorted(ends.items()))
-                    raise PipelineError(f"replay stalled: nothing arrived for {self.timeout:.0f}s "
-                                        f"from {waiting}")
-                continue
-            idle_since = None
-            touched = []
-            current = None
-            topic = partition = kind = append = None
-            key = end = nxt = 0
-            for msg in messages:
-                err = msg.error()
-                if err is not None:
-                    source = (msg.topic(), msg.partition())
-                    if err.code() != KafkaError._PARTITION_EOF:
-                        raise PipelineError(f"reading {source[0]}[{source[1]}]: {err.str()}")
-                    if source in ends:
-                        positions[source] = max(positions[source], msg.offset())
-                        if msg.offset() >= ends[source]:
-                            self._finish(source, ends, merger)
-                    continue
-                if msg.topic() != topic or msg.partition() != partition:
-                    if current is not None:
-                        current[1], current[4] = key, nxt
-                    topic, partition = msg.topic(), msg.partition()
-                    current = state.get((topic, partition))
-                    if current is None or (topic, partition) not in ends:
-                        current = None
-                        continue
-                    if current[0] is None:
-                        current[0] = []
-                        touched.append((topic, partition))
-                    events, key, end, kind, nxt = current
-                    append = events.append
-                elif current is None:
-                    continue  # a partition already past its end
-                offset = msg.offset()
-                if offset >= end:
-                    current[1], current[4] = key, offset
-                    current = None
-                    continue
-                nxt = offset + 1
-                if timed:
-                    stamp = msg.timestamp()[1]
-                    if (start_ms is not None and stamp < start_ms) or \
-                            (end_ms is not None and stamp >= end_ms):
-                        stats.skipped_time += 1
-                        continue
-                value = msg.value()
-                if value is None:
-                    stats.tombstones += 1
-                    continue
-                record = None
-                if read is not None and value.startswith(prefix):  # the compiled fast path
-                    try:
-                        record, stop = read(value, 5)
-                        if stop != len(value):
-                            record = None
-                    except Exception:  # noqa: BLE001 - the full decoder says what is wrong
-                        record = None
-                if record is None:
-                    try:
-                        record = decode(value)
-                    except SerdeError as exc:
-                        stats.undecodable += 1
-                        if stats.first_undecodable is None:
-                            stats.first_undecodable = f"{topic}[{partition}]@{offset}: {exc}"
-                        continue
-                    if len(value) >= 5:
-                        prefix, read = value[:5], decode.reader(value[1:5])
-                t = event_time_us(kind, record)
-                if t > key:
-                    key = t
-                append((key, topic, partition, offset, kind, record))
-            if current is not None:
-                current[1], current[4] = key, nxt
-            for source in touched:
+            runs, finished = reader.poll(self.batch_size)
+            gathered: dict[tuple[str, int], list] = {}
+            for source, run in runs:
+                topic, partition = source
                 current = state[source]
-                events, current[0] = current[0], None
-                positions[source] = max(positions[source], current[4])
+                key, kind = current
+                events = gathered.get(source)
+                if events is None:
+                    events = gathered[source] = []
+                append = events.append
+                for msg in run:
+                    if timed:
+                        stamp = msg.timestamp()[1]
+                        if (start_ms is not None and stamp < start_ms) or \
+                                (end_ms is not None and stamp >= end_ms):
+                            stats.skipped_time += 1
+                            continue
+                    value = msg.value()
+                    if value is None:
+                        stats.tombstones += 1
+                        continue
+                    record = None
+                    if read is not None and value.startswith(prefix):  # the compiled fast path
+                        try:
+                            record, stop = read(value, 5)
+                            if stop != len(value):
+                                record = None
+                        except Exception:  # noqa: BLE001 - the full decoder says what is wrong
+                            record = None
+                    if record is None:
+                        try:
+                            record = decode(value)
+                        except SerdeError as exc:
+                            stats.undecodable += 1
+                            if stats.first_undecodable is None:
+                                stats.first_undecodable = f"{topic}[{partition}]@" \
+                                                          f"{msg.offset()}: {exc}"
+                            continue
+                        if len(value) >= 5:
+                            prefix, read = value[:5], decode.reader(value[1:5])
+                    t = event_time_us(kind, record)
+                    if t > key:
+                        key = t
+                    append((key, topic, partition, msg.offset(), kind, record))
+                current[0] = key
+            for source, events in gathered.items():
                 if events:
                     merger.extend(source[0], source[1], events)
                     stats.records += len(events)
                     stats.per_topic[source[0]] = stats.per_topic.get(source[0], 0) + len(events)
-                if source in ends and positions[source] >= ends[source]:
-                    self._finish(source, ends, merger)
-            self._flow_control(merger, ends, paused)
+            for source in finished:
+                merger.finish(*source)
+            self._flow_control(merger, reader, paused)
             ready = merger.ready()
             if progress is not None and (ready or time.monotonic() - last_progress > 0.5):
                 last_progress = time.monotonic()
-                progress(sum(positions.values()))
+                progress(sum(reader.positions.values()))
             if ready:
                 yield ready
         ready = merger.ready()
         if progress is not None:
-            progress(sum(positions.values()))
+            progress(sum(reader.positions.values()))
         if ready:
             yield ready
 
-    def _finish(self, source: tuple[str, int], ends: dict, merger: EventMerger) -> None:
-        if ends.pop(source, None) is not None:
-            merger.finish(*source)
-            self.consumer.pause([TopicPartition(*source)])
-
-    def _check_positions(self, ends: dict, positions: dict, merger: EventMerger) -> None:
-        """Partitions whose last offsets are transaction markers (never delivered) or
-        compacted away are done once the consumer's position reaches their end."""
-        if not ends:
-            return
-        for tp in self.consumer.position([TopicPartition(t, p) for t, p in ends]):
-            if tp.offset >= 0 and tp.offset >= ends.get((tp.topic, tp.partition), 1 << 62):
-                positions[(tp.topic, tp.partition)] = tp.offset
-                self._finish((tp.topic, tp.partition), ends, merger)
-
-    def _flow_control(self, merger: EventMerger, ends: dict, paused: set) -> None:
+    def _flow_control(self, merger: EventMerger, reader: PartitionReader, paused: set) -> None:
+        """Pause a partition far ahead of the merge (more than ``max_buffered`` events
+        waiting), resume it at half that; never hold back one the merge waits for."""
+        ends = reader.ends
         if len(ends) < 2:
             if paused:
-                self.consumer.resume([TopicPartition(t, p) for t, p in paused if (t, p) in ends])
+                reader.resume(paused)
                 paused.clear()
             return
         for source in list(ends):
             n = merger.buffered(*source)
             if source not in paused and n > self.max_buffered:
-                self.consumer.pause([TopicPartition(*source)])
+                reader.pause([source])
                 paused.add(source)
             elif source in paused and n <= self.max_buffered // 2:
-                self.consumer.resume([TopicPartition(*source)])
+                reader.resume([source])
                 paused.discard(source)
-        # Never pause the partitions the merge is waiting for.
         blocked = [s for s in paused if s in ends and merger.buffered(*s) == 0]
         if blocked:
-            self.consumer.resume([TopicPartition(*s) for s in blocked])
+            reader.resume(blocked)
             paused.difference_update(blocked)

@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from confluent_kafka import KafkaError, TopicPartition
+from confluent_kafka import TopicPartition
 
 from pipeline.core.errors import PipelineError
 from pipeline.kafka.catalog import Namespace, ensure_topics, spec
 from pipeline.kafka.clients import ReliableProducer, check_reachable, make_admin, reader_config
+from pipeline.kafka.partition_reader import PartitionReader
 from pipeline.replay.ranges import Offsets, utc_text
 from pipeline.replay.source import RangePlanner
 
@@ -150,24 +151,21 @@ class Republisher:
         req, stats = self.request, ReplayStats()
         began = time.monotonic()
         producer = ReliableProducer(self.bootstrap, **{"linger.ms": 20})
-        consumer = self.planner.consumer
         order = {full: i for i, full in enumerate(self.names)}
         into = {full: req.target.topic(name) for full, name in self.names.items()}
-        active = [p for p in self.planner.plan if p.first < p.end]
-        ends = {(p.topic, p.partition): p.end for p in active}
+        reader = PartitionReader(self.planner.consumer,
+                                 {(p.topic, p.partition): (p.first, p.end)
+                                  for p in self.planner.plan},
+                                 timeout=self.timeout, assigned=self.planner.assigned)
+        ends = reader.ends  # the partitions not read to their end yet (the reader's, live)
         buffers: dict[tuple[str, int], deque] = {source: deque() for source in ends}
-        consumer.assign([TopicPartition(p.topic, p.partition, p.first) for p in active])
         heap: list[tuple] = []  # the head record of every source with buffered records
         paused: set[tuple[str, int]] = set()
         start_ms, end_ms = req.start_ms, req.end_ms
         timed = start_ms is not None or end_ms is not None
         pacer = Pacer(req.speed)
-        last_progress, idle_since = 0.0, None
+        last_progress = 0.0
         position = 0
-
-        def finish(source: tuple[str, int]) -> None:
-            if ends.pop(source, None) is not None:
-                consumer.pause([TopicPartition(*source)])
 
         def push_head(source: tuple[str, int]) -> None:
             msg = buffers[source][0]
@@ -185,46 +183,23 @@ class Republisher:
                         wanted = [s for s in paused
                                   if not buffers[s] or len(buffers[s]) < MAX_BUFFERED // 2]
                         if wanted:
-                            consumer.resume([TopicPartition(*s) for s in wanted])
+                            reader.resume(wanted)
                             paused.difference_update(wanted)
-                    messages = consumer.consume(5000, 0.1)
-                    if not messages:
-                        idle_since = idle_since or time.monotonic()
-                        self._finish_by_position(ends, finish)
-                        if time.monotonic() - idle_since > self.timeout:
-                            waiting = ", ".join(f"{t}[{p}]" for t, p in sorted(ends))
-                            raise PipelineError(f"replay stalled: nothing arrived for "
-                                                f"{self.timeout:.0f}s from {waiting}")
-                    else:
-                        idle_since = None
-                    for msg in messages:
-                        source = (msg.topic(), msg.partition())
-                        err = msg.error()
-                        if err is not None:
-                            if err.code() != KafkaError._PARTITION_EOF:
-                                raise PipelineError(f"reading {source[0]}[{source[1]}]: "
-                                                    f"{err.str()}")
-                            if source in ends and msg.offset() >= ends[source]:
-                                finish(source)
-                            continue
-                        end = ends.get(source)
-                        if end is None or msg.offset() >= end:
-                            finish(source)
-                            continue
-                        position += 1
-                        if msg.offset() + 1 >= end:
-                            finish(source)
-                        stamp = msg.timestamp()[1]
-                        if timed and ((start_ms is not None and stamp < start_ms) or
-                                      (end_ms is not None and stamp >= end_ms)):
-                            stats.skipped_time += 1
-                            continue
+                    runs, _ = reader.poll(5000)
+                    for source, run in runs:
+                        position += len(run)
                         buffer = buffers[source]
-                        buffer.append(msg)
-                        if len(buffer) == 1:
-                            push_head(source)
+                        for msg in run:
+                            stamp = msg.timestamp()[1]
+                            if timed and ((start_ms is not None and stamp < start_ms) or
+                                          (end_ms is not None and stamp >= end_ms)):
+                                stats.skipped_time += 1
+                                continue
+                            buffer.append(msg)
+                            if len(buffer) == 1:
+                                push_head(source)
                         if len(buffer) > MAX_BUFFERED and source in ends and source not in paused:
-                            consumer.pause([TopicPartition(*source)])
+                            reader.pause([source])
                             paused.add(source)
                 # Emit while no unfinished partition could still bring an earlier record.
                 while heap and not any(not buffers[s] for s in ends):
@@ -250,16 +225,6 @@ class Republisher:
         if progress is not None:
             progress(position, self.total)
         return stats
-
-    def _finish_by_position(self, ends: dict, finish: Callable) -> None:
-        """Partitions whose last offsets are transaction markers or compacted away are done
-        once the consumer's position reaches their end."""
-        if not ends:
-            return
-        consumer = self.planner.consumer
-        for tp in consumer.position([TopicPartition(t, p) for t, p in ends]):
-            if tp.offset >= 0 and tp.offset >= ends.get((tp.topic, tp.partition), 1 << 62):
-                finish((tp.topic, tp.partition))
 
     def close(self) -> None:
         self.planner.close()

@@ -14,7 +14,9 @@ import pytest
 from consumers.archive import make_group
 from pipeline.avro.registry import SchemaRegistry
 from pipeline.avro.serde import Decoder, Encoder
+from pipeline.backtest.config import BacktestConfig
 from pipeline.backtest.run import run_backtest
+from pipeline.core.cluster import Cluster
 from pipeline.kafka.catalog import Namespace, ensure_topics
 from pipeline.kafka.clients import ReliableProducer
 from pipeline.replay import archive
@@ -129,12 +131,12 @@ def test_a_backtest_from_the_archive_gives_the_same_trades_as_from_kafka(
     config = make_group(kafka, registry.url, str(capture_ns), root=root, roll_seconds=3600)
     GroupRunner(config, kafka).run(idle_timeout_s=3)  # a stop flushes what waits
     assert sum(1 for _ in archive.read_records(root, "md.l2")) == 655
-    kwargs = dict(fill="book", cash="100000", progress=False)
-    from_kafka = run_backtest(kafka, registry.url, capture_ns, "pipeline.strategy:MidQuoter",
-                              MIDQUOTER, out_dir=tmp_path / "kafka", **kwargs)
-    from_archive = run_backtest(None, None, capture_ns, "pipeline.strategy:MidQuoter", MIDQUOTER,
-                                out_dir=tmp_path / "parquet", source="archive",
-                                archive_root=root, **kwargs)
+    cluster = Cluster(kafka, registry.url)
+    kafka_config = BacktestConfig("pipeline.strategy:MidQuoter", capture_ns, MIDQUOTER,
+                                  fill="book", cash="100000")
+    archive_config = kafka_config.replace(source="archive", archive_root=root)
+    from_kafka = run_backtest(kafka_config, cluster, out_dir=tmp_path / "kafka", progress=False)
+    from_archive = run_backtest(archive_config, out_dir=tmp_path / "parquet", progress=False)
     assert from_kafka.engine.by_kind == from_archive.engine.by_kind == \
         {"l2": 655, "trade": 516} | {k: v for k, v in from_kafka.engine.by_kind.items()
                                      if k not in ("l2", "trade")}
@@ -147,10 +149,8 @@ def test_a_backtest_from_the_archive_gives_the_same_trades_as_from_kafka(
     # A time range means the same from both: Kafka record timestamps, per partition.
     stamps = sorted(s for _, _, s, _ in archive.read_records(root, "md.l2"))
     start, end = stamps[100], stamps[500]
-    ranged = [run_backtest(kafka, registry.url, capture_ns, "pipeline.strategy:MidQuoter",
-                           MIDQUOTER, start, end, **kwargs),
-              run_backtest(None, None, capture_ns, "pipeline.strategy:MidQuoter", MIDQUOTER,
-                           start, end, source="archive", archive_root=root, **kwargs)]
+    ranged = [run_backtest(kafka_config.replace(start=start, end=end), cluster, progress=False),
+              run_backtest(archive_config.replace(start=start, end=end), progress=False)]
     assert ranged[0].engine.by_kind == ranged[1].engine.by_kind
     assert ranged[0].engine.events < from_kafka.engine.events
     assert ranged[0].trades_csv == ranged[1].trades_csv
@@ -167,11 +167,11 @@ def test_smacross_over_the_hourly_file_from_the_archive_equals_kafka(kafka, regi
     GroupRunner(make_group(kafka, registry.url, str(namespace), root=root, roll_seconds=3600),
                 kafka).run(idle_timeout_s=3)
     params = {"fast": 10, "slow": 20, "amount": None, "fraction": FULL_EQUITY}
-    kafka_run = run_backtest(kafka, registry.url, namespace, "pipeline.strategy:SmaCross", params,
-                             cash="1000000", commission="0.002", progress=False)
-    archive_run = run_backtest(None, None, namespace, "pipeline.strategy:SmaCross", params,
-                               cash="1000000", commission="0.002", progress=False,
-                               source="archive", archive_root=root)
+    config = BacktestConfig("pipeline.strategy:SmaCross", namespace, params, cash="1000000",
+                            commission="0.002")
+    kafka_run = run_backtest(config, Cluster(kafka, registry.url), progress=False)
+    archive_run = run_backtest(config.replace(source="archive", archive_root=root),
+                               progress=False)
     assert archive_run.engine.events == kafka_run.engine.events == loaded == 32_842
     assert archive_run.trades_csv == kafka_run.trades_csv and len(kafka_run.engine.trades) > 500
     assert texts(archive_run.stats) == texts(kafka_run.stats)
@@ -220,8 +220,9 @@ def test_the_archive_commands_query_compact_and_backtest(kafka, registry, captur
                         "--source", "archive", "--out", str(tmp_path / "bt"), "--no-progress",
                         env=env)
     assert done.returncode == 0, done.stderr
-    direct = run_backtest(kafka, registry.url, capture_ns, "pipeline.strategy:MidQuoter",
-                          MIDQUOTER, fill="book", cash="100000", progress=False)
+    direct = run_backtest(BacktestConfig("pipeline.strategy:MidQuoter", capture_ns, MIDQUOTER,
+                                         fill="book", cash="100000"),
+                          Cluster(kafka, registry.url), progress=False)
     assert (tmp_path / "bt" / "trades.csv").read_text() == direct.trades_csv
 
 

@@ -14,7 +14,9 @@ import pytest  # noqa: E402
 
 from pipeline.avro.registry import SchemaRegistry  # noqa: E402
 from pipeline.avro.serde import Decoder  # noqa: E402
+from pipeline.backtest.config import BacktestConfig  # noqa: E402
 from pipeline.backtest.run import run_backtest  # noqa: E402
+from pipeline.core.cluster import Cluster  # noqa: E402
 from pipeline.kafka.catalog import Namespace  # noqa: E402
 from pipeline.ops.services import free_port  # noqa: E402
 from tests.support.kafka_io import read_all  # noqa: E402
@@ -103,8 +105,9 @@ def test_the_topology_on_the_capture_and_the_backtest_of_it_place_and_fill_the_s
     wait_for(settled, 60, "order events to settle")
     live = values(kafka, decode, events_topic)
     requests = values(kafka, decode, namespace.topic("orders.requests"))
-    backtest = run_backtest(kafka, registry.url, namespace, "pipeline.strategy:MidQuoter",
-                            QUOTER, fill="book", cash="100000", finalize_trades=False)
+    backtest = run_backtest(BacktestConfig("pipeline.strategy:MidQuoter", namespace, QUOTER,
+                                           fill="book", cash="100000", finalize_trades=False),
+                            Cluster(kafka, registry.url))
     replayed = backtest.engine.order_events
     # Same orders: the orders live execution accepted are the ones the backtest placed.
     backtest_orders = [e["client_order_id"] for e in replayed if e["kind"] == "ACCEPTED"] + \

@@ -17,8 +17,8 @@ import pytest
 
 from pipeline.backtest import report, report_interactive
 from pipeline.backtest import run as backtest_run
+from pipeline.backtest.config import BacktestConfig
 from pipeline.backtest.engine import BAR, backtest_events, event_time_us
-from pipeline.backtest.run import BacktestConfig
 from pipeline.core.errors import PipelineError
 from pipeline.strategy import FULL_EQUITY, load_strategy
 from tests.conftest import SHARED_DATA
@@ -222,8 +222,8 @@ def sweep_table(bars: list[dict], grid: dict, interrupted_at: int | None = None)
     try:
         keys = list(grid)
         rows = [backtest_run._run_combination(
-                    i, SMA, {"amount": None, "fraction": "0.5", **dict(zip(keys, combo))},
-                    BacktestConfig())[1]
+                    i, {"amount": None, "fraction": "0.5", **dict(zip(keys, combo))},
+                    BacktestConfig(SMA, "sim"))[1]
                 for i, combo in enumerate(itertools.product(*grid.values()))]
     finally:
         backtest_run._WORKER_EVENTS = None
