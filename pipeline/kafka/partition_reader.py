@@ -111,8 +111,9 @@ class PartitionReader:
 
     def __init__(self, consumer: Any, windows: Mapping[Source, Window], *,
                  timeout: float = 30.0, poll_s: float = 0.1,
-                 assigned: Iterable[Source] = ()) -> None:
+                 assigned: Iterable[Source] = (), what: str = "replay") -> None:
         self.consumer, self.timeout, self.poll_s = consumer, timeout, poll_s
+        self.what = what  # names the reading in the stall error
         active = active_windows(windows)
         self.ends: dict[Source, int] = {source: end for source, (_, end) in active.items()}
         self.positions: dict[Source, int] = {source: first
@@ -211,16 +212,16 @@ class PartitionReader:
         if ends and now - self._idle_since > self.timeout:
             waiting = ", ".join(f"{t}[{p}] at {self.positions[(t, p)]} of {e}"
                                 for (t, p), e in sorted(ends.items()))
-            raise PipelineError(f"replay stalled: nothing arrived for {self.timeout:.0f}s "
+            raise PipelineError(f"{self.what} stalled: nothing arrived for {self.timeout:.0f}s "
                                 f"from {waiting}")
 
 
 def read_windows(consumer: Any, windows: Mapping[Source, Window], *, timeout: float = 30.0,
-                 batch: int = 1000, should_stop: Callable[[], bool] = lambda: False
-                 ) -> Iterator[Any]:
+                 batch: int = 1000, should_stop: Callable[[], bool] = lambda: False,
+                 what: str = "replay") -> Iterator[Any]:
     """Every record of ``windows`` once, run by run (in offset order per partition), with
     ``consumer``; for callers that want plain messages rather than runs."""
-    reader = PartitionReader(consumer, windows, timeout=timeout)
+    reader = PartitionReader(consumer, windows, timeout=timeout, what=what)
     while not reader.done and not should_stop():
         runs, _ = reader.poll(batch)
         for _, run in runs:

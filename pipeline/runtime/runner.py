@@ -57,6 +57,7 @@ from pipeline.kafka.clients import (
     reader_config,
 )
 from pipeline.kafka.deadletter import STAGE_DECODE, STAGE_HANDLE, dead_letter_headers
+from pipeline.kafka.partition_reader import read_windows
 from pipeline.runtime.context import AssignContext, Follower, Partition
 
 log = logging.getLogger(__name__)
@@ -553,7 +554,7 @@ def read_to_end(bootstrap: str, topic: str, timeout_s: float = 60.0,
         meta = consumer.list_topics(topic, timeout=10).topics[topic]
         wanted = sorted(meta.partitions) if partitions is None else sorted(set(partitions))
         deadline = time.monotonic() + timeout_s
-        ends: dict[int, int] = {}
+        ends: dict[int, tuple[int, int]] = {}
         for p in wanted:
             target = uncommitted.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
             while True:
@@ -567,11 +568,9 @@ def read_to_end(bootstrap: str, topic: str, timeout_s: float = 60.0,
                         "the group stuck?")
                 time.sleep(0.05)
             if stable > low:
-                ends[p] = stable
+                ends[p] = (low, stable)
         if ends:
-            yield from _read_until(consumer, topic, {p: (OFFSET_BEGINNING, e)
-                                                     for p, e in ends.items()},
-                                   deadline + 60)
+            yield from _read_until(consumer, topic, ends, max(deadline - time.monotonic(), 0) + 60)
     finally:
         consumer.close()
         uncommitted.close()
@@ -585,27 +584,17 @@ def read_range(bootstrap: str, topic: str, ranges: dict[int, tuple[int, int]],
         return
     consumer = restore_consumer(bootstrap)
     try:
-        yield from _read_until(consumer, topic, ranges, time.monotonic() + timeout_s)
+        yield from _read_until(consumer, topic, ranges, timeout_s)
     finally:
         consumer.close()
 
 
 def _read_until(consumer: Consumer, topic: str, ranges: dict[int, tuple[int, int]],
-                deadline: float) -> Iterator[Message]:
-    """Read each partition from its first offset until its position reaches its end
-    (transaction markers take offsets but are never delivered, so positions decide)."""
-    ends = {p: end for p, (_, end) in ranges.items()}
-    consumer.assign([TopicPartition(topic, p, first) for p, (first, _) in ranges.items()])
-    while ends:
-        for msg in consumer.consume(1000, 0.2):
-            if msg.error() is None and msg.offset() < ends.get(msg.partition(), -1):
-                yield msg
-        for tp in consumer.position([TopicPartition(topic, p) for p in ends]):
-            if tp.offset >= ends[tp.partition]:
-                del ends[tp.partition]
-        if ends and time.monotonic() > deadline:
-            raise PipelineError(f"could not read {topic} to its end: stuck at "
-                                f"{sorted(ends.items())}")
+                timeout_s: float) -> Iterator[Message]:
+    """Each partition's ``[first, end)`` once, by the one partition reader (positions decide
+    the end: transaction markers take offsets but are never delivered)."""
+    windows = {(topic, p): window for p, window in ranges.items()}
+    yield from read_windows(consumer, windows, timeout=timeout_s, what=f"reading {topic}")
 
 
 def committed_offsets(bootstrap: str, group_id: str, topic: str, partitions: Iterable[int],
