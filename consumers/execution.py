@@ -94,7 +94,12 @@ from pipeline.avro.serde import Decoder, Serde
 from pipeline.core.decimals import plain
 from pipeline.core.errors import PipelineError
 from pipeline.core.records import OrderEvent
-from pipeline.core.vocabulary import TERMINAL_KINDS, ExecutionMode, OrderEventKind
+from pipeline.core.vocabulary import (
+    TERMINAL_KINDS,
+    ExecutionMode,
+    OrderEventKind,
+    PaperStateKind,
+)
 from pipeline.gemini.execution import GeminiCredentials, GeminiExecution, GeminiSettings
 from pipeline.gemini.ratelimit import SharedTokenBucket
 from pipeline.gemini.rest import LIVE_URL, SANDBOX_URL
@@ -590,7 +595,7 @@ class ExecutionHandler(Handler):
                 latest[f"{value['symbol']}|{value['kind']}"] = value
         for state in latest.values():
             paper.restore(state)
-        books = {s["symbol"]: s for s in latest.values() if s["kind"] == "BOOK"}
+        books = {s["symbol"]: s for s in latest.values() if s["kind"] == PaperStateKind.BOOK}
         committed = committed_offsets(self.bootstrap, self.group_id, l2, mine)
         trades = committed_offsets(self.bootstrap, self.group_id, self.topic["md.trades"], mine)
         self._read.update({(l2, p): o for p, o in committed.items()})
