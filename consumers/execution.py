@@ -415,6 +415,9 @@ class ExecutionHandler(Handler):
         out = []
         for event in events:
             self.counts[event["kind"]] += 1
+            self.metrics.inc("order_events_total", kind=event["kind"])
+            if event["kind"] == K.REJECTED:
+                self.metrics.inc("rejections_total", reason=event.get("reason") or "unknown")
             self.state.on_event(event)
             out.append(Output(self.topic["orders.events"], self.encode_event(event),
                               event["client_order_id"]))

@@ -150,6 +150,7 @@ class StrategyHandler(Handler):
             raise StrategyFailed(f"strategy {self.strategy.strategy_id} in {callback} on "
                                 f"{where}: {exc}") from None
         for refusal in refused:
+            self.metrics.inc("refusals_total")
             log.info("strategy %s on %s: %s makes no order: %s", self.strategy.strategy_id,
                      trigger, refusal.intent, refusal.reason)
         out = []

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 
 from confluent_kafka import TopicPartition
 
+from pipeline.runtime.metrics import MetricsRegistry
 from pipeline.runtime.runner import GroupConfig, GroupRunner, GroupStats, Handler, Output
 
 Partition = tuple[str, int]
@@ -170,6 +171,11 @@ class HandlerHarness:
     @property
     def stats(self) -> GroupStats:
         return self._runner.stats
+
+    @property
+    def metrics(self) -> MetricsRegistry:
+        """What the runner and the handler reported (runtime/metrics.py)."""
+        return self._runner.metrics
 
     @property
     def outputs(self) -> list[Output]:

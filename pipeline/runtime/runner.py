@@ -49,6 +49,14 @@ from pipeline.kafka.clients import (
     reader_config,
 )
 from pipeline.kafka.deadletter import STAGE_DECODE, STAGE_HANDLE, dead_letter_headers
+from pipeline.runtime.metrics import (
+    NULL_METRICS,
+    Metrics,
+    MetricsRegistry,
+    MetricsWriter,
+    process_metrics_path,
+    report_totals,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_STALL_LIMIT_S = 240.0  # beyond every Kafka call's own timeout (commit: 60 s)
@@ -90,6 +98,8 @@ class Handler:
     Handlers see decoded records and return outputs; they never touch the consumer or
     the producer, so the same logic runs under tests and replays.
     """
+
+    metrics: Metrics = NULL_METRICS  # the runner binds its registry (runtime/metrics.py)
 
     def handle(self, record: Record) -> Iterable[Output]:
         raise NotImplementedError
@@ -151,6 +161,13 @@ class GroupStats:
     commits: int = 0
     last_error: str | None = None
 
+    def report(self, metrics: MetricsRegistry) -> None:
+        """The figures as the metrics interface's counters (a collector)."""
+        report_totals(metrics, (("records_total", self.records),
+                                ("outputs_total", self.outputs),
+                                ("dead_letters_total", self.dead_letters),
+                                ("batches_total", self.batches), ("commits_total", self.commits)))
+
 
 def stall_reason(now: float, alive_at: float, limit_s: float,
                  bounded: tuple[float, str] | None) -> str | None:
@@ -174,6 +191,11 @@ class GroupRunner:
         self.stats = GroupStats()
         self._stop = threading.Event()
         self._handler = config.handler()
+        self.metrics = MetricsRegistry(group=config.group_id)
+        self.metrics.collect(lambda metrics: self.stats.report(metrics))
+        self._handler.metrics = self.metrics
+        path = process_metrics_path()  # set when the supervisor runs this process
+        self._metrics_out = MetricsWriter(self.metrics, path) if path is not None else None
         self._next_offsets: dict[tuple[str, int], int] = {}
         self._consumer: Consumer | None = None
         self._producer: ReliableProducer | None = None
@@ -250,7 +272,11 @@ class GroupRunner:
                     self._handle_batch([])  # time passes: let the handler close what is due
                 if max_records is not None and self.stats.records >= max_records:
                     break
+                if self._metrics_out is not None:
+                    self._metrics_out.maybe()
             self._shutdown()
+            if self._metrics_out is not None:
+                self._metrics_out.write()
         except BaseException as exc:
             self.stats.last_error = f"{type(exc).__name__}: {exc}"
             self._abort()
