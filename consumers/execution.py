@@ -92,7 +92,12 @@ from pipeline.avro.serde import Decoder, Serde
 from pipeline.core.decimals import plain
 from pipeline.core.errors import PipelineError
 from pipeline.core.records import OrderEvent
-from pipeline.core.vocabulary import TERMINAL_KINDS, ExecutionMode, OrderEventKind
+from pipeline.core.vocabulary import (
+    TERMINAL_KINDS,
+    ExecutionMode,
+    OrderEventKind,
+    PaperStateKind,
+)
 from pipeline.gemini.execution import GeminiCredentials, GeminiExecution, GeminiSettings
 from pipeline.gemini.ratelimit import SharedTokenBucket
 from pipeline.gemini.rest import LIVE_URL, SANDBOX_URL
@@ -405,6 +410,9 @@ class ExecutionHandler(Handler):
         out = []
         for event in events:
             self.counts[event["kind"]] += 1
+            self.metrics.inc("order_events_total", kind=event["kind"])
+            if event["kind"] == K.REJECTED:
+                self.metrics.inc("rejections_total", reason=event.get("reason") or "unknown")
             self.state.on_event(event)
             out.append(Output(self.topic["orders.events"], self.encode_event(event),
                               event["client_order_id"]))
@@ -581,7 +589,7 @@ class ExecutionHandler(Handler):
                 latest[f"{value['symbol']}|{value['kind']}"] = value
         for state in latest.values():
             paper.restore(state)
-        books = {s["symbol"]: s for s in latest.values() if s["kind"] == "BOOK"}
+        books = {s["symbol"]: s for s in latest.values() if s["kind"] == PaperStateKind.BOOK}
         committed = ctx.committed_offsets(l2, mine)
         trades = ctx.committed_offsets(self.topic["md.trades"], mine)
         self._read.update({(l2, p): o for p, o in committed.items()})

@@ -88,10 +88,12 @@ class OrderbookHandler(Handler):
 
     def _snapshot(self, symbol: str) -> Output:
         value = self.encode["book.snapshots"](self.policy.snapshot(symbol, time.time_ns() // 1000))
+        self.metrics.inc("snapshots_total")
         return Output(self.topics["book.snapshots"], value, symbol)
 
     def _health(self, record: Record, symbol: str, health: Health) -> Output:
         self.counts[health.kind.lower()] += 1
+        self.metrics.inc("book_health_total", kind=health.kind)
         log.warning("%s %s at %s[%d]@%d: %s", symbol, health.kind, record.topic,
                     record.partition, record.offset, health.detail)
         value = self.encode["book.health"]({

@@ -50,9 +50,9 @@ from typing import Callable, Iterable
 from pipeline.avro.registry import SchemaRegistry
 from pipeline.avro.serde import Decoder, Serde
 from pipeline.core.decimals import plain
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import GeminiError, PipelineError
 from pipeline.gemini.execution import GeminiCredentials
-from pipeline.gemini.rest import LIVE_URL, SANDBOX_URL, GeminiError
+from pipeline.gemini.rest import LIVE_URL, SANDBOX_URL
 from pipeline.kafka.catalog import Namespace
 from pipeline.runtime.context import AssignContext, Partition
 from pipeline.runtime.runner import (

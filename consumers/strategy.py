@@ -34,7 +34,8 @@ from typing import Any, Callable, Iterable
 
 from pipeline.avro.registry import SchemaRegistry
 from pipeline.avro.serde import Decoder, Serde
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, StrategyFailed
+from pipeline.core.vocabulary import Side
 from pipeline.kafka.catalog import Namespace
 from pipeline.runtime.context import AssignContext, Partition
 from pipeline.runtime.runner import (
@@ -68,8 +69,8 @@ STATE_FORMAT = "json"
 DEFAULT_LOT = Decimal("0.00000001")  # fraction sizing's step without symbol rules
 
 
-class StrategyError(Exception):
-    """A strategy raised: names the strategy and the input it was given."""
+# The one strategy error, the backtest's too (pipeline.core.errors); the old name stays.
+StrategyError = StrategyFailed
 
 
 class StrategyHandler(Handler):
@@ -127,14 +128,14 @@ class StrategyHandler(Handler):
     def _price_of(self, symbol: str, side: str) -> Decimal | None:
         """What a buy (sell) would pay now: the best ask (bid), else the mark."""
         bid, ask = self.tops.get(symbol, (None, None))
-        return (ask if side == "BUY" else bid) or self.tracker.mark_of(symbol)
+        return (ask if side == Side.BUY else bid) or self.tracker.mark_of(symbol)
 
     def _run(self, callback: str, value: Any, trigger: str, where: str) -> list[Output]:
         try:
             intents = getattr(self.strategy, callback)(value)
             intents = list(intents or ())
         except Exception as exc:  # noqa: BLE001 - any strategy bug: name who and on what
-            raise StrategyError(f"strategy {self.strategy.strategy_id} raised "
+            raise StrategyFailed(f"strategy {self.strategy.strategy_id} raised "
                                 f"{type(exc).__name__} on {where} ({callback}): {exc}") from exc
         if not intents:
             return []
@@ -144,9 +145,10 @@ class StrategyHandler(Handler):
                 trigger=trigger, now_ms=self.clock_ms(), ttl_ms=self.ttl_ms, lot=self.lot,
                 price_of=self._price_of, fee_rate=GEMINI_API_FEES.taker)
         except IntentError as exc:
-            raise StrategyError(f"strategy {self.strategy.strategy_id} in {callback} on "
+            raise StrategyFailed(f"strategy {self.strategy.strategy_id} in {callback} on "
                                 f"{where}: {exc}") from None
         for refusal in refused:
+            self.metrics.inc("refusals_total")
             log.info("strategy %s on %s: %s makes no order: %s", self.strategy.strategy_id,
                      trigger, refusal.intent, refusal.reason)
         out = []

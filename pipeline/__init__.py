@@ -43,12 +43,12 @@ _EXPORTS: dict[str, str] = {
     "sweep": "pipeline.backtest.run",
     "read_bars": "pipeline.sinks.bars",
     "archive": "pipeline.replay.archive",
-    # errors (every one a PipelineError)
+    # errors (every one a PipelineError; the tree is pipeline.core.errors' docstring)
     "PipelineError": "pipeline.core.errors",
     "DeliveryFailed": "pipeline.core.errors",
-    "SerdeError": "pipeline.avro.serde",
-    "RegistryError": "pipeline.avro.registry",
-    "StrategyFailed": "pipeline.backtest.engine",
+    "SerdeError": "pipeline.core.errors",
+    "RegistryError": "pipeline.core.errors",
+    "StrategyFailed": "pipeline.core.errors",
 }
 
 __all__ = [  # the names of _EXPORTS, sorted (tests/unit/test_public_api.py keeps them equal)
@@ -77,13 +77,18 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from pipeline import archive
-    from pipeline.avro.registry import RegistryError, SchemaRegistry
-    from pipeline.avro.serde import Serde, SerdeError
+    from pipeline.avro.registry import SchemaRegistry
+    from pipeline.avro.serde import Serde
     from pipeline.backtest.config import BacktestConfig
-    from pipeline.backtest.engine import StrategyFailed
     from pipeline.backtest.run import run_backtest, sweep
     from pipeline.core.cluster import Cluster
-    from pipeline.core.errors import DeliveryFailed, PipelineError
+    from pipeline.core.errors import (
+        DeliveryFailed,
+        PipelineError,
+        RegistryError,
+        SerdeError,
+        StrategyFailed,
+    )
     from pipeline.kafka.catalog import Namespace
     from pipeline.runtime.harness import HandlerHarness
     from pipeline.runtime.runner import (

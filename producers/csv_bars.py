@@ -29,6 +29,7 @@ from pathlib import Path
 
 from pipeline.avro.registry import SchemaRegistry
 from pipeline.avro.serde import Encoder
+from pipeline.core.decimals import PLAIN, fixed
 from pipeline.core.errors import PipelineError
 from pipeline.kafka.catalog import Namespace, ensure_topics
 from pipeline.kafka.clients import ReliableProducer
@@ -41,7 +42,7 @@ SEED_HEADER = "Date,Symbol,Open,High,Low,Close,Volume"
 CDD_HEADER = "Unix Timestamp,Date,Symbol,Open,High,Low,Close,Volume <BASE>,Volume <QUOTE>"
 
 # ASCII digits only (``\d`` also takes other scripts' digits, which Decimal reads).
-_PLAIN_DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+_PLAIN_DECIMAL = PLAIN
 _EXPONENT = re.compile(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
 # An exponent beyond this is no price or volume (the bars store holds 38 digits); written
 # out plain, ``1e999999999`` would be a string of a billion digits.
@@ -288,7 +289,7 @@ def _plain(name: str, text: str) -> str:
         number = Decimal(text)
         if abs(number.adjusted()) > _MAX_EXPONENT:
             raise _RowError(f"{name} {text!r} is out of range")
-        return format(number, "f")
+        return fixed(number)
     raise _RowError(f"{name} {text!r} is not a decimal number")
 
 

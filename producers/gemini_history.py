@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from pipeline.avro.registry import SchemaRegistry
 from pipeline.avro.serde import Serde
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import GeminiApiError, GeminiError, PipelineError
 from pipeline.gemini.history import (
     CONNECTION_PREFIX,
     MAX_TRADES,
@@ -36,7 +36,6 @@ from pipeline.gemini.history import (
 )
 from pipeline.gemini.marketdata import FrameError
 from pipeline.gemini.public_rest import PublicClient
-from pipeline.gemini.rest import GeminiApiError, GeminiError
 from pipeline.kafka.catalog import Namespace, ensure_topics
 from pipeline.kafka.clients import ReliableProducer
 from pipeline.runtime.runner import read_to_end

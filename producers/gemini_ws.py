@@ -51,6 +51,13 @@ from pipeline.gemini.ws_session import WS_SANDBOX as SANDBOX_NEW_WS
 from pipeline.kafka.catalog import Namespace
 from pipeline.kafka.clients import ReliableProducer
 from pipeline.kafka.deadletter import STAGE_INGEST, dead_letter_headers
+from pipeline.runtime.metrics import (
+    MetricsRegistry,
+    MetricsWriter,
+    metrics_path,
+    process_metrics_path,
+    report_totals,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +106,15 @@ class FeedStats:
     delivery_failures: int = 0
     last_message_at: float = 0.0
     last_error: str | None = None
+
+    def report(self, metrics: MetricsRegistry) -> None:
+        """The figures as the metrics interface's counters (a collector)."""
+        report_totals(metrics, [(f"{name}_total", getattr(self, name)) for name in (
+            "frames", "records", "dead_letters", "connections", "reconnects",
+            "heartbeat_timeouts", "sequence_gaps", "update_gaps", "pings",
+            "delivery_failures")])
+        for kind, n in list(self.skipped.items()):
+            metrics.set_total("skipped_total", n, kind=kind)
 
     def snapshot(self) -> dict:
         age = time.time() - self.last_message_at if self.last_message_at else None
@@ -285,6 +301,11 @@ def run_producer(config: FeedConfig, bootstrap: str, serde: Serde, namespace: Na
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     stats = FeedStats()
+    metrics = MetricsRegistry()
+    metrics.collect(stats.report)
+    path = process_metrics_path() or (
+        metrics_path(status_file.parent, "producer-gemini") if status_file is not None else None)
+    metrics_out = MetricsWriter(metrics, path) if path is not None else None
     producer = ReliableProducer(bootstrap)
     sink = IngestSink(producer, serde, namespace, stats)
     feeds = ([GeminiFeed(config, sink)] if config.protocol != "v1"
@@ -309,10 +330,14 @@ def run_producer(config: FeedConfig, bootstrap: str, serde: Serde, namespace: Na
         if status_file is not None:
             status_file.parent.mkdir(parents=True, exist_ok=True)
             status_file.write_text(json.dumps(report))
+        if metrics_out is not None:
+            metrics_out.write()
     for thread in threads:
         thread.join(10)
     producer.flush()  # raises DeliveryFailed if anything was not acknowledged
     stats.delivery_failures = producer.tracker.failed_total
+    if metrics_out is not None:
+        metrics_out.write()
     log.info("producer stopped: %d frames, %d records, %d dead letters, %d update gaps, "
              "skipped %s", stats.frames, stats.records, stats.dead_letters, stats.update_gaps,
              dict(stats.skipped))

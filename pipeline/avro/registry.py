@@ -15,22 +15,10 @@ import requests
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import IncompatibleSchema, RegistryError, UnknownSchemaId
 
 COMPATIBILITY_LEVELS = ("BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE",
                         "FULL", "FULL_TRANSITIVE", "NONE")
-
-
-class RegistryError(PipelineError):
-    """The registry refused a request or could not be reached."""
-
-
-class IncompatibleSchema(RegistryError):
-    """The registry refused a schema under the subject's compatibility level."""
-
-
-class UnknownSchemaId(RegistryError):
-    """A record names a schema id the registry does not have."""
 
 
 def parse_plain(schema: dict) -> Any:

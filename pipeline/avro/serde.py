@@ -21,14 +21,10 @@ from fastavro import schemaless_reader, schemaless_writer
 from pipeline.avro import codec, schemas
 from pipeline.avro.codec import Reader
 from pipeline.avro.registry import SchemaRegistry, parse_plain, subject_for
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import SerdeError
 
 MAGIC = 0
 HEADER = struct.Struct(">bI")
-
-
-class SerdeError(PipelineError):
-    """Bytes that are not a valid record in the Confluent wire format."""
 
 
 class Encoder:

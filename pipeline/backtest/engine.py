@@ -73,8 +73,17 @@ from decimal import ROUND_FLOOR, Context, Decimal, localcontext
 from typing import Any, Iterable, Sequence
 
 from pipeline.core.decimals import plain
-from pipeline.core.errors import PipelineError
-from pipeline.core.vocabulary import ExecutionMode, Liquidity, OrderEventKind, OrderType, Side
+from pipeline.core.errors import PipelineError, StrategyFailed
+from pipeline.core.vocabulary import (
+    BUY_WIRE,
+    ExecutionMode,
+    Liquidity,
+    MarketEventKind,
+    OrderAction,
+    OrderEventKind,
+    OrderType,
+    Side,
+)
 from pipeline.market.book_policy import IGNORED, TOP_CHANGED, BookPolicy, Source
 from pipeline.market.orderbook import L2Book, price_key
 from pipeline.trading.accounting import ClosedTrade, Ledger, Lot
@@ -100,7 +109,9 @@ from pipeline.trading.simulator import QUEUE_MODELS, SimulatedExchange, Simulato
 from pipeline.trading.strategy import Strategy
 from pipeline.trading.tracker import OrderTracker
 
-BAR, BOOK, TRADE, L2 = "bar", "book", "trade", "l2"
+# The kinds as plain str (compared once per event in the merge loop).
+BAR, BOOK, TRADE, L2 = (MarketEventKind.BAR.value, MarketEventKind.BOOK.value,
+                        MarketEventKind.TRADE.value, MarketEventKind.L2.value)
 KINDS = (BAR, BOOK, TRADE, L2)
 #: What each record type replays as.
 KIND_OF_SCHEMA = {"Bar": BAR, "BookSnapshot": BOOK, "Trade": TRADE, "L2Update": L2}
@@ -113,10 +124,6 @@ ZERO = Decimal(0)
 ONE = Decimal(1)
 K = OrderEventKind
 _FEEDBACK_DEPTH = 50  # order events causing intents causing events ... at most this deep
-
-
-class StrategyFailed(PipelineError):
-    """A strategy callback raised: names the strategy, the callback and the input record."""
 
 
 class _OutOfMoney(Exception):
@@ -416,8 +423,10 @@ class NextOpenBroker(Broker):
                 old = found.order
                 events += self._new(OrderIntent(old.symbol, old.side.value,
                                                 intent.amount or old.amount_text,
-                                                "LIMIT" if (intent.price or old.price_text)
-                                                else "MARKET", intent.price or old.price_text),
+                                                OrderType.LIMIT if (intent.price or
+                                                                    old.price_text)
+                                                else OrderType.MARKET,
+                                                intent.price or old.price_text),
                                     cid, when_ms)
         return self._counted(events)
 
@@ -433,7 +442,7 @@ class NextOpenBroker(Broker):
             raise PipelineError(f"the next-open fill model cannot honour order options "
                                 f"{list(intent.options)} (intent {intent}): use the book "
                                 "fill model")
-        order = self._order(cid, intent.symbol, intent.side == "BUY",
+        order = self._order(cid, intent.symbol, intent.side == Side.BUY,
                             Decimal(intent.amount) if intent.amount is not None else None,
                             intent.price, when_ms)
         fraction = Decimal(intent.fraction) if intent.fraction is not None else None
@@ -680,13 +689,13 @@ class BookBroker(Broker):
     def price_of(self, symbol: str, side: str) -> Decimal | None:
         """The best price a buy (sell) of ``symbol`` would pay now: the ask (bid)."""
         book = self.books.get(symbol)
-        top = None if book is None else (book.best_ask() if side == "BUY" else book.best_bid())
+        top = None if book is None else (book.best_ask() if side == Side.BUY else book.best_bid())
         return price_key(top[0])[1] if top else self.marks.get(symbol)
 
     # -- the simulator
 
     def execute(self, request: dict, when_us: int) -> list[dict]:
-        if request.get("action") in (None, "NEW", "REPLACE"):
+        if request.get("action") in (None, OrderAction.NEW, OrderAction.REPLACE):
             self.counts.submitted += 1
             if self.primary is None:
                 self.primary = request["symbol"]
@@ -716,7 +725,7 @@ class BookBroker(Broker):
             if event["last_fill_amount"] is None:
                 continue
             amount = Decimal(event["last_fill_amount"])
-            ledger.fill(event["symbol"], amount if event["side"] == "buy" else -amount,
+            ledger.fill(event["symbol"], amount if event["side"] == BUY_WIRE else -amount,
                         Decimal(event["last_fill_price"]), event["event_ms"], index, -1,
                         fee=Decimal(event["last_fill_fee"]))
         return events
@@ -734,11 +743,11 @@ class BookBroker(Broker):
                 position = self.ledger.position[symbol]
                 if not position:
                     continue
-                side = "SELL" if position > 0 else "BUY"
+                side = Side.SELL if position > 0 else Side.BUY
                 request = {"client_order_id": f"finalize-{symbol}", "strategy_id": self.strategy_id,
-                           "symbol": symbol, "side": side, "order_type": "MARKET", "price": None,
-                           "amount": plain(abs(position)), "options": [], "created_ms": when,
-                           "expires_ms": None, "action": "NEW"}
+                           "symbol": symbol, "side": side, "order_type": OrderType.MARKET,
+                           "price": None, "amount": plain(abs(position)), "options": [],
+                           "created_ms": when, "expires_ms": None, "action": OrderAction.NEW}
                 book = self.books.get(symbol)
                 if book is not None and book.has_snapshot:
                     events += self._booked(self.exchange.execute(request, last_event_us,
@@ -746,7 +755,7 @@ class BookBroker(Broker):
                 remaining = abs(self.ledger.position.get(symbol, ZERO))
                 if remaining and symbol in self.marks:  # no book left: at the last mark
                     mark = self.marks[symbol]
-                    self.ledger.fill(symbol, remaining if side == "BUY" else -remaining, mark,
+                    self.ledger.fill(symbol, remaining if side == Side.BUY else -remaining, mark,
                                      when, self._index, -1,
                                      fee=self.fees.fee(mark * remaining, Liquidity.TAKER))
         cell = self._cell if self._cell is not None else when // self.sample_ms
@@ -1000,7 +1009,7 @@ class Engine:
     def _refused(self, intent: Any, reason: str, trigger: str, index: int, t: int) -> dict:
         """A REJECTED event for an intent that made no request (the strategy hears why)."""
         symbol = getattr(intent, "symbol", None) or ""
-        side = getattr(intent, "side", None) or "BUY"
+        side = getattr(intent, "side", None) or Side.BUY
         order = Order(client_order_id(self.strategy.strategy_id, f"{trigger}/refused", index),
                       self.strategy.strategy_id, symbol, Side(side), OrderType.MARKET, None,
                       ZERO, amount_text="0", fee_currency="-" if not symbol else "")

@@ -19,8 +19,16 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from pipeline.core.decimals import fixed
 from pipeline.core.errors import PipelineError
-from pipeline.gemini.marketdata import _TAKER_SIDES, FrameError, _decimal, _long, _lookup
+from pipeline.gemini.marketdata import (
+    _TAKER_SIDES,
+    _UNKNOWN,
+    FrameError,
+    _decimal,
+    _long,
+    _lookup,
+)
 from pipeline.market.bars import INTERVALS_MS
 from pipeline.replay.ranges import to_ms
 
@@ -140,7 +148,7 @@ def trade_record(entry: dict, symbol: str, received_us: int, connection_id: str,
         "symbol": symbol, "trade_id": entry["tid"],
         "price": _decimal(entry.get("price"), f"{symbol}: trade {entry['tid']} price"),
         "quantity": _decimal(entry.get("amount"), f"{symbol}: trade {entry['tid']} amount"),
-        "taker_side": _lookup(_TAKER_SIDES, entry.get("type")) or "UNKNOWN",
+        "taker_side": _lookup(_TAKER_SIDES, entry.get("type")) or _UNKNOWN,
         "exchange_ts_ms": _ms(entry), "received_ts_us": received_us,
         "connection_id": connection_id, "sequence": sequence, "from_snapshot": False,
         "exchange_ts_ns": None}
@@ -165,7 +173,7 @@ def _number(value: Any, what: str) -> str:
     number = Decimal(value)
     if not number.is_finite() or number < 0:
         raise FrameError(f"{what} {value!r} is not a finite non-negative number")
-    return format(number, "f")
+    return fixed(number)
 
 
 def candle_bars(rows: Any, symbol: str, interval: str, now_ms: int) -> list[dict]:

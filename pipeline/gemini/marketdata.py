@@ -48,19 +48,26 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
+
+from pipeline.core.decimals import UNSIGNED
+from pipeline.core.vocabulary import BUY_WIRE, SELL_WIRE, BookSide, TakerSide
 
 log = logging.getLogger(__name__)
 
 # ASCII digits only, the whole string (``\d`` would take other scripts' digits, ``$`` a
 # trailing newline).
-DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
+DECIMAL = UNSIGNED
 LONG_MAX = 2**63 - 1  # Avro long: a larger id or time cannot be published
-_BOOK_SIDES = {"buy": "BID", "bid": "BID", "sell": "ASK", "ask": "ASK"}
-_TAKER_SIDES = {"buy": "BUY", "sell": "SELL"}
+# The records' spellings as plain str (the values of the vocabulary's members).
+_BID, _ASK = BookSide.BID.value, BookSide.ASK.value
+_BUY, _SELL, _UNKNOWN = TakerSide.BUY.value, TakerSide.SELL.value, TakerSide.UNKNOWN.value
+# Gemini's side words -> the book side of a level, the taker side of a trade.
+_BOOK_SIDES = {BUY_WIRE: _BID, "bid": _BID, SELL_WIRE: _ASK, "ask": _ASK}
+_TAKER_SIDES = {BUY_WIRE: _BUY, SELL_WIRE: _SELL}
+_TAKER_OF_MAKER = {"bid": _SELL, "ask": _BUY}  # the maker rested on one side: the taker
 
 
 class FrameError(ValueError):
@@ -223,7 +230,7 @@ class V2Normalizer(_Numbered):
             "symbol": symbol, "trade_id": trade_id,
             "price": _decimal(frame.get("price"), f"{symbol}: trade price"),
             "quantity": _decimal(frame.get("quantity"), f"{symbol}: trade quantity"),
-            "taker_side": _lookup(_TAKER_SIDES, frame.get("side")) or "UNKNOWN",
+            "taker_side": _lookup(_TAKER_SIDES, frame.get("side")) or _UNKNOWN,
             "exchange_ts_ms": timestamp, "received_ts_us": received_us,
             "connection_id": self.connection_id, "sequence": self.sequence,
             "from_snapshot": from_snapshot, "exchange_ts_ns": None})
@@ -296,7 +303,7 @@ class V1Normalizer:
                     "price": _decimal(event.get("price"), f"{self.symbol}: trade {i} price"),
                     "quantity": _decimal(event.get("amount"), f"{self.symbol}: trade {i} amount"),
                     # the maker rested on one side, so the taker came from the other
-                    "taker_side": _lookup({"bid": "SELL", "ask": "BUY"}, maker) or "UNKNOWN",
+                    "taker_side": _lookup(_TAKER_OF_MAKER, maker) or _UNKNOWN,
                     "exchange_ts_ms": timestamp_ms, "received_ts_us": received_us,
                     "connection_id": self.connection_id, "sequence": sequence,
                     "from_snapshot": False, "exchange_ts_ns": None}))
@@ -404,8 +411,8 @@ class WsNormalizer(_Numbered):
         event_ns = _int(frame.get("E"), f"{symbol}: depthUpdate E")
         if first > last:
             raise FrameError(f"{symbol}: depthUpdate U {first} > u {last}")
-        changes = (_levels(frame.get("b"), "BID", f"{symbol}: depthUpdate")
-                   + _levels(frame.get("a"), "ASK", f"{symbol}: depthUpdate"))
+        changes = (_levels(frame.get("b"), _BID, f"{symbol}: depthUpdate")
+                   + _levels(frame.get("a"), _ASK, f"{symbol}: depthUpdate"))
         if symbol in self._expected:
             if self._expected[symbol] is not None:
                 return _skip(self.skipped, "depthUpdate of an ended subscription")
@@ -441,8 +448,8 @@ class WsNormalizer(_Numbered):
             "symbol": symbol, "trade_id": trade_id,
             "price": _decimal(frame.get("p"), f"{symbol}: trade price"),
             "quantity": _decimal(frame.get("q"), f"{symbol}: trade quantity"),
-            "taker_side": ("SELL" if maker_buyer else "BUY") if isinstance(maker_buyer, bool)
-            else "UNKNOWN",
+            "taker_side": (_SELL if maker_buyer else _BUY) if isinstance(maker_buyer, bool)
+            else _UNKNOWN,
             "exchange_ts_ms": event_ns // 1_000_000, "received_ts_us": received_us,
             "connection_id": self.connection_id, "sequence": self.sequence,
             "from_snapshot": False, "exchange_ts_ns": event_ns})

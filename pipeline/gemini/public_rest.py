@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 import requests
 
+from pipeline.core.errors import GeminiApiError, GeminiError, GeminiRateLimited
 from pipeline.gemini.ratelimit import TokenBucket
-from pipeline.gemini.rest import GeminiApiError, GeminiError, GeminiRateLimited
 
 log = logging.getLogger(__name__)
 

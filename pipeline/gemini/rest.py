@@ -37,36 +37,17 @@ from typing import Any, Callable, Iterable, Protocol
 
 import requests
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.decimals import decimal_string
+from pipeline.core.errors import (
+    GeminiApiError,
+    GeminiError,
+    GeminiInDoubt,
+    GeminiRateLimited,
+    PipelineError,
+)
 
 LIVE_URL = "https://api.gemini.com"
 SANDBOX_URL = "https://api.sandbox.gemini.com"
-
-
-class GeminiError(PipelineError):
-    """A private API call did not give an answer we can use."""
-
-    nonce: int | None = None  # the request's nonce, when one was sent
-
-
-class GeminiApiError(GeminiError):
-    """Gemini answered ``{"result": "error", "reason": ..., "message": ...}``."""
-
-    def __init__(self, reason: str, message: str, http_status: int) -> None:
-        super().__init__(f"Gemini refused the request: {reason} ({http_status}): {message}")
-        self.reason = reason
-        self.message = message
-        self.http_status = http_status
-
-
-class GeminiRateLimited(GeminiApiError):
-    """429 / ``RateLimit``: over the key's rate; nothing was executed, retry later."""
-
-
-class GeminiInDoubt(GeminiError):
-    """The request may or may not have been executed (timeout, lost connection, 5xx,
-    an answer that is not JSON). Never resend an order after this; ask for its status by
-    ``client_order_id`` instead."""
 
 
 class GeminiTimeout(GeminiInDoubt):
@@ -206,11 +187,8 @@ class NonceSource:
             os.close(dir_fd)
 
 
-def _decimal_text(value: Decimal | str | int, what: str) -> str:
-    """Gemini wants amounts as decimal strings; a float would not be exact, so refuse it."""
-    if isinstance(value, bool) or not isinstance(value, (Decimal, str, int)):
-        raise TypeError(f"{what} must be a Decimal, str or int, not {type(value).__name__}")
-    return format(Decimal(value), "f") if not isinstance(value, str) else value
+# Gemini wants amounts as decimal strings; a float would not be exact, so it is refused.
+_decimal_text = decimal_string
 
 
 class GeminiRestClient:

@@ -32,17 +32,13 @@ from urllib.parse import urlsplit
 
 import requests
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, RulesUnavailable
 from pipeline.core.rules import SymbolRules
 
 log = logging.getLogger(__name__)
 CACHE_DIR = "gemini"
 DEFAULT_TIMEOUT_S = 5.0
 RulesTable = dict[str, SymbolRules]
-
-
-class RulesUnavailable(PipelineError):
-    """Gemini could not be asked and there is no cache to fall back on."""
 
 
 def parse_details(text: str) -> SymbolRules:

@@ -35,13 +35,14 @@ import time
 from decimal import Decimal
 from typing import Any, Callable, Mapping
 
+from pipeline.core.errors import GeminiError, WsError
 from pipeline.core.records import OrderEvent, OrderRequest
 from pipeline.core.symbols import quote_currency
 from pipeline.core.vocabulary import Liquidity, OrderEventKind, OrderType, Side
 from pipeline.gemini.execution import GeminiExecution, GeminiSettings, _Followed
 from pipeline.gemini.ratelimit import SharedTokenBucket, TokenBucket
-from pipeline.gemini.rest import GeminiError, GeminiRestClient, Nonces
-from pipeline.gemini.ws_session import WsError, WsSession
+from pipeline.gemini.rest import GeminiRestClient, Nonces
+from pipeline.gemini.ws_session import WsSession
 from pipeline.trading.execution import request_event
 from pipeline.trading.orders import EXPIRED, ORDER_CLOSED, REQUESTED, Fill, Order, order_event
 

@@ -30,25 +30,13 @@ from typing import Any, Callable
 
 import websocket
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, WsDisconnected, WsError, WsTimeout
 from pipeline.gemini.marketdata import count_once
 
 log = logging.getLogger(__name__)
 
 WS_LIVE = "wss://ws.gemini.com"
 WS_SANDBOX = "wss://ws.sandbox.gemini.com"  # Gemini's AsyncAPI contract names it
-
-
-class WsError(PipelineError):
-    """A request that got no usable answer."""
-
-
-class WsDisconnected(WsError):
-    """The connection ended before the answer: the request is in doubt."""
-
-
-class WsTimeout(WsError):
-    """No answer in time: the request is in doubt."""
 
 
 def ws_auth_headers(api_key: str, api_secret: str, nonce_s: int) -> dict[str, str]:

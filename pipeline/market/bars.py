@@ -56,6 +56,9 @@ from decimal import Context, Decimal, DivisionByZero, Inexact, InvalidOperation,
 from fractions import Fraction
 from typing import Any, Callable, Iterable, Mapping
 
+from pipeline.core.decimals import plain
+from pipeline.core.vocabulary import TakerSide
+
 INTERVALS_MS: dict[str, int] = {
     "1s": 1_000, "5s": 5_000, "10s": 10_000, "15s": 15_000, "30s": 30_000,
     "1m": 60_000, "5m": 300_000, "15m": 900_000,
@@ -63,7 +66,8 @@ INTERVALS_MS: dict[str, int] = {
 }
 DEFAULT_INTERVALS: tuple[str, ...] = ("1m", "5m", "1h", "1d")
 VWAP_PLACES = 12
-TAKER_SIDES = ("BUY", "SELL", "UNKNOWN")
+TAKER_SIDES = tuple(t.value for t in TakerSide)
+_BUY, _SELL = TakerSide.BUY.value, TakerSide.SELL.value
 STATE_VERSION = 1
 
 # Exact arithmetic or an exception: 100 significant digits, inexact results trapped.
@@ -108,14 +112,9 @@ class RecordClock:
         return self.newest + max(0, self._wall() - self._at - self._idle)
 
 
-def decimal_text(value: Decimal) -> str:
-    """The canonical plain text of a decimal: ``302.75``, ``100``, ``0.00001``, ``0``."""
-    if not value:
-        return "0"
-    text = format(value, "f")
-    if "." in text:
-        text = text.rstrip("0").rstrip(".")
-    return text
+#: The canonical plain text of a decimal (``302.75``, ``100``, ``0.00001``, ``0``): the
+#: one in :mod:`pipeline.core.decimals`, under the name this module has always exported.
+decimal_text = plain
 
 
 def round_half_even(numerator: Decimal, denominator: Decimal, places: int = VWAP_PLACES) -> Decimal:
@@ -293,8 +292,8 @@ class _Agg:
         # Everything that can raise runs before the first assignment: all or nothing.
         notional = EXACT.add(self.notional, notional)
         volume = EXACT.add(self.volume, qty)
-        buy = EXACT.add(self.buy, qty) if side == "BUY" else self.buy
-        sell = EXACT.add(self.sell, qty) if side == "SELL" else self.sell
+        buy = EXACT.add(self.buy, qty) if side == _BUY else self.buy
+        sell = EXACT.add(self.sell, qty) if side == _SELL else self.sell
         if not self.count:
             self.open = self.high = self.low = self.close = price
             self.open_key = self.close_key = key

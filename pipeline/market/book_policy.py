@@ -24,11 +24,13 @@ from decimal import Decimal
 from typing import Iterable
 
 from pipeline.core.records import BookSnapshot, L2Update, Level, LevelChange
-from pipeline.market.orderbook import _PRICES, L2Book, price_key
+from pipeline.core.vocabulary import BookHealthKind, BookSide
+from pipeline.market.orderbook import _PRICES, BID, L2Book, price_key
 
 IGNORED, APPLIED, TOP_CHANGED = 0, 1, 2
-CROSSED, LOCKED, CHANGE_BEFORE_SNAPSHOT, RESNAPSHOT = \
-    "CROSSED", "LOCKED", "CHANGE_BEFORE_SNAPSHOT", "RESNAPSHOT"
+CROSSED, LOCKED, CHANGE_BEFORE_SNAPSHOT, RESNAPSHOT = (
+    BookHealthKind.CROSSED, BookHealthKind.LOCKED, BookHealthKind.CHANGE_BEFORE_SNAPSHOT,
+    BookHealthKind.RESNAPSHOT)
 
 _Top = tuple[tuple[str, str] | None, tuple[str, str] | None]  # (best bid, best ask)
 
@@ -75,11 +77,12 @@ class Depth:
         two lookups; a level that appears or goes is one sorted insert or delete)."""
         prices, bid_levels, ask_levels = _PRICES, book.bids, book.asks
         bid_set, ask_set = self.bid_set, self.ask_set
+        bid = BID
         for change in changes:
             raw = change["price"]
             found = prices.get(raw) or price_key(raw)
             canonical = found[0]
-            if change["side"] == "BID":
+            if change["side"] == bid:
                 if canonical in bid_levels:
                     if canonical not in bid_set:
                         bid_set.add(canonical)
@@ -274,8 +277,8 @@ class BookPolicy:
         """A book from a checkpoint (levels as ``{"price", "quantity"}``)."""
         book = self.books[symbol] = L2Book(symbol)
         if has_snapshot:
-            bid_changes: list[LevelChange] = [{"side": "BID", **lvl} for lvl in bids]
-            ask_changes: list[LevelChange] = [{"side": "ASK", **lvl} for lvl in asks]
+            bid_changes: list[LevelChange] = [{"side": BookSide.BID, **lvl} for lvl in bids]
+            ask_changes: list[LevelChange] = [{"side": BookSide.ASK, **lvl} for lvl in asks]
             book.apply_snapshot(bid_changes + ask_changes)
         if self.depth > 1:
             depth = self.levels[symbol] = Depth()

@@ -17,11 +17,14 @@ import heapq
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Iterable
 
+from pipeline.core.vocabulary import BookSide
+
 if TYPE_CHECKING:
     from pipeline.core.records import LevelChange
 
 _PRICES: dict[str, tuple[str, Decimal]] = {}  # raw price text -> (canonical text, value)
 _PRICE_CACHE_LIMIT = 2_000_000
+BID, ASK = BookSide.BID.value, BookSide.ASK.value  # plain str: compared once per change
 
 
 class BookError(ValueError):
@@ -79,14 +82,15 @@ class L2Book:
         level's quantity, or remove it when the quantity is zero. Returns the count."""
         bids, asks = self.bids, self.asks
         bid_heap, ask_heap, prices, push = self._bid_heap, self._ask_heap, _PRICES, heapq.heappush
+        bid, ask = BID, ASK
         n = 0
         for change in changes:  # the hot loop of every book: kept flat on purpose
             side, raw, quantity = change["side"], change["price"], change["quantity"]
             found = prices.get(raw) or price_key(raw)
             price = found[0]
-            if side == "BID":
+            if side == bid:
                 levels = bids
-            elif side == "ASK":
+            elif side == ask:
                 levels = asks
             else:
                 raise BookError(f"{self.symbol}: unknown side {side!r}")
@@ -138,7 +142,7 @@ class L2Book:
 
     def size_at(self, side: str, price: str) -> str | None:
         """Quantity resting at ``price`` on ``side`` ("BID"/"ASK"), or None."""
-        levels = self.bids if side == "BID" else self.asks
+        levels = self.bids if side == BID else self.asks
         return levels.get(price_key(price)[0])
 
     def depth(self, n: int | None = None) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -147,7 +151,7 @@ class L2Book:
 
     def levels(self) -> dict[str, dict[str, str]]:
         """The whole book as plain dicts (for comparisons and checkpoints)."""
-        return {"BID": dict(self.bids), "ASK": dict(self.asks)}
+        return {BID: dict(self.bids), ASK: dict(self.asks)}
 
 
 def _value(price: str) -> Decimal:

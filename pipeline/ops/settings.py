@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import ConfigError
 from pipeline.gemini.rest import LIVE_URL
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +50,7 @@ def ensure_writable_dir(path: Path) -> Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        raise PipelineError(
+        raise ConfigError(
             f"run directory {path} is not writable ({exc.strerror}): "
             "set PIPELINE_RUN_DIR to a directory you own"
         ) from None

@@ -2,7 +2,10 @@
 
 Per process (from the supervisor's state): up, restarts, last error. Per consumer group of
 the namespace: members, lag per partition, records/s. Per topic: end offsets, records/s.
-The producer's last-message age, the execution mode and the kill switch.
+The producer's last-message age, the execution mode and the kill switch. And what each
+process reports through the metrics interface (``pipeline/runtime/metrics.py``): the
+``status/metrics-<process>.json`` files its runner or producer writes, exposed as
+``pipeline_<name>{process=...}`` (dead letters, rejections, snapshots, reconnects...).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pipeline.kafka.catalog import Namespace, describe_topics
 from pipeline.kafka.clients import make_admin
 from pipeline.kafka.cluster_health import INTERNAL_TOPICS, describe_cluster
 from pipeline.ops import kill_switch
+from pipeline.runtime.metrics import exposition, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,8 @@ class Snapshot:
     partition_rates: dict[str, dict[str, float]] = field(default_factory=dict)
     portfolio: Any = None  # pipeline.ops.portfolio_view.PortfolioView, when it could be read
     cluster: Any = None  # pipeline.kafka.cluster_health.ClusterHealth of the namespace's topics
+    # process -> its metrics snapshot (pipeline.runtime.metrics.MetricsRegistry.snapshot)
+    process_metrics: dict[str, dict] = field(default_factory=dict)
 
 
 def partition_label(topic: str, partition: int) -> str:
@@ -89,7 +95,16 @@ def collect(run_dir: Path, state: dict, previous: Snapshot | None = None) -> Sna
     return Snapshot(now, state.get("processes", []), topics, groups, producer, execution,
                     state.get("phase", "unknown"), rates, partition_rates,
                     _portfolio(bootstrap, state.get("registry"), namespace, topics),
-                    describe_cluster(bootstrap, [*topics, *INTERNAL_TOPICS], timeout=5))
+                    describe_cluster(bootstrap, [*topics, *INTERNAL_TOPICS], timeout=5),
+                    process_metrics(run_dir, state.get("processes", [])))
+
+
+def process_metrics(run_dir: Path, processes: list[dict]) -> dict[str, dict]:
+    """The processes' metrics files in ``run_dir``: those of ``processes`` when the state
+    names any (a file left by another topology's process is not ours), else all."""
+    found = read_metrics(run_dir / "status")
+    names = {p["name"] for p in processes}
+    return {name: data for name, data in found.items() if not names or name in names}
 
 
 def group_lags(bootstrap: str, namespace: Namespace, topics: dict[str, tuple[int, ...]]
@@ -197,6 +212,7 @@ def prometheus(snapshot: Snapshot, namespace: str) -> str:
                      "1 while the kill switch file exists.",
                      [({}, int(snapshot.execution["kill_switch"]))])
     lines += _portfolio_metrics(snapshot.portfolio)
+    lines += exposition(snapshot.process_metrics)
     lines += _family("pipeline_info", "gauge", "The namespace and the execution mode.",
                      [({"namespace": namespace, "mode": snapshot.execution["mode"]}, 1)])
     return "\n".join(lines) + "\n"

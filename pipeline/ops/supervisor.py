@@ -298,6 +298,7 @@ class Supervisor:
 
     def _launch(self, child: Child) -> None:
         env = {**os.environ, "PIPELINE_RUN_DIR": str(self.run_dir),
+               "PIPELINE_PROCESS": child.name,  # where its metrics go (runtime/metrics.py)
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                            os.environ.get("PYTHONPATH")]))}
         if not self.settings.bootstrap_servers:  # a secured local broker: the child's role

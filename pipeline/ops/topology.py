@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.kafka.catalog import Namespace
 from pipeline.ops.settings import REPO_ROOT
 
@@ -140,11 +140,11 @@ def _read(path: Path) -> tuple[dict, str]:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise PipelineError(f"topology {path} cannot be read: {exc.strerror}") from None
+        raise ConfigError(f"topology {path} cannot be read: {exc.strerror}") from None
     try:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as exc:
-        raise PipelineError(f"{path}: not valid TOML: {exc}") from None
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -173,7 +173,7 @@ class _Locator:
     def error(self, key: str, message: str, near: str | None = None) -> PipelineError:
         line = self.line_of(key.rsplit(".", 1)[-1], near)
         where = f"{self.path}:{line}" if line else str(self.path)
-        return PipelineError(f"{where}: key {key!r}: {message}")
+        return ConfigError(f"{where}: key {key!r}: {message}")
 
 
 def _only(table: dict, allowed: set[str], where: _Locator, prefix: str) -> None:

@@ -32,9 +32,9 @@ from typing import Callable, Iterator, Sequence
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from pipeline.avro.registry import SchemaRegistry
-from pipeline.avro.serde import Decoder, SerdeError
+from pipeline.avro.serde import Decoder
 from pipeline.backtest.engine import KIND_OF_SCHEMA, Event, EventMerger, event_time_us
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, SerdeError
 from pipeline.kafka.catalog import split_topic
 from pipeline.kafka.clients import consumer_config
 from pipeline.kafka.partition_reader import PartitionReader

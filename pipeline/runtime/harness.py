@@ -42,6 +42,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from confluent_kafka import OFFSET_STORED, TopicPartition
 
 from pipeline.runtime.context import AssignContext, Follower
+from pipeline.runtime.metrics import MetricsRegistry
 from pipeline.runtime.runner import (
     GroupConfig,
     GroupRunner,
@@ -324,6 +325,11 @@ class HandlerHarness:
     @property
     def stats(self) -> GroupStats:
         return self._runner.stats
+
+    @property
+    def metrics(self) -> MetricsRegistry:
+        """What the runner and the handler reported (runtime/metrics.py)."""
+        return self._runner.metrics
 
     @property
     def outputs(self) -> list[Output]:

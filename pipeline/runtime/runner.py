@@ -59,6 +59,14 @@ from pipeline.kafka.clients import (
 from pipeline.kafka.deadletter import STAGE_DECODE, STAGE_HANDLE, dead_letter_headers
 from pipeline.kafka.partition_reader import read_windows
 from pipeline.runtime.context import AssignContext, Follower, Partition
+from pipeline.runtime.metrics import (
+    NULL_METRICS,
+    Metrics,
+    MetricsRegistry,
+    MetricsWriter,
+    process_metrics_path,
+    report_totals,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_STALL_LIMIT_S = 240.0  # beyond every Kafka call's own timeout (commit: 60 s)
@@ -107,6 +115,8 @@ class Handler:
     then ``after_commit`` if it succeeded. ``on_revoke`` and ``close`` are followed by a
     commit (and ``after_commit``) of their own.
     """
+
+    metrics: Metrics = NULL_METRICS  # the runner binds its registry (runtime/metrics.py)
 
     def handle(self, record: Record) -> Iterable[Output]:
         raise NotImplementedError
@@ -180,6 +190,13 @@ class GroupStats:
     commits: int = 0
     last_error: str | None = None
 
+    def report(self, metrics: MetricsRegistry) -> None:
+        """The figures as the metrics interface's counters (a collector)."""
+        report_totals(metrics, (("records_total", self.records),
+                                ("outputs_total", self.outputs),
+                                ("dead_letters_total", self.dead_letters),
+                                ("batches_total", self.batches), ("commits_total", self.commits)))
+
 
 def stall_reason(now: float, alive_at: float, limit_s: float,
                  bounded: tuple[float, str] | None) -> str | None:
@@ -203,6 +220,11 @@ class GroupRunner:
         self.stats = GroupStats()
         self._stop = threading.Event()
         self._handler = config.handler()
+        self.metrics = MetricsRegistry(group=config.group_id)
+        self.metrics.collect(lambda metrics: self.stats.report(metrics))
+        self._handler.metrics = self.metrics
+        path = process_metrics_path()  # set when the supervisor runs this process
+        self._metrics_out = MetricsWriter(self.metrics, path) if path is not None else None
         self._next_offsets: dict[tuple[str, int], int] = {}
         self._consumer: Consumer | None = None
         self._producer: ReliableProducer | None = None
@@ -279,7 +301,11 @@ class GroupRunner:
                     self._handle_batch([])  # time passes: let the handler close what is due
                 if max_records is not None and self.stats.records >= max_records:
                     break
+                if self._metrics_out is not None:
+                    self._metrics_out.maybe()
             self._shutdown()
+            if self._metrics_out is not None:
+                self._metrics_out.write()
         except BaseException as exc:
             self.stats.last_error = f"{type(exc).__name__}: {exc}"
             self._abort()

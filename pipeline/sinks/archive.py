@@ -58,7 +58,7 @@ import pyarrow.parquet as pq
 
 from pipeline.avro import schemas
 from pipeline.core.decimals import finite
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import ArchiveError, PipelineError
 from pipeline.kafka.catalog import spec
 from pipeline.sinks.bars import DECIMAL, PLACES, _replace
 
@@ -73,10 +73,6 @@ KAFKA_FIELDS = [pa.field("kafka_partition", pa.int32(), nullable=False),
 SOURCES_KEY = b"archive.sources"  # a compacted file's metadata: the files it replaces
 JOURNAL = "_journal"
 STAGING = ".staging"
-
-
-class ArchiveError(PipelineError):
-    """The archive cannot be read or written as asked (a damaged file, a bad record)."""
 
 
 @dataclass(frozen=True)

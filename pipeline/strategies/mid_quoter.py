@@ -8,10 +8,11 @@ from typing import Any
 
 from pipeline.core.decimals import plain
 from pipeline.core.records import BookSnapshot
+from pipeline.core.vocabulary import OrderOption, OrderType, Side
 from pipeline.trading.intents import CancelIntent, Intent, OrderIntent, ReplaceIntent
 from pipeline.trading.strategy import Strategy
 
-MAKER_OR_CANCEL = ("maker-or-cancel",)
+MAKER_OR_CANCEL = (OrderOption.MAKER_OR_CANCEL.value,)
 
 
 @dataclass
@@ -54,8 +55,8 @@ class MidQuoter(Strategy):
         bid = ((mid - half) / tick).to_integral_value(rounding=ROUND_FLOOR) * tick
         ask = ((mid + half) / tick).to_integral_value(rounding=ROUND_CEILING) * tick
         intents: list[Intent] = []
-        intents += self._quote("BUY", bid, inventory + amount <= limit)
-        intents += self._quote("SELL", ask, inventory - amount >= -limit)
+        intents += self._quote(Side.BUY, bid, inventory + amount <= limit)
+        intents += self._quote(Side.SELL, ask, inventory - amount >= -limit)
         return intents
 
     def _quote(self, side: str, price: Decimal, allowed: bool) -> list[Intent]:
@@ -67,7 +68,8 @@ class MidQuoter(Strategy):
             return [CancelIntent(o.client_order_id) for o in live]
         text = plain(price)
         if not live:
-            return [OrderIntent(self.symbol, side, self.amount, "LIMIT", text, MAKER_OR_CANCEL)]
+            return [OrderIntent(self.symbol, side, self.amount, OrderType.LIMIT, text,
+                                MAKER_OR_CANCEL)]
         keep, *extra = live
         intents: list[Intent] = [CancelIntent(o.client_order_id) for o in extra]
         if keep.price is None or Decimal(keep.price) != price:

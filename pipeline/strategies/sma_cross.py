@@ -9,6 +9,7 @@ from typing import Any
 
 from pipeline.core.decimals import plain
 from pipeline.core.records import Bar
+from pipeline.core.vocabulary import Side
 from pipeline.trading.intents import OrderIntent
 from pipeline.trading.strategy import Strategy
 
@@ -94,10 +95,10 @@ class SmaCross(Strategy):
             if self.fraction is not None:  # the fills decide how much: close the position
                 intents.append(OrderIntent.close(self.symbol))
             else:  # a fixed amount: undo it
-                intents.append(OrderIntent(self.symbol, "SELL" if self.direction > 0 else "BUY",
-                                           self.amount))
+                undo = Side.SELL if self.direction > 0 else Side.BUY
+                intents.append(OrderIntent(self.symbol, undo, self.amount))
         if direction:
-            side = "BUY" if direction > 0 else "SELL"
+            side = Side.BUY if direction > 0 else Side.SELL
             intents.append(OrderIntent(self.symbol, side, fraction=self.fraction)
                            if self.fraction is not None else
                            OrderIntent(self.symbol, side, self.amount))

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Mapping, cast
 
 from pipeline.core.decimals import ZERO, plain
 from pipeline.core.symbols import split_symbol
-from pipeline.core.vocabulary import FILL_KINDS
+from pipeline.core.vocabulary import BUY_WIRE, FILL_KINDS
 
 ONE = Decimal(1)
 
@@ -421,7 +421,7 @@ def new_fill(event: Mapping[str, Any], filled: dict[str, Decimal]
         price, fee = Decimal(event["last_fill_price"]), Decimal(event.get("last_fill_fee") or "0")
     else:
         size, price, fee = total - before, Decimal(event["avg_fill_price"] or "0"), ZERO
-    if event["side"].lower() != "buy":
+    if event["side"].lower() != BUY_WIRE:
         size = -size
     return size, price, fee, event.get("fee_currency")
 

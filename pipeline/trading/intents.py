@@ -9,9 +9,11 @@ from decimal import Decimal
 from pipeline.core.decimals import positive
 from pipeline.core.vocabulary import OrderOption, OrderType, Side
 
+# The accepted spellings, derived from the vocabulary (public: pipeline.strategy re-exports).
 SIDES = tuple(s.value for s in Side)
 ORDER_TYPES = tuple(t.value for t in OrderType)
 OPTIONS = tuple(o.value for o in OrderOption)
+_LIMIT, _MARKET = OrderType.LIMIT, OrderType.MARKET
 
 # backtesting.py's default ``buy()``/``sell()`` size: the float ``1 - 2**-52``, which it
 # prints as ``.9999`` but which sizes with (all but a rounding error of) the whole equity.
@@ -41,7 +43,7 @@ class OrderIntent:
     symbol: str
     side: str | None
     amount: str | None = None  # base-currency quantity, exact decimal string
-    order_type: str = "MARKET"
+    order_type: str = OrderType.MARKET.value
     price: str | None = None  # limit price, exact decimal string; None for MARKET
     options: tuple[str, ...] = ()
     fraction: str | None = None  # of the equity, exact decimal string in (0, 1]
@@ -51,7 +53,7 @@ class OrderIntent:
         if self.close_position:
             if self.side is not None or self.amount is not None or self.fraction is not None:
                 raise ValueError("a close_position intent has no side, amount or fraction")
-            if self.order_type != "MARKET" or self.price is not None or self.options:
+            if self.order_type != _MARKET or self.price is not None or self.options:
                 raise ValueError("a close_position intent is a plain MARKET order")
             return
         if self.side not in SIDES:
@@ -64,7 +66,7 @@ class OrderIntent:
         _positive(self.amount, "amount")
         if self.fraction is not None and not 0 < Decimal(self.fraction) <= 1:
             raise ValueError(f"fraction must be in (0, 1], not {self.fraction}")
-        if (self.order_type == "LIMIT") != (self.price is not None):
+        if (self.order_type == _LIMIT) != (self.price is not None):
             raise ValueError("a LIMIT intent needs a price; a MARKET intent has none")
         _positive(self.price, "price")
         unknown = [o for o in self.options if o not in OPTIONS]
@@ -73,7 +75,7 @@ class OrderIntent:
         if len(self.options) > 1:
             raise ValueError(f"at most one order option, not {list(self.options)} (Gemini "
                              "refuses combinations)")
-        if self.options and self.order_type == "MARKET":
+        if self.options and self.order_type == _MARKET:
             raise ValueError("a MARKET intent takes no option")
 
     @classmethod

@@ -64,7 +64,7 @@ _NEXT: dict[OrderStatus, frozenset[OrderStatus]] = {
 
 
 _FILLED, _PARTIAL = K.FILLED, K.PARTIALLY_FILLED
-_WIRE = {Side.BUY: "buy", Side.SELL: "sell"}
+_WIRE = {side: side.wire for side in Side}  # plain str
 _TEXT = {member: member.value for enum in (K, Liquidity) for member in enum}  # plain str
 
 

@@ -24,7 +24,7 @@ from decimal import Decimal
 from typing import Any, Mapping
 
 from pipeline.core.records import L2Update, OrderEvent, OrderRequest
-from pipeline.core.vocabulary import ExecutionMode, OrderOption, OrderType
+from pipeline.core.vocabulary import ExecutionMode, OrderOption, OrderType, PaperStateKind
 from pipeline.market.book_policy import IGNORED, TOP_CHANGED, BookPolicy, Source
 from pipeline.trading.risk import BookTop
 from pipeline.trading.simulator import SimulatedExchange, SimulatorConfig
@@ -115,9 +115,10 @@ class PaperExecution:
         out = []
         for symbol in self.exchange.dirty_symbols():
             source = self.policy.source(symbol)
-            out.append({"symbol": symbol, "kind": "ORDERS", "source_partition": source.partition,
-                        "source_offset": source.offset, "has_snapshot": False, "bids": [],
-                        "asks": [], **self.exchange.dump(symbol), "written_ts_us": now_us})
+            out.append({"symbol": symbol, "kind": PaperStateKind.ORDERS,
+                        "source_partition": source.partition, "source_offset": source.offset,
+                        "has_snapshot": False, "bids": [], "asks": [],
+                        **self.exchange.dump(symbol), "written_ts_us": now_us})
             self.exchange.clean(symbol)
         return out
 
@@ -129,8 +130,9 @@ class PaperExecution:
         for symbol in due:
             book, source = self.policy.books[symbol], self.policy.source(symbol)
             bids, asks = book.depth()
-            out.append({"symbol": symbol, "kind": "BOOK", "source_partition": source.partition,
-                        "source_offset": source.offset, "has_snapshot": book.has_snapshot,
+            out.append({"symbol": symbol, "kind": PaperStateKind.BOOK,
+                        "source_partition": source.partition, "source_offset": source.offset,
+                        "has_snapshot": book.has_snapshot,
                         "bids": [{"price": p, "quantity": q} for p, q in bids],
                         "asks": [{"price": p, "quantity": q} for p, q in asks], "orders": [],
                         "taken": [], "written_ts_us": now_us})
@@ -142,7 +144,7 @@ class PaperExecution:
         """Load one ``PaperState`` record."""
         symbol = state["symbol"]
         self._tops.pop(symbol, None)
-        if state["kind"] == "BOOK":
+        if state["kind"] == PaperStateKind.BOOK:
             self.policy.restore(symbol, state["bids"], state["asks"], state["has_snapshot"],
                                 Source(state["source_partition"], state["source_offset"]))
             self._written.add(symbol)

@@ -28,7 +28,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Mapping, TypedDict
 
 from pipeline.core.decimals import ZERO, non_negative, plain, positive
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import BadFill, PipelineError
 from pipeline.core.records import Position, StrategyControl, StrategyPnl
 from pipeline.core.symbols import split_symbol
 from pipeline.core.vocabulary import FILL_KINDS, TERMINAL_KINDS, OrderEventKind
@@ -40,10 +40,6 @@ CLOSED_MEMORY = 1_000  # closed orders whose repeated events are recognised
 FILL_MEMORY_MS = 2 * DAY_MS  # how long an order's fills are kept for reconciliation
 FILL_MEMORY_ORDERS = 5_000  # and for at most this many orders (mytrades gives 500/symbol)
 K = OrderEventKind
-
-
-class BadFill(PipelineError):
-    """A fill the portfolio refuses (it goes to the dead-letter topic, nothing changes)."""
 
 
 #: A record to publish: ``(kind, record)``, kind ``position``, ``pnl`` or ``control``.

@@ -14,7 +14,7 @@ from decimal import ROUND_FLOOR, Decimal
 from typing import Any, Callable, Iterable, Mapping
 
 from pipeline.core.decimals import ZERO, plain
-from pipeline.core.vocabulary import OrderAction
+from pipeline.core.vocabulary import OrderAction, OrderType, Side
 from pipeline.trading.intents import (
     INTENT_TYPES,
     CancelAllIntent,
@@ -111,13 +111,13 @@ def build_requests(intents: Iterable[Any], *, strategy_id: str, tracker: OrderTr
                 request(OrderAction.CANCEL, target.symbol, target.side, target.order_type,
                         None, "0", target.options, intent.client_order_id)
             else:
-                request(OrderAction.CANCEL, intent.symbol or "", "BUY", "LIMIT", None, "0",
-                        target=intent.client_order_id)
+                request(OrderAction.CANCEL, intent.symbol or "", Side.BUY, OrderType.LIMIT,
+                        None, "0", target=intent.client_order_id)
         elif isinstance(intent, CancelAllIntent):
             symbols = sorted({o.symbol for o in tracker.open_orders(intent.symbol)
                               if not o.cancel_requested})
             for symbol in symbols:
-                request(OrderAction.CANCEL_ALL, symbol, "BUY", "LIMIT", None, "0")
+                request(OrderAction.CANCEL_ALL, symbol, Side.BUY, OrderType.LIMIT, None, "0")
         else:
             assert isinstance(intent, ReplaceIntent)
             target = tracker.orders.get(intent.client_order_id)
@@ -138,7 +138,7 @@ def _size(intent: OrderIntent, tracker: OrderTracker, lot: Decimal, price_of: Pr
         position = tracker.position(intent.symbol)
         if not position:
             return "no position to close"
-        return ("SELL" if position > 0 else "BUY"), plain(abs(position))
+        return (Side.SELL if position > 0 else Side.BUY), plain(abs(position))
     side = intent.side
     assert side is not None
     if intent.amount is not None:

@@ -34,7 +34,7 @@ from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any, Iterable, Mapping, cast
 
 from pipeline.core.decimals import ZERO
-from pipeline.core.vocabulary import TERMINAL_KINDS, OrderEventKind
+from pipeline.core.vocabulary import BUY_WIRE, SELL_WIRE, TERMINAL_KINDS, OrderEventKind, OrderType
 
 BPS = Decimal(10_000)
 MINUTE_MS = 60_000
@@ -105,7 +105,7 @@ class BookTop:
 @dataclass
 class OpenOrder:
     symbol: str
-    side: str  # "buy" or "sell"
+    side: str  # BUY_WIRE or SELL_WIRE
     remaining: Decimal
 
 
@@ -122,7 +122,7 @@ class RiskState:
         return self.positions.get(symbol, ZERO)
 
     def apply_fill(self, symbol: str, side: str, amount: Decimal) -> None:
-        signed = amount if side == "buy" else -amount
+        signed = amount if side == BUY_WIRE else -amount
         self.positions[symbol] = self.position(symbol) + signed
 
     def note_open(self, client_order_id: str, symbol: str, side: str, remaining: Decimal) -> None:
@@ -191,7 +191,7 @@ def band_edge(book: BookTop, side: str, band_bps: Decimal) -> Decimal:
     """The most aggressive price inside the band, on the tick grid."""
     mid = book.mid
     assert mid is not None
-    if side == "buy":
+    if side == BUY_WIRE:
         edge = mid * (1 + band_bps / BPS)
         return (edge / book.tick).to_integral_value(ROUND_FLOOR) * book.tick
     edge = mid * (1 - band_bps / BPS)
@@ -221,7 +221,7 @@ def check(limits: RiskLimits, state: RiskState, book: BookTop | None, *, strateg
     step = price_step or limits.price_steps.get(symbol)
     if step is not None and step != book.tick:
         book = BookTop(book.symbol, book.bids, book.asks, book.ts_ms, step)
-    if order_type == "MARKET":
+    if order_type == OrderType.MARKET:
         price = band_edge(book, side, limits.price_band_bps)
     elif price is None:
         return Decision(PRICE_BAND, None, "a LIMIT order without a price")
@@ -235,10 +235,10 @@ def check(limits: RiskLimits, state: RiskState, book: BookTop | None, *, strateg
     cap = limits.position_limit(symbol)
     if cap is not None:
         position = state.position(symbol)
-        if side == "buy":
-            worst = position + state.open_exposure(symbol, "buy", replacing) + amount
+        if side == BUY_WIRE:
+            worst = position + state.open_exposure(symbol, BUY_WIRE, replacing) + amount
         else:
-            worst = position - state.open_exposure(symbol, "sell", replacing) - amount
+            worst = position - state.open_exposure(symbol, SELL_WIRE, replacing) - amount
         if abs(worst) > cap and abs(worst) > abs(position):  # reducing is always fine
             return Decision(MAX_POSITION, price, f"position {position} would reach {worst}, "
                             f"the limit is {cap}")

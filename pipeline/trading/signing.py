@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.vocabulary import OrderAction
 
 ENV_PREFIX = "PIPELINE_STRATEGY_KEY_"
 MAX_ID_PREFIX = 15  # + "-" + 20 hex digits = Gemini's 36 characters
@@ -31,7 +32,7 @@ _ID_UNSAFE = re.compile(r"[^:\-_.#a-zA-Z0-9]")
 
 
 # Fields added after the first OrderRequest schema, with the default a reader fills in.
-_ADDED_DEFAULTS = {"action": "NEW", "target_client_order_id": None}
+_ADDED_DEFAULTS = {"action": OrderAction.NEW.value, "target_client_order_id": None}
 
 
 def canonical(request: Mapping[str, Any]) -> bytes:

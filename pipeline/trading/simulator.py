@@ -68,6 +68,7 @@ from typing import Any, Callable, Iterable, Mapping
 from pipeline.core.decimals import ZERO, plain
 from pipeline.core.records import LevelChange, OrderEvent
 from pipeline.core.vocabulary import (
+    BookSide,
     ExecutionMode,
     Liquidity,
     OrderAction,
@@ -75,6 +76,7 @@ from pipeline.core.vocabulary import (
     OrderOption,
     OrderType,
     Side,
+    TakerSide,
 )
 from pipeline.market.orderbook import _PRICES, L2Book, price_key
 from pipeline.trading.fees import GEMINI_API_FEES, FeeSchedule
@@ -100,6 +102,9 @@ K = OrderEventKind
 QUEUE_MODELS = ("risk-averse", "none")
 MOC, IOC, FOK = (OrderOption.MAKER_OR_CANCEL.value, OrderOption.IMMEDIATE_OR_CANCEL.value,
                  OrderOption.FILL_OR_KILL.value)
+# Plain-str constants for the hot paths (dict keys and comparisons per record).
+BID, ASK = BookSide.BID.value, BookSide.ASK.value
+TAKER_BUY, TAKER_SELL = TakerSide.BUY.value, TakerSide.SELL.value
 
 
 @dataclass(frozen=True)
@@ -164,8 +169,8 @@ class _Symbol:
     bids: list[_Resting] = field(default_factory=list)  # best first
     asks: list[_Resting] = field(default_factory=list)
     levels: dict[str, dict[str, list[_Resting]]] = field(
-        default_factory=lambda: {"BID": {}, "ASK": {}})
-    taken: dict[str, dict[str, Decimal]] = field(default_factory=lambda: {"BID": {}, "ASK": {}})
+        default_factory=lambda: {BID: {}, ASK: {}})
+    taken: dict[str, dict[str, Decimal]] = field(default_factory=lambda: {BID: {}, ASK: {}})
     seq: int = 0
     dirty: bool = False
 
@@ -174,7 +179,7 @@ class _Symbol:
 
     @property
     def any_taken(self) -> bool:
-        return bool(self.taken["BID"] or self.taken["ASK"])
+        return bool(self.taken[BID] or self.taken[ASK])
 
 
 class SimulatedExchange:
@@ -314,7 +319,7 @@ class SimulatedExchange:
             return None  # a dropped book: nothing moves until the next snapshot
         if changes is None:
             if s.any_taken:
-                s.taken = {"BID": {}, "ASK": {}}
+                s.taken = {BID: {}, ASK: {}}
                 s.dirty = True
                 self._check_active(symbol, s)
             self._requeue(s, book)
@@ -351,9 +356,9 @@ class SimulatedExchange:
             return None
         taker = trade["taker_side"]
         through: Callable[[Decimal, Decimal], bool]  # (resting limit, trade price)
-        if taker == "BUY":
+        if taker == TAKER_BUY:
             resting_side, through = s.asks, (lambda limit, price: limit < price)
-        elif taker == "SELL":
+        elif taker == TAKER_SELL:
             resting_side, through = s.bids, (lambda limit, price: limit > price)
         else:
             return None
@@ -407,7 +412,7 @@ class SimulatedExchange:
         orders += [_pending_state(p) for p in sorted(self._pending) if p.symbol == symbol]
         return {"orders": orders,
                 "taken": [{"side": side, "price": price, "quantity": plain(qty)}
-                          for side in ("ASK", "BID")
+                          for side in (ASK, BID)
                           for price, qty in sorted(s.taken[side].items())]}
 
     def load(self, symbol: str, state: Mapping[str, Any]) -> None:
@@ -423,7 +428,7 @@ class SimulatedExchange:
             s.taken[item["side"]][item["price"]] = Decimal(item["quantity"])
         self._check_active(symbol, s)
         for item in state.get("orders", ()):
-            action = OrderAction(item.get("action") or "NEW")
+            action = OrderAction(item.get("action") or OrderAction.NEW)
             seq = int(item["seq"])
             s.seq = max(s.seq, seq)
             if item.get("arrival_us") is None:  # at the exchange
@@ -610,7 +615,7 @@ class SimulatedExchange:
         """(level, price, amount) the order can take now, best first."""
         buy = order.side is Side.BUY
         limit, left = order.price, order.remaining
-        taken = s.taken["ASK" if buy else "BID"]
+        taken = s.taken[ASK if buy else BID]
         plan = []
         for level, quantity, value in _levels(book, buy, limit):
             available = Decimal(quantity) - taken.get(level, ZERO)
@@ -693,7 +698,7 @@ class SimulatedExchange:
 
     def _fill_crossed(self, s: _Symbol, resting_side: list[_Resting], book: L2Book, buy: bool,
                       when: int) -> list[OrderEvent]:
-        taken = s.taken["ASK" if buy else "BID"]
+        taken = s.taken[ASK if buy else BID]
         events: list[OrderEvent] = []
         levels = _levels(book, buy, resting_side[0].limit)
         for resting in list(resting_side):

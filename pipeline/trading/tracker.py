@@ -18,12 +18,19 @@ from decimal import Decimal
 from typing import Any, Mapping
 
 from pipeline.core.decimals import ZERO, plain
-from pipeline.core.vocabulary import FILL_KINDS, TERMINAL_KINDS, OrderAction, OrderEventKind
+from pipeline.core.vocabulary import (
+    FILL_KINDS,
+    TERMINAL_KINDS,
+    OrderAction,
+    OrderEventKind,
+    OrderType,
+)
 from pipeline.trading.accounting import Ledger, new_fill
-from pipeline.trading.orders import ORDER_CLOSED
+from pipeline.trading.orders import ORDER_CLOSED, OrderStatus
 
 K = OrderEventKind
 _CANCEL_REJECTED, _ACCEPTED = K.CANCEL_REJECTED.value, K.ACCEPTED.value
+_NEW = OrderStatus.NEW.value
 
 
 @dataclass
@@ -38,7 +45,7 @@ class OpenOrder:
     amount: str
     options: tuple[str, ...] = ()
     filled: str = "0"
-    status: str = "NEW"  # NEW (sent), ACCEPTED, BOOKED, PARTIALLY_FILLED
+    status: str = _NEW  # NEW (sent), ACCEPTED, BOOKED, PARTIALLY_FILLED
     cancel_requested: bool = False  # a cancel or replace of it was sent
     expires_ms: int | None = None
 
@@ -108,7 +115,8 @@ class OrderTracker:
         if order is None and kind not in TERMINAL_KINDS:  # sent before this view began
             order = self.orders[cid] = OpenOrder(
                 cid, event["symbol"], event["side"].upper(),
-                "LIMIT" if event.get("price") is not None else "MARKET", event.get("price"),
+                OrderType.LIMIT if event.get("price") is not None else OrderType.MARKET,
+                event.get("price"),
                 event["amount"])
         fill = kind in FILL_KINDS
         if fill:
@@ -117,7 +125,7 @@ class OrderTracker:
             order.filled = event["filled_amount"]
             if not fill:
                 order.status = kind
-            elif order.status == "NEW":
+            elif order.status == _NEW:
                 order.status = _ACCEPTED
         if kind in TERMINAL_KINDS:
             self.orders.pop(cid, None)
@@ -135,7 +143,7 @@ class OrderTracker:
         """Forget orders that can no longer be live: never acknowledged and past their
         expiry (execution refuses an expired request; resting orders expire at the
         exchange, which tells). Returns how many were forgotten."""
-        gone = [cid for cid, o in self.orders.items() if o.status == "NEW"
+        gone = [cid for cid, o in self.orders.items() if o.status == _NEW
                 and o.expires_ms is not None and o.expires_ms < now_ms]
         for cid in gone:
             del self.orders[cid]

@@ -59,6 +59,7 @@ from typing import Callable, Iterable
 
 from aiohttp import web
 
+from pipeline.core.decimals import fixed
 from pipeline.venue.market import generated_events
 from pipeline.venue.rest import RateGate
 
@@ -152,8 +153,7 @@ class TradeHistory:
         return out[::-1]
 
 
-def _text(number: Decimal) -> str:
-    return format(number, "f")
+_text = fixed
 
 
 def _generate(symbols: list[str], depth: int, seed: int, end_ms: int,

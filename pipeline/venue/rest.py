@@ -56,11 +56,11 @@ import hmac
 import json
 import time
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any, Callable, Mapping
 
 from aiohttp import web
 
+from pipeline.core.decimals import plain
 from pipeline.venue.exchange import Balance, Exchange, ExchangeError, Fill, Order
 
 HTTP_STATUS = {"OrderNotFound": 404, "InsufficientFunds": 406, "RateLimit": 429,
@@ -149,9 +149,9 @@ class Refused(Exception):
         self.payload = payload or {}  # as decoded, if it got that far (for the log only)
 
 
-def decimal_text(number: Decimal) -> str:
-    """A Decimal as a plain decimal string, without exponent or trailing zeros."""
-    return format(number.normalize(), "f") if number else "0"
+#: A Decimal as a plain decimal string, without exponent or trailing zeros (the venue's
+#: JSON numbers): :func:`pipeline.core.decimals.plain`.
+decimal_text = plain
 
 
 def order_json(order: Order) -> dict[str, Any]:

@@ -16,7 +16,8 @@ from typing import Callable
 from confluent_kafka import Consumer, TopicPartition
 
 from pipeline.avro.registry import SchemaRegistry
-from pipeline.avro.serde import Serde, SerdeError
+from pipeline.avro.serde import Serde
+from pipeline.core.errors import SerdeError
 from pipeline.kafka.catalog import Namespace
 from pipeline.kafka.clients import reader_config
 from pipeline.web.state import Dashboard

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-OPEN_KINDS = frozenset({"ACCEPTED", "BOOKED", "PARTIALLY_FILLED", "UNKNOWN"})
-DONE_KINDS = frozenset({"FILLED", "CANCELLED", "REJECTED", "EXPIRED"})
-FILL_KINDS = frozenset({"PARTIALLY_FILLED", "FILLED"})
-REJECT_KINDS = frozenset({"REJECTED", "CANCEL_REJECTED"})
+from pipeline.core.vocabulary import FILL_KINDS, TERMINAL_KINDS, OrderEventKind
+
+K = OrderEventKind
+OPEN_KINDS = frozenset({K.ACCEPTED, K.BOOKED, K.PARTIALLY_FILLED, K.UNKNOWN})
+DONE_KINDS = TERMINAL_KINDS
+REJECT_KINDS = frozenset({K.REJECTED, K.CANCEL_REJECTED})
 
 
 @dataclass

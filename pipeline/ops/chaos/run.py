@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.core.decimals import fixed
 from pipeline.core.errors import PipelineError
 from pipeline.kafka.catalog import Namespace
 from pipeline.kafka.cluster_health import describe_cluster
@@ -425,9 +426,9 @@ class ChaosRun:
         async def witness():
             sent = [SentConnection(tuple(c.sent or ()), sent_at_stop.get(id(c)), id(c) in killed)
                     for c in venue.history if not c.is_trading]
-            books = {s: ([(format(p, "f"), format(q, "f"))
+            books = {s: ([(fixed(p), fixed(q))
                           for p, q in venue.market.levels(s, "bid")[:DEPTH]],
-                         [(format(p, "f"), format(q, "f"))
+                         [(fixed(p), fixed(q))
                           for p, q in venue.market.levels(s, "ask")[:DEPTH]])
                      for s in self.symbols if s in venue.market.books}
             orders = venue.exchange._orders.values()
