@@ -50,7 +50,8 @@ What a kill -9 leaves, at each point of a batch:
 So every bar is in the topic once (read_committed) and in Parquet once, none missing.
 Caveats: the state directory is part of the data (keep it with the Parquet root; a group
 with committed offsets and no checkpoints refuses to start); every instance needs its own
-``--instance`` (its transactional id and static group membership).
+``ctx.instance`` (its transactional id and static group membership; the supervisor gives
+each its index, ``--instance`` on the command line).
 """
 
 from __future__ import annotations

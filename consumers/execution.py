@@ -61,8 +61,9 @@ instance loads both for its ``md.l2`` partitions, re-applies the ``md.l2`` recor
 each book's offset and the committed offset, and goes on filling, expiring and cancelling
 the same resting orders, as an uninterrupted run would have.
 
-Instances: start more with distinct ``--instance`` names (each is its own static group
-member and transactional.id). A symbol's requests, L2 changes, trades and snapshots share a
+Instances: start more with distinct ``ctx.instance`` names (``instances`` in the topology,
+``--instance`` on the command line; each is its own static group member and
+transactional.id). A symbol's requests, L2 changes, trades and snapshots share a
 partition number (same key, same partition count), and the default range assignor gives
 them to the same instance.
 

@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "SmaCross": "pipeline.strategies.sma_cross",
     "MidQuoter": "pipeline.strategies.mid_quoter",
     # writing consumer groups
+    "GroupContext": "pipeline.runtime.contract",
     "GroupConfig": "pipeline.runtime.runner",
     "GroupRunner": "pipeline.runtime.runner",
     "Handler": "pipeline.runtime.runner",
@@ -51,7 +52,8 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [  # the names of _EXPORTS, sorted (tests/unit/test_public_api.py keeps them equal)
     "CancelAllIntent", "CancelIntent", "DeliveryFailed", "FULL_EQUITY", "GroupConfig",
-    "GroupRunner", "Handler", "HandlerHarness", "MidQuoter", "Namespace", "OrderIntent", "Output",
+    "GroupContext", "GroupRunner", "Handler", "HandlerHarness", "MidQuoter", "Namespace",
+    "OrderIntent", "Output",
     "PipelineError", "Record", "RegistryError", "ReplaceIntent", "SchemaRegistry", "Serde",
     "SerdeError", "SmaCross", "Strategy", "StrategyFailed", "archive", "load_strategy",
     "read_bars", "run_backtest", "run_until_stopped", "sweep",
@@ -80,6 +82,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from pipeline.backtest.run import run_backtest, sweep
     from pipeline.core.errors import DeliveryFailed, PipelineError
     from pipeline.kafka.catalog import Namespace
+    from pipeline.runtime.contract import GroupContext
     from pipeline.runtime.harness import HandlerHarness
     from pipeline.runtime.runner import (
         GroupConfig,

@@ -13,7 +13,8 @@ from pipeline.ops.settings import REPO_ROOT
 
 PINNED = [
     "CancelAllIntent", "CancelIntent", "DeliveryFailed", "FULL_EQUITY", "GroupConfig",
-    "GroupRunner", "Handler", "HandlerHarness", "MidQuoter", "Namespace", "OrderIntent", "Output",
+    "GroupContext", "GroupRunner", "Handler", "HandlerHarness", "MidQuoter", "Namespace",
+    "OrderIntent", "Output",
     "PipelineError", "Record", "RegistryError", "ReplaceIntent", "SchemaRegistry", "Serde",
     "SerdeError", "SmaCross", "Strategy", "StrategyFailed", "archive", "load_strategy",
     "read_bars", "run_backtest", "run_until_stopped", "sweep",
