@@ -28,7 +28,13 @@ from pipeline.core.errors import PipelineError
 from pipeline.kafka.catalog import Namespace
 from pipeline.ops import topology as topology_module
 from pipeline.ops.topology import Process, Topology
-from pipeline.runtime.contract import GroupContext, GroupModule, load_group, run_group
+from pipeline.runtime.contract import (
+    GroupContext,
+    GroupModule,
+    config_from_args,
+    load_group,
+    run_group,
+)
 from pipeline.runtime.runner import log_to_stderr
 
 log = logging.getLogger(__name__)
@@ -78,6 +84,8 @@ def resolve(topology: Topology, name: str, cluster: Cluster, run_dir: Path, inde
                             f"{expected_run}: the topology changed since it was started")
     group = load_group(proc.run)
     config: Any = proc.args if group.legacy else proc.config
+    if config is None:  # a Process made in code, not loaded
+        config = config_from_args(group.config, proc.args)  # type: ignore[arg-type]
     return group, process_context(topology, proc, index, cluster, run_dir), config
 
 
@@ -90,8 +98,6 @@ def run_process(topology: Topology, name: str, cluster: Cluster, run_dir: Path,
 def run_target(target: str, args: dict, cluster: Cluster, namespace: Namespace, name: str | None,
                run_dir: Path) -> int:
     """``pipeline run module:function``: a group outside any topology, ``args`` its settings."""
-    from pipeline.runtime.contract import config_from_args
-
     group = load_group(target)
     config = args if group.legacy else config_from_args(group.config, args)  # type: ignore[arg-type]
     ctx = GroupContext(cluster=cluster, namespace=namespace,
