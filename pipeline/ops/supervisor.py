@@ -235,7 +235,7 @@ class Supervisor:
         from pipeline.ops.launch import command
 
         name = proc.name if proc.instances == 1 else f"{proc.name}-{index}"
-        if proc.run in SIGNING_GROUPS and getattr(proc.config, "strategy_keys", None) is None:
+        if proc.module in SIGNING_GROUPS and getattr(proc.config, "strategy_keys", None) is None:
             self._strategy_keys()  # the run's key file, which the launcher hands over
         cmd = command(self.topology, proc, index, Cluster(self.bootstrap, self.registry_url),
                       self.run_dir)
@@ -274,7 +274,7 @@ class Supervisor:
             from pipeline.strategy import load_strategy
 
             ids = {load_strategy(p.config.strategy, p.config.params).strategy_id
-                   for p in self.topology.processes if p.run == "consumers.strategy"}
+                   for p in self.topology.processes if p.module == "consumers.strategy"}
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as out:
                 json.dump({i: secrets.token_hex(32) for i in sorted(ids)}, out)
@@ -408,10 +408,8 @@ def chart_interval(topology: Topology) -> str:
 
     found: list[str] = []
     for proc in topology.processes:
-        if proc.run == "consumers.bars":
-            raw = proc.args.get("intervals", ",".join(DEFAULT_INTERVALS))
-            items = raw.split(",") if isinstance(raw, str) else list(raw)
-            found += [i.strip() for i in items if i.strip() in INTERVALS_MS]
+        if proc.module == "consumers.bars" and proc.config is not None:
+            found += [i for i in proc.config.intervals if i in INTERVALS_MS]
     return min(found, key=INTERVALS_MS.__getitem__) if found else DEFAULT_INTERVALS[0]
 
 

@@ -137,6 +137,9 @@ def test_the_shipped_groups_read_their_args_as_today():
     assert portfolio.limits["*"].max_daily_loss == Decimal("1000")
     assert by_name["archive"].roll_seconds == 60.0 and by_name["archive"].raw is False
     assert by_name["spread-monitor"] == spread_monitor.Config(alert_bps=50)
+    from pipeline.ops.supervisor import chart_interval
+
+    assert chart_interval(loaded) == "1m"  # the dashboard's candles: the shortest bars
 
 
 # --------------------------------------------------------------------------- the command line
