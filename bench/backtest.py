@@ -57,13 +57,13 @@ def _archive(bootstrap: str, registry_url: str, namespace: Namespace) -> Path:
     """The namespace's topics archived to Parquet by the archive group (a temporary root)."""
     import tempfile
 
-    from consumers.archive import make_group
+    from consumers.archive import group_config
     from pipeline.kafka.catalog import ensure_topics
     from pipeline.runtime.runner import GroupRunner
 
     ensure_topics(bootstrap, namespace, ["md.l2", "md.trades", "bars", "dlq"])
     root = Path(tempfile.mkdtemp(prefix="bench-archive-"))
-    GroupRunner(make_group(bootstrap, registry_url, str(namespace), root=root,
+    GroupRunner(group_config(bootstrap, registry_url, str(namespace), root=root,
                            roll_records=1_000_000, roll_seconds=3600, fsync=False),
                 bootstrap).run(idle_timeout_s=3)
     return root

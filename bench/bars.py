@@ -22,7 +22,7 @@ import pandas as pd
 from confluent_kafka import Consumer, TopicPartition
 
 from bench.figures import Figure, best_rate
-from consumers.bars import BarsHandler, make_group
+from consumers.bars import BarsHandler, group_config
 from pipeline.avro.registry import SchemaRegistry
 from pipeline.avro.serde import Decoder, publish
 from pipeline.kafka.catalog import Namespace, ensure_topics
@@ -125,7 +125,7 @@ def run(bootstrap: str, registry_url: str, events: int) -> list[Figure]:
 
     root = Path(tempfile.mkdtemp(prefix="bench-bars-"))
     try:
-        config = make_group(bootstrap, registry_url, namespace.name, group_id="bench-bars",
+        config = group_config(bootstrap, registry_url, namespace.name, group_id="bench-bars",
                             parquet_root=root / "bars", handler_class=_Timed)
         _Timed.first_trade_at = None
         stats = GroupRunner(config, bootstrap).run(max_records=total)

@@ -322,7 +322,7 @@ def relay_main(argv: list[str]) -> int:
     namespace = Namespace(args.namespace)
     decoder = Decoder(SchemaRegistry(args.registry))
     group_id = f"{namespace}.relay"
-    config = GroupConfig(  # execution's runtime settings (see consumers.execution.make_group)
+    config = GroupConfig(  # execution's runtime settings (see consumers.execution.group_config)
         group_id=group_id, topics=[namespace.topic("orders.requests"), namespace.topic("md.l2"),
                                    namespace.topic("md.trades")],
         dead_letter_topic=namespace.topic("dlq"), handler=lambda: Relay(namespace, decoder),

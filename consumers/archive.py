@@ -19,8 +19,6 @@ dead-letter topic (after a restart those after the last flush may be dead-letter
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import sys
 import time
@@ -30,28 +28,41 @@ from typing import Callable, Iterable
 
 from pipeline.avro.registry import SchemaRegistry
 from pipeline.avro.serde import Serde
-from pipeline.core.errors import PipelineError
 from pipeline.kafka.catalog import Namespace
-from pipeline.ops.settings import Settings
 from pipeline.replay.archive import archive_root
 from pipeline.runtime.context import BEGINNING, AssignContext, Partition
+from pipeline.runtime.contract import GroupContext, group_main
 from pipeline.runtime.runner import (
     GroupConfig,
-    GroupRunner,
     Handler,
     Output,
     Record,
-    group_endpoints,
 )
 from pipeline.sinks.archive import ArchiveWriter, to_row
 
 log = logging.getLogger(__name__)
-# Several instances may run, each named by --instance (its transactional.id and
-# group.instance.id); the supervisor passes it (pipeline/ops/supervisor.py).
+# Several instances may run, each named by ctx.instance (in its group.instance.id); the
+# supervisor gives each its index (pipeline/ops/launch.py).
 MULTI_INSTANCE = True
 MARKET_TOPICS = ("md.l2", "md.trades", "bars")
 
-__all__ = ["ArchiveHandler", "ArchiveOptions", "make_group", "main"]
+__all__ = ["ArchiveHandler", "ArchiveOptions", "Config", "group_config", "make_group", "main"]
+
+
+@dataclass(frozen=True)
+class Config:
+    """The archive group's settings: a topology's ``args`` (pipeline/runtime/contract.py)."""
+
+    root: Path | None = field(default=None, metadata={
+        "help": "[default: <run dir>/parquet/<namespace>/archive]"})
+    raw: bool = field(default=False, metadata={"help": "archive raw.frames too"})
+    group_id: str | None = field(default=None, metadata={
+        "help": "[default: <namespace>.archive]"})
+    roll_records: int = field(default=20_000, metadata={
+        "help": "records of a partition that make a file"})
+    roll_seconds: float = field(default=60.0, metadata={
+        "help": "seconds after its first record a partition's file is written"})
+    batch_size: int = 1000
 
 
 @dataclass(frozen=True)
@@ -153,7 +164,7 @@ class ArchiveHandler(Handler):
         buffer.rows, buffer.first, buffer.last = [], -1, -1
 
 
-def make_group(bootstrap: str, registry_url: str, namespace: str, *,
+def group_config(bootstrap: str, registry_url: str, namespace: str, *,
                root: str | Path | None = None, run_dir: str | Path | None = None,
                raw: bool = False, group_id: str | None = None, instance: str = "0",
                roll_records: int = 20_000, roll_seconds: float = 60.0,
@@ -172,40 +183,16 @@ def make_group(bootstrap: str, registry_url: str, namespace: str, *,
         consumer_overrides={"group.instance.id": f"{group_id}-{instance}"})
 
 
+def make_group(ctx: GroupContext, config: Config = Config()) -> GroupConfig:
+    """The group of the contract (pipeline/runtime/contract.py)."""
+    return group_config(ctx.bootstrap, ctx.registry_url, ctx.namespace.name, root=config.root,
+                        run_dir=ctx.run_dir, raw=config.raw, group_id=config.group_id,
+                        instance=ctx.instance, roll_records=config.roll_records,
+                        roll_seconds=config.roll_seconds, batch_size=config.batch_size)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m consumers.archive",
-                                 description=__doc__.split("\n")[0])
-    ap.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the run dir's broker)")
-    ap.add_argument("--registry", help="schema registry URL (default: the run dir's registry)")
-    ap.add_argument("--namespace", "-n", help="namespace (default: PIPELINE_NAMESPACE)")
-    ap.add_argument("--root", help="default <run dir>/parquet/<namespace>/archive")
-    ap.add_argument("--raw", action="store_true", help="archive raw.frames too")
-    ap.add_argument("--group-id", default=None, help="default <namespace>.archive")
-    ap.add_argument("--instance", default="0", help="unique per running instance")
-    ap.add_argument("--roll-records", type=int, default=20_000)
-    ap.add_argument("--roll-seconds", type=float, default=60.0)
-    ap.add_argument("--batch-size", type=int, default=1000)
-    ap.add_argument("--run-dir")
-    ap.add_argument("--log-level", default="INFO")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        bootstrap, registry = group_endpoints(args.run_dir, args.bootstrap, args.registry)
-        config = make_group(bootstrap, registry,
-                            args.namespace or Settings.from_env(args.run_dir).namespace,
-                            root=args.root, run_dir=args.run_dir, raw=args.raw,
-                            group_id=args.group_id, instance=args.instance,
-                            roll_records=args.roll_records, roll_seconds=args.roll_seconds,
-                            batch_size=args.batch_size)
-        runner = GroupRunner(config, bootstrap)
-        runner.install_signal_handlers()
-        stats = runner.run()
-    except (PipelineError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(stats.__dict__), flush=True)
-    return 0
+    return group_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -50,13 +50,12 @@ What a kill -9 leaves, at each point of a batch:
 So every bar is in the topic once (read_committed) and in Parquet once, none missing.
 Caveats: the state directory is part of the data (keep it with the Parquet root; a group
 with committed offsets and no checkpoints refuses to start); every instance needs its own
-``--instance`` (its transactional id and static group membership).
+``ctx.instance`` (its transactional id and static group membership; the supervisor gives
+each its index, ``--instance`` on the command line).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import sys
 import time
@@ -81,24 +80,44 @@ from pipeline.market.bars import (
 )
 from pipeline.ops.settings import Settings
 from pipeline.runtime.context import AssignContext, Partition
+from pipeline.runtime.contract import GroupContext, group_main
 from pipeline.runtime.runner import (
     GroupConfig,
-    GroupRunner,
     Handler,
     Output,
     Record,
-    group_endpoints,
 )
 from pipeline.sinks.bars import DIGITS, PLACES, BarWriter, Checkpoints, WriteReport, read_bars
 
 log = logging.getLogger(__name__)
-# Several instances may run, each named by --instance (its transactional.id and
-# group.instance.id); the supervisor passes it (pipeline/ops/supervisor.py).
+# Several instances may run, each named by ctx.instance (in its transactional.id and
+# group.instance.id); the supervisor gives each its index (pipeline/ops/launch.py).
 MULTI_INSTANCE = True
 CHECKPOINT_VERSION = 1
 STATUS_EVERY_S = 10.0
 
-__all__ = ["BarsHandler", "BarsOptions", "make_group", "main", "read_bars"]
+__all__ = ["BarsHandler", "BarsOptions", "Config", "group_config", "make_group", "main",
+           "read_bars"]
+
+
+@dataclass(frozen=True)
+class Config:
+    """The bars group's settings: a topology's ``args`` (pipeline/runtime/contract.py)."""
+
+    intervals: tuple[str, ...] = field(default=DEFAULT_INTERVALS, metadata={
+        "help": "bar intervals, comma-separated (1m ... 1d)"})
+    lateness_ms: int = field(default=5_000, metadata={
+        "help": "how late a trade may come for its bar (event time)"})
+    fill_gaps: bool = field(default=False, metadata={
+        "help": "emit filled bars for empty intervals"})
+    output_namespace: str | None = field(default=None, metadata={
+        "help": "namespace for bars and late trades [default: the group's]"})
+    parquet_root: Path | None = field(default=None, metadata={
+        "help": "[default: <run dir>/parquet/<namespace>/bars]"})
+    state_dir: Path | None = field(default=None, metadata={
+        "help": "checkpoints [default: <parquet root>.state/<group>]"})
+    group_id: str | None = field(default=None, metadata={"help": "[default: <namespace>.bars]"})
+    batch_size: int = 1000
 
 
 @dataclass(frozen=True)
@@ -343,7 +362,7 @@ class BarsHandler(Handler):
                      sum(p.builder.open_bars() for p in self._parts.values()))
 
 
-def make_group(bootstrap: str, registry_url: str, namespace: str, *,
+def group_config(bootstrap: str, registry_url: str, namespace: str, *,
                group_id: str | None = None, parquet_root: str | Path | None = None,
                state_dir: str | Path | None = None, output_namespace: str | None = None,
                run_dir: str | Path | None = None, intervals: Iterable[str] = DEFAULT_INTERVALS,
@@ -382,45 +401,18 @@ def make_group(bootstrap: str, registry_url: str, namespace: str, *,
         consumer_overrides={"group.instance.id": f"{group_id}-{instance}"})
 
 
+def make_group(ctx: GroupContext, config: Config = Config()) -> GroupConfig:
+    """The group of the contract (pipeline/runtime/contract.py)."""
+    return group_config(
+        ctx.bootstrap, ctx.registry_url, ctx.namespace.name, group_id=config.group_id,
+        parquet_root=config.parquet_root, state_dir=config.state_dir,
+        output_namespace=config.output_namespace, run_dir=ctx.run_dir,
+        intervals=config.intervals, lateness_ms=config.lateness_ms, fill_gaps=config.fill_gaps,
+        instance=ctx.instance, batch_size=config.batch_size)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m consumers.bars",
-                                 description=__doc__.split("\n")[0])
-    ap.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the run dir's broker)")
-    ap.add_argument("--registry", help="schema registry URL (default: the run dir's registry)")
-    ap.add_argument("--namespace", "-n",
-                    help="namespace of the trades (default: PIPELINE_NAMESPACE)")
-    ap.add_argument("--output-namespace", help="namespace for bars and late trades (default: same)")
-    ap.add_argument("--parquet-root", help="default <run dir>/parquet/<namespace>/bars")
-    ap.add_argument("--state-dir", help="checkpoints (default <parquet root>.state/<group>)")
-    ap.add_argument("--group-id", default=None, help="default <namespace>.bars")
-    ap.add_argument("--instance", default="0", help="unique per running instance")
-    ap.add_argument("--intervals", default=",".join(DEFAULT_INTERVALS))
-    ap.add_argument("--lateness-ms", type=int, default=5_000)
-    ap.add_argument("--fill-gaps", action="store_true", help="emit filled bars for empty intervals")
-    ap.add_argument("--batch-size", type=int, default=1000)
-    ap.add_argument("--run-dir")
-    ap.add_argument("--log-level", default="INFO")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        settings = Settings.from_env(args.run_dir)
-        bootstrap, registry = group_endpoints(args.run_dir, args.bootstrap, args.registry)
-        config = make_group(
-            bootstrap, registry, args.namespace or settings.namespace, group_id=args.group_id,
-            parquet_root=args.parquet_root, state_dir=args.state_dir,
-            output_namespace=args.output_namespace, run_dir=args.run_dir,
-            intervals=[i.strip() for i in args.intervals.split(",") if i.strip()],
-            lateness_ms=args.lateness_ms, fill_gaps=args.fill_gaps, instance=args.instance,
-            batch_size=args.batch_size)
-        runner = GroupRunner(config, bootstrap)
-        runner.install_signal_handlers()
-        stats = runner.run()
-    except (PipelineError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(stats.__dict__), flush=True)
-    return 0
+    return group_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -61,8 +61,9 @@ instance loads both for its ``md.l2`` partitions, re-applies the ``md.l2`` recor
 each book's offset and the committed offset, and goes on filling, expiring and cancelling
 the same resting orders, as an uninterrupted run would have.
 
-Instances: start more with distinct ``--instance`` names (each is its own static group
-member and transactional.id). A symbol's requests, L2 changes, trades and snapshots share a
+Instances: start more with distinct ``ctx.instance`` names (``instances`` in the topology,
+``--instance`` on the command line; each is its own static group member and
+transactional.id). A symbol's requests, L2 changes, trades and snapshots share a
 partition number (same key, same partition count), and the default range assignor gives
 them to the same instance.
 
@@ -78,7 +79,6 @@ Run: ``python -m consumers.execution --bootstrap HOST:PORT --registry URL --name
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from collections import Counter
@@ -108,14 +108,12 @@ from pipeline.kafka.catalog import Namespace
 from pipeline.kafka.clients import ReliableProducer
 from pipeline.ops.kill_switch import kill_switch_path
 from pipeline.runtime.context import AssignContext, Follower, Partition
+from pipeline.runtime.contract import GroupContext, convert, group_main
 from pipeline.runtime.runner import (
     GroupConfig,
     Handler,
     Output,
     Record,
-    group_parser,
-    log_to_stderr,
-    run_until_stopped,
 )
 from pipeline.trading import risk
 from pipeline.trading.execution import (
@@ -142,9 +140,10 @@ from pipeline.trading.signing import StrategyKeys
 from pipeline.trading.simulator import QUEUE_MODELS, SimulatorConfig
 
 log = logging.getLogger(__name__)
-# Several instances may run, each named by --instance (its transactional.id and
-# group.instance.id); the supervisor passes it (pipeline/ops/supervisor.py).
+# Several instances may run, each named by ctx.instance (in its transactional.id and
+# group.instance.id); the supervisor gives each its index (pipeline/ops/launch.py).
 MULTI_INSTANCE = True
+EXIT_CODES = {ExecutionHalted: 3}  # an order's fate unknown: stopped without committing
 
 MODES = tuple(mode.value.lower() for mode in ExecutionMode)  # as --mode spells them
 K = OrderEventKind
@@ -701,8 +700,8 @@ TOPICS_GEMINI = ("orders.requests", "book.snapshots", "orders.events", "orders.s
                  "strategy.control", "dlq")
 
 
-def make_group(bootstrap: str, registry_url: str, namespace: Namespace,
-               settings: ExecutionSettings = ExecutionSettings(), *,
+def group_config(bootstrap: str, registry_url: str, namespace: Namespace,
+                 settings: ExecutionSettings = ExecutionSettings(), *,
                keys: StrategyKeys | None = None, credentials: GeminiCredentials | None = None,
                clock_ms: Callable[[], int] = wall_clock_ms,
                group_id: str | None = None) -> GroupConfig:
@@ -733,106 +732,120 @@ def make_group(bootstrap: str, registry_url: str, namespace: Namespace,
         producer_overrides={"linger.ms": 0, "transaction.timeout.ms": 30000})
 
 
-def _limit(text: str) -> Decimal | None:
-    """A limit from the command line: a decimal, or "off"."""
-    return None if text.lower() in ("off", "none") else Decimal(text)
+def _limit(value: object) -> Decimal | None:
+    """A limit: a decimal (a string or an integer), or "off"."""
+    if isinstance(value, str) and value.lower() in ("off", "none"):
+        return None
+    return convert(Decimal, value)
+
+
+def _count_limit(value: object) -> int | None:
+    limit = _limit(value)
+    return None if limit is None else int(limit)
+
+
+def _help(text: str, parse=None) -> dict:
+    return {"help": text} if parse is None else {"help": text, "parse": parse}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The execution group's settings: a topology's ``args`` (pipeline/runtime/contract.py)."""
+
+    mode: str = field(default="paper", metadata={"choices": MODES, "help": "paper, sandbox "
+                                                                           "or live"})
+    live: bool = field(default=False, metadata=_help("confirm live mode: real orders"))
+    venue_url: str | None = field(default=None, metadata=_help(
+        "Gemini's URL [default: sandbox or live for the mode]"))
+    strategy_keys: Path | None = field(default=None, metadata=_help(
+        "0600 JSON file {strategy_id: key} [default: the run's key file]; the environment's "
+        "PIPELINE_STRATEGY_KEY_<ID> are used as well"))
+    api_key_file: Path | None = field(default=None, metadata=_help(
+        "0600 JSON file {\"api_key\", \"api_secret\"} [default: GEMINI_API_KEY / "
+        "GEMINI_API_SECRET]"))
+    group: str | None = field(default=None, metadata=_help(
+        "group id [default: <namespace>.execution]"))
+    gemini_transport: str = field(default="ws", metadata={"choices": ("ws", "rest"), "help": (
+        "sandbox/live: orders over the WebSocket API (ws: a time-based nonce key) or REST")})
+    venue_ws_url: str | None = field(default=None, metadata=_help(
+        "the WebSocket API's URL [default: from venue_url, else Gemini's for the mode]"))
+    gemini_rate: float = field(default=5.0, metadata=_help("private calls per second"))
+    gemini_burst: int | None = None
+    max_notional: Decimal | None = field(default=RiskLimits.max_notional, metadata=_help(
+        "quote currency per order, or off", _limit))
+    max_position: Decimal | None = field(default=RiskLimits.max_position, metadata=_help(
+        "base currency per symbol, or off", _limit))
+    price_band_bps: Decimal = RiskLimits.price_band_bps
+    max_orders_per_minute: int | None = field(default=RiskLimits.max_orders_per_minute,
+                                              metadata=_help("per strategy, or off",
+                                                             _count_limit))
+    max_book_age_s: Decimal | None = field(
+        default=None if RiskLimits.max_book_age_ms is None else
+        Decimal(RiskLimits.max_book_age_ms) / 1000, metadata=_help("seconds, or off", _limit))
+    symbols: tuple[str, ...] = field(default=(), metadata=_help(
+        "symbols whose rules to load, comma-separated [default: the topology's; else every "
+        "symbol Gemini lists]"))
+    rules_url: str | None = field(default=None, metadata=_help(
+        "load Gemini's symbol rules from this URL (cached per day in <run_dir>/gemini) "
+        "[default: the mode's URL; paper: none]"))
+    rules_file: Path | None = field(default=None, metadata=_help(
+        "symbol rules from a file: a rules cache or recorded /v1/symbols/details responses "
+        "(paper, or when Gemini is unreachable)"))
+    no_rules: bool = field(default=False, metadata=_help("paper only: no symbol rules"))
+    follow_interval: float = 2.0
+    batch_size: int | None = None
+    queue: str = field(default="risk-averse", metadata={
+        "choices": QUEUE_MODELS, "help": "paper: queue position of resting orders"})
+    latency_ms: int = field(default=0, metadata=_help(
+        "paper: added latency of orders and cancels"))
+    maker_fee: Decimal = field(default=GEMINI_API_FEES.maker, metadata=_help(
+        "paper: fee of fills that rested"))
+    taker_fee: Decimal = field(default=GEMINI_API_FEES.taker, metadata=_help(
+        "paper: fee of fills that took"))
+    checkpoint_interval: float = field(default=5.0, metadata=_help(
+        "paper: seconds between checkpoints of the books to paper.state"))
+
+
+def make_group(ctx: GroupContext, config: Config = Config()) -> GroupConfig:
+    """The group of the contract (pipeline/runtime/contract.py): checks the mode, loads the
+    keys, the credentials and the symbol rules, creates its topics."""
+    from pipeline.kafka.catalog import ensure_topics
+
+    namespace, run_dir = ctx.namespace, ctx.run_dir
+    credentials = GeminiCredentials.load(config.api_key_file) \
+        if config.mode != "paper" else None
+    keys = StrategyKeys.load(config.strategy_keys or ctx.strategy_keys)
+    limits = RiskLimits(max_notional=config.max_notional, max_position=config.max_position,
+                        price_band_bps=config.price_band_bps,
+                        max_orders_per_minute=config.max_orders_per_minute,
+                        max_book_age_ms=None if config.max_book_age_s is None
+                        else int(config.max_book_age_s * 1000))
+    settings = ExecutionSettings(
+        mode=config.mode, run_dir=run_dir, risk=limits, venue_url=config.venue_url,
+        live_confirmed=config.live, venue_ws_url=config.venue_ws_url,
+        gemini=GeminiSettings(rate_per_s=config.gemini_rate, transport=config.gemini_transport,
+                              burst=config.gemini_burst or max(1, int(config.gemini_rate)),
+                              follow_interval_s=config.follow_interval),
+        batch_size=config.batch_size, instance=ctx.instance, paper_queue=config.queue,
+        paper_latency_ms=config.latency_ms,
+        paper_fees=FeeSchedule(maker=config.maker_fee, taker=config.taker_fee),
+        checkpoint_interval_s=config.checkpoint_interval)
+    check_mode(namespace, settings, credentials)
+    symbols = config.symbols or ctx.symbols
+    settings = replace(settings, symbol_rules=startup_rules(
+        config.mode, settings.url, run_dir, list(symbols) if symbols else None,
+        config.rules_url, config.rules_file, config.no_rules))
+    ensure_topics(ctx.bootstrap, namespace,
+                  TOPICS_GEMINI if settings.sends_http else TOPICS_PAPER)
+    made = group_config(ctx.bootstrap, ctx.registry_url, namespace, settings, keys=keys,
+                        credentials=credentials, group_id=config.group)
+    log.info("execution: mode %s, namespace %s, %r, run dir %s, limits %s", config.mode,
+             namespace, keys, run_dir, limits)
+    return made
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.kafka.catalog import ensure_topics
-
-    ap = group_parser("python -m consumers.execution")
-    ap.add_argument("--mode", choices=MODES, default="paper")
-    ap.add_argument("--live", action="store_true", help="confirm live mode: real orders")
-    ap.add_argument("--venue-url", help="Gemini's URL [default: sandbox or live for the mode]")
-    ap.add_argument("--strategy-keys", help="0600 JSON file {strategy_id: key}; the "
-                    "environment's PIPELINE_STRATEGY_KEY_<ID> are used as well")
-    ap.add_argument("--api-key-file", help="0600 JSON file {\"api_key\", \"api_secret\"} "
-                    "[default: GEMINI_API_KEY / GEMINI_API_SECRET]")
-    ap.add_argument("--run-dir", default=None,
-                    help="the pipeline's run directory: <run-dir>/kill-switch, the nonce file "
-                    "<run-dir>/execution/gemini-nonce [default: $PIPELINE_RUN_DIR or ./run]")
-    ap.add_argument("--group", default=None, help="group id [default: <namespace>.execution]")
-    ap.add_argument("--instance", default="0", help="this instance's name within the group")
-    ap.add_argument("--gemini-transport", choices=("ws", "rest"), default="ws",
-                    help="sandbox/live: orders over the WebSocket API (ws: a time-based nonce "
-                    "key) or REST")
-    ap.add_argument("--venue-ws-url", help="the WebSocket API's URL [default: from "
-                    "--venue-url, else Gemini's for the mode]")
-    ap.add_argument("--gemini-rate", type=float, default=5.0, help="private calls per second")
-    ap.add_argument("--gemini-burst", type=int, default=None)
-    ap.add_argument("--max-notional", type=_limit, default=RiskLimits.max_notional,
-                    help="quote currency per order, or off")
-    ap.add_argument("--max-position", type=_limit, default=RiskLimits.max_position,
-                    help="base currency per symbol, or off")
-    ap.add_argument("--price-band-bps", type=Decimal, default=RiskLimits.price_band_bps)
-    ap.add_argument("--max-orders-per-minute", type=_limit,
-                    default=RiskLimits.max_orders_per_minute, help="per strategy, or off")
-    ap.add_argument("--max-book-age-s", type=_limit,
-                    default=RiskLimits.max_book_age_ms / 1000, help="seconds, or off")
-    ap.add_argument("--symbols", help="symbols whose rules to load, comma-separated "
-                    "[default: every symbol Gemini lists]")
-    ap.add_argument("--rules-url", help="load Gemini's symbol rules from this URL (cached "
-                    "per day in <run_dir>/gemini) [default: the mode's URL; paper: none]")
-    ap.add_argument("--rules-file", help="symbol rules from a file: a rules cache or recorded "
-                    "/v1/symbols/details responses (paper, or when Gemini is unreachable)")
-    ap.add_argument("--no-rules", action="store_true", help="paper only: no symbol rules")
-    ap.add_argument("--follow-interval", type=float, default=2.0)
-    ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--queue", choices=QUEUE_MODELS, default="risk-averse",
-                    help="paper: queue position of resting orders")
-    ap.add_argument("--latency-ms", type=int, default=0,
-                    help="paper: added latency of orders and cancels")
-    ap.add_argument("--maker-fee", type=Decimal, default=GEMINI_API_FEES.maker,
-                    help="paper: fee of fills that rested")
-    ap.add_argument("--taker-fee", type=Decimal, default=GEMINI_API_FEES.taker,
-                    help="paper: fee of fills that took")
-    ap.add_argument("--checkpoint-interval", type=float, default=5.0,
-                    help="paper: seconds between checkpoints of the books to paper.state")
-    args = ap.parse_args(argv)
-    log_to_stderr()
-    run_dir = Path(args.run_dir or os.environ.get("PIPELINE_RUN_DIR") or "run")
-    try:
-        namespace = Namespace(args.namespace)
-        credentials = GeminiCredentials.load(args.api_key_file) \
-            if args.mode != "paper" else None
-        keys = StrategyKeys.load(args.strategy_keys)
-        limits = RiskLimits(max_notional=args.max_notional, max_position=args.max_position,
-                            price_band_bps=args.price_band_bps,
-                            max_orders_per_minute=None if args.max_orders_per_minute is None
-                            else int(args.max_orders_per_minute),
-                            max_book_age_ms=None if args.max_book_age_s is None
-                            else int(args.max_book_age_s * 1000))
-        settings = ExecutionSettings(
-            mode=args.mode, run_dir=run_dir, risk=limits, venue_url=args.venue_url,
-            live_confirmed=args.live,
-            venue_ws_url=args.venue_ws_url,
-            gemini=GeminiSettings(rate_per_s=args.gemini_rate, transport=args.gemini_transport,
-                                  burst=args.gemini_burst or max(1, int(args.gemini_rate)),
-                                  follow_interval_s=args.follow_interval),
-            batch_size=args.batch_size,
-            instance=args.instance, paper_queue=args.queue, paper_latency_ms=args.latency_ms,
-            paper_fees=FeeSchedule(maker=args.maker_fee, taker=args.taker_fee),
-            checkpoint_interval_s=args.checkpoint_interval)
-        check_mode(namespace, settings, credentials)
-        settings = replace(settings, symbol_rules=startup_rules(
-            args.mode, settings.url, run_dir, args.symbols.split(",") if args.symbols else None,
-            args.rules_url, args.rules_file, args.no_rules))
-        ensure_topics(args.bootstrap, namespace,
-                      TOPICS_GEMINI if settings.sends_http else TOPICS_PAPER)
-        config = make_group(args.bootstrap, args.registry, namespace, settings, keys=keys,
-                            credentials=credentials, group_id=args.group)
-    except (PipelineError, ValueError) as exc:
-        log.error("%s", exc)
-        return 2
-    log.info("execution: mode %s, namespace %s, %r, run dir %s, limits %s", args.mode,
-             namespace, keys, run_dir, limits)
-    try:
-        run_until_stopped(config, args.bootstrap)
-    except ExecutionHalted as exc:
-        log.error("execution halted: %s", exc)
-        return 3
-    return 0
+    return group_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

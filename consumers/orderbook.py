@@ -19,7 +19,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from pipeline.avro.registry import SchemaRegistry
@@ -27,17 +27,29 @@ from pipeline.avro.serde import Decoder, Serde
 from pipeline.kafka.catalog import Namespace
 from pipeline.market.book_policy import TOP_CHANGED, BookPolicy, Health, Source
 from pipeline.runtime.context import AssignContext, Partition
+from pipeline.runtime.contract import GroupContext, group_main
 from pipeline.runtime.runner import (
     GroupConfig,
     Handler,
     Output,
     Record,
-    group_parser,
-    log_to_stderr,
-    run_until_stopped,
 )
 
 log = logging.getLogger(__name__)
+MULTI_INSTANCE = False  # instances share the group's partitions; none needs a name
+
+
+@dataclass(frozen=True)
+class Config:
+    """The orderbook group's settings: a topology's ``args`` (pipeline/runtime/contract.py)."""
+
+    depth: int = field(default=10, metadata={"help": "levels per side in a snapshot"})
+    checkpoint_interval: float = field(default=5.0, metadata={
+        "help": "seconds between checkpoints of the books to book.checkpoints"})
+    snapshot_interval: float = field(default=1.0, metadata={
+        "help": "seconds between snapshots of a book (BookPolicy)"})
+    group: str | None = field(default=None, metadata={
+        "help": "group id [default: <namespace>.orderbook]"})
 
 
 @dataclass(frozen=True)
@@ -193,9 +205,9 @@ class OrderbookHandler(Handler):
         return list(latest.values())
 
 
-def make_group(bootstrap: str, registry_url: str, namespace: Namespace,
-               settings: OrderbookSettings = OrderbookSettings(),
-               group_id: str | None = None) -> GroupConfig:
+def group_config(bootstrap: str, registry_url: str, namespace: Namespace,
+                 settings: OrderbookSettings = OrderbookSettings(),
+                 group_id: str | None = None) -> GroupConfig:
     """The group's configuration; its id defaults to ``<namespace>.orderbook`` so groups of
     different namespaces (live, sim, a replay) never share offsets or members."""
     registry = SchemaRegistry(registry_url)
@@ -207,23 +219,19 @@ def make_group(bootstrap: str, registry_url: str, namespace: Namespace,
                        decoder=Decoder(registry), batch_size=1000)
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_group(ctx: GroupContext, config: Config = Config()) -> GroupConfig:
+    """The group of the contract (pipeline/runtime/contract.py); creates its topics."""
     from pipeline.kafka.catalog import ensure_topics
 
-    ap = group_parser("python -m consumers.orderbook")
-    ap.add_argument("--group", default=None, help="group id [default: <namespace>.orderbook]")
-    ap.add_argument("--depth", type=int, default=10)
-    ap.add_argument("--checkpoint-interval", type=float, default=5.0)
-    ap.add_argument("--snapshot-interval", type=float, default=1.0)
-    args = ap.parse_args(argv)
-    log_to_stderr()
-    namespace = Namespace(args.namespace)
-    ensure_topics(args.bootstrap, namespace, ["md.l2", "book.snapshots", "book.health",
-                                              "book.checkpoints", "dlq"])
-    settings = OrderbookSettings(args.depth, args.snapshot_interval, args.checkpoint_interval)
-    run_until_stopped(make_group(args.bootstrap, args.registry, namespace, settings, args.group),
-                      args.bootstrap)
-    return 0
+    ensure_topics(ctx.bootstrap, ctx.namespace, ["md.l2", "book.snapshots", "book.health",
+                                                 "book.checkpoints", "dlq"])
+    settings = OrderbookSettings(config.depth, config.snapshot_interval,
+                                 config.checkpoint_interval)
+    return group_config(ctx.bootstrap, ctx.registry_url, ctx.namespace, settings, config.group)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return group_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 import zlib
@@ -55,14 +54,12 @@ from pipeline.gemini.execution import GeminiCredentials
 from pipeline.gemini.rest import LIVE_URL, SANDBOX_URL
 from pipeline.kafka.catalog import Namespace
 from pipeline.runtime.context import AssignContext, Partition
+from pipeline.runtime.contract import GroupContext, convert, group_main
 from pipeline.runtime.runner import (
     GroupConfig,
     Handler,
     Output,
     Record,
-    group_parser,
-    log_to_stderr,
-    run_until_stopped,
 )
 from pipeline.sinks.pnl import PnlWriter
 from pipeline.trading.portfolio import Portfolio, PortfolioConfig, RiskStop
@@ -272,8 +269,8 @@ class PortfolioHandler(Handler):
         return [self._state(self.clock_ms())]
 
 
-def make_group(bootstrap: str, registry_url: str, namespace: Namespace,
-               settings: PortfolioSettings = PortfolioSettings(), *,
+def group_config(bootstrap: str, registry_url: str, namespace: Namespace,
+                 settings: PortfolioSettings = PortfolioSettings(), *,
                credentials: GeminiCredentials | None = None,
                clock_ms: Callable[[], int] = wall_clock_ms,
                group_id: str | None = None) -> GroupConfig:
@@ -294,76 +291,101 @@ def make_group(bootstrap: str, registry_url: str, namespace: Namespace,
         producer_overrides={"linger.ms": 0})
 
 
-def _decimal_or_map(text: str | None, what: str) -> tuple[Decimal, dict[str, Decimal]]:
-    """--capital: one amount for every strategy, or a JSON object per strategy ("*": the
-    rest)."""
-    if text is None:
-        return Decimal(0), {}
-    text = text.strip()
-    if text.startswith("{"):
-        raw = json.loads(text)
-        per = {k: Decimal(str(v)) for k, v in raw.items()}
-        return per.pop("*", Decimal(0)), per
-    try:
-        return Decimal(text), {}
-    except ArithmeticError:
-        raise PipelineError(f"{what} must be an amount or a JSON object, not {text!r}") from None
+MULTI_INSTANCE = False  # one instance: it holds every strategy's positions
 
 
-def settings_from_args(args) -> PortfolioSettings:
-    default, capital = _decimal_or_map(args.capital, "--capital")
-    limits = {k: RiskStop.parse(v) for k, v in json.loads(args.limits or "{}").items()}
-    symbols = frozenset(s for s in (args.symbols or "").split(",") if s)
-    config = PortfolioConfig(capital=capital, default_capital=default, currency=args.currency,
-                             limits=limits, symbols=symbols,
-                             max_mark_age_ms=None if args.max_mark_age_s in ("off", "none")
-                             else int(float(args.max_mark_age_s) * 1000),
-                             pnl_interval_ms=int(args.pnl_interval * 1000))
-    return PortfolioSettings(
-        config, Path(args.run_dir or os.environ.get("PIPELINE_RUN_DIR") or "run"),
-        Path(args.parquet_root) if args.parquet_root else None, mode=args.mode,
-        venue_url=args.venue_url, reconcile_interval_s=args.reconcile_interval,
-        reconcile_grace_s=args.reconcile_grace)
+def _json(value: object) -> object:
+    """A table, also as a JSON object's text (the command line)."""
+    if isinstance(value, str) and value.strip().startswith("{"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ValueError(f"not a JSON object: {value!r}") from None
+    return value
+
+
+def _capital(value: object) -> dict[str, Decimal]:
+    """One amount for every strategy, or a table {strategy_id: amount, "*": the rest}."""
+    value = _json(value)
+    if isinstance(value, dict):
+        return {str(k): convert(Decimal, v) for k, v in value.items()}
+    return {"*": convert(Decimal, value)}
+
+
+def _limits(value: object) -> dict[str, RiskStop]:
+    value = _json(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a table {{strategy_id or \"*\": {{max_drawdown = "
+                         f"\"100\" or \"5%\", max_daily_loss = \"50\"}}}}, not {value!r}")
+    return {str(k): RiskStop.parse(v) for k, v in value.items()}
+
+
+def _age(value: object) -> Decimal | None:
+    if isinstance(value, str) and value.lower() in ("off", "none"):
+        return None
+    return convert(Decimal, value)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The portfolio group's settings: a topology's ``args`` (pipeline/runtime/contract.py)."""
+
+    capital: dict[str, Decimal] = field(default_factory=dict, metadata={
+        "parse": _capital, "help": "each strategy's starting equity: one amount, or a table "
+        "(a JSON object) {strategy_id: amount, \"*\": the others} [default: 0]"})
+    currency: str = field(default="USD", metadata={"help": "what equity and PnL are in"})
+    limits: dict[str, RiskStop] = field(default_factory=dict, metadata={
+        "parse": _limits, "help": "JSON {strategy_id or \"*\": {\"max_drawdown\": \"100\" "
+        "or \"5%%\", \"max_daily_loss\": \"50\"}}"})
+    symbols: tuple[str, ...] = field(default=(), metadata={
+        "help": "known symbols (comma-separated): a fill of another goes to the dead-letter "
+        "topic [default: the topology's; else any]"})
+    max_mark_age_s: Decimal | None = field(default=Decimal(60), metadata={
+        "parse": _age, "help": "older marks are stale, or off"})
+    pnl_interval: float = field(default=10.0, metadata={
+        "help": "seconds between periodic PnL records"})
+    mode: str = field(default="paper", metadata={
+        "choices": ("paper", "sandbox", "live"),
+        "help": "sandbox/live: reconcile with Gemini (the key execution uses)"})
+    venue_url: str | None = None
+    api_key_file: Path | None = None
+    reconcile_interval: float = 300.0
+    reconcile_grace: float = 30.0
+    parquet_root: Path | None = None
+    group: str | None = field(default=None, metadata={
+        "help": "group id [default: <namespace>.portfolio]"})
+
+
+def settings_of(ctx: GroupContext, config: Config) -> PortfolioSettings:
+    capital = dict(config.capital)
+    default = capital.pop("*", Decimal(0))
+    portfolio = PortfolioConfig(
+        capital=capital, default_capital=default, currency=config.currency,
+        limits=dict(config.limits), symbols=frozenset(config.symbols or ctx.symbols),
+        max_mark_age_ms=None if config.max_mark_age_s is None
+        else int(config.max_mark_age_s * 1000),
+        pnl_interval_ms=int(config.pnl_interval * 1000))
+    return PortfolioSettings(portfolio, ctx.run_dir, config.parquet_root, mode=config.mode,
+                             venue_url=config.venue_url,
+                             reconcile_interval_s=config.reconcile_interval,
+                             reconcile_grace_s=config.reconcile_grace)
+
+
+def make_group(ctx: GroupContext, config: Config = Config()) -> GroupConfig:
+    """The group of the contract (pipeline/runtime/contract.py): loads the credentials
+    (sandbox/live), creates its topics."""
+    from pipeline.kafka.catalog import ensure_topics
+
+    settings = settings_of(ctx, config)
+    credentials = GeminiCredentials.load(config.api_key_file) \
+        if settings.mode in RECONCILING_MODES else None
+    ensure_topics(ctx.bootstrap, ctx.namespace, TOPICS)
+    return group_config(ctx.bootstrap, ctx.registry_url, ctx.namespace, settings,
+                        credentials=credentials, group_id=config.group)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.kafka.catalog import ensure_topics
-
-    ap = group_parser("python -m consumers.portfolio", __doc__.split("\n")[0])
-    ap.add_argument("--capital", default=None, help="each strategy's starting equity: one "
-                    "amount, or a JSON object {strategy_id: amount, \"*\": the others} [0]")
-    ap.add_argument("--currency", default="USD", help="what equity and PnL are in")
-    ap.add_argument("--limits", default=None, help="JSON {strategy_id or \"*\": "
-                    "{\"max_drawdown\": \"100\" or \"5%%\", \"max_daily_loss\": \"50\"}}")
-    ap.add_argument("--symbols", default=None, help="known symbols (comma-separated): a "
-                    "fill of another goes to the dead-letter topic [default: any]")
-    ap.add_argument("--max-mark-age-s", default="60", help="older marks are stale, or off")
-    ap.add_argument("--pnl-interval", type=float, default=10.0,
-                    help="seconds between periodic PnL records")
-    ap.add_argument("--mode", choices=("paper", "sandbox", "live"), default="paper",
-                    help="sandbox/live: reconcile with Gemini (the key execution uses)")
-    ap.add_argument("--venue-url", default=None)
-    ap.add_argument("--api-key-file", default=None)
-    ap.add_argument("--reconcile-interval", type=float, default=300.0)
-    ap.add_argument("--reconcile-grace", type=float, default=30.0)
-    ap.add_argument("--parquet-root", default=None)
-    ap.add_argument("--run-dir", default=None)
-    ap.add_argument("--group", default=None, help="group id [default: <namespace>.portfolio]")
-    args = ap.parse_args(argv)
-    log_to_stderr()
-    try:
-        namespace = Namespace(args.namespace)
-        settings = settings_from_args(args)
-        credentials = GeminiCredentials.load(args.api_key_file) \
-            if settings.mode in RECONCILING_MODES else None
-        ensure_topics(args.bootstrap, namespace, TOPICS)
-        config = make_group(args.bootstrap, args.registry, namespace, settings,
-                            credentials=credentials, group_id=args.group)
-    except (PipelineError, ValueError) as exc:
-        log.error("%s", exc)
-        return 2
-    run_until_stopped(config, args.bootstrap)
-    return 0
+    return group_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from pipeline.avro.registry import SchemaRegistry
@@ -38,14 +40,12 @@ from pipeline.core.errors import PipelineError, StrategyFailed
 from pipeline.core.vocabulary import Side
 from pipeline.kafka.catalog import Namespace
 from pipeline.runtime.context import AssignContext, Partition
+from pipeline.runtime.contract import GroupContext, group_main
 from pipeline.runtime.runner import (
     GroupConfig,
     Handler,
     Output,
     Record,
-    group_parser,
-    log_to_stderr,
-    run_until_stopped,
 )
 from pipeline.trading.fees import GEMINI_API_FEES
 from pipeline.trading.requests import (
@@ -60,13 +60,37 @@ from pipeline.trading.strategy import Strategy, load_strategy
 from pipeline.trading.tracker import OrderTracker
 
 log = logging.getLogger(__name__)
-# Several instances may run, each named by --instance (its transactional.id and
-# group.instance.id); the supervisor passes it (pipeline/ops/supervisor.py).
+# Several instances may run, each named by ctx.instance (in its transactional.id); the
+# supervisor gives each its index (pipeline/ops/launch.py).
 MULTI_INSTANCE = True
 INPUTS = {"bars": "on_bar", "book.snapshots": "on_book", "md.trades": "on_trade",
           "orders.events": "on_order_event"}
 STATE_FORMAT = "json"
 DEFAULT_LOT = Decimal("0.00000001")  # fraction sizing's step without symbol rules
+
+
+@dataclass(frozen=True)
+class Config:
+    """The strategy group's settings: a topology's ``args`` (pipeline/runtime/contract.py)."""
+
+    strategy: str = field(default="pipeline.strategy:SmaCross", metadata={
+        "help": "module:Class"})
+    params: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "the strategy's parameters (a JSON object on the command line)"})
+    inputs: tuple[str, ...] = field(default=("bars",), metadata={
+        "help": "comma-separated: bars, book.snapshots, md.trades (the strategy's own "
+                "orders.events are read as well)"})
+    strategy_keys: Path | None = field(default=None, metadata={
+        "help": "0600 JSON file {strategy_id: secret} [default: the run's key file]"})
+    capital: Decimal | None = field(default=None, metadata={
+        "help": "starting cash in the quote currency: the strategy's equity (and fraction "
+                "sizing) starts from it"})
+    lot: Decimal = field(default=DEFAULT_LOT, metadata={
+        "help": "fraction sizing rounds down to whole lots of this"})
+    no_order_events: bool = field(default=False, metadata={
+        "help": "do not read orders.events (the strategy then sees no fills)"})
+    fresh_state: bool = field(default=False, metadata={
+        "help": "ignore the saved state and start from nothing"})
 
 
 # The one strategy error, the backtest's too (pipeline.core.errors); the old name stays.
@@ -231,7 +255,7 @@ class StrategyHandler(Handler):
         return latest
 
 
-def make_group(bootstrap: str, registry_url: str, namespace: Namespace, strategy: Strategy,
+def group_config(bootstrap: str, registry_url: str, namespace: Namespace, strategy: Strategy,
                key: bytes, inputs: Iterable[str] = ("bars", "orders.events"), instance: int = 0,
                ttl_ms: int | None = None, capital: Decimal | None = None,
                lot: Decimal = DEFAULT_LOT, fresh_state: bool = False) -> GroupConfig:
@@ -252,46 +276,33 @@ def make_group(bootstrap: str, registry_url: str, namespace: Namespace, strategy
                        transactional_id=f"{group_id}.{instance}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_group(ctx: GroupContext, config: Config = Config()) -> GroupConfig:
+    """The group of the contract (pipeline/runtime/contract.py): loads the strategy and its
+    signing key (``strategy_keys``, else the run's key file, and the environment), creates
+    its topics."""
     from pipeline.kafka.catalog import ensure_topics
 
-    ap = group_parser("python -m consumers.strategy")
-    ap.add_argument("--strategy", default="pipeline.strategy:SmaCross", help="module:Class")
-    ap.add_argument("--params", default="{}", help="JSON object of strategy parameters")
-    ap.add_argument("--inputs", default="bars", help="comma-separated: bars, book.snapshots, "
-                                                     "md.trades (the strategy's own "
-                                                     "orders.events are read as well)")
-    ap.add_argument("--strategy-keys", help="0600 JSON file {strategy_id: secret}")
-    ap.add_argument("--instance", type=int, default=0)
-    ap.add_argument("--capital", type=Decimal, default=None,
-                    help="starting cash in the quote currency: the strategy's equity (and "
-                    "fraction sizing) starts from it")
-    ap.add_argument("--lot", type=Decimal, default=DEFAULT_LOT,
-                    help="fraction sizing rounds down to whole lots of this")
-    ap.add_argument("--no-order-events", action="store_true",
-                    help="do not read orders.events (the strategy then sees no fills)")
-    ap.add_argument("--fresh-state", action="store_true",
-                    help="ignore the saved state and start from nothing")
-    args = ap.parse_args(argv)
-    log_to_stderr()
     try:
-        strategy = load_strategy(args.strategy, json.loads(args.params))
+        strategy = load_strategy(config.strategy, config.params)
     except ValueError as exc:
-        log.error("strategy %s refused its parameters: %s", args.strategy, exc)
-        return 2
-    key = StrategyKeys.load(args.strategy_keys).key(strategy.strategy_id)
+        raise PipelineError(f"strategy {config.strategy} refused its parameters: {exc}") \
+            from None
+    key = StrategyKeys.load(config.strategy_keys or ctx.strategy_keys).key(strategy.strategy_id)
     if key is None:
         raise PipelineError(f"no signing key for strategy {strategy.strategy_id}: put it in "
                             "the key file or the environment")
-    namespace = Namespace(args.namespace)
-    inputs = [s.strip() for s in args.inputs.split(",") if s.strip()]
-    if not args.no_order_events and "orders.events" not in inputs:
+    inputs = list(config.inputs)
+    if not config.no_order_events and "orders.events" not in inputs:
         inputs.append("orders.events")
-    ensure_topics(args.bootstrap, namespace, [*inputs, "orders.requests", "strategy.state", "dlq"])
-    run_until_stopped(make_group(args.bootstrap, args.registry, namespace, strategy, key, inputs,
-                                 args.instance, capital=args.capital, lot=args.lot,
-                                 fresh_state=args.fresh_state), args.bootstrap)
-    return 0
+    ensure_topics(ctx.bootstrap, ctx.namespace,
+                  [*inputs, "orders.requests", "strategy.state", "dlq"])
+    return group_config(ctx.bootstrap, ctx.registry_url, ctx.namespace, strategy, key, inputs,
+                        int(ctx.instance), capital=config.capital, lot=config.lot,
+                        fresh_state=config.fresh_state)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return group_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

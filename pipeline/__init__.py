@@ -25,10 +25,12 @@ _EXPORTS: dict[str, str] = {
     "SmaCross": "pipeline.strategies.sma_cross",
     "MidQuoter": "pipeline.strategies.mid_quoter",
     # writing consumer groups
+    "GroupContext": "pipeline.runtime.contract",
     "GroupConfig": "pipeline.runtime.runner",
     "GroupRunner": "pipeline.runtime.runner",
     "Handler": "pipeline.runtime.runner",
     "Output": "pipeline.runtime.runner",
+    "Partition": "pipeline.runtime.context",
     "Record": "pipeline.runtime.runner",
     "run_until_stopped": "pipeline.runtime.runner",
     "HandlerHarness": "pipeline.runtime.harness",
@@ -53,11 +55,11 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [  # the names of _EXPORTS, sorted (tests/unit/test_public_api.py keeps them equal)
     "BacktestConfig", "CancelAllIntent", "CancelIntent", "Cluster", "DeliveryFailed",
-    "FULL_EQUITY", "GroupConfig", "GroupRunner", "Handler", "HandlerHarness", "MidQuoter",
-    "Namespace", "OrderIntent", "Output", "PipelineError", "Record", "RegistryError",
-    "ReplaceIntent", "SchemaRegistry", "Serde", "SerdeError", "SmaCross", "Strategy",
-    "StrategyFailed", "archive", "load_strategy", "read_bars", "run_backtest", "run_until_stopped",
-    "sweep",
+    "FULL_EQUITY", "GroupConfig", "GroupContext", "GroupRunner", "Handler", "HandlerHarness",
+    "MidQuoter", "Namespace", "OrderIntent", "Output", "Partition", "PipelineError", "Record",
+    "RegistryError", "ReplaceIntent", "SchemaRegistry", "Serde", "SerdeError", "SmaCross",
+    "Strategy", "StrategyFailed", "archive", "load_strategy", "read_bars", "run_backtest",
+    "run_until_stopped", "sweep",
 ]
 
 
@@ -90,6 +92,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         StrategyFailed,
     )
     from pipeline.kafka.catalog import Namespace
+    from pipeline.runtime.context import Partition
+    from pipeline.runtime.contract import GroupContext
     from pipeline.runtime.harness import HandlerHarness
     from pipeline.runtime.runner import (
         GroupConfig,

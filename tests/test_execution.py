@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from consumers.execution import ExecutionSettings, check_mode, main, make_group
+from consumers.execution import ExecutionSettings, check_mode, group_config, main
 from pipeline.avro.registry import SchemaRegistry
 from pipeline.avro.serde import Serde
 from pipeline.core.errors import PipelineError
@@ -87,7 +87,7 @@ class Env:
         return ExecutionSettings(**kw)
 
     def group(self, settings: ExecutionSettings, credentials=None, **kw) -> GroupThread:
-        config = make_group(self.kafka, self.registry_url, self.namespace, settings,
+        config = group_config(self.kafka, self.registry_url, self.namespace, settings,
                             keys=self.keys, credentials=credentials, **kw)
         return GroupThread(config, self.kafka)
 
@@ -1019,7 +1019,7 @@ PORTFOLIO_TOPICS = ["orders.events", "book.snapshots", "strategy.control", "port
 
 def portfolio_group(env: Env, config, credentials=None, **kw) -> GroupThread:
     from consumers.portfolio import PortfolioSettings
-    from consumers.portfolio import make_group as portfolio_config
+    from consumers.portfolio import group_config as portfolio_config
 
     ensure_topics(env.kafka, env.namespace, PORTFOLIO_TOPICS)
     settings = PortfolioSettings(config, run_dir=env.run_dir, **kw)

@@ -16,7 +16,7 @@ nbformat = pytest.importorskip("nbformat",
 nbclient = pytest.importorskip("nbclient",
                                reason="nbclient is in the test extra: pip install -e '.[test]'")
 
-from consumers.archive import make_group  # noqa: E402
+from consumers.archive import group_config  # noqa: E402
 from pipeline.backtest.config import BacktestConfig  # noqa: E402
 from pipeline.backtest.run import run_backtest  # noqa: E402
 from pipeline.core.cluster import Cluster  # noqa: E402
@@ -61,7 +61,7 @@ def test_the_research_notebook_runs_over_the_archive(kafka, registry, namespace,
     counts = publish_capture(kafka, registry.url, namespace, shared_data / CAPTURE)
     assert loaded == 32_842 and counts == {"md.l2": 655, "md.trades": 516}
     root = tmp_path / "archive"
-    GroupRunner(make_group(kafka, registry.url, str(namespace), root=root, roll_seconds=3600),
+    GroupRunner(group_config(kafka, registry.url, str(namespace), root=root, roll_seconds=3600),
                 kafka).run(idle_timeout_s=3)  # a stop flushes what waits
 
     nb = with_parameters(nbformat.read(NOTEBOOK, as_version=4), NAMESPACE=str(namespace),

@@ -11,7 +11,7 @@ from decimal import Decimal
 
 import pytest
 
-from consumers.strategy import make_group
+from consumers.strategy import group_config
 from pipeline.avro.registry import SchemaRegistry
 from pipeline.avro.serde import Decoder, Encoder
 from pipeline.core.errors import PipelineError
@@ -185,7 +185,7 @@ def test_the_group_publishes_signed_deterministic_requests(kafka, registry, name
     closes = random_walk(400, seed=8)
     bars_topic = namespace.topic("bars")
     publish_bars(kafka, registry.url, bars_topic, closes)
-    GroupRunner(make_group(kafka, registry.url, namespace, SmaCross(fast=5, slow=12), KEY),
+    GroupRunner(group_config(kafka, registry.url, namespace, SmaCross(fast=5, slow=12), KEY),
                 kafka).run(max_records=400, idle_timeout_s=15)
     decode = Decoder(SchemaRegistry(registry.url))
     requests = [decode(r.value) for r in read_all(kafka, namespace.topic("orders.requests"))]
@@ -206,7 +206,7 @@ def test_a_strategy_that_raises_is_dead_lettered_naming_strategy_and_input(kafka
     ensure_topics(kafka, namespace, ["bars", "orders.events", "orders.requests", "strategy.state",
                                      "dlq"])
     publish_bars(kafka, registry.url, namespace.topic("bars"), ["11", "12", "13", "14"])
-    stats = GroupRunner(make_group(kafka, registry.url, namespace, Exploding(), KEY), kafka).run(
+    stats = GroupRunner(group_config(kafka, registry.url, namespace, Exploding(), KEY), kafka).run(
         max_records=4, idle_timeout_s=15)
     assert stats.records == 4 and stats.dead_letters == 1
     (letter,) = [parse_dead_letter(d.key, d.value, list(d.headers))
@@ -284,8 +284,8 @@ def test_a_saved_state_that_does_not_load_stops_the_group_naming_strategy_and_ve
         "saved_ms": 1, **state}), "sma-cross")
     producer.flush()
     publish_bars(kafka, registry.url, namespace.topic("bars"), ["1", "2"])
-    runner = GroupRunner(make_group(kafka, registry.url, namespace, SmaCross(fast=2, slow=3), KEY),
-                         kafka)
+    runner = GroupRunner(group_config(kafka, registry.url, namespace, SmaCross(fast=2, slow=3),
+                                      KEY), kafka)
     with pytest.raises(PipelineError, match=match):
         runner.run(idle_timeout_s=15)
     assert read_all(kafka, namespace.topic("orders.requests")) == [], "it traded nothing"

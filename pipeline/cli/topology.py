@@ -293,51 +293,34 @@ def run_group(
     target: str = typer.Argument(..., help="A process of the topology (e.g. orderbook), or "
                                            "module:function returning a GroupConfig."),
     run_dir: Optional[Path] = RunDirOption, topology: Optional[Path] = TopologyOption,
-    name: Optional[str] = typer.Option(None, help="Name of the group (user groups)."),
+    name: Optional[str] = typer.Option(None, help="Name of the group (module:function)."),
     bootstrap: Optional[str] = typer.Option(None, help="\\[default: the running broker]"),
     registry: Optional[str] = typer.Option(None, help="\\[default: the running registry]"),
     namespace: Optional[str] = typer.Option(None, "--namespace", "-n"),
-    args: str = typer.Option("{}", help="JSON arguments for a user group's function."),
+    instance: int = typer.Option(0, help="Which instance of the process (of its instances)."),
+    args: str = typer.Option("{}", help="JSON settings of a module:function group."),
 ) -> None:
-    """Run one consumer group in the foreground (for development); Ctrl-C stops it."""
-    import importlib
+    """Run one consumer group in the foreground (for development), the way the supervisor
+    runs it (pipeline/ops/launch.py); Ctrl-C stops it."""
+    import dataclasses
     import json as _json
-    import os
-    import sys
 
     from pipeline.kafka.catalog import Namespace
+    from pipeline.ops import launch
     from pipeline.ops import topology as topology_module
-    from pipeline.ops.broker import bootstrap_servers
-    from pipeline.ops.registry_server import registry_url
-    from pipeline.ops.supervisor import _flags
-    from pipeline.runtime.runner import GroupConfig, GroupRunner
+    from pipeline.runtime.runner import local_cluster
 
     settings = settings_for(run_dir)
-    bootstrap = bootstrap or bootstrap_servers(settings)
-    registry = registry or registry_url(settings)
+    cluster = local_cluster(str(settings.run_dir), bootstrap, registry)
+    setup_logging("INFO")
     if ":" not in target:
         loaded = topology_module.load(topology)
-        proc = loaded.process(target)
-        ns = namespace or str(loaded.namespace)
-        if not proc.is_user_group:
-            cmd = [sys.executable, "-m", proc.run, "--bootstrap", bootstrap, "--registry",
-                   registry, "--namespace", ns, *_flags(proc.args)]
-            os.execv(sys.executable, cmd)
-        target, name, args = proc.run, proc.name, _json.dumps(proc.args)
-        namespace = ns
-    module_name, _, attr = target.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise PipelineError(f"cannot load {target}: {exc}") from None
-    config = factory(bootstrap=bootstrap, registry_url=registry,
-                     namespace=Namespace(namespace or settings.namespace), name=name or attr,
-                     **_json.loads(args))
-    if not isinstance(config, GroupConfig):
-        raise PipelineError(f"{target} returned {type(config).__name__}, not a GroupConfig")
-    setup_logging("INFO")
-    runner = GroupRunner(config, bootstrap)
-    runner.install_signal_handlers()
-    stats = runner.run()
-    console.print(f"{config.group_id} stopped: {stats.records} records, {stats.outputs} outputs, "
-                  f"{stats.dead_letters} dead letters")
+        if namespace:
+            loaded = dataclasses.replace(loaded, namespace=Namespace(namespace))
+        code = launch.run_process(loaded, target, cluster, settings.run_dir, instance)
+    else:
+        code = launch.run_target(target, _json.loads(args), cluster,
+                                 Namespace(namespace or settings.namespace), name,
+                                 settings.run_dir)
+    if code:
+        raise typer.Exit(code)

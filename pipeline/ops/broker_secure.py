@@ -92,7 +92,8 @@ GRANTS: dict[str, Grant] = {
 }
 REGISTRY = "registry"
 ROLES = (ADMIN, *GRANTS, REGISTRY)
-# The supervisor's programs -> their role (pipeline/ops/supervisor.py runs these modules).
+# The shipped groups -> their role (pipeline/ops/supervisor.py runs each through the
+# launcher, pipeline/ops/launch.py, whose command line names the group's module).
 MODULE_ROLES = {"consumers.orderbook": "orderbook", "consumers.bars": "bars",
                 "consumers.strategy": "strategy", "consumers.execution": "execution",
                 "consumers.portfolio": "portfolio", "consumers.archive": "archive"}
@@ -243,6 +244,8 @@ def role_for(cmd: Iterable[str]) -> str | None:
     """The role of a supervised program from its command line; None: it needs no Kafka
     (the local venue)."""
     args = list(cmd)
+    if len(args) > 3 and args[1] == "-m" and args[2] == "pipeline.ops.launch":
+        return MODULE_ROLES.get(args[3].partition(":")[0], "groups")  # a user group: groups
     if len(args) > 2 and args[1] == "-m" and args[2] in MODULE_ROLES:
         return MODULE_ROLES[args[2]]
     tail = args[3:] if len(args) > 2 and args[1] == "-m" and args[2] == "pipeline.cli" else []

@@ -13,7 +13,6 @@ process and no lock behind. The supervisor records its state in
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import logging
 import os
@@ -38,10 +37,10 @@ from pipeline.runtime.runner import log_to_stderr
 log = logging.getLogger(__name__)
 STATE_FILE = "supervisor.json"
 GEMINI_HOST = ("api.gemini.com", 443)
-SIGNING_GROUPS = ("consumers.strategy", "consumers.execution")  # get the strategy key file
-# Get the topology's symbols: the portfolio (a fill of another is dead-lettered) and
-# execution (whose symbol rules are loaded for them, not for every symbol Gemini lists).
-SYMBOL_GROUPS = ("consumers.portfolio", "consumers.execution")
+# Need the run's strategy key file (created here, handed over as ctx.strategy_keys). The
+# topology's symbols reach every group as ctx.symbols: the portfolio dead-letters a fill
+# of another, execution loads their symbol rules only.
+SIGNING_GROUPS = ("consumers.strategy", "consumers.execution")
 BACKOFF_MAX_S = 30.0
 
 
@@ -82,30 +81,16 @@ def _cli(*args: str) -> list[str]:
 
 
 @functools.cache
-def takes_instance(module: str) -> bool:
-    """Whether a shipped group runs as several instances, each named by ``--instance``
-    (its module's ``MULTI_INSTANCE``): they then need distinct names (transactional.id,
+def takes_instance(run: str) -> bool:
+    """Whether a group runs as several instances, each named by its instance index (its
+    module's ``MULTI_INSTANCE``): they then need distinct names (transactional.id,
     group.instance.id), or they fence each other."""
+    from pipeline.runtime.contract import load_group
+
     try:
-        return bool(getattr(importlib.import_module(module), "MULTI_INSTANCE", False))
-    except ImportError:
+        return load_group(run).multi_instance
+    except PipelineError:
         return False
-
-
-def _flags(args: dict) -> list[str]:
-    """{"depth": 10, "params": {...}} -> ["--depth", "10", "--params", "{...}"]."""
-    out = []
-    for key, value in args.items():
-        flag = f"--{key.replace('_', '-')}"
-        if isinstance(value, bool):
-            out += [flag] if value else []
-        elif isinstance(value, dict):
-            out += [flag, json.dumps(value)]
-        elif isinstance(value, list):
-            out += [flag, ",".join(map(str, value))]
-        else:
-            out += [flag, str(value)]
-    return out
 
 
 class Supervisor:
@@ -244,20 +229,16 @@ class Supervisor:
         self._launch(producer)
 
     def _child_for(self, proc: Process, index: int) -> Child:
+        """Every group starts the same way: the launcher, which reads the topology itself
+        (pipeline/ops/launch.py)."""
+        from pipeline.core.cluster import Cluster
+        from pipeline.ops.launch import command
+
         name = proc.name if proc.instances == 1 else f"{proc.name}-{index}"
-        common = ["--bootstrap", self.bootstrap, "--registry", self.registry_url,
-                  "--namespace", str(self.topology.namespace)]
-        args = dict(proc.args)
-        if proc.run in SIGNING_GROUPS and "strategy_keys" not in args:
-            args["strategy_keys"] = str(self._strategy_keys())
-        if proc.run in SYMBOL_GROUPS and "symbols" not in args:
-            args["symbols"] = ",".join(self.topology.symbols)  # a fill of another: DLQ
-        if proc.instances > 1 and not proc.is_user_group and takes_instance(proc.run):
-            args["instance"] = index
-        if proc.is_user_group:
-            cmd = _cli("run", proc.run, "--name", proc.name, *common, "--args", json.dumps(args))
-        else:
-            cmd = python_module(proc.run, *common, *_flags(args))
+        if proc.module in SIGNING_GROUPS and getattr(proc.config, "strategy_keys", None) is None:
+            self._strategy_keys()  # the run's key file, which the launcher hands over
+        cmd = command(self.topology, proc, index, Cluster(self.bootstrap, self.registry_url),
+                      self.run_dir)
         return Child(name, cmd, str(self.log_dir / f"{name}.log"), proc.restart_limit)
 
     def _web(self) -> None:
@@ -285,12 +266,15 @@ class Supervisor:
     def _strategy_keys(self) -> Path:
         """A per-run signing key for every strategy, created once, readable only by us
         (keys are never in the repo; use your own file via `strategy_keys` in args)."""
-        path = ensure_writable_dir(self.run_dir / "secrets") / "strategy-keys.json"
+        from pipeline.ops.launch import strategy_keys_file
+
+        path = strategy_keys_file(self.run_dir)
+        ensure_writable_dir(path.parent)
         if not path.exists():
             from pipeline.strategy import load_strategy
 
-            ids = {load_strategy(p.args["strategy"], p.args.get("params")).strategy_id
-                   for p in self.topology.processes if p.run == "consumers.strategy"}
+            ids = {load_strategy(p.config.strategy, p.config.params).strategy_id
+                   for p in self.topology.processes if p.module == "consumers.strategy"}
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as out:
                 json.dump({i: secrets.token_hex(32) for i in sorted(ids)}, out)
@@ -425,10 +409,8 @@ def chart_interval(topology: Topology) -> str:
 
     found: list[str] = []
     for proc in topology.processes:
-        if proc.run == "consumers.bars":
-            raw = proc.args.get("intervals", ",".join(DEFAULT_INTERVALS))
-            items = raw.split(",") if isinstance(raw, str) else list(raw)
-            found += [i.strip() for i in items if i.strip() in INTERVALS_MS]
+        if proc.module == "consumers.bars" and proc.config is not None:
+            found += [i for i in proc.config.intervals if i in INTERVALS_MS]
     return min(found, key=INTERVALS_MS.__getitem__) if found else DEFAULT_INTERVALS[0]
 
 

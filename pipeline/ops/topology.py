@@ -5,9 +5,9 @@ One TOML file (``topology.toml`` in the repo, or ``--topology PATH`` /
 same shape (``--overlay``) overrides keys per environment. Loading validates it all and
 names the file, line and key of anything wrong.
 
-Adding a consumer group is one ``[[process]]`` entry: ``run`` is either a module with a
-``main(argv)`` (the shipped groups) or ``module:function`` returning a ``GroupConfig``
-(a user group), started with ``pipeline run``.
+Adding a consumer group is one ``[[process]]`` entry: ``run`` names a group module
+(``Config``, ``MULTI_INSTANCE``, ``make_group(ctx, config)``: pipeline/runtime/contract.py),
+or ``module:function``; its ``args`` are checked against the module's ``Config`` here.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ REPLAY_TOPICS = ("md.l2", "md.trades")
 _INFRA_KEYS = {"listen", "kafka_port", "controller_port", "registry_port", "metrics_port",
                "web_port"}
 _PROCESS_KEYS = {"name", "run", "instances", "args", "after", "restart_limit"}
+# The shipped groups; every other module is a user group (its own principal's ACLs).
+SHIPPED_GROUPS = ("consumers.orderbook", "consumers.bars", "consumers.strategy",
+                  "consumers.execution", "consumers.portfolio", "consumers.archive")
 _TOPIC_KEYS = {"name", "partitions", "key", "description", "cleanup_policy", "retention_ms"}
 
 
@@ -68,14 +71,20 @@ class Infra:
 @dataclass(frozen=True)
 class Process:
     name: str
-    run: str  # "consumers.orderbook" (module with main) or "module:function"
+    run: str  # "consumers.orderbook" (a group module) or "module:function"
     instances: int = 1
     args: dict[str, Any] = field(default_factory=dict)
     restart_limit: int = 5
+    # the args as the group's Config (checked at load); None for a legacy user group
+    config: Any = field(default=None, compare=False)
+
+    @property
+    def module(self) -> str:
+        return self.run.partition(":")[0]
 
     @property
     def is_user_group(self) -> bool:
-        return ":" in self.run
+        return self.module not in SHIPPED_GROUPS
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,7 @@ class Topology:
     infra: Infra
     processes: tuple[Process, ...]
     topics: tuple[dict, ...] = ()
+    overlay: Path | None = None  # the overlay merged in, if any (children load the same)
 
     def process(self, name: str) -> Process:
         for proc in self.processes:
@@ -133,7 +143,7 @@ def load(path: str | Path | None = None, overlay: str | Path | None = None) -> T
     for topic in topics:
         _only(topic, _TOPIC_KEYS, where, "topic")
     return Topology(path, namespace, tuple(s.upper() for s in symbols), source, infra,
-                    processes, topics)
+                    processes, topics, Path(overlay) if overlay is not None else None)
 
 
 def _read(path: Path) -> tuple[dict, str]:
@@ -170,10 +180,34 @@ class _Locator:
             hits = [n for n in hits if near in self.lines[n - 1]] or hits
         return hits[0] if hits else None
 
-    def error(self, key: str, message: str, near: str | None = None) -> PipelineError:
-        line = self.line_of(key.rsplit(".", 1)[-1], near)
+    def error(self, key: str, message: str, near: str | None = None,
+              line: int | None = None) -> PipelineError:
+        line = line or self.line_of(key.rsplit(".", 1)[-1], near)
         where = f"{self.path}:{line}" if line else str(self.path)
         return ConfigError(f"{where}: key {key!r}: {message}")
+
+    def line_in_process(self, name: str, key: str) -> int | None:
+        """The line of ``key`` (an ``args`` key, inline or not) in process ``name``'s entry."""
+        start = next((i for i, line in enumerate(self.lines) if re.match(
+            rf"""^\s*name\s*=\s*["']{re.escape(name)}["']""", line)), None)
+        if start is None:
+            return None
+        begin = next((i for i in range(start, -1, -1)
+                      if self.lines[i].strip().startswith("[[")), start)
+        end = next((i for i in range(start + 1, len(self.lines))
+                    if self.lines[i].strip().startswith("[[")), len(self.lines))
+        pattern = re.compile(rf"""(^|[{{,\s])["']?{re.escape(key)}["']?\s*=""")
+        for i in range(begin, end):
+            if pattern.search(self.lines[i].split("#", 1)[0]):
+                return i + 1
+        return None
+
+    def args_error(self, process: str, key: str, message: str) -> PipelineError:
+        """A problem with ``args.<key>`` of a process, on the line of the key (else of the
+        args, else of the process)."""
+        line = self.line_in_process(process, key) or self.line_in_process(process, "args") or \
+            self.line_in_process(process, "name")
+        return self.error(f"process.args.{key}", f"process {process}: {message}", line=line)
 
 
 def _only(table: dict, allowed: set[str], where: _Locator, prefix: str) -> None:
@@ -321,4 +355,19 @@ def _process(index: int, raw: Any, where: _Locator) -> Process:
     if not isinstance(args, dict):
         raise where.error("process.args", f"process {name}: must be a table")
     return Process(name=name, run=run, instances=instances, args=args,
-                   restart_limit=raw.get("restart_limit", 5))
+                   restart_limit=raw.get("restart_limit", 5),
+                   config=_group_config(name, run, args, where))
+
+
+def _group_config(name: str, run: str, args: dict, where: _Locator) -> Any:
+    """``args`` as the group's ``Config`` (None for a legacy user group)."""
+    from pipeline.runtime.contract import config_from_args, load_group
+
+    try:
+        group = load_group(run)
+    except PipelineError as exc:
+        raise where.error("process.run", f"process {name}: {exc}", name) from None
+    if group.config is None:
+        return None
+    return config_from_args(group.config, args,
+                            lambda key, message: where.args_error(name, key, message))

@@ -24,7 +24,6 @@ values, and ``on_assign`` restores through an :class:`~pipeline.runtime.context.
 
 from __future__ import annotations
 
-import argparse
 import faulthandler
 import logging
 import os
@@ -706,23 +705,6 @@ def log_to_stderr(level: int | str = logging.INFO) -> None:
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(level)
-
-
-def group_parser(prog: str, description: str | None = None) -> argparse.ArgumentParser:
-    """The command line every group's ``python -m`` entry point starts from: where Kafka,
-    the registry and its namespace are (the supervisor passes all three)."""
-    ap = argparse.ArgumentParser(prog=prog, description=description)
-    ap.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers")
-    ap.add_argument("--registry", required=True, help="schema registry URL")
-    ap.add_argument("--namespace", required=True, help="topic namespace (sim, live, ...)")
-    return ap
-
-
-def group_endpoints(run_dir: str | None, bootstrap: str | None, registry: str | None
-                    ) -> tuple[str, str]:
-    """Kafka and the registry for a group's ``main``: as given, else the run dir's."""
-    cluster = local_cluster(run_dir, bootstrap, registry)
-    return cluster.bootstrap, cluster.registry_url
 
 
 def local_cluster(run_dir: str | None = None, bootstrap: str | None = None,

@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from consumers.archive import make_group
+from consumers.archive import group_config
 from pipeline.avro.registry import SchemaRegistry
 from pipeline.avro.serde import Decoder, Encoder
 from pipeline.backtest.config import BacktestConfig
@@ -128,7 +128,7 @@ def test_kill_9_at_each_protocol_point_leaves_the_archive_equal_to_the_topics(
 def test_a_backtest_from_the_archive_gives_the_same_trades_as_from_kafka(
         kafka, registry, capture_ns, tmp_path):
     root = tmp_path / "archive"
-    config = make_group(kafka, registry.url, str(capture_ns), root=root, roll_seconds=3600)
+    config = group_config(kafka, registry.url, str(capture_ns), root=root, roll_seconds=3600)
     GroupRunner(config, kafka).run(idle_timeout_s=3)  # a stop flushes what waits
     assert sum(1 for _ in archive.read_records(root, "md.l2")) == 655
     cluster = Cluster(kafka, registry.url)
@@ -164,7 +164,7 @@ def test_smacross_over_the_hourly_file_from_the_archive_equals_kafka(kafka, regi
     loaded = load_csv_bars(shared_data / "BTCUSD_GEMINI_1h.csv", kafka, registry.url,
                            namespace).published
     root = tmp_path / "archive"
-    GroupRunner(make_group(kafka, registry.url, str(namespace), root=root, roll_seconds=3600),
+    GroupRunner(group_config(kafka, registry.url, str(namespace), root=root, roll_seconds=3600),
                 kafka).run(idle_timeout_s=3)
     params = {"fast": 10, "slow": 20, "amount": None, "fraction": FULL_EQUITY}
     config = BacktestConfig("pipeline.strategy:SmaCross", namespace, params, cash="1000000",
@@ -182,7 +182,7 @@ def test_the_archive_commands_query_compact_and_backtest(kafka, registry, captur
     root = run_dir / "parquet" / str(capture_ns) / "archive"
     # Small batches, so each partition rolls several files per symbol and day whatever the
     # fetch sizes: compaction below has something to merge.
-    GroupRunner(make_group(kafka, registry.url, str(capture_ns), run_dir=run_dir,
+    GroupRunner(group_config(kafka, registry.url, str(capture_ns), run_dir=run_dir,
                            roll_records=50, batch_size=20), kafka).run(idle_timeout_s=3)
     env = {"PIPELINE_RUN_DIR": str(run_dir)}
     ns = ["-n", str(capture_ns)]
@@ -231,7 +231,7 @@ def test_a_replay_from_the_archive_republishes_the_topics_byte_for_byte(
     """`pipeline replay --from-archive`: every archived record back in its partition, in
     its order, with its key, timestamp and value bytes (same schema id, same encoding)."""
     run_dir = tmp_path / "run"
-    GroupRunner(make_group(kafka, registry.url, str(capture_ns), run_dir=run_dir,
+    GroupRunner(group_config(kafka, registry.url, str(capture_ns), run_dir=run_dir,
                            roll_records=200), kafka).run(idle_timeout_s=3)
     env = {"PIPELINE_RUN_DIR": str(run_dir)}
     target = Namespace(f"replay-arc{int(time.time() * 1000) % 10**9}")

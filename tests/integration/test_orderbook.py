@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from consumers.orderbook import OrderbookSettings, make_group
+from consumers.orderbook import OrderbookSettings, group_config
 from pipeline.avro.registry import SchemaRegistry
 from pipeline.avro.serde import HEADER, Decoder, Encoder
 from pipeline.gemini.capture import received_frames
@@ -70,7 +70,7 @@ def test_books_from_kafka_equal_books_from_the_raw_capture_after_every_frame(
     assert compared == 655
 
     # The group publishes the same books: its last snapshot per symbol is their top 10.
-    stats = GroupRunner(make_group(kafka, registry.url, namespace), kafka).run(
+    stats = GroupRunner(group_config(kafka, registry.url, namespace), kafka).run(
         max_records=655, idle_timeout_s=15)
     assert stats.records == 655 and stats.dead_letters == 0
     latest = {}
@@ -112,7 +112,7 @@ def test_crossed_books_and_changes_before_a_snapshot_are_health_events(kafka, re
     for record in records:
         producer.produce(topic, encode(record), "BTCUSD")
     producer.flush()
-    GroupRunner(make_group(kafka, registry.url, namespace), kafka).run(max_records=7,
+    GroupRunner(group_config(kafka, registry.url, namespace), kafka).run(max_records=7,
                                                                          idle_timeout_s=15)
     decode = Decoder(SchemaRegistry(registry.url))
     health = [decode(r.value) for r in read_all(kafka, namespace.topic("book.health"), expect=3)]
@@ -148,7 +148,7 @@ def test_bad_records_are_dead_lettered_and_the_group_goes_on(kafka, registry, na
                   encode(l2("ETHUSD", False, [ch("ASK", "11", "7")], 5))):
         producer.produce(topic, value, "ETHUSD")
     producer.flush()
-    stats = GroupRunner(make_group(kafka, registry.url, namespace), kafka).run(
+    stats = GroupRunner(group_config(kafka, registry.url, namespace), kafka).run(
         max_records=6, idle_timeout_s=15)
     assert stats.records == 6 and stats.dead_letters == 4
     letters = sorted((parse_dead_letter(d.key, d.value, list(d.headers))
@@ -234,7 +234,7 @@ def test_killed_and_restarted_the_group_resumes_from_checkpoints(kafka, registry
         if "orderbook stopped" in log else None
     assert reread == total - resumed_at
 
-    calm_stats = GroupRunner(make_group(kafka, registry.url, calm,
+    calm_stats = GroupRunner(group_config(kafka, registry.url, calm,
                                         OrderbookSettings(checkpoint_interval_s=0.3)), kafka).run(
         max_records=total, idle_timeout_s=20)
     assert calm_stats.records == total

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from consumers.portfolio import PortfolioSettings, make_group
+from consumers.portfolio import PortfolioSettings, group_config
 from pipeline.avro.registry import SchemaRegistry
 from pipeline.avro.serde import Serde
 from pipeline.backtest.engine import L2, TRADE, backtest_events, event_time_us
@@ -130,7 +130,7 @@ def test_a_backtests_order_events_through_the_group_give_its_equity_and_realized
     publish.send("book.snapshots", [snapshot(s, plain(m), plain(m), T0)
                                     for s, m in sorted(marks.items())], "symbol")
     group_id = f"{namespace}.portfolio"
-    config = make_group(kafka, registry.url, namespace, settings(
+    config = group_config(kafka, registry.url, namespace, settings(
         tmp_path, default_capital=D("100000")))
     with GroupThread(config, kafka):
         wait_for(lambda: drained(kafka, group_id, namespace.topic("book.snapshots"),

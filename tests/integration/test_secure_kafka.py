@@ -28,10 +28,11 @@ from pipeline.kafka.clients import client_config
 from pipeline.kafka.security import SECURITY_ENV, load_security
 from pipeline.ops import topology
 from pipeline.ops.broker import LocalBroker
-from pipeline.ops.broker_secure import GRANTS, ROLES, SecureFiles, grant, role_for
+from pipeline.ops.broker_secure import GRANTS, MODULE_ROLES, ROLES, SecureFiles, grant, role_for
 from pipeline.ops.registry_server import LocalRegistry
 from pipeline.ops.services import free_port
 from pipeline.ops.settings import REPO_ROOT
+from pipeline.ops.topology import SHIPPED_GROUPS
 from tests.conftest import TEST_RUN_DIR
 from tests.support.processes import cli
 from tests.support.waiting import wait_for
@@ -157,6 +158,21 @@ def test_a_bad_client_configuration_is_one_error_naming_the_setting(tmp_path, te
 
 def test_each_supervised_program_has_its_role():
     py = "/venv/bin/python"
+    launch = [py, "-m", "pipeline.ops.launch"]
+    common = ["--topology", "topology.toml", "--namespace", "sim"]
+    # every group as the supervisor starts it: the launcher, the group's module first
+    assert set(MODULE_ROLES) == set(SHIPPED_GROUPS)  # every other module: a user group
+    for module, role in [("consumers.orderbook", "orderbook"), ("consumers.bars", "bars"),
+                         ("consumers.strategy", "strategy"), ("consumers.execution", "execution"),
+                         ("consumers.portfolio", "portfolio"), ("consumers.archive", "archive")]:
+        assert role_for([*launch, module, "--process", "p", *common]) == role, module
+    assert role_for([*launch, "consumers.execution", "--process", "execution-b", *common,
+                     "--instance", "1"]) == "execution"
+    assert role_for([*launch, "consumers.examples.spread_monitor:make_group", "--process",
+                     "spread-monitor", *common]) == "groups"
+    assert role_for([*launch, "consumers.examples.spread_monitor", "--process", "m"]) == "groups"
+    assert role_for([*launch, "consumers.orderbook:make_group", "--process", "b"]) == "orderbook"
+    # a group's own entry point (development, docker/compose.yml)
     assert role_for([py, "-m", "consumers.strategy", "--bootstrap", "x"]) == "strategy"
     assert role_for([py, "-m", "consumers.execution"]) == "execution"
     assert role_for([py, "-m", "consumers.archive", "--roll-seconds", "60"]) == "archive"

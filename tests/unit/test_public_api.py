@@ -13,11 +13,11 @@ from pipeline.ops.settings import REPO_ROOT
 
 PINNED = [
     "BacktestConfig", "CancelAllIntent", "CancelIntent", "Cluster", "DeliveryFailed",
-    "FULL_EQUITY", "GroupConfig", "GroupRunner", "Handler", "HandlerHarness", "MidQuoter",
-    "Namespace", "OrderIntent", "Output", "PipelineError", "Record", "RegistryError",
-    "ReplaceIntent", "SchemaRegistry", "Serde", "SerdeError", "SmaCross", "Strategy",
-    "StrategyFailed", "archive", "load_strategy", "read_bars", "run_backtest", "run_until_stopped",
-    "sweep",
+    "FULL_EQUITY", "GroupConfig", "GroupContext", "GroupRunner", "Handler", "HandlerHarness",
+    "MidQuoter", "Namespace", "OrderIntent", "Output", "Partition", "PipelineError", "Record",
+    "RegistryError", "ReplaceIntent", "SchemaRegistry", "Serde", "SerdeError", "SmaCross",
+    "Strategy", "StrategyFailed", "archive", "load_strategy", "read_bars", "run_backtest",
+    "run_until_stopped", "sweep",
 ]
 
 

@@ -8,7 +8,7 @@ import yaml
 
 from pipeline.ops import topology
 from pipeline.ops.settings import REPO_ROOT
-from pipeline.ops.supervisor import _flags
+from pipeline.runtime.contract import config_from_namespace, config_parser, load_group
 
 COMPOSE = yaml.safe_load((REPO_ROOT / "docker" / "compose.yml").read_text())
 TOPOLOGY = topology.load(REPO_ROOT / "topology.toml")
@@ -31,13 +31,16 @@ def test_services_run_what_the_topology_runs_with_the_same_arguments():
             assert line[:2] == ["run", proc.run] and json.loads(line[line.index("--args") + 1]) \
                 == proc.args
         else:
+            # the group's own command line (its Config's flags) gives each setting of the
+            # topology's args the same value
             assert line[:3] == ["python", "-m", proc.run]
-            flags = _flags(proc.args)
-            given = line[line.index("--namespace") + 2:]
-            for flag, value in zip(flags[::2], flags[1::2]):
-                got = given[given.index(flag) + 1]
-                assert (json.loads(got) == json.loads(value)) if value.startswith("{") else \
-                    got == value, f"{proc.name} {flag}"
+            group = load_group(proc.run)
+            parsed = config_parser(group.config, proc.run).parse_args(line[3:])
+            assert parsed.namespace == str(TOPOLOGY.namespace)
+            config = config_from_namespace(group.config, parsed)
+            assert proc.args, proc.name
+            for key in proc.args:
+                assert getattr(config, key) == getattr(proc.config, key), f"{proc.name} {key}"
 
 
 def test_namespace_symbols_and_source_agree():
