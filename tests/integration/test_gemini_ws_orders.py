@@ -16,9 +16,7 @@ from pipeline.gemini.execution import GeminiCredentials
 from pipeline.gemini.ws_session import WsSession, ws_auth_headers
 from pipeline.venue.rest import VenueKey
 from pipeline.venue.server import RunningVenue, VenueConfig
-from tests.support.orders import by_id, exchange_orders_per_id, order_request, venue_book
-from tests.support.waiting import wait_for
-from tests.test_execution import (  # noqa: F401
+from tests.integration.test_execution import (  # noqa: F401
     SMA_KEY,
     cancel_request,
     env,
@@ -27,6 +25,8 @@ from tests.test_execution import (  # noqa: F401
     sandbox,
     venue_live_orders,
 )
+from tests.support.orders import by_id, exchange_orders_per_id, order_request, venue_book
+from tests.support.waiting import wait_for
 
 WS_KEY, WS_SECRET = "account-ws", "ws-api-secret-9a8b7c6d5e4f"
 REST_ONLY_KEY, REST_ONLY_SECRET = "account-rest", "rest-api-secret-0f1e2d3c"
@@ -246,7 +246,7 @@ def test_a_strategys_cancel_all_cancels_its_orders_of_the_symbol_and_no_one_else
         env, venue, credentials):
     """CANCEL_ALL is one strategy's orders of one symbol: one order.cancel each (Gemini's
     order.cancel_all would take every strategy's orders on the account with it)."""
-    from tests.test_execution import MOMO_KEY
+    from tests.integration.test_execution import MOMO_KEY
 
     bid, _ = publish_venue_book(env, venue)
     mine = [order_request(SMA_KEY, price=str(bid - D(step)), amount="0.001")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.gemini.symbols import load_rules
-from tests.test_execution import env  # noqa: F401  (the broker fixture of the last test)
+from tests.integration.test_execution import env  # noqa: F401  (the broker fixture of the last test)
 from tests.unit.gemini.test_symbol_rules import BTC, TABLE, D  # noqa: F401 - shared with the unit tests
 
 WS_KEY, WS_SECRET = "account-ws-rules", "ws-rules-secret-0a1b2c3d4e5f"
@@ -32,8 +32,8 @@ def ws_venue():
 def test_over_the_websocket_api_too_no_order_method_is_called_for_a_refused_order(
         env, ws_venue) -> None:
     from pipeline.gemini.execution import GeminiCredentials
+    from tests.integration.test_execution import SMA_KEY, publish_venue_book, rule_breakers, sandbox
     from tests.support.orders import order_request
-    from tests.test_execution import SMA_KEY, publish_venue_book, rule_breakers, sandbox
 
     table = {**load_rules(ws_venue.http_url, env.run_dir, ["BTCUSD"]),
              "ETHUSD": TABLE["ETHUSD"]}

@@ -308,7 +308,7 @@ def test_the_venue_and_the_simulator_refuse_the_same_orders_with_gemini_names() 
 def test_a_book_backtest_refuses_by_the_rules_it_is_given() -> None:
     from pipeline.backtest.engine import backtest_events
     from tests.support.backtest_strategies import Scripted
-    from tests.test_backtest import BOOK, l2
+    from tests.unit.backtest.test_backtest import BOOK, l2
 
     events = [l2(0, BOOK, snapshot=True)]
     script = {0: [dict(side="BUY", amount="0.5", order_type="LIMIT", price="100.005"),

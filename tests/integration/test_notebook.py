@@ -7,14 +7,8 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
-
-nbformat = pytest.importorskip("nbformat",
-                               reason="nbformat is in the test extra: pip install -e '.[test]'")
-nbclient = pytest.importorskip("nbclient",
-                               reason="nbclient is in the test extra: pip install -e '.[test]'")
 
 from consumers.archive import group_config  # noqa: E402
 from pipeline.backtest.config import BacktestConfig  # noqa: E402
@@ -24,8 +18,12 @@ from pipeline.kafka.catalog import ensure_topics  # noqa: E402
 from pipeline.runtime.runner import GroupRunner  # noqa: E402
 from pipeline.strategy import FULL_EQUITY  # noqa: E402
 from tests.integration.test_archive import CAPTURE, publish_capture  # noqa: E402
+from tests.unit.test_notebook import NOTEBOOK, nbformat, outputs  # noqa: F401 - shared with the unit tests
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "research.ipynb"
+nbclient = pytest.importorskip("nbclient",
+                               reason="nbclient is in the test extra: pip install -e '.[test]'")
+
+
 SMACROSS = {"fast": 10, "slow": 20, "amount": None, "fraction": FULL_EQUITY}
 
 
@@ -36,19 +34,6 @@ def with_parameters(nb, **values):
     cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
     nb.cells.insert(at + 1, cell)
     return nb
-
-
-def outputs(nb, output_type: str) -> list:
-    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-            if o.output_type == output_type]
-
-
-def test_the_committed_notebook_has_no_outputs():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    nbformat.validate(nb)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert code and all(not c.outputs and c.execution_count is None for c in code)
-    assert nb.metadata.kernelspec.name == "python3"
 
 
 def test_the_research_notebook_runs_over_the_archive(kafka, registry, namespace, shared_data,
@@ -85,3 +70,5 @@ def test_the_research_notebook_runs_over_the_archive(kafka, registry, namespace,
     assert f"Kafka agrees: {len(direct.engine.trades)} trades" in text
     images = [o for o in outputs(nb, "display_data") if "image/png" in o.data]
     assert len(images) == 3  # the closes, the equity curve, the sweep's heatmap
+
+
