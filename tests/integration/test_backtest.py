@@ -1,14 +1,6 @@
-"""Backtests over Kafka topics: parity with backtesting.py, determinism, bad input,
-sweeps, book-driven fills, the event-time merge.
-
-The parity test loads the real hourly BTCUSD file into the bars topic and checks that
-our next-open fill model reproduces backtesting.py's trade list and final equity exactly.
-Floats: backtesting.py computes in binary floats, we in exact decimals. Sizes are whole
-units and prices are the bars' own prices (the same decimal text parsed once by each
-side), so those compare exactly; the final equity carries ~1,900 float additions of P&L
-and commissions on backtesting.py's side, so it compares to a relative 1e-9 (the
-difference seen is ~1e-13); the other statistics to 1e-6 relative.
-"""
+"""Backtests over Kafka topics: parity with backtesting.py, determinism, bad input, sweeps,
+book-driven fills, the event-time merge: the tests that need Kafka (those that do not:
+tests/unit/backtest/test_backtest.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The topic catalog: names, namespaces and what each topic is declared as."""
+"""The topic catalog: names, namespaces and what each topic is declared as: the tests that need
+Kafka (those that do not: tests/unit/kafka/test_catalog.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The historical OHLCV loader: parsing and validation alone, then publishing to a real broker."""
+"""The historical OHLCV loader: parsing and validation alone, then publishing to a real broker: the
+tests that need Kafka (those that do not: tests/unit/producers/test_csv_loader.py)."""
 
 from __future__ import annotations
 

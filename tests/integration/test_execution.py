@@ -1,5 +1,6 @@
-"""The execution group against the real broker and registry, and the local venue over
-real sockets for sandbox mode (no mocks of HTTP or Kafka)."""
+"""The execution group against the real broker and registry, and the local venue over real sockets
+for sandbox mode (no mocks of HTTP or Kafka): the tests that need Kafka (those that do not:
+tests/unit/trading/test_execution.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Gemini's new WebSocket API for market data: the normalizer's rules (pure), the venue's
-side over real sockets, and the producer into the real broker (the capture's books after
-every update, an update-id gap resnapshotting one symbol, a quiet connection kept)."""
+"""Gemini's new WebSocket API for market data: the normalizer's rules (pure), the venue's side over
+real sockets, and the producer into the real broker (the capture's books after every update, an
+update-id gap resnapshotting one symbol, a quiet connection kept): the tests that need Kafka (those
+that do not: tests/unit/gemini/test_ws_marketdata.py)."""
 
 from __future__ import annotations
 

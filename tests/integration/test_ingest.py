@@ -1,5 +1,6 @@
-"""Gemini ingest: the local venue over real WebSockets, the producer as a real process,
-records checked in the real Kafka topics."""
+"""Gemini ingest: the local venue over real WebSockets, the producer as a real process, records
+checked in the real Kafka topics: the tests that need Kafka (those that do not:
+tests/unit/producers/test_ingest.py)."""
 
 from __future__ import annotations
 

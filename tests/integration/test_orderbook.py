@@ -1,4 +1,5 @@
-"""The L2 book and the orderbook group, against the real capture and a real broker."""
+"""The L2 book and the orderbook group, against the real capture and a real broker: the tests that
+need Kafka (those that do not: tests/unit/market/test_orderbook.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""One trading core: the order-book backtest and paper execution fill alike, and the
-simulator agrees with the local venue (the independent oracle) where their models meet.
-Pure logic: no broker."""
+"""One trading core: the order-book backtest and paper execution fill alike, and the simulator
+agrees with the local venue (the independent oracle) where their models meet. Pure logic: no
+broker: the tests that need Kafka (those that do not: tests/unit/trading/test_paper_trading.py)."""
 
 from __future__ import annotations
 

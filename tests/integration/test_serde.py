@@ -1,4 +1,5 @@
-"""Avro in the Confluent wire format through a real registry (Apicurio) and real Kafka."""
+"""Avro in the Confluent wire format through a real registry (Apicurio) and real Kafka: the tests
+that need Kafka (those that do not: tests/unit/avro/test_serde.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Strategy plug-ins and the strategy group: signed, deterministic, exactly-once requests."""
+"""Strategy plug-ins and the strategy group: signed, deterministic, exactly-once requests: the
+tests that need Kafka (those that do not: tests/unit/trading/test_strategy.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Gemini's symbol rules: the one pure check, the loader and its cache against the local
-venue over real HTTP, the venue's own enforcement, and execution's decision and the
-simulator refusing the same orders with the same reasons. Only the last test (execution
-over the WebSocket API) needs the broker."""
+"""Gemini's symbol rules: the one pure check, the loader and its cache against the local venue over
+real HTTP, the venue's own enforcement, and execution's decision and the simulator refusing the
+same orders with the same reasons. Only the last test (execution over the WebSocket API) needs the
+broker: the tests that need Kafka (those that do not: tests/unit/gemini/test_symbol_rules.py)."""
 
 from __future__ import annotations
 

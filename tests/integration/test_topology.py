@@ -1,4 +1,5 @@
-"""The topology file and the supervisor: `pipeline up`, restarts, status, `pipeline down`."""
+"""The topology file and the supervisor: `pipeline up`, restarts, status, `pipeline down`: the
+tests that need Kafka (those that do not: tests/unit/ops/test_topology.py)."""
 
 from __future__ import annotations
 

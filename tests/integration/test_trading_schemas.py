@@ -1,6 +1,7 @@
-"""The records strategies see are typed after the schemas, and the trading core's schema
-changes are BACKWARD compatible with what was released: the registry takes them, `pipeline
-schemas check` passes them, and old records still read and verify."""
+"""The records strategies see are typed after the schemas, and the trading core's schema changes
+are BACKWARD compatible with what was released: the registry takes them, `pipeline schemas check`
+passes them, and old records still read and verify: the tests that need Kafka (those that do not:
+tests/unit/avro/test_trading_schemas.py)."""
 
 from __future__ import annotations
 

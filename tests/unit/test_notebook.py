@@ -1,7 +1,9 @@
 """examples/research.ipynb executed end to end with nbclient on the project's interpreter,
 over a namespace holding the real hourly bars and capture, archived by the archive group:
 no cell errors, the backtest equals a direct one from Kafka, the sweep has its grid, the
-plots are drawn."""
+plots are drawn.
+
+The tests that need Kafka: tests/integration/test_notebook.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Avro in the Confluent wire format through a real registry (Apicurio) and real Kafka."""
+"""Avro in the Confluent wire format through a real registry (Apicurio) and real Kafka.
+
+The tests that need Kafka: tests/integration/test_serde.py."""
 
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ units and prices are the bars' own prices (the same decimal text parsed once by 
 side), so those compare exactly; the final equity carries ~1,900 float additions of P&L
 and commissions on backtesting.py's side, so it compares to a relative 1e-9 (the
 difference seen is ~1e-13); the other statistics to 1e-6 relative.
-"""
+
+The tests that need Kafka: tests/integration/test_backtest.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """Gemini's new WebSocket API for market data: the normalizer's rules (pure), the venue's
 side over real sockets, and the producer into the real broker (the capture's books after
-every update, an update-id gap resnapshotting one symbol, a quiet connection kept)."""
+every update, an update-id gap resnapshotting one symbol, a quiet connection kept).
+
+The tests that need Kafka: tests/integration/test_gemini_ws_marketdata.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The topic catalog: names, namespaces and what each topic is declared as."""
+"""The topic catalog: names, namespaces and what each topic is declared as.
+
+The tests that need Kafka: tests/integration/test_catalog.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The L2 book and the orderbook group, against the real capture and a real broker."""
+"""The L2 book and the orderbook group, against the real capture and a real broker.
+
+The tests that need Kafka: tests/integration/test_orderbook.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The topology file and the supervisor: `pipeline up`, restarts, status, `pipeline down`."""
+"""The topology file and the supervisor: `pipeline up`, restarts, status, `pipeline down`.
+
+The tests that need Kafka: tests/integration/test_topology.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The historical OHLCV loader: parsing and validation alone, then publishing to a real broker."""
+"""The historical OHLCV loader: parsing and validation alone, then publishing to a real broker.
+
+The tests that need Kafka: tests/integration/test_csv_loader.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """Gemini ingest: the local venue over real WebSockets, the producer as a real process,
-records checked in the real Kafka topics."""
+records checked in the real Kafka topics.
+
+The tests that need Kafka: tests/integration/test_ingest.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """The execution group against the real broker and registry, and the local venue over
-real sockets for sandbox mode (no mocks of HTTP or Kafka)."""
+real sockets for sandbox mode (no mocks of HTTP or Kafka).
+
+The tests that need Kafka: tests/integration/test_execution.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """One trading core: the order-book backtest and paper execution fill alike, and the
 simulator agrees with the local venue (the independent oracle) where their models meet.
-Pure logic: no broker."""
+Pure logic: no broker.
+
+The tests that need Kafka: tests/integration/test_paper_trading.py."""
 
 from __future__ import annotations
 

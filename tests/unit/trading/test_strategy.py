@@ -1,4 +1,6 @@
-"""Strategy plug-ins and the strategy group: signed, deterministic, exactly-once requests."""
+"""Strategy plug-ins and the strategy group: signed, deterministic, exactly-once requests.
+
+The tests that need Kafka: tests/integration/test_strategy.py."""
 
 from __future__ import annotations
 
