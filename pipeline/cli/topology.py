@@ -115,8 +115,8 @@ def down(run_dir: Optional[Path] = RunDirOption) -> None:
     if state:
         terminate(state["pid"], 180.0)  # it stops its processes, then the infrastructure
     leftover = read_state(settings.run_dir) or {}
-    for proc in leftover.get("processes", []):  # a supervisor killed -9 leaves its children (-m module and what it runs)
-        if proc.get("pid") and runs_command(proc["pid"], *proc["cmd"][1:4]):
+    for proc in leftover.get("processes", []):  # a supervisor killed -9 leaves children
+        if proc.get("pid") and runs_command(proc["pid"], *proc["cmd"][1:4]):  # -m X, target
             terminate(proc["pid"], 20.0)
     kafka = local_kafka(settings.run_dir)
     stopped = [name for name, service in (("schema registry", LocalRegistry(settings.run_dir)),
