@@ -63,18 +63,20 @@ lint: install
 # The tests (all but the bench harness's, which make bench runs) start their own broker on free ports (run/test) and stop it afterwards,
 # also when tests fail; with KAFKA_BOOTSTRAP_SERVERS set they use that cluster instead.
 test: install browser
-	$(BIN)/python -m pytest -m "not bench" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not bench and not chaos" $(PYTEST_ARGS)
 
 # tests/unit/ (mirroring pipeline/'s packages): no broker starts, and a test there that asks
 # for Kafka is a collection error (tests/conftest.py). make test runs these too.
 test-unit: install
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-# The slow fault run: the demo topology on its own 3-node cluster for CHAOS_MINUTES under a
+# The slow fault runs: first the one-minute chaos test (tests/integration/test_cluster.py, marked
+# chaos), then the demo topology on its own 3-node cluster for CHAOS_MINUTES under a
 # seeded schedule of kill -9s and venue faults, then invariants over every record written.
 CHAOS_MINUTES ?= 10
 CHAOS_SEED ?= 1
 chaos: install
+	$(BIN)/python -m pytest -m chaos -q -p no:randomly
 	$(BIN)/pipeline chaos --minutes $(CHAOS_MINUTES) --seed $(CHAOS_SEED) --nodes 3
 
 # Benchmarks start their own broker and registry under run/bench; EVENTS sizes them.

@@ -173,6 +173,7 @@ def test_too_few_in_sync_replicas_make_producers_fail_loudly(cluster):
     assert [v for p, v in read_keyed(bootstrap, topic, 1)] == [b"after"]
 
 
+@pytest.mark.chaos  # make chaos runs it first; make test leaves it out (its time budget)
 @pytest.mark.timeout(900)  # a cluster, the registry, 90 s of faults, the drain, the checks
 def test_short_chaos_run_on_a_cluster_holds_every_invariant(tmp_path):
     """The partition leader of orders.requests killed mid stream and restarted, execution,
