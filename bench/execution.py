@@ -43,6 +43,7 @@ from typing import Callable
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
 from bench.figures import Figure
+from bench.groups import endpoints_parser
 from pipeline.avro.registry import SchemaRegistry
 from pipeline.avro.serde import Decoder, Serde
 from pipeline.core.vocabulary import TERMINAL_KINDS
@@ -54,7 +55,6 @@ from pipeline.runtime.runner import (
     Handler,
     Output,
     Record,
-    group_parser,
     run_until_stopped,
 )
 from pipeline.trading.signing import client_order_id, sign
@@ -318,7 +318,7 @@ class Relay(Handler):
 
 
 def relay_main(argv: list[str]) -> int:
-    args = group_parser("python -m bench.execution relay").parse_args(argv)
+    args = endpoints_parser("python -m bench.execution relay").parse_args(argv)
     namespace = Namespace(args.namespace)
     decoder = Decoder(SchemaRegistry(args.registry))
     group_id = f"{namespace}.relay"

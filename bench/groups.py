@@ -7,6 +7,7 @@ from the committed offsets, read peak RSS from /proc/<pid>/status, and stop with
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -133,3 +134,14 @@ def tail(proc: Proc, lines: int = 3) -> str:
         return " | ".join(proc.log.read_text(errors="replace").strip().splitlines()[-lines:])
     except OSError:
         return "no log"
+
+
+def endpoints_parser(prog: str) -> argparse.ArgumentParser:
+    """The command line of a bench child process: where Kafka, the registry and its
+    namespace are (the parent passes all three)."""
+    ap = argparse.ArgumentParser(prog=prog)
+    ap.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers")
+    ap.add_argument("--registry", required=True, help="schema registry URL")
+    ap.add_argument("--namespace", required=True, help="topic namespace (sim, live, ...)")
+    return ap
+

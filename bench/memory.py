@@ -27,8 +27,8 @@ from pathlib import Path
 
 from bench import groups
 from bench.figures import Figure
+from bench.groups import endpoints_parser
 from pipeline.kafka.catalog import Namespace, ensure_topics
-from pipeline.runtime.runner import group_parser
 
 MAX_CHANGES = 10_000_000
 SYMBOLS = ["BTCUSD", "ETHUSD", "SOLUSD", "LTCUSD"]
@@ -129,7 +129,7 @@ def _drain(bootstrap: str, group_id: str, namespace: Namespace, topics: list[str
 
 
 def main(argv: list[str]) -> int:
-    ap = group_parser("python -m bench.memory feed")
+    ap = endpoints_parser("python -m bench.memory feed")
     ap.add_argument("--changes", type=int, required=True)
     args = ap.parse_args(argv)
     print(json.dumps(feed(args.bootstrap, args.registry, Namespace(args.namespace),
